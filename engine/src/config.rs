@@ -1,0 +1,126 @@
+//! Model hyperparameters, read from GGUF metadata (`<arch>.*` keys).
+
+use candle_core::quantized::gguf_file;
+
+use crate::error::{EngineError, Result};
+
+/// Shape of a llama-architecture decoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub num_layers: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub max_context: usize,
+    pub rope_theta: f32,
+    pub rms_norm_eps: f32,
+}
+
+/// Architectures whose tensors and forward match ours.
+const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
+
+/// Largest head dimension the attention kernel's stack accumulator holds.
+pub const MAX_HEAD_DIM: usize = 256;
+
+impl ModelConfig {
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
+        let arch = meta_str(content, "general.architecture")?;
+        if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
+            return Err(EngineError::UnsupportedArchitecture { architecture: arch });
+        }
+        let get = |key: &str| meta_usize(content, &format!("{arch}.{key}"));
+        let hidden_size = get("embedding_length")?;
+        let num_heads = get("attention.head_count")?;
+        let num_kv_heads = get("attention.head_count_kv").unwrap_or(num_heads);
+        let head_dim = get("attention.key_length").unwrap_or(hidden_size / num_heads.max(1));
+        let vocab_size = match content.tensor_infos.get("token_embd.weight") {
+            Some(info) => info.shape.dims()[0],
+            None => {
+                return Err(EngineError::BadTensor {
+                    name: "token_embd.weight".into(),
+                    reason: "missing".into(),
+                })
+            }
+        };
+        let config = ModelConfig {
+            num_layers: get("block_count")?,
+            hidden_size,
+            intermediate_size: get("feed_forward_length")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size,
+            max_context: get("context_length")?,
+            rope_theta: meta_f32(content, &format!("{arch}.rope.freq_base")).unwrap_or(10_000.0),
+            rms_norm_eps: meta_f32(content, &format!("{arch}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Rejects shapes the forward cannot run.
+    pub fn validate(&self) -> Result<()> {
+        let fail = |msg: String| Err(EngineError::Config(msg));
+        if self.num_layers == 0 || self.hidden_size == 0 || self.num_heads == 0 || self.vocab_size == 0 {
+            return fail(format!("degenerate model shape {self:?}"));
+        }
+        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+            return fail(format!("{} heads are not a multiple of {} kv heads", self.num_heads, self.num_kv_heads));
+        }
+        if self.head_dim % 2 != 0 || self.head_dim > MAX_HEAD_DIM {
+            return fail(format!("head dimension {} must be even and at most {MAX_HEAD_DIM}", self.head_dim));
+        }
+        Ok(())
+    }
+
+    pub fn q_size(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    pub fn kv_size(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+}
+
+fn meta<'a>(content: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value> {
+    content
+        .metadata
+        .get(key)
+        .ok_or_else(|| EngineError::MissingMetadata { key: key.to_string() })
+}
+
+pub(crate) fn meta_str(content: &gguf_file::Content, key: &str) -> Result<String> {
+    meta(content, key)?
+        .to_string()
+        .cloned()
+        .map_err(|_| EngineError::MissingMetadata { key: key.to_string() })
+}
+
+fn meta_usize(content: &gguf_file::Content, key: &str) -> Result<usize> {
+    use gguf_file::Value::*;
+    let v = meta(content, key)?;
+    let n = match v {
+        U8(v) => *v as u64,
+        U16(v) => *v as u64,
+        U32(v) => *v as u64,
+        U64(v) => *v,
+        I8(v) if *v >= 0 => *v as u64,
+        I16(v) if *v >= 0 => *v as u64,
+        I32(v) if *v >= 0 => *v as u64,
+        I64(v) if *v >= 0 => *v as u64,
+        _ => return Err(EngineError::MissingMetadata { key: key.to_string() }),
+    };
+    Ok(n as usize)
+}
+
+fn meta_f32(content: &gguf_file::Content, key: &str) -> Result<f32> {
+    use gguf_file::Value::*;
+    match meta(content, key)? {
+        F32(v) => Ok(*v),
+        F64(v) => Ok(*v as f32),
+        _ => Err(EngineError::MissingMetadata { key: key.to_string() }),
+    }
+}

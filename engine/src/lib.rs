@@ -1,0 +1,21 @@
+//! heterospec's engine: the model runner over paged KV, sampling, and (in
+//! later layers) drafting and verification. It never sees text.
+
+pub mod attention;
+pub mod batch;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod kv;
+pub mod model;
+pub mod ops;
+pub mod sampler;
+pub mod testing;
+
+pub use batch::{RaggedBatch, SeqRun};
+pub use config::ModelConfig;
+pub use engine::{Engine, EngineConfig, SeqId, SeqResult, SeqStep};
+pub use error::{EngineError, Result};
+pub use kv::{KvLayout, KvStorage};
+pub use model::{Model, ModelTensors, WeightFormat};
+pub use sampler::{SampledToken, Sampler, SamplingParams};

@@ -1,0 +1,452 @@
+//! The llama-architecture model: weights from GGUF and the ragged forward.
+//!
+//! Linear layers run through candle's quantized matmul on all tokens of the
+//! batch at once; norms, RoPE and the SiLU gate run on flat rows; attention
+//! reads paged KV in place (see `attention`). Only the rows that need logits
+//! go through the output layer (a fifth of the default model's weights).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+use std::str::FromStr;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Tensor};
+
+use crate::attention::{paged_attention, HeadShape};
+use crate::batch::RaggedBatch;
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::kv::KvStorage;
+use crate::ops::{rms_norm_rows, silu_mul, RopeTable};
+
+/// How linear-layer weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// Requantize to Q8_0 at load (about 1 s): candle's Q8_0 dot product has
+    /// SIMD paths while its Q4_1 path is scalar, which makes the default
+    /// model ~3x faster for a negligible change in logits.
+    #[default]
+    Q8_0,
+    /// Keep the file's quantization.
+    AsShipped,
+    /// Dequantize to f32 (matmuls through candle's f32 GEMM).
+    F32,
+}
+
+impl FromStr for WeightFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "q8_0" => Ok(Self::Q8_0),
+            "as-shipped" => Ok(Self::AsShipped),
+            "f32" => Ok(Self::F32),
+            other => Err(format!("unknown weight format `{other}` (q8_0, as-shipped, f32)")),
+        }
+    }
+}
+
+struct Linear {
+    weight: QMatMul,
+    out_features: usize,
+}
+
+impl Linear {
+    fn new(tensor: QTensor, format: WeightFormat) -> Result<Self> {
+        let out_features = tensor.shape().dims()[0];
+        let in_features = tensor.shape().dims()[1];
+        let tensor = match format {
+            WeightFormat::Q8_0
+                if tensor.dtype() != GgmlDType::Q8_0 && in_features % GgmlDType::Q8_0.block_size() == 0 =>
+            {
+                QTensor::quantize(&tensor.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?
+            }
+            WeightFormat::F32 if tensor.dtype() != GgmlDType::F32 => {
+                QTensor::quantize(&tensor.dequantize(&Device::Cpu)?, GgmlDType::F32)?
+            }
+            _ => tensor,
+        };
+        Ok(Linear {
+            weight: QMatMul::from_qtensor(tensor)?,
+            out_features,
+        })
+    }
+
+    /// `x (rows, in) -> (rows, out)`.
+    fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let input = Tensor::from_slice(x, (rows, x.len() / rows), &Device::Cpu)?;
+        let out = input.apply(&self.weight)?; // (rows, out_features)
+        Ok(out.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    ffn_norm: Vec<f32>,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
+}
+
+/// A loaded model, immutable after load: all mutable state lives in
+/// [`KvStorage`].
+pub struct Model {
+    config: ModelConfig,
+    /// (vocab, hidden)
+    embeddings: Vec<f32>,
+    layers: Vec<Layer>,
+    output_norm: Vec<f32>,
+    lm_head: Linear,
+}
+
+/// Tensors by GGUF name plus the hyperparameters.
+pub struct ModelTensors {
+    pub config: ModelConfig,
+    pub tensors: HashMap<String, QTensor>,
+}
+
+impl ModelTensors {
+    /// Reads a GGUF file; checks architecture and metadata, not yet tensors.
+    pub fn read_gguf(path: &Path) -> Result<(Self, gguf_file::Content)> {
+        if !path.exists() {
+            return Err(EngineError::ModelNotFound { path: path.to_path_buf() });
+        }
+        let file = File::open(path).map_err(|source| EngineError::ModelRead {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let invalid = |e: candle_core::Error| EngineError::InvalidGguf {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let mut reader = BufReader::new(file);
+        let content = gguf_file::Content::read(&mut reader).map_err(invalid)?;
+        let config = ModelConfig::from_gguf(&content)?;
+        let file_len = std::fs::metadata(path)
+            .map_err(|source| EngineError::ModelRead {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len();
+        let mut tensors = HashMap::new();
+        for (name, info) in &content.tensor_infos {
+            let size = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            let end = content.tensor_data_offset + info.offset + size as u64;
+            if end > file_len {
+                return Err(EngineError::InvalidGguf {
+                    path: path.to_path_buf(),
+                    reason: format!("file is truncated: tensor `{name}` ends at byte {end} of {file_len}"),
+                });
+            }
+            let tensor = content.tensor(&mut reader, name, &Device::Cpu).map_err(invalid)?;
+            tensors.insert(name.clone(), tensor);
+        }
+        Ok((ModelTensors { config, tensors }, content))
+    }
+}
+
+impl Model {
+    pub fn load(path: &Path, format: WeightFormat) -> Result<Self> {
+        let (tensors, _) = ModelTensors::read_gguf(path)?;
+        Self::from_tensors(tensors, format)
+    }
+
+    pub fn from_tensors(mut t: ModelTensors, format: WeightFormat) -> Result<Self> {
+        let config = t.config.clone();
+        config.validate()?;
+        let h = config.hidden_size;
+        let tied_output = !t.tensors.contains_key("output.weight");
+        let mut take = |name: &str, shape: &[usize]| -> Result<QTensor> {
+            let tensor = t.tensors.remove(name).ok_or_else(|| EngineError::BadTensor {
+                name: name.to_string(),
+                reason: "missing".into(),
+            })?;
+            if tensor.shape().dims() != shape {
+                return Err(EngineError::BadTensor {
+                    name: name.to_string(),
+                    reason: format!("shape {:?}, expected {shape:?}", tensor.shape().dims()),
+                });
+            }
+            Ok(tensor)
+        };
+        let vector = |q: QTensor| -> Result<Vec<f32>> { Ok(q.dequantize(&Device::Cpu)?.to_vec1::<f32>()?) };
+
+        let embd = take("token_embd.weight", &[config.vocab_size, h])?;
+        let embeddings = embd.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            let p = |n: &str| format!("blk.{i}.{n}.weight");
+            let (q, kv, ff) = (config.q_size(), config.kv_size(), config.intermediate_size);
+            layers.push(Layer {
+                attn_norm: vector(take(&p("attn_norm"), &[h])?)?,
+                wq: Linear::new(take(&p("attn_q"), &[q, h])?, format)?,
+                wk: Linear::new(take(&p("attn_k"), &[kv, h])?, format)?,
+                wv: Linear::new(take(&p("attn_v"), &[kv, h])?, format)?,
+                wo: Linear::new(take(&p("attn_output"), &[h, q])?, format)?,
+                ffn_norm: vector(take(&p("ffn_norm"), &[h])?)?,
+                w_gate: Linear::new(take(&p("ffn_gate"), &[ff, h])?, format)?,
+                w_up: Linear::new(take(&p("ffn_up"), &[ff, h])?, format)?,
+                w_down: Linear::new(take(&p("ffn_down"), &[h, ff])?, format)?,
+            });
+        }
+        let output_norm = vector(take("output_norm.weight", &[h])?)?;
+        // Tied embeddings: without `output.weight` the embedding matrix is reused.
+        let lm_head = if tied_output { embd } else { take("output.weight", &[config.vocab_size, h])? };
+        Ok(Model {
+            lm_head: Linear::new(lm_head, format)?,
+            config,
+            embeddings,
+            layers,
+            output_norm,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Runs one ragged batch: writes the new tokens' K/V into `kv` at their
+    /// slots and returns the logits rows asked for, `(rows, vocab)` flat, in
+    /// batch order.
+    pub fn forward(&self, batch: &RaggedBatch, kv: &mut KvStorage) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let layout = kv.layout();
+        for seq in &batch.seqs {
+            seq.validate(layout.block_size, layout.num_slots(), c.vocab_size)?;
+        }
+        let n = batch.num_tokens();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let h = c.hidden_size;
+        let (qs, kvs) = (c.q_size(), c.kv_size());
+        let token_owner: Vec<(usize, usize)> = batch
+            .seqs
+            .iter()
+            .enumerate()
+            .flat_map(|(s, run)| (0..run.len()).map(move |i| (s, i)))
+            .collect();
+        let slots: Vec<usize> = batch.seqs.iter().flat_map(|s| s.slots.iter().copied()).collect();
+        let rope = RopeTable::new(batch.seqs.iter().flat_map(|s| s.positions.iter().copied()), c.head_dim, c.rope_theta);
+        let shape = HeadShape {
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            block_size: layout.block_size,
+        };
+
+        let mut x = Vec::with_capacity(n * h); // (tokens, hidden)
+        for seq in &batch.seqs {
+            for &t in &seq.token_ids {
+                x.extend_from_slice(&self.embeddings[t as usize * h..(t as usize + 1) * h]);
+            }
+        }
+        let mut normed = vec![0.0; n * h];
+        let mut attn = vec![0.0; n * qs]; // (tokens, heads * head_dim)
+        for (li, layer) in self.layers.iter().enumerate() {
+            rms_norm_rows(&x, &layer.attn_norm, c.rms_norm_eps, &mut normed);
+            let mut q = layer.wq.forward(&normed, n)?; // (tokens, heads, head_dim)
+            let mut k = layer.wk.forward(&normed, n)?; // (tokens, kv_heads, head_dim)
+            let v = layer.wv.forward(&normed, n)?;
+            rope.apply(&mut q, c.num_heads);
+            rope.apply(&mut k, c.num_kv_heads);
+            for (t, &slot) in slots.iter().enumerate() {
+                kv.write(li, slot, &k[t * kvs..(t + 1) * kvs], &v[t * kvs..(t + 1) * kvs]);
+            }
+            paged_attention(&q, batch, &token_owner, kv.layer(li), shape, &mut attn);
+            let o = layer.wo.forward(&attn, n)?;
+            add_into(&mut x, &o);
+
+            rms_norm_rows(&x, &layer.ffn_norm, c.rms_norm_eps, &mut normed);
+            let mut gate = layer.w_gate.forward(&normed, n)?; // (tokens, intermediate)
+            let up = layer.w_up.forward(&normed, n)?;
+            silu_mul(&mut gate, &up);
+            let down = layer.w_down.forward(&gate, n)?;
+            add_into(&mut x, &down);
+        }
+
+        let mut rows = Vec::with_capacity(batch.num_logits_rows() * h);
+        let mut offset = 0;
+        for seq in &batch.seqs {
+            for &r in &seq.logits_rows {
+                rows.extend_from_slice(&x[(offset + r) * h..(offset + r + 1) * h]);
+            }
+            offset += seq.len();
+        }
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let num_rows = rows.len() / h;
+        let mut final_normed = vec![0.0; rows.len()];
+        rms_norm_rows(&rows, &self.output_norm, c.rms_norm_eps, &mut final_normed);
+        debug_assert_eq!(self.lm_head.out_features, c.vocab_size);
+        self.lm_head.forward(&final_normed, num_rows) // (rows, vocab)
+    }
+}
+
+fn add_into(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::SeqRun;
+    use crate::kv::KvLayout;
+    use crate::testing::{tiny_config, tiny_model};
+    use heterospec_kv::{BlockPool, BlockPoolConfig, BlockTable};
+
+    /// Logits agree to this absolute tolerance: f32 sums in a different order.
+    const TOL: f32 = 1e-4;
+
+    fn storage(block_size: usize) -> (KvStorage, BlockPool) {
+        let layout = KvLayout {
+            num_blocks: 128,
+            block_size,
+            num_layers: tiny_config().num_layers,
+            kv_size: tiny_config().kv_size(),
+        };
+        (
+            KvStorage::new(layout),
+            BlockPool::new(BlockPoolConfig {
+                num_blocks: 128,
+                block_size,
+            }),
+        )
+    }
+
+    fn assert_close(a: &[f32], b: &[f32], what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        assert!(worst < TOL, "{what}: max abs diff {worst}");
+    }
+
+    fn prompts() -> Vec<Vec<u32>> {
+        vec![
+            (0..23).map(|i| (i * 7 % 64) as u32).collect(),
+            vec![5],
+            (0..9).map(|i| (i * 3 + 1) as u32).collect(),
+            (0..17).map(|i| (63 - i) as u32).collect(),
+        ]
+    }
+
+    /// Every position's logits for one sequence run alone in one forward.
+    fn solo_logits(model: &Model, tokens: &[u32], block_size: usize) -> Vec<f32> {
+        let (mut kv, mut pool) = storage(block_size);
+        let mut table = BlockTable::new();
+        pool.allocate_slots(&mut table, tokens.len()).unwrap();
+        let run = SeqRun::causal_from_table(tokens.to_vec(), 0, &table, block_size).unwrap().with_all_logits();
+        model.forward(&RaggedBatch { seqs: vec![run] }, &mut kv).unwrap()
+    }
+
+    #[test]
+    fn ragged_batch_equals_each_sequence_alone() {
+        let model = tiny_model(1).unwrap();
+        let vocab = model.config().vocab_size;
+        for block_size in [4, 16] {
+            let (mut kv, mut pool) = storage(block_size);
+            let mut batch = RaggedBatch::default();
+            for p in prompts() {
+                let mut table = BlockTable::new();
+                pool.allocate_slots(&mut table, p.len()).unwrap();
+                batch.seqs.push(SeqRun::causal_from_table(p, 0, &table, block_size).unwrap().with_all_logits());
+            }
+            let together = model.forward(&batch, &mut kv).unwrap();
+            let mut offset = 0;
+            for p in prompts() {
+                let alone = solo_logits(&model, &p, block_size);
+                assert_close(&together[offset..offset + alone.len()], &alone, "ragged vs alone");
+                offset += p.len() * vocab;
+            }
+        }
+    }
+
+    #[test]
+    fn incremental_decoding_equals_recomputing_the_whole_sequence() {
+        let model = tiny_model(2).unwrap();
+        let vocab = model.config().vocab_size;
+        for block_size in [1, 3, 16] {
+            for p in prompts() {
+                let full = solo_logits(&model, &p, block_size);
+                // chunks of 5 (chunked prefill), then one token at a time
+                let (mut kv, mut pool) = storage(block_size);
+                let mut table = BlockTable::new();
+                let mut done = 0;
+                while done < p.len() {
+                    let n = if done < 10 { 5.min(p.len() - done) } else { 1 };
+                    pool.allocate_slots(&mut table, done + n).unwrap();
+                    let run = SeqRun::causal_from_table(p[done..done + n].to_vec(), done, &table, block_size)
+                        .unwrap()
+                        .with_all_logits();
+                    let out = model.forward(&RaggedBatch { seqs: vec![run] }, &mut kv).unwrap();
+                    assert_close(&out, &full[done * vocab..(done + n) * vocab], "incremental vs full");
+                    done += n;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tree_node_logits_equal_decoding_its_path() {
+        let model = tiny_model(3).unwrap();
+        let vocab = model.config().vocab_size;
+        let bs = 4;
+        let prefix: Vec<u32> = vec![1, 2, 3, 4, 5, 6];
+        // tree: n0=10; n1=11 (child of n0); n2=12 (child of n0); n3=13 (child of n1)
+        let parents = [None, Some(0), Some(0), Some(1)];
+        let tokens = [10u32, 11, 12, 13];
+        let (mut kv, mut pool) = storage(bs);
+        let mut table = BlockTable::new();
+        pool.allocate_slots(&mut table, prefix.len() + tokens.len()).unwrap();
+        let run = SeqRun::causal_from_table(prefix.clone(), 0, &table, bs).unwrap();
+        model.forward(&RaggedBatch { seqs: vec![run] }, &mut kv).unwrap();
+        let depth = |mut i: usize| {
+            let mut d = 0;
+            while let Some(p) = parents[i] {
+                i = p;
+                d += 1;
+            }
+            d
+        };
+        let mut run = SeqRun::causal_from_table(tokens.to_vec(), prefix.len(), &table, bs).unwrap().with_all_logits();
+        run.positions = (0..4).map(|i| prefix.len() + depth(i)).collect();
+        let mut mask = vec![false; 16];
+        for i in 0..4 {
+            let mut a = Some(i);
+            while let Some(j) = a {
+                mask[i * 4 + j] = true;
+                a = parents[j];
+            }
+        }
+        run.mask = Some(mask);
+        let tree = model.forward(&RaggedBatch { seqs: vec![run] }, &mut kv).unwrap();
+        for node in 0..4 {
+            let mut path = vec![node];
+            while let Some(p) = parents[*path.last().unwrap()] {
+                path.push(p);
+            }
+            let mut seq = prefix.clone();
+            seq.extend(path.iter().rev().map(|&i| tokens[i]));
+            let want = solo_logits(&model, &seq, bs);
+            let last = seq.len() - 1;
+            assert_close(&tree[node * vocab..(node + 1) * vocab], &want[last * vocab..(last + 1) * vocab], "tree node");
+        }
+    }
+
+    #[test]
+    fn bad_runs_are_errors_not_panics() {
+        let model = tiny_model(4).unwrap();
+        let (mut kv, _) = storage(4);
+        let mut run = SeqRun::causal(vec![1, 2], 0, &[heterospec_kv::BlockId(1)], 4).unwrap();
+        run.token_ids[1] = 10_000;
+        assert!(model.forward(&RaggedBatch { seqs: vec![run] }, &mut kv).unwrap_err().to_string().contains("vocabulary"));
+        assert!(SeqRun::causal(vec![1; 5], 0, &[heterospec_kv::BlockId(1)], 4).is_err(), "table too short");
+    }
+}

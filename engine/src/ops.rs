@@ -1,0 +1,135 @@
+//! Element-wise pieces of the forward pass on flat f32 rows: RMSNorm, RoPE,
+//! SiLU-gating, dot products. Allocation-free; callers own the buffers.
+
+/// `x <- x / sqrt(mean(x^2) + eps) * weight`, row by row.
+pub fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let dim = weight.len();
+    debug_assert_eq!(x.len(), out.len());
+    for (row, out_row) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        let mean_sq = dot(row, row) / dim as f32;
+        let scale = 1.0 / (mean_sq + eps).sqrt();
+        for ((o, &v), &w) in out_row.iter_mut().zip(row).zip(weight) {
+            *o = v * scale * w;
+        }
+    }
+}
+
+/// Per-token rotation tables: `cos[t * half + i]`, `sin[t * half + i]` with
+/// `half = head_dim / 2`, frequency `theta^(-2i / head_dim)`.
+pub struct RopeTable {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    half: usize,
+}
+
+impl RopeTable {
+    pub fn new(positions: impl Iterator<Item = usize>, head_dim: usize, theta: f32) -> Self {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64))
+            .collect();
+        let mut cos = Vec::new();
+        let mut sin = Vec::new();
+        for p in positions {
+            for &f in &inv_freq {
+                let angle = p as f64 * f;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        RopeTable { cos, sin, half }
+    }
+
+    /// Rotates adjacent pairs `(x[2i], x[2i+1])` of every head of every token
+    /// in `x` laid out as `(tokens, heads, head_dim)` (GGUF llama convention).
+    pub fn apply(&self, x: &mut [f32], num_heads: usize) {
+        let head_dim = 2 * self.half;
+        for (t, token) in x.chunks_exact_mut(num_heads * head_dim).enumerate() {
+            let cos = &self.cos[t * self.half..(t + 1) * self.half];
+            let sin = &self.sin[t * self.half..(t + 1) * self.half];
+            for head in token.chunks_exact_mut(head_dim) {
+                for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                    let (a, b) = (pair[0], pair[1]);
+                    pair[0] = a * cos[i] - b * sin[i];
+                    pair[1] = a * sin[i] + b * cos[i];
+                }
+            }
+        }
+    }
+}
+
+/// `gate <- silu(gate) * up`.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// Dot product with 8 independent accumulators so it vectorises.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0.0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `acc <- acc * scale + w * v`.
+#[inline]
+pub fn scale_add(acc: &mut [f32], scale: f32, w: f32, v: &[f32]) {
+    for (a, &x) in acc.iter_mut().zip(v) {
+        *a = *a * scale + w * x;
+    }
+}
+
+/// Natural-log softmax of one row, in place.
+pub fn log_softmax(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
+    let log_z = max + sum.ln();
+    for v in row {
+        *v -= log_z;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_matches_naive_sum_for_odd_lengths() {
+        for n in [0, 1, 7, 8, 9, 64, 67] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            assert!((dot(&a, &b) - naive).abs() < 1e-4, "n={n}");
+        }
+    }
+
+    #[test]
+    fn rope_at_position_zero_is_identity_and_preserves_norm() {
+        let mut x: Vec<f32> = (0..16).map(|i| i as f32 - 3.0).collect();
+        let orig = x.clone();
+        RopeTable::new([0usize].into_iter(), 8, 10_000.0).apply(&mut x, 2);
+        assert_eq!(x, orig);
+        RopeTable::new([17usize].into_iter(), 8, 10_000.0).apply(&mut x, 2);
+        assert!((dot(&x, &x) - dot(&orig, &orig)).abs() < 1e-3);
+        assert_ne!(x, orig);
+    }
+
+    #[test]
+    fn rms_norm_gives_unit_rms_with_unit_weight() {
+        let x = [3.0f32, -4.0, 0.0, 5.0];
+        let mut out = [0.0; 4];
+        rms_norm_rows(&x, &[1.0; 4], 0.0, &mut out);
+        let rms = (dot(&out, &out) / 4.0).sqrt();
+        assert!((rms - 1.0).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,313 @@
+//! Next-token selection: greedy, or sampling with temperature, top-k, top-p
+//! and repetition penalty from a seeded generator.
+//!
+//! Order of processing (as in HF transformers and vLLM): repetition penalty
+//! on the raw logits, then temperature, then top-k, then top-p (nucleus),
+//! then a draw. `temperature == 0` is greedy (argmax after the penalty).
+//! Reported log-probabilities are those of the raw model distribution.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::ops::log_softmax;
+
+/// Per-request sampling settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means no top-k cut.
+    pub top_k: usize,
+    /// 1 means no nucleus cut.
+    pub top_p: f32,
+    /// 1 means no penalty.
+    pub repetition_penalty: f32,
+    /// `None`: seeded from the OS.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self::default()
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+
+    /// Message naming the first invalid field, if any.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(format!("temperature must be a finite number >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return Err(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+        }
+        Ok(())
+    }
+}
+
+/// A chosen token and its log-probability under the raw model distribution.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampledToken {
+    pub token_id: u32,
+    pub logprob: f32,
+}
+
+/// A sequence's sampler: its settings and its random stream.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+    /// Scratch: (token, probability) candidates, reused across calls.
+    candidates: Vec<(u32, f32)>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        Sampler {
+            params,
+            rng,
+            candidates: Vec::new(),
+        }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from one row of logits; `history` is every token
+    /// of the sequence so far (prompt and output) for the repetition penalty.
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> SampledToken {
+        let mut processed = logits.to_vec();
+        apply_repetition_penalty(&mut processed, history, self.params.repetition_penalty);
+        let token_id = if self.params.is_greedy() {
+            argmax(&processed)
+        } else {
+            self.fill_candidates(&processed);
+            let r: f32 = self.rng.random();
+            draw(&self.candidates, r)
+        };
+        let mut logprobs = logits.to_vec();
+        log_softmax(&mut logprobs);
+        SampledToken {
+            token_id,
+            logprob: logprobs[token_id as usize],
+        }
+    }
+
+    /// The distribution `sample` draws from (after penalty, temperature,
+    /// top-k, top-p), as sparse (token, probability) pairs summing to 1,
+    /// most probable first. Greedy is a point mass on the argmax.
+    pub fn distribution(&mut self, logits: &[f32], history: &[u32]) -> Vec<(u32, f32)> {
+        let mut processed = logits.to_vec();
+        apply_repetition_penalty(&mut processed, history, self.params.repetition_penalty);
+        if self.params.is_greedy() {
+            return vec![(argmax(&processed), 1.0)];
+        }
+        self.fill_candidates(&processed);
+        self.candidates.clone()
+    }
+
+    fn fill_candidates(&mut self, processed: &[f32]) {
+        let t = self.params.temperature;
+        let max = processed.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        self.candidates.clear();
+        self.candidates
+            .extend(processed.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / t).exp())));
+        self.candidates
+            .sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if self.params.top_k > 0 && self.params.top_k < self.candidates.len() {
+            self.candidates.truncate(self.params.top_k);
+        }
+        let total: f32 = self.candidates.iter().map(|c| c.1).sum();
+        if self.params.top_p < 1.0 {
+            let mut cum = 0.0;
+            let mut keep = self.candidates.len();
+            for (i, c) in self.candidates.iter().enumerate() {
+                cum += c.1 / total;
+                if cum >= self.params.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            self.candidates.truncate(keep);
+        }
+        let total: f32 = self.candidates.iter().map(|c| c.1).sum();
+        for c in &mut self.candidates {
+            c.1 /= total;
+        }
+    }
+
+    /// A uniform draw in [0, 1) from this sequence's stream.
+    pub fn uniform(&mut self) -> f32 {
+        self.rng.random()
+    }
+}
+
+/// CTRL-style penalty: positive logits of seen tokens are divided by the
+/// penalty, negative ones multiplied (each seen token once).
+pub fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32) {
+    if penalty == 1.0 {
+        return;
+    }
+    let mut seen = vec![false; logits.len()];
+    for &t in history {
+        let t = t as usize;
+        if t < logits.len() && !seen[t] {
+            seen[t] = true;
+            let l = &mut logits[t];
+            *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+        }
+    }
+}
+
+/// Index of the largest logit (the first on ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Inverse-CDF draw from sorted (token, probability) pairs.
+fn draw(candidates: &[(u32, f32)], r: f32) -> u32 {
+    let mut cum = 0.0;
+    for &(t, p) in candidates {
+        cum += p;
+        if r < cum {
+            return t;
+        }
+    }
+    candidates.last().expect("at least one candidate").0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Vec<f32> {
+        vec![1.0, 3.0, 2.0, 0.5, 2.9, -1.0]
+    }
+
+    #[test]
+    fn greedy_takes_argmax_and_reports_raw_logprob() {
+        let mut s = Sampler::new(SamplingParams::greedy());
+        let out = s.sample(&logits(), &[]);
+        assert_eq!(out.token_id, 1);
+        let z: f32 = logits().iter().map(|l| l.exp()).sum();
+        assert!((out.logprob - (3.0 - z.ln())).abs() < 1e-5);
+    }
+
+    #[test]
+    fn same_seed_gives_same_tokens() {
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: Some(7),
+            ..Default::default()
+        };
+        let run = |p: &SamplingParams| {
+            let mut s = Sampler::new(p.clone());
+            (0..50).map(|_| s.sample(&logits(), &[]).token_id).collect::<Vec<_>>()
+        };
+        assert_eq!(run(&params), run(&params));
+        let other = SamplingParams {
+            seed: Some(8),
+            ..params.clone()
+        };
+        assert_ne!(run(&params), run(&other));
+    }
+
+    #[test]
+    fn top_k_and_top_p_restrict_the_support() {
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 2,
+            seed: Some(1),
+            ..Default::default()
+        });
+        let d = s.distribution(&logits(), &[]);
+        assert_eq!(d.iter().map(|c| c.0).collect::<Vec<_>>(), vec![1, 4]);
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            seed: Some(1),
+            ..Default::default()
+        });
+        let d = s.distribution(&logits(), &[]);
+        assert_eq!(d.iter().map(|c| c.0).collect::<Vec<_>>(), vec![1, 4], "p(1) ~ 0.39 < 0.5 <= p(1)+p(4)");
+        assert!((d.iter().map(|c| c.1).sum::<f32>() - 1.0).abs() < 1e-6);
+        for _ in 0..100 {
+            let t = s.sample(&logits(), &[]).token_id;
+            assert!(t == 1 || t == 4);
+        }
+    }
+
+    #[test]
+    fn sampling_frequencies_follow_the_softmax() {
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.5,
+            seed: Some(3),
+            ..Default::default()
+        });
+        let l = logits();
+        let n = 20_000;
+        let mut counts = [0usize; 6];
+        for _ in 0..n {
+            counts[s.sample(&l, &[]).token_id as usize] += 1;
+        }
+        let z: f32 = l.iter().map(|v| (v / 0.5).exp()).sum();
+        for (i, &c) in counts.iter().enumerate() {
+            let p = (l[i] / 0.5).exp() / z;
+            let sd = (p * (1.0 - p) / n as f32).sqrt();
+            assert!((c as f32 / n as f32 - p).abs() < 5.0 * sd + 1e-3, "token {i}: {} vs {p}", c as f32 / n as f32);
+        }
+    }
+
+    #[test]
+    fn repetition_penalty_demotes_seen_tokens() {
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        });
+        assert_eq!(s.sample(&logits(), &[1, 1]).token_id, 4, "3.0/2 < 2.9");
+        let mut l = vec![-1.0, 1.0];
+        apply_repetition_penalty(&mut l, &[0, 1], 2.0);
+        assert_eq!(l, vec![-2.0, 0.5]);
+    }
+
+    #[test]
+    fn invalid_params_name_the_field() {
+        let bad = SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("top_p"));
+        let bad = SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("temperature"));
+    }
+}

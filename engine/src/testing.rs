@@ -1,0 +1,74 @@
+//! Tiny random llama models built in code, for tests that need a real
+//! forward pass but not real weights.
+
+use std::collections::HashMap;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::model::{Model, ModelTensors, WeightFormat};
+
+/// A small config: 2 layers, 4 heads over 2 kv heads, vocab 64.
+pub fn tiny_config() -> ModelConfig {
+    ModelConfig {
+        num_layers: 2,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 8,
+        vocab_size: 64,
+        max_context: 256,
+        rope_theta: 10_000.0,
+        rms_norm_eps: 1e-5,
+    }
+}
+
+/// Random f32 tensors named as in a llama GGUF (tied output layer).
+pub fn random_tensors(config: &ModelConfig, seed: u64) -> Result<ModelTensors> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut tensor = |shape: &[usize], scale: f32, offset: f32| -> Result<QTensor> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                offset + scale * ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0)
+            })
+            .collect();
+        Ok(QTensor::quantize(&Tensor::from_vec(data, shape, &Device::Cpu)?, GgmlDType::F32)?)
+    };
+    let c = config;
+    let (h, q, kv, ff) = (c.hidden_size, c.q_size(), c.kv_size(), c.intermediate_size);
+    let mut tensors = HashMap::new();
+    tensors.insert("token_embd.weight".to_string(), tensor(&[c.vocab_size, h], 1.0, 0.0)?);
+    tensors.insert("output_norm.weight".to_string(), tensor(&[h], 0.1, 1.0)?);
+    for i in 0..c.num_layers {
+        let w = 1.0 / (h as f32).sqrt();
+        for (name, shape, scale, offset) in [
+            ("attn_norm", vec![h], 0.1, 1.0),
+            ("attn_q", vec![q, h], 2.0 * w, 0.0),
+            ("attn_k", vec![kv, h], 2.0 * w, 0.0),
+            ("attn_v", vec![kv, h], w, 0.0),
+            ("attn_output", vec![h, q], w, 0.0),
+            ("ffn_norm", vec![h], 0.1, 1.0),
+            ("ffn_gate", vec![ff, h], w, 0.0),
+            ("ffn_up", vec![ff, h], w, 0.0),
+            ("ffn_down", vec![h, ff], 1.0 / (ff as f32).sqrt(), 0.0),
+        ] {
+            tensors.insert(format!("blk.{i}.{name}.weight"), tensor(&shape, scale, offset)?);
+        }
+    }
+    Ok(ModelTensors {
+        config: config.clone(),
+        tensors,
+    })
+}
+
+/// A tiny random model with f32 weights.
+pub fn tiny_model(seed: u64) -> Result<Model> {
+    Model::from_tensors(random_tensors(&tiny_config(), seed)?, WeightFormat::AsShipped)
+}

@@ -1,0 +1,11 @@
+//! heterospec's router side: text in and out (tokenizer, chat template,
+//! incremental detokenization, stop conditions). The router never sees
+//! tensors; the engine never sees text.
+
+pub mod error;
+pub mod output;
+pub mod tokenizer;
+
+pub use error::{Result, RouterError};
+pub use output::{FinishReason, IncrementalDecoder, OutputDelta, OutputStream, StopCriteria};
+pub use tokenizer::{ChatMessage, TextTokenizer};

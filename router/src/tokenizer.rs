@@ -1,0 +1,173 @@
+//! Text <-> token ids for a GGUF model: the byte-level BPE tokenizer, the
+//! special tokens and the chat template, all from the GGUF metadata.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use candle_core::quantized::tokenizer::TokenizerFromGguf;
+use serde::Serialize;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::Tokenizer;
+
+use crate::error::{Result, RouterError};
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// The model's tokenizer plus what generation needs to know about it.
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    eos_token_ids: Vec<u32>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+    add_bos: Option<u32>,
+    chat_template: Option<String>,
+}
+
+impl TextTokenizer {
+    /// Reads only the GGUF header (metadata), not the weights.
+    pub fn from_gguf_file(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| RouterError::Tokenizer(format!("cannot open {}: {e}", path.display())))?;
+        let content = gguf_file::Content::read(&mut BufReader::new(file))
+            .map_err(|e| RouterError::Tokenizer(format!("{} is not a valid GGUF file: {e}", path.display())))?;
+        Self::from_gguf(&content)
+    }
+
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
+        let mut inner = Tokenizer::from_gguf(content).map_err(|e| RouterError::Tokenizer(e.to_string()))?;
+        let meta_str = |key: &str| content.metadata.get(key).and_then(|v| v.to_string().ok()).cloned();
+        let meta_u32 = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok());
+        // Pre-tokenizers as llama.cpp applies them (its `tokenizer.ggml.pre`
+        // names); without a leading-space insertion.
+        match meta_str("tokenizer.ggml.pre").as_deref() {
+            Some("smollm") => {
+                inner.with_pre_tokenizer(Some(Sequence::new(vec![
+                    Digits::new(true).into(),
+                    ByteLevel::new(false, true, true).into(),
+                ])));
+            }
+            Some("gpt2") | Some("default") | None => {
+                inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+            }
+            Some(_) => {}
+        }
+        let tokens = content
+            .metadata
+            .get("tokenizer.ggml.tokens")
+            .and_then(|v| v.to_vec().ok())
+            .ok_or_else(|| RouterError::Tokenizer("GGUF has no tokenizer.ggml.tokens".into()))?;
+        let token_text = |id: u32| tokens.get(id as usize).and_then(|v| v.to_string().ok()).cloned();
+
+        let eos = meta_u32("tokenizer.ggml.eos_token_id");
+        let mut eos_token_ids: Vec<u32> = eos.into_iter().collect();
+        // Chat models also end a turn with their end-of-turn token.
+        for name in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>"] {
+            if let Some(id) = inner.token_to_id(name) {
+                if !eos_token_ids.contains(&id) {
+                    eos_token_ids.push(id);
+                }
+            }
+        }
+        let bos = meta_u32("tokenizer.ggml.bos_token_id");
+        let add_bos = content
+            .metadata
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
+        // `from_gguf` installs a BOS-adding post-processor when the file asks
+        // for it; we add BOS ourselves so that chat templates which already
+        // start with it do not get two.
+        inner.with_post_processor(None::<tokenizers::PostProcessorWrapper>);
+        Ok(TextTokenizer {
+            inner,
+            eos_token_ids,
+            bos_token: bos.and_then(token_text),
+            eos_token: eos.and_then(token_text),
+            add_bos: if add_bos { bos } else { None },
+            chat_template: meta_str("tokenizer.chat_template"),
+        })
+    }
+
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Token ids that end generation (unless `ignore_eos`).
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos_token_ids
+    }
+
+    /// Encodes text; special-token markup in the text (e.g. `<|im_start|>`)
+    /// becomes the special tokens, as in a rendered chat template.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| RouterError::Tokenizer(e.to_string()))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if let Some(bos) = self.add_bos {
+            if enc.get_ids().first() != Some(&bos) {
+                ids.push(bos);
+            }
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// Decodes ids, dropping special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| RouterError::Tokenizer(e.to_string()))
+    }
+
+    /// Renders messages with the model's chat template and a trailing
+    /// assistant turn opener.
+    pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| RouterError::InvalidArgument {
+                field: "messages",
+                reason: "the model has no chat template".into(),
+            })?;
+        let mut env = minijinja::Environment::new();
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template("chat", template)
+            .map_err(|e| RouterError::Tokenizer(format!("chat template does not parse: {e}")))?;
+        env.get_template("chat")
+            .and_then(|t| {
+                t.render(minijinja::context! {
+                    messages => messages,
+                    add_generation_prompt => true,
+                    bos_token => self.bos_token.clone().unwrap_or_default(),
+                    eos_token => self.eos_token.clone().unwrap_or_default(),
+                })
+            })
+            .map_err(|e| RouterError::InvalidArgument {
+                field: "messages",
+                reason: format!("chat template failed: {e}"),
+            })
+    }
+}
