@@ -43,7 +43,12 @@ pub struct SeqRun {
 impl SeqRun {
     /// A causal run of `token_ids` placed right after `num_cached` tokens,
     /// with logits for the last token only.
-    pub fn causal(token_ids: Vec<u32>, num_cached: usize, block_table: &[BlockId], block_size: usize) -> Result<Self> {
+    pub fn causal(
+        token_ids: Vec<u32>,
+        num_cached: usize,
+        block_table: &[BlockId],
+        block_size: usize,
+    ) -> Result<Self> {
         let n = token_ids.len();
         let positions: Vec<usize> = (num_cached..num_cached + n).collect();
         let slots = positions
@@ -52,7 +57,9 @@ impl SeqRun {
                 block_table
                     .get(p / block_size)
                     .map(|b| b.index() * block_size + p % block_size)
-                    .ok_or_else(|| EngineError::Config(format!("block table too short for position {p}")))
+                    .ok_or_else(|| {
+                        EngineError::Config(format!("block table too short for position {p}"))
+                    })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(SeqRun {
@@ -67,7 +74,12 @@ impl SeqRun {
     }
 
     /// Same as [`SeqRun::causal`] from a `heterospec_kv` block table.
-    pub fn causal_from_table(token_ids: Vec<u32>, num_cached: usize, table: &BlockTable, block_size: usize) -> Result<Self> {
+    pub fn causal_from_table(
+        token_ids: Vec<u32>,
+        num_cached: usize,
+        table: &BlockTable,
+        block_size: usize,
+    ) -> Result<Self> {
         Self::causal(token_ids, num_cached, table.block_ids(), block_size)
     }
 
@@ -98,24 +110,42 @@ impl SeqRun {
         let n = self.token_ids.len();
         let bad = |reason: String| Err(EngineError::Config(reason));
         if self.positions.len() != n || self.slots.len() != n {
-            return bad(format!("{n} tokens but {} positions and {} slots", self.positions.len(), self.slots.len()));
+            return bad(format!(
+                "{n} tokens but {} positions and {} slots",
+                self.positions.len(),
+                self.slots.len()
+            ));
         }
         if let Some(mask) = &self.mask {
             if mask.len() != n * n {
-                return bad(format!("mask has {} entries, expected {}", mask.len(), n * n));
+                return bad(format!(
+                    "mask has {} entries, expected {}",
+                    mask.len(),
+                    n * n
+                ));
             }
         }
         if self.block_table.len() * block_size < self.num_cached {
-            return bad(format!("block table of {} blocks cannot hold {} cached tokens", self.block_table.len(), self.num_cached));
+            return bad(format!(
+                "block table of {} blocks cannot hold {} cached tokens",
+                self.block_table.len(),
+                self.num_cached
+            ));
         }
-        if let Some(b) = self.block_table.iter().find(|b| (b.index() + 1) * block_size > num_slots) {
+        if let Some(b) = self
+            .block_table
+            .iter()
+            .find(|b| (b.index() + 1) * block_size > num_slots)
+        {
             return bad(format!("block {} is outside the KV storage", b.0));
         }
         if let Some(s) = self.slots.iter().find(|&&s| s >= num_slots) {
             return bad(format!("slot {s} is outside the KV storage"));
         }
         if let Some(t) = self.token_ids.iter().find(|&&t| t as usize >= vocab_size) {
-            return bad(format!("token id {t} is outside the vocabulary of {vocab_size}"));
+            return bad(format!(
+                "token id {t} is outside the vocabulary of {vocab_size}"
+            ));
         }
         if let Some(r) = self.logits_rows.iter().find(|&&r| r >= n) {
             return bad(format!("logits row {r} but only {n} new tokens"));

@@ -76,7 +76,8 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(model: Model, config: EngineConfig) -> Result<Self> {
-        let layout = KvLayout::for_budget(model.config(), config.block_size, config.kv_cache_bytes)?;
+        let layout =
+            KvLayout::for_budget(model.config(), config.block_size, config.kv_cache_bytes)?;
         Ok(Engine {
             model,
             kv: KvStorage::new(layout),
@@ -103,7 +104,10 @@ impl Engine {
         let max_context = self.model.config().max_context;
         let mut batch = RaggedBatch::default();
         for s in seqs {
-            let bad = |reason: String| EngineError::BadSequence { seq_id: s.seq_id.0, reason };
+            let bad = |reason: String| EngineError::BadSequence {
+                seq_id: s.seq_id.0,
+                reason,
+            };
             let known = match self.seqs.get(&s.seq_id) {
                 Some(state) => state.history.len(),
                 None => {
@@ -121,7 +125,10 @@ impl Engine {
                 }
             };
             if known != s.num_computed {
-                return Err(bad(format!("num_computed {} but the engine has seen {known} tokens", s.num_computed)));
+                return Err(bad(format!(
+                    "num_computed {} but the engine has seen {known} tokens",
+                    s.num_computed
+                )));
             }
             if s.new_token_ids.is_empty() {
                 return Err(bad("no new tokens".into()));
@@ -136,19 +143,30 @@ impl Engine {
             if let Some(params) = &s.sampling {
                 params.validate().map_err(bad)?;
             }
-            let mut run = SeqRun::causal(s.new_token_ids.clone(), s.num_computed, &s.block_table, block_size)
-                .map_err(|e| bad(e.to_string()))?;
+            let mut run = SeqRun::causal(
+                s.new_token_ids.clone(),
+                s.num_computed,
+                &s.block_table,
+                block_size,
+            )
+            .map_err(|e| bad(e.to_string()))?;
             if !s.sample {
                 run.logits_rows.clear();
             }
-            run.validate(block_size, self.kv.layout().num_slots(), self.model.config().vocab_size)
-                .map_err(|e| bad(e.to_string()))?;
+            run.validate(
+                block_size,
+                self.kv.layout().num_slots(),
+                self.model.config().vocab_size,
+            )
+            .map_err(|e| bad(e.to_string()))?;
             batch.seqs.push(run);
         }
         let mut ids: Vec<SeqId> = seqs.iter().map(|s| s.seq_id).collect();
         ids.sort_unstable();
         if ids.windows(2).any(|w| w[0] == w[1]) {
-            return Err(EngineError::Config("a sequence appears twice in one step".into()));
+            return Err(EngineError::Config(
+                "a sequence appears twice in one step".into(),
+            ));
         }
 
         let logits = self.model.forward(&batch, &mut self.kv)?;

@@ -42,7 +42,9 @@ impl FromStr for WeightFormat {
             "q8_0" => Ok(Self::Q8_0),
             "as-shipped" => Ok(Self::AsShipped),
             "f32" => Ok(Self::F32),
-            other => Err(format!("unknown weight format `{other}` (q8_0, as-shipped, f32)")),
+            other => Err(format!(
+                "unknown weight format `{other}` (q8_0, as-shipped, f32)"
+            )),
         }
     }
 }
@@ -58,7 +60,8 @@ impl Linear {
         let in_features = tensor.shape().dims()[1];
         let tensor = match format {
             WeightFormat::Q8_0
-                if tensor.dtype() != GgmlDType::Q8_0 && in_features % GgmlDType::Q8_0.block_size() == 0 =>
+                if tensor.dtype() != GgmlDType::Q8_0
+                    && in_features % GgmlDType::Q8_0.block_size() == 0 =>
             {
                 QTensor::quantize(&tensor.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?
             }
@@ -114,7 +117,9 @@ impl ModelTensors {
     /// Reads a GGUF file; checks architecture and metadata, not yet tensors.
     pub fn read_gguf(path: &Path) -> Result<(Self, gguf_file::Content)> {
         if !path.exists() {
-            return Err(EngineError::ModelNotFound { path: path.to_path_buf() });
+            return Err(EngineError::ModelNotFound {
+                path: path.to_path_buf(),
+            });
         }
         let file = File::open(path).map_err(|source| EngineError::ModelRead {
             path: path.to_path_buf(),
@@ -135,15 +140,20 @@ impl ModelTensors {
             .len();
         let mut tensors = HashMap::new();
         for (name, info) in &content.tensor_infos {
-            let size = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            let size = info.shape.elem_count() / info.ggml_dtype.block_size()
+                * info.ggml_dtype.type_size();
             let end = content.tensor_data_offset + info.offset + size as u64;
             if end > file_len {
                 return Err(EngineError::InvalidGguf {
                     path: path.to_path_buf(),
-                    reason: format!("file is truncated: tensor `{name}` ends at byte {end} of {file_len}"),
+                    reason: format!(
+                        "file is truncated: tensor `{name}` ends at byte {end} of {file_len}"
+                    ),
                 });
             }
-            let tensor = content.tensor(&mut reader, name, &Device::Cpu).map_err(invalid)?;
+            let tensor = content
+                .tensor(&mut reader, name, &Device::Cpu)
+                .map_err(invalid)?;
             tensors.insert(name.clone(), tensor);
         }
         Ok((ModelTensors { config, tensors }, content))
@@ -162,10 +172,13 @@ impl Model {
         let h = config.hidden_size;
         let tied_output = !t.tensors.contains_key("output.weight");
         let mut take = |name: &str, shape: &[usize]| -> Result<QTensor> {
-            let tensor = t.tensors.remove(name).ok_or_else(|| EngineError::BadTensor {
-                name: name.to_string(),
-                reason: "missing".into(),
-            })?;
+            let tensor = t
+                .tensors
+                .remove(name)
+                .ok_or_else(|| EngineError::BadTensor {
+                    name: name.to_string(),
+                    reason: "missing".into(),
+                })?;
             if tensor.shape().dims() != shape {
                 return Err(EngineError::BadTensor {
                     name: name.to_string(),
@@ -174,10 +187,14 @@ impl Model {
             }
             Ok(tensor)
         };
-        let vector = |q: QTensor| -> Result<Vec<f32>> { Ok(q.dequantize(&Device::Cpu)?.to_vec1::<f32>()?) };
+        let vector =
+            |q: QTensor| -> Result<Vec<f32>> { Ok(q.dequantize(&Device::Cpu)?.to_vec1::<f32>()?) };
 
         let embd = take("token_embd.weight", &[config.vocab_size, h])?;
-        let embeddings = embd.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        let embeddings = embd
+            .dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let p = |n: &str| format!("blk.{i}.{n}.weight");
@@ -196,7 +213,11 @@ impl Model {
         }
         let output_norm = vector(take("output_norm.weight", &[h])?)?;
         // Tied embeddings: without `output.weight` the embedding matrix is reused.
-        let lm_head = if tied_output { embd } else { take("output.weight", &[config.vocab_size, h])? };
+        let lm_head = if tied_output {
+            embd
+        } else {
+            take("output.weight", &[config.vocab_size, h])?
+        };
         Ok(Model {
             lm_head: Linear::new(lm_head, format)?,
             config,
@@ -231,8 +252,16 @@ impl Model {
             .enumerate()
             .flat_map(|(s, run)| (0..run.len()).map(move |i| (s, i)))
             .collect();
-        let slots: Vec<usize> = batch.seqs.iter().flat_map(|s| s.slots.iter().copied()).collect();
-        let rope = RopeTable::new(batch.seqs.iter().flat_map(|s| s.positions.iter().copied()), c.head_dim, c.rope_theta);
+        let slots: Vec<usize> = batch
+            .seqs
+            .iter()
+            .flat_map(|s| s.slots.iter().copied())
+            .collect();
+        let rope = RopeTable::new(
+            batch.seqs.iter().flat_map(|s| s.positions.iter().copied()),
+            c.head_dim,
+            c.rope_theta,
+        );
         let shape = HeadShape {
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
@@ -256,7 +285,12 @@ impl Model {
             rope.apply(&mut q, c.num_heads);
             rope.apply(&mut k, c.num_kv_heads);
             for (t, &slot) in slots.iter().enumerate() {
-                kv.write(li, slot, &k[t * kvs..(t + 1) * kvs], &v[t * kvs..(t + 1) * kvs]);
+                kv.write(
+                    li,
+                    slot,
+                    &k[t * kvs..(t + 1) * kvs],
+                    &v[t * kvs..(t + 1) * kvs],
+                );
             }
             paged_attention(&q, batch, &token_owner, kv.layer(li), shape, &mut attn);
             let o = layer.wo.forward(&attn, n)?;
@@ -324,7 +358,11 @@ mod tests {
 
     fn assert_close(a: &[f32], b: &[f32], what: &str) {
         assert_eq!(a.len(), b.len(), "{what}: lengths");
-        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
         assert!(worst < TOL, "{what}: max abs diff {worst}");
     }
 
@@ -342,8 +380,12 @@ mod tests {
         let (mut kv, mut pool) = storage(block_size);
         let mut table = BlockTable::new();
         pool.allocate_slots(&mut table, tokens.len()).unwrap();
-        let run = SeqRun::causal_from_table(tokens.to_vec(), 0, &table, block_size).unwrap().with_all_logits();
-        model.forward(&RaggedBatch { seqs: vec![run] }, &mut kv).unwrap()
+        let run = SeqRun::causal_from_table(tokens.to_vec(), 0, &table, block_size)
+            .unwrap()
+            .with_all_logits();
+        model
+            .forward(&RaggedBatch { seqs: vec![run] }, &mut kv)
+            .unwrap()
     }
 
     #[test]
@@ -356,13 +398,21 @@ mod tests {
             for p in prompts() {
                 let mut table = BlockTable::new();
                 pool.allocate_slots(&mut table, p.len()).unwrap();
-                batch.seqs.push(SeqRun::causal_from_table(p, 0, &table, block_size).unwrap().with_all_logits());
+                batch.seqs.push(
+                    SeqRun::causal_from_table(p, 0, &table, block_size)
+                        .unwrap()
+                        .with_all_logits(),
+                );
             }
             let together = model.forward(&batch, &mut kv).unwrap();
             let mut offset = 0;
             for p in prompts() {
                 let alone = solo_logits(&model, &p, block_size);
-                assert_close(&together[offset..offset + alone.len()], &alone, "ragged vs alone");
+                assert_close(
+                    &together[offset..offset + alone.len()],
+                    &alone,
+                    "ragged vs alone",
+                );
                 offset += p.len() * vocab;
             }
         }
@@ -382,11 +432,22 @@ mod tests {
                 while done < p.len() {
                     let n = if done < 10 { 5.min(p.len() - done) } else { 1 };
                     pool.allocate_slots(&mut table, done + n).unwrap();
-                    let run = SeqRun::causal_from_table(p[done..done + n].to_vec(), done, &table, block_size)
-                        .unwrap()
-                        .with_all_logits();
-                    let out = model.forward(&RaggedBatch { seqs: vec![run] }, &mut kv).unwrap();
-                    assert_close(&out, &full[done * vocab..(done + n) * vocab], "incremental vs full");
+                    let run = SeqRun::causal_from_table(
+                        p[done..done + n].to_vec(),
+                        done,
+                        &table,
+                        block_size,
+                    )
+                    .unwrap()
+                    .with_all_logits();
+                    let out = model
+                        .forward(&RaggedBatch { seqs: vec![run] }, &mut kv)
+                        .unwrap();
+                    assert_close(
+                        &out,
+                        &full[done * vocab..(done + n) * vocab],
+                        "incremental vs full",
+                    );
                     done += n;
                 }
             }
@@ -404,9 +465,12 @@ mod tests {
         let tokens = [10u32, 11, 12, 13];
         let (mut kv, mut pool) = storage(bs);
         let mut table = BlockTable::new();
-        pool.allocate_slots(&mut table, prefix.len() + tokens.len()).unwrap();
+        pool.allocate_slots(&mut table, prefix.len() + tokens.len())
+            .unwrap();
         let run = SeqRun::causal_from_table(prefix.clone(), 0, &table, bs).unwrap();
-        model.forward(&RaggedBatch { seqs: vec![run] }, &mut kv).unwrap();
+        model
+            .forward(&RaggedBatch { seqs: vec![run] }, &mut kv)
+            .unwrap();
         let depth = |mut i: usize| {
             let mut d = 0;
             while let Some(p) = parents[i] {
@@ -415,7 +479,9 @@ mod tests {
             }
             d
         };
-        let mut run = SeqRun::causal_from_table(tokens.to_vec(), prefix.len(), &table, bs).unwrap().with_all_logits();
+        let mut run = SeqRun::causal_from_table(tokens.to_vec(), prefix.len(), &table, bs)
+            .unwrap()
+            .with_all_logits();
         run.positions = (0..4).map(|i| prefix.len() + depth(i)).collect();
         let mut mask = vec![false; 16];
         for i in 0..4 {
@@ -426,7 +492,9 @@ mod tests {
             }
         }
         run.mask = Some(mask);
-        let tree = model.forward(&RaggedBatch { seqs: vec![run] }, &mut kv).unwrap();
+        let tree = model
+            .forward(&RaggedBatch { seqs: vec![run] }, &mut kv)
+            .unwrap();
         for node in 0..4 {
             let mut path = vec![node];
             while let Some(p) = parents[*path.last().unwrap()] {
@@ -436,7 +504,11 @@ mod tests {
             seq.extend(path.iter().rev().map(|&i| tokens[i]));
             let want = solo_logits(&model, &seq, bs);
             let last = seq.len() - 1;
-            assert_close(&tree[node * vocab..(node + 1) * vocab], &want[last * vocab..(last + 1) * vocab], "tree node");
+            assert_close(
+                &tree[node * vocab..(node + 1) * vocab],
+                &want[last * vocab..(last + 1) * vocab],
+                "tree node",
+            );
         }
     }
 
@@ -446,7 +518,14 @@ mod tests {
         let (mut kv, _) = storage(4);
         let mut run = SeqRun::causal(vec![1, 2], 0, &[heterospec_kv::BlockId(1)], 4).unwrap();
         run.token_ids[1] = 10_000;
-        assert!(model.forward(&RaggedBatch { seqs: vec![run] }, &mut kv).unwrap_err().to_string().contains("vocabulary"));
-        assert!(SeqRun::causal(vec![1; 5], 0, &[heterospec_kv::BlockId(1)], 4).is_err(), "table too short");
+        assert!(model
+            .forward(&RaggedBatch { seqs: vec![run] }, &mut kv)
+            .unwrap_err()
+            .to_string()
+            .contains("vocabulary"));
+        assert!(
+            SeqRun::causal(vec![1; 5], 0, &[heterospec_kv::BlockId(1)], 4).is_err(),
+            "table too short"
+        );
     }
 }

@@ -50,13 +50,19 @@ impl SamplingParams {
     /// Message naming the first invalid field, if any.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(format!("temperature must be a finite number >= 0, got {}", self.temperature));
+            return Err(format!(
+                "temperature must be a finite number >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return Err(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+            return Err(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
         }
         Ok(())
     }
@@ -131,8 +137,12 @@ impl Sampler {
         let t = self.params.temperature;
         let max = processed.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         self.candidates.clear();
-        self.candidates
-            .extend(processed.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / t).exp())));
+        self.candidates.extend(
+            processed
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, ((l - max) / t).exp())),
+        );
         self.candidates
             .sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if self.params.top_k > 0 && self.params.top_k < self.candidates.len() {
@@ -229,7 +239,9 @@ mod tests {
         };
         let run = |p: &SamplingParams| {
             let mut s = Sampler::new(p.clone());
-            (0..50).map(|_| s.sample(&logits(), &[]).token_id).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| s.sample(&logits(), &[]).token_id)
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(&params), run(&params));
         let other = SamplingParams {
@@ -256,7 +268,11 @@ mod tests {
             ..Default::default()
         });
         let d = s.distribution(&logits(), &[]);
-        assert_eq!(d.iter().map(|c| c.0).collect::<Vec<_>>(), vec![1, 4], "p(1) ~ 0.39 < 0.5 <= p(1)+p(4)");
+        assert_eq!(
+            d.iter().map(|c| c.0).collect::<Vec<_>>(),
+            vec![1, 4],
+            "p(1) ~ 0.39 < 0.5 <= p(1)+p(4)"
+        );
         assert!((d.iter().map(|c| c.1).sum::<f32>() - 1.0).abs() < 1e-6);
         for _ in 0..100 {
             let t = s.sample(&logits(), &[]).token_id;
@@ -281,7 +297,11 @@ mod tests {
         for (i, &c) in counts.iter().enumerate() {
             let p = (l[i] / 0.5).exp() / z;
             let sd = (p * (1.0 - p) / n as f32).sqrt();
-            assert!((c as f32 / n as f32 - p).abs() < 5.0 * sd + 1e-3, "token {i}: {} vs {p}", c as f32 / n as f32);
+            assert!(
+                (c as f32 / n as f32 - p).abs() < 5.0 * sd + 1e-3,
+                "token {i}: {} vs {p}",
+                c as f32 / n as f32
+            );
         }
     }
 

@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Produces tests/golden/smollm2_llamacpp.json: greedy continuations, top-5
+logits and tokenizations of fixed inputs by llama.cpp (llama-cpp-python), an
+implementation independent of ours, on the default GGUF.
+
+Run once when the prompts change (not in CI; llama-cpp-python compiles for
+~10 minutes):
+
+  python3 -m venv /tmp/llvenv
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON \
+    -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" /tmp/llvenv/bin/pip install llama-cpp-python==0.3.36 numpy
+  /tmp/llvenv/bin/python scripts/golden_reference.py models/SmolLM2-135M-Instruct.Q4_1.gguf
+"""
+import hashlib
+import json
+import sys
+
+import numpy as np
+from llama_cpp import Llama
+
+NEW_TOKENS = 32
+TOP = 5
+
+
+def chat(user):
+    return (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+PROMPTS = [
+    chat("What is the capital of France?"),
+    chat("Write a Python function that returns the sum of a list."),
+    chat("Explain photosynthesis in two sentences."),
+    chat("What is 12 times 7?"),
+    chat("Give me three tips for sleeping better."),
+    "The quick brown fox jumps over the lazy dog. The quick brown fox",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Once upon a time, in a small village by the sea,",
+    "1, 2, 3, 4, 5, 6,",
+    chat("Translate 'good morning' into Spanish."),
+]
+
+TOKENIZE = [
+    "Hello, world!",
+    "The year 2024 had 366 days; 3.14159 is pi.",
+    "  leading spaces, trailing spaces  ",
+    "line one\nline two\n\n\tindented",
+    "héllo wörld — naïve café",
+    "日本語のテキストと中文",
+    "emoji: 🎉🚀👍🏽",
+    "def f(x):\n    return x ** 2  # square",
+    "<|im_start|>user\nhi<|im_end|>\n",
+]
+
+
+def main():
+    path = sys.argv[1]
+    with open(path, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    llm = Llama(model_path=path, n_ctx=512, n_threads=2, n_batch=512, logits_all=True, verbose=False, seed=0)
+    cases = []
+    for prompt in PROMPTS:
+        ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        llm.reset()
+        llm.eval(ids)
+        generated, top5 = [], []
+        for _ in range(NEW_TOKENS):
+            row = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+            order = np.argsort(-row, kind="stable")[:TOP]
+            top5.append([[int(i), float(row[i])] for i in order])
+            tok = int(order[0])
+            generated.append(tok)
+            llm.eval([tok])
+        cases.append({"prompt": prompt, "prompt_token_ids": ids, "greedy_token_ids": generated, "top5": top5})
+        print(repr(llm.detokenize(generated).decode("utf-8", "replace")), file=sys.stderr)
+    tokenizations = [
+        {"text": t, "token_ids": llm.tokenize(t.encode("utf-8"), add_bos=False, special=True)} for t in TOKENIZE
+    ]
+    out = {
+        "reference": "llama-cpp-python 0.3.36, n_threads=2",
+        "model_sha256": sha,
+        "new_tokens": NEW_TOKENS,
+        "cases": cases,
+        "tokenizations": tokenizations,
+    }
+    with open("tests/golden/smollm2_llamacpp.json", "w") as f:
+        json.dump(out, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()

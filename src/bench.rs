@@ -1,0 +1,309 @@
+//! `heterospec bench forward`: the cost of the forward pass, side by side with
+//! llama.cpp on the same GGUF, token ids and thread count.
+//!
+//! Measures prefill tok/s (one 512-token chunk), single-stream decode tok/s,
+//! and ms per forward of T new tokens (logits for all T, as tree
+//! verification needs) after a 256-token context. Medians of repeated runs;
+//! both engines run in the same invocation so machine noise hits both.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use heterospec_engine::{RaggedBatch, SamplingParams, SeqRun};
+use heterospec_kv::BlockTable;
+use heterospec_router::{ChatMessage, StopCriteria};
+use serde::{Deserialize, Serialize};
+
+use crate::local::{EngineArgs, LocalEngine};
+
+const PREFILL_TOKENS: usize = 512;
+const CONTEXT_TOKENS: usize = 256;
+const DECODE_TOKENS: usize = 64;
+const FORWARD_TS: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
+
+/// Text the benchmark tokenizes for its prompts (repeated to length).
+const BENCH_TEXT: &str =
+    "Speculative decoding drafts several tokens cheaply and verifies them with one \
+forward pass of the target model. The verification costs little more than a single step when the \
+forward pass reuses each weight across all the tokens of the batch, which is why the cost curve of \
+the forward pass decides how large a draft tree can be before it stops paying for itself. ";
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Forward-pass cost: prefill, decode, and ms per forward of T tokens.
+    Forward(ForwardArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ForwardArgs {
+    #[arg(long, env = "HETEROSPEC_MODEL", default_value_os_t = crate::fetch::default_model_path())]
+    model: PathBuf,
+    /// Runs per measurement (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Python with llama-cpp-python installed, for the side-by-side column
+    /// ("none" to skip; default: python3 if it can import llama_cpp).
+    #[arg(long, env = "HETEROSPEC_LLAMA_PYTHON")]
+    llama_python: Option<String>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+#[derive(Debug, Serialize, Deserialize, Clone)]
+struct ForwardReport {
+    decode_tokens_per_second: f64,
+    prefill_tokens_per_second: f64,
+    /// T -> milliseconds per forward of T new tokens.
+    forward_ms: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct BenchOutput {
+    threads: usize,
+    weight_format: String,
+    heterospec: ForwardReport,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    llama_cpp: Option<ForwardReport>,
+    #[serde(flatten)]
+    headline: ForwardReport,
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Forward(args) => forward(args),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn forward(args: ForwardArgs) -> Result<()> {
+    if args.repeats == 0 {
+        bail!("--repeats must be at least 1");
+    }
+    let threads = if args.engine.threads > 0 {
+        args.engine.threads
+    } else {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    };
+    let mut local = LocalEngine::load(&args.model, &args.engine)?;
+    let mut bench_ids = Vec::new();
+    while bench_ids.len() < PREFILL_TOKENS {
+        bench_ids.extend(local.tokenizer.encode(BENCH_TEXT)?);
+    }
+    bench_ids.truncate(PREFILL_TOKENS);
+    let context_ids = bench_ids[..CONTEXT_TOKENS].to_vec();
+    let chat = local.tokenizer.apply_chat_template(&[ChatMessage::new(
+        "user",
+        "Write a short story about a lighthouse keeper.",
+    )])?;
+    let decode_prompt_ids = local.tokenizer.encode(&chat)?;
+
+    let ours = measure(
+        &mut local,
+        &bench_ids,
+        &context_ids,
+        &decode_prompt_ids,
+        args.repeats,
+    )?;
+    drop(local);
+    let theirs = match llama_python(args.llama_python.as_deref()) {
+        Some(python) => Some(measure_llama_cpp(
+            &python,
+            &args.model,
+            threads,
+            &bench_ids,
+            &context_ids,
+            &decode_prompt_ids,
+            args.repeats,
+        )?),
+        None => {
+            eprintln!("llama.cpp column skipped: no python with llama_cpp (see scripts/golden_reference.py)");
+            None
+        }
+    };
+    let out = BenchOutput {
+        threads,
+        weight_format: format!("{:?}", args.engine.weight_format),
+        heterospec: ours.clone(),
+        llama_cpp: theirs.clone(),
+        headline: ours,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&out)?);
+        return Ok(());
+    }
+    print_table(&out);
+    Ok(())
+}
+
+fn print_table(out: &BenchOutput) {
+    println!(
+        "forward benchmark: {} threads, weights {}",
+        out.threads, out.weight_format
+    );
+    let rows: Vec<(&str, &ForwardReport)> = std::iter::once(("heterospec", &out.heterospec))
+        .chain(out.llama_cpp.as_ref().map(|r| ("llama.cpp", r)))
+        .collect();
+    print!("| engine | decode tok/s | prefill tok/s (512) |");
+    for t in FORWARD_TS {
+        print!(" T={t} ms |");
+    }
+    println!(" T=16 / T=1 |");
+    println!("|---|---|---|{}---|", "---|".repeat(FORWARD_TS.len()));
+    for (name, r) in &rows {
+        print!(
+            "| {name} | {:.1} | {:.0} |",
+            r.decode_tokens_per_second, r.prefill_tokens_per_second
+        );
+        for t in FORWARD_TS {
+            print!(" {:.1} |", r.forward_ms[&t.to_string()]);
+        }
+        println!(" {:.1}x |", r.forward_ms["16"] / r.forward_ms["1"]);
+    }
+    if let [(_, ours), (_, theirs)] = rows.as_slice() {
+        println!(
+            "ratios heterospec / llama.cpp: decode {:.2}x, prefill {:.2}x, T=16 forward time {:.2}x",
+            ours.decode_tokens_per_second / theirs.decode_tokens_per_second,
+            ours.prefill_tokens_per_second / theirs.prefill_tokens_per_second,
+            ours.forward_ms["16"] / theirs.forward_ms["16"]
+        );
+    }
+}
+
+fn measure(
+    local: &mut LocalEngine,
+    bench_ids: &[u32],
+    context_ids: &[u32],
+    decode_prompt_ids: &[u32],
+    repeats: usize,
+) -> Result<ForwardReport> {
+    let bs = local.pool.block_size();
+    let mut table = BlockTable::new();
+    local
+        .pool
+        .allocate_slots(
+            &mut table,
+            PREFILL_TOKENS + FORWARD_TS[FORWARD_TS.len() - 1] + CONTEXT_TOKENS,
+        )
+        .context("KV cache too small for the benchmark")?;
+    // Prefill wants the last row's logits; a verify forward wants them all.
+    let time_forward = |local: &mut LocalEngine,
+                        ids: &[u32],
+                        num_cached: usize,
+                        all_logits: bool|
+     -> Result<f64> {
+        let mut run = SeqRun::causal_from_table(ids.to_vec(), num_cached, &table, bs)?;
+        if all_logits {
+            run = run.with_all_logits();
+        }
+        let batch = RaggedBatch { seqs: vec![run] };
+        let start = Instant::now();
+        local.engine.forward(&batch)?;
+        Ok(start.elapsed().as_secs_f64())
+    };
+
+    time_forward(local, bench_ids, 0, false)?; // warm-up
+    let prefill = median(
+        (0..repeats)
+            .map(|_| time_forward(local, bench_ids, 0, false))
+            .collect::<Result<_>>()?,
+    );
+
+    time_forward(local, context_ids, 0, false)?;
+    let mut forward_ms = BTreeMap::new();
+    for t in FORWARD_TS {
+        let ids = &bench_ids[CONTEXT_TOKENS..CONTEXT_TOKENS + t];
+        time_forward(local, ids, CONTEXT_TOKENS, true)?;
+        let ms = 1000.0
+            * median(
+                (0..repeats)
+                    .map(|_| time_forward(local, ids, CONTEXT_TOKENS, true))
+                    .collect::<Result<_>>()?,
+            );
+        forward_ms.insert(t.to_string(), ms);
+    }
+    local.pool.free_table(&mut table);
+
+    let generation = local.generate(
+        decode_prompt_ids.to_vec(),
+        SamplingParams::greedy(),
+        StopCriteria {
+            max_new_tokens: DECODE_TOKENS + 1,
+            stop: vec![],
+            ignore_eos: true,
+        },
+        |_| {},
+    )?;
+    Ok(ForwardReport {
+        decode_tokens_per_second: generation.decode_tokens_per_second(),
+        prefill_tokens_per_second: PREFILL_TOKENS as f64 / prefill,
+        forward_ms,
+    })
+}
+
+fn llama_python(choice: Option<&str>) -> Option<String> {
+    match choice {
+        Some("none") => None,
+        Some(python) => Some(python.to_string()),
+        None => {
+            let ok = Command::new("python3")
+                .args(["-c", "import llama_cpp"])
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            ok.then(|| "python3".to_string())
+        }
+    }
+}
+
+fn measure_llama_cpp(
+    python: &str,
+    model: &Path,
+    threads: usize,
+    bench_ids: &[u32],
+    context_ids: &[u32],
+    decode_prompt_ids: &[u32],
+    repeats: usize,
+) -> Result<ForwardReport> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_llamacpp.py");
+    let input = serde_json::json!({
+        "model": model,
+        "threads": threads,
+        "prefill_ids": bench_ids,
+        "context_ids": context_ids,
+        "decode_prompt_ids": decode_prompt_ids,
+        "decode_tokens": DECODE_TOKENS,
+        "ts": FORWARD_TS,
+        "repeats": repeats,
+    });
+    let mut child = Command::new(python)
+        .arg(&script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {python} {}", script.display()))?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(input.to_string().as_bytes())?;
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!("llama.cpp benchmark failed ({})", output.status);
+    }
+    Ok(serde_json::from_slice(&output.stdout).context("llama.cpp benchmark printed no JSON")?)
+}

@@ -1,0 +1,118 @@
+//! `heterospec generate`: one prompt, in-process, streamed to stdout.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use heterospec_engine::SamplingParams;
+use heterospec_router::{ChatMessage, StopCriteria};
+use serde::Serialize;
+
+use crate::local::{EngineArgs, LocalEngine};
+
+/// Tokens generated when the request does not say (as in vLLM's default of
+/// 16 this is deliberately modest; raise it per request).
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 128;
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// GGUF model file.
+    #[arg(long, env = "HETEROSPEC_MODEL", default_value_os_t = crate::fetch::default_model_path())]
+    pub model: PathBuf,
+    /// Prompt text.
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, default_value_t = DEFAULT_MAX_NEW_TOKENS)]
+    pub max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 disables the top-k cut.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Seed for sampling (same seed, same output).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when this string appears (repeatable); it is not returned.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Serialize)]
+struct JsonOutput<'a> {
+    prompt_token_ids: &'a [u32],
+    token_ids: &'a [u32],
+    text: &'a str,
+    finish_reason: &'a str,
+    tokens_per_second: f64,
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let mut local = LocalEngine::load(&args.model, &args.engine)
+        .with_context(|| format!("cannot load model {}", args.model.display()))?;
+    let text = if args.chat {
+        local
+            .tokenizer
+            .apply_chat_template(&[ChatMessage::new("user", args.prompt.clone())])?
+    } else {
+        args.prompt.clone()
+    };
+    let prompt_ids = local.tokenizer.encode(&text)?;
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+    };
+    let criteria = StopCriteria {
+        max_new_tokens: args.max_new_tokens,
+        stop: args.stop.clone(),
+        ignore_eos: args.ignore_eos,
+    };
+    let json = args.json;
+    let mut stdout = std::io::stdout().lock();
+    let generation = local.generate(prompt_ids, sampling, criteria, |delta| {
+        if !json {
+            let _ = stdout.write_all(delta.as_bytes());
+            let _ = stdout.flush();
+        }
+    })?;
+    if json {
+        let out = JsonOutput {
+            prompt_token_ids: &generation.prompt_token_ids,
+            token_ids: &generation.token_ids,
+            text: &generation.text,
+            finish_reason: generation.finish_reason.as_str(),
+            tokens_per_second: generation.decode_tokens_per_second(),
+        };
+        writeln!(stdout, "{}", serde_json::to_string(&out)?)?;
+    } else {
+        writeln!(stdout)?;
+        eprintln!(
+            "[{} prompt tokens in {:.3} s; {} tokens, {:.1} tok/s; finish: {}]",
+            generation.prompt_token_ids.len(),
+            generation.prefill_seconds,
+            generation.token_ids.len(),
+            generation.decode_tokens_per_second(),
+            generation.finish_reason.as_str()
+        );
+    }
+    Ok(())
+}

