@@ -26,6 +26,16 @@ pub fn default_model_path() -> PathBuf {
     Path::new(DEFAULT_MODEL_DIR).join(DEFAULT_MODEL_FILE)
 }
 
+/// Fetches the default model on first use when `path` is its default
+/// location and nothing is there yet (any other path is used as given).
+pub fn ensure_default_model(path: &Path) -> Result<()> {
+    if path == default_model_path() && !path.exists() {
+        eprintln!("{} not found: fetching the default model", path.display());
+        fetch_model(Path::new(DEFAULT_MODEL_DIR))?;
+    }
+    Ok(())
+}
+
 /// Ensures the default model is in `dir`; returns its path.
 pub fn fetch_model(dir: &Path) -> Result<PathBuf> {
     let target = dir.join(DEFAULT_MODEL_FILE);

@@ -48,7 +48,6 @@ pub fn init_threads(threads: usize) {
 pub struct Generation {
     pub prompt_token_ids: Vec<u32>,
     pub token_ids: Vec<u32>,
-    pub logprobs: Vec<f32>,
     pub text: String,
     pub finish_reason: FinishReason,
     pub prefill_seconds: f64,
@@ -77,8 +76,9 @@ pub struct LocalEngine {
 impl LocalEngine {
     pub fn load(model_path: &Path, args: &EngineArgs) -> Result<Self> {
         init_threads(args.threads);
-        let tokenizer = TextTokenizer::from_gguf_file(model_path)?;
+        crate::fetch::ensure_default_model(model_path)?;
         let model = Model::load(model_path, args.weight_format)?;
+        let tokenizer = TextTokenizer::from_gguf_file(model_path)?;
         let engine = Engine::new(
             model,
             EngineConfig {
@@ -154,7 +154,6 @@ impl LocalEngine {
     ) -> Result<Generation> {
         let mut output = OutputStream::new(criteria);
         let mut token_ids = Vec::new();
-        let mut logprobs = Vec::new();
         let mut text = String::new();
         let mut num_computed = 0;
         let mut next = prompt_ids.clone();
@@ -176,10 +175,9 @@ impl LocalEngine {
             };
             let result = self.engine.step(std::slice::from_ref(&step))?;
             num_computed += next.len();
-            let SampledToken { token_id, logprob } = result[0].tokens[0];
+            let SampledToken { token_id, .. } = result[0].tokens[0];
             first_token_at.get_or_insert_with(Instant::now);
             token_ids.push(token_id);
-            logprobs.push(logprob);
             let delta = output.push(&self.tokenizer, token_id)?;
             if !delta.text.is_empty() {
                 on_text(&delta.text);
@@ -194,7 +192,6 @@ impl LocalEngine {
         Ok(Generation {
             prompt_token_ids: prompt_ids,
             token_ids,
-            logprobs,
             text,
             finish_reason,
             prefill_seconds: (first - start).as_secs_f64(),

@@ -208,3 +208,132 @@ impl Engine {
         self.model.forward(batch, &mut self.kv)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::tiny_model;
+    use heterospec_kv::{BlockPool, BlockPoolConfig, BlockTable};
+
+    fn engine() -> (Engine, BlockPool) {
+        let engine = Engine::new(
+            tiny_model(5).unwrap(),
+            EngineConfig {
+                block_size: 4,
+                kv_cache_bytes: 1 << 20,
+            },
+        )
+        .unwrap();
+        let layout = engine.kv_layout();
+        let pool = BlockPool::new(BlockPoolConfig {
+            num_blocks: layout.num_blocks,
+            block_size: layout.block_size,
+        });
+        (engine, pool)
+    }
+
+    fn step(
+        seq: u64,
+        tokens: Vec<u32>,
+        num_computed: usize,
+        table: &BlockTable,
+        sampling: Option<SamplingParams>,
+    ) -> SeqStep {
+        SeqStep {
+            seq_id: SeqId(seq),
+            new_token_ids: tokens,
+            num_computed,
+            block_table: table.block_ids().to_vec(),
+            sampling,
+            cached_token_ids: vec![],
+            sample: true,
+        }
+    }
+
+    #[test]
+    fn chunked_prefill_and_batched_decode_give_solo_greedy_tokens() {
+        let prompts: Vec<Vec<u32>> = vec![(1..12).collect(), vec![7, 8], (20..40).collect()];
+        let solo = |p: &Vec<u32>| {
+            let (mut e, mut pool) = engine();
+            let mut t = BlockTable::new();
+            pool.allocate_slots(&mut t, p.len() + 8).unwrap();
+            let mut out = vec![];
+            let mut next = p.clone();
+            let mut computed = 0;
+            for i in 0..8 {
+                let sampling = (i == 0).then(SamplingParams::greedy);
+                let r = e
+                    .step(&[step(0, next.clone(), computed, &t, sampling)])
+                    .unwrap();
+                computed += next.len();
+                next = vec![r[0].tokens[0].token_id];
+                out.push(next[0]);
+            }
+            out
+        };
+        let want: Vec<Vec<u32>> = prompts.iter().map(solo).collect();
+
+        // All three together, prompts in chunks of 5 mixed with decodes.
+        let (mut e, mut pool) = engine();
+        let mut tables: Vec<BlockTable> = prompts.iter().map(|_| BlockTable::new()).collect();
+        let mut computed = vec![0usize; 3];
+        let mut pending: Vec<Vec<u32>> = prompts.clone();
+        let mut got: Vec<Vec<u32>> = vec![vec![]; 3];
+        while got.iter().any(|g| g.len() < 8) {
+            let mut steps = vec![];
+            for s in 0..3 {
+                if got[s].len() == 8 {
+                    continue;
+                }
+                let n = pending[s].len().min(5);
+                let chunk: Vec<u32> = pending[s].drain(..n).collect();
+                pool.allocate_slots(&mut tables[s], computed[s] + n)
+                    .unwrap();
+                let mut st = step(
+                    s as u64,
+                    chunk,
+                    computed[s],
+                    &tables[s],
+                    (computed[s] == 0).then(SamplingParams::greedy),
+                );
+                st.sample = pending[s].is_empty();
+                computed[s] += n;
+                steps.push(st);
+            }
+            for r in e.step(&steps).unwrap() {
+                let s = r.seq_id.0 as usize;
+                if let Some(t) = r.tokens.first() {
+                    got[s].push(t.token_id);
+                    pending[s] = vec![t.token_id];
+                } else {
+                    assert!(!pending[s].is_empty(), "mid-prompt chunks commit nothing");
+                }
+            }
+        }
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn unknown_released_and_inconsistent_sequences_are_errors() {
+        let (mut e, mut pool) = engine();
+        let mut t = BlockTable::new();
+        pool.allocate_slots(&mut t, 8).unwrap();
+        let err = e.step(&[step(1, vec![1, 2], 0, &t, None)]).unwrap_err();
+        assert!(err.to_string().contains("unknown sequence"), "{err}");
+        e.step(&[step(1, vec![1, 2], 0, &t, Some(SamplingParams::greedy()))])
+            .unwrap();
+        let err = e.step(&[step(1, vec![3], 5, &t, None)]).unwrap_err();
+        assert!(err.to_string().contains("num_computed 5"), "{err}");
+        let err = e
+            .step(&[step(1, vec![3], 2, &t, None), step(1, vec![3], 2, &t, None)])
+            .unwrap_err();
+        assert!(err.to_string().contains("twice"), "{err}");
+        let err = e.step(&[step(1, vec![3; 9], 2, &t, None)]).unwrap_err();
+        assert!(err.to_string().contains("block table"), "{err}");
+        e.release(SeqId(1)).unwrap();
+        assert!(e.release(SeqId(1)).is_err());
+        let err = e.step(&[step(1, vec![3], 2, &t, None)]).unwrap_err();
+        assert!(err.to_string().contains("unknown sequence"), "{err}");
+        assert_eq!(e.num_live_sequences(), 0);
+    }
+}

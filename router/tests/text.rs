@@ -1,0 +1,216 @@
+//! Tokenizer, chat template, incremental detokenizer and stop strings on the
+//! default model's real tokenizer (from its GGUF). The model must be present
+//! (`heterospec fetch-model`).
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use heterospec_router::{
+    ChatMessage, FinishReason, IncrementalDecoder, OutputStream, StopCriteria, TextTokenizer,
+};
+use serde_json::Value;
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn tokenizer() -> &'static TextTokenizer {
+    static TOK: OnceLock<TextTokenizer> = OnceLock::new();
+    TOK.get_or_init(|| {
+        let path = std::env::var_os("HETEROSPEC_MODEL")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+        assert!(
+            path.exists(),
+            "{} is missing: run `heterospec fetch-model` first",
+            path.display()
+        );
+        TextTokenizer::from_gguf_file(&path).expect("tokenizer loads")
+    })
+}
+
+fn golden() -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("tests/golden/smollm2_llamacpp.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn tokenization_matches_llama_cpp() {
+    let g = golden();
+    for case in g["tokenizations"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(
+            tokenizer().encode(text).unwrap(),
+            ids(&case["token_ids"]),
+            "text {text:?}"
+        );
+    }
+    for case in g["cases"].as_array().unwrap() {
+        let text = case["prompt"].as_str().unwrap();
+        assert_eq!(
+            tokenizer().encode(text).unwrap(),
+            ids(&case["prompt_token_ids"]),
+            "prompt {text:?}"
+        );
+    }
+}
+
+#[test]
+fn chat_template_renders_the_model_format() {
+    let text = tokenizer()
+        .apply_chat_template(&[ChatMessage::new("user", "What is the capital of France?")])
+        .unwrap();
+    // The first golden prompt was written out by hand in this format.
+    assert_eq!(text, golden()["cases"][0]["prompt"].as_str().unwrap());
+    let with_system = tokenizer()
+        .apply_chat_template(&[
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", "hi"),
+        ])
+        .unwrap();
+    assert_eq!(with_system, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+}
+
+#[test]
+fn im_end_ends_generation() {
+    let im_end = tokenizer().inner().token_to_id("<|im_end|>").unwrap();
+    assert!(tokenizer().eos_token_ids().contains(&im_end));
+}
+
+/// Streams `ids` through the incremental decoder one at a time.
+fn stream(ids: &[u32]) -> Vec<String> {
+    let mut dec = IncrementalDecoder::new();
+    let mut out: Vec<String> = ids
+        .iter()
+        .map(|&id| dec.push(tokenizer(), id).unwrap())
+        .collect();
+    out.push(dec.flush(tokenizer()).unwrap());
+    out
+}
+
+#[test]
+fn incremental_detokenizer_never_splits_characters_and_matches_full_decode() {
+    for text in [
+        "héllo wörld — naïve café",
+        "日本語のテキストと中文",
+        "emoji: 🎉🚀👍🏽 done",
+        "plain ascii text, with punctuation!",
+    ] {
+        let ids = tokenizer().encode(text).unwrap();
+        let deltas = stream(&ids);
+        for d in &deltas {
+            assert!(
+                !d.contains('\u{FFFD}'),
+                "{text:?}: delta {d:?} holds a broken character"
+            );
+        }
+        assert_eq!(deltas.concat(), tokenizer().decode(&ids).unwrap());
+        assert_eq!(deltas.concat(), text);
+    }
+    // A multi-byte character split over byte tokens really is held back.
+    let ids = tokenizer().encode("🎉").unwrap();
+    assert!(ids.len() > 1, "the emoji is several byte-level tokens");
+    let deltas = stream(&ids);
+    assert!(deltas[0].is_empty());
+    assert_eq!(deltas.concat(), "🎉");
+}
+
+fn run_output(text_ids: &[u32], criteria: StopCriteria) -> (String, FinishReason, usize) {
+    let mut out = OutputStream::new(criteria);
+    let mut text = String::new();
+    let mut used = 0;
+    for &id in text_ids {
+        used += 1;
+        let d = out.push(tokenizer(), id).unwrap();
+        text.push_str(&d.text);
+        if let Some(reason) = d.finish_reason {
+            return (text, reason, used);
+        }
+    }
+    let d = out.finish(tokenizer(), FinishReason::Cancelled).unwrap();
+    text.push_str(&d.text);
+    (text, d.finish_reason.unwrap(), used)
+}
+
+#[test]
+fn stop_strings_cut_exactly_even_across_tokens() {
+    let ids = tokenizer()
+        .encode("The answer is 42. Next question: why?")
+        .unwrap();
+    // "answer is" spans several tokens; the output ends right before it.
+    let criteria = StopCriteria {
+        max_new_tokens: 100,
+        stop: vec!["swer is".into()],
+        ignore_eos: false,
+    };
+    let (text, reason, _) = run_output(&ids, criteria);
+    assert_eq!((text.as_str(), reason), ("The an", FinishReason::Stop));
+
+    let criteria = StopCriteria {
+        max_new_tokens: 100,
+        stop: vec!["Next".into(), "42".into()],
+        ignore_eos: false,
+    };
+    let (text, reason, used) = run_output(&ids, criteria);
+    assert_eq!(
+        (text.as_str(), reason),
+        ("The answer is ", FinishReason::Stop)
+    );
+    assert!(used < ids.len());
+
+    // Text that only starts like a stop string is released at the end.
+    let criteria = StopCriteria {
+        max_new_tokens: 100,
+        stop: vec!["why?!".into()],
+        ignore_eos: false,
+    };
+    let (text, reason, _) = run_output(&ids, criteria);
+    assert_eq!(
+        (text.as_str(), reason),
+        (
+            "The answer is 42. Next question: why?",
+            FinishReason::Cancelled
+        )
+    );
+}
+
+#[test]
+fn length_and_eos_finish_the_stream() {
+    let ids = tokenizer().encode("one two three four five").unwrap();
+    let criteria = StopCriteria {
+        max_new_tokens: 2,
+        stop: vec![],
+        ignore_eos: false,
+    };
+    let (text, reason, used) = run_output(&ids, criteria);
+    assert_eq!((reason, used), (FinishReason::Length, 2));
+    assert_eq!(text, tokenizer().decode(&ids[..2]).unwrap());
+
+    let eos = tokenizer().eos_token_ids()[0];
+    let with_eos = [ids[0], eos, ids[1]];
+    let criteria = StopCriteria {
+        max_new_tokens: 10,
+        stop: vec![],
+        ignore_eos: false,
+    };
+    let (text, reason, used) = run_output(&with_eos, criteria.clone());
+    assert_eq!((text.as_str(), reason, used), ("one", FinishReason::Eos, 2));
+    let (_, reason, used) = run_output(
+        &with_eos,
+        StopCriteria {
+            ignore_eos: true,
+            ..criteria
+        },
+    );
+    assert_eq!((reason, used), (FinishReason::Cancelled, 3));
+}
