@@ -11,9 +11,7 @@ use serde::Serialize;
 
 use crate::local::{EngineArgs, LocalEngine};
 
-/// Tokens generated when the request does not say (as in vLLM's default of
-/// 16 this is deliberately modest; raise it per request).
-pub const DEFAULT_MAX_NEW_TOKENS: usize = 128;
+use heterospec_router::validate::DEFAULT_MAX_NEW_TOKENS;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -50,20 +48,27 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Send the request to a heterospec server (e.g. http://127.0.0.1:50051)
+    /// instead of running the model in this process.
+    #[arg(long, env = "HETEROSPEC_SERVER")]
+    pub server: Option<String>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
 
 #[derive(Serialize)]
-struct JsonOutput<'a> {
-    prompt_token_ids: &'a [u32],
-    token_ids: &'a [u32],
-    text: &'a str,
-    finish_reason: &'a str,
-    tokens_per_second: f64,
+pub struct JsonOutput<'a> {
+    pub prompt_token_ids: &'a [u32],
+    pub token_ids: &'a [u32],
+    pub text: &'a str,
+    pub finish_reason: &'a str,
+    pub tokens_per_second: f64,
 }
 
-pub fn run(args: GenerateArgs) -> Result<()> {
+pub fn run(mut args: GenerateArgs) -> Result<()> {
+    if let Some(server) = args.server.take() {
+        return crate::client::run(args, server);
+    }
     let mut local = LocalEngine::load(&args.model, &args.engine)
         .with_context(|| format!("cannot load model {}", args.model.display()))?;
     let text = if args.chat {

@@ -1,10 +1,13 @@
-//! `heterospec`: the one binary. Subcommands fetch the default model,
-//! generate in-process, and benchmark.
+//! `heterospec`: the one binary. Subcommands fetch the default model, serve
+//! (launcher, engine and router processes), generate, and benchmark.
 
 mod bench;
+mod client;
 mod fetch;
 mod generate;
 mod local;
+mod metrics;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -35,7 +38,16 @@ enum Command {
         #[arg(long, default_value = fetch::DEFAULT_MODEL_DIR)]
         dir: PathBuf,
     },
-    /// Generate text in this process and stream it to stdout.
+    /// Start one engine per --engines and a router in front of them, as
+    /// child processes; serve until SIGTERM/SIGINT.
+    Serve(serve::ServeArgs),
+    /// The engine process: model, KV storage, the step API over gRPC.
+    Engine(serve::EngineProcessArgs),
+    /// The router process: public gRPC API, validation, batching, KV
+    /// accounting, metrics.
+    Router(serve::RouterProcessArgs),
+    /// Generate text (in this process, or through --server) and stream it to
+    /// stdout.
     Generate(generate::GenerateArgs),
     /// Benchmarks.
     #[command(subcommand)]
@@ -60,6 +72,9 @@ fn main() -> Result<()> {
     init_tracing(cli.log_json);
     match cli.command {
         Command::FetchModel { dir } => fetch::fetch_model(&dir).map(|_| ()),
+        Command::Serve(args) => serve::run_serve(args),
+        Command::Engine(args) => serve::run_engine(args),
+        Command::Router(args) => serve::run_router(args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }

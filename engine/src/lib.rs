@@ -7,9 +7,11 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod kv;
+pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod sampler;
+pub mod server;
 pub mod testing;
 
 pub use batch::{RaggedBatch, SeqRun};

@@ -35,6 +35,16 @@ pub enum WeightFormat {
     F32,
 }
 
+impl WeightFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Q8_0 => "q8_0",
+            Self::AsShipped => "as-shipped",
+            Self::F32 => "f32",
+        }
+    }
+}
+
 impl FromStr for WeightFormat {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

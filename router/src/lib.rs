@@ -3,8 +3,12 @@
 //! tensors; the engine never sees text.
 
 pub mod error;
+pub mod metrics;
 pub mod output;
+pub mod scheduler;
+pub mod server;
 pub mod tokenizer;
+pub mod validate;
 
 pub use error::{Result, RouterError};
 pub use output::{FinishReason, IncrementalDecoder, OutputDelta, OutputStream, StopCriteria};

@@ -39,6 +39,7 @@ pub struct TextTokenizer {
     eos_token: Option<String>,
     add_bos: Option<u32>,
     chat_template: Option<String>,
+    max_context: Option<usize>,
 }
 
 impl TextTokenizer {
@@ -121,11 +122,19 @@ impl TextTokenizer {
             eos_token: eos.and_then(token_text),
             add_bos: if add_bos { bos } else { None },
             chat_template: meta_str("tokenizer.chat_template"),
+            max_context: meta_str("general.architecture")
+                .and_then(|arch| meta_u32(&format!("{arch}.context_length")))
+                .map(|n| n as usize),
         })
     }
 
     pub fn inner(&self) -> &Tokenizer {
         &self.inner
+    }
+
+    /// The model's context length from the GGUF metadata, if it says.
+    pub fn max_context(&self) -> Option<usize> {
+        self.max_context
     }
 
     pub fn vocab_size(&self) -> usize {

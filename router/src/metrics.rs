@@ -1,0 +1,79 @@
+//! Every metric the router emits (names, help texts). Buckets are set where
+//! the exporter is installed (the binary). Labels are bounded: `outcome` is a
+//! finish reason or an error type, `engine` an index, `state` used/free.
+
+pub const REQUESTS_TOTAL: &str = "heterospec_requests_total";
+pub const REQUEST_DURATION_SECONDS: &str = "heterospec_request_duration_seconds";
+pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "heterospec_time_to_first_token_seconds";
+pub const INTER_TOKEN_LATENCY_SECONDS: &str = "heterospec_inter_token_latency_seconds";
+pub const QUEUE_DURATION_SECONDS: &str = "heterospec_queue_duration_seconds";
+pub const PROMPT_TOKENS_TOTAL: &str = "heterospec_prompt_tokens_total";
+pub const GENERATED_TOKENS_TOTAL: &str = "heterospec_generated_tokens_total";
+pub const REQUESTS_RUNNING: &str = "heterospec_requests_running";
+pub const REQUESTS_WAITING: &str = "heterospec_requests_waiting";
+pub const KV_BLOCKS: &str = "heterospec_kv_blocks";
+pub const PREEMPTIONS_TOTAL: &str = "heterospec_preemptions_total";
+pub const PREFIX_CACHE_QUERIES_TOTAL: &str = "heterospec_prefix_cache_queries_total";
+pub const PREFIX_CACHE_HITS_TOTAL: &str = "heterospec_prefix_cache_hits_total";
+pub const ENGINE_UP: &str = "heterospec_engine_up";
+
+/// Histograms with time buckets (seconds).
+pub const LATENCY_HISTOGRAMS: &[&str] = &[
+    REQUEST_DURATION_SECONDS,
+    TIME_TO_FIRST_TOKEN_SECONDS,
+    INTER_TOKEN_LATENCY_SECONDS,
+    QUEUE_DURATION_SECONDS,
+];
+
+/// Registers help texts (call once after installing a recorder).
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        REQUESTS_TOTAL,
+        "Finished requests by outcome (length, eos, stop, cancelled, or an error type)."
+    );
+    describe_histogram!(
+        REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time from arrival to the last response."
+    );
+    describe_histogram!(
+        TIME_TO_FIRST_TOKEN_SECONDS,
+        Unit::Seconds,
+        "Time from arrival to the first generated token."
+    );
+    describe_histogram!(
+        INTER_TOKEN_LATENCY_SECONDS,
+        Unit::Seconds,
+        "Time between generated tokens of one request."
+    );
+    describe_histogram!(
+        QUEUE_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time from arrival to the first scheduled step."
+    );
+    describe_counter!(PROMPT_TOKENS_TOTAL, "Prompt tokens of admitted requests.");
+    describe_counter!(GENERATED_TOKENS_TOTAL, "Tokens generated.");
+    describe_gauge!(REQUESTS_RUNNING, "Requests with KV blocks on an engine.");
+    describe_gauge!(REQUESTS_WAITING, "Requests queued for admission.");
+    describe_gauge!(
+        KV_BLOCKS,
+        "KV blocks by state (used: referenced by a request; free: reusable, possibly cached)."
+    );
+    describe_counter!(
+        PREEMPTIONS_TOTAL,
+        "Requests preempted (blocks freed, recomputed later) for lack of KV blocks."
+    );
+    describe_counter!(
+        PREFIX_CACHE_QUERIES_TOTAL,
+        "Prompt tokens looked up in the prefix cache."
+    );
+    describe_counter!(
+        PREFIX_CACHE_HITS_TOTAL,
+        "Prompt tokens found in the prefix cache."
+    );
+    describe_gauge!(
+        ENGINE_UP,
+        "1 when the router is connected to the engine, else 0."
+    );
+}

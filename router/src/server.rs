@@ -1,0 +1,278 @@
+//! The router process: the public `heterospec.v1.Generation` service, the
+//! standard health service and reflection on one port; requests are
+//! validated, tokenized and handed to the least-loaded healthy engine's
+//! scheduler, and their responses streamed back through a bounded channel.
+//!
+//! Shutdown (the `shutdown` future resolves, e.g. on SIGTERM): health turns
+//! `NOT_SERVING`, new requests get `UNAVAILABLE`, in-flight streams finish
+//! (bounded by the drain timeout), then the server stops.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use heterospec_proto::v1 as pb;
+use heterospec_proto::v1::generation_server::{Generation, GenerationServer};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
+
+use crate::error::RouterError;
+use crate::scheduler::{RequestPermit, Scheduler, SchedulerConfig, SchedulerHandle, Submission};
+use crate::tokenizer::TextTokenizer;
+use crate::validate::{validate, ModelLimits, DEFAULT_MAX_NEW_TOKENS, MAX_STOP_STRINGS};
+
+/// Responses buffered per stream before a slow client's responses are
+/// coalesced (backpressure without blocking the scheduler).
+const STREAM_BUFFER: usize = 32;
+/// How often health status follows engine availability.
+const HEALTH_INTERVAL: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// Engine URLs, e.g. `http://127.0.0.1:50061`.
+    pub engines: Vec<String>,
+    pub model_name: String,
+    pub max_concurrent_requests: usize,
+    pub scheduler: SchedulerConfig,
+    pub drain_timeout: Duration,
+}
+
+impl RouterConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.engines.is_empty() {
+            return Err("at least one --engine URL is required".into());
+        }
+        if self.max_concurrent_requests == 0 {
+            return Err("--max-concurrent-requests must be at least 1".into());
+        }
+        if self.scheduler.max_batch_tokens == 0 {
+            return Err("--max-batch-tokens must be at least 1".into());
+        }
+        if self.scheduler.max_running == 0 {
+            return Err("--max-running must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+impl From<RouterError> for Status {
+    fn from(e: RouterError) -> Self {
+        match e {
+            RouterError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
+            RouterError::Tokenizer(_) => Status::internal(e.to_string()),
+        }
+    }
+}
+
+struct State {
+    tokenizer: Arc<TextTokenizer>,
+    limits: ModelLimits,
+    engines: Vec<SchedulerHandle>,
+    active: Arc<AtomicUsize>,
+    max_concurrent: usize,
+    draining: AtomicBool,
+    model_name: String,
+    next_request_id: AtomicUsize,
+}
+
+impl State {
+    fn any_engine_healthy(&self) -> bool {
+        self.engines
+            .iter()
+            .any(|e| e.shared.healthy.load(Ordering::Acquire))
+    }
+
+    /// The healthy engine with the fewest requests.
+    fn pick_engine(&self) -> Option<&SchedulerHandle> {
+        self.engines
+            .iter()
+            .filter(|e| e.shared.healthy.load(Ordering::Acquire))
+            .min_by_key(|e| e.shared.load.load(Ordering::Acquire))
+    }
+}
+
+#[derive(Clone)]
+pub struct RouterService {
+    state: Arc<State>,
+}
+
+#[tonic::async_trait]
+impl Generation for RouterService {
+    type GenerateStream = ReceiverStream<Result<pb::GenerateResponse, Status>>;
+
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let arrival = Instant::now();
+        let state = &self.state;
+        if state.draining.load(Ordering::Acquire) {
+            return Err(Status::unavailable("the server is shutting down"));
+        }
+        let mut validated = validate(request.into_inner(), &state.tokenizer, state.limits)
+            .inspect_err(|_| {
+                metrics::counter!(crate::metrics::REQUESTS_TOTAL, "outcome" => "invalid_argument")
+                    .increment(1);
+            })?;
+        if validated.request_id.is_empty() {
+            validated.request_id = format!(
+                "req-{}",
+                state.next_request_id.fetch_add(1, Ordering::Relaxed)
+            );
+        }
+        let permit = RequestPermit::try_acquire(&state.active, state.max_concurrent).ok_or_else(|| {
+            metrics::counter!(crate::metrics::REQUESTS_TOTAL, "outcome" => "resource_exhausted").increment(1);
+            Status::resource_exhausted(format!(
+                "the server is at its limit of {} concurrent requests",
+                state.max_concurrent
+            ))
+        })?;
+        let engine = state.pick_engine().ok_or_else(|| {
+            metrics::counter!(crate::metrics::REQUESTS_TOTAL, "outcome" => "unavailable")
+                .increment(1);
+            Status::unavailable("no engine is available")
+        })?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        engine.shared.load.fetch_add(1, Ordering::AcqRel);
+        let submission = Submission {
+            request: validated,
+            responses: tx,
+            permit,
+            arrival,
+        };
+        if engine.submit.try_send(submission).is_err() {
+            engine.shared.load.fetch_sub(1, Ordering::AcqRel);
+            return Err(Status::unavailable("the engine's queue is full"));
+        }
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn model_info(
+        &self,
+        _: Request<pb::ModelInfoRequest>,
+    ) -> Result<Response<pb::ModelInfoResponse>, Status> {
+        let s = &self.state;
+        let shared = |f: fn(&crate::scheduler::EngineShared) -> usize| -> usize {
+            s.engines.iter().map(|e| f(&e.shared)).sum()
+        };
+        Ok(Response::new(pb::ModelInfoResponse {
+            model: s.model_name.clone(),
+            max_context: s.limits.max_context as u32,
+            vocab_size: s.limits.vocab_size as u32,
+            block_size: s
+                .engines
+                .iter()
+                .map(|e| e.shared.block_size.load(Ordering::Acquire))
+                .max()
+                .unwrap_or(0) as u32,
+            num_kv_blocks: shared(|e| e.num_kv_blocks.load(Ordering::Acquire)) as u32,
+            num_engines: s.engines.len() as u32,
+            default_max_new_tokens: DEFAULT_MAX_NEW_TOKENS as u32,
+            max_stop_strings: MAX_STOP_STRINGS as u32,
+            speculation_modes: vec![pb::SpeculationMode::Off as i32],
+            speculation_note:
+                "speculative decoding is not enabled in this build: every mode decodes plainly"
+                    .into(),
+        }))
+    }
+}
+
+/// Runs the router on `listener` until `shutdown` resolves and in-flight
+/// requests drain.
+pub async fn serve(
+    config: RouterConfig,
+    tokenizer: TextTokenizer,
+    max_context: usize,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    config.validate()?;
+    crate::metrics::describe();
+    let tokenizer = Arc::new(tokenizer);
+    let limits = ModelLimits {
+        max_context,
+        vocab_size: tokenizer.vocab_size(),
+    };
+    let engines = config
+        .engines
+        .iter()
+        .enumerate()
+        .map(|(i, url)| Scheduler::spawn(i, url.clone(), config.scheduler, tokenizer.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let state = Arc::new(State {
+        tokenizer,
+        limits,
+        engines,
+        active: Arc::new(AtomicUsize::new(0)),
+        max_concurrent: config.max_concurrent_requests,
+        draining: AtomicBool::new(false),
+        model_name: config.model_name.clone(),
+        next_request_id: AtomicUsize::new(1),
+    });
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    reporter
+        .set_not_serving::<GenerationServer<RouterService>>()
+        .await;
+    let health_state = state.clone();
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let serving =
+                !health_state.draining.load(Ordering::Acquire) && health_state.any_engine_healthy();
+            if last != Some(serving) {
+                let status = if serving {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                reporter.set_service_status("", status).await;
+                reporter
+                    .set_service_status(
+                        <GenerationServer<RouterService> as tonic::server::NamedService>::NAME,
+                        status,
+                    )
+                    .await;
+                tracing::info!(serving, "health status");
+                last = Some(serving);
+            }
+            tokio::time::sleep(HEALTH_INTERVAL).await;
+        }
+    });
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(heterospec_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    // Drain: on the shutdown signal stop admitting, wait for in-flight
+    // requests (bounded), then stop the server.
+    let drain_state = state.clone();
+    let drain_timeout = config.drain_timeout;
+    let stop = async move {
+        shutdown.await;
+        drain_state.draining.store(true, Ordering::Release);
+        tracing::info!("shutting down: draining in-flight requests");
+        let deadline = Instant::now() + drain_timeout;
+        while drain_state.active.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Let the last responses leave before connections close.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    let service = RouterService { state };
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(GenerationServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+        .await?;
+    Ok(())
+}

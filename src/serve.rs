@@ -1,0 +1,349 @@
+//! The serving processes: `heterospec engine`, `heterospec router`, and the
+//! launcher `heterospec serve` that runs both as child processes.
+//!
+//! Every server prints one line `heterospec <role> listening on <addr>` on
+//! stdout once it accepts connections (with `--listen host:0` the address
+//! shows the port the OS picked); the launcher and the tests wait for it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use heterospec_engine::server::{EngineHandle, EngineInfo};
+use heterospec_engine::{Engine, EngineConfig, Model};
+use heterospec_router::scheduler::SchedulerConfig;
+use heterospec_router::server::RouterConfig;
+use heterospec_router::TextTokenizer;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::local::{init_threads, EngineArgs};
+
+#[derive(Debug, Args)]
+pub struct EngineProcessArgs {
+    /// gRPC address to serve the engine API on.
+    #[arg(
+        long,
+        env = "HETEROSPEC_ENGINE_LISTEN",
+        default_value = "127.0.0.1:50061"
+    )]
+    pub listen: SocketAddr,
+    /// Serve Prometheus metrics (step timings) on this address.
+    #[arg(long, env = "HETEROSPEC_ENGINE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    #[arg(long, env = "HETEROSPEC_MODEL", default_value_os_t = crate::fetch::default_model_path())]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RouterArgs {
+    /// Requests in flight (running or queued) beyond which new ones are
+    /// refused with RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "HETEROSPEC_MAX_CONCURRENT_REQUESTS",
+        default_value_t = 256
+    )]
+    pub max_concurrent_requests: usize,
+    /// Tokens per engine step (prompt chunks plus decode tokens).
+    #[arg(long, env = "HETEROSPEC_MAX_BATCH_TOKENS", default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// Sequences per engine step.
+    #[arg(long, env = "HETEROSPEC_MAX_RUNNING", default_value_t = 64)]
+    pub max_running: usize,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, env = "HETEROSPEC_DRAIN_TIMEOUT", default_value_t = 30)]
+    pub drain_timeout_secs: u64,
+    /// Seconds one engine step may take before the engine counts as failed.
+    #[arg(long, default_value_t = 120)]
+    pub step_timeout_secs: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct RouterProcessArgs {
+    /// Public gRPC address (Generate, ModelInfo, health, reflection).
+    #[arg(long, env = "HETEROSPEC_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Engine URL, e.g. http://127.0.0.1:50061 (repeatable).
+    #[arg(
+        long = "engine",
+        env = "HETEROSPEC_ENGINES",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub engines: Vec<String>,
+    /// Serve Prometheus metrics on this address.
+    #[arg(long, env = "HETEROSPEC_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// The model file (the router reads its tokenizer and chat template).
+    #[arg(long, env = "HETEROSPEC_MODEL", default_value_os_t = crate::fetch::default_model_path())]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub router: RouterArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Public gRPC address.
+    #[arg(long, env = "HETEROSPEC_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Router metrics address (engines serve theirs on the next ports when
+    /// --engine-metrics is set).
+    #[arg(
+        long,
+        env = "HETEROSPEC_METRICS_LISTEN",
+        default_value = "127.0.0.1:9400"
+    )]
+    pub metrics_listen: SocketAddr,
+    /// Engine processes to start.
+    #[arg(long, default_value_t = 1)]
+    pub engines: usize,
+    #[arg(long, env = "HETEROSPEC_MODEL", default_value_os_t = crate::fetch::default_model_path())]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub router: RouterArgs,
+}
+
+fn runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads)
+        .enable_all()
+        .build()?)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn termination() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn announce(role: &str, addr: SocketAddr) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "heterospec {role} listening on {addr}");
+    let _ = out.flush();
+}
+
+pub fn run_engine(args: EngineProcessArgs) -> Result<()> {
+    init_threads(args.engine.threads);
+    crate::fetch::ensure_default_model(&args.model)?;
+    let model = Model::load(&args.model, args.engine.weight_format)?;
+    let engine = Engine::new(
+        model,
+        EngineConfig {
+            block_size: args.engine.block_size,
+            kv_cache_bytes: args.engine.kv_cache_memory,
+        },
+    )?;
+    let info = EngineInfo {
+        model: model_name(&args.model),
+        instance_id: instance_id(),
+    };
+    // The forward runs on its own thread pool; the runtime only does I/O.
+    runtime(1)?.block_on(async move {
+        if let Some(addr) = args.metrics_listen {
+            crate::metrics::install(addr)?;
+        }
+        heterospec_engine::metrics::describe();
+        let handle = EngineHandle::spawn(engine, info);
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let listener = TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        announce("engine", listener.local_addr()?);
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(handle.into_service())
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), termination())
+            .await?;
+        Ok(())
+    })
+}
+
+pub fn run_router(args: RouterProcessArgs) -> Result<()> {
+    crate::fetch::ensure_default_model(&args.model)?;
+    let tokenizer = TextTokenizer::from_gguf_file(&args.model)?;
+    let max_context = tokenizer
+        .max_context()
+        .context("the model file has no context length")?;
+    let config = RouterConfig {
+        engines: args.engines.clone(),
+        model_name: model_name(&args.model),
+        max_concurrent_requests: args.router.max_concurrent_requests,
+        scheduler: SchedulerConfig {
+            max_batch_tokens: args.router.max_batch_tokens,
+            max_running: args.router.max_running,
+            step_timeout: Duration::from_secs(args.router.step_timeout_secs),
+        },
+        drain_timeout: Duration::from_secs(args.router.drain_timeout_secs),
+    };
+    config.validate().map_err(anyhow::Error::msg)?;
+    runtime(2)?.block_on(async move {
+        if let Some(addr) = args.metrics_listen {
+            crate::metrics::install(addr)?;
+        }
+        let listener = TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        announce("router", listener.local_addr()?);
+        heterospec_router::server::serve(config, tokenizer, max_context, listener, termination())
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        tracing::info!("router stopped");
+        Ok(())
+    })
+}
+
+fn model_name(path: &std::path::Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+fn instance_id() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one((std::process::id(), std::time::SystemTime::now()))
+}
+
+/// Starts `heterospec <args>` and waits for its "listening on" line.
+async fn spawn_child(args: &[String]) -> Result<(Child, SocketAddr)> {
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start heterospec {}", args.join(" ")))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        match lines.next_line().await? {
+            Some(line) => {
+                if let Some(addr) = line.split(" listening on ").nth(1) {
+                    break addr.trim().parse::<SocketAddr>()?;
+                }
+            }
+            None => bail!(
+                "heterospec {} exited before listening",
+                args.first().map(String::as_str).unwrap_or("")
+            ),
+        }
+    };
+    // Keep draining its stdout so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, addr))
+}
+
+fn send_sigterm(child: &Child) {
+    if let Some(pid) = child.id() {
+        // SAFETY: kill(2) on a pid we spawned and have not reaped.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        }
+    }
+}
+
+pub fn run_serve(args: ServeArgs) -> Result<()> {
+    if args.engines == 0 {
+        bail!("--engines must be at least 1");
+    }
+    crate::fetch::ensure_default_model(&args.model)?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let threads = if args.engine.threads > 0 {
+        args.engine.threads
+    } else {
+        (cores / args.engines).max(1)
+    };
+    let model = args.model.display().to_string();
+    runtime(1)?.block_on(async move {
+        let mut engines = Vec::new();
+        let mut urls = Vec::new();
+        for _ in 0..args.engines {
+            let engine_args: Vec<String> = vec![
+                "engine".into(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--model".into(),
+                model.clone(),
+                "--threads".into(),
+                threads.to_string(),
+                "--kv-cache-memory".into(),
+                args.engine.kv_cache_memory.to_string(),
+                "--block-size".into(),
+                args.engine.block_size.to_string(),
+                "--weight-format".into(),
+                args.engine.weight_format.as_str().into(),
+            ];
+            let (child, addr) = spawn_child(&engine_args).await?;
+            urls.push(format!("http://{addr}"));
+            engines.push(child);
+        }
+        let r = &args.router;
+        let router_args: Vec<String> = vec![
+            "router".into(),
+            "--listen".into(),
+            args.listen.to_string(),
+            "--metrics-listen".into(),
+            args.metrics_listen.to_string(),
+            "--model".into(),
+            model.clone(),
+            "--engine".into(),
+            urls.join(","),
+            "--max-concurrent-requests".into(),
+            r.max_concurrent_requests.to_string(),
+            "--max-batch-tokens".into(),
+            r.max_batch_tokens.to_string(),
+            "--max-running".into(),
+            r.max_running.to_string(),
+            "--drain-timeout-secs".into(),
+            r.drain_timeout_secs.to_string(),
+            "--step-timeout-secs".into(),
+            r.step_timeout_secs.to_string(),
+        ];
+        let (mut router, addr) = spawn_child(&router_args).await?;
+        announce("serve", addr);
+        eprintln!(
+            "heterospec serving {} on {addr} ({} engine(s): {}; metrics on http://{}/metrics)",
+            model,
+            engines.len(),
+            urls.join(", "),
+            args.metrics_listen
+        );
+        let status = tokio::select! {
+            _ = termination() => {
+                send_sigterm(&router);
+                router.wait().await?
+            }
+            status = router.wait() => status?,
+        };
+        for engine in &engines {
+            send_sigterm(engine);
+        }
+        for engine in &mut engines {
+            let _ = tokio::time::timeout(Duration::from_secs(10), engine.wait()).await;
+        }
+        if !status.success() {
+            bail!("the router exited with {status}");
+        }
+        Ok(())
+    })
+}
