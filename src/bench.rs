@@ -37,6 +37,8 @@ the forward pass decides how large a draft tree can be before it stops paying fo
 pub enum BenchCommand {
     /// Forward-pass cost: prefill, decode, and ms per forward of T tokens.
     Forward(ForwardArgs),
+    /// Served throughput and latency at several concurrency levels.
+    Serve(crate::bench_serve::ServeBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -79,6 +81,7 @@ struct BenchOutput {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Forward(args) => forward(args),
+        BenchCommand::Serve(args) => crate::bench_serve::run(args),
     }
 }
 

@@ -2,6 +2,7 @@
 //! (launcher, engine and router processes), generate, and benchmark.
 
 mod bench;
+mod bench_serve;
 mod client;
 mod fetch;
 mod generate;

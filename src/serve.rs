@@ -20,7 +20,6 @@ use heterospec_router::TextTokenizer;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::local::{init_threads, EngineArgs};
 
@@ -171,7 +170,10 @@ pub fn run_engine(args: EngineProcessArgs) -> Result<()> {
         tonic::transport::Server::builder()
             .add_service(health)
             .add_service(handle.into_service())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), termination())
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                termination(),
+            )
             .await?;
         Ok(())
     })
@@ -225,10 +227,17 @@ fn instance_id() -> u64 {
 /// Starts `heterospec <args>` and waits for its "listening on" line.
 async fn spawn_child(args: &[String]) -> Result<(Child, SocketAddr)> {
     let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe)
-        .args(args)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
+    let mut cmd = Command::new(exe);
+    cmd.args(args).stdout(Stdio::piped()).kill_on_drop(true);
+    // SAFETY: prctl only sets a flag of the new process; no allocation.
+    // Children die with the launcher even if it is SIGKILLed.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let mut child = cmd
         .spawn()
         .with_context(|| format!("cannot start heterospec {}", args.join(" ")))?;
     let stdout = child.stdout.take().expect("piped stdout");

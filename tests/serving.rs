@@ -544,3 +544,50 @@ async fn serve_launcher_drains_streams_on_sigterm_and_exits_zero() {
         .expect("serve exits");
     assert!(status.success(), "serve exited with {status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_spread_over_several_engines() {
+    let ports = [free_port(), free_port()];
+    let engines: Vec<Proc> = ports
+        .iter()
+        .map(|p| {
+            Proc::start(&engine_args(
+                "127.0.0.1:0",
+                &[
+                    "--threads",
+                    "1",
+                    "--metrics-listen",
+                    &format!("127.0.0.1:{p}"),
+                ],
+            ))
+        })
+        .collect();
+    let urls: Vec<String> = engines.iter().map(Proc::url).collect();
+    let router = Proc::start(&router_args(&urls, free_port(), &[]));
+    wait_health(&router.url(), SERVING, Duration::from_secs(30)).await;
+    let client = connect(&router.url()).await;
+    let solo = run_stream(&mut client.clone(), chat_request(PROMPTS[5], 10))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let mut c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            run_stream(&mut c, chat_request(PROMPTS[5], 10)).await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap().token_ids, solo.token_ids);
+    }
+    for p in ports {
+        let steps = metric(&scrape(p), "heterospec_engine_steps_total", &[]);
+        assert!(steps > 0.0, "engine with metrics on {p} ran no step");
+    }
+    let info = client
+        .clone()
+        .model_info(pb::ModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.num_engines, 2);
+}

@@ -16,7 +16,7 @@ use heterospec_proto::v1 as pb;
 use heterospec_proto::v1::generation_server::{Generation, GenerationServer};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
@@ -272,7 +272,10 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(GenerationServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            stop,
+        )
         .await?;
     Ok(())
 }

@@ -102,18 +102,19 @@ impl Drop for Proc {
 }
 
 pub fn engine_args(listen: &str, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = vec![
+    let mut args: Vec<String> = [
         "engine",
         "--listen",
         listen,
         "--model",
         model().to_str().unwrap(),
-        "--threads",
-        "2",
     ]
     .into_iter()
     .map(String::from)
     .collect();
+    if !extra.contains(&"--threads") {
+        args.extend(["--threads".to_string(), "2".to_string()]);
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     args
 }

@@ -1,0 +1,362 @@
+//! `heterospec bench serve`: throughput and latency of the served path at
+//! several concurrency levels, plus in-process generation at concurrency 1
+//! on the same prompts (the gRPC and scheduling overhead), in one run.
+//!
+//! Each level runs `max(c, --min-requests)` chat requests from the prompt
+//! file through `c` concurrent clients; every request generates exactly
+//! `--max-new-tokens` tokens (`ignore_eos`) so levels are comparable.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use heterospec_engine::SamplingParams;
+use heterospec_proto::v1 as pb;
+use heterospec_proto::v1::generation_client::GenerationClient;
+use heterospec_router::{ChatMessage, StopCriteria};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::local::{EngineArgs, LocalEngine};
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeBenchArgs {
+    /// A running server; without it the bench starts `heterospec serve`.
+    #[arg(long)]
+    server: Option<String>,
+    /// Concurrency levels.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    concurrency: Vec<usize>,
+    /// JSON lines with a `prompt` (and a `category`) each.
+    #[arg(long, default_value = "bench/prompts.jsonl")]
+    prompts: PathBuf,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Fewest requests per level.
+    #[arg(long, default_value_t = 8)]
+    min_requests: usize,
+    #[arg(long, env = "HETEROSPEC_MODEL", default_value_os_t = crate::fetch::default_model_path())]
+    model: PathBuf,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PromptRecord {
+    pub prompt: String,
+}
+
+pub fn read_prompts(path: &Path) -> Result<Vec<PromptRecord>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let prompts = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{}:{}: not a prompt record", path.display(), i + 1))
+        })
+        .collect::<Result<Vec<PromptRecord>>>()?;
+    if prompts.is_empty() {
+        bail!("{} has no prompts", path.display());
+    }
+    Ok(prompts)
+}
+
+#[derive(Debug, Serialize)]
+struct LevelReport {
+    concurrency: usize,
+    requests: usize,
+    tokens: usize,
+    seconds: f64,
+    tokens_per_second: f64,
+    ttft_p50_ms: f64,
+    ttft_p99_ms: f64,
+    itl_p50_ms: f64,
+    itl_p99_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct ServeBenchReport {
+    max_new_tokens: usize,
+    in_process_tokens_per_second: f64,
+    levels: Vec<LevelReport>,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+fn request(prompt: &str, max_new_tokens: usize) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::Messages(pb::ChatMessages {
+            messages: vec![pb::ChatMessage {
+                role: "user".into(),
+                content: prompt.into(),
+            }],
+        })),
+        stopping: Some(pb::StoppingCriteria {
+            max_new_tokens: Some(max_new_tokens as i32),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+struct RequestTiming {
+    tokens: usize,
+    ttft: f64,
+    gaps: Vec<f64>,
+}
+
+async fn timed_request(
+    client: &mut GenerationClient<tonic::transport::Channel>,
+    req: pb::GenerateRequest,
+) -> Result<RequestTiming> {
+    let start = Instant::now();
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut timing = RequestTiming {
+        tokens: 0,
+        ttft: 0.0,
+        gaps: Vec::new(),
+    };
+    let mut last: Option<Instant> = None;
+    while let Some(resp) = stream.message().await? {
+        let n = resp.token_ids.len();
+        if n == 0 {
+            continue;
+        }
+        let now = Instant::now();
+        match last {
+            None => timing.ttft = (now - start).as_secs_f64(),
+            Some(t) => {
+                let gap = (now - t).as_secs_f64() / n as f64;
+                timing.gaps.extend(std::iter::repeat_n(gap, n));
+            }
+        }
+        last = Some(now);
+        timing.tokens += n;
+    }
+    Ok(timing)
+}
+
+async fn run_level(
+    url: &str,
+    prompts: &[PromptRecord],
+    concurrency: usize,
+    args: &ServeBenchArgs,
+) -> Result<LevelReport> {
+    let num_requests = concurrency.max(args.min_requests);
+    let next = Arc::new(AtomicUsize::new(0));
+    let client = GenerationClient::connect(url.to_string()).await?;
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let mut client = client.clone();
+        let next = next.clone();
+        let reqs: Vec<pb::GenerateRequest> = (0..num_requests)
+            .map(|i| request(&prompts[i % prompts.len()].prompt, args.max_new_tokens))
+            .collect();
+        workers.push(tokio::spawn(async move {
+            let mut timings = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= reqs.len() {
+                    return Ok::<_, anyhow::Error>(timings);
+                }
+                timings.push(timed_request(&mut client, reqs[i].clone()).await?);
+            }
+        }));
+    }
+    let mut timings = Vec::new();
+    for w in workers {
+        timings.extend(w.await??);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let tokens: usize = timings.iter().map(|t| t.tokens).sum();
+    let mut ttft: Vec<f64> = timings.iter().map(|t| t.ttft * 1000.0).collect();
+    let mut itl: Vec<f64> = timings
+        .iter()
+        .flat_map(|t| t.gaps.iter().map(|g| g * 1000.0))
+        .collect();
+    ttft.sort_by(f64::total_cmp);
+    itl.sort_by(f64::total_cmp);
+    Ok(LevelReport {
+        concurrency,
+        requests: timings.len(),
+        tokens,
+        seconds,
+        tokens_per_second: tokens as f64 / seconds,
+        ttft_p50_ms: percentile(&ttft, 0.5),
+        ttft_p99_ms: percentile(&ttft, 0.99),
+        itl_p50_ms: percentile(&itl, 0.5),
+        itl_p99_ms: percentile(&itl, 0.99),
+    })
+}
+
+/// In-process generation of the first `min_requests` prompts, one at a time.
+fn in_process(prompts: &[PromptRecord], args: &ServeBenchArgs) -> Result<f64> {
+    let mut local = LocalEngine::load(&args.model, &args.engine)?;
+    let mut start = Instant::now();
+    let mut tokens = 0;
+    // Request 0 warms up (page faults, caches) and is not timed.
+    for i in 0..=args.min_requests {
+        if i == 1 {
+            start = Instant::now();
+            tokens = 0;
+        }
+        let chat = local.tokenizer.apply_chat_template(&[ChatMessage::new(
+            "user",
+            prompts[i % prompts.len()].prompt.clone(),
+        )])?;
+        let ids = local.tokenizer.encode(&chat)?;
+        let g = local.generate(
+            ids,
+            SamplingParams::greedy(),
+            StopCriteria {
+                max_new_tokens: args.max_new_tokens,
+                stop: vec![],
+                ignore_eos: true,
+            },
+            |_| {},
+        )?;
+        tokens += g.token_ids.len();
+    }
+    Ok(tokens as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Starts `heterospec serve` on free ports; returns it and its URL.
+async fn launch_server(args: &ServeBenchArgs) -> Result<(tokio::process::Child, String)> {
+    let port = |()| -> Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{}", port(())?)])
+        .args(["--metrics-listen", &format!("127.0.0.1:{}", port(())?)])
+        .arg("--model")
+        .arg(&args.model)
+        .args(["--threads", &args.engine.threads.to_string()])
+        .args(["--max-concurrent-requests", "1024"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    while let Some(line) = lines.next_line().await? {
+        if let Some(addr) = line.split(" listening on ").nth(1) {
+            let url = format!("http://{}", addr.trim());
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            return Ok((child, url));
+        }
+    }
+    bail!("heterospec serve exited before listening")
+}
+
+pub fn run(args: ServeBenchArgs) -> Result<()> {
+    let prompts = read_prompts(&args.prompts)?;
+    if args.concurrency.is_empty()
+        || args.concurrency.contains(&0)
+        || args.min_requests == 0
+        || args.max_new_tokens == 0
+    {
+        bail!("--concurrency levels, --min-requests and --max-new-tokens must be positive");
+    }
+    let in_process_tps = in_process(&prompts, &args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let levels = rt.block_on(async {
+        let (mut server, url) = match &args.server {
+            Some(url) => (None, url.clone()),
+            None => {
+                let (child, url) = launch_server(&args).await?;
+                (Some(child), url)
+            }
+        };
+        // One untimed request warms the served path too (retried until the
+        // router has reached its engine).
+        let warm = ServeBenchArgs {
+            min_requests: 1,
+            ..args.clone()
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Err(e) = run_level(&url, &prompts, 1, &warm).await {
+            if Instant::now() > deadline {
+                return Err(e.context("the server did not become ready"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let mut levels = Vec::new();
+        for &c in &args.concurrency {
+            levels.push(run_level(&url, &prompts, c, &args).await?);
+        }
+        if let Some(child) = server.as_mut() {
+            if let Some(pid) = child.id() {
+                // SAFETY: kill(2) on our own child; it shuts its children down.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGTERM);
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+        }
+        Ok::<_, anyhow::Error>(levels)
+    })?;
+    let report = ServeBenchReport {
+        max_new_tokens: args.max_new_tokens,
+        in_process_tokens_per_second: in_process_tps,
+        levels,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    let base = report
+        .levels
+        .iter()
+        .find(|l| l.concurrency == 1)
+        .map(|l| l.tokens_per_second);
+    println!(
+        "serve benchmark: {} new tokens per request",
+        report.max_new_tokens
+    );
+    println!("| concurrency | requests | aggregate tok/s | vs c=1 | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for l in &report.levels {
+        let ratio = base
+            .map(|b| format!("{:.2}x", l.tokens_per_second / b))
+            .unwrap_or_default();
+        println!(
+            "| {} | {} | {:.1} | {ratio} | {:.0} | {:.0} | {:.1} | {:.1} |",
+            l.concurrency,
+            l.requests,
+            l.tokens_per_second,
+            l.ttft_p50_ms,
+            l.ttft_p99_ms,
+            l.itl_p50_ms,
+            l.itl_p99_ms
+        );
+    }
+    if let Some(b) = base {
+        println!(
+            "in-process generate, c=1: {:.1} tok/s; served c=1 is {:.1}% slower",
+            report.in_process_tokens_per_second,
+            100.0 * (1.0 - b / report.in_process_tokens_per_second)
+        );
+    }
+    Ok(())
+}
