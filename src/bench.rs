@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use heterospec_engine::{RaggedBatch, SamplingParams, SeqRun};
+use heterospec_engine::{RaggedBatch, SamplingParams, SeqRun, WeightFormat};
 use heterospec_kv::BlockTable;
 use heterospec_router::{ChatMessage, StopCriteria};
 use serde::{Deserialize, Serialize};
@@ -55,6 +55,10 @@ pub struct ForwardArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Further weight formats measured in the same run, for comparison
+    /// ("" for none).
+    #[arg(long, value_delimiter = ',', default_value = "candle-q8_0")]
+    compare: Vec<String>,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -72,6 +76,8 @@ struct BenchOutput {
     threads: usize,
     weight_format: String,
     heterospec: ForwardReport,
+    /// Other weight formats of ours, by name.
+    variants: BTreeMap<String, ForwardReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     llama_cpp: Option<ForwardReport>,
     #[serde(flatten)]
@@ -122,6 +128,23 @@ fn forward(args: ForwardArgs) -> Result<()> {
         args.repeats,
     )?;
     drop(local);
+    let mut variants = BTreeMap::new();
+    for name in args.compare.iter().filter(|n| !n.is_empty()) {
+        let format: WeightFormat = name.parse().map_err(anyhow::Error::msg)?;
+        let engine = EngineArgs {
+            weight_format: format,
+            ..args.engine.clone()
+        };
+        let mut local = LocalEngine::load(&args.model, &engine)?;
+        let report = measure(
+            &mut local,
+            &bench_ids,
+            &context_ids,
+            &decode_prompt_ids,
+            args.repeats,
+        )?;
+        variants.insert(format.as_str().to_string(), report);
+    }
     let theirs = match llama_python(args.llama_python.as_deref()) {
         Some(python) => Some(measure_llama_cpp(
             &python,
@@ -139,8 +162,9 @@ fn forward(args: ForwardArgs) -> Result<()> {
     };
     let out = BenchOutput {
         threads,
-        weight_format: format!("{:?}", args.engine.weight_format),
+        weight_format: args.engine.weight_format.as_str().to_string(),
         heterospec: ours.clone(),
+        variants,
         llama_cpp: theirs.clone(),
         headline: ours,
     };
@@ -157,7 +181,14 @@ fn print_table(out: &BenchOutput) {
         "forward benchmark: {} threads, weights {}",
         out.threads, out.weight_format
     );
-    let rows: Vec<(&str, &ForwardReport)> = std::iter::once(("heterospec", &out.heterospec))
+    let main = format!("heterospec {}", out.weight_format);
+    let variants: Vec<(String, &ForwardReport)> = out
+        .variants
+        .iter()
+        .map(|(k, r)| (format!("heterospec {k}"), r))
+        .collect();
+    let rows: Vec<(&str, &ForwardReport)> = std::iter::once((main.as_str(), &out.heterospec))
+        .chain(variants.iter().map(|(k, r)| (k.as_str(), *r)))
         .chain(out.llama_cpp.as_ref().map(|r| ("llama.cpp", r)))
         .collect();
     print!("| engine | decode tok/s | prefill tok/s (512) |");
@@ -176,12 +207,17 @@ fn print_table(out: &BenchOutput) {
         }
         println!(" {:.1}x |", r.forward_ms["16"] / r.forward_ms["1"]);
     }
-    if let [(_, ours), (_, theirs)] = rows.as_slice() {
+    let ours = &out.heterospec;
+    for (name, other) in variants
+        .iter()
+        .map(|(k, r)| (k.as_str(), *r))
+        .chain(out.llama_cpp.as_ref().map(|r| ("llama.cpp", r)))
+    {
         println!(
-            "ratios heterospec / llama.cpp: decode {:.2}x, prefill {:.2}x, T=16 forward time {:.2}x",
-            ours.decode_tokens_per_second / theirs.decode_tokens_per_second,
-            ours.prefill_tokens_per_second / theirs.prefill_tokens_per_second,
-            ours.forward_ms["16"] / theirs.forward_ms["16"]
+            "ratios {main} / {name}: decode {:.2}x, prefill {:.2}x, T=16 forward time {:.2}x",
+            ours.decode_tokens_per_second / other.decode_tokens_per_second,
+            ours.prefill_tokens_per_second / other.prefill_tokens_per_second,
+            ours.forward_ms["16"] / other.forward_ms["16"]
         );
     }
 }

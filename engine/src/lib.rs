@@ -10,6 +10,7 @@ pub mod kv;
 pub mod metrics;
 pub mod model;
 pub mod ops;
+pub mod qgemm;
 pub mod sampler;
 pub mod server;
 pub mod testing;

@@ -36,7 +36,7 @@ struct Tolerance {
 
 fn tolerance(format: WeightFormat) -> Tolerance {
     match format {
-        WeightFormat::Q8_0 => Tolerance {
+        WeightFormat::Q8_0 | WeightFormat::CandleQ8_0 => Tolerance {
             max: 2.5,
             p90: 1.0,
             mean_signed: 0.3,
@@ -168,6 +168,11 @@ fn check_against_llama_cpp(format: WeightFormat) {
 #[test]
 fn q8_0_weights_match_llama_cpp() {
     check_against_llama_cpp(WeightFormat::Q8_0);
+}
+
+#[test]
+fn candle_q8_0_weights_match_llama_cpp() {
+    check_against_llama_cpp(WeightFormat::CandleQ8_0);
 }
 
 #[test]

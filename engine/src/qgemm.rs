@@ -1,0 +1,524 @@
+//! Batched 8-bit GEMM for the CPU forward: `out (m, n) = x (m, k) · wᵀ`
+//! with `w (n, k)` quantized to 8 bits in blocks of 32 along `k` (one f32
+//! scale per block, as GGUF Q8_0) and `x` quantized the same way per row.
+//!
+//! Unlike a per-row dot product (candle's quantized matmul), each weight
+//! block is loaded once per tile and used for `MR` activation rows, so a
+//! forward over T tokens re-reads the weights T/MR times instead of T times.
+//!
+//! ```text
+//!   tile: NR weight rows x MR activation rows, accumulated over k blocks
+//!          k ->  [b0][b1][b2] ...
+//!   w row n    | 32 x i8 + scale | ...
+//!   w row n+1  |                 | ...
+//!   x row m..m+MR (quantized once per call)
+//! ```
+//!
+//! Paths, chosen at run time: AVX-512 (BW, two blocks per instruction) and
+//! AVX2 (+FMA), both with `maddubs` int8 products, and a portable scalar
+//! fallback used everywhere else. Threads: the output
+//! columns are split across the rayon pool.
+
+use rayon::prelude::*;
+
+/// Values per quantization block (as GGUF Q8_0).
+pub const BLOCK: usize = 32;
+/// Activation rows per micro-tile.
+const MR: usize = 4;
+/// Weight rows per micro-tile.
+const NR: usize = 2;
+/// Weight rows per parallel task.
+const TASK_ROWS: usize = 32;
+
+/// A weight matrix in 8-bit blocks.
+pub struct Q8Matrix {
+    rows: usize,
+    cols: usize,
+    /// (rows, cols / BLOCK)
+    scales: Vec<f32>,
+    /// (rows, cols)
+    quants: Vec<i8>,
+}
+
+/// Rows quantized to 8-bit blocks: activations for one call.
+pub struct Q8Rows {
+    pub rows: usize,
+    pub cols: usize,
+    pub scales: Vec<f32>,
+    pub quants: Vec<i8>,
+}
+
+/// Quantizes each block of 32 to `round(v / d)` with `d = max|v| / 127`.
+fn quantize_into(src: &[f32], scales: &mut Vec<f32>, quants: &mut Vec<i8>) {
+    for block in src.chunks_exact(BLOCK) {
+        let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        scales.push(d);
+        quants.extend(block.iter().map(|v| (v * inv).round() as i8));
+    }
+}
+
+impl Q8Rows {
+    pub fn quantize(x: &[f32], rows: usize) -> Self {
+        let cols = x.len() / rows.max(1);
+        assert_eq!(cols % BLOCK, 0, "columns must be a multiple of {BLOCK}");
+        let mut scales = Vec::with_capacity(rows * cols / BLOCK);
+        let mut quants = Vec::with_capacity(rows * cols);
+        quantize_into(x, &mut scales, &mut quants);
+        Q8Rows {
+            rows,
+            cols,
+            scales,
+            quants,
+        }
+    }
+}
+
+impl Q8Matrix {
+    /// Quantizes a row-major f32 matrix `(rows, cols)`; `cols` must be a
+    /// multiple of 32.
+    pub fn from_f32(w: &[f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(w.len(), rows * cols);
+        assert_eq!(cols % BLOCK, 0, "columns must be a multiple of {BLOCK}");
+        let mut scales = Vec::with_capacity(rows * cols / BLOCK);
+        let mut quants = Vec::with_capacity(rows * cols);
+        quantize_into(w, &mut scales, &mut quants);
+        Q8Matrix {
+            rows,
+            cols,
+            scales,
+            quants,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The dequantized matrix (for tests and references).
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.quants
+            .chunks_exact(BLOCK)
+            .zip(&self.scales)
+            .flat_map(|(q, &d)| q.iter().map(move |&v| v as f32 * d))
+            .collect()
+    }
+
+    /// `out (m, rows) = x (m, cols) · selfᵀ`, `x` as f32 rows.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let xq = Q8Rows::quantize(x, m);
+        let mut out = vec![0.0; m * self.rows];
+        self.matmul_q8(&xq, &mut out, kernel_kind());
+        out
+    }
+
+    /// `out (m, rows)` from already-quantized rows, with a chosen kernel.
+    pub fn matmul_q8(&self, x: &Q8Rows, out: &mut [f32], kind: KernelKind) {
+        assert_eq!(x.cols, self.cols, "inner dimensions differ");
+        assert_eq!(out.len(), x.rows * self.rows);
+        let m = x.rows;
+        let n = self.rows;
+        let out_ptr = SyncPtr(out.as_mut_ptr());
+        let num_tasks = n.div_ceil(TASK_ROWS);
+        (0..num_tasks).into_par_iter().for_each(|t| {
+            let n0 = t * TASK_ROWS;
+            let n1 = (n0 + TASK_ROWS).min(n);
+            // SAFETY: each task writes only columns n0..n1 of `out`, which
+            // no other task touches; `out` outlives the parallel loop.
+            let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), m * n) };
+            self.tile_range(x, out, n0, n1, kind);
+        });
+    }
+
+    fn tile_range(&self, x: &Q8Rows, out: &mut [f32], n0: usize, n1: usize, kind: KernelKind) {
+        let m = x.rows;
+        let mut nb = n0;
+        while nb < n1 {
+            let nr = NR.min(n1 - nb);
+            let mut mb = 0;
+            while mb < m {
+                let mr = MR.min(m - mb);
+                let tile = Tile {
+                    w: self,
+                    x,
+                    n: nb,
+                    m: mb,
+                };
+                let mut acc = [[0.0f32; NR]; MR];
+                match kind {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `Avx2` is only chosen when the CPU has AVX2 and FMA.
+                    KernelKind::Avx2 => unsafe { avx2::tile(&tile, mr, nr, &mut acc) },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `Avx512` is only chosen when the CPU has
+                    // AVX-512 F/BW/DQ and AVX2/FMA.
+                    KernelKind::Avx512 => unsafe { avx512::tile(&tile, mr, nr, &mut acc) },
+                    _ => scalar_tile(&tile, mr, nr, &mut acc),
+                }
+                for (i, row) in acc.iter().enumerate().take(mr) {
+                    for (j, v) in row.iter().enumerate().take(nr) {
+                        out[(mb + i) * self.rows + nb + j] = *v;
+                    }
+                }
+                mb += mr;
+            }
+            nb += nr;
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: used only for disjoint writes from parallel tasks (see matmul_q8).
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Which micro-kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelKind {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+/// The fastest kernel this CPU supports.
+/// The kernel `matmul` uses: the fastest this CPU supports, unless
+/// `HETEROSPEC_QGEMM_KERNEL` (scalar, avx2, avx512) picks a slower one.
+pub fn kernel_kind() -> KernelKind {
+    static KIND: std::sync::OnceLock<KernelKind> = std::sync::OnceLock::new();
+    *KIND.get_or_init(|| {
+        let available = available_kernels();
+        let wanted = std::env::var("HETEROSPEC_QGEMM_KERNEL")
+            .ok()
+            .and_then(|v| match v.as_str() {
+                "scalar" => Some(KernelKind::Scalar),
+                "avx2" => Some(KernelKind::Avx2),
+                "avx512" => Some(KernelKind::Avx512),
+                _ => None,
+            });
+        match wanted {
+            Some(k) if available.contains(&k) => k,
+            _ => *available.last().expect("scalar is always available"),
+        }
+    })
+}
+
+/// Kernels this CPU can run, slowest first (for tests and benchmarks).
+pub fn available_kernels() -> Vec<KernelKind> {
+    let mut v = vec![KernelKind::Scalar];
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx2") && has!("fma") {
+            v.push(KernelKind::Avx2);
+            if has!("avx512f") && has!("avx512bw") && has!("avx512dq") {
+                v.push(KernelKind::Avx512);
+            }
+        }
+    }
+    v
+}
+
+/// One micro-tile: weight rows `n..n+nr` against activation rows `m..m+mr`.
+struct Tile<'a> {
+    w: &'a Q8Matrix,
+    x: &'a Q8Rows,
+    n: usize,
+    m: usize,
+}
+
+fn scalar_tile(t: &Tile<'_>, mr: usize, nr: usize, acc: &mut [[f32; NR]; MR]) {
+    let k = t.w.cols;
+    let nblocks = k / BLOCK;
+    for i in 0..mr {
+        let xr = t.m + i;
+        for j in 0..nr {
+            let wr = t.n + j;
+            let mut sum = 0.0f32;
+            for b in 0..nblocks {
+                let wq = &t.w.quants[wr * k + b * BLOCK..wr * k + (b + 1) * BLOCK];
+                let xq = &t.x.quants[xr * k + b * BLOCK..xr * k + (b + 1) * BLOCK];
+                let dot: i32 = wq.iter().zip(xq).map(|(&a, &b)| a as i32 * b as i32).sum();
+                sum += dot as f32 * t.w.scales[wr * nblocks + b] * t.x.scales[xr * nblocks + b];
+            }
+            acc[i][j] = sum;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Tile, BLOCK, MR, NR};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Full or partial tile; `mr <= MR`, `nr <= NR`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile(t: &Tile<'_>, mr: usize, nr: usize, out: &mut [[f32; NR]; MR]) {
+        match (mr, nr) {
+            (4, 2) => tile_fixed::<4, 2>(t, out),
+            (3, 2) => tile_fixed::<3, 2>(t, out),
+            (2, 2) => tile_fixed::<2, 2>(t, out),
+            (1, 2) => tile_fixed::<1, 2>(t, out),
+            (4, 1) => tile_fixed::<4, 1>(t, out),
+            (3, 1) => tile_fixed::<3, 1>(t, out),
+            (2, 1) => tile_fixed::<2, 1>(t, out),
+            _ => tile_fixed::<1, 1>(t, out),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_fixed<const M: usize, const N: usize>(t: &Tile<'_>, out: &mut [[f32; NR]; MR]) {
+        let k = t.w.cols;
+        let nblocks = k / BLOCK;
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); N]; M];
+        let wq = t.w.quants.as_ptr();
+        let xq = t.x.quants.as_ptr();
+        let ws = t.w.scales.as_ptr();
+        let xs = t.x.scales.as_ptr();
+        for b in 0..nblocks {
+            let mut wabs = [_mm256_setzero_si256(); N];
+            let mut wv = [_mm256_setzero_si256(); N];
+            let mut wd = [0.0f32; N];
+            for j in 0..N {
+                let row = t.n + j;
+                // SAFETY: row < rows and b < nblocks keep this in bounds.
+                wv[j] = _mm256_loadu_si256(wq.add(row * k + b * BLOCK) as *const __m256i);
+                wabs[j] = _mm256_sign_epi8(wv[j], wv[j]);
+                wd[j] = *ws.add(row * nblocks + b);
+            }
+            for i in 0..M {
+                let row = t.m + i;
+                let x = _mm256_loadu_si256(xq.add(row * k + b * BLOCK) as *const __m256i);
+                let xd = *xs.add(row * nblocks + b);
+                for j in 0..N {
+                    // |w| * (x * sign(w)) = w * x, in u8 x i8 pairs.
+                    let sx = _mm256_sign_epi8(x, wv[j]);
+                    let p16 = _mm256_maddubs_epi16(wabs[j], sx);
+                    let p32 = _mm256_madd_epi16(p16, ones);
+                    let scale = _mm256_set1_ps(wd[j] * xd);
+                    acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[i][j]);
+                }
+            }
+        }
+        for i in 0..M {
+            for j in 0..N {
+                out[i][j] = hsum(acc[i][j]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Tile, BLOCK, MR, NR};
+    use std::arch::x86_64::*;
+
+    /// Full or partial tile; `mr <= MR`, `nr <= NR`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma")]
+    pub unsafe fn tile(t: &Tile<'_>, mr: usize, nr: usize, out: &mut [[f32; NR]; MR]) {
+        match (mr, nr) {
+            (4, 2) => tile_fixed::<4, 2>(t, out),
+            (3, 2) => tile_fixed::<3, 2>(t, out),
+            (2, 2) => tile_fixed::<2, 2>(t, out),
+            (1, 2) => tile_fixed::<1, 2>(t, out),
+            (4, 1) => tile_fixed::<4, 1>(t, out),
+            (3, 1) => tile_fixed::<3, 1>(t, out),
+            (2, 1) => tile_fixed::<2, 1>(t, out),
+            _ => tile_fixed::<1, 1>(t, out),
+        }
+    }
+
+    /// `[a; 8] ++ [b; 8]`
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    unsafe fn pair(a: f32, b: f32) -> __m512 {
+        _mm512_insertf32x8(
+            _mm512_castps256_ps512(_mm256_set1_ps(a)),
+            _mm256_set1_ps(b),
+            1,
+        )
+    }
+
+    /// Two blocks (64 values) per instruction: `maddubs` of |w| (u8) and x
+    /// with w's sign (i8), pairs summed to i32; lanes 0..8 hold block b,
+    /// lanes 8..16 block b+1.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma")]
+    unsafe fn tile_fixed<const M: usize, const N: usize>(t: &Tile<'_>, out: &mut [[f32; NR]; MR]) {
+        let k = t.w.cols;
+        let nblocks = k / BLOCK;
+        let zero = _mm512_setzero_si512();
+        let ones = _mm512_set1_epi16(1);
+        let mut acc = [[_mm512_setzero_ps(); N]; M];
+        let wq = t.w.quants.as_ptr();
+        let xq = t.x.quants.as_ptr();
+        let ws = t.w.scales.as_ptr();
+        let xs = t.x.scales.as_ptr();
+        let pairs = nblocks / 2;
+        for p in 0..pairs {
+            let b = 2 * p;
+            let mut wabs = [zero; N];
+            let mut wneg = [0u64; N];
+            let mut wsc = [_mm512_setzero_ps(); N];
+            for j in 0..N {
+                let row = t.n + j;
+                // SAFETY: row < rows and b + 1 < nblocks keep this in bounds.
+                let w = _mm512_loadu_si512(wq.add(row * k + b * BLOCK) as *const _);
+                wabs[j] = _mm512_abs_epi8(w);
+                wneg[j] = _mm512_movepi8_mask(w);
+                wsc[j] = pair(*ws.add(row * nblocks + b), *ws.add(row * nblocks + b + 1));
+            }
+            for i in 0..M {
+                let row = t.m + i;
+                let x = _mm512_loadu_si512(xq.add(row * k + b * BLOCK) as *const _);
+                let xsc = pair(*xs.add(row * nblocks + b), *xs.add(row * nblocks + b + 1));
+                for j in 0..N {
+                    let sx = _mm512_mask_sub_epi8(x, wneg[j], zero, x);
+                    let dot = _mm512_madd_epi16(_mm512_maddubs_epi16(wabs[j], sx), ones);
+                    let scale = _mm512_mul_ps(wsc[j], xsc);
+                    acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[i][j]);
+                }
+            }
+        }
+        for i in 0..M {
+            for j in 0..N {
+                let mut sum = _mm512_reduce_add_ps(acc[i][j]);
+                if nblocks % 2 == 1 {
+                    // The odd last block, scalar.
+                    let b = nblocks - 1;
+                    let (wr, xr) = (t.n + j, t.m + i);
+                    let mut dot = 0i32;
+                    for e in 0..BLOCK {
+                        dot += *wq.add(wr * k + b * BLOCK + e) as i32
+                            * *xq.add(xr * k + b * BLOCK + e) as i32;
+                    }
+                    sum += dot as f32 * *ws.add(wr * nblocks + b) * *xs.add(xr * nblocks + b);
+                }
+                out[i][j] = sum;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Lcg(u64);
+    impl Lcg {
+        fn f(&mut self) -> f32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+    }
+
+    /// Plain f32 matmul of the dequantized operands: the reference.
+    fn reference(w: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        let mut out = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|p| x[i * k + p] as f64 * w[j * k + p] as f64)
+                    .sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    fn dequantize_rows(x: &Q8Rows) -> Vec<f32> {
+        x.quants
+            .chunks_exact(BLOCK)
+            .zip(&x.scales)
+            .flat_map(|(q, &d)| q.iter().map(move |&v| v as f32 * d))
+            .collect()
+    }
+
+    /// Every kernel equals the f32 product of the same quantized operands
+    /// (only float summation order differs: relative 1e-5), for odd shapes.
+    #[test]
+    fn kernels_equal_dequantized_reference_on_odd_shapes() {
+        let mut rng = Lcg(11);
+        for &(m, n, k) in &[
+            (1, 1, 32),
+            (1, 70, 64),
+            (3, 5, 96),
+            (4, 2, 32),
+            (5, 33, 576),
+            (16, 67, 160),
+            (70, 9, 64),
+            (17, 31, 1536),
+        ] {
+            let w: Vec<f32> = (0..n * k).map(|_| rng.f()).collect();
+            let x: Vec<f32> = (0..m * k).map(|_| rng.f() * 3.0).collect();
+            let wq = Q8Matrix::from_f32(&w, n, k);
+            let xq = Q8Rows::quantize(&x, m);
+            let want = reference(&wq.dequantize(), &dequantize_rows(&xq), m, n, k);
+            for kind in available_kernels() {
+                let mut out = vec![0.0; m * n];
+                wq.matmul_q8(&xq, &mut out, kind);
+                for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()) * (k as f32).sqrt(),
+                        "{kind:?} m{m} n{n} k{k} at {i}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Against the exact f32 product, the error is the 8-bit rounding of
+    /// both operands: bounded relative to the magnitude of the terms.
+    #[test]
+    fn quantized_product_is_close_to_exact_f32() {
+        let mut rng = Lcg(5);
+        let (m, n, k) = (7, 13, 576);
+        let w: Vec<f32> = (0..n * k).map(|_| rng.f()).collect();
+        let x: Vec<f32> = (0..m * k).map(|_| rng.f()).collect();
+        let exact = reference(&w, &x, m, n, k);
+        let got = Q8Matrix::from_f32(&w, n, k).matmul(&x, m);
+        // sum |x||w| ~ k/4; each term errs by ~1/127 relative on each side.
+        let bound = (k as f32 / 4.0) * 2.0 / 127.0;
+        for (a, b) in got.iter().zip(&exact) {
+            assert!((a - b).abs() < bound, "{a} vs {b} (bound {bound})");
+        }
+    }
+
+    /// The SIMD paths this CPU has are the ones tested above; say which.
+    #[test]
+    fn reports_available_kernels() {
+        let kernels = available_kernels();
+        assert_eq!(kernels[0], KernelKind::Scalar);
+        assert!(kernels.contains(&kernel_kind()));
+        println!("kernels on this CPU: {kernels:?}");
+    }
+
+    #[test]
+    fn zero_blocks_quantize_to_zero_without_nan() {
+        let w = vec![0.0f32; 64];
+        let q = Q8Matrix::from_f32(&w, 1, 64);
+        assert_eq!(q.matmul(&[1.0; 64], 1), vec![0.0]);
+    }
+}
