@@ -55,6 +55,10 @@ pub struct ForwardArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also draw the cost curves into this PNG (runs
+    /// scripts/plot_forward.py; needs python3 with matplotlib).
+    #[arg(long)]
+    plot: Option<PathBuf>,
     /// Further weight formats measured in the same run, for comparison
     /// ("" for none).
     #[arg(long, value_delimiter = ',', default_value = "candle-q8_0")]
@@ -168,11 +172,35 @@ fn forward(args: ForwardArgs) -> Result<()> {
         llama_cpp: theirs.clone(),
         headline: ours,
     };
+    if let Some(png) = &args.plot {
+        plot(&out, png)?;
+    }
     if args.json {
         println!("{}", serde_json::to_string(&out)?);
         return Ok(());
     }
     print_table(&out);
+    Ok(())
+}
+
+fn plot(out: &BenchOutput, png: &Path) -> Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/plot_forward.py");
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .arg(png)
+        .stdin(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run python3 {}", script.display()))?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(serde_json::to_string(out)?.as_bytes())?;
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("plotting failed ({status}); is matplotlib installed (pip install matplotlib)?");
+    }
+    eprintln!("cost curves written to {}", png.display());
     Ok(())
 }
 

@@ -41,7 +41,7 @@ fn tolerance(format: WeightFormat) -> Tolerance {
             p90: 1.0,
             mean_signed: 0.3,
         },
-        WeightFormat::AsShipped | WeightFormat::F32 => Tolerance {
+        WeightFormat::AsShipped | WeightFormat::F32 | WeightFormat::Native => Tolerance {
             max: 1.25,
             p90: 0.5,
             mean_signed: 0.1,
@@ -168,6 +168,11 @@ fn check_against_llama_cpp(format: WeightFormat) {
 #[test]
 fn q8_0_weights_match_llama_cpp() {
     check_against_llama_cpp(WeightFormat::Q8_0);
+}
+
+#[test]
+fn native_4bit_weights_match_llama_cpp() {
+    check_against_llama_cpp(WeightFormat::Native);
 }
 
 #[test]

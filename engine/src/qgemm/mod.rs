@@ -21,12 +21,15 @@
 
 use rayon::prelude::*;
 
+mod q4;
+pub use q4::Q4Matrix;
+
 /// Values per quantization block (as GGUF Q8_0).
 pub const BLOCK: usize = 32;
 /// Activation rows per micro-tile.
-const MR: usize = 4;
+pub(crate) const MR: usize = 4;
 /// Weight rows per micro-tile.
-const NR: usize = 2;
+pub(crate) const NR: usize = 2;
 /// Weight rows per parallel task.
 const TASK_ROWS: usize = 32;
 
@@ -46,6 +49,8 @@ pub struct Q8Rows {
     pub cols: usize,
     pub scales: Vec<f32>,
     pub quants: Vec<i8>,
+    /// Per block: `scale * sum(quants)` (the offset term of 4-bit weights).
+    pub scaled_sums: Vec<f32>,
 }
 
 /// Quantizes each block of 32 to `round(v / d)` with `d = max|v| / 127`.
@@ -66,11 +71,17 @@ impl Q8Rows {
         let mut scales = Vec::with_capacity(rows * cols / BLOCK);
         let mut quants = Vec::with_capacity(rows * cols);
         quantize_into(x, &mut scales, &mut quants);
+        let scaled_sums = quants
+            .chunks_exact(BLOCK)
+            .zip(&scales)
+            .map(|(q, &d)| d * q.iter().map(|&v| v as i32).sum::<i32>() as f32)
+            .collect();
         Q8Rows {
             rows,
             cols,
             scales,
             quants,
+            scaled_sums,
         }
     }
 }
@@ -119,55 +130,75 @@ impl Q8Matrix {
 
     /// `out (m, rows)` from already-quantized rows, with a chosen kernel.
     pub fn matmul_q8(&self, x: &Q8Rows, out: &mut [f32], kind: KernelKind) {
-        assert_eq!(x.cols, self.cols, "inner dimensions differ");
-        assert_eq!(out.len(), x.rows * self.rows);
-        let m = x.rows;
-        let n = self.rows;
-        let out_ptr = SyncPtr(out.as_mut_ptr());
-        let num_tasks = n.div_ceil(TASK_ROWS);
-        (0..num_tasks).into_par_iter().for_each(|t| {
-            let n0 = t * TASK_ROWS;
-            let n1 = (n0 + TASK_ROWS).min(n);
-            // SAFETY: each task writes only columns n0..n1 of `out`, which
-            // no other task touches; `out` outlives the parallel loop.
-            let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), m * n) };
-            self.tile_range(x, out, n0, n1, kind);
-        });
+        run_tiles(self, x, out, kind);
     }
+}
 
-    fn tile_range(&self, x: &Q8Rows, out: &mut [f32], n0: usize, n1: usize, kind: KernelKind) {
-        let m = x.rows;
+/// A weight layout with micro-kernels over `MR x NR` tiles.
+pub(crate) trait TileKernel: Sync {
+    fn rows(&self) -> usize;
+    fn cols(&self) -> usize;
+    /// Fills `acc[..mr][..nr]` with the products of weight rows `n..n+nr`
+    /// and activation rows `m..m+mr`.
+    #[allow(clippy::too_many_arguments)]
+    fn tile(&self, x: &Q8Rows, n: usize, m: usize, mr: usize, nr: usize, kind: KernelKind, acc: &mut [[f32; NR]; MR]);
+}
+
+/// `out (x.rows, w.rows)`: weight rows split across the rayon pool, each
+/// task walking its rows in `NR x MR` tiles.
+pub(crate) fn run_tiles<W: TileKernel>(w: &W, x: &Q8Rows, out: &mut [f32], kind: KernelKind) {
+    assert_eq!(x.cols, w.cols(), "inner dimensions differ");
+    assert_eq!(out.len(), x.rows * w.rows());
+    let m = x.rows;
+    let n = w.rows();
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+    let num_tasks = n.div_ceil(TASK_ROWS);
+    (0..num_tasks).into_par_iter().for_each(|t| {
+        let n0 = t * TASK_ROWS;
+        let n1 = (n0 + TASK_ROWS).min(n);
+        // SAFETY: each task writes only columns n0..n1 of `out`, which no
+        // other task touches; `out` outlives the parallel loop.
+        let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), m * n) };
         let mut nb = n0;
         while nb < n1 {
             let nr = NR.min(n1 - nb);
             let mut mb = 0;
             while mb < m {
                 let mr = MR.min(m - mb);
-                let tile = Tile {
-                    w: self,
-                    x,
-                    n: nb,
-                    m: mb,
-                };
                 let mut acc = [[0.0f32; NR]; MR];
-                match kind {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `Avx2` is only chosen when the CPU has AVX2 and FMA.
-                    KernelKind::Avx2 => unsafe { avx2::tile(&tile, mr, nr, &mut acc) },
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `Avx512` is only chosen when the CPU has
-                    // AVX-512 F/BW/DQ and AVX2/FMA.
-                    KernelKind::Avx512 => unsafe { avx512::tile(&tile, mr, nr, &mut acc) },
-                    _ => scalar_tile(&tile, mr, nr, &mut acc),
-                }
+                w.tile(x, nb, mb, mr, nr, kind, &mut acc);
                 for (i, row) in acc.iter().enumerate().take(mr) {
                     for (j, v) in row.iter().enumerate().take(nr) {
-                        out[(mb + i) * self.rows + nb + j] = *v;
+                        out[(mb + i) * n + nb + j] = *v;
                     }
                 }
                 mb += mr;
             }
             nb += nr;
+        }
+    });
+}
+
+impl TileKernel for Q8Matrix {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn tile(&self, x: &Q8Rows, n: usize, m: usize, mr: usize, nr: usize, kind: KernelKind, acc: &mut [[f32; NR]; MR]) {
+        let tile = Tile { w: self, x, n, m };
+        match kind {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `Avx2` is only chosen when the CPU has AVX2 and FMA.
+                    KernelKind::Avx2 => unsafe { avx2::tile(&tile, mr, nr, acc) },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `Avx512` is only chosen when the CPU has
+                    // AVX-512 F/BW/DQ and AVX2/FMA.
+                    KernelKind::Avx512 => unsafe { avx512::tile(&tile, mr, nr, acc) },
+            _ => scalar_tile(&tile, mr, nr, acc),
         }
     }
 }
