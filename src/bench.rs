@@ -27,8 +27,7 @@ const DECODE_TOKENS: usize = 64;
 const FORWARD_TS: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
 
 /// Text the benchmark tokenizes for its prompts (repeated to length).
-const BENCH_TEXT: &str =
-    "Speculative decoding drafts several tokens cheaply and verifies them with one \
+const BENCH_TEXT: &str = "Speculative decoding drafts several tokens cheaply and verifies them with one \
 forward pass of the target model. The verification costs little more than a single step when the \
 forward pass reuses each weight across all the tokens of the batch, which is why the cost curve of \
 the forward pass decides how large a draft tree can be before it stops paying for itself. ";
@@ -107,9 +106,7 @@ fn forward(args: ForwardArgs) -> Result<()> {
     let threads = if args.engine.threads > 0 {
         args.engine.threads
     } else {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     };
     let mut local = LocalEngine::load(&args.model, &args.engine)?;
     let mut bench_ids = Vec::new();
@@ -124,13 +121,7 @@ fn forward(args: ForwardArgs) -> Result<()> {
     )])?;
     let decode_prompt_ids = local.tokenizer.encode(&chat)?;
 
-    let ours = measure(
-        &mut local,
-        &bench_ids,
-        &context_ids,
-        &decode_prompt_ids,
-        args.repeats,
-    )?;
+    let ours = measure(&mut local, &bench_ids, &context_ids, &decode_prompt_ids, args.repeats)?;
     drop(local);
     let mut variants = BTreeMap::new();
     for name in args.compare.iter().filter(|n| !n.is_empty()) {
@@ -140,13 +131,7 @@ fn forward(args: ForwardArgs) -> Result<()> {
             ..args.engine.clone()
         };
         let mut local = LocalEngine::load(&args.model, &engine)?;
-        let report = measure(
-            &mut local,
-            &bench_ids,
-            &context_ids,
-            &decode_prompt_ids,
-            args.repeats,
-        )?;
+        let report = measure(&mut local, &bench_ids, &context_ids, &decode_prompt_ids, args.repeats)?;
         variants.insert(format.as_str().to_string(), report);
     }
     let theirs = match llama_python(args.llama_python.as_deref()) {
@@ -267,11 +252,7 @@ fn measure(
         )
         .context("KV cache too small for the benchmark")?;
     // Prefill wants the last row's logits; a verify forward wants them all.
-    let time_forward = |local: &mut LocalEngine,
-                        ids: &[u32],
-                        num_cached: usize,
-                        all_logits: bool|
-     -> Result<f64> {
+    let time_forward = |local: &mut LocalEngine, ids: &[u32], num_cached: usize, all_logits: bool| -> Result<f64> {
         let mut run = SeqRun::causal_from_table(ids.to_vec(), num_cached, &table, bs)?;
         if all_logits {
             run = run.with_all_logits();

@@ -54,15 +54,13 @@ pub struct PromptRecord {
 }
 
 pub fn read_prompts(path: &Path) -> Result<Vec<PromptRecord>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let prompts = text
         .lines()
         .filter(|l| !l.trim().is_empty())
         .enumerate()
         .map(|(i, l)| {
-            serde_json::from_str(l)
-                .with_context(|| format!("{}:{}: not a prompt record", path.display(), i + 1))
+            serde_json::from_str(l).with_context(|| format!("{}:{}: not a prompt record", path.display(), i + 1))
         })
         .collect::<Result<Vec<PromptRecord>>>()?;
     if prompts.is_empty() {
@@ -188,10 +186,7 @@ async fn run_level(
     let seconds = start.elapsed().as_secs_f64();
     let tokens: usize = timings.iter().map(|t| t.tokens).sum();
     let mut ttft: Vec<f64> = timings.iter().map(|t| t.ttft * 1000.0).collect();
-    let mut itl: Vec<f64> = timings
-        .iter()
-        .flat_map(|t| t.gaps.iter().map(|g| g * 1000.0))
-        .collect();
+    let mut itl: Vec<f64> = timings.iter().flat_map(|t| t.gaps.iter().map(|g| g * 1000.0)).collect();
     ttft.sort_by(f64::total_cmp);
     itl.sort_by(f64::total_cmp);
     Ok(LevelReport {
@@ -218,10 +213,9 @@ fn in_process(prompts: &[PromptRecord], args: &ServeBenchArgs) -> Result<f64> {
             start = Instant::now();
             tokens = 0;
         }
-        let chat = local.tokenizer.apply_chat_template(&[ChatMessage::new(
-            "user",
-            prompts[i % prompts.len()].prompt.clone(),
-        )])?;
+        let chat = local
+            .tokenizer
+            .apply_chat_template(&[ChatMessage::new("user", prompts[i % prompts.len()].prompt.clone())])?;
         let ids = local.tokenizer.encode(&chat)?;
         let g = local.generate(
             ids,
@@ -240,11 +234,7 @@ fn in_process(prompts: &[PromptRecord], args: &ServeBenchArgs) -> Result<f64> {
 
 /// Starts `heterospec serve` on free ports; returns it and its URL.
 async fn launch_server(args: &ServeBenchArgs) -> Result<(tokio::process::Child, String)> {
-    let port = |()| -> Result<u16> {
-        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port())
-    };
+    let port = |()| -> Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
     let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
     cmd.args(["serve", "--listen", &format!("127.0.0.1:{}", port(())?)])
         .args(["--metrics-listen", &format!("127.0.0.1:{}", port(())?)])
@@ -330,11 +320,10 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
         .iter()
         .find(|l| l.concurrency == 1)
         .map(|l| l.tokens_per_second);
+    println!("serve benchmark: {} new tokens per request", report.max_new_tokens);
     println!(
-        "serve benchmark: {} new tokens per request",
-        report.max_new_tokens
+        "| concurrency | requests | aggregate tok/s | vs c=1 | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |"
     );
-    println!("| concurrency | requests | aggregate tok/s | vs c=1 | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |");
     println!("|---|---|---|---|---|---|---|---|");
     for l in &report.levels {
         let ratio = base
@@ -342,13 +331,7 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
             .unwrap_or_default();
         println!(
             "| {} | {} | {:.1} | {ratio} | {:.0} | {:.0} | {:.1} | {:.1} |",
-            l.concurrency,
-            l.requests,
-            l.tokens_per_second,
-            l.ttft_p50_ms,
-            l.ttft_p99_ms,
-            l.itl_p50_ms,
-            l.itl_p99_ms
+            l.concurrency, l.requests, l.tokens_per_second, l.ttft_p50_ms, l.ttft_p99_ms, l.itl_p50_ms, l.itl_p99_ms
         );
     }
     if let Some(b) = base {

@@ -103,9 +103,7 @@ pub async fn generate_remote(
 
 pub fn run(args: GenerateArgs, server: String) -> Result<()> {
     use std::io::Write;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         let mut client = GenerationClient::connect(server.clone())
             .await

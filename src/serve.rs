@@ -26,11 +26,7 @@ use crate::local::{init_threads, EngineArgs};
 #[derive(Debug, Args)]
 pub struct EngineProcessArgs {
     /// gRPC address to serve the engine API on.
-    #[arg(
-        long,
-        env = "HETEROSPEC_ENGINE_LISTEN",
-        default_value = "127.0.0.1:50061"
-    )]
+    #[arg(long, env = "HETEROSPEC_ENGINE_LISTEN", default_value = "127.0.0.1:50061")]
     pub listen: SocketAddr,
     /// Serve Prometheus metrics (step timings) on this address.
     #[arg(long, env = "HETEROSPEC_ENGINE_METRICS_LISTEN")]
@@ -45,11 +41,7 @@ pub struct EngineProcessArgs {
 pub struct RouterArgs {
     /// Requests in flight (running or queued) beyond which new ones are
     /// refused with RESOURCE_EXHAUSTED.
-    #[arg(
-        long,
-        env = "HETEROSPEC_MAX_CONCURRENT_REQUESTS",
-        default_value_t = 256
-    )]
+    #[arg(long, env = "HETEROSPEC_MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
     pub max_concurrent_requests: usize,
     /// Tokens per engine step (prompt chunks plus decode tokens).
     #[arg(long, env = "HETEROSPEC_MAX_BATCH_TOKENS", default_value_t = 512)]
@@ -71,12 +63,7 @@ pub struct RouterProcessArgs {
     #[arg(long, env = "HETEROSPEC_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
     /// Engine URL, e.g. http://127.0.0.1:50061 (repeatable).
-    #[arg(
-        long = "engine",
-        env = "HETEROSPEC_ENGINES",
-        value_delimiter = ',',
-        required = true
-    )]
+    #[arg(long = "engine", env = "HETEROSPEC_ENGINES", value_delimiter = ',', required = true)]
     pub engines: Vec<String>,
     /// Serve Prometheus metrics on this address.
     #[arg(long, env = "HETEROSPEC_METRICS_LISTEN")]
@@ -95,11 +82,7 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
     /// Router metrics address (engines serve theirs on the next ports when
     /// --engine-metrics is set).
-    #[arg(
-        long,
-        env = "HETEROSPEC_METRICS_LISTEN",
-        default_value = "127.0.0.1:9400"
-    )]
+    #[arg(long, env = "HETEROSPEC_METRICS_LISTEN", default_value = "127.0.0.1:9400")]
     pub metrics_listen: SocketAddr,
     /// Engine processes to start.
     #[arg(long, default_value_t = 1)]
@@ -274,9 +257,7 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
         bail!("--engines must be at least 1");
     }
     crate::fetch::ensure_default_model(&args.model)?;
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads = if args.engine.threads > 0 {
         args.engine.threads
     } else {

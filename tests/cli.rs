@@ -10,9 +10,7 @@ use serde_json::Value;
 fn model() -> PathBuf {
     let path = std::env::var_os("HETEROSPEC_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
     assert!(
         path.exists(),
         "{} is missing: run `heterospec fetch-model` first",
@@ -54,34 +52,19 @@ fn token_ids(v: &Value) -> Vec<u64> {
 fn generate_json_reports_tokens_text_and_speed() {
     let v = generate_json(
         &model(),
-        &[
-            "--prompt",
-            "What is 12 times 7?",
-            "--chat",
-            "--max-new-tokens",
-            "12",
-        ],
+        &["--prompt", "What is 12 times 7?", "--chat", "--max-new-tokens", "12"],
     );
     // The chat template and tokenizer give llama.cpp's ids for the same chat.
     let golden: Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/smollm2_llamacpp.json"),
-        )
-        .unwrap(),
+        &std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/smollm2_llamacpp.json"))
+            .unwrap(),
     )
     .unwrap();
-    assert_eq!(
-        v["prompt_token_ids"],
-        golden["cases"][3]["prompt_token_ids"]
-    );
+    assert_eq!(v["prompt_token_ids"], golden["cases"][3]["prompt_token_ids"]);
     let ids = token_ids(&v);
     assert!(!ids.is_empty() && ids.len() <= 12);
     assert!(["length", "eos"].contains(&v["finish_reason"].as_str().unwrap()));
-    assert!(
-        v["text"].as_str().unwrap().contains("12"),
-        "text: {}",
-        v["text"]
-    );
+    assert!(v["text"].as_str().unwrap().contains("12"), "text: {}", v["text"]);
     assert!(v["tokens_per_second"].as_f64().unwrap() > 0.0);
 }
 
@@ -133,20 +116,13 @@ fn seeded_sampling_is_reproducible() {
     let b = generate_json(&m, &args("1234"));
     let c = generate_json(&m, &args("99"));
     assert_eq!(token_ids(&a), token_ids(&b));
-    assert_ne!(
-        token_ids(&a),
-        token_ids(&c),
-        "different seeds gave the same 16 tokens"
-    );
+    assert_ne!(token_ids(&a), token_ids(&c), "different seeds gave the same 16 tokens");
 }
 
 #[test]
 fn stop_string_ends_generation_before_it() {
     let m = model();
-    let free = generate_json(
-        &m,
-        &["--prompt", "1, 2, 3, 4, 5, 6,", "--max-new-tokens", "16"],
-    );
+    let free = generate_json(&m, &["--prompt", "1, 2, 3, 4, 5, 6,", "--max-new-tokens", "16"]);
     assert!(
         free["text"].as_str().unwrap().starts_with(" 7, 8, 9"),
         "text: {}",
@@ -154,14 +130,7 @@ fn stop_string_ends_generation_before_it() {
     );
     let v = generate_json(
         &m,
-        &[
-            "--prompt",
-            "1, 2, 3, 4, 5, 6,",
-            "--max-new-tokens",
-            "16",
-            "--stop",
-            "9",
-        ],
+        &["--prompt", "1, 2, 3, 4, 5, 6,", "--max-new-tokens", "16", "--stop", "9"],
     );
     assert_eq!(v["text"], " 7, 8, ");
     assert_eq!(v["finish_reason"], "stop");
@@ -171,10 +140,7 @@ fn error_of(args: &[&str]) -> String {
     let out = heterospec(args);
     assert!(!out.status.success(), "expected failure for {args:?}");
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        !stderr.contains("panicked"),
-        "panic instead of an error: {stderr}"
-    );
+    assert!(!stderr.contains("panicked"), "panic instead of an error: {stderr}");
     stderr
 }
 
@@ -185,38 +151,17 @@ fn bad_model_files_give_clear_errors() {
     let real = std::fs::read(model()).unwrap();
 
     let missing = dir.join("nope.gguf");
-    let err = error_of(&[
-        "generate",
-        "--model",
-        missing.to_str().unwrap(),
-        "--prompt",
-        "hi",
-    ]);
-    assert!(
-        err.contains("does not exist") && err.contains("fetch-model"),
-        "{err}"
-    );
+    let err = error_of(&["generate", "--model", missing.to_str().unwrap(), "--prompt", "hi"]);
+    assert!(err.contains("does not exist") && err.contains("fetch-model"), "{err}");
 
     let truncated = dir.join("truncated.gguf");
     std::fs::write(&truncated, &real[..real.len() / 2]).unwrap();
-    let err = error_of(&[
-        "generate",
-        "--model",
-        truncated.to_str().unwrap(),
-        "--prompt",
-        "hi",
-    ]);
+    let err = error_of(&["generate", "--model", truncated.to_str().unwrap(), "--prompt", "hi"]);
     assert!(err.contains("truncated"), "{err}");
 
     let garbage = dir.join("garbage.gguf");
     std::fs::write(&garbage, b"this is not a model file at all").unwrap();
-    let err = error_of(&[
-        "generate",
-        "--model",
-        garbage.to_str().unwrap(),
-        "--prompt",
-        "hi",
-    ]);
+    let err = error_of(&["generate", "--model", garbage.to_str().unwrap(), "--prompt", "hi"]);
     assert!(err.contains("not a valid GGUF"), "{err}");
 
     // Rewrite general.architecture = "llama" to "mamba" (same length).
@@ -232,30 +177,15 @@ fn bad_model_files_give_clear_errors() {
     other[value..value + 5].copy_from_slice(b"mamba");
     let arch = dir.join("mamba.gguf");
     std::fs::write(&arch, &other).unwrap();
-    let err = error_of(&[
-        "generate",
-        "--model",
-        arch.to_str().unwrap(),
-        "--prompt",
-        "hi",
-    ]);
-    assert!(
-        err.contains("unsupported model architecture `mamba`"),
-        "{err}"
-    );
+    let err = error_of(&["generate", "--model", arch.to_str().unwrap(), "--prompt", "hi"]);
+    assert!(err.contains("unsupported model architecture `mamba`"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn prompt_longer_than_the_context_is_refused() {
     let long = "word ".repeat(9000);
-    let err = error_of(&[
-        "generate",
-        "--model",
-        model().to_str().unwrap(),
-        "--prompt",
-        &long,
-    ]);
+    let err = error_of(&["generate", "--model", model().to_str().unwrap(), "--prompt", &long]);
     assert!(err.contains("exceeds the model's context"), "{err}");
     let err = error_of(&[
         "generate",

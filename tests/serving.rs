@@ -55,9 +55,7 @@ async fn streams_match_solo_generation_and_metrics_move() {
         .unwrap();
     assert!(out.status.success());
     let local: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let served = run_stream(&mut client, chat_request(PROMPTS[0], 24))
-        .await
-        .unwrap();
+    let served = run_stream(&mut client, chat_request(PROMPTS[0], 24)).await.unwrap();
     let local_ids: Vec<u32> = local["token_ids"]
         .as_array()
         .unwrap()
@@ -72,11 +70,7 @@ async fn streams_match_solo_generation_and_metrics_move() {
     // Solo results, one at a time.
     let mut solo = Vec::new();
     for (i, p) in PROMPTS.iter().enumerate() {
-        solo.push(
-            run_stream(&mut client, chat_request(p, max_new(i)))
-                .await
-                .unwrap(),
-        );
+        solo.push(run_stream(&mut client, chat_request(p, max_new(i))).await.unwrap());
     }
     // 16 concurrent streams with different prompts and lengths.
     let mut tasks = Vec::new();
@@ -87,10 +81,7 @@ async fn streams_match_solo_generation_and_metrics_move() {
     }
     for (i, t) in tasks.into_iter().enumerate() {
         let got = t.await.unwrap().unwrap();
-        assert_eq!(
-            got.token_ids, solo[i].token_ids,
-            "prompt {i} differs when batched"
-        );
+        assert_eq!(got.token_ids, solo[i].token_ids, "prompt {i} differs when batched");
         assert_eq!(got.text, solo[i].text);
         assert_ne!(got.finish_reason, 0);
     }
@@ -118,8 +109,7 @@ async fn streams_match_solo_generation_and_metrics_move() {
             + metric(&text, "heterospec_requests_total", &["outcome=\"eos\""]),
         33.0
     );
-    let generated: usize =
-        solo.iter().map(|s| s.token_ids.len()).sum::<usize>() * 2 + served.token_ids.len();
+    let generated: usize = solo.iter().map(|s| s.token_ids.len()).sum::<usize>() * 2 + served.token_ids.len();
     assert_eq!(
         metric(&text, "heterospec_generated_tokens_total", &[]) as usize,
         generated
@@ -133,29 +123,13 @@ async fn streams_match_solo_generation_and_metrics_move() {
 
     // Prefix cache: the same prompt again hits (the 16 solo runs and their
     // batched twins share the chat template's system prompt too).
-    let long = "Summarize: ".to_string()
-        + &"The river flows to the sea and the sea returns rain to the hills. ".repeat(8);
-    let before = metric(
-        &cluster.metrics(),
-        "heterospec_prefix_cache_hits_total",
-        &[],
-    );
-    let first = run_stream(&mut client, chat_request(&long, 8))
-        .await
-        .unwrap();
-    let mid = metric(
-        &cluster.metrics(),
-        "heterospec_prefix_cache_hits_total",
-        &[],
-    );
-    let second = run_stream(&mut client, chat_request(&long, 8))
-        .await
-        .unwrap();
-    let after = metric(
-        &cluster.metrics(),
-        "heterospec_prefix_cache_hits_total",
-        &[],
-    );
+    let long =
+        "Summarize: ".to_string() + &"The river flows to the sea and the sea returns rain to the hills. ".repeat(8);
+    let before = metric(&cluster.metrics(), "heterospec_prefix_cache_hits_total", &[]);
+    let first = run_stream(&mut client, chat_request(&long, 8)).await.unwrap();
+    let mid = metric(&cluster.metrics(), "heterospec_prefix_cache_hits_total", &[]);
+    let second = run_stream(&mut client, chat_request(&long, 8)).await.unwrap();
+    let after = metric(&cluster.metrics(), "heterospec_prefix_cache_hits_total", &[]);
     assert_eq!(first.token_ids, second.token_ids);
     assert!(
         after - mid >= 128.0,
@@ -171,20 +145,12 @@ async fn streams_match_solo_generation_and_metrics_move() {
     assert_eq!(third.token_ids, first.token_ids);
     assert_eq!(third.usage.unwrap().cached_prompt_tokens, 0);
     assert_eq!(
-        metric(
-            &cluster.metrics(),
-            "heterospec_prefix_cache_hits_total",
-            &[]
-        ),
+        metric(&cluster.metrics(), "heterospec_prefix_cache_hits_total", &[]),
         after
     );
 
     // ModelInfo describes the deployment.
-    let info = client
-        .model_info(pb::ModelInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let info = client.model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner();
     assert_eq!(info.num_engines, 1);
     assert_eq!(info.max_context, 8192);
     assert!(info.num_kv_blocks > 100);
@@ -332,26 +298,10 @@ async fn invalid_fields_and_overload_are_refused_and_serving_continues() {
         }
     }
     let text = cluster.metrics();
-    assert!(
-        metric(
-            &text,
-            "heterospec_requests_total",
-            &["outcome=\"invalid_argument\""]
-        ) >= 15.0
-    );
-    assert!(
-        metric(
-            &text,
-            "heterospec_requests_total",
-            &["outcome=\"resource_exhausted\""]
-        ) >= 1.0
-    );
+    assert!(metric(&text, "heterospec_requests_total", &["outcome=\"invalid_argument\""]) >= 15.0);
+    assert!(metric(&text, "heterospec_requests_total", &["outcome=\"resource_exhausted\""]) >= 1.0);
     assert_eq!(
-        metric(
-            &text,
-            "heterospec_requests_total",
-            &["outcome=\"cancelled\""]
-        ),
+        metric(&text, "heterospec_requests_total", &["outcome=\"cancelled\""]),
         2.0
     );
 }
@@ -360,15 +310,10 @@ async fn invalid_fields_and_overload_are_refused_and_serving_continues() {
 async fn cancelled_stream_frees_its_blocks_and_others_are_unaffected() {
     let cluster = Cluster::start(&[], &[]);
     let mut client = cluster.client().await;
-    let solo = run_stream(&mut client, chat_request(PROMPTS[2], 30))
-        .await
-        .unwrap();
+    let solo = run_stream(&mut client, chat_request(PROMPTS[2], 30)).await.unwrap();
 
     let mut other_client = client.clone();
-    let other =
-        tokio::spawn(
-            async move { run_stream(&mut other_client, chat_request(PROMPTS[2], 30)).await },
-        );
+    let other = tokio::spawn(async move { run_stream(&mut other_client, chat_request(PROMPTS[2], 30)).await });
     let mut doomed = client
         .generate(chat_request("Tell me a long story about a dragon.", 400))
         .await
@@ -377,11 +322,7 @@ async fn cancelled_stream_frees_its_blocks_and_others_are_unaffected() {
     for _ in 0..3 {
         doomed.message().await.unwrap().expect("streaming");
     }
-    let used_while_running = metric(
-        &cluster.metrics(),
-        "heterospec_kv_blocks",
-        &["state=\"used\""],
-    );
+    let used_while_running = metric(&cluster.metrics(), "heterospec_kv_blocks", &["state=\"used\""]);
     assert!(used_while_running >= 2.0);
     drop(doomed);
 
@@ -390,18 +331,11 @@ async fn cancelled_stream_frees_its_blocks_and_others_are_unaffected() {
     loop {
         let text = cluster.metrics();
         if metric(&text, "heterospec_kv_blocks", &["state=\"used\""]) == 0.0
-            && metric(
-                &text,
-                "heterospec_requests_total",
-                &["outcome=\"cancelled\""],
-            ) == 1.0
+            && metric(&text, "heterospec_requests_total", &["outcome=\"cancelled\""]) == 1.0
         {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "blocks not freed after cancel:\n{text}"
-        );
+        assert!(Instant::now() < deadline, "blocks not freed after cancel:\n{text}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -428,10 +362,7 @@ async fn preemption_under_a_small_kv_pool_loses_no_request() {
     }
     for (i, t) in tasks.into_iter().enumerate() {
         let got = t.await.unwrap().unwrap();
-        assert_eq!(
-            got.token_ids, solo[i].token_ids,
-            "request {i} changed under preemption"
-        );
+        assert_eq!(got.token_ids, solo[i].token_ids, "request {i} changed under preemption");
         assert_eq!(got.finish_reason, pb::FinishReason::Length as i32);
     }
     let text = cluster.metrics();
@@ -439,10 +370,7 @@ async fn preemption_under_a_small_kv_pool_loses_no_request() {
         metric(&text, "heterospec_preemptions_total", &[]) >= 1.0,
         "no preemption happened:\n{text}"
     );
-    assert_eq!(
-        metric(&text, "heterospec_kv_blocks", &["state=\"used\""]),
-        0.0
-    );
+    assert_eq!(metric(&text, "heterospec_kv_blocks", &["state=\"used\""]), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -498,11 +426,7 @@ async fn killed_engine_ends_streams_with_unavailable_and_recovers() {
     assert!(!out.token_ids.is_empty());
     let text = scrape(metrics_port);
     assert_eq!(
-        metric(
-            &text,
-            "heterospec_requests_total",
-            &["outcome=\"unavailable\""]
-        ),
+        metric(&text, "heterospec_requests_total", &["outcome=\"unavailable\""]),
         4.0
     );
 }
@@ -539,9 +463,7 @@ async fn serve_launcher_drains_streams_on_sigterm_and_exits_zero() {
         assert_eq!(out.finish_reason, pb::FinishReason::Length as i32);
         assert_eq!(out.token_ids.len(), 30);
     }
-    let status = serve
-        .wait_timeout(Duration::from_secs(20))
-        .expect("serve exits");
+    let status = serve.wait_timeout(Duration::from_secs(20)).expect("serve exits");
     assert!(status.success(), "serve exited with {status}");
 }
 
@@ -553,12 +475,7 @@ async fn requests_spread_over_several_engines() {
         .map(|p| {
             Proc::start(&engine_args(
                 "127.0.0.1:0",
-                &[
-                    "--threads",
-                    "1",
-                    "--metrics-listen",
-                    &format!("127.0.0.1:{p}"),
-                ],
+                &["--threads", "1", "--metrics-listen", &format!("127.0.0.1:{p}")],
             ))
         })
         .collect();

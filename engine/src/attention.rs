@@ -180,18 +180,13 @@ mod tests {
                         BlockId(next_block)
                     })
                     .collect();
-                let ks: Vec<Vec<f32>> = (0..total)
-                    .map(|_| (0..kv_size).map(|_| rng.f()).collect())
-                    .collect();
-                let vs: Vec<Vec<f32>> = (0..total)
-                    .map(|_| (0..kv_size).map(|_| rng.f()).collect())
-                    .collect();
+                let ks: Vec<Vec<f32>> = (0..total).map(|_| (0..kv_size).map(|_| rng.f()).collect()).collect();
+                let vs: Vec<Vec<f32>> = (0..total).map(|_| (0..kv_size).map(|_| rng.f()).collect()).collect();
                 for p in 0..total {
                     let slot = table[p / block_size].index() * block_size + p % block_size;
                     storage.write(0, slot, &ks[p], &vs[p]);
                 }
-                let run =
-                    SeqRun::causal((0..new as u32).collect(), cached, &table, block_size).unwrap();
+                let run = SeqRun::causal((0..new as u32).collect(), cached, &table, block_size).unwrap();
                 batch.seqs.push(run);
                 all_k.push(ks);
                 all_v.push(vs);
@@ -208,18 +203,9 @@ mod tests {
             paged_attention(&q, &batch, &owner, storage.layer(0), shape, &mut out);
             for (t, &(s, i)) in owner.iter().enumerate() {
                 let visible: Vec<usize> = (0..=lens[s].0 + i).collect();
-                let want = contiguous_attention(
-                    &q[t * qsize..(t + 1) * qsize],
-                    &all_k[s],
-                    &all_v[s],
-                    shape,
-                    &visible,
-                );
+                let want = contiguous_attention(&q[t * qsize..(t + 1) * qsize], &all_k[s], &all_v[s], shape, &visible);
                 for (a, b) in out[t * qsize..(t + 1) * qsize].iter().zip(&want) {
-                    assert!(
-                        (a - b).abs() < 1e-5,
-                        "block_size {block_size} token {t}: {a} vs {b}"
-                    );
+                    assert!((a - b).abs() < 1e-5, "block_size {block_size} token {t}: {a} vs {b}");
                 }
             }
         }
@@ -251,20 +237,11 @@ mod tests {
         }
         let mut run = SeqRun::causal(vec![0, 0, 0], 2, &table, 4).unwrap();
         run.positions = vec![2, 3, 3];
-        run.mask = Some(vec![
-            true, false, false, true, true, false, true, false, true,
-        ]);
+        run.mask = Some(vec![true, false, false, true, true, false, true, false, true]);
         let batch = RaggedBatch { seqs: vec![run] };
         let q: Vec<f32> = (0..12).map(|_| rng.f()).collect();
         let mut out = vec![0.0; 12];
-        paged_attention(
-            &q,
-            &batch,
-            &[(0, 0), (0, 1), (0, 2)],
-            storage.layer(0),
-            shape,
-            &mut out,
-        );
+        paged_attention(&q, &batch, &[(0, 0), (0, 1), (0, 2)], storage.layer(0), shape, &mut out);
         let want = contiguous_attention(&q[8..12], &ks, &vs, shape, &[0, 1, 2, 4]);
         for (a, b) in out[8..12].iter().zip(&want) {
             assert!((a - b).abs() < 1e-5);

@@ -43,12 +43,7 @@ pub struct SeqRun {
 impl SeqRun {
     /// A causal run of `token_ids` placed right after `num_cached` tokens,
     /// with logits for the last token only.
-    pub fn causal(
-        token_ids: Vec<u32>,
-        num_cached: usize,
-        block_table: &[BlockId],
-        block_size: usize,
-    ) -> Result<Self> {
+    pub fn causal(token_ids: Vec<u32>, num_cached: usize, block_table: &[BlockId], block_size: usize) -> Result<Self> {
         let n = token_ids.len();
         let positions: Vec<usize> = (num_cached..num_cached + n).collect();
         let slots = positions
@@ -57,9 +52,7 @@ impl SeqRun {
                 block_table
                     .get(p / block_size)
                     .map(|b| b.index() * block_size + p % block_size)
-                    .ok_or_else(|| {
-                        EngineError::Config(format!("block table too short for position {p}"))
-                    })
+                    .ok_or_else(|| EngineError::Config(format!("block table too short for position {p}")))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(SeqRun {
@@ -118,11 +111,7 @@ impl SeqRun {
         }
         if let Some(mask) = &self.mask {
             if mask.len() != n * n {
-                return bad(format!(
-                    "mask has {} entries, expected {}",
-                    mask.len(),
-                    n * n
-                ));
+                return bad(format!("mask has {} entries, expected {}", mask.len(), n * n));
             }
         }
         if self.block_table.len() * block_size < self.num_cached {
@@ -143,9 +132,7 @@ impl SeqRun {
             return bad(format!("slot {s} is outside the KV storage"));
         }
         if let Some(t) = self.token_ids.iter().find(|&&t| t as usize >= vocab_size) {
-            return bad(format!(
-                "token id {t} is outside the vocabulary of {vocab_size}"
-            ));
+            return bad(format!("token id {t} is outside the vocabulary of {vocab_size}"));
         }
         if let Some(r) = self.logits_rows.iter().find(|&&r| r >= n) {
             return bad(format!("logits row {r} but only {n} new tokens"));

@@ -55,8 +55,7 @@ impl ModelConfig {
             vocab_size,
             max_context: get("context_length")?,
             rope_theta: meta_f32(content, &format!("{arch}.rope.freq_base")).unwrap_or(10_000.0),
-            rms_norm_eps: meta_f32(content, &format!("{arch}.attention.layer_norm_rms_epsilon"))
-                .unwrap_or(1e-5),
+            rms_norm_eps: meta_f32(content, &format!("{arch}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
         };
         config.validate()?;
         Ok(config)
@@ -65,11 +64,7 @@ impl ModelConfig {
     /// Rejects shapes the forward cannot run.
     pub fn validate(&self) -> Result<()> {
         let fail = |msg: String| Err(EngineError::Config(msg));
-        if self.num_layers == 0
-            || self.hidden_size == 0
-            || self.num_heads == 0
-            || self.vocab_size == 0
-        {
+        if self.num_layers == 0 || self.hidden_size == 0 || self.num_heads == 0 || self.vocab_size == 0 {
             return fail(format!("degenerate model shape {self:?}"));
         }
         if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
@@ -100,18 +95,14 @@ fn meta<'a>(content: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file:
     content
         .metadata
         .get(key)
-        .ok_or_else(|| EngineError::MissingMetadata {
-            key: key.to_string(),
-        })
+        .ok_or_else(|| EngineError::MissingMetadata { key: key.to_string() })
 }
 
 pub(crate) fn meta_str(content: &gguf_file::Content, key: &str) -> Result<String> {
     meta(content, key)?
         .to_string()
         .cloned()
-        .map_err(|_| EngineError::MissingMetadata {
-            key: key.to_string(),
-        })
+        .map_err(|_| EngineError::MissingMetadata { key: key.to_string() })
 }
 
 fn meta_usize(content: &gguf_file::Content, key: &str) -> Result<usize> {
@@ -126,11 +117,7 @@ fn meta_usize(content: &gguf_file::Content, key: &str) -> Result<usize> {
         I16(v) if *v >= 0 => *v as u64,
         I32(v) if *v >= 0 => *v as u64,
         I64(v) if *v >= 0 => *v as u64,
-        _ => {
-            return Err(EngineError::MissingMetadata {
-                key: key.to_string(),
-            })
-        }
+        _ => return Err(EngineError::MissingMetadata { key: key.to_string() }),
     };
     Ok(n as usize)
 }
@@ -140,8 +127,6 @@ fn meta_f32(content: &gguf_file::Content, key: &str) -> Result<f32> {
     match meta(content, key)? {
         F32(v) => Ok(*v),
         F64(v) => Ok(*v as f32),
-        _ => Err(EngineError::MissingMetadata {
-            key: key.to_string(),
-        }),
+        _ => Err(EngineError::MissingMetadata { key: key.to_string() }),
     }
 }

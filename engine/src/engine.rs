@@ -76,8 +76,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(model: Model, config: EngineConfig) -> Result<Self> {
-        let layout =
-            KvLayout::for_budget(model.config(), config.block_size, config.kv_cache_bytes)?;
+        let layout = KvLayout::for_budget(model.config(), config.block_size, config.kv_cache_bytes)?;
         Ok(Engine {
             model,
             kv: KvStorage::new(layout),
@@ -143,30 +142,19 @@ impl Engine {
             if let Some(params) = &s.sampling {
                 params.validate().map_err(bad)?;
             }
-            let mut run = SeqRun::causal(
-                s.new_token_ids.clone(),
-                s.num_computed,
-                &s.block_table,
-                block_size,
-            )
-            .map_err(|e| bad(e.to_string()))?;
+            let mut run = SeqRun::causal(s.new_token_ids.clone(), s.num_computed, &s.block_table, block_size)
+                .map_err(|e| bad(e.to_string()))?;
             if !s.sample {
                 run.logits_rows.clear();
             }
-            run.validate(
-                block_size,
-                self.kv.layout().num_slots(),
-                self.model.config().vocab_size,
-            )
-            .map_err(|e| bad(e.to_string()))?;
+            run.validate(block_size, self.kv.layout().num_slots(), self.model.config().vocab_size)
+                .map_err(|e| bad(e.to_string()))?;
             batch.seqs.push(run);
         }
         let mut ids: Vec<SeqId> = seqs.iter().map(|s| s.seq_id).collect();
         ids.sort_unstable();
         if ids.windows(2).any(|w| w[0] == w[1]) {
-            return Err(EngineError::Config(
-                "a sequence appears twice in one step".into(),
-            ));
+            return Err(EngineError::Config("a sequence appears twice in one step".into()));
         }
 
         let logits = self.model.forward(&batch, &mut self.kv)?;
@@ -262,9 +250,7 @@ mod tests {
             let mut computed = 0;
             for i in 0..8 {
                 let sampling = (i == 0).then(SamplingParams::greedy);
-                let r = e
-                    .step(&[step(0, next.clone(), computed, &t, sampling)])
-                    .unwrap();
+                let r = e.step(&[step(0, next.clone(), computed, &t, sampling)]).unwrap();
                 computed += next.len();
                 next = vec![r[0].tokens[0].token_id];
                 out.push(next[0]);
@@ -287,8 +273,7 @@ mod tests {
                 }
                 let n = pending[s].len().min(5);
                 let chunk: Vec<u32> = pending[s].drain(..n).collect();
-                pool.allocate_slots(&mut tables[s], computed[s] + n)
-                    .unwrap();
+                pool.allocate_slots(&mut tables[s], computed[s] + n).unwrap();
                 let mut st = step(
                     s as u64,
                     chunk,

@@ -4,9 +4,7 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error(
-        "model file {path} does not exist (run `heterospec fetch-model` or pass --model PATH)"
-    )]
+    #[error("model file {path} does not exist (run `heterospec fetch-model` or pass --model PATH)")]
     ModelNotFound { path: PathBuf },
     #[error("cannot read model file {path}: {source}")]
     ModelRead {
@@ -27,10 +25,7 @@ pub enum EngineError {
     #[error("sequence {seq_id}: {reason}")]
     BadSequence { seq_id: u64, reason: String },
     #[error("prompt of {num_tokens} tokens does not fit the context of {max_context} tokens")]
-    ContextOverflow {
-        num_tokens: usize,
-        max_context: usize,
-    },
+    ContextOverflow { num_tokens: usize, max_context: usize },
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }

@@ -28,17 +28,12 @@ pub struct KvLayout {
 
 impl KvLayout {
     /// The largest pool that fits `memory_bytes` for this model.
-    pub fn for_budget(
-        config: &ModelConfig,
-        block_size: usize,
-        memory_bytes: usize,
-    ) -> Result<Self> {
+    pub fn for_budget(config: &ModelConfig, block_size: usize, memory_bytes: usize) -> Result<Self> {
         if block_size == 0 {
             return Err(EngineError::Config("block size must be positive".into()));
         }
         let kv_size = config.kv_size();
-        let bytes_per_block =
-            2 * config.num_layers * block_size * kv_size * std::mem::size_of::<f32>();
+        let bytes_per_block = 2 * config.num_layers * block_size * kv_size * std::mem::size_of::<f32>();
         let num_blocks = memory_bytes / bytes_per_block;
         if num_blocks < 2 {
             return Err(EngineError::Config(format!(
@@ -70,12 +65,8 @@ impl KvStorage {
         let per_layer = layout.num_slots() * layout.kv_size;
         KvStorage {
             layout,
-            keys: (0..layout.num_layers)
-                .map(|_| vec![0.0; per_layer])
-                .collect(),
-            values: (0..layout.num_layers)
-                .map(|_| vec![0.0; per_layer])
-                .collect(),
+            keys: (0..layout.num_layers).map(|_| vec![0.0; per_layer]).collect(),
+            values: (0..layout.num_layers).map(|_| vec![0.0; per_layer]).collect(),
         }
     }
 

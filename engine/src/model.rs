@@ -95,10 +95,7 @@ impl Linear {
         }
         let ours = matches!(format, WeightFormat::Q8_0 | WeightFormat::Native);
         if ours && in_features % qgemm::BLOCK == 0 {
-            let w = tensor
-                .dequantize(&Device::Cpu)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
+            let w = tensor.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
             return Ok(Linear {
                 weight: LinearWeight::Q8(Q8Matrix::from_f32(&w, out_features, in_features)),
                 out_features,
@@ -106,8 +103,7 @@ impl Linear {
         }
         let tensor = match format {
             WeightFormat::Q8_0 | WeightFormat::Native | WeightFormat::CandleQ8_0
-                if tensor.dtype() != GgmlDType::Q8_0
-                    && in_features % GgmlDType::Q8_0.block_size() == 0 =>
+                if tensor.dtype() != GgmlDType::Q8_0 && in_features % GgmlDType::Q8_0.block_size() == 0 =>
             {
                 QTensor::quantize(&tensor.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?
             }
@@ -192,20 +188,15 @@ impl ModelTensors {
             .len();
         let mut tensors = HashMap::new();
         for (name, info) in &content.tensor_infos {
-            let size = info.shape.elem_count() / info.ggml_dtype.block_size()
-                * info.ggml_dtype.type_size();
+            let size = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
             let end = content.tensor_data_offset + info.offset + size as u64;
             if end > file_len {
                 return Err(EngineError::InvalidGguf {
                     path: path.to_path_buf(),
-                    reason: format!(
-                        "file is truncated: tensor `{name}` ends at byte {end} of {file_len}"
-                    ),
+                    reason: format!("file is truncated: tensor `{name}` ends at byte {end} of {file_len}"),
                 });
             }
-            let tensor = content
-                .tensor(&mut reader, name, &Device::Cpu)
-                .map_err(invalid)?;
+            let tensor = content.tensor(&mut reader, name, &Device::Cpu).map_err(invalid)?;
             tensors.insert(name.clone(), tensor);
         }
         Ok((ModelTensors { config, tensors }, content))
@@ -224,13 +215,10 @@ impl Model {
         let h = config.hidden_size;
         let tied_output = !t.tensors.contains_key("output.weight");
         let mut take = |name: &str, shape: &[usize]| -> Result<QTensor> {
-            let tensor = t
-                .tensors
-                .remove(name)
-                .ok_or_else(|| EngineError::BadTensor {
-                    name: name.to_string(),
-                    reason: "missing".into(),
-                })?;
+            let tensor = t.tensors.remove(name).ok_or_else(|| EngineError::BadTensor {
+                name: name.to_string(),
+                reason: "missing".into(),
+            })?;
             if tensor.shape().dims() != shape {
                 return Err(EngineError::BadTensor {
                     name: name.to_string(),
@@ -239,14 +227,10 @@ impl Model {
             }
             Ok(tensor)
         };
-        let vector =
-            |q: QTensor| -> Result<Vec<f32>> { Ok(q.dequantize(&Device::Cpu)?.to_vec1::<f32>()?) };
+        let vector = |q: QTensor| -> Result<Vec<f32>> { Ok(q.dequantize(&Device::Cpu)?.to_vec1::<f32>()?) };
 
         let embd = take("token_embd.weight", &[config.vocab_size, h])?;
-        let embeddings = embd
-            .dequantize(&Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let embeddings = embd.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let p = |n: &str| format!("blk.{i}.{n}.weight");
@@ -304,11 +288,7 @@ impl Model {
             .enumerate()
             .flat_map(|(s, run)| (0..run.len()).map(move |i| (s, i)))
             .collect();
-        let slots: Vec<usize> = batch
-            .seqs
-            .iter()
-            .flat_map(|s| s.slots.iter().copied())
-            .collect();
+        let slots: Vec<usize> = batch.seqs.iter().flat_map(|s| s.slots.iter().copied()).collect();
         let rope = RopeTable::new(
             batch.seqs.iter().flat_map(|s| s.positions.iter().copied()),
             c.head_dim,
@@ -337,12 +317,7 @@ impl Model {
             rope.apply(&mut q, c.num_heads);
             rope.apply(&mut k, c.num_kv_heads);
             for (t, &slot) in slots.iter().enumerate() {
-                kv.write(
-                    li,
-                    slot,
-                    &k[t * kvs..(t + 1) * kvs],
-                    &v[t * kvs..(t + 1) * kvs],
-                );
+                kv.write(li, slot, &k[t * kvs..(t + 1) * kvs], &v[t * kvs..(t + 1) * kvs]);
             }
             paged_attention(&q, batch, &token_owner, kv.layer(li), shape, &mut attn);
             let o = layer.wo.forward(&attn, n)?;
@@ -410,11 +385,7 @@ mod tests {
 
     fn assert_close(a: &[f32], b: &[f32], what: &str) {
         assert_eq!(a.len(), b.len(), "{what}: lengths");
-        let worst = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max);
+        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
         assert!(worst < TOL, "{what}: max abs diff {worst}");
     }
 
@@ -435,9 +406,7 @@ mod tests {
         let run = SeqRun::causal_from_table(tokens.to_vec(), 0, &table, block_size)
             .unwrap()
             .with_all_logits();
-        model
-            .forward(&RaggedBatch { seqs: vec![run] }, &mut kv)
-            .unwrap()
+        model.forward(&RaggedBatch { seqs: vec![run] }, &mut kv).unwrap()
     }
 
     #[test]
@@ -460,11 +429,7 @@ mod tests {
             let mut offset = 0;
             for p in prompts() {
                 let alone = solo_logits(&model, &p, block_size);
-                assert_close(
-                    &together[offset..offset + alone.len()],
-                    &alone,
-                    "ragged vs alone",
-                );
+                assert_close(&together[offset..offset + alone.len()], &alone, "ragged vs alone");
                 offset += p.len() * vocab;
             }
         }
@@ -484,22 +449,11 @@ mod tests {
                 while done < p.len() {
                     let n = if done < 10 { 5.min(p.len() - done) } else { 1 };
                     pool.allocate_slots(&mut table, done + n).unwrap();
-                    let run = SeqRun::causal_from_table(
-                        p[done..done + n].to_vec(),
-                        done,
-                        &table,
-                        block_size,
-                    )
-                    .unwrap()
-                    .with_all_logits();
-                    let out = model
-                        .forward(&RaggedBatch { seqs: vec![run] }, &mut kv)
-                        .unwrap();
-                    assert_close(
-                        &out,
-                        &full[done * vocab..(done + n) * vocab],
-                        "incremental vs full",
-                    );
+                    let run = SeqRun::causal_from_table(p[done..done + n].to_vec(), done, &table, block_size)
+                        .unwrap()
+                        .with_all_logits();
+                    let out = model.forward(&RaggedBatch { seqs: vec![run] }, &mut kv).unwrap();
+                    assert_close(&out, &full[done * vocab..(done + n) * vocab], "incremental vs full");
                     done += n;
                 }
             }
@@ -517,12 +471,9 @@ mod tests {
         let tokens = [10u32, 11, 12, 13];
         let (mut kv, mut pool) = storage(bs);
         let mut table = BlockTable::new();
-        pool.allocate_slots(&mut table, prefix.len() + tokens.len())
-            .unwrap();
+        pool.allocate_slots(&mut table, prefix.len() + tokens.len()).unwrap();
         let run = SeqRun::causal_from_table(prefix.clone(), 0, &table, bs).unwrap();
-        model
-            .forward(&RaggedBatch { seqs: vec![run] }, &mut kv)
-            .unwrap();
+        model.forward(&RaggedBatch { seqs: vec![run] }, &mut kv).unwrap();
         let depth = |mut i: usize| {
             let mut d = 0;
             while let Some(p) = parents[i] {
@@ -544,9 +495,7 @@ mod tests {
             }
         }
         run.mask = Some(mask);
-        let tree = model
-            .forward(&RaggedBatch { seqs: vec![run] }, &mut kv)
-            .unwrap();
+        let tree = model.forward(&RaggedBatch { seqs: vec![run] }, &mut kv).unwrap();
         for node in 0..4 {
             let mut path = vec![node];
             while let Some(p) = parents[*path.last().unwrap()] {
@@ -621,7 +570,9 @@ mod weight_type_tests {
         let model = Model::from_tensors(t, format).unwrap();
         let layout = KvLayout::for_budget(model.config(), 16, 1 << 20).unwrap();
         let mut kv = KvStorage::new(layout);
-        let run = SeqRun::causal(vec![1, 5, 9, 3, 7], 0, &[BlockId(1)], 16).unwrap().with_all_logits();
+        let run = SeqRun::causal(vec![1, 5, 9, 3, 7], 0, &[BlockId(1)], 16)
+            .unwrap()
+            .with_all_logits();
         model.forward(&RaggedBatch { seqs: vec![run] }, &mut kv).unwrap()
     }
 
@@ -629,7 +580,14 @@ mod weight_type_tests {
     /// its own dequantized f32 weights, up to 8-bit activation rounding.
     #[test]
     fn every_weight_type_matches_its_dequantized_f32_model() {
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::F16] {
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+            GgmlDType::F16,
+        ] {
             // The reference: the same quantized values, dequantized, in f32.
             let mut t = random_tensors(&config(), 7).unwrap();
             for (name, q) in t.tensors.iter_mut() {
@@ -642,7 +600,9 @@ mod weight_type_tests {
             let model = Model::from_tensors(t, WeightFormat::F32).unwrap();
             let layout = KvLayout::for_budget(model.config(), 16, 1 << 20).unwrap();
             let mut kv = KvStorage::new(layout);
-            let run = SeqRun::causal(vec![1, 5, 9, 3, 7], 0, &[BlockId(1)], 16).unwrap().with_all_logits();
+            let run = SeqRun::causal(vec![1, 5, 9, 3, 7], 0, &[BlockId(1)], 16)
+                .unwrap()
+                .with_all_logits();
             let want = model.forward(&RaggedBatch { seqs: vec![run] }, &mut kv).unwrap();
             let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             for format in [WeightFormat::Native, WeightFormat::Q8_0, WeightFormat::AsShipped] {
@@ -651,7 +611,10 @@ mod weight_type_tests {
                 println!("{dtype:?} as {format:?}: worst |diff| {worst:.5} of max |logit| {scale:.3}");
                 // 8-bit activation rounding (and q8_0's second rounding of the
                 // weights) moves logits by ~0.15% of their range here.
-                assert!(worst < 0.005 * scale, "{dtype:?} as {format:?}: worst {worst} of {scale}");
+                assert!(
+                    worst < 0.005 * scale,
+                    "{dtype:?} as {format:?}: worst {worst} of {scale}"
+                );
             }
         }
         assert!(!logits(None, WeightFormat::Native).is_empty());

@@ -239,9 +239,7 @@ mod tests {
         };
         let run = |p: &SamplingParams| {
             let mut s = Sampler::new(p.clone());
-            (0..50)
-                .map(|_| s.sample(&logits(), &[]).token_id)
-                .collect::<Vec<_>>()
+            (0..50).map(|_| s.sample(&logits(), &[]).token_id).collect::<Vec<_>>()
         };
         assert_eq!(run(&params), run(&params));
         let other = SamplingParams {

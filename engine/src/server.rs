@@ -20,10 +20,7 @@ use crate::sampler::SamplingParams;
 
 /// Commands for the engine thread.
 enum Command {
-    Step(
-        Vec<SeqStep>,
-        oneshot::Sender<Result<Vec<SeqResult>, EngineError>>,
-    ),
+    Step(Vec<SeqStep>, oneshot::Sender<Result<Vec<SeqResult>, EngineError>>),
     Release(Vec<SeqId>, oneshot::Sender<()>),
 }
 
@@ -55,8 +52,7 @@ impl EngineHandle {
                     match cmd {
                         Command::Step(seqs, reply) => {
                             let start = Instant::now();
-                            let num_tokens: usize =
-                                seqs.iter().map(|s| s.new_token_ids.len()).sum();
+                            let num_tokens: usize = seqs.iter().map(|s| s.new_token_ids.len()).sum();
                             let result = engine.step(&seqs);
                             metrics::record_step(start.elapsed(), seqs.len(), num_tokens);
                             let _ = reply.send(result);
@@ -99,8 +95,7 @@ impl EngineHandle {
             .send(make(tx))
             .await
             .map_err(|_| Status::unavailable("engine thread stopped"))?;
-        rx.await
-            .map_err(|_| Status::unavailable("engine thread stopped"))
+        rx.await.map_err(|_| Status::unavailable("engine thread stopped"))
     }
 }
 
@@ -142,9 +137,9 @@ fn seq_result_to_proto(r: SeqResult) -> pb::SeqResult {
 impl From<EngineError> for Status {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::BadSequence { .. }
-            | EngineError::Config(_)
-            | EngineError::ContextOverflow { .. } => Status::invalid_argument(e.to_string()),
+            EngineError::BadSequence { .. } | EngineError::Config(_) | EngineError::ContextOverflow { .. } => {
+                Status::invalid_argument(e.to_string())
+            }
             _ => Status::internal(e.to_string()),
         }
     }
@@ -152,47 +147,25 @@ impl From<EngineError> for Status {
 
 #[tonic::async_trait]
 impl EngineService for EngineHandle {
-    async fn info(
-        &self,
-        _: Request<pb::InfoRequest>,
-    ) -> Result<Response<pb::InfoResponse>, Status> {
+    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
         Ok(Response::new(self.info.clone()))
     }
 
-    async fn step(
-        &self,
-        request: Request<pb::StepRequest>,
-    ) -> Result<Response<pb::StepResponse>, Status> {
-        let seqs: Vec<SeqStep> = request
-            .into_inner()
-            .seqs
-            .into_iter()
-            .map(seq_step_from_proto)
-            .collect();
+    async fn step(&self, request: Request<pb::StepRequest>) -> Result<Response<pb::StepResponse>, Status> {
+        let seqs: Vec<SeqStep> = request.into_inner().seqs.into_iter().map(seq_step_from_proto).collect();
         let results = self.call(|reply| Command::Step(seqs, reply)).await??;
         Ok(Response::new(pb::StepResponse {
             seqs: results.into_iter().map(seq_result_to_proto).collect(),
         }))
     }
 
-    async fn release(
-        &self,
-        request: Request<pb::ReleaseRequest>,
-    ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        let ids = request
-            .into_inner()
-            .seq_ids
-            .into_iter()
-            .map(SeqId)
-            .collect();
+    async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let ids = request.into_inner().seq_ids.into_iter().map(SeqId).collect();
         self.call(|reply| Command::Release(ids, reply)).await?;
         Ok(Response::new(pb::ReleaseResponse {}))
     }
 
-    async fn health(
-        &self,
-        _: Request<pb::HealthRequest>,
-    ) -> Result<Response<pb::HealthResponse>, Status> {
+    async fn health(&self, _: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
         Ok(Response::new(pb::HealthResponse {
             serving: !self.commands.is_closed(),
         }))

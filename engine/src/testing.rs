@@ -47,10 +47,7 @@ pub fn random_tensors(config: &ModelConfig, seed: u64) -> Result<ModelTensors> {
     let c = config;
     let (h, q, kv, ff) = (c.hidden_size, c.q_size(), c.kv_size(), c.intermediate_size);
     let mut tensors = HashMap::new();
-    tensors.insert(
-        "token_embd.weight".to_string(),
-        tensor(&[c.vocab_size, h], 1.0, 0.0)?,
-    );
+    tensors.insert("token_embd.weight".to_string(), tensor(&[c.vocab_size, h], 1.0, 0.0)?);
     tensors.insert("output_norm.weight".to_string(), tensor(&[h], 0.1, 1.0)?);
     for i in 0..c.num_layers {
         let w = 1.0 / (h as f32).sqrt();
@@ -65,10 +62,7 @@ pub fn random_tensors(config: &ModelConfig, seed: u64) -> Result<ModelTensors> {
             ("ffn_up", vec![ff, h], w, 0.0),
             ("ffn_down", vec![h, ff], 1.0 / (ff as f32).sqrt(), 0.0),
         ] {
-            tensors.insert(
-                format!("blk.{i}.{name}.weight"),
-                tensor(&shape, scale, offset)?,
-            );
+            tensors.insert(format!("blk.{i}.{name}.weight"), tensor(&shape, scale, offset)?);
         }
     }
     Ok(ModelTensors {
@@ -79,8 +73,5 @@ pub fn random_tensors(config: &ModelConfig, seed: u64) -> Result<ModelTensors> {
 
 /// A tiny random model with f32 weights.
 pub fn tiny_model(seed: u64) -> Result<Model> {
-    Model::from_tensors(
-        random_tensors(&tiny_config(), seed)?,
-        WeightFormat::AsShipped,
-    )
+    Model::from_tensors(random_tensors(&tiny_config(), seed)?, WeightFormat::AsShipped)
 }

@@ -67,8 +67,7 @@ fn check_against_llama_cpp(format: WeightFormat) {
         path.display()
     );
     let golden: Value = serde_json::from_str(
-        &std::fs::read_to_string(repo_root().join("tests/golden/smollm2_llamacpp.json"))
-            .expect("golden file"),
+        &std::fs::read_to_string(repo_root().join("tests/golden/smollm2_llamacpp.json")).expect("golden file"),
     )
     .expect("golden JSON");
     let model = Model::load(&path, format).expect("model loads");
@@ -117,12 +116,7 @@ fn check_against_llama_cpp(format: WeightFormat) {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|p| {
-                    (
-                        p[0].as_u64().unwrap() as usize,
-                        p[1].as_f64().unwrap() as f32,
-                    )
-                })
+                .map(|p| (p[0].as_u64().unwrap() as usize, p[1].as_f64().unwrap() as f32))
                 .collect();
             diffs.extend(top5.iter().map(|&(id, reference)| row[id] - reference));
             if top5[0].1 - top5[1].1 > MARGIN {

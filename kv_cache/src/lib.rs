@@ -170,10 +170,7 @@ impl BlockPool {
             config.num_blocks >= 2,
             "a block pool needs block 0 plus at least one block"
         );
-        assert!(
-            config.num_blocks < NIL as usize,
-            "too many blocks for u32 ids"
-        );
+        assert!(config.num_blocks < NIL as usize, "too many blocks for u32 ids");
         assert!(config.block_size > 0, "block_size must be positive");
         let mut pool = BlockPool {
             config,
@@ -301,10 +298,7 @@ impl BlockPool {
         salt: Option<&str>,
         max_tokens: usize,
     ) -> PrefixHit {
-        assert!(
-            table.block_ids.is_empty(),
-            "prefix lookup needs an empty table"
-        );
+        assert!(table.block_ids.is_empty(), "prefix lookup needs an empty table");
         let bs = self.config.block_size;
         let max_blocks = max_tokens.min(token_ids.len()) / bs;
         let mut parent = None;
@@ -325,9 +319,7 @@ impl BlockPool {
     /// Grows `table` so that it holds `num_tokens` slots. All or nothing:
     /// `None` (and no change) when not enough blocks are free.
     pub fn allocate_slots(&mut self, table: &mut BlockTable, num_tokens: usize) -> Option<()> {
-        let needed = self
-            .blocks_for(num_tokens)
-            .saturating_sub(table.block_ids.len());
+        let needed = self.blocks_for(num_tokens).saturating_sub(table.block_ids.len());
         if needed > self.num_free {
             return None;
         }
@@ -342,10 +334,7 @@ impl BlockPool {
     /// (unused lookahead). Registered full blocks are never inside the tail.
     pub fn truncate(&mut self, table: &mut BlockTable, num_tokens: usize) {
         let keep = self.blocks_for(num_tokens);
-        assert!(
-            keep >= table.hashes.len(),
-            "cannot truncate into registered blocks"
-        );
+        assert!(keep >= table.hashes.len(), "cannot truncate into registered blocks");
         while table.block_ids.len() > keep {
             let block = table.block_ids.pop().expect("len > keep");
             self.free(block);
@@ -356,12 +345,7 @@ impl BlockPool {
     /// with computed tokens: `token_ids` are the sequence's computed tokens.
     /// If an equal block is already cached, this table keeps its own copy and
     /// the cache keeps pointing at the first one.
-    pub fn register_full_blocks(
-        &mut self,
-        table: &mut BlockTable,
-        token_ids: &[u32],
-        salt: Option<&str>,
-    ) {
+    pub fn register_full_blocks(&mut self, table: &mut BlockTable, token_ids: &[u32], salt: Option<&str>) {
         let bs = self.config.block_size;
         let num_full = (token_ids.len() / bs).min(table.block_ids.len());
         while table.hashes.len() < num_full {
@@ -454,11 +438,7 @@ impl BlockPool {
     pub fn check_invariants(&self, tables: &[&BlockTable]) -> Result<(), String> {
         let free = self.free_list();
         if free.len() != self.num_free {
-            return Err(format!(
-                "free count {} but list has {}",
-                self.num_free,
-                free.len()
-            ));
+            return Err(format!("free count {} but list has {}", self.num_free, free.len()));
         }
         let mut expected_refs = vec![0u32; self.config.num_blocks];
         for table in tables {
@@ -466,8 +446,7 @@ impl BlockPool {
                 expected_refs[b.index()] += 1;
             }
         }
-        if expected_refs[0] != 0 || self.blocks[0].on_free_list || free.contains(&BlockId::RESERVED)
-        {
+        if expected_refs[0] != 0 || self.blocks[0].on_free_list || free.contains(&BlockId::RESERVED) {
             return Err("block 0 was handed out".into());
         }
         let mut seen = vec![false; self.config.num_blocks];
@@ -508,10 +487,7 @@ mod tests {
     use super::*;
 
     fn pool(num_blocks: usize, block_size: usize) -> BlockPool {
-        BlockPool::new(BlockPoolConfig {
-            num_blocks,
-            block_size,
-        })
+        BlockPool::new(BlockPoolConfig { num_blocks, block_size })
     }
 
     fn ids(v: &[u32]) -> Vec<BlockId> {
@@ -613,11 +589,7 @@ mod tests {
         assert_eq!(b.block_ids(), &a.block_ids()[..2]);
         assert_eq!(p.ref_count(a.block_ids()[0]), 2);
         p.allocate_slots(&mut b, prompt.len()).unwrap();
-        assert_ne!(
-            b.block_ids()[2],
-            a.block_ids()[2],
-            "partial blocks are never shared"
-        );
+        assert_ne!(b.block_ids()[2], a.block_ids()[2], "partial blocks are never shared");
 
         // a cached block on the free list is revived by a hit
         p.free_table(&mut a);
@@ -639,10 +611,7 @@ mod tests {
         p.register_full_blocks(&mut a, &prompt, None);
         let mut b = BlockTable::new();
         let hit = p.attach_cached_prefix(&mut b, &prompt, None, 7);
-        assert_eq!(
-            hit.num_cached_tokens, 4,
-            "the last prompt token must stay uncached"
-        );
+        assert_eq!(hit.num_cached_tokens, 4, "the last prompt token must stay uncached");
     }
 
     #[test]
@@ -661,14 +630,8 @@ mod tests {
     fn hash_chain_depends_on_the_whole_prefix() {
         let h1 = hash_block(None, None, &[1, 2]);
         let h2 = hash_block(None, None, &[9, 2]);
-        assert_ne!(
-            hash_block(Some(h1), None, &[3, 4]),
-            hash_block(Some(h2), None, &[3, 4])
-        );
-        assert_eq!(
-            hash_block(Some(h1), None, &[3, 4]),
-            hash_block(Some(h1), None, &[3, 4])
-        );
+        assert_ne!(hash_block(Some(h1), None, &[3, 4]), hash_block(Some(h2), None, &[3, 4]));
+        assert_eq!(hash_block(Some(h1), None, &[3, 4]), hash_block(Some(h1), None, &[3, 4]));
     }
 
     #[test]
@@ -736,11 +699,7 @@ mod tests {
                         assert!(hit.num_cached_tokens < len);
                         if p.allocate_slots(&mut table, len).is_some() {
                             p.register_full_blocks(&mut table, &tokens, salt);
-                            live.push(Seq {
-                                table,
-                                tokens,
-                                salt,
-                            });
+                            live.push(Seq { table, tokens, salt });
                         } else {
                             p.free_table(&mut table);
                         }
@@ -766,9 +725,7 @@ mod tests {
                         let i = rng.below(live.len());
                         let s = &mut live[i];
                         let lookahead = rng.below(9);
-                        if p.allocate_slots(&mut s.table, s.tokens.len() + lookahead)
-                            .is_some()
-                        {
+                        if p.allocate_slots(&mut s.table, s.tokens.len() + lookahead).is_some() {
                             p.truncate(&mut s.table, s.tokens.len());
                         }
                     }
@@ -783,11 +740,7 @@ mod tests {
             for mut s in live.drain(..) {
                 p.free_table(&mut s.table);
             }
-            assert_eq!(
-                p.num_free_blocks(),
-                p.num_usable_blocks(),
-                "seed {seed}: blocks leaked"
-            );
+            assert_eq!(p.num_free_blocks(), p.num_usable_blocks(), "seed {seed}: blocks leaked");
             p.check_invariants(&[]).unwrap();
         }
     }

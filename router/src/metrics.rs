@@ -68,12 +68,6 @@ pub fn describe() {
         PREFIX_CACHE_QUERIES_TOTAL,
         "Prompt tokens looked up in the prefix cache."
     );
-    describe_counter!(
-        PREFIX_CACHE_HITS_TOTAL,
-        "Prompt tokens found in the prefix cache."
-    );
-    describe_gauge!(
-        ENGINE_UP,
-        "1 when the router is connected to the engine, else 0."
-    );
+    describe_counter!(PREFIX_CACHE_HITS_TOTAL, "Prompt tokens found in the prefix cache.");
+    describe_gauge!(ENGINE_UP, "1 when the router is connected to the engine, else 0.");
 }

@@ -130,10 +130,7 @@ impl OutputStream {
             return self.finish(tokenizer, FinishReason::Eos);
         }
         let piece = self.decoder.push(tokenizer, id)?;
-        let search_from = floor_char_boundary(
-            &self.text,
-            self.text.len().saturating_sub(self.max_stop_len()),
-        );
+        let search_from = floor_char_boundary(&self.text, self.text.len().saturating_sub(self.max_stop_len()));
         self.text.push_str(&piece);
         if let Some(cut) = self.find_stop(search_from) {
             self.text.truncate(cut);
@@ -154,19 +151,12 @@ impl OutputStream {
     }
 
     /// Ends the stream (EOS, length, or cancellation): flushes held text.
-    pub fn finish(
-        &mut self,
-        tokenizer: &TextTokenizer,
-        reason: FinishReason,
-    ) -> Result<OutputDelta> {
+    pub fn finish(&mut self, tokenizer: &TextTokenizer, reason: FinishReason) -> Result<OutputDelta> {
         if self.finished.is_some() {
             return Ok(OutputDelta::default());
         }
         let rest = self.decoder.flush(tokenizer)?;
-        let search_from = floor_char_boundary(
-            &self.text,
-            self.text.len().saturating_sub(self.max_stop_len()),
-        );
+        let search_from = floor_char_boundary(&self.text, self.text.len().saturating_sub(self.max_stop_len()));
         self.text.push_str(&rest);
         let (end, reason) = match self.find_stop(search_from) {
             Some(cut) => (cut, FinishReason::Stop),
@@ -181,12 +171,7 @@ impl OutputStream {
     }
 
     fn max_stop_len(&self) -> usize {
-        self.criteria
-            .stop
-            .iter()
-            .map(String::len)
-            .max()
-            .unwrap_or(0)
+        self.criteria.stop.iter().map(String::len).max().unwrap_or(0)
     }
 
     /// Byte offset of the earliest stop string that ends at or after `from`.

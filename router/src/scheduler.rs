@@ -55,13 +55,9 @@ impl RequestPermit {
     /// Takes a slot if fewer than `max` requests are active.
     pub fn try_acquire(active: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
         active
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
             .ok()
-            .map(|_| RequestPermit {
-                active: active.clone(),
-            })
+            .map(|_| RequestPermit { active: active.clone() })
     }
 }
 
@@ -279,19 +275,12 @@ impl Scheduler {
         let mut client = EngineClient::new(self.endpoint.connect_lazy())
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
-        let info =
-            match tokio::time::timeout(Duration::from_secs(2), client.info(epb::InfoRequest {}))
-                .await
-            {
-                Ok(Ok(info)) => info.into_inner(),
-                _ => return false,
-            };
+        let info = match tokio::time::timeout(Duration::from_secs(2), client.info(epb::InfoRequest {})).await {
+            Ok(Ok(info)) => info.into_inner(),
+            _ => return false,
+        };
         if info.num_kv_blocks < 2 {
-            tracing::error!(
-                engine = self.index,
-                "engine reports {} KV blocks",
-                info.num_kv_blocks
-            );
+            tracing::error!(engine = self.index, "engine reports {} KV blocks", info.num_kv_blocks);
             return false;
         }
         let pool = BlockPool::new(BlockPoolConfig {
@@ -381,10 +370,7 @@ impl Scheduler {
                 i += 1;
             }
         }
-        let (closed, open): (Vec<_>, Vec<_>) = self
-            .waiting
-            .drain(..)
-            .partition(|s| s.responses.is_closed());
+        let (closed, open): (Vec<_>, Vec<_>) = self.waiting.drain(..).partition(|s| s.responses.is_closed());
         self.waiting = open.into();
         for seq in closed {
             self.finish(seq, Outcome::Finished(FinishReason::Cancelled));
@@ -434,9 +420,7 @@ impl Scheduler {
             } else {
                 // Alone and still out of blocks: it can never fit.
                 let seq = self.running.remove(0);
-                let status = Status::resource_exhausted(
-                    "the request needs more KV blocks than the engine has",
-                );
+                let status = Status::resource_exhausted("the request needs more KV blocks than the engine has");
                 self.finish(seq, Outcome::Error(status, "kv_exhausted"));
             }
         }
@@ -469,10 +453,8 @@ impl Scheduler {
             if seq.admitted_at.is_none() {
                 seq.admitted_at = Some(now);
                 seq.cached_prompt_tokens = hit;
-                metrics::histogram!(m::QUEUE_DURATION_SECONDS)
-                    .record((now - seq.arrival).as_secs_f64());
-                metrics::counter!(m::PROMPT_TOKENS_TOTAL)
-                    .increment(seq.request.prompt_token_ids.len() as u64);
+                metrics::histogram!(m::QUEUE_DURATION_SECONDS).record((now - seq.arrival).as_secs_f64());
+                metrics::counter!(m::PROMPT_TOKENS_TOTAL).increment(seq.request.prompt_token_ids.len() as u64);
             }
             metrics::counter!(m::PREFIX_CACHE_QUERIES_TOTAL).increment(seq.token_ids.len() as u64);
             metrics::counter!(m::PREFIX_CACHE_HITS_TOTAL).increment(hit as u64);
@@ -517,22 +499,19 @@ impl Scheduler {
             self.release_pending().await?;
         }
         let client = self.client.as_mut().expect("connected");
-        let response = tokio::time::timeout(
-            self.config.step_timeout,
-            client.step(epb::StepRequest { seqs: steps }),
-        )
-        .await
-        .map_err(|_| Status::unavailable("engine step timed out"))?
-        .map_err(|s| {
-            if s.code() == tonic::Code::InvalidArgument {
-                // A contract violation is our bug, but the engine's state
-                // for these sequences is unknown: treat as a failure.
-                Status::internal(format!("engine refused the step: {}", s.message()))
-            } else {
-                Status::unavailable(format!("engine failed: {}", s.message()))
-            }
-        })?
-        .into_inner();
+        let response = tokio::time::timeout(self.config.step_timeout, client.step(epb::StepRequest { seqs: steps }))
+            .await
+            .map_err(|_| Status::unavailable("engine step timed out"))?
+            .map_err(|s| {
+                if s.code() == tonic::Code::InvalidArgument {
+                    // A contract violation is our bug, but the engine's state
+                    // for these sequences is unknown: treat as a failure.
+                    Status::internal(format!("engine refused the step: {}", s.message()))
+                } else {
+                    Status::unavailable(format!("engine failed: {}", s.message()))
+                }
+            })?
+            .into_inner();
         self.apply_results(response);
         Ok(())
     }
@@ -551,8 +530,7 @@ impl Scheduler {
     }
 
     fn apply_results(&mut self, response: epb::StepResponse) {
-        let mut results: HashMap<u64, epb::SeqResult> =
-            response.seqs.into_iter().map(|r| (r.seq_id, r)).collect();
+        let mut results: HashMap<u64, epb::SeqResult> = response.seqs.into_iter().map(|r| (r.seq_id, r)).collect();
         let now = Instant::now();
         let mut finished = Vec::new();
         for (i, seq) in self.running.iter_mut().enumerate() {
@@ -565,11 +543,7 @@ impl Scheduler {
             seq.engine_knows = true;
             let salt = seq.request.cache_salt.clone();
             let pool = self.pool.as_mut().expect("connected");
-            pool.register_full_blocks(
-                &mut seq.table,
-                &seq.token_ids[..seq.num_computed],
-                salt.as_deref(),
-            );
+            pool.register_full_blocks(&mut seq.table, &seq.token_ids[..seq.num_computed], salt.as_deref());
             let Some(result) = result else { continue };
             if result.tokens.is_empty() {
                 continue;
@@ -585,8 +559,7 @@ impl Scheduler {
                 .last_token_at
                 .map(|t| (now - t).as_secs_f64() / result.tokens.len() as f64);
             match gap {
-                None => metrics::histogram!(m::TIME_TO_FIRST_TOKEN_SECONDS)
-                    .record((now - seq.arrival).as_secs_f64()),
+                None => metrics::histogram!(m::TIME_TO_FIRST_TOKEN_SECONDS).record((now - seq.arrival).as_secs_f64()),
                 Some(gap) => {
                     for _ in 0..result.tokens.len() {
                         metrics::histogram!(m::INTER_TOKEN_LATENCY_SECONDS).record(gap);
@@ -611,10 +584,7 @@ impl Scheduler {
                     }
                     Err(e) => {
                         reason = None;
-                        finished.push((
-                            i,
-                            Outcome::Error(Status::internal(e.to_string()), "detokenize"),
-                        ));
+                        finished.push((i, Outcome::Error(Status::internal(e.to_string()), "detokenize")));
                         break;
                     }
                 }
@@ -648,10 +618,7 @@ impl Scheduler {
     fn finish(&mut self, mut seq: Sequence, outcome: Outcome) {
         match outcome {
             Outcome::Finished(reason) => {
-                let delta = seq
-                    .output
-                    .finish(&self.tokenizer, reason)
-                    .unwrap_or_default();
+                let delta = seq.output.finish(&self.tokenizer, reason).unwrap_or_default();
                 let resp = pb::GenerateResponse {
                     request_id: seq.request.request_id.clone(),
                     text: delta.text,
@@ -687,8 +654,7 @@ impl Scheduler {
         }
         self.shared.load.fetch_sub(1, Ordering::AcqRel);
         metrics::counter!(m::REQUESTS_TOTAL, "outcome" => outcome).increment(1);
-        metrics::histogram!(m::REQUEST_DURATION_SECONDS)
-            .record(seq.arrival.elapsed().as_secs_f64());
+        metrics::histogram!(m::REQUEST_DURATION_SECONDS).record(seq.arrival.elapsed().as_secs_f64());
         tracing::debug!(
             engine = self.index,
             request = %seq.request.request_id,
@@ -703,11 +669,7 @@ impl Scheduler {
         tracing::warn!(engine = self.index, error = %status.message(), "engine failed; ending its requests");
         self.shared.healthy.store(false, Ordering::Release);
         metrics::gauge!(m::ENGINE_UP, "engine" => self.label.clone()).set(0.0);
-        let seqs: Vec<Sequence> = self
-            .running
-            .drain(..)
-            .chain(self.waiting.drain(..))
-            .collect();
+        let seqs: Vec<Sequence> = self.running.drain(..).chain(self.waiting.drain(..)).collect();
         for seq in seqs {
             self.finish(seq, Outcome::Error(status.clone(), "unavailable"));
         }
@@ -719,15 +681,12 @@ impl Scheduler {
 
     fn update_gauges(&self) {
         let label = self.label.clone();
-        metrics::gauge!(m::REQUESTS_RUNNING, "engine" => label.clone())
-            .set(self.running.len() as f64);
-        metrics::gauge!(m::REQUESTS_WAITING, "engine" => label.clone())
-            .set(self.waiting.len() as f64);
+        metrics::gauge!(m::REQUESTS_RUNNING, "engine" => label.clone()).set(self.running.len() as f64);
+        metrics::gauge!(m::REQUESTS_WAITING, "engine" => label.clone()).set(self.waiting.len() as f64);
         if let Some(pool) = &self.pool {
             metrics::gauge!(m::KV_BLOCKS, "engine" => label.clone(), "state" => "used")
                 .set(pool.num_used_blocks() as f64);
-            metrics::gauge!(m::KV_BLOCKS, "engine" => label, "state" => "free")
-                .set(pool.num_free_blocks() as f64);
+            metrics::gauge!(m::KV_BLOCKS, "engine" => label, "state" => "free").set(pool.num_free_blocks() as f64);
             self.shared
                 .num_free_blocks
                 .store(pool.num_free_blocks(), Ordering::Release);

@@ -81,9 +81,7 @@ struct State {
 
 impl State {
     fn any_engine_healthy(&self) -> bool {
-        self.engines
-            .iter()
-            .any(|e| e.shared.healthy.load(Ordering::Acquire))
+        self.engines.iter().any(|e| e.shared.healthy.load(Ordering::Acquire))
     }
 
     /// The healthy engine with the fewest requests.
@@ -104,25 +102,17 @@ pub struct RouterService {
 impl Generation for RouterService {
     type GenerateStream = ReceiverStream<Result<pb::GenerateResponse, Status>>;
 
-    async fn generate(
-        &self,
-        request: Request<pb::GenerateRequest>,
-    ) -> Result<Response<Self::GenerateStream>, Status> {
+    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let arrival = Instant::now();
         let state = &self.state;
         if state.draining.load(Ordering::Acquire) {
             return Err(Status::unavailable("the server is shutting down"));
         }
-        let mut validated = validate(request.into_inner(), &state.tokenizer, state.limits)
-            .inspect_err(|_| {
-                metrics::counter!(crate::metrics::REQUESTS_TOTAL, "outcome" => "invalid_argument")
-                    .increment(1);
-            })?;
+        let mut validated = validate(request.into_inner(), &state.tokenizer, state.limits).inspect_err(|_| {
+            metrics::counter!(crate::metrics::REQUESTS_TOTAL, "outcome" => "invalid_argument").increment(1);
+        })?;
         if validated.request_id.is_empty() {
-            validated.request_id = format!(
-                "req-{}",
-                state.next_request_id.fetch_add(1, Ordering::Relaxed)
-            );
+            validated.request_id = format!("req-{}", state.next_request_id.fetch_add(1, Ordering::Relaxed));
         }
         let permit = RequestPermit::try_acquire(&state.active, state.max_concurrent).ok_or_else(|| {
             metrics::counter!(crate::metrics::REQUESTS_TOTAL, "outcome" => "resource_exhausted").increment(1);
@@ -132,8 +122,7 @@ impl Generation for RouterService {
             ))
         })?;
         let engine = state.pick_engine().ok_or_else(|| {
-            metrics::counter!(crate::metrics::REQUESTS_TOTAL, "outcome" => "unavailable")
-                .increment(1);
+            metrics::counter!(crate::metrics::REQUESTS_TOTAL, "outcome" => "unavailable").increment(1);
             Status::unavailable("no engine is available")
         })?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
@@ -151,14 +140,10 @@ impl Generation for RouterService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn model_info(
-        &self,
-        _: Request<pb::ModelInfoRequest>,
-    ) -> Result<Response<pb::ModelInfoResponse>, Status> {
+    async fn model_info(&self, _: Request<pb::ModelInfoRequest>) -> Result<Response<pb::ModelInfoResponse>, Status> {
         let s = &self.state;
-        let shared = |f: fn(&crate::scheduler::EngineShared) -> usize| -> usize {
-            s.engines.iter().map(|e| f(&e.shared)).sum()
-        };
+        let shared =
+            |f: fn(&crate::scheduler::EngineShared) -> usize| -> usize { s.engines.iter().map(|e| f(&e.shared)).sum() };
         Ok(Response::new(pb::ModelInfoResponse {
             model: s.model_name.clone(),
             max_context: s.limits.max_context as u32,
@@ -174,9 +159,7 @@ impl Generation for RouterService {
             default_max_new_tokens: DEFAULT_MAX_NEW_TOKENS as u32,
             max_stop_strings: MAX_STOP_STRINGS as u32,
             speculation_modes: vec![pb::SpeculationMode::Off as i32],
-            speculation_note:
-                "speculative decoding is not enabled in this build: every mode decodes plainly"
-                    .into(),
+            speculation_note: "speculative decoding is not enabled in this build: every mode decodes plainly".into(),
         }))
     }
 }
@@ -215,18 +198,13 @@ pub async fn serve(
     });
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    reporter
-        .set_not_serving::<GenerationServer<RouterService>>()
-        .await;
+    reporter.set_service_status("", ServingStatus::NotServing).await;
+    reporter.set_not_serving::<GenerationServer<RouterService>>().await;
     let health_state = state.clone();
     tokio::spawn(async move {
         let mut last = None;
         loop {
-            let serving =
-                !health_state.draining.load(Ordering::Acquire) && health_state.any_engine_healthy();
+            let serving = !health_state.draining.load(Ordering::Acquire) && health_state.any_engine_healthy();
             if last != Some(serving) {
                 let status = if serving {
                     ServingStatus::Serving

@@ -45,24 +45,16 @@ pub struct TextTokenizer {
 impl TextTokenizer {
     /// Reads only the GGUF header (metadata), not the weights.
     pub fn from_gguf_file(path: &Path) -> Result<Self> {
-        let file = File::open(path)
-            .map_err(|e| RouterError::Tokenizer(format!("cannot open {}: {e}", path.display())))?;
-        let content = gguf_file::Content::read(&mut BufReader::new(file)).map_err(|e| {
-            RouterError::Tokenizer(format!("{} is not a valid GGUF file: {e}", path.display()))
-        })?;
+        let file =
+            File::open(path).map_err(|e| RouterError::Tokenizer(format!("cannot open {}: {e}", path.display())))?;
+        let content = gguf_file::Content::read(&mut BufReader::new(file))
+            .map_err(|e| RouterError::Tokenizer(format!("{} is not a valid GGUF file: {e}", path.display())))?;
         Self::from_gguf(&content)
     }
 
     pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
-        let mut inner =
-            Tokenizer::from_gguf(content).map_err(|e| RouterError::Tokenizer(e.to_string()))?;
-        let meta_str = |key: &str| {
-            content
-                .metadata
-                .get(key)
-                .and_then(|v| v.to_string().ok())
-                .cloned()
-        };
+        let mut inner = Tokenizer::from_gguf(content).map_err(|e| RouterError::Tokenizer(e.to_string()))?;
+        let meta_str = |key: &str| content.metadata.get(key).and_then(|v| v.to_string().ok()).cloned();
         let meta_u32 = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok());
         // Pre-tokenizers as llama.cpp applies them (its `tokenizer.ggml.pre`
         // names); without a leading-space insertion.
@@ -83,22 +75,12 @@ impl TextTokenizer {
             .get("tokenizer.ggml.tokens")
             .and_then(|v| v.to_vec().ok())
             .ok_or_else(|| RouterError::Tokenizer("GGUF has no tokenizer.ggml.tokens".into()))?;
-        let token_text = |id: u32| {
-            tokens
-                .get(id as usize)
-                .and_then(|v| v.to_string().ok())
-                .cloned()
-        };
+        let token_text = |id: u32| tokens.get(id as usize).and_then(|v| v.to_string().ok()).cloned();
 
         let eos = meta_u32("tokenizer.ggml.eos_token_id");
         let mut eos_token_ids: Vec<u32> = eos.into_iter().collect();
         // Chat models also end a turn with their end-of-turn token.
-        for name in [
-            "<|im_end|>",
-            "<|eot_id|>",
-            "<|end_of_text|>",
-            "<end_of_turn>",
-        ] {
+        for name in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>"] {
             if let Some(id) = inner.token_to_id(name) {
                 if !eos_token_ids.contains(&id) {
                     eos_token_ids.push(id);
@@ -173,21 +155,18 @@ impl TextTokenizer {
     /// Renders messages with the model's chat template and a trailing
     /// assistant turn opener.
     pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
-        let template =
-            self.chat_template
-                .as_deref()
-                .ok_or_else(|| RouterError::InvalidArgument {
-                    field: "messages",
-                    reason: "the model has no chat template".into(),
-                })?;
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| RouterError::InvalidArgument {
+                field: "messages",
+                reason: "the model has no chat template".into(),
+            })?;
         let mut env = minijinja::Environment::new();
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
+                Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
             },
         );
         env.add_template("chat", template)

@@ -44,22 +44,12 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> RouterError {
     }
 }
 
-pub fn validate(
-    req: pb::GenerateRequest,
-    tokenizer: &TextTokenizer,
-    limits: ModelLimits,
-) -> Result<ValidatedRequest> {
+pub fn validate(req: pb::GenerateRequest, tokenizer: &TextTokenizer, limits: ModelLimits) -> Result<ValidatedRequest> {
     if req.request_id.len() > MAX_ID_BYTES {
-        return Err(invalid(
-            "request_id",
-            format!("longer than {MAX_ID_BYTES} bytes"),
-        ));
+        return Err(invalid("request_id", format!("longer than {MAX_ID_BYTES} bytes")));
     }
     if req.cache_salt.len() > MAX_ID_BYTES {
-        return Err(invalid(
-            "cache_salt",
-            format!("longer than {MAX_ID_BYTES} bytes"),
-        ));
+        return Err(invalid("cache_salt", format!("longer than {MAX_ID_BYTES} bytes")));
     }
     let speculation = pb::SpeculationMode::try_from(req.speculation)
         .map_err(|_| invalid("speculation", format!("unknown mode {}", req.speculation)))?;
@@ -84,10 +74,7 @@ pub fn validate(
             if let Some(bad) = ids.ids.iter().find(|&&id| id as usize >= limits.vocab_size) {
                 return Err(invalid(
                     "prompt_token_ids",
-                    format!(
-                        "token id {bad} is outside the vocabulary of {}",
-                        limits.vocab_size
-                    ),
+                    format!("token id {bad} is outside the vocabulary of {}", limits.vocab_size),
                 ));
             }
             ids.ids
@@ -153,9 +140,7 @@ pub fn validate(
     let room = limits.max_context - prompt_token_ids.len();
     let max_new_tokens = match stopping.max_new_tokens {
         None => DEFAULT_MAX_NEW_TOKENS.min(room),
-        Some(n) if n < 1 => {
-            return Err(invalid("max_new_tokens", format!("must be >= 1, got {n}")))
-        }
+        Some(n) if n < 1 => return Err(invalid("max_new_tokens", format!("must be >= 1, got {n}"))),
         Some(n) if n as usize > room => {
             return Err(invalid(
                 "max_new_tokens",
@@ -171,20 +156,13 @@ pub fn validate(
     if stopping.stop.len() > MAX_STOP_STRINGS {
         return Err(invalid(
             "stop",
-            format!(
-                "at most {MAX_STOP_STRINGS} stop strings, got {}",
-                stopping.stop.len()
-            ),
+            format!("at most {MAX_STOP_STRINGS} stop strings, got {}", stopping.stop.len()),
         ));
     }
     if stopping.stop.iter().any(String::is_empty) {
         return Err(invalid("stop", "stop strings must not be empty"));
     }
-    if stopping
-        .stop
-        .iter()
-        .any(|s| s.len() > MAX_STOP_STRING_BYTES)
-    {
+    if stopping.stop.iter().any(|s| s.len() > MAX_STOP_STRING_BYTES) {
         return Err(invalid(
             "stop",
             format!("stop strings must be at most {MAX_STOP_STRING_BYTES} bytes"),

@@ -5,9 +5,7 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use heterospec_router::{
-    ChatMessage, FinishReason, IncrementalDecoder, OutputStream, StopCriteria, TextTokenizer,
-};
+use heterospec_router::{ChatMessage, FinishReason, IncrementalDecoder, OutputStream, StopCriteria, TextTokenizer};
 use serde_json::Value;
 
 fn repo_root() -> PathBuf {
@@ -30,10 +28,8 @@ fn tokenizer() -> &'static TextTokenizer {
 }
 
 fn golden() -> Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(repo_root().join("tests/golden/smollm2_llamacpp.json")).unwrap(),
-    )
-    .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(repo_root().join("tests/golden/smollm2_llamacpp.json")).unwrap())
+        .unwrap()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -73,12 +69,12 @@ fn chat_template_renders_the_model_format() {
     // The first golden prompt was written out by hand in this format.
     assert_eq!(text, golden()["cases"][0]["prompt"].as_str().unwrap());
     let with_system = tokenizer()
-        .apply_chat_template(&[
-            ChatMessage::new("system", "Be brief."),
-            ChatMessage::new("user", "hi"),
-        ])
+        .apply_chat_template(&[ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "hi")])
         .unwrap();
-    assert_eq!(with_system, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    assert_eq!(
+        with_system,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
 }
 
 #[test]
@@ -90,10 +86,7 @@ fn im_end_ends_generation() {
 /// Streams `ids` through the incremental decoder one at a time.
 fn stream(ids: &[u32]) -> Vec<String> {
     let mut dec = IncrementalDecoder::new();
-    let mut out: Vec<String> = ids
-        .iter()
-        .map(|&id| dec.push(tokenizer(), id).unwrap())
-        .collect();
+    let mut out: Vec<String> = ids.iter().map(|&id| dec.push(tokenizer(), id).unwrap()).collect();
     out.push(dec.flush(tokenizer()).unwrap());
     out
 }
@@ -144,9 +137,7 @@ fn run_output(text_ids: &[u32], criteria: StopCriteria) -> (String, FinishReason
 
 #[test]
 fn stop_strings_cut_exactly_even_across_tokens() {
-    let ids = tokenizer()
-        .encode("The answer is 42. Next question: why?")
-        .unwrap();
+    let ids = tokenizer().encode("The answer is 42. Next question: why?").unwrap();
     // "answer is" spans several tokens; the output ends right before it.
     let criteria = StopCriteria {
         max_new_tokens: 100,
@@ -162,10 +153,7 @@ fn stop_strings_cut_exactly_even_across_tokens() {
         ignore_eos: false,
     };
     let (text, reason, used) = run_output(&ids, criteria);
-    assert_eq!(
-        (text.as_str(), reason),
-        ("The answer is ", FinishReason::Stop)
-    );
+    assert_eq!((text.as_str(), reason), ("The answer is ", FinishReason::Stop));
     assert!(used < ids.len());
 
     // Text that only starts like a stop string is released at the end.
@@ -177,10 +165,7 @@ fn stop_strings_cut_exactly_even_across_tokens() {
     let (text, reason, _) = run_output(&ids, criteria);
     assert_eq!(
         (text.as_str(), reason),
-        (
-            "The answer is 42. Next question: why?",
-            FinishReason::Cancelled
-        )
+        ("The answer is 42. Next question: why?", FinishReason::Cancelled)
     );
 }
 

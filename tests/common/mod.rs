@@ -16,9 +16,7 @@ use tonic::transport::Channel;
 pub fn model() -> PathBuf {
     let path = std::env::var_os("HETEROSPEC_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
     assert!(
         path.exists(),
         "{} is missing: run `heterospec fetch-model` first",
@@ -29,11 +27,7 @@ pub fn model() -> PathBuf {
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A running `heterospec` process; killed (if still running) on drop.
@@ -102,16 +96,10 @@ impl Drop for Proc {
 }
 
 pub fn engine_args(listen: &str, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "engine",
-        "--listen",
-        listen,
-        "--model",
-        model().to_str().unwrap(),
-    ]
-    .into_iter()
-    .map(String::from)
-    .collect();
+    let mut args: Vec<String> = ["engine", "--listen", listen, "--model", model().to_str().unwrap()]
+        .into_iter()
+        .map(String::from)
+        .collect();
     if !extra.contains(&"--threads") {
         args.extend(["--threads".to_string(), "2".to_string()]);
     }
@@ -196,8 +184,7 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
         .filter(|l| !l.starts_with('#'))
         .filter(|l| {
             let key = l.split_whitespace().next().unwrap_or("");
-            (key == name || key.starts_with(&format!("{name}{{")))
-                && labels.iter().all(|lab| key.contains(lab))
+            (key == name || key.starts_with(&format!("{name}{{"))) && labels.iter().all(|lab| key.contains(lab))
         })
         .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         .sum()
@@ -257,12 +244,7 @@ pub async fn health_status(url: &str) -> i32 {
         return -1;
     };
     let mut client = HealthClient::new(channel);
-    match client
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-    {
+    match client.check(HealthCheckRequest { service: String::new() }).await {
         Ok(r) => r.into_inner().status,
         Err(_) => -1,
     }
@@ -279,10 +261,7 @@ pub async fn wait_health(url: &str, want: i32, timeout: Duration) {
         if got == want {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "health of {url} is {got}, waited for {want}"
-        );
+        assert!(Instant::now() < deadline, "health of {url} is {got}, waited for {want}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -191,13 +191,13 @@ impl TileKernel for Q8Matrix {
     fn tile(&self, x: &Q8Rows, n: usize, m: usize, mr: usize, nr: usize, kind: KernelKind, acc: &mut [[f32; NR]; MR]) {
         let tile = Tile { w: self, x, n, m };
         match kind {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `Avx2` is only chosen when the CPU has AVX2 and FMA.
-                    KernelKind::Avx2 => unsafe { avx2::tile(&tile, mr, nr, acc) },
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `Avx512` is only chosen when the CPU has
-                    // AVX-512 F/BW/DQ and AVX2/FMA.
-                    KernelKind::Avx512 => unsafe { avx512::tile(&tile, mr, nr, acc) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Avx2` is only chosen when the CPU has AVX2 and FMA.
+            KernelKind::Avx2 => unsafe { avx2::tile(&tile, mr, nr, acc) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Avx512` is only chosen when the CPU has
+            // AVX-512 F/BW/DQ and AVX2/FMA.
+            KernelKind::Avx512 => unsafe { avx512::tile(&tile, mr, nr, acc) },
             _ => scalar_tile(&tile, mr, nr, acc),
         }
     }
@@ -384,11 +384,7 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512dq")]
     unsafe fn pair(a: f32, b: f32) -> __m512 {
-        _mm512_insertf32x8(
-            _mm512_castps256_ps512(_mm256_set1_ps(a)),
-            _mm256_set1_ps(b),
-            1,
-        )
+        _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(a)), _mm256_set1_ps(b), 1)
     }
 
     /// Two blocks (64 values) per instruction: `maddubs` of |w| (u8) and x
@@ -440,8 +436,7 @@ mod avx512 {
                     let (wr, xr) = (t.n + j, t.m + i);
                     let mut dot = 0i32;
                     for e in 0..BLOCK {
-                        dot += *wq.add(wr * k + b * BLOCK + e) as i32
-                            * *xq.add(xr * k + b * BLOCK + e) as i32;
+                        dot += *wq.add(wr * k + b * BLOCK + e) as i32 * *xq.add(xr * k + b * BLOCK + e) as i32;
                     }
                     sum += dot as f32 * *ws.add(wr * nblocks + b) * *xs.add(xr * nblocks + b);
                 }
@@ -471,9 +466,7 @@ mod tests {
         let mut out = vec![0.0; m * n];
         for i in 0..m {
             for j in 0..n {
-                out[i * n + j] = (0..k)
-                    .map(|p| x[i * k + p] as f64 * w[j * k + p] as f64)
-                    .sum::<f64>() as f32;
+                out[i * n + j] = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum::<f64>() as f32;
             }
         }
         out

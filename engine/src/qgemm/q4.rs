@@ -198,12 +198,28 @@ mod simd {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile_avx2(w: &Q4Matrix, x: &Q8Rows, n: usize, m: usize, mr: usize, nr: usize, acc: &mut [[f32; NR]; MR]) {
+    pub unsafe fn tile_avx2(
+        w: &Q4Matrix,
+        x: &Q8Rows,
+        n: usize,
+        m: usize,
+        mr: usize,
+        nr: usize,
+        acc: &mut [[f32; NR]; MR],
+    ) {
         dispatch!(fixed_avx2, w, x, n, m, mr, nr, acc)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma")]
-    pub unsafe fn tile_avx512(w: &Q4Matrix, x: &Q8Rows, n: usize, m: usize, mr: usize, nr: usize, acc: &mut [[f32; NR]; MR]) {
+    pub unsafe fn tile_avx512(
+        w: &Q4Matrix,
+        x: &Q8Rows,
+        n: usize,
+        m: usize,
+        mr: usize,
+        nr: usize,
+        acc: &mut [[f32; NR]; MR],
+    ) {
         dispatch!(fixed_avx512, w, x, n, m, mr, nr, acc)
     }
 
@@ -227,7 +243,13 @@ mod simd {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn fixed_avx2<const M: usize, const N: usize>(w: &Q4Matrix, x: &Q8Rows, n: usize, m: usize, out: &mut [[f32; NR]; MR]) {
+    unsafe fn fixed_avx2<const M: usize, const N: usize>(
+        w: &Q4Matrix,
+        x: &Q8Rows,
+        n: usize,
+        m: usize,
+        out: &mut [[f32; NR]; MR],
+    ) {
         let k = w.cols;
         let nb = w.nblocks();
         let row_bytes = w.row_bytes();
@@ -274,7 +296,13 @@ mod simd {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma")]
-    unsafe fn fixed_avx512<const M: usize, const N: usize>(w: &Q4Matrix, x: &Q8Rows, n: usize, m: usize, out: &mut [[f32; NR]; MR]) {
+    unsafe fn fixed_avx512<const M: usize, const N: usize>(
+        w: &Q4Matrix,
+        x: &Q8Rows,
+        n: usize,
+        m: usize,
+        out: &mut [[f32; NR]; MR],
+    ) {
         let k = w.cols;
         let nb = w.nblocks();
         let row_bytes = w.row_bytes();
@@ -310,7 +338,9 @@ mod simd {
                     let b = nb - 1;
                     let wr = n + j;
                     let xr = m + i;
-                    let dot: i32 = (0..BLOCK).map(|e| w.value(wr, b, e) as i32 * *xq.add(xr * k + b * BLOCK + e) as i32).sum();
+                    let dot: i32 = (0..BLOCK)
+                        .map(|e| w.value(wr, b, e) as i32 * *xq.add(xr * k + b * BLOCK + e) as i32)
+                        .sum();
                     sum += *wd.add(wr * nb + b) * *xs.add(xr * nb + b) * dot as f32;
                 }
                 out[i][j] = sum;
@@ -327,7 +357,10 @@ mod tests {
     struct Lcg(u64);
     impl Lcg {
         fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             self.0 >> 33
         }
         fn f(&mut self) -> f32 {
@@ -347,7 +380,16 @@ mod tests {
     #[test]
     fn kernels_equal_dequantized_reference_on_odd_shapes() {
         let mut rng = Lcg(3);
-        for &(m, n, k) in &[(1, 1, 32), (1, 70, 64), (3, 5, 96), (4, 2, 32), (5, 33, 576), (16, 67, 160), (70, 9, 64), (17, 31, 1536)] {
+        for &(m, n, k) in &[
+            (1, 1, 32),
+            (1, 70, 64),
+            (3, 5, 96),
+            (4, 2, 32),
+            (5, 33, 576),
+            (16, 67, 160),
+            (70, 9, 64),
+            (17, 31, 1536),
+        ] {
             let w = random(n, k, &mut rng);
             let x: Vec<f32> = (0..m * k).map(|_| rng.f() * 3.0).collect();
             let xq = Q8Rows::quantize(&x, m);
@@ -365,7 +407,10 @@ mod tests {
                     for j in 0..n {
                         let want: f64 = (0..k).map(|p| xf[i * k + p] as f64 * wf[j * k + p] as f64).sum();
                         let got = out[i * n + j] as f64;
-                        assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()) * (k as f64).sqrt(), "{kind:?} m{m} n{n} k{k} ({i},{j}): {got} vs {want}");
+                        assert!(
+                            (got - want).abs() <= 1e-4 * (1.0 + want.abs()) * (k as f64).sqrt(),
+                            "{kind:?} m{m} n{n} k{k} ({i},{j}): {got} vs {want}"
+                        );
                     }
                 }
             }
@@ -383,7 +428,13 @@ mod tests {
         let t = Tensor::from_vec(src, (rows, cols), &Device::Cpu).unwrap();
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1] {
             let q = QTensor::quantize(&t, dtype).unwrap();
-            let want = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let ours = Q4Matrix::from_ggml(dtype, &q.data().unwrap(), rows, cols).expect("4-bit type");
             for (a, b) in ours.dequantize().iter().zip(&want) {
                 assert!((a - b).abs() < 1e-6, "{dtype:?}: {a} vs {b}");
