@@ -365,6 +365,12 @@ async fn preemption_under_a_small_kv_pool_loses_no_request() {
         assert_eq!(got.token_ids, solo[i].token_ids, "request {i} changed under preemption");
         assert_eq!(got.finish_reason, pb::FinishReason::Length as i32);
     }
+    // A prompt larger than the whole pool is refused, and serving goes on.
+    let mut huge = chat_request(&"many words here ".repeat(60), 4);
+    huge.stopping.as_mut().unwrap().ignore_eos = true;
+    let refused = run_stream(&mut client, huge).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(run_stream(&mut client, chat_request(PROMPTS[0], 4)).await.is_ok());
     let text = cluster.metrics();
     assert!(
         metric(&text, "heterospec_preemptions_total", &[]) >= 1.0,
@@ -418,7 +424,7 @@ async fn killed_engine_ends_streams_with_unavailable_and_recovers() {
     engine.wait_timeout(Duration::from_secs(5));
 
     // The engine comes back on the same address; the router reconnects.
-    let _engine = Proc::start(&engine_args(&engine_addr.to_string(), &[]));
+    let mut engine = Proc::start(&engine_args(&engine_addr.to_string(), &[]));
     wait_health(&router.url(), SERVING, Duration::from_secs(30)).await;
     let out = run_stream(&mut client.clone(), chat_request(PROMPTS[3], 8))
         .await
@@ -429,6 +435,27 @@ async fn killed_engine_ends_streams_with_unavailable_and_recovers() {
         metric(&text, "heterospec_requests_total", &["outcome=\"unavailable\""]),
         4.0
     );
+
+    // A restart while the router is idle: the prompt's cached blocks on the
+    // router side belong to the dead instance and must not be used (the
+    // output would be garbage); a request either fails UNAVAILABLE or runs
+    // on the new instance with the right output.
+    let long = format!("{} {}", PROMPTS[6], "Answer in detail, please. ".repeat(8));
+    let before = run_stream(&mut client.clone(), chat_request(&long, 12)).await.unwrap();
+    engine.signal(libc::SIGKILL);
+    engine.wait_timeout(Duration::from_secs(5));
+    let _engine = Proc::start(&engine_args(&engine_addr.to_string(), &[]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        match run_stream(&mut client.clone(), chat_request(&long, 12)).await {
+            Ok(out) => break out,
+            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(s) => panic!("no recovery after an idle restart: {s:?}"),
+        }
+    };
+    assert_eq!(after.token_ids, before.token_ids);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

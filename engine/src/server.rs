@@ -148,11 +148,21 @@ impl From<EngineError> for Status {
 #[tonic::async_trait]
 impl EngineService for EngineHandle {
     async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+        if self.commands.is_closed() {
+            return Err(Status::unavailable("engine thread stopped"));
+        }
         Ok(Response::new(self.info.clone()))
     }
 
     async fn step(&self, request: Request<pb::StepRequest>) -> Result<Response<pb::StepResponse>, Status> {
-        let seqs: Vec<SeqStep> = request.into_inner().seqs.into_iter().map(seq_step_from_proto).collect();
+        let request = request.into_inner();
+        if request.instance_id != self.info.instance_id {
+            return Err(Status::failed_precondition(format!(
+                "step planned for engine instance {}, this is {}",
+                request.instance_id, self.info.instance_id
+            )));
+        }
+        let seqs: Vec<SeqStep> = request.seqs.into_iter().map(seq_step_from_proto).collect();
         let results = self.call(|reply| Command::Step(seqs, reply)).await??;
         Ok(Response::new(pb::StepResponse {
             seqs: results.into_iter().map(seq_result_to_proto).collect(),

@@ -192,6 +192,9 @@ pub struct Scheduler {
     /// Admission order: the newest is last.
     running: Vec<Sequence>,
     to_release: Vec<u64>,
+    /// Sequence ids the engine may still hold after a failure: released if
+    /// the same engine instance comes back.
+    orphaned: Vec<u64>,
     next_seq_id: u64,
     submissions: mpsc::Receiver<Submission>,
     shared: Arc<EngineShared>,
@@ -201,6 +204,10 @@ pub struct Scheduler {
 const SUBMIT_QUEUE: usize = 1024;
 /// Pause between reconnection attempts to a failed engine.
 const RECONNECT_INTERVAL: Duration = Duration::from_millis(250);
+/// How long a stalled client gets to accept a request's last message.
+const FINAL_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often an idle scheduler checks that its engine is still the same.
+const IDLE_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Scheduler {
     /// Starts the scheduler task for the engine at `url`.
@@ -228,7 +235,13 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             to_release: Vec::new(),
-            next_seq_id: 1,
+            // Ids from a random base, so a restarted router never reuses the
+            // ids of sequences a surviving engine still holds.
+            next_seq_id: {
+                use std::hash::{BuildHasher, RandomState};
+                RandomState::new().hash_one(index) >> 2
+            },
+            orphaned: Vec::new(),
             submissions: rx,
             shared: shared.clone(),
         };
@@ -254,9 +267,24 @@ impl Scheduler {
             }
             if self.running.is_empty() && self.waiting.is_empty() {
                 self.update_gauges();
-                match self.submissions.recv().await {
-                    Some(sub) => self.enqueue(sub),
-                    None => return,
+                if !self.to_release.is_empty() {
+                    if let Err(status) = self.release_pending().await {
+                        self.fail_engine(status);
+                        continue;
+                    }
+                }
+                tokio::select! {
+                    sub = self.submissions.recv() => match sub {
+                        Some(sub) => self.enqueue(sub),
+                        None => return,
+                    },
+                    _ = tokio::time::sleep(IDLE_PROBE_INTERVAL) => {
+                        // An idle engine may have died or restarted.
+                        if let Err(status) = self.probe().await {
+                            self.fail_engine(status);
+                        }
+                        continue;
+                    }
                 }
             }
             while let Ok(sub) = self.submissions.try_recv() {
@@ -307,6 +335,12 @@ impl Scheduler {
             "connected to engine"
         );
         self.pool = Some(pool);
+        let orphaned = std::mem::take(&mut self.orphaned);
+        if info.instance_id == self.instance_id && !orphaned.is_empty() {
+            // The same engine survived a transient failure: forget the
+            // sequences it still holds for us.
+            let _ = client.release(epb::ReleaseRequest { seq_ids: orphaned }).await;
+        }
         self.instance_id = info.instance_id;
         self.client = Some(client);
         self.to_release.clear();
@@ -446,6 +480,12 @@ impl Scheduler {
             if self.pool().allocate_slots(&mut seq.table, need).is_none() {
                 self.pool().free_table(&mut seq.table);
                 seq.num_computed = 0;
+                if self.running.is_empty() {
+                    // Every block is free and it still does not fit.
+                    let status = Status::resource_exhausted("the request needs more KV blocks than the engine has");
+                    self.finish(seq, Outcome::Error(status, "kv_exhausted"));
+                    continue;
+                }
                 self.waiting.push_front(seq);
                 break;
             }
@@ -486,12 +526,7 @@ impl Scheduler {
             })
             .collect();
         if steps.is_empty() {
-            // Nothing runnable (e.g. all waiting requests lack blocks while
-            // nothing runs would be a bug: a lone request always fits a chunk).
-            if !self.to_release.is_empty() {
-                self.release_pending().await?;
-            }
-            tokio::task::yield_now().await;
+            // Only when every remaining request was just ended above.
             return Ok(());
         }
 
@@ -499,11 +534,17 @@ impl Scheduler {
             self.release_pending().await?;
         }
         let client = self.client.as_mut().expect("connected");
-        let response = tokio::time::timeout(self.config.step_timeout, client.step(epb::StepRequest { seqs: steps }))
+        let request = epb::StepRequest {
+            seqs: steps,
+            instance_id: self.instance_id,
+        };
+        let response = tokio::time::timeout(self.config.step_timeout, client.step(request))
             .await
             .map_err(|_| Status::unavailable("engine step timed out"))?
             .map_err(|s| {
-                if s.code() == tonic::Code::InvalidArgument {
+                if s.code() == tonic::Code::FailedPrecondition {
+                    Status::unavailable(format!("engine restarted: {}", s.message()))
+                } else if s.code() == tonic::Code::InvalidArgument {
                     // A contract violation is our bug, but the engine's state
                     // for these sequences is unknown: treat as a failure.
                     Status::internal(format!("engine refused the step: {}", s.message()))
@@ -512,7 +553,20 @@ impl Scheduler {
                 }
             })?
             .into_inner();
-        self.apply_results(response);
+        self.apply_results(response)
+    }
+
+    /// Checks that the engine answers and is the instance we planned for.
+    async fn probe(&mut self) -> Result<(), Status> {
+        let client = self.client.as_mut().expect("connected");
+        let info = tokio::time::timeout(Duration::from_secs(2), client.info(epb::InfoRequest {}))
+            .await
+            .map_err(|_| Status::unavailable("engine does not answer"))?
+            .map_err(|s| Status::unavailable(format!("engine failed: {}", s.message())))?
+            .into_inner();
+        if info.instance_id != self.instance_id {
+            return Err(Status::unavailable("engine restarted"));
+        }
         Ok(())
     }
 
@@ -529,10 +583,22 @@ impl Scheduler {
         Ok(())
     }
 
-    fn apply_results(&mut self, response: epb::StepResponse) {
+    /// Applies what the engine committed. `Err` when the engine broke the
+    /// contract (no token for a sequence that was to be sampled).
+    fn apply_results(&mut self, response: epb::StepResponse) -> Result<(), Status> {
         let mut results: HashMap<u64, epb::SeqResult> = response.seqs.into_iter().map(|r| (r.seq_id, r)).collect();
         let now = Instant::now();
         let mut finished = Vec::new();
+        for seq in &self.running {
+            let sampled = seq.num_scheduled > 0 && seq.num_computed + seq.num_scheduled == seq.token_ids.len();
+            let has_token = results.get(&seq.seq_id).is_some_and(|r| !r.tokens.is_empty());
+            if sampled && !has_token {
+                return Err(Status::internal(format!(
+                    "engine committed no token for sequence {}",
+                    seq.seq_id
+                )));
+            }
+        }
         for (i, seq) in self.running.iter_mut().enumerate() {
             if seq.num_scheduled == 0 {
                 continue;
@@ -568,6 +634,7 @@ impl Scheduler {
             }
             seq.last_token_at = Some(now);
             let mut reason = None;
+            let mut detok_error = None;
             for t in &result.tokens {
                 seq.token_ids.push(t.token_id);
                 resp.token_ids.push(t.token_id);
@@ -583,11 +650,14 @@ impl Scheduler {
                         }
                     }
                     Err(e) => {
-                        reason = None;
-                        finished.push((i, Outcome::Error(Status::internal(e.to_string()), "detokenize")));
+                        detok_error = Some(Status::internal(e.to_string()));
                         break;
                     }
                 }
+            }
+            if let Some(status) = detok_error {
+                finished.push((i, Outcome::Error(status, "detokenize")));
+                continue;
             }
             metrics::counter!(m::GENERATED_TOKENS_TOTAL).increment(resp.token_ids.len() as u64);
             if let Some(reason) = reason {
@@ -603,6 +673,7 @@ impl Scheduler {
             let seq = self.running.remove(i);
             self.finish_after_step(seq, outcome);
         }
+        Ok(())
     }
 
     /// Ends a sequence whose last response (if any) was already emitted.
@@ -631,7 +702,13 @@ impl Scheduler {
             }
             Outcome::Error(status, label) => {
                 let _ = seq.pending.take();
-                let _ = seq.responses.try_send(Err(status));
+                if let Err(mpsc::error::TrySendError::Full(err)) = seq.responses.try_send(Err(status)) {
+                    // A slow client still gets the error, after what it has.
+                    let tx = seq.responses.clone();
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(FINAL_SEND_TIMEOUT, tx.send(err)).await;
+                    });
+                }
                 self.release_and_record(seq, label);
             }
         }
@@ -649,7 +726,7 @@ impl Scheduler {
         if let Some(pending) = seq.pending.take() {
             let tx = seq.responses.clone();
             tokio::spawn(async move {
-                let _ = tx.send(Ok(pending)).await;
+                let _ = tokio::time::timeout(FINAL_SEND_TIMEOUT, tx.send(Ok(pending))).await;
             });
         }
         self.shared.load.fetch_sub(1, Ordering::AcqRel);
@@ -673,10 +750,10 @@ impl Scheduler {
         for seq in seqs {
             self.finish(seq, Outcome::Error(status.clone(), "unavailable"));
         }
+        // finish() queued every sequence the engine knew for release.
+        self.orphaned = std::mem::take(&mut self.to_release);
         self.pool = None;
         self.client = None;
-        self.to_release.clear();
-        self.instance_id = 0;
     }
 
     fn update_gauges(&self) {

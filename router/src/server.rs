@@ -28,6 +28,8 @@ use crate::validate::{validate, ModelLimits, DEFAULT_MAX_NEW_TOKENS, MAX_STOP_ST
 /// Responses buffered per stream before a slow client's responses are
 /// coalesced (backpressure without blocking the scheduler).
 const STREAM_BUFFER: usize = 32;
+/// How long clients get to close their connections after the drain.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// How often health status follows engine availability.
 const HEALTH_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -233,6 +235,7 @@ pub async fn serve(
     // requests (bounded), then stop the server.
     let drain_state = state.clone();
     let drain_timeout = config.drain_timeout;
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let stop = async move {
         shutdown.await;
         drain_state.draining.store(true, Ordering::Release);
@@ -243,17 +246,29 @@ pub async fn serve(
         }
         // Let the last responses leave before connections close.
         tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = drained_tx.send(());
     };
 
     let service = RouterService { state };
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(GenerationServer::new(service))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             stop,
-        )
-        .await?;
+        );
+    // The server waits for clients to close their connections; after the
+    // drain, give them CLOSE_GRACE and then stop regardless.
+    tokio::select! {
+        result = server => result?,
+        _ = async {
+            if drained_rx.await.is_ok() {
+                tokio::time::sleep(CLOSE_GRACE).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => tracing::warn!("connections still open after the drain; closing them"),
+    }
     Ok(())
 }
