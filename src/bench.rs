@@ -60,7 +60,7 @@ pub struct ForwardArgs {
     plot: Option<PathBuf>,
     /// Further weight formats measured in the same run, for comparison
     /// ("" for none).
-    #[arg(long, value_delimiter = ',', default_value = "candle-q8_0")]
+    #[arg(long, value_delimiter = ',', default_value = "q8_0,candle-q8_0")]
     compare: Vec<String>,
     #[command(flatten)]
     engine: EngineArgs,
