@@ -2,22 +2,13 @@
 //! through the CLI, seeded sampling, stop strings, and clear errors for bad
 //! input. The model must be present (`heterospec fetch-model`).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Output};
 
+use common::model;
 use serde_json::Value;
-
-fn model() -> PathBuf {
-    let path = std::env::var_os("HETEROSPEC_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    assert!(
-        path.exists(),
-        "{} is missing: run `heterospec fetch-model` first",
-        path.display()
-    );
-    path
-}
 
 fn heterospec(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_heterospec"))

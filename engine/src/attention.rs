@@ -96,18 +96,8 @@ mod tests {
     use super::*;
     use crate::batch::SeqRun;
     use crate::kv::{KvLayout, KvStorage};
+    use crate::testing::Lcg;
     use heterospec_kv::BlockId;
-
-    struct Lcg(u64);
-    impl Lcg {
-        fn f(&mut self) -> f32 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-    }
 
     /// Plain attention over contiguous per-sequence K/V: the reference.
     fn contiguous_attention(

@@ -10,6 +10,24 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::{Model, ModelTensors, WeightFormat};
 
+/// A seeded linear congruential generator: reproducible test data.
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn next_u32(&mut self) -> u32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) as u32
+    }
+
+    /// Uniform in [-1, 1).
+    pub fn f(&mut self) -> f32 {
+        (self.next_u32() as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+    }
+}
+
 /// A small config: 2 layers, 4 heads over 2 kv heads, vocab 64.
 pub fn tiny_config() -> ModelConfig {
     ModelConfig {

@@ -21,8 +21,48 @@
 
 use rayon::prelude::*;
 
+/// Calls `$f::<M, N>(args..)` for the runtime tile shape `(mr, nr)`.
+macro_rules! dispatch_tile {
+    ($f:ident, ($mr:expr, $nr:expr), $($arg:expr),*) => {
+        match ($mr, $nr) {
+            (4, 2) => $f::<4, 2>($($arg),*),
+            (3, 2) => $f::<3, 2>($($arg),*),
+            (2, 2) => $f::<2, 2>($($arg),*),
+            (1, 2) => $f::<1, 2>($($arg),*),
+            (4, 1) => $f::<4, 1>($($arg),*),
+            (3, 1) => $f::<3, 1>($($arg),*),
+            (2, 1) => $f::<2, 1>($($arg),*),
+            _ => $f::<1, 1>($($arg),*),
+        }
+    };
+}
+
 mod q4;
 pub use q4::Q4Matrix;
+
+/// SIMD helpers shared by the 8-bit and 4-bit kernels.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Sum of the 8 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// `[a; 8] ++ [b; 8]`: one scale per block of a two-block vector.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    pub unsafe fn pair(a: f32, b: f32) -> __m512 {
+        _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(a)), _mm256_set1_ps(b), 1)
+    }
+}
 
 /// Values per quantization block (as GGUF Q8_0).
 pub const BLOCK: usize = 32;
@@ -65,6 +105,15 @@ fn quantize_into(src: &[f32], scales: &mut Vec<f32>, quants: &mut Vec<i8>) {
 }
 
 impl Q8Rows {
+    /// The values the quantized rows stand for (for tests and references).
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.quants
+            .chunks_exact(BLOCK)
+            .zip(&self.scales)
+            .flat_map(|(q, &d)| q.iter().map(move |&v| v as f32 * d))
+            .collect()
+    }
+
     pub fn quantize(x: &[f32], rows: usize) -> Self {
         let cols = x.len() / rows.max(1);
         assert_eq!(cols % BLOCK, 0, "columns must be a multiple of {BLOCK}");
@@ -289,32 +338,14 @@ fn scalar_tile(t: &Tile<'_>, mr: usize, nr: usize, acc: &mut [[f32; NR]; MR]) {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::x86::hsum;
     use super::{Tile, BLOCK, MR, NR};
     use std::arch::x86_64::*;
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
 
     /// Full or partial tile; `mr <= MR`, `nr <= NR`.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn tile(t: &Tile<'_>, mr: usize, nr: usize, out: &mut [[f32; NR]; MR]) {
-        match (mr, nr) {
-            (4, 2) => tile_fixed::<4, 2>(t, out),
-            (3, 2) => tile_fixed::<3, 2>(t, out),
-            (2, 2) => tile_fixed::<2, 2>(t, out),
-            (1, 2) => tile_fixed::<1, 2>(t, out),
-            (4, 1) => tile_fixed::<4, 1>(t, out),
-            (3, 1) => tile_fixed::<3, 1>(t, out),
-            (2, 1) => tile_fixed::<2, 1>(t, out),
-            _ => tile_fixed::<1, 1>(t, out),
-        }
+        dispatch_tile!(tile_fixed, (mr, nr), t, out)
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -362,29 +393,14 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use super::x86::pair;
     use super::{Tile, BLOCK, MR, NR};
     use std::arch::x86_64::*;
 
     /// Full or partial tile; `mr <= MR`, `nr <= NR`.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma")]
     pub unsafe fn tile(t: &Tile<'_>, mr: usize, nr: usize, out: &mut [[f32; NR]; MR]) {
-        match (mr, nr) {
-            (4, 2) => tile_fixed::<4, 2>(t, out),
-            (3, 2) => tile_fixed::<3, 2>(t, out),
-            (2, 2) => tile_fixed::<2, 2>(t, out),
-            (1, 2) => tile_fixed::<1, 2>(t, out),
-            (4, 1) => tile_fixed::<4, 1>(t, out),
-            (3, 1) => tile_fixed::<3, 1>(t, out),
-            (2, 1) => tile_fixed::<2, 1>(t, out),
-            _ => tile_fixed::<1, 1>(t, out),
-        }
-    }
-
-    /// `[a; 8] ++ [b; 8]`
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512dq")]
-    unsafe fn pair(a: f32, b: f32) -> __m512 {
-        _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(a)), _mm256_set1_ps(b), 1)
+        dispatch_tile!(tile_fixed, (mr, nr), t, out)
     }
 
     /// Two blocks (64 values) per instruction: `maddubs` of |w| (u8) and x
@@ -449,17 +465,7 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    struct Lcg(u64);
-    impl Lcg {
-        fn f(&mut self) -> f32 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-    }
+    use crate::testing::Lcg;
 
     /// Plain f32 matmul of the dequantized operands: the reference.
     fn reference(w: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
@@ -470,14 +476,6 @@ mod tests {
             }
         }
         out
-    }
-
-    fn dequantize_rows(x: &Q8Rows) -> Vec<f32> {
-        x.quants
-            .chunks_exact(BLOCK)
-            .zip(&x.scales)
-            .flat_map(|(q, &d)| q.iter().map(move |&v| v as f32 * d))
-            .collect()
     }
 
     /// Every kernel equals the f32 product of the same quantized operands
@@ -499,7 +497,7 @@ mod tests {
             let x: Vec<f32> = (0..m * k).map(|_| rng.f() * 3.0).collect();
             let wq = Q8Matrix::from_f32(&w, n, k);
             let xq = Q8Rows::quantize(&x, m);
-            let want = reference(&wq.dequantize(), &dequantize_rows(&xq), m, n, k);
+            let want = reference(&wq.dequantize(), &xq.dequantize(), m, n, k);
             for kind in available_kernels() {
                 let mut out = vec![0.0; m * n];
                 wq.matmul_q8(&xq, &mut out, kind);

@@ -179,23 +179,9 @@ impl Q4Matrix {
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
+    use super::super::x86::{hsum, pair};
     use super::{Q4Matrix, Q8Rows, BLOCK, MR, NR};
     use std::arch::x86_64::*;
-
-    macro_rules! dispatch {
-        ($f:ident, $w:expr, $x:expr, $n:expr, $m:expr, $mr:expr, $nr:expr, $acc:expr) => {
-            match ($mr, $nr) {
-                (4, 2) => $f::<4, 2>($w, $x, $n, $m, $acc),
-                (3, 2) => $f::<3, 2>($w, $x, $n, $m, $acc),
-                (2, 2) => $f::<2, 2>($w, $x, $n, $m, $acc),
-                (1, 2) => $f::<1, 2>($w, $x, $n, $m, $acc),
-                (4, 1) => $f::<4, 1>($w, $x, $n, $m, $acc),
-                (3, 1) => $f::<3, 1>($w, $x, $n, $m, $acc),
-                (2, 1) => $f::<2, 1>($w, $x, $n, $m, $acc),
-                _ => $f::<1, 1>($w, $x, $n, $m, $acc),
-            }
-        };
-    }
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn tile_avx2(
@@ -207,7 +193,7 @@ mod simd {
         nr: usize,
         acc: &mut [[f32; NR]; MR],
     ) {
-        dispatch!(fixed_avx2, w, x, n, m, mr, nr, acc)
+        dispatch_tile!(fixed_avx2, (mr, nr), w, x, n, m, acc)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma")]
@@ -220,17 +206,7 @@ mod simd {
         nr: usize,
         acc: &mut [[f32; NR]; MR],
     ) {
-        dispatch!(fixed_avx512, w, x, n, m, mr, nr, acc)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
+        dispatch_tile!(fixed_avx512, (mr, nr), w, x, n, m, acc)
     }
 
     /// Sum over blocks of `m * dx * sum(xq)` for one (weight row, x row).
@@ -286,13 +262,6 @@ mod simd {
                 out[i][j] = hsum(acc[i][j]) + offsets(w, x, n + j, m + i);
             }
         }
-    }
-
-    /// `[a; 8] ++ [b; 8]`
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512dq")]
-    unsafe fn pair(a: f32, b: f32) -> __m512 {
-        _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(a)), _mm256_set1_ps(b), 1)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma")]
@@ -353,26 +322,13 @@ mod simd {
 mod tests {
     use super::super::available_kernels;
     use super::*;
-
-    struct Lcg(u64);
-    impl Lcg {
-        fn next(&mut self) -> u64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            self.0 >> 33
-        }
-        fn f(&mut self) -> f32 {
-            (self.next() as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-        }
-    }
+    use crate::testing::Lcg;
 
     fn random(rows: usize, cols: usize, rng: &mut Lcg) -> Q4Matrix {
         let nb = rows * cols / BLOCK;
         let d = (0..nb).map(|_| rng.f().abs() * 0.1 + 0.01).collect();
         let m = (0..nb).map(|_| rng.f() * 0.5).collect();
-        let q: Vec<u8> = (0..rows * cols).map(|_| (rng.next() % 16) as u8).collect();
+        let q: Vec<u8> = (0..rows * cols).map(|_| (rng.next_u32() % 16) as u8).collect();
         Q4Matrix::from_parts(rows, cols, d, m, &q)
     }
 
@@ -394,12 +350,7 @@ mod tests {
             let x: Vec<f32> = (0..m * k).map(|_| rng.f() * 3.0).collect();
             let xq = Q8Rows::quantize(&x, m);
             let wf = w.dequantize();
-            let xf: Vec<f32> = xq
-                .quants
-                .chunks_exact(BLOCK)
-                .zip(&xq.scales)
-                .flat_map(|(q, &d)| q.iter().map(move |&v| v as f32 * d))
-                .collect();
+            let xf = xq.dequantize();
             for kind in available_kernels() {
                 let mut out = vec![0.0; m * n];
                 w.matmul_q8(&xq, &mut out, kind);
