@@ -5,6 +5,7 @@
 //! reads paged KV in place (see `attention`). Only the rows that need logits
 //! go through the output layer (a fifth of the default model's weights).
 
+use std::cell::OnceCell;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
@@ -20,7 +21,7 @@ use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv::KvStorage;
 use crate::ops::{rms_norm_rows, silu_mul, RopeTable};
-use crate::qgemm::{self, Q4Matrix, Q8Matrix};
+use crate::qgemm::{self, Q4Matrix, Q8Matrix, Q8Rows};
 
 /// How linear-layer weights are held in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -120,16 +121,48 @@ impl Linear {
     }
 
     /// `x (rows, in) -> (rows, out)`.
-    fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+    fn forward(&self, input: &LinearInput<'_>) -> Result<Vec<f32>> {
+        let (x, rows) = (input.x, input.rows);
         match &self.weight {
-            LinearWeight::Q8(w) => Ok(w.matmul(x, rows)),
-            LinearWeight::Q4(w) => Ok(w.matmul(x, rows)),
+            LinearWeight::Q8(w) => {
+                let mut out = vec![0.0; rows * self.out_features];
+                w.matmul_q8(input.quantized(), &mut out, qgemm::kernel_kind());
+                Ok(out)
+            }
+            LinearWeight::Q4(w) => {
+                let mut out = vec![0.0; rows * self.out_features];
+                w.matmul_q8(input.quantized(), &mut out, qgemm::kernel_kind());
+                Ok(out)
+            }
             LinearWeight::Candle(w) => {
                 let input = Tensor::from_slice(x, (rows, x.len() / rows), &Device::Cpu)?;
                 let out = input.apply(w)?; // (rows, out_features)
                 Ok(out.flatten_all()?.to_vec1::<f32>()?)
             }
         }
+    }
+}
+
+/// The input of one or more linear layers, `(rows, in)`: quantized to 8-bit
+/// blocks at most once however many layers read it (q, k and v share one;
+/// gate and up another).
+struct LinearInput<'a> {
+    x: &'a [f32],
+    rows: usize,
+    quantized: OnceCell<Q8Rows>,
+}
+
+impl<'a> LinearInput<'a> {
+    fn new(x: &'a [f32], rows: usize) -> Self {
+        LinearInput {
+            x,
+            rows,
+            quantized: OnceCell::new(),
+        }
+    }
+
+    fn quantized(&self) -> &Q8Rows {
+        self.quantized.get_or_init(|| Q8Rows::quantize(self.x, self.rows))
     }
 }
 
@@ -312,23 +345,25 @@ impl Model {
         let mut attn = vec![0.0; n * qs]; // (tokens, heads * head_dim)
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm_rows(&x, &layer.attn_norm, c.rms_norm_eps, &mut normed);
-            let mut q = layer.wq.forward(&normed, n)?; // (tokens, heads, head_dim)
-            let mut k = layer.wk.forward(&normed, n)?; // (tokens, kv_heads, head_dim)
-            let v = layer.wv.forward(&normed, n)?;
+            let input = LinearInput::new(&normed, n);
+            let mut q = layer.wq.forward(&input)?; // (tokens, heads, head_dim)
+            let mut k = layer.wk.forward(&input)?; // (tokens, kv_heads, head_dim)
+            let v = layer.wv.forward(&input)?;
             rope.apply(&mut q, c.num_heads);
             rope.apply(&mut k, c.num_kv_heads);
             for (t, &slot) in slots.iter().enumerate() {
                 kv.write(li, slot, &k[t * kvs..(t + 1) * kvs], &v[t * kvs..(t + 1) * kvs]);
             }
             paged_attention(&q, batch, &token_owner, kv.layer(li), shape, &mut attn);
-            let o = layer.wo.forward(&attn, n)?;
+            let o = layer.wo.forward(&LinearInput::new(&attn, n))?;
             add_into(&mut x, &o);
 
             rms_norm_rows(&x, &layer.ffn_norm, c.rms_norm_eps, &mut normed);
-            let mut gate = layer.w_gate.forward(&normed, n)?; // (tokens, intermediate)
-            let up = layer.w_up.forward(&normed, n)?;
+            let input = LinearInput::new(&normed, n);
+            let mut gate = layer.w_gate.forward(&input)?; // (tokens, intermediate)
+            let up = layer.w_up.forward(&input)?;
             silu_mul(&mut gate, &up);
-            let down = layer.w_down.forward(&gate, n)?;
+            let down = layer.w_down.forward(&LinearInput::new(&gate, n))?;
             add_into(&mut x, &down);
         }
 
@@ -347,7 +382,7 @@ impl Model {
         let mut final_normed = vec![0.0; rows.len()];
         rms_norm_rows(&rows, &self.output_norm, c.rms_norm_eps, &mut final_normed);
         debug_assert_eq!(self.lm_head.out_features, c.vocab_size);
-        self.lm_head.forward(&final_normed, num_rows) // (rows, vocab)
+        self.lm_head.forward(&LinearInput::new(&final_normed, num_rows)) // (rows, vocab)
     }
 }
 

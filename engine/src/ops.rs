@@ -89,14 +89,12 @@ pub fn scale_add(acc: &mut [f32], scale: f32, w: f32, v: &[f32]) {
     }
 }
 
-/// Natural-log softmax of one row, in place.
-pub fn log_softmax(row: &mut [f32]) {
+/// `ln(sum(exp(row)))`, computed stably: the log-softmax of entry `i` is
+/// `row[i] - log_sum_exp(row)`.
+pub fn log_sum_exp(row: &[f32]) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
-    let log_z = max + sum.ln();
-    for v in row {
-        *v -= log_z;
-    }
+    max + sum.ln()
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::ops::log_softmax;
+use crate::ops::log_sum_exp;
 
 /// Per-request sampling settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -112,11 +112,9 @@ impl Sampler {
             let r: f32 = self.rng.random();
             draw(&self.candidates, r)
         };
-        let mut logprobs = logits.to_vec();
-        log_softmax(&mut logprobs);
         SampledToken {
             token_id,
-            logprob: logprobs[token_id as usize],
+            logprob: logits[token_id as usize] - log_sum_exp(logits),
         }
     }
 

@@ -82,9 +82,7 @@ pub struct EngineShared {
     /// Requests assigned and not finished.
     pub load: AtomicUsize,
     pub num_kv_blocks: AtomicUsize,
-    pub num_free_blocks: AtomicUsize,
     pub block_size: AtomicUsize,
-    pub max_context: AtomicUsize,
 }
 
 /// The dispatcher's handle on one scheduler.
@@ -321,12 +319,6 @@ impl Scheduler {
         self.shared
             .block_size
             .store(info.block_size as usize, Ordering::Release);
-        self.shared
-            .max_context
-            .store(info.max_context as usize, Ordering::Release);
-        self.shared
-            .num_free_blocks
-            .store(pool.num_free_blocks(), Ordering::Release);
         tracing::info!(
             engine = self.index,
             model = %info.model,
@@ -764,9 +756,6 @@ impl Scheduler {
             metrics::gauge!(m::KV_BLOCKS, "engine" => label.clone(), "state" => "used")
                 .set(pool.num_used_blocks() as f64);
             metrics::gauge!(m::KV_BLOCKS, "engine" => label, "state" => "free").set(pool.num_free_blocks() as f64);
-            self.shared
-                .num_free_blocks
-                .store(pool.num_free_blocks(), Ordering::Release);
         }
     }
 }

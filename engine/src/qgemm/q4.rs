@@ -124,14 +124,6 @@ impl Q4Matrix {
         out
     }
 
-    /// `out (m, rows) = x (m, cols) · selfᵀ`.
-    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let xq = Q8Rows::quantize(x, m);
-        let mut out = vec![0.0; m * self.rows];
-        run_tiles(self, &xq, &mut out, super::kernel_kind());
-        out
-    }
-
     pub fn matmul_q8(&self, x: &Q8Rows, out: &mut [f32], kind: KernelKind) {
         run_tiles(self, x, out, kind);
     }
