@@ -20,6 +20,7 @@ use heterospec_router::{ChatMessage, StopCriteria};
 use serde::{Deserialize, Serialize};
 
 use crate::local::{EngineArgs, LocalEngine};
+use heterospec_engine::spec::SpecMode;
 
 const PREFILL_TOKENS: usize = 512;
 const CONTEXT_TOKENS: usize = 256;
@@ -99,7 +100,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn forward(args: ForwardArgs) -> Result<()> {
+fn forward(mut args: ForwardArgs) -> Result<()> {
+    // The forward alone: no drafter, no cost-curve warm-up.
+    args.engine.drafter = "none".into();
     if args.repeats == 0 {
         bail!("--repeats must be at least 1");
     }
@@ -288,6 +291,7 @@ fn measure(
     let generation = local.generate(
         decode_prompt_ids.to_vec(),
         SamplingParams::greedy(),
+        SpecMode::Off,
         StopCriteria {
             max_new_tokens: DECODE_TOKENS + 1,
             stop: vec![],

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::local::{EngineArgs, LocalEngine};
+use heterospec_engine::spec::SpecMode;
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeBenchArgs {
@@ -220,6 +221,7 @@ fn in_process(prompts: &[PromptRecord], args: &ServeBenchArgs) -> Result<f64> {
         let g = local.generate(
             ids,
             SamplingParams::greedy(),
+            SpecMode::Auto,
             StopCriteria {
                 max_new_tokens: args.max_new_tokens,
                 stop: vec![],

@@ -7,7 +7,8 @@ use anyhow::{Context, Result};
 use heterospec_proto::v1 as pb;
 use heterospec_proto::v1::generation_client::GenerationClient;
 
-use crate::generate::{GenerateArgs, JsonOutput};
+use crate::generate::{GenerateArgs, JsonOutput, SpecJson};
+use heterospec_engine::spec::SpecMode;
 
 /// What a finished remote generation returned.
 #[derive(Debug, Clone, Default)]
@@ -19,6 +20,7 @@ pub struct RemoteGeneration {
     /// Arrival of the first and last token, relative to the request.
     pub first_token_seconds: f64,
     pub total_seconds: f64,
+    pub speculation: Option<pb::SpeculationStats>,
 }
 
 impl RemoteGeneration {
@@ -70,6 +72,7 @@ pub fn request_from_args(args: &GenerateArgs) -> pb::GenerateRequest {
             ignore_eos: args.ignore_eos,
         }),
         echo_prompt_token_ids: true,
+        speculation: speculation_to_proto(args.speculation) as i32,
         ..Default::default()
     }
 }
@@ -92,6 +95,9 @@ pub async fn generate_remote(
         if !resp.text.is_empty() {
             on_text(&resp.text);
             out.text.push_str(&resp.text);
+        }
+        if resp.speculation.is_some() {
+            out.speculation = resp.speculation;
         }
         if resp.finish_reason != 0 {
             out.finish_reason = finish_reason_str(resp.finish_reason).to_string();
@@ -125,6 +131,12 @@ pub fn run(args: GenerateArgs, server: String) -> Result<()> {
                 text: &out.text,
                 finish_reason: &out.finish_reason,
                 tokens_per_second: out.tokens_per_second(),
+                speculation: out.speculation.map(|s| SpecJson {
+                    steps: s.steps as usize,
+                    verified_tokens: s.verified_tokens as usize,
+                    accepted_tokens: s.accepted_tokens as usize,
+                    mean_acceptance_length: s.mean_acceptance_length as f64,
+                }),
             })?;
             writeln!(stdout, "{line}")?;
         } else {
@@ -139,4 +151,13 @@ pub fn run(args: GenerateArgs, server: String) -> Result<()> {
         }
         Ok(())
     })
+}
+
+pub fn speculation_to_proto(mode: SpecMode) -> pb::SpeculationMode {
+    match mode {
+        SpecMode::Auto => pb::SpeculationMode::Auto,
+        SpecMode::Off => pb::SpeculationMode::Off,
+        SpecMode::Fixed => pb::SpeculationMode::Fixed,
+        SpecMode::Hetero => pb::SpeculationMode::Hetero,
+    }
 }

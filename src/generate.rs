@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use heterospec_engine::runner::SpecStats;
+use heterospec_engine::spec::SpecMode;
 use heterospec_engine::SamplingParams;
 use heterospec_router::{ChatMessage, StopCriteria};
 use serde::Serialize;
@@ -45,6 +47,11 @@ pub struct GenerateArgs {
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Speculative decoding: off, fixed (static tree), hetero (entropy
+    /// tiers under the global budget) or auto (hetero, plain where
+    /// speculation does not pay).
+    #[arg(long, default_value = "auto")]
+    pub speculation: SpecMode,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -63,6 +70,32 @@ pub struct JsonOutput<'a> {
     pub text: &'a str,
     pub finish_reason: &'a str,
     pub tokens_per_second: f64,
+    /// Absent when the server did not report it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speculation: Option<SpecJson>,
+}
+
+/// Speculation statistics of one generation.
+#[derive(Serialize)]
+pub struct SpecJson {
+    /// Steps that committed tokens.
+    pub steps: usize,
+    /// Draft tokens verified by the target.
+    pub verified_tokens: usize,
+    pub accepted_tokens: usize,
+    /// `1 + accepted_tokens / steps`.
+    pub mean_acceptance_length: f64,
+}
+
+impl From<&SpecStats> for SpecJson {
+    fn from(s: &SpecStats) -> Self {
+        SpecJson {
+            steps: s.steps,
+            verified_tokens: s.draft_tokens,
+            accepted_tokens: s.accepted_tokens,
+            mean_acceptance_length: s.mean_acceptance_length(),
+        }
+    }
 }
 
 pub fn run(mut args: GenerateArgs) -> Result<()> {
@@ -93,7 +126,7 @@ pub fn run(mut args: GenerateArgs) -> Result<()> {
     };
     let json = args.json;
     let mut stdout = std::io::stdout().lock();
-    let generation = local.generate(prompt_ids, sampling, criteria, |delta| {
+    let generation = local.generate(prompt_ids, sampling, args.speculation, criteria, |delta| {
         if !json {
             let _ = stdout.write_all(delta.as_bytes());
             let _ = stdout.flush();
@@ -106,16 +139,18 @@ pub fn run(mut args: GenerateArgs) -> Result<()> {
             text: &generation.text,
             finish_reason: generation.finish_reason.as_str(),
             tokens_per_second: generation.decode_tokens_per_second(),
+            speculation: Some(SpecJson::from(&generation.speculation)),
         };
         writeln!(stdout, "{}", serde_json::to_string(&out)?)?;
     } else {
         writeln!(stdout)?;
         eprintln!(
-            "[{} prompt tokens in {:.3} s; {} tokens, {:.1} tok/s; finish: {}]",
+            "[{} prompt tokens in {:.3} s; {} tokens, {:.1} tok/s; mean acceptance length {:.2}; finish: {}]",
             generation.prompt_token_ids.len(),
             generation.prefill_seconds,
             generation.token_ids.len(),
             generation.decode_tokens_per_second(),
+            generation.speculation.mean_acceptance_length(),
             generation.finish_reason.as_str()
         );
     }

@@ -3,12 +3,16 @@
 //! forward benchmark use it; the served path goes through router and engine
 //! processes instead.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use heterospec_engine::{Engine, EngineConfig, Model, SampledToken, SamplingParams, SeqId, SeqStep, WeightFormat};
+use heterospec_engine::runner::SpecStats;
+use heterospec_engine::spec::{SpecMode, SpecPolicy};
+use heterospec_engine::{
+    DrafterKind, Engine, EngineConfig, Model, SamplingParams, SeqId, SeqStep, SpecSetup, WeightFormat,
+};
 use heterospec_kv::{BlockPool, BlockPoolConfig, BlockTable};
 use heterospec_router::{FinishReason, OutputStream, StopCriteria, TextTokenizer};
 
@@ -29,6 +33,95 @@ pub struct EngineArgs {
     /// many-token forwards), candle-q8_0, as-shipped or f32 (candle's matmuls).
     #[arg(long, default_value = "native")]
     pub weight_format: WeightFormat,
+    /// Drafter for speculative decoding: ngram (prompt lookup), model (a
+    /// GGUF with the same vocabulary, --draft-model), self (the target's
+    /// first --self-draft-layers layers) or none.
+    #[arg(long, env = "HETEROSPEC_DRAFTER", default_value = "ngram")]
+    pub drafter: String,
+    /// Draft model GGUF for `--drafter model`.
+    #[arg(long)]
+    pub draft_model: Option<PathBuf>,
+    /// Layers of the target a self-draft runs.
+    #[arg(long, default_value_t = 8)]
+    pub self_draft_layers: usize,
+    /// Calibration file (tree shape, entropy thresholds); default: the one
+    /// shipped for the default model's n-gram drafter.
+    #[arg(long, env = "HETEROSPEC_CALIBRATION")]
+    pub calibration: Option<PathBuf>,
+    /// Most tree tokens (roots and draft nodes) verified per step across the
+    /// batch; default: the largest forward of the measured cost curve.
+    #[arg(long)]
+    pub verify_budget: Option<usize>,
+}
+
+impl EngineArgs {
+    /// Loads the target (and draft) model and builds the engine; with a
+    /// drafter it measures the forward-cost curve first.
+    pub fn build_engine(&self, model_path: &Path) -> Result<Engine> {
+        let model = Model::load(model_path, self.weight_format)?;
+        let config = EngineConfig {
+            block_size: self.block_size,
+            kv_cache_bytes: self.kv_cache_memory,
+        };
+        let drafter = match self.drafter.as_str() {
+            "none" => return Ok(Engine::new(model, config)?),
+            "ngram" => DrafterKind::Ngram,
+            "self" => DrafterKind::SelfDraft {
+                num_layers: self.self_draft_layers,
+            },
+            "model" => {
+                let path = self
+                    .draft_model
+                    .as_ref()
+                    .context("--drafter model needs --draft-model PATH")?;
+                let draft = Model::load(path, self.weight_format)
+                    .with_context(|| format!("cannot load draft model {}", path.display()))?;
+                DrafterKind::Model(Box::new(draft))
+            }
+            other => bail!("unknown drafter `{other}` (ngram, model, self, none)"),
+        };
+        let policy = match &self.calibration {
+            Some(path) => SpecPolicy::load(path)?,
+            None => SpecPolicy::default_ngram(),
+        };
+        let engine = Engine::with_speculation(
+            model,
+            config,
+            Some(SpecSetup {
+                drafter,
+                policy,
+                verify_budget: self.verify_budget,
+                cost_curve: None,
+            }),
+        )?;
+        Ok(engine)
+    }
+
+    /// The same settings as command-line flags (for child processes).
+    pub fn to_cli_args(&self) -> Vec<String> {
+        let mut out = vec![
+            "--kv-cache-memory".to_string(),
+            self.kv_cache_memory.to_string(),
+            "--block-size".into(),
+            self.block_size.to_string(),
+            "--weight-format".into(),
+            self.weight_format.as_str().into(),
+            "--drafter".into(),
+            self.drafter.clone(),
+            "--self-draft-layers".into(),
+            self.self_draft_layers.to_string(),
+        ];
+        if let Some(p) = &self.draft_model {
+            out.extend(["--draft-model".into(), p.display().to_string()]);
+        }
+        if let Some(p) = &self.calibration {
+            out.extend(["--calibration".into(), p.display().to_string()]);
+        }
+        if let Some(b) = self.verify_budget {
+            out.extend(["--verify-budget".into(), b.to_string()]);
+        }
+        out
+    }
 }
 
 /// Sizes the global thread pools once, before any model work.
@@ -49,6 +142,7 @@ pub struct Generation {
     pub finish_reason: FinishReason,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
+    pub speculation: SpecStats,
 }
 
 impl Generation {
@@ -74,15 +168,8 @@ impl LocalEngine {
     pub fn load(model_path: &Path, args: &EngineArgs) -> Result<Self> {
         init_threads(args.threads);
         crate::fetch::ensure_default_model(model_path)?;
-        let model = Model::load(model_path, args.weight_format)?;
+        let engine = args.build_engine(model_path)?;
         let tokenizer = TextTokenizer::from_gguf_file(model_path)?;
-        let engine = Engine::new(
-            model,
-            EngineConfig {
-                block_size: args.block_size,
-                kv_cache_bytes: args.kv_cache_memory,
-            },
-        )?;
         let layout = engine.kv_layout();
         let pool = BlockPool::new(BlockPoolConfig {
             num_blocks: layout.num_blocks,
@@ -106,6 +193,7 @@ impl LocalEngine {
         &mut self,
         prompt_ids: Vec<u32>,
         sampling: SamplingParams,
+        speculation: SpecMode,
         criteria: StopCriteria,
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation> {
@@ -127,7 +215,15 @@ impl LocalEngine {
         let seq_id = SeqId(self.next_seq);
         self.next_seq += 1;
         let mut table = BlockTable::new();
-        let result = self.run(seq_id, &mut table, prompt_ids, sampling, criteria, &mut on_text);
+        let result = self.run(
+            seq_id,
+            &mut table,
+            prompt_ids,
+            sampling,
+            speculation,
+            criteria,
+            &mut on_text,
+        );
         self.pool.free_table(&mut table);
         let _ = self.engine.release(seq_id);
         result
@@ -139,9 +235,11 @@ impl LocalEngine {
         table: &mut BlockTable,
         prompt_ids: Vec<u32>,
         sampling: SamplingParams,
+        speculation: SpecMode,
         criteria: StopCriteria,
         on_text: &mut impl FnMut(&str),
     ) -> Result<Generation> {
+        let criteria_max_new = criteria.max_new_tokens;
         let mut output = OutputStream::new(criteria);
         let mut token_ids = Vec::new();
         let mut text = String::new();
@@ -150,9 +248,17 @@ impl LocalEngine {
         let mut sampling = Some(sampling);
         let start = Instant::now();
         let mut first_token_at = None;
-        let finish_reason = loop {
+        let mut stats = SpecStats::default();
+        let max_lookahead = self.engine.max_lookahead();
+        let max_new = criteria_max_new;
+        let finish_reason = 'outer: loop {
+            let lookahead = if speculation == SpecMode::Off {
+                0
+            } else {
+                max_lookahead.min(max_new - token_ids.len() - 1)
+            };
             self.pool
-                .allocate_slots(table, num_computed + next.len())
+                .allocate_slots(table, num_computed + next.len() + lookahead)
                 .context("the KV cache is too small for this request (raise --kv-cache-memory)")?;
             let step = SeqStep {
                 seq_id,
@@ -162,21 +268,32 @@ impl LocalEngine {
                 sampling: sampling.take(),
                 cached_token_ids: Vec::new(),
                 sample: true,
+                speculation,
+                lookahead,
             };
-            let result = self.engine.step(std::slice::from_ref(&step))?;
-            num_computed += next.len();
-            let SampledToken { token_id, .. } = result[0].tokens[0];
+            let result = self.engine.step(std::slice::from_ref(&step))?.remove(0);
+            num_computed += next.len() + result.tokens.len() - 1;
+            self.pool.truncate(table, num_computed);
             first_token_at.get_or_insert_with(Instant::now);
-            token_ids.push(token_id);
-            let delta = output.push(&self.tokenizer, token_id)?;
-            if !delta.text.is_empty() {
-                on_text(&delta.text);
-                text.push_str(&delta.text);
+            stats.steps += 1;
+            if result.spec.speculated {
+                stats.spec_steps += 1;
+                stats.draft_tokens += result.spec.num_draft_tokens;
+                stats.accepted_tokens += result.spec.num_accepted_tokens;
+                stats.tier_steps[result.spec.tier.unwrap_or(8).min(8)] += 1;
             }
-            if let Some(reason) = delta.finish_reason {
-                break reason;
+            for t in &result.tokens {
+                token_ids.push(t.token_id);
+                let delta = output.push(&self.tokenizer, t.token_id)?;
+                if !delta.text.is_empty() {
+                    on_text(&delta.text);
+                    text.push_str(&delta.text);
+                }
+                if let Some(reason) = delta.finish_reason {
+                    break 'outer reason;
+                }
             }
-            next = vec![token_id];
+            next = vec![*token_ids.last().expect("a step commits a token")];
         };
         let first = first_token_at.expect("at least one token");
         Ok(Generation {
@@ -186,6 +303,7 @@ impl LocalEngine {
             finish_reason,
             prefill_seconds: (first - start).as_secs_f64(),
             decode_seconds: first.elapsed().as_secs_f64(),
+            speculation: stats,
         })
     }
 }

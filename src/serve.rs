@@ -13,7 +13,6 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use heterospec_engine::server::{EngineHandle, EngineInfo};
-use heterospec_engine::{Engine, EngineConfig, Model};
 use heterospec_router::scheduler::SchedulerConfig;
 use heterospec_router::server::RouterConfig;
 use heterospec_router::TextTokenizer;
@@ -123,14 +122,7 @@ fn announce(role: &str, addr: SocketAddr) {
 pub fn run_engine(args: EngineProcessArgs) -> Result<()> {
     init_threads(args.engine.threads);
     crate::fetch::ensure_default_model(&args.model)?;
-    let model = Model::load(&args.model, args.engine.weight_format)?;
-    let engine = Engine::new(
-        model,
-        EngineConfig {
-            block_size: args.engine.block_size,
-            kv_cache_bytes: args.engine.kv_cache_memory,
-        },
-    )?;
+    let engine = args.engine.build_engine(&args.model)?;
     let info = EngineInfo {
         model: model_name(&args.model),
         instance_id: instance_id(),
@@ -268,7 +260,7 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
         let mut engines = Vec::new();
         let mut urls = Vec::new();
         for _ in 0..args.engines {
-            let engine_args: Vec<String> = vec![
+            let mut engine_args: Vec<String> = vec![
                 "engine".into(),
                 "--listen".into(),
                 "127.0.0.1:0".into(),
@@ -276,13 +268,8 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
                 model.clone(),
                 "--threads".into(),
                 threads.to_string(),
-                "--kv-cache-memory".into(),
-                args.engine.kv_cache_memory.to_string(),
-                "--block-size".into(),
-                args.engine.block_size.to_string(),
-                "--weight-format".into(),
-                args.engine.weight_format.as_str().into(),
             ];
+            engine_args.extend(args.engine.to_cli_args());
             let (child, addr) = spawn_child(&engine_args).await?;
             urls.push(format!("http://{addr}"));
             engines.push(child);

@@ -79,6 +79,11 @@ pub fn paged_attention(
                     visit(base + offset);
                 }
             }
+            if let Some(extra) = seq.extra_slots.get(i) {
+                for &slot in extra {
+                    visit(slot);
+                }
+            }
             for j in 0..seq.len() {
                 if seq.attends(i, j) {
                     visit(seq.slots[j]);
@@ -152,6 +157,7 @@ mod tests {
                 block_size,
                 num_layers: 1,
                 kv_size,
+                scratch_slots: 0,
             };
             let mut storage = KvStorage::new(layout);
             let mut rng = Lcg(block_size as u64);
@@ -215,6 +221,7 @@ mod tests {
             block_size: 4,
             num_layers: 1,
             kv_size: 4,
+            scratch_slots: 0,
         };
         let mut storage = KvStorage::new(layout);
         let mut rng = Lcg(9);

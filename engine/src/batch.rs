@@ -36,6 +36,9 @@ pub struct SeqRun {
     /// Row-major `n x n`: `mask[i * n + j]` lets new token `i` see new token
     /// `j`. `None` means causal.
     pub mask: Option<Vec<bool>>,
+    /// Per new token, KV slots outside this run it also sees (a draft node's
+    /// ancestors written by earlier forwards). Empty means none for any.
+    pub extra_slots: Vec<Vec<usize>>,
     /// Indices of new tokens whose logits are wanted, in output order.
     pub logits_rows: Vec<usize>,
 }
@@ -62,6 +65,7 @@ impl SeqRun {
             block_table: block_table.to_vec(),
             slots,
             mask: None,
+            extra_slots: Vec::new(),
             logits_rows: if n > 0 { vec![n - 1] } else { vec![] },
         })
     }
@@ -113,6 +117,12 @@ impl SeqRun {
             if mask.len() != n * n {
                 return bad(format!("mask has {} entries, expected {}", mask.len(), n * n));
             }
+        }
+        if !self.extra_slots.is_empty() && self.extra_slots.len() != n {
+            return bad(format!("{n} tokens but {} extra slot lists", self.extra_slots.len()));
+        }
+        if let Some(s) = self.extra_slots.iter().flatten().find(|&&s| s >= num_slots) {
+            return bad(format!("extra slot {s} is outside the KV storage"));
         }
         if self.block_table.len() * block_size < self.num_cached {
             return bad(format!(

@@ -7,14 +7,22 @@
 //! repetition penalty. KV placement is entirely the caller's (block tables).
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use heterospec_kv::BlockId;
 
 use crate::batch::{RaggedBatch, SeqRun};
 use crate::error::{EngineError, Result};
 use crate::kv::{KvLayout, KvStorage};
+use crate::metrics;
 use crate::model::Model;
 use crate::sampler::{SampledToken, Sampler, SamplingParams};
+use crate::spec::budget::{select, RateModel, SeqCandidates};
+use crate::spec::calibrate::rank_label;
+use crate::spec::drafter::{DraftInput, Drafter, ModelDrafter, NgramDrafter, TargetView};
+use crate::spec::tree::{grow, DraftTree};
+use crate::spec::verify::{accept, AcceptRule};
+use crate::spec::{CostCurve, SpecMode, SpecOutcome, SpecPolicy};
 
 /// Identifies a sequence between scheduler and engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -36,6 +44,44 @@ impl Default for EngineConfig {
     }
 }
 
+/// Most tree nodes (besides roots) one step verifies: the target's scratch.
+pub const MAX_VERIFY_NODES: usize = 256;
+/// Scratch slots of a model drafter's tree nodes per step.
+pub const DRAFT_SCRATCH_SLOTS: usize = 1024;
+/// Forward sizes measured at start-up for the cost curve.
+pub const COST_CURVE_TOKENS: [usize; 8] = [1, 2, 4, 8, 16, 32, 48, 64];
+
+/// Which drafter an engine runs.
+pub enum DrafterKind {
+    Ngram,
+    /// The target's first `num_layers` layers.
+    SelfDraft {
+        num_layers: usize,
+    },
+    /// A separate model with the target's vocabulary.
+    Model(Box<Model>),
+}
+
+/// Speculation settings of an engine.
+pub struct SpecSetup {
+    pub drafter: DrafterKind,
+    pub policy: SpecPolicy,
+    /// Cap on tree tokens (roots and nodes) per step; `None`: the largest
+    /// size of the cost curve.
+    pub verify_budget: Option<usize>,
+    /// `None`: measured at start-up.
+    pub cost_curve: Option<CostCurve>,
+}
+
+struct Speculation {
+    drafter: Box<dyn Drafter>,
+    policy: SpecPolicy,
+    curve: CostCurve,
+    verify_budget: usize,
+    /// Test hook: a deliberately wrong acceptance rule.
+    rule: AcceptRule,
+}
+
 /// One sequence's work in a step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SeqStep {
@@ -44,7 +90,7 @@ pub struct SeqStep {
     pub new_token_ids: Vec<u32>,
     /// Tokens of this sequence already in KV.
     pub num_computed: usize,
-    /// Covers at least `num_computed + new_token_ids.len()` tokens.
+    /// Covers at least `num_computed + new_token_ids.len() + lookahead` tokens.
     pub block_table: Vec<BlockId>,
     /// Required the first time the engine sees the sequence.
     pub sampling: Option<SamplingParams>,
@@ -53,35 +99,116 @@ pub struct SeqStep {
     pub cached_token_ids: Vec<u32>,
     /// Whether this run ends the known tokens, so the next one is sampled.
     pub sample: bool,
+    pub speculation: SpecMode,
+    /// Slots reserved after the new tokens: at most this many draft tokens
+    /// are accepted (so at most `lookahead + 1` tokens are committed).
+    pub lookahead: usize,
 }
 
 /// What a step committed for one sequence (empty for a mid-prompt chunk).
+/// KV now holds the new tokens and every committed token but the last.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SeqResult {
     pub seq_id: SeqId,
     pub tokens: Vec<SampledToken>,
+    pub spec: SpecOutcome,
 }
 
 struct SeqState {
     sampler: Sampler,
+    /// Every token whose KV exists (after a step: through the new tokens
+    /// and accepted draft tokens).
     history: Vec<u32>,
 }
 
-/// Model + KV storage + live sequences.
+/// One speculating sequence's plan for this step.
+struct Plan {
+    /// Index into the step's sequences.
+    seq: usize,
+    tree: DraftTree,
+    fixed: bool,
+    tier: Option<usize>,
+    entropy: f32,
+    max_accept: usize,
+    max_nodes: usize,
+    nodes: Vec<usize>,
+}
+
+/// Model + KV storage + live sequences (+ drafter).
 pub struct Engine {
     model: Model,
     kv: KvStorage,
     seqs: HashMap<SeqId, SeqState>,
+    spec: Option<Speculation>,
+    /// When set, every fixed-tree verification logs `(H, rank label)`.
+    calibration_log: Option<Vec<(f32, f32)>>,
 }
 
 impl Engine {
     pub fn new(model: Model, config: EngineConfig) -> Result<Self> {
-        let layout = KvLayout::for_budget(model.config(), config.block_size, config.kv_cache_bytes)?;
-        Ok(Engine {
-            model,
+        Self::with_speculation(model, config, None)
+    }
+
+    /// An engine that speculates with `spec` (measuring its cost curve now
+    /// unless given one).
+    pub fn with_speculation(model: Model, config: EngineConfig, spec: Option<SpecSetup>) -> Result<Self> {
+        let draft_bytes = match spec.as_ref().map(|s| &s.drafter) {
+            Some(DrafterKind::Model(m)) => ModelDrafter::bytes_per_block(m, config.block_size),
+            _ => 0,
+        };
+        let target_bytes = ModelDrafter::bytes_per_block(&model, config.block_size);
+        // The KV budget covers both models' blocks.
+        let share = config.kv_cache_bytes / (target_bytes + draft_bytes).max(1) * target_bytes;
+        let mut layout = KvLayout::for_budget(model.config(), config.block_size, share)?;
+        if let Some(s) = &spec {
+            layout.scratch_slots = MAX_VERIFY_NODES
+                + match s.drafter {
+                    DrafterKind::SelfDraft { .. } => DRAFT_SCRATCH_SLOTS,
+                    _ => 0,
+                };
+        }
+        let mut engine = Engine {
             kv: KvStorage::new(layout),
             seqs: HashMap::new(),
-        })
+            spec: None,
+            calibration_log: None,
+            model,
+        };
+        let Some(setup) = spec else { return Ok(engine) };
+        setup.policy.validate().map_err(EngineError::Config)?;
+        let k = setup.policy.entropy_top_k;
+        let drafter: Box<dyn Drafter> = match setup.drafter {
+            DrafterKind::Ngram => Box::new(NgramDrafter {
+                entropy_top_k: k,
+                ..NgramDrafter::default()
+            }),
+            DrafterKind::SelfDraft { num_layers } => {
+                if num_layers == 0 || num_layers >= engine.model.config().num_layers {
+                    return Err(EngineError::Config(format!(
+                        "self-draft layers must be in 1..{}, got {num_layers}",
+                        engine.model.config().num_layers
+                    )));
+                }
+                Box::new(ModelDrafter::self_draft(num_layers).with_entropy_top_k(k))
+            }
+            DrafterKind::Model(m) => Box::new(
+                ModelDrafter::with_model(*m, layout, engine.model.config().vocab_size, DRAFT_SCRATCH_SLOTS)?
+                    .with_entropy_top_k(k),
+            ),
+        };
+        let curve = match setup.cost_curve {
+            Some(c) => c,
+            None => engine.measure_cost_curve()?,
+        };
+        let verify_budget = setup.verify_budget.unwrap_or(curve.max_tokens()).max(1);
+        engine.spec = Some(Speculation {
+            drafter,
+            policy: setup.policy,
+            curve,
+            verify_budget,
+            rule: AcceptRule::Exact,
+        });
+        Ok(engine)
     }
 
     pub fn model(&self) -> &Model {
@@ -96,10 +223,72 @@ impl Engine {
         self.seqs.len()
     }
 
-    /// Runs every sequence's tokens in one forward pass and samples the next
-    /// token where asked. Validates everything before touching KV.
+    /// Most draft tokens one step accepts for a sequence (0: no drafter).
+    pub fn max_lookahead(&self) -> usize {
+        self.spec.as_ref().map_or(0, |s| s.policy.max_depth())
+    }
+
+    pub fn policy(&self) -> Option<&SpecPolicy> {
+        self.spec.as_ref().map(|s| &s.policy)
+    }
+
+    pub fn cost_curve(&self) -> Option<&CostCurve> {
+        self.spec.as_ref().map(|s| &s.curve)
+    }
+
+    pub fn drafter_name(&self) -> Option<&'static str> {
+        self.spec.as_ref().map(|s| s.drafter.name())
+    }
+
+    /// Starts logging `(H, rank label)` of fixed-tree steps (calibration).
+    pub fn log_calibration_samples(&mut self) {
+        self.calibration_log = Some(Vec::new());
+    }
+
+    pub fn take_calibration_samples(&mut self) -> Vec<(f32, f32)> {
+        self.calibration_log.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Test hook: verify with a deliberately biased rule.
+    #[doc(hidden)]
+    pub fn use_biased_acceptance_for_tests(&mut self) {
+        if let Some(s) = &mut self.spec {
+            s.rule = AcceptRule::BiasedForTests;
+        }
+    }
+
+    /// Seconds per forward of `T` tokens after a 128-token context (best of
+    /// two runs), for `T` in [`COST_CURVE_TOKENS`]. Runs before any sequence
+    /// exists, so it may write anywhere in KV.
+    pub fn measure_cost_curve(&mut self) -> Result<CostCurve> {
+        let layout = self.kv.layout();
+        let bs = layout.block_size;
+        let max_t = *COST_CURVE_TOKENS.last().expect("non-empty");
+        let blocks_available = layout.num_blocks - 1;
+        let context = 128.min((blocks_available * bs).saturating_sub(max_t));
+        let num_blocks = (context + max_t).div_ceil(bs).min(blocks_available);
+        let table: Vec<BlockId> = (1..=num_blocks as u32).map(BlockId).collect();
+        let mut points = Vec::new();
+        for &t in COST_CURVE_TOKENS.iter().filter(|&&t| context + t <= num_blocks * bs) {
+            let run = SeqRun::causal(vec![1; t], context, &table, bs)?.with_all_logits();
+            let batch = RaggedBatch { seqs: vec![run] };
+            let mut best = f64::INFINITY;
+            for _ in 0..2 {
+                let start = Instant::now();
+                self.model.forward(&batch, &mut self.kv)?;
+                best = best.min(start.elapsed().as_secs_f64());
+            }
+            points.push((t, best));
+        }
+        Ok(CostCurve::new(points))
+    }
+
+    /// Runs every sequence's tokens in one forward pass (with the draft
+    /// trees of speculating sequences) and commits the next token(s) where
+    /// asked. Validates everything before touching KV.
     pub fn step(&mut self, seqs: &[SeqStep]) -> Result<Vec<SeqResult>> {
-        let block_size = self.kv.layout().block_size;
+        let layout = self.kv.layout();
+        let block_size = layout.block_size;
         let max_context = self.model.config().max_context;
         let mut batch = RaggedBatch::default();
         for s in seqs {
@@ -139,6 +328,16 @@ impl Engine {
                     max_context,
                 });
             }
+            if s.block_table.len() * block_size < total + s.lookahead {
+                return Err(bad(format!(
+                    "block table of {} blocks cannot hold {total} tokens and a lookahead of {}",
+                    s.block_table.len(),
+                    s.lookahead
+                )));
+            }
+            if let Some(b) = s.block_table.iter().find(|b| b.index() >= layout.num_blocks) {
+                return Err(bad(format!("block {} is outside the KV storage", b.0)));
+            }
             if let Some(params) = &s.sampling {
                 params.validate().map_err(bad)?;
             }
@@ -147,7 +346,7 @@ impl Engine {
             if !s.sample {
                 run.logits_rows.clear();
             }
-            run.validate(block_size, self.kv.layout().num_slots(), self.model.config().vocab_size)
+            run.validate(block_size, layout.num_slots(), self.model.config().vocab_size)
                 .map_err(|e| bad(e.to_string()))?;
             batch.seqs.push(run);
         }
@@ -157,31 +356,294 @@ impl Engine {
             return Err(EngineError::Config("a sequence appears twice in one step".into()));
         }
 
-        let logits = self.model.forward(&batch, &mut self.kv)?;
-        let vocab = self.model.config().vocab_size;
-        let mut rows = logits.chunks_exact(vocab);
-        let mut results = Vec::with_capacity(seqs.len());
+        // Every sequence's history now runs through its new tokens.
         for s in seqs {
             let state = self.seqs.entry(s.seq_id).or_insert_with(|| SeqState {
                 sampler: Sampler::new(s.sampling.clone().expect("checked above")),
                 history: s.cached_token_ids.clone(),
             });
             state.history.extend_from_slice(&s.new_token_ids);
-            let mut tokens = Vec::new();
-            if s.sample {
-                let row = rows.next().expect("one logits row per sampling sequence");
-                tokens.push(state.sampler.sample(row, &state.history));
+        }
+
+        let draft_start = Instant::now();
+        let mut plans = self.draft(seqs)?;
+        let draft_secs = draft_start.elapsed().as_secs_f64();
+        self.choose_nodes(seqs, &mut plans, &batch);
+        // Tree nodes join their sequence's run: they see all its new tokens
+        // and their selected ancestors; positions continue from the root.
+        let mut node_rows: Vec<HashMap<usize, usize>> = Vec::with_capacity(plans.len());
+        let mut next_scratch = 0;
+        for plan in &plans {
+            let run = &mut batch.seqs[plan.seq];
+            let m = run.len();
+            let root_pos = run.positions[m - 1];
+            let mut rows = HashMap::new();
+            rows.insert(0, 0);
+            for (i, &v) in plan.nodes.iter().enumerate() {
+                let node = &plan.tree.nodes[v];
+                run.token_ids.push(node.token);
+                run.positions.push(root_pos + node.depth);
+                run.slots.push(layout.scratch_slot(next_scratch));
+                next_scratch += 1;
+                run.logits_rows.push(m + i);
+                rows.insert(v, i + 1);
             }
-            results.push(SeqResult {
+            let n = run.len();
+            if n > m {
+                let mut mask = vec![false; n * n];
+                for i in 0..n {
+                    for j in 0..=i.min(m - 1) {
+                        mask[i * n + j] = true;
+                    }
+                }
+                let index_of: HashMap<usize, usize> = plan.nodes.iter().enumerate().map(|(i, &v)| (v, m + i)).collect();
+                for (i, &v) in plan.nodes.iter().enumerate() {
+                    let row = m + i;
+                    mask[row * n + row] = true;
+                    for a in plan.tree.ancestors(v) {
+                        mask[row * n + index_of[&a]] = true;
+                    }
+                }
+                run.mask = Some(mask);
+            }
+            node_rows.push(rows);
+        }
+
+        let forward_start = Instant::now();
+        let logits = self.model.forward(&batch, &mut self.kv)?;
+        let forward_secs = forward_start.elapsed().as_secs_f64();
+        let vocab = self.model.config().vocab_size;
+        let mut row_start = Vec::with_capacity(seqs.len());
+        let mut next_row = 0;
+        for run in &batch.seqs {
+            row_start.push(next_row);
+            next_row += run.logits_rows.len();
+        }
+        let row = |r: usize| &logits[r * vocab..(r + 1) * vocab];
+
+        let mut results: Vec<SeqResult> = seqs
+            .iter()
+            .map(|s| SeqResult {
                 seq_id: s.seq_id,
-                tokens,
+                tokens: Vec::new(),
+                spec: SpecOutcome::default(),
+            })
+            .collect();
+        let mut planned = vec![None; seqs.len()];
+        for (p, plan) in plans.iter().enumerate() {
+            planned[plan.seq] = Some(p);
+        }
+        let mut budget_tokens = 0;
+        for (i, s) in seqs.iter().enumerate() {
+            if !s.sample {
+                continue;
+            }
+            let state = self.seqs.get_mut(&s.seq_id).expect("created above");
+            let Some(p) = planned[i] else {
+                let token = state.sampler.sample(row(row_start[i]), &state.history);
+                results[i].tokens.push(token);
+                continue;
+            };
+            let plan = &plans[p];
+            let rows = &node_rows[p];
+            let mut verified = vec![false; plan.tree.len()];
+            for &v in &plan.nodes {
+                verified[v] = true;
+            }
+            let base = row_start[i];
+            let logits_of = |v: usize| row(base + rows[&v]);
+            let rule = self.spec.as_ref().expect("plans imply a drafter").rule;
+            let accepted = accept(
+                &plan.tree,
+                &verified,
+                &logits_of,
+                &mut state.sampler,
+                &state.history,
+                plan.max_accept,
+                rule,
+            );
+            // Move the accepted nodes' KV from scratch to their positions.
+            let root_pos = s.num_computed + s.new_token_ids.len() - 1;
+            let src: Vec<usize> = accepted
+                .nodes
+                .iter()
+                .map(|v| batch.seqs[i].slots[s.new_token_ids.len() + rows[v] - 1])
+                .collect();
+            let dst: Vec<usize> = (1..=accepted.nodes.len())
+                .map(|d| {
+                    let pos = root_pos + d;
+                    s.block_table[pos / block_size].index() * block_size + pos % block_size
+                })
+                .collect();
+            self.kv.copy_slots(&src, &dst);
+            let n_acc = accepted.nodes.len();
+            state
+                .history
+                .extend(accepted.tokens[..n_acc].iter().map(|t| t.token_id));
+            results[i].tokens = accepted.tokens;
+            results[i].spec = SpecOutcome {
+                speculated: true,
+                tier: plan.tier,
+                num_draft_tokens: plan.nodes.len(),
+                num_accepted_tokens: n_acc,
+            };
+            budget_tokens += 1 + plan.nodes.len();
+            metrics::record_spec(plan.tier, plan.nodes.len(), n_acc);
+            if plan.fixed {
+                if let Some(log) = &mut self.calibration_log {
+                    let scores: Vec<f32> = plan.nodes.iter().map(|&v| plan.tree.nodes[v].score).collect();
+                    let last = accepted.nodes.last().map(|&v| plan.tree.nodes[v].score);
+                    log.push((plan.entropy, rank_label(&scores, last)));
+                }
+            }
+        }
+        if !plans.is_empty() {
+            metrics::record_spec_step(budget_tokens, draft_secs);
+        }
+        metrics::record_forward(forward_secs);
+        Ok(results)
+    }
+
+    /// Grows the draft trees of speculating sequences: base depth for all,
+    /// then deeper for low-entropy tiers (HeteroSpec sequences).
+    fn draft(&mut self, seqs: &[SeqStep]) -> Result<Vec<Plan>> {
+        let Some(spec) = &mut self.spec else {
+            return Ok(Vec::new());
+        };
+        let max_context = self.model.config().max_context;
+        let block_size = self.kv.layout().block_size;
+        let policy = &spec.policy;
+        let mut plans = Vec::new();
+        for (i, s) in seqs.iter().enumerate() {
+            if !s.sample || s.speculation == SpecMode::Off || s.lookahead == 0 {
+                continue;
+            }
+            let total = s.num_computed + s.new_token_ids.len();
+            let max_accept = s
+                .lookahead
+                .min(policy.max_depth())
+                .min(max_context.saturating_sub(total + 1))
+                .min(s.block_table.len() * block_size - total);
+            if max_accept == 0 {
+                continue;
+            }
+            plans.push(Plan {
+                seq: i,
+                tree: DraftTree::new(*s.new_token_ids.last().expect("non-empty")),
+                fixed: s.speculation == SpecMode::Fixed,
+                tier: None,
+                entropy: 0.0,
+                max_accept,
+                max_nodes: policy.num_nodes,
+                nodes: Vec::new(),
             });
         }
-        Ok(results)
+        if plans.is_empty() {
+            return Ok(plans);
+        }
+        let inputs: Vec<DraftInput<'_>> = plans
+            .iter()
+            .map(|p| {
+                let s = &seqs[p.seq];
+                DraftInput {
+                    seq_id: s.seq_id,
+                    tokens: &self.seqs[&s.seq_id].history,
+                    num_computed: s.num_computed,
+                    block_table: &s.block_table,
+                }
+            })
+            .collect();
+        let layout = self.kv.layout();
+        let mut target = TargetView {
+            model: &self.model,
+            kv: &mut self.kv,
+            scratch: MAX_VERIFY_NODES..layout.scratch_slots,
+        };
+        let mut trees: Vec<DraftTree> = plans.iter().map(|p| p.tree.clone()).collect();
+        let base: Vec<usize> = plans.iter().map(|p| policy.depth.min(p.max_accept)).collect();
+        grow(
+            spec.drafter.as_mut(),
+            &mut target,
+            &inputs,
+            &mut trees,
+            &base,
+            policy.top_k,
+        )?;
+        let mut deeper = base.clone();
+        for (p, plan) in plans.iter_mut().enumerate() {
+            plan.entropy = trees[p].path_entropy();
+            if !plan.fixed {
+                let tier = policy.tier(plan.entropy);
+                let shape = policy.shape(tier);
+                plan.tier = Some(tier);
+                plan.max_nodes = shape.max_nodes;
+                deeper[p] = shape.depth.min(plan.max_accept);
+            }
+        }
+        if deeper != base {
+            grow(
+                spec.drafter.as_mut(),
+                &mut target,
+                &inputs,
+                &mut trees,
+                &deeper,
+                policy.top_k,
+            )?;
+        }
+        for (plan, tree) in plans.iter_mut().zip(trees) {
+            plan.tree = tree;
+        }
+        Ok(plans)
+    }
+
+    /// Fixed trees take their top-N; HeteroSpec sequences share what is
+    /// left of the budget best-first, sized by the cost curve.
+    fn choose_nodes(&self, seqs: &[SeqStep], plans: &mut [Plan], batch: &RaggedBatch) {
+        let Some(spec) = &self.spec else { return };
+        let mut nodes_left = MAX_VERIFY_NODES;
+        let mut base_tokens = batch.num_tokens();
+        for plan in plans.iter_mut().filter(|p| p.fixed) {
+            let sel = select(
+                &[SeqCandidates {
+                    tree: &plan.tree,
+                    max_nodes: plan.max_nodes,
+                }],
+                nodes_left,
+                None,
+            );
+            plan.nodes = sel.nodes.into_iter().next().unwrap_or_default();
+            nodes_left -= plan.nodes.len();
+            base_tokens += plan.nodes.len();
+        }
+        let hetero: Vec<usize> = (0..plans.len()).filter(|&p| !plans[p].fixed).collect();
+        if hetero.is_empty() {
+            return;
+        }
+        let cands: Vec<SeqCandidates<'_>> = hetero
+            .iter()
+            .map(|&p| SeqCandidates {
+                tree: &plans[p].tree,
+                max_nodes: plans[p].max_nodes,
+            })
+            .collect();
+        let max_total = spec.verify_budget.saturating_sub(hetero.len()).min(nodes_left);
+        let rate = RateModel {
+            curve: &spec.curve,
+            base_tokens,
+            overhead_secs: 0.0,
+            base_committed: seqs.iter().filter(|s| s.sample).count() as f64,
+        };
+        let sel = select(&cands, max_total, Some(rate));
+        for (&p, nodes) in hetero.iter().zip(sel.nodes) {
+            plans[p].nodes = nodes;
+        }
     }
 
     /// Forgets a sequence. Its KV blocks belong to the caller's pool.
     pub fn release(&mut self, seq_id: SeqId) -> Result<()> {
+        if let Some(spec) = &mut self.spec {
+            spec.drafter.release(seq_id);
+        }
         self.seqs
             .remove(&seq_id)
             .map(|_| ())
@@ -235,6 +697,8 @@ mod tests {
             sampling,
             cached_token_ids: vec![],
             sample: true,
+            speculation: SpecMode::Off,
+            lookahead: 0,
         }
     }
 

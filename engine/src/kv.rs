@@ -24,6 +24,9 @@ pub struct KvLayout {
     pub num_layers: usize,
     /// `num_kv_heads * head_dim`: floats per token per layer for K (and for V).
     pub kv_size: usize,
+    /// Slots after the last block, owned by the engine (draft tree nodes
+    /// before verification); never part of a block table.
+    pub scratch_slots: usize,
 }
 
 impl KvLayout {
@@ -45,11 +48,19 @@ impl KvLayout {
             block_size,
             num_layers: config.num_layers,
             kv_size,
+            scratch_slots: 0,
         })
     }
 
+    /// Block slots plus scratch slots.
     pub fn num_slots(&self) -> usize {
-        self.num_blocks * self.block_size
+        self.num_blocks * self.block_size + self.scratch_slots
+    }
+
+    /// The `i`-th scratch slot.
+    pub fn scratch_slot(&self, i: usize) -> usize {
+        debug_assert!(i < self.scratch_slots);
+        self.num_blocks * self.block_size + i
     }
 }
 

@@ -1,5 +1,5 @@
-//! heterospec's engine: the model runner over paged KV, sampling, and (in
-//! later layers) drafting and verification. It never sees text.
+//! heterospec's engine: the model runner over paged KV, sampling, draft
+//! trees and their verification. It never sees text.
 
 pub mod attention;
 pub mod batch;
@@ -11,13 +11,15 @@ pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod qgemm;
+pub mod runner;
 pub mod sampler;
 pub mod server;
+pub mod spec;
 pub mod testing;
 
 pub use batch::{RaggedBatch, SeqRun};
 pub use config::ModelConfig;
-pub use engine::{Engine, EngineConfig, SeqId, SeqResult, SeqStep};
+pub use engine::{DrafterKind, Engine, EngineConfig, SeqId, SeqResult, SeqStep, SpecSetup};
 pub use error::{EngineError, Result};
 pub use kv::{KvLayout, KvStorage};
 pub use model::{Model, ModelTensors, WeightFormat};

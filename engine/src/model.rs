@@ -305,6 +305,13 @@ impl Model {
     /// slots and returns the logits rows asked for, `(rows, vocab)` flat, in
     /// batch order.
     pub fn forward(&self, batch: &RaggedBatch, kv: &mut KvStorage) -> Result<Vec<f32>> {
+        self.forward_layers(batch, kv, self.layers.len())
+    }
+
+    /// [`Model::forward`] through the first `num_layers` layers only, then
+    /// the output norm and head (a layer-skip self-draft). Writes K/V of
+    /// those layers only.
+    pub fn forward_layers(&self, batch: &RaggedBatch, kv: &mut KvStorage, num_layers: usize) -> Result<Vec<f32>> {
         let c = &self.config;
         let layout = kv.layout();
         for seq in &batch.seqs {
@@ -343,7 +350,7 @@ impl Model {
         }
         let mut normed = vec![0.0; n * h];
         let mut attn = vec![0.0; n * qs]; // (tokens, heads * head_dim)
-        for (li, layer) in self.layers.iter().enumerate() {
+        for (li, layer) in self.layers.iter().take(num_layers).enumerate() {
             rms_norm_rows(&x, &layer.attn_norm, c.rms_norm_eps, &mut normed);
             let input = LinearInput::new(&normed, n);
             let mut q = layer.wq.forward(&input)?; // (tokens, heads, head_dim)
@@ -409,6 +416,7 @@ mod tests {
             block_size,
             num_layers: tiny_config().num_layers,
             kv_size: tiny_config().kv_size(),
+            scratch_slots: 0,
         };
         (
             KvStorage::new(layout),

@@ -200,7 +200,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 }
 
 /// Inverse-CDF draw from sorted (token, probability) pairs.
-fn draw(candidates: &[(u32, f32)], r: f32) -> u32 {
+pub(crate) fn draw(candidates: &[(u32, f32)], r: f32) -> u32 {
     let mut cum = 0.0;
     for &(t, p) in candidates {
         cum += p;

@@ -17,6 +17,7 @@ use crate::engine::{Engine, SeqId, SeqResult, SeqStep};
 use crate::error::EngineError;
 use crate::metrics;
 use crate::sampler::SamplingParams;
+use crate::spec::SpecMode;
 
 /// Commands for the engine thread.
 enum Command {
@@ -43,6 +44,7 @@ impl EngineHandle {
     pub fn spawn(engine: Engine, info: EngineInfo) -> Self {
         let layout = engine.kv_layout();
         let config = engine.model().config().clone();
+        let max_lookahead = engine.max_lookahead();
         let (tx, mut rx) = mpsc::channel::<Command>(64);
         std::thread::Builder::new()
             .name("engine".into())
@@ -78,7 +80,7 @@ impl EngineHandle {
                 vocab_size: config.vocab_size as u32,
                 max_context: config.max_context as u32,
                 instance_id: info.instance_id,
-                max_lookahead: 0,
+                max_lookahead: max_lookahead as u32,
             },
         }
     }
@@ -99,8 +101,14 @@ impl EngineHandle {
     }
 }
 
-fn seq_step_from_proto(s: pb::SeqStep) -> SeqStep {
-    SeqStep {
+fn seq_step_from_proto(s: pb::SeqStep) -> Result<SeqStep, Status> {
+    let speculation = SpecMode::from_proto(s.speculation).ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "sequence {}: unknown speculation mode {}",
+            s.seq_id, s.speculation
+        ))
+    })?;
+    Ok(SeqStep {
         seq_id: SeqId(s.seq_id),
         new_token_ids: s.new_token_ids,
         num_computed: s.num_computed as usize,
@@ -114,7 +122,9 @@ fn seq_step_from_proto(s: pb::SeqStep) -> SeqStep {
         }),
         cached_token_ids: s.cached_token_ids,
         sample: s.sample,
-    }
+        speculation,
+        lookahead: s.lookahead as usize,
+    })
 }
 
 fn seq_result_to_proto(r: SeqResult) -> pb::SeqResult {
@@ -128,9 +138,10 @@ fn seq_result_to_proto(r: SeqResult) -> pb::SeqResult {
                 logprob: t.logprob,
             })
             .collect(),
-        tier: 0,
-        num_draft_tokens: 0,
-        num_accepted_tokens: 0,
+        tier: r.spec.tier.map_or(0, |t| t as u32 + 1),
+        num_draft_tokens: r.spec.num_draft_tokens as u32,
+        num_accepted_tokens: r.spec.num_accepted_tokens as u32,
+        speculated: r.spec.speculated,
     }
 }
 
@@ -162,7 +173,11 @@ impl EngineService for EngineHandle {
                 request.instance_id, self.info.instance_id
             )));
         }
-        let seqs: Vec<SeqStep> = request.seqs.into_iter().map(seq_step_from_proto).collect();
+        let seqs = request
+            .seqs
+            .into_iter()
+            .map(seq_step_from_proto)
+            .collect::<Result<Vec<SeqStep>, Status>>()?;
         let results = self.call(|reply| Command::Step(seqs, reply)).await??;
         Ok(Response::new(pb::StepResponse {
             seqs: results.into_iter().map(seq_result_to_proto).collect(),

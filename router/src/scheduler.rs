@@ -105,6 +105,10 @@ struct Sequence {
     num_computed: usize,
     /// Tokens run in the step in flight.
     num_scheduled: usize,
+    /// Slots reserved after them for accepted draft tokens.
+    lookahead: usize,
+    /// Speculation counters for the final response.
+    spec: pb::SpeculationStats,
     table: BlockTable,
     engine_knows: bool,
     output: OutputStream,
@@ -163,6 +167,16 @@ impl Sequence {
         }
     }
 
+    fn speculation_stats(&self) -> pb::SpeculationStats {
+        let mut stats = self.spec;
+        stats.mean_acceptance_length = if stats.steps == 0 {
+            0.0
+        } else {
+            1.0 + stats.accepted_tokens as f32 / stats.steps as f32
+        };
+        stats
+    }
+
     fn usage(&self) -> pb::Usage {
         pb::Usage {
             prompt_tokens: self.request.prompt_token_ids.len() as u32,
@@ -185,6 +199,8 @@ pub struct Scheduler {
     client: Option<EngineClient<Channel>>,
     pool: Option<BlockPool>,
     instance_id: u64,
+    /// Most draft tokens the engine accepts per step (its lookahead).
+    max_lookahead: usize,
     tokenizer: Arc<TextTokenizer>,
     waiting: VecDeque<Sequence>,
     /// Admission order: the newest is last.
@@ -229,6 +245,7 @@ impl Scheduler {
             client: None,
             pool: None,
             instance_id: 0,
+            max_lookahead: 0,
             tokenizer,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -334,6 +351,7 @@ impl Scheduler {
             let _ = client.release(epb::ReleaseRequest { seq_ids: orphaned }).await;
         }
         self.instance_id = info.instance_id;
+        self.max_lookahead = info.max_lookahead as usize;
         self.client = Some(client);
         self.to_release.clear();
         self.shared.healthy.store(true, Ordering::Release);
@@ -359,6 +377,8 @@ impl Scheduler {
             arrival: sub.arrival,
             num_computed: 0,
             num_scheduled: 0,
+            lookahead: 0,
+            spec: pb::SpeculationStats::default(),
             table: BlockTable::new(),
             engine_knows: false,
             output,
@@ -428,11 +448,18 @@ impl Scheduler {
             let seq = &self.running[i];
             let n = (seq.token_ids.len() - seq.num_computed).min(budget);
             let need = seq.num_computed + n;
+            let lookahead = self.lookahead_for(seq, n);
             let mut table = std::mem::take(&mut self.running[i].table);
-            let got = self.pool().allocate_slots(&mut table, need).is_some();
+            // Lookahead slots if they fit, else plain decoding this step.
+            let got = if self.pool().allocate_slots(&mut table, need + lookahead).is_some() {
+                Some(lookahead)
+            } else {
+                self.pool().allocate_slots(&mut table, need).map(|_| 0)
+            };
             self.running[i].table = table;
-            if got {
+            if let Some(lookahead) = got {
                 self.running[i].num_scheduled = n;
+                self.running[i].lookahead = lookahead;
                 budget -= n;
                 i += 1;
                 continue;
@@ -469,6 +496,12 @@ impl Scheduler {
             }
             let n = (seq.token_ids.len() - seq.num_computed).min(budget);
             let need = seq.num_computed + n;
+            let lookahead = self.lookahead_for(&seq, n);
+            seq.lookahead = if self.pool().allocate_slots(&mut seq.table, need + lookahead).is_some() {
+                lookahead
+            } else {
+                0
+            };
             if self.pool().allocate_slots(&mut seq.table, need).is_none() {
                 self.pool().free_table(&mut seq.table);
                 seq.num_computed = 0;
@@ -514,6 +547,7 @@ impl Scheduler {
                     },
                     sample: end == s.token_ids.len(),
                     speculation: s.request.speculation as i32,
+                    lookahead: s.lookahead as u32,
                 }
             })
             .collect();
@@ -546,6 +580,18 @@ impl Scheduler {
             })?
             .into_inner();
         self.apply_results(response)
+    }
+
+    /// Slots to reserve for accepted draft tokens when a run of `n` tokens
+    /// ends the known ones: the engine's lookahead, capped by what the
+    /// request may still generate.
+    fn lookahead_for(&self, seq: &Sequence, n: usize) -> usize {
+        let samples = seq.num_computed + n == seq.token_ids.len();
+        if !samples || seq.request.speculation == pb::SpeculationMode::Off {
+            return 0;
+        }
+        let remaining = seq.request.criteria.max_new_tokens.saturating_sub(seq.num_generated());
+        self.max_lookahead.min(remaining.saturating_sub(1))
     }
 
     /// Checks that the engine answers and is the instance we planned for.
@@ -596,15 +642,26 @@ impl Scheduler {
                 continue;
             }
             let result = results.remove(&seq.seq_id);
-            seq.num_computed += seq.num_scheduled;
+            let num_run = seq.num_scheduled;
             seq.num_scheduled = 0;
+            seq.lookahead = 0;
             seq.engine_knows = true;
             let salt = seq.request.cache_salt.clone();
             let pool = self.pool.as_mut().expect("connected");
-            pool.register_full_blocks(&mut seq.table, &seq.token_ids[..seq.num_computed], salt.as_deref());
-            let Some(result) = result else { continue };
-            if result.tokens.is_empty() {
+            let committed = result.as_ref().map_or(0, |r| r.tokens.len());
+            if committed == 0 {
+                seq.num_computed += num_run;
+                pool.register_full_blocks(&mut seq.table, &seq.token_ids[..seq.num_computed], salt.as_deref());
+                pool.truncate(&mut seq.table, seq.num_computed);
                 continue;
+            }
+            let result = result.expect("committed tokens");
+            // KV now holds the run and every committed token but the last.
+            seq.num_computed += num_run + committed - 1;
+            seq.spec.steps += 1;
+            if result.speculated {
+                seq.spec.verified_tokens += result.num_draft_tokens;
+                seq.spec.accepted_tokens += result.num_accepted_tokens;
             }
             let mut resp = pb::GenerateResponse {
                 request_id: seq.request.request_id.clone(),
@@ -651,10 +708,16 @@ impl Scheduler {
                 finished.push((i, Outcome::Error(status, "detokenize")));
                 continue;
             }
+            if reason.is_none() {
+                let pool = self.pool.as_mut().expect("connected");
+                pool.register_full_blocks(&mut seq.table, &seq.token_ids[..seq.num_computed], salt.as_deref());
+                pool.truncate(&mut seq.table, seq.num_computed);
+            }
             metrics::counter!(m::GENERATED_TOKENS_TOTAL).increment(resp.token_ids.len() as u64);
             if let Some(reason) = reason {
                 resp.finish_reason = Sequence::finish_reason_proto(reason) as i32;
                 resp.usage = Some(seq.usage());
+                resp.speculation = Some(seq.speculation_stats());
                 seq.emit(resp);
                 finished.push((i, Outcome::Finished(reason)));
             } else if !seq.emit(resp) {
@@ -687,6 +750,7 @@ impl Scheduler {
                     text: delta.text,
                     finish_reason: Sequence::finish_reason_proto(reason) as i32,
                     usage: Some(seq.usage()),
+                    speculation: Some(seq.speculation_stats()),
                     ..Default::default()
                 };
                 seq.emit(resp);

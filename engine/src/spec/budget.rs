@@ -1,0 +1,253 @@
+//! The global verification budget (DESIGN §2 step 6): one budget of tree
+//! tokens per step for the whole batch. Every speculating sequence gets its
+//! root; the remaining nodes are chosen across all sequences best-first by
+//! estimated acceptance (`exp(score)`), each sequence capped by its tier,
+//! and the budget's size is the one that maximises expected committed
+//! tokens per second on the engine's measured forward-cost curve.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
+use crate::spec::tree::DraftTree;
+
+/// Seconds per forward of `T` tokens, measured at warm-up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CostCurve {
+    /// Ascending `T`, seconds.
+    points: Vec<(usize, f64)>,
+}
+
+impl CostCurve {
+    /// `points` must have distinct `T >= 1`; they are sorted here.
+    pub fn new(mut points: Vec<(usize, f64)>) -> Self {
+        assert!(!points.is_empty(), "a cost curve needs at least one point");
+        points.sort_by_key(|p| p.0);
+        CostCurve { points }
+    }
+
+    pub fn points(&self) -> &[(usize, f64)] {
+        &self.points
+    }
+
+    /// Largest measured `T`.
+    pub fn max_tokens(&self) -> usize {
+        self.points.last().expect("non-empty").0
+    }
+
+    /// Piecewise-linear cost; beyond the last point the last slope goes on.
+    pub fn cost(&self, t: usize) -> f64 {
+        let p = &self.points;
+        if p.len() == 1 {
+            return p[0].1 * t.max(1) as f64 / p[0].0 as f64;
+        }
+        let i = p.partition_point(|q| q.0 < t).clamp(1, p.len() - 1);
+        let (a, b) = (p[i - 1], p[i]);
+        let slope = (b.1 - a.1) / (b.0 - a.0) as f64;
+        (a.1 + slope * (t as f64 - a.0 as f64)).max(0.0)
+    }
+}
+
+/// One sequence's candidates.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqCandidates<'a> {
+    pub tree: &'a DraftTree,
+    /// Tier cap on verified nodes (besides the root).
+    pub max_nodes: usize,
+}
+
+/// How to size the budget from the cost curve.
+#[derive(Debug, Clone, Copy)]
+pub struct RateModel<'a> {
+    pub curve: &'a CostCurve,
+    /// Tokens the forward runs anyway (prefill chunks, plain decodes, roots).
+    pub base_tokens: usize,
+    /// Seconds spent outside the forward this step (drafting).
+    pub overhead_secs: f64,
+    /// Tokens committed anyway (one per sampling sequence).
+    pub base_committed: f64,
+}
+
+/// Chosen nodes per sequence and what the choice expected.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Selection {
+    /// Node indices per sequence (ancestor-closed, excluding the root), in
+    /// the order chosen.
+    pub nodes: Vec<Vec<usize>>,
+    /// Sum of `exp(score)` over chosen nodes: expected accepted tokens.
+    pub expected_accepted: f64,
+}
+
+#[derive(PartialEq)]
+struct Ranked {
+    gain: f32,
+    seq: usize,
+    node: usize,
+}
+
+impl Eq for Ranked {}
+
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Ranked {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.gain
+            .total_cmp(&other.gain)
+            .then(other.seq.cmp(&self.seq))
+            .then(other.node.cmp(&self.node))
+    }
+}
+
+/// Best-first selection of at most `max_total` nodes across sequences
+/// (parents before children, per-sequence caps); with `rate`, only the
+/// prefix of that order that maximises expected committed tokens per second.
+pub fn select(seqs: &[SeqCandidates<'_>], max_total: usize, rate: Option<RateModel<'_>>) -> Selection {
+    let mut heap = BinaryHeap::new();
+    for (s, c) in seqs.iter().enumerate() {
+        for &child in &c.tree.nodes[0].children {
+            heap.push(Ranked {
+                gain: c.tree.nodes[child].score.exp(),
+                seq: s,
+                node: child,
+            });
+        }
+    }
+    let mut order: Vec<(usize, usize, f32)> = Vec::new();
+    let mut taken = vec![0usize; seqs.len()];
+    while order.len() < max_total {
+        let Some(best) = heap.pop() else { break };
+        if taken[best.seq] >= seqs[best.seq].max_nodes {
+            continue;
+        }
+        taken[best.seq] += 1;
+        order.push((best.seq, best.node, best.gain));
+        let tree = seqs[best.seq].tree;
+        for &child in &tree.nodes[best.node].children {
+            heap.push(Ranked {
+                gain: tree.nodes[child].score.exp(),
+                seq: best.seq,
+                node: child,
+            });
+        }
+    }
+    let keep = match rate {
+        None => order.len(),
+        Some(r) => {
+            let rate_at = |b: usize, expected: f64| {
+                (r.base_committed + expected) / (r.curve.cost(r.base_tokens + b) + r.overhead_secs)
+            };
+            let (mut best_b, mut best_rate) = (0, rate_at(0, 0.0));
+            let mut expected = 0.0;
+            for (b, o) in order.iter().enumerate() {
+                expected += o.2 as f64;
+                let rate = rate_at(b + 1, expected);
+                if rate > best_rate {
+                    (best_b, best_rate) = (b + 1, rate);
+                }
+            }
+            best_b
+        }
+    };
+    let mut selection = Selection {
+        nodes: vec![Vec::new(); seqs.len()],
+        expected_accepted: 0.0,
+    };
+    for &(s, node, gain) in &order[..keep] {
+        selection.nodes[s].push(node);
+        selection.expected_accepted += gain as f64;
+    }
+    selection
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::drafter::Proposal;
+
+    /// A chain of `depth` nodes below the root, each with log-prob `lp`.
+    fn chain(depth: usize, lp: f32) -> DraftTree {
+        let mut t = DraftTree::new(0);
+        let mut v = 0;
+        for d in 0..depth {
+            let p = Proposal {
+                candidates: vec![(d as u32 + 1, lp), (100 + d as u32, lp - 3.0)],
+                entropy: 0.0,
+            };
+            v = t.add_children_for_test(v, &p)[0];
+        }
+        t
+    }
+
+    #[test]
+    fn budget_is_never_exceeded_and_goes_first_to_confident_sequences() {
+        let sure = chain(6, -0.05);
+        let unsure = chain(6, -1.5);
+        let seqs = [
+            SeqCandidates {
+                tree: &unsure,
+                max_nodes: 8,
+            },
+            SeqCandidates {
+                tree: &sure,
+                max_nodes: 8,
+            },
+        ];
+        let sel = select(&seqs, 5, None);
+        assert_eq!(sel.nodes.iter().map(Vec::len).sum::<usize>(), 5);
+        // The confident chain takes its 5 nodes before the unsure one's first (exp(-1.5) = 0.22 < exp(-0.3) = 0.74).
+        assert_eq!(sel.nodes[1].len(), 5);
+        assert!(sel.nodes[0].is_empty());
+        // Caps hold.
+        let capped = [
+            SeqCandidates {
+                tree: &unsure,
+                max_nodes: 1,
+            },
+            SeqCandidates {
+                tree: &sure,
+                max_nodes: 2,
+            },
+        ];
+        let sel = select(&capped, 100, None);
+        assert_eq!((sel.nodes[0].len(), sel.nodes[1].len()), (1, 2));
+        // Parents always precede children.
+        for (s, nodes) in sel.nodes.iter().enumerate() {
+            for (i, &v) in nodes.iter().enumerate() {
+                let p = capped[s].tree.nodes[v].parent;
+                assert!(p == 0 || nodes[..i].contains(&p));
+            }
+        }
+    }
+
+    #[test]
+    fn budget_size_follows_the_cost_curve() {
+        let sure = chain(6, -0.05);
+        let seqs = [SeqCandidates {
+            tree: &sure,
+            max_nodes: 8,
+        }];
+        // Flat cost up to 4 tokens then steep: the rate peaks at 3 nodes + root.
+        let curve = CostCurve::new(vec![(1, 1.0), (4, 1.0), (5, 3.0), (64, 100.0)]);
+        let rate = RateModel {
+            curve: &curve,
+            base_tokens: 1,
+            overhead_secs: 0.0,
+            base_committed: 1.0,
+        };
+        assert_eq!(select(&seqs, 64, Some(rate)).nodes[0].len(), 3);
+        // A linear cost curve with unsure drafts: verifying pays nothing.
+        let linear = CostCurve::new(vec![(1, 1.0), (64, 64.0)]);
+        let unsure = chain(6, -2.0);
+        let seqs = [SeqCandidates {
+            tree: &unsure,
+            max_nodes: 8,
+        }];
+        let rate = RateModel { curve: &linear, ..rate };
+        assert!(select(&seqs, 64, Some(rate)).nodes[0].is_empty());
+        assert!((linear.cost(32) - 32.0).abs() < 1e-9);
+        assert!((curve.cost(128) - (100.0 + 64.0 * 97.0 / 59.0)).abs() < 1e-6);
+    }
+}
