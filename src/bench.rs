@@ -39,6 +39,8 @@ pub enum BenchCommand {
     Forward(ForwardArgs),
     /// Served throughput and latency at several concurrency levels.
     Serve(crate::bench_serve::ServeBenchArgs),
+    /// Speculation: plain, chain, fixed tree and HeteroSpec side by side.
+    Spec(crate::bench_spec::SpecBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -92,6 +94,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Forward(args) => forward(args),
         BenchCommand::Serve(args) => crate::bench_serve::run(args),
+        BenchCommand::Spec(args) => crate::bench_spec::run(args),
     }
 }
 

@@ -51,6 +51,8 @@ pub struct ServeBenchArgs {
 
 #[derive(Debug, Deserialize)]
 pub struct PromptRecord {
+    #[serde(default)]
+    pub category: String,
     pub prompt: String,
 }
 

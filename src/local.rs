@@ -58,6 +58,12 @@ impl EngineArgs {
     /// Loads the target (and draft) model and builds the engine; with a
     /// drafter it measures the forward-cost curve first.
     pub fn build_engine(&self, model_path: &Path) -> Result<Engine> {
+        self.build_engine_with_policy(model_path, None)
+    }
+
+    /// [`EngineArgs::build_engine`] with this policy instead of the
+    /// calibration file's.
+    pub fn build_engine_with_policy(&self, model_path: &Path, policy: Option<SpecPolicy>) -> Result<Engine> {
         let model = Model::load(model_path, self.weight_format)?;
         let config = EngineConfig {
             block_size: self.block_size,
@@ -80,9 +86,10 @@ impl EngineArgs {
             }
             other => bail!("unknown drafter `{other}` (ngram, model, self, none)"),
         };
-        let policy = match &self.calibration {
-            Some(path) => SpecPolicy::load(path)?,
-            None => SpecPolicy::default_ngram(),
+        let policy = match (policy, &self.calibration) {
+            (Some(p), _) => p,
+            (None, Some(path)) => SpecPolicy::load(path)?,
+            (None, None) => SpecPolicy::default_ngram(),
         };
         let engine = Engine::with_speculation(
             model,
@@ -169,6 +176,11 @@ impl LocalEngine {
         init_threads(args.threads);
         crate::fetch::ensure_default_model(model_path)?;
         let engine = args.build_engine(model_path)?;
+        Self::with_engine(model_path, engine)
+    }
+
+    /// Wraps an engine built elsewhere (for the model at `model_path`).
+    pub fn with_engine(model_path: &Path, engine: Engine) -> Result<Self> {
         let tokenizer = TextTokenizer::from_gguf_file(model_path)?;
         let layout = engine.kv_layout();
         let pool = BlockPool::new(BlockPoolConfig {

@@ -3,11 +3,14 @@
 
 mod bench;
 mod bench_serve;
+mod bench_spec;
+mod calibrate;
 mod client;
 mod fetch;
 mod generate;
 mod local;
 mod metrics;
+mod quantize;
 mod serve;
 
 use std::path::PathBuf;
@@ -50,6 +53,12 @@ enum Command {
     /// Generate text (in this process, or through --server) and stream it to
     /// stdout.
     Generate(generate::GenerateArgs),
+    /// Fit the entropy tiers of a drafter: run the fixed tree over prompts
+    /// and write a calibration file.
+    Calibrate(calibrate::CalibrateArgs),
+    /// Write a GGUF with its matrices in another block type (a draft model
+    /// for `--drafter model`).
+    Quantize(quantize::QuantizeArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -77,6 +86,8 @@ fn main() -> Result<()> {
         Command::Engine(args) => serve::run_engine(args),
         Command::Router(args) => serve::run_router(args),
         Command::Generate(args) => generate::run(args),
+        Command::Quantize(args) => quantize::run(args),
+        Command::Calibrate(args) => calibrate::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }

@@ -5,9 +5,13 @@
 //! on the raw logits, then temperature, then top-k, then top-p (nucleus),
 //! then a draw. `temperature == 0` is greedy (argmax after the penalty).
 //! Reported log-probabilities are those of the raw model distribution.
-
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+//!
+//! The draw is Gumbel-max with noise fixed by (seed, position, token): the
+//! token at position `t` is `argmax_x ln q(x) + G(seed, t, x)`, which is
+//! distributed exactly as `q`. Because the noise belongs to the position and
+//! not to a stream, the same seed gives the same tokens however many draft
+//! trees were verified on the way (speculative and plain decoding agree
+//! token for token), and a recomputed (preempted) request repeats itself.
 
 use crate::ops::log_sum_exp;
 
@@ -78,20 +82,17 @@ pub struct SampledToken {
 /// A sequence's sampler: its settings and its random stream.
 pub struct Sampler {
     params: SamplingParams,
-    rng: StdRng,
+    seed: u64,
     /// Scratch: (token, probability) candidates, reused across calls.
     candidates: Vec<(u32, f32)>,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        let rng = match params.seed {
-            Some(seed) => StdRng::seed_from_u64(seed),
-            None => StdRng::from_os_rng(),
-        };
+        let seed = params.seed.unwrap_or_else(rand::random);
         Sampler {
             params,
-            rng,
+            seed,
             candidates: Vec::new(),
         }
     }
@@ -109,8 +110,7 @@ impl Sampler {
             argmax(&processed)
         } else {
             self.fill_candidates(&processed);
-            let r: f32 = self.rng.random();
-            draw(&self.candidates, r)
+            gumbel_max(&self.candidates, self.seed, history.len())
         };
         SampledToken {
             token_id,
@@ -164,11 +164,6 @@ impl Sampler {
             c.1 /= total;
         }
     }
-
-    /// A uniform draw in [0, 1) from this sequence's stream.
-    pub fn uniform(&mut self) -> f32 {
-        self.rng.random()
-    }
 }
 
 /// CTRL-style penalty: positive logits of seen tokens are divided by the
@@ -199,16 +194,34 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-/// Inverse-CDF draw from sorted (token, probability) pairs.
-pub(crate) fn draw(candidates: &[(u32, f32)], r: f32) -> u32 {
-    let mut cum = 0.0;
+/// `argmax ln p + G` over (token, probability) pairs, with Gumbel noise
+/// `G` fixed by (seed, position, token).
+fn gumbel_max(candidates: &[(u32, f32)], seed: u64, position: usize) -> u32 {
+    let mut best = (f32::NEG_INFINITY, candidates.first().expect("at least one candidate").0);
     for &(t, p) in candidates {
-        cum += p;
-        if r < cum {
-            return t;
+        if p <= 0.0 {
+            continue;
+        }
+        let score = p.ln() + gumbel(seed, position, t);
+        if score > best.0 {
+            best = (score, t);
         }
     }
-    candidates.last().expect("at least one candidate").0
+    best.1
+}
+
+/// Standard Gumbel noise from a hash of (seed, position, token).
+fn gumbel(seed: u64, position: usize, token: u32) -> f32 {
+    let mut z = seed
+        ^ (position as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (token as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    // splitmix64 finaliser
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    // Uniform in (0, 1): 53 bits, never 0.
+    let u = ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    (-(-u.ln()).ln()) as f32
 }
 
 #[cfg(test)]
@@ -237,7 +250,9 @@ mod tests {
         };
         let run = |p: &SamplingParams| {
             let mut s = Sampler::new(p.clone());
-            (0..50).map(|_| s.sample(&logits(), &[]).token_id).collect::<Vec<_>>()
+            (0..50)
+                .map(|i| s.sample(&logits(), &vec![0; i]).token_id)
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(&params), run(&params));
         let other = SamplingParams {
@@ -270,23 +285,23 @@ mod tests {
             "p(1) ~ 0.39 < 0.5 <= p(1)+p(4)"
         );
         assert!((d.iter().map(|c| c.1).sum::<f32>() - 1.0).abs() < 1e-6);
-        for _ in 0..100 {
-            let t = s.sample(&logits(), &[]).token_id;
+        for i in 0..100 {
+            let t = s.sample(&logits(), &vec![0; i]).token_id;
             assert!(t == 1 || t == 4);
         }
     }
 
     #[test]
     fn sampling_frequencies_follow_the_softmax() {
-        let mut s = Sampler::new(SamplingParams {
-            temperature: 0.5,
-            seed: Some(3),
-            ..Default::default()
-        });
         let l = logits();
         let n = 20_000;
         let mut counts = [0usize; 6];
-        for _ in 0..n {
+        for seed in 0..n {
+            let mut s = Sampler::new(SamplingParams {
+                temperature: 0.5,
+                seed: Some(seed as u64),
+                ..Default::default()
+            });
             counts[s.sample(&l, &[]).token_id as usize] += 1;
         }
         let z: f32 = l.iter().map(|v| (v / 0.5).exp()).sum();

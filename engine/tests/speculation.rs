@@ -287,3 +287,28 @@ fn sampling_with_speculation_follows_the_target_distribution_and_a_biased_rule_i
         "the biased rule went unnoticed: chi-square {stat:.1} over df {df}"
     );
 }
+
+#[test]
+fn seeded_sampling_with_speculation_repeats_plain_sampling_token_for_token() {
+    let sampling = SamplingParams {
+        temperature: 6.0,
+        top_k: 12,
+        top_p: 0.95,
+        repetition_penalty: 1.1,
+        seed: Some(42),
+    };
+    let mut plain_engine = Engine::new(tiny_model(TARGET_SEED).unwrap(), config()).unwrap();
+    let plain: Vec<Vec<u32>> = run(&mut plain_engine, &requests(SpecMode::Off, &sampling, 24), 1)
+        .into_iter()
+        .map(|o| o.token_ids)
+        .collect();
+    for (name, make) in drafters() {
+        for mode in [SpecMode::Fixed, SpecMode::Hetero] {
+            let mut engine = spec_engine(make());
+            let out = run(&mut engine, &requests(mode, &sampling, 24), 8);
+            for (i, o) in out.iter().enumerate() {
+                assert_eq!(o.token_ids, plain[i], "{name} {mode:?} prompt {i}");
+            }
+        }
+    }
+}

@@ -3,17 +3,19 @@
 //!
 //! At each node the target distribution `p` is the one plain decoding would
 //! sample from (repetition penalty over the history including the accepted
-//! path, then temperature, top-k, top-p). Children are tried in the
-//! drafter's order: child `c` is accepted with probability `p(c)`; on
-//! rejection `p(c)` is set to 0 and `p` renormalised; when every child is
-//! rejected the next token is drawn from what is left. The chosen token is
-//! distributed exactly as `p` (a draw without replacement argument), so
-//! the output has the target's distribution. Greedy is the case where `p`
-//! is a point mass on the argmax: follow the child equal to it, then add
-//! the target's own token.
+//! path, then temperature, top-k, top-p). The multi-draft rule accepts some
+//! child `c` with total probability `Σ p(children)` and otherwise draws from
+//! the residual, so the committed token is distributed exactly as `p`. We
+//! run it in its coupled form: the target's own draw at this position (the
+//! sampler's Gumbel-max with noise fixed by seed and position, see
+//! `sampler`) is made first, and the child equal to it, if verified, is
+//! accepted; otherwise the draw itself is the committed token. Each child is
+//! accepted with probability `p(c)`, the same as the residual rule, and the
+//! tokens are those plain decoding with the same seed would produce, for any
+//! tree. Greedy is the case where the draw is the argmax.
 
 use crate::ops::log_sum_exp;
-use crate::sampler::{draw, SampledToken, Sampler};
+use crate::sampler::{SampledToken, Sampler};
 use crate::spec::tree::DraftTree;
 
 /// Result of verifying one tree.
@@ -30,7 +32,8 @@ pub struct Accepted {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AcceptRule {
     Exact,
-    /// Accepts with probability `min(1, 2 p(c))`: biased towards drafts.
+    /// Also accepts the first verified child the target gives any
+    /// probability: biased towards drafts.
     BiasedForTests,
 }
 
@@ -55,30 +58,19 @@ pub fn accept<'a>(
     let mut v = 0;
     loop {
         let row = logits(v);
-        let lse = log_sum_exp(row);
-        let mut p = sampler.distribution(row, &hist);
+        let drawn = sampler.sample(row, &hist);
+        let children = tree.nodes[v].children.iter().copied().filter(|&c| verified[c]);
         let mut next = None;
         if out.nodes.len() < max_accept {
-            for &c in tree.nodes[v].children.iter().filter(|&&c| verified[c]) {
-                let token = tree.nodes[c].token;
-                let Some(i) = p.iter().position(|e| e.0 == token) else {
-                    continue; // probability 0 under the target: always rejected
-                };
-                let pc = p[i].1;
-                let threshold = match rule {
-                    AcceptRule::Exact => pc,
-                    AcceptRule::BiasedForTests => (2.0 * pc).min(1.0),
-                };
-                if pc >= 1.0 || sampler.uniform() < threshold {
-                    next = Some(c);
-                    break;
+            next = match rule {
+                AcceptRule::Exact => children.into_iter().find(|&c| tree.nodes[c].token == drawn.token_id),
+                AcceptRule::BiasedForTests => {
+                    let support = sampler.distribution(row, &hist);
+                    children
+                        .into_iter()
+                        .find(|&c| support.iter().any(|e| e.0 == tree.nodes[c].token))
                 }
-                p.remove(i);
-                let total: f32 = p.iter().map(|e| e.1).sum();
-                for e in &mut p {
-                    e.1 /= total;
-                }
-            }
+            };
         }
         match next {
             Some(c) => {
@@ -86,21 +78,13 @@ pub fn accept<'a>(
                 out.nodes.push(c);
                 out.tokens.push(SampledToken {
                     token_id: token,
-                    logprob: row[token as usize] - lse,
+                    logprob: row[token as usize] - log_sum_exp(row),
                 });
                 hist.push(token);
                 v = c;
             }
             None => {
-                let token = if p.len() == 1 {
-                    p[0].0
-                } else {
-                    draw(&p, sampler.uniform())
-                };
-                out.tokens.push(SampledToken {
-                    token_id: token,
-                    logprob: row[token as usize] - lse,
-                });
+                out.tokens.push(drawn);
                 return out;
             }
         }

@@ -1,0 +1,228 @@
+//! `heterospec bench spec`: plain decoding, chain speculation, the fixed
+//! tree and HeteroSpec side by side in one run, on the same prompts, per
+//! category and overall, at each concurrency: mean acceptance length,
+//! verified tokens per committed token, tok/s, speedup over plain, and the
+//! share of steps per tier. Every request generates exactly
+//! `--max-new-tokens` greedy tokens, and the outputs of all variants are
+//! checked to be identical.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use heterospec_engine::runner::{Runner, SpecStats, TokenRequest};
+use heterospec_engine::spec::{SpecMode, SpecPolicy};
+use heterospec_engine::{Engine, SamplingParams};
+use heterospec_router::{ChatMessage, TextTokenizer};
+use serde::Serialize;
+
+use crate::local::{init_threads, EngineArgs};
+
+#[derive(Debug, Clone, Args)]
+pub struct SpecBenchArgs {
+    /// JSON lines with `category` and `prompt`.
+    #[arg(long, default_value = "bench/prompts.jsonl")]
+    prompts: PathBuf,
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    concurrency: Vec<usize>,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Prompts per category (all when 0).
+    #[arg(long, default_value_t = 0)]
+    per_category: usize,
+    #[arg(long, env = "HETEROSPEC_MODEL", default_value_os_t = crate::fetch::default_model_path())]
+    model: PathBuf,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Also draw a PNG chart (needs python3 with matplotlib).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Row {
+    concurrency: usize,
+    variant: String,
+    category: String,
+    tokens: usize,
+    seconds: f64,
+    tokens_per_second: f64,
+    speedup: f64,
+    mean_acceptance_length: f64,
+    verified_per_committed: f64,
+    /// Share of speculative steps per tier B0..B7.
+    tier_share: Vec<f64>,
+}
+
+const VARIANTS: [&str; 4] = ["plain", "chain", "fixed", "hetero"];
+
+fn row(concurrency: usize, variant: &str, category: &str, tokens: usize, seconds: f64, s: &SpecStats) -> Row {
+    let spec_steps = s.spec_steps.max(1) as f64;
+    Row {
+        concurrency,
+        variant: variant.to_string(),
+        category: category.to_string(),
+        tokens,
+        seconds,
+        tokens_per_second: tokens as f64 / seconds,
+        speedup: 0.0,
+        mean_acceptance_length: s.mean_acceptance_length(),
+        // Every step runs the root; speculative steps also their draft nodes.
+        verified_per_committed: (s.steps + s.draft_tokens) as f64 / tokens.max(1) as f64,
+        tier_share: s.tier_steps[..8].iter().map(|&n| n as f64 / spec_steps).collect(),
+    }
+}
+
+pub fn run(args: SpecBenchArgs) -> Result<()> {
+    init_threads(args.engine.threads);
+    crate::fetch::ensure_default_model(&args.model)?;
+    if args.engine.drafter == "none" {
+        bail!("bench spec needs a drafter");
+    }
+    let tokenizer = TextTokenizer::from_gguf_file(&args.model)?;
+    let mut by_category: BTreeMap<String, Vec<TokenRequest>> = BTreeMap::new();
+    for p in crate::bench_serve::read_prompts(&args.prompts)? {
+        let text = tokenizer.apply_chat_template(&[ChatMessage::new("user", p.prompt.clone())])?;
+        let list = by_category.entry(p.category.clone()).or_default();
+        if args.per_category == 0 || list.len() < args.per_category {
+            list.push(TokenRequest {
+                prompt: tokenizer.encode(&text)?,
+                sampling: SamplingParams::greedy(),
+                speculation: SpecMode::Off,
+                max_new_tokens: args.max_new_tokens,
+                stop_token_ids: vec![],
+            });
+        }
+    }
+    let mut engine = args.engine.build_engine(&args.model)?;
+    let policy = engine.policy().cloned().context("the engine has no drafter")?;
+    let chain_policy = SpecPolicy {
+        depth: 4,
+        top_k: 1,
+        num_nodes: 4,
+        ..policy.clone()
+    };
+    let mut chain_engine = args.engine.build_engine_with_policy(&args.model, Some(chain_policy))?;
+    let curve = engine.cost_curve().cloned().expect("a drafter implies a cost curve");
+
+    let mut rows = Vec::new();
+    for &c in &args.concurrency {
+        let mut reference: BTreeMap<String, Vec<Vec<u32>>> = BTreeMap::new();
+        for variant in VARIANTS {
+            let (engine, mode): (&mut Engine, SpecMode) = match variant {
+                "plain" => (&mut engine, SpecMode::Off),
+                "chain" => (&mut chain_engine, SpecMode::Fixed),
+                "fixed" => (&mut engine, SpecMode::Fixed),
+                _ => (&mut engine, SpecMode::Hetero),
+            };
+            let mut total = SpecStats::default();
+            let (mut tokens, mut seconds) = (0, 0.0);
+            for (category, reqs) in &by_category {
+                let reqs: Vec<TokenRequest> = reqs
+                    .iter()
+                    .map(|r| TokenRequest {
+                        speculation: mode,
+                        ..r.clone()
+                    })
+                    .collect();
+                let start = Instant::now();
+                let out = Runner::new(engine).run(&reqs, c, 512)?;
+                let secs = start.elapsed().as_secs_f64();
+                let mut stats = SpecStats::default();
+                let n: usize = out.iter().map(|o| o.token_ids.len()).sum();
+                for o in &out {
+                    stats.add(&o.stats);
+                }
+                let ids: Vec<Vec<u32>> = out.into_iter().map(|o| o.token_ids).collect();
+                match reference.get(category) {
+                    None => {
+                        reference.insert(category.clone(), ids);
+                    }
+                    Some(want) if *want != ids => bail!("{variant} at c={c} changed the greedy output of {category}"),
+                    Some(_) => {}
+                }
+                rows.push(row(c, variant, category, n, secs, &stats));
+                total.add(&stats);
+                tokens += n;
+                seconds += secs;
+            }
+            rows.push(row(c, variant, "overall", tokens, seconds, &total));
+        }
+    }
+    let plain: BTreeMap<(usize, String), f64> = rows
+        .iter()
+        .filter(|r| r.variant == "plain")
+        .map(|r| ((r.concurrency, r.category.clone()), r.tokens_per_second))
+        .collect();
+    for r in &mut rows {
+        r.speedup = r.tokens_per_second / plain[&(r.concurrency, r.category.clone())];
+    }
+
+    #[derive(Serialize)]
+    struct Report<'a> {
+        drafter: &'a str,
+        policy: &'a SpecPolicy,
+        cost_curve_ms: BTreeMap<usize, f64>,
+        max_new_tokens: usize,
+        rows: &'a [Row],
+    }
+    let report = Report {
+        drafter: &args.engine.drafter,
+        policy: &policy,
+        cost_curve_ms: curve.points().iter().map(|&(t, s)| (t, s * 1e3)).collect(),
+        max_new_tokens: args.max_new_tokens,
+        rows: &rows,
+    };
+    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(path) = &args.plot {
+        let tmp = std::env::temp_dir().join(format!("heterospec-bench-spec-{}.json", std::process::id()));
+        std::fs::write(&tmp, &json)?;
+        let status = std::process::Command::new("python3")
+            .arg("scripts/plot_spec.py")
+            .arg(&tmp)
+            .arg(path)
+            .status()
+            .context("running python3 scripts/plot_spec.py")?;
+        let _ = std::fs::remove_file(&tmp);
+        if !status.success() {
+            bail!("scripts/plot_spec.py failed");
+        }
+    }
+    if args.json {
+        println!("{json}");
+        return Ok(());
+    }
+    println!(
+        "drafter {}; policy d={} k={} N={}; cost curve (ms) {:?}",
+        args.engine.drafter, policy.depth, policy.top_k, policy.num_nodes, report.cost_curve_ms
+    );
+    println!(
+        "{:>3} {:<8} {:<14} {:>7} {:>8} {:>8} {:>6} {:>9}  tiers B0..B7 (% of spec steps)",
+        "c", "variant", "category", "tokens", "tok/s", "speedup", "τ", "verif/tok"
+    );
+    for r in &rows {
+        let tiers: Vec<String> = r.tier_share.iter().map(|s| format!("{:.0}", s * 100.0)).collect();
+        println!(
+            "{:>3} {:<8} {:<14} {:>7} {:>8.1} {:>7.2}x {:>6.2} {:>9.2}  {}",
+            r.concurrency,
+            r.variant,
+            r.category,
+            r.tokens,
+            r.tokens_per_second,
+            r.speedup,
+            r.mean_acceptance_length,
+            r.verified_per_committed,
+            if r.variant == "hetero" {
+                tiers.join("/")
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(())
+}
