@@ -201,6 +201,12 @@ impl Engine {
             None => engine.measure_cost_curve()?,
         };
         let verify_budget = setup.verify_budget.unwrap_or(curve.max_tokens()).max(1);
+        tracing::info!(
+            drafter = drafter.name(),
+            verify_budget,
+            cost_curve_ms = ?curve.points().iter().map(|&(t, s)| (t, (s * 1e4).round() / 10.0)).collect::<Vec<_>>(),
+            "speculation ready"
+        );
         engine.spec = Some(Speculation {
             drafter,
             policy: setup.policy,

@@ -214,6 +214,7 @@ pub struct Streamed {
     pub text: String,
     pub finish_reason: i32,
     pub usage: Option<pb::Usage>,
+    pub speculation: Option<pb::SpeculationStats>,
 }
 
 pub async fn run_stream(
@@ -228,6 +229,7 @@ pub async fn run_stream(
         if r.finish_reason != 0 {
             out.finish_reason = r.finish_reason;
             out.usage = r.usage;
+            out.speculation = r.speculation;
         }
     }
     Ok(out)
