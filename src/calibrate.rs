@@ -39,6 +39,9 @@ pub struct CalibrateArgs {
     /// Base tree: verified nodes `N`.
     #[arg(long, default_value_t = 8)]
     pub num_nodes: usize,
+    /// Also write the `(H, label)` samples as JSON lines here.
+    #[arg(long)]
+    pub samples_out: Option<PathBuf>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -81,6 +84,10 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
             "only {} verifications logged: use more prompts or tokens",
             samples.len()
         );
+    }
+    if let Some(path) = &args.samples_out {
+        let lines: String = samples.iter().map(|(h, l)| format!("[{h}, {l}]\n")).collect();
+        std::fs::write(path, lines)?;
     }
     let thresholds = fit_thresholds(&samples);
     let policy = SpecPolicy {

@@ -495,7 +495,7 @@ impl Engine {
             };
             budget_tokens += 1 + plan.nodes.len();
             metrics::record_spec(plan.tier, plan.nodes.len(), n_acc);
-            if plan.fixed {
+            if plan.fixed && !plan.nodes.is_empty() {
                 if let Some(log) = &mut self.calibration_log {
                     let scores: Vec<f32> = plan.nodes.iter().map(|&v| plan.tree.nodes[v].score).collect();
                     let last = accepted.nodes.last().map(|&v| plan.tree.nodes[v].score);

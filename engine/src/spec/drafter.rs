@@ -73,7 +73,7 @@ pub trait Drafter: Send {
 /// followed those occurrences, ranked by count. Probability of a follower
 /// is `count / (total + u)` where `u = max_ngram - n + 1` is the mass left
 /// for "something else" (shorter matches are less sure), and the entropy
-/// counts that mass as one more outcome.
+/// spreads that mass evenly over the rest of the top-K.
 #[derive(Debug, Clone)]
 pub struct NgramDrafter {
     pub max_ngram: usize,
@@ -111,8 +111,11 @@ impl NgramDrafter {
             counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
             let unknown = (self.max_ngram - n + 1) as f32;
             let total = counts.iter().map(|c| c.1 as f32).sum::<f32>() + unknown;
+            // The unknown mass is spread over the rest of the top-K: a lone
+            // short match reads as uncertain, a long repeated one as sure.
             let mut probs: Vec<f32> = counts.iter().map(|c| c.1 as f32 / total).collect();
-            probs.push(unknown / total);
+            let others = self.entropy_top_k.saturating_sub(counts.len()).max(1);
+            probs.extend(std::iter::repeat_n(unknown / total / others as f32, others));
             return Proposal {
                 candidates: counts
                     .iter()
