@@ -136,6 +136,7 @@ pub fn run(args: GenerateArgs, server: String) -> Result<()> {
                     verified_tokens: s.verified_tokens as usize,
                     accepted_tokens: s.accepted_tokens as usize,
                     mean_acceptance_length: s.mean_acceptance_length as f64,
+                    tier_steps: s.tier_steps.iter().map(|&n| n as usize).collect(),
                 }),
             })?;
             writeln!(stdout, "{line}")?;

@@ -85,6 +85,8 @@ pub struct SpecJson {
     pub accepted_tokens: usize,
     /// `1 + accepted_tokens / steps`.
     pub mean_acceptance_length: f64,
+    /// Steps per HeteroSpec tier B0..B7.
+    pub tier_steps: Vec<usize>,
 }
 
 impl From<&SpecStats> for SpecJson {
@@ -94,6 +96,7 @@ impl From<&SpecStats> for SpecJson {
             verified_tokens: s.draft_tokens,
             accepted_tokens: s.accepted_tokens,
             mean_acceptance_length: s.mean_acceptance_length(),
+            tier_steps: s.tier_steps[..8].to_vec(),
         }
     }
 }

@@ -182,6 +182,7 @@ async fn modes_mixed_in_one_batch_through_the_router_agree_and_report_speculatio
         results.push(t.await.unwrap().unwrap());
     }
     let mut accepted_fixed = 0;
+    let mut tiered_hetero = 0;
     for (i, chunk) in results.chunks(modes.len()).enumerate() {
         for (m, r) in chunk.iter().enumerate() {
             assert_eq!(
@@ -190,7 +191,10 @@ async fn modes_mixed_in_one_batch_through_the_router_agree_and_report_speculatio
                 modes[m]
             );
             assert_eq!(r.text, chunk[0].text);
-            let stats = r.speculation.expect("the last response carries speculation stats");
+            let stats = r
+                .speculation
+                .clone()
+                .expect("the last response carries speculation stats");
             assert!(stats.steps > 0);
             assert!(stats.steps as usize <= r.token_ids.len());
             let want = 1.0 + stats.accepted_tokens as f32 / stats.steps as f32;
@@ -201,10 +205,16 @@ async fn modes_mixed_in_one_batch_through_the_router_agree_and_report_speculatio
             }
             if modes[m] == pb::SpeculationMode::Fixed {
                 accepted_fixed += stats.accepted_tokens;
+                assert_eq!(stats.tier_steps.iter().sum::<u32>(), 0, "fixed trees have no tier");
+            }
+            if modes[m] == pb::SpeculationMode::Hetero {
+                assert_eq!(stats.tier_steps.len(), 8);
+                tiered_hetero += stats.tier_steps.iter().sum::<u32>();
             }
         }
     }
     assert!(accepted_fixed > 0, "the fixed tree never had a draft token accepted");
+    assert!(tiered_hetero > 0, "no HETERO step reported a tier");
     // A lone request also agrees with the batched ones.
     let solo = run_stream(&mut client, request(prompts[0], pb::SpeculationMode::Hetero))
         .await

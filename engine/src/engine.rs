@@ -599,6 +599,8 @@ impl Engine {
         for (plan, tree) in plans.iter_mut().zip(trees) {
             plan.tree = tree;
         }
+        // A drafter with nothing to propose leaves a plain decoding step.
+        plans.retain(|p| p.tree.len() > 1);
         Ok(plans)
     }
 

@@ -168,7 +168,8 @@ impl Sequence {
     }
 
     fn speculation_stats(&self) -> pb::SpeculationStats {
-        let mut stats = self.spec;
+        let mut stats = self.spec.clone();
+        stats.tier_steps.resize(8, 0);
         stats.mean_acceptance_length = if stats.steps == 0 {
             0.0
         } else {
@@ -662,6 +663,10 @@ impl Scheduler {
             if result.speculated {
                 seq.spec.verified_tokens += result.num_draft_tokens;
                 seq.spec.accepted_tokens += result.num_accepted_tokens;
+                if (1..=8).contains(&result.tier) {
+                    seq.spec.tier_steps.resize(8, 0);
+                    seq.spec.tier_steps[result.tier as usize - 1] += 1;
+                }
             }
             let mut resp = pb::GenerateResponse {
                 request_id: seq.request.request_id.clone(),

@@ -160,8 +160,17 @@ impl Generation for RouterService {
             num_engines: s.engines.len() as u32,
             default_max_new_tokens: DEFAULT_MAX_NEW_TOKENS as u32,
             max_stop_strings: MAX_STOP_STRINGS as u32,
-            speculation_modes: vec![pb::SpeculationMode::Off as i32],
-            speculation_note: "speculative decoding is not enabled in this build: every mode decodes plainly".into(),
+            speculation_modes: vec![
+                pb::SpeculationMode::Auto as i32,
+                pb::SpeculationMode::Off as i32,
+                pb::SpeculationMode::Fixed as i32,
+                pb::SpeculationMode::Hetero as i32,
+            ],
+            speculation_note: "HETERO: entropy-tiered draft trees under one verification budget per engine step, \
+                               sized by the engine's measured forward-cost curve (so a step verifies no draft \
+                               tokens where that does not pay); AUTO is HETERO; FIXED verifies the calibration's \
+                               base tree whatever it costs; an engine started with --drafter none decodes plainly"
+                .into(),
         }))
     }
 }
