@@ -16,8 +16,10 @@ const LATENCY_BUCKETS: &[f64] = &[
 const STEP_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
-/// Sequences per step.
+/// Sequences per step; tree tokens verified per step.
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+/// Tokens committed per speculative verification (accepted + 1).
+const ACCEPTANCE_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 16.0];
 
 /// Serves `/metrics` on `addr` (needs a running tokio runtime).
 pub fn install(addr: SocketAddr) -> Result<()> {
@@ -33,6 +35,14 @@ pub fn install(addr: SocketAddr) -> Result<()> {
         .set_buckets_for_metric(
             Matcher::Full(heterospec_engine::metrics::STEP_SEQUENCES.to_string()),
             BATCH_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(heterospec_engine::metrics::SPEC_BUDGET_TOKENS.to_string()),
+            BATCH_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(heterospec_engine::metrics::SPEC_ACCEPTANCE_LENGTH.to_string()),
+            ACCEPTANCE_BUCKETS,
         )?;
     builder
         .install()

@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use heterospec_engine::server::{EngineHandle, EngineInfo};
+use heterospec_router::discovery::EngineDiscovery;
 use heterospec_router::scheduler::SchedulerConfig;
 use heterospec_router::server::RouterConfig;
 use heterospec_router::TextTokenizer;
@@ -62,8 +63,20 @@ pub struct RouterProcessArgs {
     #[arg(long, env = "HETEROSPEC_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
     /// Engine URL, e.g. http://127.0.0.1:50061 (repeatable).
-    #[arg(long = "engine", env = "HETEROSPEC_ENGINES", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "engine",
+        env = "HETEROSPEC_ENGINES",
+        value_delimiter = ',',
+        required_unless_present = "engine_dns"
+    )]
     pub engines: Vec<String>,
+    /// Find engines by DNS: HOST:PORT (e.g. a headless Kubernetes service),
+    /// re-resolved every --engine-dns-interval-secs; engines that appear
+    /// are used, ones that disappear finish their requests and are dropped.
+    #[arg(long, env = "HETEROSPEC_ENGINE_DNS")]
+    pub engine_dns: Option<String>,
+    #[arg(long, env = "HETEROSPEC_ENGINE_DNS_INTERVAL", default_value_t = 5)]
+    pub engine_dns_interval_secs: u64,
     /// Serve Prometheus metrics on this address.
     #[arg(long, env = "HETEROSPEC_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -160,8 +173,15 @@ pub fn run_router(args: RouterProcessArgs) -> Result<()> {
     let max_context = tokenizer
         .max_context()
         .context("the model file has no context length")?;
+    let discovery = args
+        .engine_dns
+        .as_deref()
+        .map(|spec| EngineDiscovery::parse(spec, Duration::from_secs(args.engine_dns_interval_secs.max(1))))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     let config = RouterConfig {
         engines: args.engines.clone(),
+        discovery,
         model_name: model_name(&args.model),
         max_concurrent_requests: args.router.max_concurrent_requests,
         scheduler: SchedulerConfig {

@@ -2,6 +2,7 @@
 //! incremental detokenization, stop conditions). The router never sees
 //! tensors; the engine never sees text.
 
+pub mod discovery;
 pub mod error;
 pub mod metrics;
 pub mod output;

@@ -70,4 +70,15 @@ pub fn describe() {
     );
     describe_counter!(PREFIX_CACHE_HITS_TOTAL, "Prompt tokens found in the prefix cache.");
     describe_gauge!(ENGINE_UP, "1 when the router is connected to the engine, else 0.");
+    // Counters that may stay at zero for a long time still get a series, so
+    // dashboards and alerts see 0 rather than no data.
+    for name in [
+        PREEMPTIONS_TOTAL,
+        PROMPT_TOKENS_TOTAL,
+        GENERATED_TOKENS_TOTAL,
+        PREFIX_CACHE_QUERIES_TOTAL,
+        PREFIX_CACHE_HITS_TOTAL,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
 }

@@ -79,6 +79,8 @@ pub struct Submission {
 #[derive(Debug, Default)]
 pub struct EngineShared {
     pub healthy: AtomicBool,
+    /// Found by discovery and gone from it: gets no new requests.
+    pub retired: AtomicBool,
     /// Requests assigned and not finished.
     pub load: AtomicUsize,
     pub num_kv_blocks: AtomicUsize,
@@ -274,8 +276,13 @@ impl Scheduler {
             if self.client.is_none() {
                 if !self.connect().await {
                     // Requests that reached us while the engine is down.
-                    while let Ok(sub) = self.submissions.try_recv() {
-                        self.reject(sub, Status::unavailable("engine unavailable"));
+                    loop {
+                        match self.submissions.try_recv() {
+                            Ok(sub) => self.reject(sub, Status::unavailable("engine unavailable")),
+                            Err(mpsc::error::TryRecvError::Empty) => break,
+                            // Dropped by discovery and nothing left to do.
+                            Err(mpsc::error::TryRecvError::Disconnected) => return,
+                        }
                     }
                     tokio::time::sleep(RECONNECT_INTERVAL).await;
                     continue;

@@ -7,9 +7,10 @@
 //! `NOT_SERVING`, new requests get `UNAVAILABLE`, in-flight streams finish
 //! (bounded by the drain timeout), then the server stops.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use heterospec_proto::v1 as pb;
@@ -20,6 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
+use crate::discovery::{reconcile, EngineDiscovery};
 use crate::error::RouterError;
 use crate::scheduler::{RequestPermit, Scheduler, SchedulerConfig, SchedulerHandle, Submission};
 use crate::tokenizer::TextTokenizer;
@@ -37,6 +39,8 @@ const HEALTH_INTERVAL: Duration = Duration::from_millis(200);
 pub struct RouterConfig {
     /// Engine URLs, e.g. `http://127.0.0.1:50061`.
     pub engines: Vec<String>,
+    /// Engines found (and followed) by DNS, in addition to `engines`.
+    pub discovery: Option<EngineDiscovery>,
     pub model_name: String,
     pub max_concurrent_requests: usize,
     pub scheduler: SchedulerConfig,
@@ -45,8 +49,8 @@ pub struct RouterConfig {
 
 impl RouterConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if self.engines.is_empty() {
-            return Err("at least one --engine URL is required".into());
+        if self.engines.is_empty() && self.discovery.is_none() {
+            return Err("at least one --engine URL or an --engine-dns name is required".into());
         }
         if self.max_concurrent_requests == 0 {
             return Err("--max-concurrent-requests must be at least 1".into());
@@ -73,7 +77,7 @@ impl From<RouterError> for Status {
 struct State {
     tokenizer: Arc<TextTokenizer>,
     limits: ModelLimits,
-    engines: Vec<SchedulerHandle>,
+    engines: RwLock<Vec<SchedulerHandle>>,
     active: Arc<AtomicUsize>,
     max_concurrent: usize,
     draining: AtomicBool,
@@ -82,16 +86,21 @@ struct State {
 }
 
 impl State {
-    fn any_engine_healthy(&self) -> bool {
-        self.engines.iter().any(|e| e.shared.healthy.load(Ordering::Acquire))
+    fn engines(&self) -> std::sync::RwLockReadGuard<'_, Vec<SchedulerHandle>> {
+        self.engines.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The healthy engine with the fewest requests.
-    fn pick_engine(&self) -> Option<&SchedulerHandle> {
-        self.engines
+    fn any_engine_healthy(&self) -> bool {
+        self.engines().iter().any(|e| e.shared.healthy.load(Ordering::Acquire))
+    }
+
+    /// The healthy, not retired engine with the fewest requests.
+    fn pick_engine(&self) -> Option<SchedulerHandle> {
+        self.engines()
             .iter()
-            .filter(|e| e.shared.healthy.load(Ordering::Acquire))
+            .filter(|e| e.shared.healthy.load(Ordering::Acquire) && !e.shared.retired.load(Ordering::Acquire))
             .min_by_key(|e| e.shared.load.load(Ordering::Acquire))
+            .cloned()
     }
 }
 
@@ -144,20 +153,20 @@ impl Generation for RouterService {
 
     async fn model_info(&self, _: Request<pb::ModelInfoRequest>) -> Result<Response<pb::ModelInfoResponse>, Status> {
         let s = &self.state;
+        let engines = s.engines().clone();
         let shared =
-            |f: fn(&crate::scheduler::EngineShared) -> usize| -> usize { s.engines.iter().map(|e| f(&e.shared)).sum() };
+            |f: fn(&crate::scheduler::EngineShared) -> usize| -> usize { engines.iter().map(|e| f(&e.shared)).sum() };
         Ok(Response::new(pb::ModelInfoResponse {
             model: s.model_name.clone(),
             max_context: s.limits.max_context as u32,
             vocab_size: s.limits.vocab_size as u32,
-            block_size: s
-                .engines
+            block_size: engines
                 .iter()
                 .map(|e| e.shared.block_size.load(Ordering::Acquire))
                 .max()
                 .unwrap_or(0) as u32,
             num_kv_blocks: shared(|e| e.num_kv_blocks.load(Ordering::Acquire)) as u32,
-            num_engines: s.engines.len() as u32,
+            num_engines: engines.len() as u32,
             default_max_new_tokens: DEFAULT_MAX_NEW_TOKENS as u32,
             max_stop_strings: MAX_STOP_STRINGS as u32,
             speculation_modes: vec![
@@ -197,10 +206,11 @@ pub async fn serve(
         .enumerate()
         .map(|(i, url)| Scheduler::spawn(i, url.clone(), config.scheduler, tokenizer.clone()))
         .collect::<Result<Vec<_>, _>>()?;
+    let num_static = engines.len();
     let state = Arc::new(State {
         tokenizer,
         limits,
-        engines,
+        engines: RwLock::new(engines),
         active: Arc::new(AtomicUsize::new(0)),
         max_concurrent: config.max_concurrent_requests,
         draining: AtomicBool::new(false),
@@ -208,8 +218,14 @@ pub async fn serve(
         next_request_id: AtomicUsize::new(1),
     });
 
+    if let Some(discovery) = config.discovery.clone() {
+        tokio::spawn(follow_dns(discovery, state.clone(), num_static, config.scheduler));
+    }
+
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter.set_service_status("", ServingStatus::NotServing).await;
+    // For liveness probes: the process answers, whatever its engines do.
+    reporter.set_service_status("liveness", ServingStatus::Serving).await;
     reporter.set_not_serving::<GenerationServer<RouterService>>().await;
     let health_state = state.clone();
     tokio::spawn(async move {
@@ -280,4 +296,50 @@ pub async fn serve(
         } => tracing::warn!("connections still open after the drain; closing them"),
     }
     Ok(())
+}
+
+/// Re-resolves the discovery name every interval: new addresses get a
+/// scheduler; vanished ones are retired (no new requests) and dropped once
+/// their requests are done. A failed lookup changes nothing.
+async fn follow_dns(discovery: EngineDiscovery, state: Arc<State>, mut next_index: usize, config: SchedulerConfig) {
+    let mut known: BTreeSet<String> = BTreeSet::new();
+    loop {
+        match discovery.lookup().await {
+            Ok(resolved) => {
+                let (add, retire) = reconcile(&known, &resolved);
+                let mut engines = state.engines.write().unwrap_or_else(|e| e.into_inner());
+                for url in add {
+                    if let Some(e) = engines.iter().find(|e| e.url == url) {
+                        e.shared.retired.store(false, Ordering::Release);
+                    } else {
+                        match Scheduler::spawn(next_index, url.clone(), config, state.tokenizer.clone()) {
+                            Ok(handle) => {
+                                next_index += 1;
+                                engines.push(handle);
+                            }
+                            Err(e) => {
+                                tracing::warn!(%url, error = %e, "cannot use a discovered engine");
+                                continue;
+                            }
+                        }
+                    }
+                    tracing::info!(%url, "engine discovered");
+                    known.insert(url);
+                }
+                for url in retire {
+                    if let Some(e) = engines.iter().find(|e| e.url == url) {
+                        e.shared.retired.store(true, Ordering::Release);
+                    }
+                    tracing::info!(%url, "engine gone from discovery: retiring it");
+                    known.remove(&url);
+                }
+                // Retired engines leave once their requests are done.
+                engines.retain(|e| {
+                    !(e.shared.retired.load(Ordering::Acquire) && e.shared.load.load(Ordering::Acquire) == 0)
+                });
+            }
+            Err(e) => tracing::warn!(host = %discovery.host, error = %e, "engine discovery lookup failed"),
+        }
+        tokio::time::sleep(discovery.interval).await;
+    }
 }

@@ -1,0 +1,217 @@
+"""Checks the deployment files in deploy/ (run by tests/deploy.rs).
+
+- every built-in Kubernetes manifest of the base and of the CPU overlay (its
+  JSON patches applied here) validates with `kubernetes-validate --strict`;
+- the Prometheus Operator resources (ServiceMonitor, PodMonitor) have the
+  fields the operator requires, and their ports exist;
+- the kustomizations list exactly the files that exist;
+- cross references hold: Service selectors match pod labels, probes and
+  service ports name container ports, the router finds engines through the
+  engines' headless Service, grace periods cover the router's drain;
+- the calibration ConfigMap equals engine/calibration/smollm2-135m-ngram.json;
+- the Grafana dashboard is valid JSON whose panels all have expressions.
+
+usage: python3 scripts/check_deploy.py   (from the repository root)
+"""
+import copy
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import yaml
+
+BASE = "deploy/k8s/base"
+OVERLAY = "deploy/k8s/overlays/cpu"
+K8S_VERSION = "1.30.0"
+CRD_KINDS = {"ServiceMonitor", "PodMonitor"}
+failures = []
+
+
+def fail(msg):
+    failures.append(msg)
+
+
+def load(path):
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def validate(docs, label):
+    with tempfile.TemporaryDirectory() as tmp:
+        files = []
+        for i, d in enumerate(docs):
+            p = os.path.join(tmp, f"{i}-{d['kind']}.yaml")
+            with open(p, "w") as f:
+                yaml.safe_dump(d, f)
+            files.append(p)
+        r = subprocess.run(
+            ["kubernetes-validate", "--strict", "--quiet", "-k", K8S_VERSION, *files],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0:
+            fail(f"{label}: kubernetes-validate failed:\n{r.stdout}{r.stderr}")
+
+
+def json_pointer_apply(doc, ops):
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
+        parent = doc
+        for p in parts[:-1]:
+            parent = parent[int(p)] if isinstance(parent, list) else parent[p]
+        last = parts[-1]
+        if op["op"] == "remove":
+            if isinstance(parent, list):
+                parent.pop(int(last))
+            elif last in parent:
+                del parent[last]
+            else:
+                fail(f"overlay patch removes missing path {op['path']}")
+        elif op["op"] in ("replace", "add"):
+            if isinstance(parent, list):
+                if last == "-":
+                    parent.append(op["value"])
+                else:
+                    parent.insert(int(last), op["value"])
+            else:
+                if op["op"] == "replace" and last not in parent:
+                    fail(f"overlay patch replaces missing path {op['path']}")
+                parent[last] = op["value"]
+        else:
+            fail(f"unsupported patch op {op['op']}")
+    return doc
+
+
+def main():
+    kust = load(f"{BASE}/kustomization.yaml")[0]
+    listed = set(kust["resources"])
+    present = {os.path.basename(p) for p in glob.glob(f"{BASE}/*.yaml")} - {"kustomization.yaml"}
+    if listed != present:
+        fail(f"base kustomization lists {sorted(listed)} but the folder has {sorted(present)}")
+    docs = []
+    for name in sorted(present):
+        docs.extend(load(f"{BASE}/{name}"))
+    by_kind = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+    builtin = [d for d in docs if d["kind"] not in CRD_KINDS]
+    validate(builtin, "base")
+
+    # Prometheus Operator resources.
+    services = {s["metadata"]["name"]: s for s in by_kind.get("Service", [])}
+    workloads = by_kind.get("Deployment", []) + by_kind.get("StatefulSet", [])
+
+    def pod_ports(labels):
+        ports = set()
+        for w in workloads:
+            tl = w["spec"]["template"]["metadata"]["labels"]
+            if all(tl.get(k) == v for k, v in labels.items()):
+                for c in w["spec"]["template"]["spec"]["containers"]:
+                    ports |= {p["name"] for p in c.get("ports", [])}
+        return ports
+
+    for m in by_kind.get("ServiceMonitor", []) + by_kind.get("PodMonitor", []):
+        name = f"{m['kind']} {m['metadata'].get('name')}"
+        if m.get("apiVersion") != "monitoring.coreos.com/v1":
+            fail(f"{name}: apiVersion must be monitoring.coreos.com/v1")
+        if not m["metadata"].get("name"):
+            fail(f"{name}: metadata.name is required")
+        sel = m.get("spec", {}).get("selector", {}).get("matchLabels")
+        if not sel:
+            fail(f"{name}: spec.selector.matchLabels is required")
+            continue
+        key = "endpoints" if m["kind"] == "ServiceMonitor" else "podMetricsEndpoints"
+        eps = m["spec"].get(key)
+        if not eps:
+            fail(f"{name}: spec.{key} must list at least one endpoint")
+            continue
+        if m["kind"] == "ServiceMonitor":
+            targets = [s for s in services.values() if all(s["metadata"].get("labels", {}).get(k) == v for k, v in sel.items())]
+            if not targets:
+                fail(f"{name}: no Service has labels {sel}")
+            names = {p["name"] for s in targets for p in s["spec"]["ports"]}
+        else:
+            names = pod_ports(sel)
+            if not names:
+                fail(f"{name}: no pod template has labels {sel}")
+        for ep in eps:
+            if ep.get("port") not in names:
+                fail(f"{name}: endpoint port {ep.get('port')!r} is not one of {sorted(names)}")
+
+    # Cross references.
+    for s in services.values():
+        ports = pod_ports(s["spec"]["selector"])
+        if not ports:
+            fail(f"Service {s['metadata']['name']}: selector matches no pod template")
+        for p in s["spec"]["ports"]:
+            if p["targetPort"] not in ports:
+                fail(f"Service {s['metadata']['name']}: targetPort {p['targetPort']} is not a container port")
+    engine_svc = services.get("heterospec-engine")
+    if not engine_svc or engine_svc["spec"].get("clusterIP") != "None":
+        fail("the engines need a headless Service named heterospec-engine")
+    for w in workloads:
+        spec = w["spec"]["template"]["spec"]
+        for c in spec["containers"]:
+            ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                g = c.get(probe, {}).get("grpc")
+                if g and g["port"] not in ports.values():
+                    fail(f"{w['metadata']['name']}: {probe} port {g['port']} is not a container port")
+            args = dict(a[2:].split("=", 1) for a in c.get("args", []) if a.startswith("--") and "=" in a)
+            if "engine-dns" in args:
+                host, port = args["engine-dns"].rsplit(":", 1)
+                if host != "heterospec-engine" or int(port) != next(p["port"] for p in engine_svc["spec"]["ports"] if p["name"] == "grpc"):
+                    fail(f"router --engine-dns={args['engine-dns']} does not name the engines' Service and gRPC port")
+                drain = int(args.get("drain-timeout-secs", 30))
+                if spec.get("terminationGracePeriodSeconds", 30) < drain + 5:
+                    fail("the router's terminationGracePeriodSeconds must exceed its drain timeout plus 5 s")
+    sts = by_kind["StatefulSet"][0]
+    if sts["spec"]["serviceName"] != "heterospec-engine":
+        fail("the engine StatefulSet must use the headless Service")
+    if sts["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") != 1:
+        fail("base engines ask for one GPU each")
+
+    # Calibration ConfigMap == committed calibration file.
+    cm = next(d for d in by_kind["ConfigMap"] if d["metadata"]["name"] == "heterospec-calibration")
+    with open("engine/calibration/smollm2-135m-ngram.json") as f:
+        if json.loads(cm["data"]["calibration.json"]) != json.load(f):
+            fail("the calibration ConfigMap differs from engine/calibration/smollm2-135m-ngram.json")
+
+    # CPU overlay: patches apply, result validates, no GPU left.
+    over = load(f"{OVERLAY}/kustomization.yaml")[0]
+    if over["resources"] != ["../../base"]:
+        fail("the CPU overlay must build on ../../base")
+    patched = []
+    for d in builtin:
+        for p in over.get("patches", []):
+            t = p["target"]
+            if d["kind"] == t["kind"] and d["metadata"]["name"] == t["name"]:
+                d = json_pointer_apply(d, yaml.safe_load(p["patch"]))
+        patched.append(d)
+    validate(patched, "cpu overlay")
+    cpu_sts = next(d for d in patched if d["kind"] == "StatefulSet")
+    c = cpu_sts["spec"]["template"]["spec"]["containers"][0]
+    if "nvidia.com/gpu" in c["resources"].get("limits", {}):
+        fail("the CPU overlay still asks for a GPU")
+    if not any(a.startswith("--threads=") for a in c["args"]):
+        fail("the CPU overlay sets no --threads")
+
+    # Grafana dashboard.
+    with open("deploy/grafana/heterospec-dashboard.json") as f:
+        dash = json.load(f)
+    for p in dash["panels"]:
+        if p["type"] != "row" and not all(t.get("expr") for t in p.get("targets", [])) or (p["type"] != "row" and not p.get("targets")):
+            fail(f"dashboard panel {p.get('title')!r} has no expression")
+
+    if failures:
+        print("\n".join(failures))
+        sys.exit(1)
+    print(f"deploy files OK: {len(docs)} base manifests, CPU overlay, dashboard with {len(dash['panels'])} panels")
+
+
+if __name__ == "__main__":
+    main()
