@@ -80,6 +80,30 @@ struct Speculation {
     verify_budget: usize,
     /// Test hook: a deliberately wrong acceptance rule.
     rule: AcceptRule,
+    /// Decaying sums of accepted draft tokens and of their predicted
+    /// number (`Σ exp(score)` of verified nodes).
+    accepted_ema: f64,
+    predicted_ema: f64,
+}
+
+/// Per-step decay of the acceptance sums (a memory of a few hundred steps).
+const ACCEPTANCE_DECAY: f64 = 0.995;
+
+impl Speculation {
+    /// Measured over predicted acceptance, with a prior of one token each.
+    fn gain_scale(&self) -> f64 {
+        ((self.accepted_ema + 1.0) / (self.predicted_ema + 1.0)).clamp(0.05, 2.0)
+    }
+
+    fn rate_model(&self, base_tokens: usize, base_committed: usize) -> RateModel<'_> {
+        RateModel {
+            curve: &self.curve,
+            base_tokens,
+            overhead_secs: 0.0,
+            base_committed: base_committed as f64,
+            gain_scale: self.gain_scale(),
+        }
+    }
 }
 
 /// One sequence's work in a step.
@@ -213,6 +237,8 @@ impl Engine {
             curve,
             verify_budget,
             rule: AcceptRule::Exact,
+            accepted_ema: 0.0,
+            predicted_ema: 0.0,
         });
         Ok(engine)
     }
@@ -440,6 +466,7 @@ impl Engine {
             planned[plan.seq] = Some(p);
         }
         let mut budget_tokens = 0;
+        let (mut predicted, mut accepted_total) = (0.0, 0usize);
         for (i, s) in seqs.iter().enumerate() {
             if !s.sample {
                 continue;
@@ -483,6 +510,12 @@ impl Engine {
                 .collect();
             self.kv.copy_slots(&src, &dst);
             let n_acc = accepted.nodes.len();
+            predicted += plan
+                .nodes
+                .iter()
+                .map(|&v| (plan.tree.nodes[v].score as f64).exp())
+                .sum::<f64>();
+            accepted_total += n_acc;
             state
                 .history
                 .extend(accepted.tokens[..n_acc].iter().map(|t| t.token_id));
@@ -505,6 +538,9 @@ impl Engine {
         }
         if !plans.is_empty() {
             metrics::record_spec_step(budget_tokens, draft_secs);
+            let spec = self.spec.as_mut().expect("plans imply a drafter");
+            spec.accepted_ema = spec.accepted_ema * ACCEPTANCE_DECAY + accepted_total as f64;
+            spec.predicted_ema = spec.predicted_ema * ACCEPTANCE_DECAY + predicted;
         }
         metrics::record_forward(forward_secs);
         Ok(results)
@@ -519,9 +555,17 @@ impl Engine {
         let max_context = self.model.config().max_context;
         let block_size = self.kv.layout().block_size;
         let policy = &spec.policy;
+        // Under the budget rule, draft only if a sure draft token could pay
+        // on this step's forward (a large batch already fills the machine).
+        let base_tokens: usize = seqs.iter().map(|s| s.new_token_ids.len()).sum();
+        let sampling = seqs.iter().filter(|s| s.sample).count();
+        let budget_may_pay = spec.rate_model(base_tokens, sampling).may_pay();
         let mut plans = Vec::new();
         for (i, s) in seqs.iter().enumerate() {
             if !s.sample || s.speculation == SpecMode::Off || s.lookahead == 0 {
+                continue;
+            }
+            if s.speculation != SpecMode::Fixed && !budget_may_pay {
                 continue;
             }
             let total = s.num_computed + s.new_token_ids.len();
@@ -635,12 +679,7 @@ impl Engine {
             })
             .collect();
         let max_total = spec.verify_budget.saturating_sub(hetero.len()).min(nodes_left);
-        let rate = RateModel {
-            curve: &spec.curve,
-            base_tokens,
-            overhead_secs: 0.0,
-            base_committed: seqs.iter().filter(|s| s.sample).count() as f64,
-        };
+        let rate = spec.rate_model(base_tokens, seqs.iter().filter(|s| s.sample).count());
         let sel = select(&cands, max_total, Some(rate));
         for (&p, nodes) in hetero.iter().zip(sel.nodes) {
             plans[p].nodes = nodes;

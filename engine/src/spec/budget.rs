@@ -65,6 +65,24 @@ pub struct RateModel<'a> {
     pub overhead_secs: f64,
     /// Tokens committed anyway (one per sampling sequence).
     pub base_committed: f64,
+    /// Measured acceptance over predicted (`exp(score)`) so far: corrects
+    /// a drafter's over- or under-confidence.
+    pub gain_scale: f64,
+}
+
+impl RateModel<'_> {
+    /// Expected committed tokens per second with `b` more nodes expected to
+    /// yield `expected` accepted tokens (before scaling).
+    pub fn rate(&self, b: usize, expected: f64) -> f64 {
+        (self.base_committed + expected * self.gain_scale)
+            / (self.curve.cost(self.base_tokens + b) + self.overhead_secs)
+    }
+
+    /// Whether even a sure draft token could raise the rate: if not, there
+    /// is no point drafting this step.
+    pub fn may_pay(&self) -> bool {
+        self.rate(1, 1.0) > self.rate(0, 0.0)
+    }
 }
 
 /// Chosen nodes per sequence and what the choice expected.
@@ -136,14 +154,11 @@ pub fn select(seqs: &[SeqCandidates<'_>], max_total: usize, rate: Option<RateMod
     let keep = match rate {
         None => order.len(),
         Some(r) => {
-            let rate_at = |b: usize, expected: f64| {
-                (r.base_committed + expected) / (r.curve.cost(r.base_tokens + b) + r.overhead_secs)
-            };
-            let (mut best_b, mut best_rate) = (0, rate_at(0, 0.0));
+            let (mut best_b, mut best_rate) = (0, r.rate(0, 0.0));
             let mut expected = 0.0;
             for (b, o) in order.iter().enumerate() {
                 expected += o.2 as f64;
-                let rate = rate_at(b + 1, expected);
+                let rate = r.rate(b + 1, expected);
                 if rate > best_rate {
                     (best_b, best_rate) = (b + 1, rate);
                 }
@@ -236,6 +251,7 @@ mod tests {
             base_tokens: 1,
             overhead_secs: 0.0,
             base_committed: 1.0,
+            gain_scale: 1.0,
         };
         assert_eq!(select(&seqs, 64, Some(rate)).nodes[0].len(), 3);
         // A linear cost curve with unsure drafts: verifying pays nothing.
@@ -247,6 +263,24 @@ mod tests {
         }];
         let rate = RateModel { curve: &linear, ..rate };
         assert!(select(&seqs, 64, Some(rate)).nodes[0].is_empty());
+        assert!(!rate.may_pay(), "a sure token costs a whole forward more: no gain");
+        // The flat curve pays for sure drafts; a drafter measured to be 10x
+        // overconfident verifies fewer nodes.
+        let flat = RateModel { curve: &curve, ..rate };
+        assert!(flat.may_pay());
+        let sure = chain(6, -0.05);
+        let seqs = [SeqCandidates {
+            tree: &sure,
+            max_nodes: 8,
+        }];
+        let gentle = CostCurve::new(vec![(1, 1.0), (65, 13.8)]); // +0.2 per token
+        let trusted = RateModel { curve: &gentle, ..flat };
+        let humbled = RateModel {
+            gain_scale: 0.1,
+            ..trusted
+        };
+        assert_eq!(select(&seqs, 64, Some(trusted)).nodes[0].len(), 6);
+        assert!(select(&seqs, 64, Some(humbled)).nodes[0].is_empty());
         assert!((linear.cost(32) - 32.0).abs() < 1e-9);
         assert!((curve.cost(128) - (100.0 + 64.0 * 97.0 / 59.0)).abs() < 1e-6);
     }
