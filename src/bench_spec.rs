@@ -110,19 +110,21 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
     let mut chain_engine = args.engine.build_engine_with_policy(&args.model, Some(chain_policy))?;
     let curve = engine.cost_curve().cloned().expect("a drafter implies a cost curve");
 
+    // Variants run back to back per category (not one variant over all
+    // categories, then the next), so a slow drift of the machine's speed
+    // touches them alike.
     let mut rows = Vec::new();
     for &c in &args.concurrency {
-        let mut reference: BTreeMap<String, Vec<Vec<u32>>> = BTreeMap::new();
-        for variant in VARIANTS {
-            let (engine, mode): (&mut Engine, SpecMode) = match variant {
-                "plain" => (&mut engine, SpecMode::Off),
-                "chain" => (&mut chain_engine, SpecMode::Fixed),
-                "fixed" => (&mut engine, SpecMode::Fixed),
-                _ => (&mut engine, SpecMode::Hetero),
-            };
-            let mut total = SpecStats::default();
-            let (mut tokens, mut seconds) = (0, 0.0);
-            for (category, reqs) in &by_category {
+        let mut totals: BTreeMap<&str, (SpecStats, usize, f64)> = BTreeMap::new();
+        for (category, reqs) in &by_category {
+            let mut reference: Option<Vec<Vec<u32>>> = None;
+            for variant in VARIANTS {
+                let (engine, mode): (&mut Engine, SpecMode) = match variant {
+                    "plain" => (&mut engine, SpecMode::Off),
+                    "chain" => (&mut chain_engine, SpecMode::Fixed),
+                    "fixed" => (&mut engine, SpecMode::Fixed),
+                    _ => (&mut engine, SpecMode::Hetero),
+                };
                 let reqs: Vec<TokenRequest> = reqs
                     .iter()
                     .map(|r| TokenRequest {
@@ -139,19 +141,21 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
                     stats.add(&o.stats);
                 }
                 let ids: Vec<Vec<u32>> = out.into_iter().map(|o| o.token_ids).collect();
-                match reference.get(category) {
-                    None => {
-                        reference.insert(category.clone(), ids);
-                    }
+                match &reference {
+                    None => reference = Some(ids),
                     Some(want) if *want != ids => bail!("{variant} at c={c} changed the greedy output of {category}"),
                     Some(_) => {}
                 }
                 rows.push(row(c, variant, category, n, secs, &stats));
-                total.add(&stats);
-                tokens += n;
-                seconds += secs;
+                let total = totals.entry(variant).or_default();
+                total.0.add(&stats);
+                total.1 += n;
+                total.2 += secs;
             }
-            rows.push(row(c, variant, "overall", tokens, seconds, &total));
+        }
+        for variant in VARIANTS {
+            let (stats, tokens, seconds) = &totals[variant];
+            rows.push(row(c, variant, "overall", *tokens, *seconds, stats));
         }
     }
     let plain: BTreeMap<(usize, String), f64> = rows
