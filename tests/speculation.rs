@@ -214,12 +214,14 @@ async fn modes_mixed_in_one_batch_through_the_router_agree_and_report_speculatio
         }
     }
     assert!(accepted_fixed > 0, "the fixed tree never had a draft token accepted");
-    assert!(tiered_hetero > 0, "no HETERO step reported a tier");
-    // A lone request also agrees with the batched ones.
+    // A lone request also agrees with the batched ones (and, alone, the
+    // budget rule drafts for it: a large batch may leave no room).
     let solo = run_stream(&mut client, request(prompts[0], pb::SpeculationMode::Hetero))
         .await
         .unwrap();
     assert_eq!(solo.token_ids, results[0].token_ids);
+    tiered_hetero += solo.speculation.unwrap().tier_steps.iter().sum::<u32>();
+    assert!(tiered_hetero > 0, "no HETERO step reported a tier");
 
     let text = scrape(engine_metrics);
     assert!(metric(&text, "heterospec_spec_steps_total", &["tier=\"fixed\""]) > 0.0);

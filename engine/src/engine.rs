@@ -84,6 +84,8 @@ struct Speculation {
     /// number (`Σ exp(score)` of verified nodes).
     accepted_ema: f64,
     predicted_ema: f64,
+    /// Decaying mean of drafting seconds per drafted sequence.
+    draft_secs_per_seq: f64,
 }
 
 /// Per-step decay of the acceptance sums (a memory of a few hundred steps).
@@ -242,6 +244,7 @@ impl Engine {
             rule: AcceptRule::Exact,
             accepted_ema: 0.0,
             predicted_ema: 0.0,
+            draft_secs_per_seq: 0.0,
         });
         Ok(engine)
     }
@@ -544,6 +547,8 @@ impl Engine {
             let spec = self.spec.as_mut().expect("plans imply a drafter");
             spec.accepted_ema = spec.accepted_ema * ACCEPTANCE_DECAY + accepted_total as f64;
             spec.predicted_ema = spec.predicted_ema * ACCEPTANCE_DECAY + predicted;
+            let per_seq = draft_secs / plans.len() as f64;
+            spec.draft_secs_per_seq = 0.9 * spec.draft_secs_per_seq + 0.1 * per_seq;
         }
         metrics::record_forward(forward_secs);
         Ok(results)
@@ -559,16 +564,27 @@ impl Engine {
         let block_size = self.kv.layout().block_size;
         let policy = &spec.policy;
         // Under the budget rule, draft only if a sure draft token could pay
-        // on this step's forward (a large batch already fills the machine).
+        // for its share of this step's forward and of the drafting itself
+        // (a large batch already fills the machine).
         let base_tokens: usize = seqs.iter().map(|s| s.new_token_ids.len()).sum();
         let sampling = seqs.iter().filter(|s| s.sample).count();
-        let budget_may_pay = spec.rate_model(base_tokens, sampling).may_pay();
+        let candidates = seqs
+            .iter()
+            .filter(|s| s.sample && s.speculation != SpecMode::Off && s.speculation != SpecMode::Fixed)
+            .count();
+        let mut rate = spec.rate_model(base_tokens, sampling);
+        rate.overhead_secs = spec.draft_secs_per_seq * candidates as f64;
+        let budget_may_pay = rate.may_pay();
         let mut plans = Vec::new();
         for (i, s) in seqs.iter().enumerate() {
             if !s.sample || s.speculation == SpecMode::Off || s.lookahead == 0 {
                 continue;
             }
-            if s.speculation != SpecMode::Fixed && !budget_may_pay {
+            // The budget rule drafts on decode steps only: at the end of a
+            // prompt chunk the drafts' estimates are least reliable (n-gram
+            // matches against the chat template) while the chunk makes
+            // extra tokens look free.
+            if s.speculation != SpecMode::Fixed && (!budget_may_pay || s.new_token_ids.len() > 1) {
                 continue;
             }
             let total = s.num_computed + s.new_token_ids.len();

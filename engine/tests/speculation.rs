@@ -221,7 +221,9 @@ fn sampled_first_two(
                 seed: Some(1000 + i as u64),
                 ..sampling.clone()
             },
-            speculation: SpecMode::Hetero,
+            // The fixed tree drafts right after the prompt (the budget rule
+            // waits for decode steps), so both tokens can come from drafts.
+            speculation: SpecMode::Fixed,
             max_new_tokens: 2,
             stop_token_ids: vec![],
         })
