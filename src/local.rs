@@ -287,13 +287,7 @@ impl LocalEngine {
             num_computed += next.len() + result.tokens.len() - 1;
             self.pool.truncate(table, num_computed);
             first_token_at.get_or_insert_with(Instant::now);
-            stats.steps += 1;
-            if result.spec.speculated {
-                stats.spec_steps += 1;
-                stats.draft_tokens += result.spec.num_draft_tokens;
-                stats.accepted_tokens += result.spec.num_accepted_tokens;
-                stats.tier_steps[result.spec.tier.unwrap_or(8).min(8)] += 1;
-            }
+            stats.record(&result.spec);
             for t in &result.tokens {
                 token_ids.push(t.token_id);
                 let delta = output.push(&self.tokenizer, t.token_id)?;

@@ -11,7 +11,7 @@ use heterospec_kv::{BlockPool, BlockPoolConfig, BlockTable};
 use crate::engine::{Engine, SeqId, SeqStep};
 use crate::error::{EngineError, Result};
 use crate::sampler::SamplingParams;
-use crate::spec::SpecMode;
+use crate::spec::{SpecMode, SpecOutcome};
 
 /// One generation request, in tokens.
 #[derive(Debug, Clone)]
@@ -45,6 +45,17 @@ impl SpecStats {
             0.0
         } else {
             1.0 + self.accepted_tokens as f64 / self.steps as f64
+        }
+    }
+
+    /// Counts one step that committed tokens.
+    pub fn record(&mut self, spec: &SpecOutcome) {
+        self.steps += 1;
+        if spec.speculated {
+            self.spec_steps += 1;
+            self.draft_tokens += spec.num_draft_tokens;
+            self.accepted_tokens += spec.num_accepted_tokens;
+            self.tier_steps[spec.tier.unwrap_or(8).min(8)] += 1;
         }
     }
 
@@ -162,14 +173,7 @@ impl<'e> Runner<'e> {
                 if result.tokens.is_empty() {
                     continue;
                 }
-                let stats = &mut seq.out.stats;
-                stats.steps += 1;
-                if result.spec.speculated {
-                    stats.spec_steps += 1;
-                    stats.draft_tokens += result.spec.num_draft_tokens;
-                    stats.accepted_tokens += result.spec.num_accepted_tokens;
-                    stats.tier_steps[result.spec.tier.unwrap_or(8).min(8)] += 1;
-                }
+                seq.out.stats.record(&result.spec);
                 let mut finished = false;
                 for t in &result.tokens {
                     seq.out.token_ids.push(t.token_id);
