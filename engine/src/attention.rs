@@ -1,10 +1,12 @@
 //! Attention over paged KV for a ragged batch.
 //!
-//! Each (token, query head) is one task: it streams over the keys its
-//! sequence may see (cached prefix through the block table, then the new
-//! tokens its mask allows) with an online softmax, reading K/V in place from
-//! the paged storage. No copies of the context are made; the only per-task
-//! state is a `head_dim` accumulator on the stack.
+//! Each (token, query head) is one task: it walks the keys its sequence may
+//! see (cached prefix through the block table, then the new tokens its mask
+//! allows), reading K/V in place from the paged storage, in chunks of
+//! [`CHUNK`] keys: the chunk's scores, one rescale of the running sum when
+//! the maximum grows, the chunk's exponentials (vectorized, no libm call),
+//! then the weighted values. No copies of the context are made; the
+//! per-task state lives on the stack. Compiled for AVX2 when the CPU has it.
 //! Cost: O(tokens x heads x visible keys x head_dim).
 
 use rayon::prelude::*;
@@ -12,7 +14,10 @@ use rayon::prelude::*;
 use crate::batch::RaggedBatch;
 use crate::config::MAX_HEAD_DIM;
 use crate::kv::LayerKv;
-use crate::ops::{dot, scale_add};
+use crate::ops::{dot, exp_nonpositive, has_avx2};
+
+/// Keys scored together before their softmax weights are taken.
+const CHUNK: usize = 32;
 
 /// Head geometry for attention.
 #[derive(Debug, Clone, Copy)]
@@ -21,6 +26,101 @@ pub struct HeadShape {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub block_size: usize,
+}
+
+/// The online softmax of one (token, head): running max, denominator and
+/// weighted sum of values, fed a chunk of key slots at a time.
+/// `HD` is the head dimension when specialized for it (64, 128: loops of
+/// known length, the sum kept in registers), else `MAX_HEAD_DIM` with the
+/// real one taken from `q`.
+struct OnlineSoftmax<'a, const HD: usize> {
+    q: &'a [f32],
+    kv: LayerKv<'a>,
+    kv_head: usize,
+    scale: f32,
+    /// Use the AVX2 dot product and update (the CPU has them).
+    avx2: bool,
+    acc: [f32; HD],
+    max: f32,
+    denom: f32,
+    slots: [usize; CHUNK],
+    pending: usize,
+}
+
+impl<'a, const HD: usize> OnlineSoftmax<'a, HD> {
+    #[inline(always)]
+    fn head_dim(&self) -> usize {
+        if HD == MAX_HEAD_DIM {
+            self.q.len()
+        } else {
+            HD
+        }
+    }
+
+    #[inline(always)]
+    fn push(&mut self, slot: usize) {
+        self.slots[self.pending] = slot;
+        self.pending += 1;
+        if self.pending == CHUNK {
+            self.flush();
+        }
+    }
+
+    #[inline(always)]
+    fn flush(&mut self) {
+        let n = self.pending;
+        if n == 0 {
+            return;
+        }
+        self.pending = 0;
+        let hd = self.head_dim();
+        let simd = self.avx2 && hd % 8 == 0;
+        let mut scores = [0.0f32; CHUNK];
+        if simd {
+            let mut keys = [std::ptr::null::<f32>(); CHUNK];
+            for (k, &slot) in keys.iter_mut().zip(&self.slots[..n]) {
+                *k = self.kv.key(slot, self.kv_head, hd).as_ptr();
+            }
+            // SAFETY: AVX2 present; `q` and every key hold `hd` values.
+            unsafe { simd::dots(self.q.as_ptr(), &keys[..n], hd, &mut scores[..n]) };
+            for s in &mut scores[..n] {
+                *s *= self.scale;
+            }
+        } else {
+            for (s, &slot) in scores.iter_mut().zip(&self.slots[..n]) {
+                *s = self.scale * dot(&self.q[..hd], self.kv.key(slot, self.kv_head, hd));
+            }
+        }
+        let chunk_max = scores[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if chunk_max > self.max {
+            let rescale = exp_nonpositive(self.max - chunk_max);
+            self.denom *= rescale;
+            for a in &mut self.acc[..hd] {
+                *a *= rescale;
+            }
+            self.max = chunk_max;
+        }
+        let max = self.max;
+        for s in &mut scores[..n] {
+            *s = exp_nonpositive(*s - max);
+        }
+        self.denom += scores[..n].iter().sum::<f32>();
+        if simd {
+            let mut values = [std::ptr::null::<f32>(); CHUNK];
+            for (v, &slot) in values.iter_mut().zip(&self.slots[..n]) {
+                *v = self.kv.value(slot, self.kv_head, hd).as_ptr();
+            }
+            // SAFETY: AVX2 present; `acc` and every value hold `hd` values.
+            unsafe { simd::weighted_sum(&mut self.acc[..hd], &scores[..n], &values[..n]) };
+        } else {
+            for (&w, &slot) in scores[..n].iter().zip(&self.slots[..n]) {
+                let v = self.kv.value(slot, self.kv_head, hd);
+                for (a, &x) in self.acc[..hd].iter_mut().zip(v) {
+                    *a += w * x;
+                }
+            }
+        }
+    }
 }
 
 /// `out (tokens, num_heads * head_dim) <- softmax(q k^T / sqrt(d)) v`, with
@@ -42,6 +142,7 @@ pub fn paged_attention(
     } = shape;
     let group = num_heads / num_kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
+    let avx2 = has_avx2();
     out.par_chunks_mut(head_dim)
         .zip(q.par_chunks(head_dim))
         .enumerate()
@@ -49,51 +150,175 @@ pub fn paged_attention(
             let token = task / num_heads;
             let kv_head = (task % num_heads) / group;
             let (seq_idx, i) = token_owner[token];
-            let seq = &batch.seqs[seq_idx];
-
-            let mut acc = [0.0f32; MAX_HEAD_DIM];
-            let acc = &mut acc[..head_dim];
-            let mut max = f32::NEG_INFINITY;
-            let mut denom = 0.0f32;
-            let mut visit = |slot: usize| {
-                let s = dot(q_head, kv.key(slot, kv_head, head_dim)) * scale;
-                let v = kv.value(slot, kv_head, head_dim);
-                if s > max {
-                    let rescale = (max - s).exp();
-                    denom = denom * rescale + 1.0;
-                    scale_add(acc, rescale, 1.0, v);
-                    max = s;
-                } else {
-                    let w = (s - max).exp();
-                    denom += w;
-                    scale_add(acc, 1.0, w, v);
-                }
+            let one = Attend {
+                q: q_head,
+                seq: &batch.seqs[seq_idx],
+                i,
+                kv,
+                kv_head,
+                scale,
+                block_size,
+                avx2,
             };
-            for (b, block) in seq.block_table.iter().enumerate() {
-                let start = b * block_size;
-                if start >= seq.num_cached {
-                    break;
-                }
-                let base = block.index() * block_size;
-                for offset in 0..block_size.min(seq.num_cached - start) {
-                    visit(base + offset);
-                }
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the CPU has AVX2 and FMA.
+                return unsafe { one.run_avx2(out_head) };
             }
-            if let Some(extra) = seq.extra_slots.get(i) {
-                for &slot in extra {
-                    visit(slot);
-                }
-            }
-            for j in 0..seq.len() {
-                if seq.attends(i, j) {
-                    visit(seq.slots[j]);
-                }
-            }
-            let inv = if denom > 0.0 { 1.0 / denom } else { 0.0 };
-            for (o, a) in out_head.iter_mut().zip(acc.iter()) {
-                *o = a * inv;
-            }
+            one.run(out_head)
         });
+}
+
+/// One (token, query head) task.
+struct Attend<'a> {
+    q: &'a [f32],
+    seq: &'a crate::batch::SeqRun,
+    /// The token's index in its sequence's run.
+    i: usize,
+    kv: LayerKv<'a>,
+    kv_head: usize,
+    scale: f32,
+    block_size: usize,
+    avx2: bool,
+}
+
+impl Attend<'_> {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(&self, out: &mut [f32]) {
+        self.run(out)
+    }
+
+    #[inline(always)]
+    fn run(&self, out: &mut [f32]) {
+        match self.q.len() {
+            64 => self.run_for::<64>(out),
+            128 => self.run_for::<128>(out),
+            _ => self.run_for::<MAX_HEAD_DIM>(out),
+        }
+    }
+
+    #[inline(always)]
+    fn run_for<const HD: usize>(&self, out: &mut [f32]) {
+        let (seq, block_size) = (self.seq, self.block_size);
+        let mut sm = OnlineSoftmax::<HD> {
+            q: self.q,
+            kv: self.kv,
+            kv_head: self.kv_head,
+            scale: self.scale,
+            avx2: self.avx2,
+            acc: [0.0; HD],
+            max: f32::NEG_INFINITY,
+            denom: 0.0,
+            slots: [0; CHUNK],
+            pending: 0,
+        };
+        for (b, block) in seq.block_table.iter().enumerate() {
+            let start = b * block_size;
+            if start >= seq.num_cached {
+                break;
+            }
+            let base = block.index() * block_size;
+            for offset in 0..block_size.min(seq.num_cached - start) {
+                sm.push(base + offset);
+            }
+        }
+        if let Some(extra) = seq.extra_slots.get(self.i) {
+            for &slot in extra {
+                sm.push(slot);
+            }
+        }
+        for j in 0..seq.len() {
+            if seq.attends(self.i, j) {
+                sm.push(seq.slots[j]);
+            }
+        }
+        sm.flush();
+        let inv = if sm.denom > 0.0 { 1.0 / sm.denom } else { 0.0 };
+        let hd = out.len();
+        for (o, a) in out.iter_mut().zip(&sm.acc[..hd]) {
+            *o = a * inv;
+        }
+    }
+}
+
+/// AVX2 kernels for head dimensions that are multiples of 8.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    /// `out[j] = q · keys[j]`, four keys at a time (one horizontal sum per
+    /// four dot products).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dots(q: *const f32, keys: &[*const f32], hd: usize, out: &mut [f32]) {
+        let mut j = 0;
+        while j + 4 <= keys.len() {
+            let mut s = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i < hd {
+                let qv = _mm256_loadu_ps(q.add(i));
+                for (acc, k) in s.iter_mut().zip(&keys[j..j + 4]) {
+                    *acc = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k.add(i)), *acc);
+                }
+                i += 8;
+            }
+            // Pairwise adds leave lane l of each half holding key l's partial sums.
+            let h01 = _mm256_hadd_ps(s[0], s[1]);
+            let h23 = _mm256_hadd_ps(s[2], s[3]);
+            let h = _mm256_hadd_ps(h01, h23);
+            let four = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+            _mm_storeu_ps(out.as_mut_ptr().add(j), four);
+            j += 4;
+        }
+        for (o, k) in out[j..].iter_mut().zip(&keys[j..]) {
+            let mut s = _mm256_setzero_ps();
+            let mut i = 0;
+            while i < hd {
+                s = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), _mm256_loadu_ps(k.add(i)), s);
+                i += 8;
+            }
+            let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            *o = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+        }
+    }
+
+    /// `acc += sum_j w[j] values[j]`, 64 columns of `acc` held in registers
+    /// across all values at a time.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_sum(acc: &mut [f32], w: &[f32], values: &[*const f32]) {
+        let hd = acc.len();
+        let mut c = 0;
+        while c < hd {
+            let width = (hd - c).min(64) / 8;
+            let mut r = [_mm256_setzero_ps(); 8];
+            for (l, reg) in r.iter_mut().enumerate().take(width) {
+                *reg = _mm256_loadu_ps(acc.as_ptr().add(c + 8 * l));
+            }
+            for (&wj, v) in w.iter().zip(values) {
+                let wv = _mm256_set1_ps(wj);
+                for (l, reg) in r.iter_mut().enumerate().take(width) {
+                    *reg = _mm256_fmadd_ps(wv, _mm256_loadu_ps(v.add(c + 8 * l)), *reg);
+                }
+            }
+            for (l, reg) in r.iter().enumerate().take(width) {
+                _mm256_storeu_ps(acc.as_mut_ptr().add(c + 8 * l), *reg);
+            }
+            c += 8 * width;
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod simd {
+    pub unsafe fn dots(_: *const f32, _: &[*const f32], _: usize, _: &mut [f32]) {
+        unreachable!("AVX2 only on x86-64")
+    }
+    pub unsafe fn weighted_sum(_: &mut [f32], _: &[f32], _: &[*const f32]) {
+        unreachable!("AVX2 only on x86-64")
+    }
 }
 
 #[cfg(test)]

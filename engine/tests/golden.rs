@@ -28,6 +28,12 @@ const MARGIN: f32 = 0.5;
 /// as-shipped Q4_1: p90 0.36, max 0.84, mean signed 0.000;
 /// f32: p90 0.36, max 0.98, mean 0.04; Q8_0 requantized: p90 0.66,
 /// max 1.82, mean 0.15 (requantizing adds a second rounding).
+/// Native 4-bit per GEMM kernel: p90 0.38-0.41, max 0.89-1.41. The kernels
+/// compute the same integer products and differ only in float summation
+/// order, yet their logits differ by up to 0.9 from each other on this
+/// model: every layer requantizes its activations to 8 bits, and a rounding
+/// that flips there carries through 30 layers. Hence the wider max for
+/// `native`; top-1 agreement and p90 stay as tight as for the others.
 struct Tolerance {
     max: f32,
     p90: f32,
@@ -41,7 +47,12 @@ fn tolerance(format: WeightFormat) -> Tolerance {
             p90: 1.0,
             mean_signed: 0.3,
         },
-        WeightFormat::AsShipped | WeightFormat::F32 | WeightFormat::Native => Tolerance {
+        WeightFormat::Native => Tolerance {
+            max: 1.75,
+            p90: 0.5,
+            mean_signed: 0.1,
+        },
+        WeightFormat::AsShipped | WeightFormat::F32 => Tolerance {
             max: 1.25,
             p90: 0.5,
             mean_signed: 0.1,
@@ -164,9 +175,19 @@ fn q8_0_weights_match_llama_cpp() {
     check_against_llama_cpp(WeightFormat::Q8_0);
 }
 
+/// With every SIMD GEMM kernel this CPU has (the scalar one is checked
+/// against the same reference in the unit tests).
 #[test]
 fn native_4bit_weights_match_llama_cpp() {
-    check_against_llama_cpp(WeightFormat::Native);
+    for kernel in heterospec_engine::qgemm::available_kernels() {
+        if kernel == heterospec_engine::qgemm::KernelKind::Scalar {
+            continue;
+        }
+        println!("kernel {kernel:?}");
+        heterospec_engine::qgemm::set_kernel_override(Some(kernel));
+        check_against_llama_cpp(WeightFormat::Native);
+    }
+    heterospec_engine::qgemm::set_kernel_override(None);
 }
 
 #[test]

@@ -15,8 +15,8 @@
 //! ```
 //!
 //! Paths, chosen at run time: AVX-512 (BW, two blocks per instruction) and
-//! AVX2 (+FMA), both with `maddubs` int8 products, and a portable scalar
-//! fallback used everywhere else. Threads: the output
+//! AVX2 (+FMA), both with `maddubs` int8 products, a portable scalar
+//! fallback used everywhere else, and Intel AMX tiles (`amx.rs`, on request). Threads: the output
 //! columns are split across the rayon pool.
 
 use rayon::prelude::*;
@@ -37,6 +37,8 @@ macro_rules! dispatch_tile {
     };
 }
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod q4;
 pub use q4::Q4Matrix;
 
@@ -91,16 +93,31 @@ pub struct Q8Rows {
     pub quants: Vec<i8>,
     /// Per block: `scale * sum(quants)` (the offset term of 4-bit weights).
     pub scaled_sums: Vec<f32>,
+    /// The rows in the AMX tile layout, packed on first use.
+    #[cfg(target_arch = "x86_64")]
+    amx: std::sync::OnceLock<amx::AmxRows>,
 }
 
 /// Quantizes each block of 32 to `round(v / d)` with `d = max|v| / 127`.
+#[inline(always)]
 fn quantize_into(src: &[f32], scales: &mut Vec<f32>, quants: &mut Vec<i8>) {
     for block in src.chunks_exact(BLOCK) {
-        let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        // Eight running maxima, so that the loop vectorizes.
+        let mut lanes = [0.0f32; 8];
+        for eight in block.chunks_exact(8) {
+            for (m, v) in lanes.iter_mut().zip(eight) {
+                *m = m.max(v.abs());
+            }
+        }
+        let amax = lanes.iter().fold(0.0f32, |m, &v| m.max(v));
         let d = amax / 127.0;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         scales.push(d);
-        quants.extend(block.iter().map(|v| (v * inv).round() as i8));
+        let mut q = [0i8; BLOCK];
+        for (q, v) in q.iter_mut().zip(block) {
+            *q = (v * inv).round() as i8;
+        }
+        quants.extend_from_slice(&q);
     }
 }
 
@@ -115,6 +132,20 @@ impl Q8Rows {
     }
 
     pub fn quantize(x: &[f32], rows: usize) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if crate::ops::has_avx2() {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn quantize_avx2(x: &[f32], rows: usize) -> Q8Rows {
+                Q8Rows::quantize_portable(x, rows)
+            }
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { quantize_avx2(x, rows) };
+        }
+        Self::quantize_portable(x, rows)
+    }
+
+    #[inline(always)]
+    fn quantize_portable(x: &[f32], rows: usize) -> Self {
         let cols = x.len() / rows.max(1);
         assert_eq!(cols % BLOCK, 0, "columns must be a multiple of {BLOCK}");
         let mut scales = Vec::with_capacity(rows * cols / BLOCK);
@@ -131,7 +162,14 @@ impl Q8Rows {
             scales,
             quants,
             scaled_sums,
+            #[cfg(target_arch = "x86_64")]
+            amx: std::sync::OnceLock::new(),
         }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn amx(&self) -> &amx::AmxRows {
+        self.amx.get_or_init(|| amx::AmxRows::pack(self))
     }
 }
 
@@ -179,6 +217,14 @@ impl Q8Matrix {
 
     /// `out (m, rows)` from already-quantized rows, with a chosen kernel.
     pub fn matmul_q8(&self, x: &Q8Rows, out: &mut [f32], kind: KernelKind) {
+        #[cfg(target_arch = "x86_64")]
+        if kind == KernelKind::Amx {
+            let w = amx::Weights::Q8 {
+                quants: &self.quants,
+                scales: &self.scales,
+            };
+            return amx::matmul(w, self.rows, self.cols, x, out);
+        }
         run_tiles(self, x, out, kind);
     }
 }
@@ -269,12 +315,37 @@ pub enum KernelKind {
     Scalar,
     Avx2,
     Avx512,
+    /// Intel AMX tiles for the products, AVX-512 for the scales.
+    Amx,
 }
 
-/// The fastest kernel this CPU supports.
-/// The kernel `matmul` uses: the fastest this CPU supports, unless
-/// `HETEROSPEC_QGEMM_KERNEL` (scalar, avx2, avx512) picks a slower one.
+thread_local! {
+    static OVERRIDE: std::cell::Cell<Option<KernelKind>> = const { std::cell::Cell::new(None) };
+}
+
+/// Makes [`kernel_kind`] return `kind` (if this CPU has it) on the calling
+/// thread (the one that runs a model's forward); `None` restores the
+/// default. For tests that compare kernels on whole forwards.
+pub fn set_kernel_override(kind: Option<KernelKind>) {
+    OVERRIDE.with(|o| o.set(kind));
+}
+
+/// The kernel every product uses, whatever its row count: each kernel sums
+/// in its own order, so mixing kernels by batch size would make a token's
+/// logits depend on the batch it ran in (and speculative decoding would no
+/// longer equal plain decoding). AVX-512, else AVX2, else scalar, unless
+/// `HETEROSPEC_QGEMM_KERNEL` (scalar, avx2, avx512, amx) or
+/// [`set_kernel_override`] picks another one. AMX only when asked for: it
+/// makes forwards of 4 tokens and more 3-5x cheaper but single-token
+/// decoding 1.6-1.9x slower (`examples/qgemm_kernels.rs`).
 pub fn kernel_kind() -> KernelKind {
+    if let Some(k) = OVERRIDE.with(|o| o.get()).filter(|k| available_kernels().contains(k)) {
+        return k;
+    }
+    default_kernel_kind()
+}
+
+fn default_kernel_kind() -> KernelKind {
     static KIND: std::sync::OnceLock<KernelKind> = std::sync::OnceLock::new();
     *KIND.get_or_init(|| {
         let available = available_kernels();
@@ -284,11 +355,16 @@ pub fn kernel_kind() -> KernelKind {
                 "scalar" => Some(KernelKind::Scalar),
                 "avx2" => Some(KernelKind::Avx2),
                 "avx512" => Some(KernelKind::Avx512),
+                "amx" => Some(KernelKind::Amx),
                 _ => None,
             });
         match wanted {
             Some(k) if available.contains(&k) => k,
-            _ => *available.last().expect("scalar is always available"),
+            _ => *available
+                .iter()
+                .rev()
+                .find(|&&k| k != KernelKind::Amx)
+                .expect("scalar is always available"),
         }
     })
 }
@@ -303,6 +379,9 @@ pub fn available_kernels() -> Vec<KernelKind> {
             v.push(KernelKind::Avx2);
             if has!("avx512f") && has!("avx512bw") && has!("avx512dq") {
                 v.push(KernelKind::Avx512);
+                if amx::available() {
+                    v.push(KernelKind::Amx);
+                }
             }
         }
     }

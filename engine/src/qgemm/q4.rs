@@ -125,6 +125,16 @@ impl Q4Matrix {
     }
 
     pub fn matmul_q8(&self, x: &Q8Rows, out: &mut [f32], kind: KernelKind) {
+        #[cfg(target_arch = "x86_64")]
+        if kind == KernelKind::Amx {
+            let w = super::amx::Weights::Q4 {
+                packed: &self.packed,
+                row_bytes: self.row_bytes(),
+                d: &self.d,
+                m: &self.m,
+            };
+            return super::amx::matmul(w, self.rows, self.cols, x, out);
+        }
         run_tiles(self, x, out, kind);
     }
 }
