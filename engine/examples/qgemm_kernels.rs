@@ -12,7 +12,7 @@ fn main() {
         let m: Vec<f32> = (0..nb).map(|i| -0.05 + (i % 5) as f32 * 0.01).collect();
         let q: Vec<u8> = (0..n * k).map(|i| (i * 7 % 16) as u8).collect();
         let w = Q4Matrix::from_parts(n, k, d, m, &q);
-        for rows in [1usize, 2, 4, 8, 16, 32, 64] {
+        for rows in [1usize, 2, 3, 4, 6, 8, 12, 16, 32, 64] {
             let x: Vec<f32> = (0..rows * k).map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.1).collect();
             let xq = Q8Rows::quantize(&x, rows);
             let mut line = format!("n{n} k{k} m{rows}:");

@@ -1,23 +1,30 @@
-//! Intel AMX tiles for the batched GEMM (Sapphire Rapids and later).
+//! Intel AMX tiles for the batched GEMM (Sapphire Rapids and later), with
+//! an AVX-512 VNNI kernel for one to three token rows that gives the same
+//! bits, so the two can share every batch.
 //!
-//! One `tdpbusd` (4-bit weights, unsigned) or `tdpbssd` (8-bit weights)
-//! multiplies a 16 x 32 tile of weight values by a 32 x 16 tile of
-//! activation values into 16 x 16 int32 sums: one 32-value block for 16
-//! weight rows and 16 activation rows in one instruction. Blocks carry their
-//! own scales, so each block's sums leave the tile unit (`tilestored`) and
-//! are scaled into f32 accumulators held in AVX-512 registers:
+//! Weights are re-laid out once in **strips** of 16 rows, 4 values of a row
+//! side by side (the tile unit's layout for its second operand):
 //!
 //! ```text
-//!   acc[w][x] += C[w][x] * dw[w] * dx[x]  (+ mw[w] * sx[x] for Q4_1 offsets)
+//!   strip s, block b, group j (0..8):  64 bytes = [row 0: 4 values][row 1] ... [row 15]
+//!   values 4j..4j+4 of block b; 4-bit weights: block 2p in the low nibbles,
+//!   block 2p+1 in the high nibbles of pair p's groups
 //! ```
 //!
-//! Activations are packed once per call into the tile unit's layout for the
-//! second operand (groups of 4 values of one row side by side); 4-bit weight
-//! rows are unpacked to bytes one strip of 16 rows at a time, in L1.
-//! Padding rows (past the last weight or activation row) are zero and their
-//! results are dropped. The tile instructions are emitted with `asm!` (the
-//! intrinsics are not stable); Linux must grant the tile-data state
-//! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), checked once in [`available`].
+//! so that a block's product for 16 weight rows comes out with one weight
+//! row per lane: `tdpbsud`/`tdpbssd` for 16 token rows at a time, or eight
+//! `vpdpbusd` per token row. Both then apply the block's scales the same
+//! way, in the same order (see [`block_update`]):
+//!
+//! ```text
+//!   acc[x][w] = fma(sum_b, dw[w] * dx[x], acc[x][w]);  acc[x][w] = fma(sx[x], mw[w], acc[x][w])
+//! ```
+//!
+//! Integer block sums are exact in both, so a token row's result does not
+//! depend on how many rows ran with it. The tile instructions are emitted
+//! with `asm!` (their intrinsics are not stable); Linux must grant the
+//! tile-data state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), checked once in
+//! [`available`].
 
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -29,15 +36,19 @@ use super::{Q8Rows, BLOCK};
 
 /// Weight and activation rows per tile.
 const TILE: usize = 16;
-/// Bytes of one packed activation block: 8 rows of 4-value groups x 16 rows.
-const PACKED_BLOCK: usize = BLOCK * TILE;
+/// Bytes of one block of a strip: 8 groups x 16 rows x 4 values.
+const STRIP_BLOCK: usize = BLOCK * TILE;
+/// From this many token rows on, the tile unit; below, AVX-512 VNNI (the
+/// crossing point measured by `examples/qgemm_kernels.rs`: 6-8 rows).
+pub const MIN_TILE_ROWS: usize = 8;
 
-/// Whether this CPU and kernel can run the tile instructions.
+/// Whether this CPU and kernel can run the tile instructions (and the
+/// AVX-512 VNNI kernel that shares their results).
 pub fn available() -> bool {
     static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OK.get_or_init(|| {
         use std::arch::is_x86_feature_detected as has;
-        if !(has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx2") && has!("fma")) {
+        if !(has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vnni") && has!("fma")) {
             return false;
         }
         let leaf7 = __cpuid_count(7, 0);
@@ -52,93 +63,205 @@ pub fn available() -> bool {
     })
 }
 
-/// Activation rows in the tile unit's layout, built once per `Q8Rows`.
+/// A weight matrix in strips (see the module docs).
+pub struct Strips {
+    rows: usize,
+    cols: usize,
+    /// 4-bit values (unsigned, two blocks per group byte) or 8-bit signed.
+    four_bit: bool,
+    /// Q4: (strips, pairs, 8, 64); Q8: (strips, blocks, 8, 64).
+    data: Vec<u8>,
+    /// (strips, blocks, 16): block scales, zero for padding rows.
+    d: Vec<f32>,
+    /// (strips, blocks, 16): Q4 offsets (`value = d q + m`); empty for Q8.
+    m: Vec<f32>,
+}
+
+impl Strips {
+    fn nblocks(&self) -> usize {
+        self.cols / BLOCK
+    }
+
+    fn strips(&self) -> usize {
+        self.rows.div_ceil(TILE)
+    }
+
+    /// Bytes of one strip's values.
+    fn strip_bytes(&self) -> usize {
+        let nb = self.nblocks();
+        if self.four_bit {
+            nb.div_ceil(2) * STRIP_BLOCK
+        } else {
+            nb * STRIP_BLOCK
+        }
+    }
+
+    /// From 8-bit values `q (rows, cols)` and scales `(rows, blocks)`.
+    pub fn from_q8(rows: usize, cols: usize, q: &[i8], scales: &[f32]) -> Self {
+        Self::build(rows, cols, false, scales, None, |r, c| q[r * cols + c] as u8)
+    }
+
+    /// From 4-bit values (`q(row, col)` in 0..16), scales and offsets.
+    pub fn from_q4(rows: usize, cols: usize, d: &[f32], m: &[f32], q: impl Fn(usize, usize) -> u8) -> Self {
+        Self::build(rows, cols, true, d, Some(m), q)
+    }
+
+    fn build(
+        rows: usize,
+        cols: usize,
+        four_bit: bool,
+        d: &[f32],
+        m: Option<&[f32]>,
+        q: impl Fn(usize, usize) -> u8,
+    ) -> Self {
+        let nb = cols / BLOCK;
+        let mut out = Strips {
+            rows,
+            cols,
+            four_bit,
+            data: Vec::new(),
+            d: vec![0.0; rows.div_ceil(TILE) * nb * TILE],
+            m: if m.is_some() { vec![0.0; rows.div_ceil(TILE) * nb * TILE] } else { Vec::new() },
+        };
+        out.data = vec![0u8; out.strips() * out.strip_bytes()];
+        let strip_bytes = out.strip_bytes();
+        for r in 0..rows {
+            let (s, lane) = (r / TILE, r % TILE);
+            let base = s * strip_bytes;
+            for b in 0..nb {
+                let at = (s * nb + b) * TILE + lane;
+                out.d[at] = d[r * nb + b];
+                if let Some(m) = m {
+                    out.m[at] = m[r * nb + b];
+                }
+                let (unit, shift) = if four_bit { (b / 2, 4 * (b % 2)) } else { (b, 0) };
+                for e in 0..BLOCK {
+                    let (j, i) = (e / 4, e % 4);
+                    let byte = &mut out.data[base + unit * STRIP_BLOCK + j * 4 * TILE + lane * 4 + i];
+                    *byte |= q(r, b * BLOCK + e) << shift;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Token rows padded to a multiple of 16 (zero rows), built once per
+/// `Q8Rows` for the tile unit's first operand.
 pub struct AmxRows {
-    groups: usize,
-    /// (groups, nblocks, 8, 64): `[g][b][j][4 * r + i] = x[16 g + r][32 b + 4 j + i]`.
-    packed: Vec<i8>,
-    /// (groups, nblocks, 16): block scales, zero for padding rows.
+    quants: Vec<i8>,
     scales: Vec<f32>,
-    /// (groups, nblocks, 16): `scale * sum(quants)` per block.
     scaled_sums: Vec<f32>,
 }
 
 impl AmxRows {
     pub fn pack(x: &Q8Rows) -> Self {
-        let (m, k) = (x.rows, x.cols);
-        let nblocks = k / BLOCK;
-        let groups = m.div_ceil(TILE);
-        let mut packed = vec![0i8; groups * nblocks * PACKED_BLOCK];
-        let mut scales = vec![0.0f32; groups * nblocks * TILE];
-        let mut scaled_sums = vec![0.0f32; groups * nblocks * TILE];
-        for row in 0..m {
-            let (g, r) = (row / TILE, row % TILE);
-            for b in 0..nblocks {
-                let src = &x.quants[row * k + b * BLOCK..row * k + (b + 1) * BLOCK];
-                let dst = &mut packed[(g * nblocks + b) * PACKED_BLOCK..];
-                for (j, four) in src.chunks_exact(4).enumerate() {
-                    dst[j * 4 * TILE + 4 * r..j * 4 * TILE + 4 * r + 4].copy_from_slice(four);
-                }
-                scales[(g * nblocks + b) * TILE + r] = x.scales[row * nblocks + b];
-                scaled_sums[(g * nblocks + b) * TILE + r] = x.scaled_sums[row * nblocks + b];
-            }
-        }
+        let padded = x.rows.div_ceil(TILE) * TILE;
+        let nb = x.cols / BLOCK;
+        let mut quants = x.quants.clone();
+        quants.resize(padded * x.cols, 0);
+        let mut scales = x.scales.clone();
+        scales.resize(padded * nb, 0.0);
+        let mut scaled_sums = x.scaled_sums.clone();
+        scaled_sums.resize(padded * nb, 0.0);
         AmxRows {
-            groups,
-            packed,
+            quants,
             scales,
             scaled_sums,
         }
     }
 }
 
-/// A weight matrix as the tile kernel reads it.
-#[derive(Clone, Copy)]
-pub enum Weights<'a> {
-    /// Signed 8-bit values, row-major `(rows, cols)`, one scale per block.
-    Q8 { quants: &'a [i8], scales: &'a [f32] },
-    /// 4-bit values packed two blocks per 32 bytes (see `q4`), `value = d q + m`.
-    Q4 {
-        packed: &'a [u8],
-        row_bytes: usize,
-        d: &'a [f32],
-        m: &'a [f32],
-    },
-}
-
-/// Per-thread buffers for one strip of 16 weight rows.
-#[derive(Default)]
-struct Strip {
-    /// The rows as bytes, `(16, cols)` (4-bit rows unpacked, a short last
-    /// strip padded with zero rows).
-    bytes: Vec<u8>,
-    /// Block scales and offsets, `(nblocks, 16)`, zero for padding rows.
-    dw: Vec<f32>,
-    mw: Vec<f32>,
-}
-
-thread_local! {
-    static STRIP: RefCell<Strip> = RefCell::new(Strip::default());
-}
-
-/// `out (x.rows, rows) = x · wᵀ` for a `(rows, cols)` weight matrix.
-pub fn matmul(w: Weights<'_>, rows: usize, cols: usize, x: &Q8Rows, out: &mut [f32]) {
+/// `out (x.rows, w.rows) = x · wᵀ`: tiles for 4 token rows or more, the
+/// AVX-512 VNNI kernel below that; the same bits either way.
+pub fn matmul(w: &Strips, x: &Q8Rows, out: &mut [f32]) {
     assert!(available(), "AMX kernel chosen on a CPU without AMX");
-    assert_eq!(x.cols, cols, "inner dimensions differ");
-    assert_eq!(out.len(), x.rows * rows);
-    let xa = x.amx();
-    let strips = rows.div_ceil(TILE);
+    assert_eq!(x.cols, w.cols, "inner dimensions differ");
+    assert_eq!(out.len(), x.rows * w.rows);
     let out_ptr = super::SyncPtr(out.as_mut_ptr());
-    (0..strips).into_par_iter().with_min_len(2).for_each(|s| {
+    let tiles = x.rows >= MIN_TILE_ROWS;
+    let xa = if tiles { Some(x.amx()) } else { None };
+    (0..w.strips()).into_par_iter().with_min_len(2).for_each(|s| {
         // SAFETY: each strip writes only its own columns of `out`, which
         // outlives the loop; `available()` checked the CPU and the kernel.
-        let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), x.rows * rows) };
-        STRIP.with(|strip| unsafe { strip_product(w, rows, cols, s * TILE, x.rows, xa, out, &mut strip.borrow_mut()) });
+        let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), x.rows * w.rows) };
+        match xa {
+            Some(xa) => UNPACKED.with(|buf| unsafe { strip_tiles(w, s, x, xa, out, &mut buf.borrow_mut()) }),
+            None => unsafe { strip_rows(w, s, x, out) },
+        }
     });
 }
 
-/// Tile configuration (palette 1): tiles 0/3 weights (16 x 32 bytes),
-/// 1/4 activations (8 x 64 bytes), 2/5 sums (16 x 64 bytes).
+/// One block's scales applied to its integer sums (16 weight rows, one per
+/// lane, for one token row): the single place both kernels do this, so that
+/// they round identically.
+#[inline(always)]
+unsafe fn block_update(acc: __m512, sums: __m512i, dw: __m512, dx: f32, offsets: Option<(f32, __m512)>) -> __m512 {
+    let acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc);
+    match offsets {
+        Some((sx, mw)) => _mm512_fmadd_ps(_mm512_set1_ps(sx), mw, acc),
+        None => acc,
+    }
+}
+
+/// Stores the first `valid` lanes of `v` at `dst`.
+#[inline(always)]
+unsafe fn store_lanes(dst: *mut f32, v: __m512, valid: usize) {
+    _mm512_mask_storeu_ps(dst, ((1u32 << valid) - 1) as u16, v);
+}
+
+/// Strip `s` against one to three token rows: per block, eight `vpdpbusd`
+/// of the strip's bytes with the token row's 4-value groups broadcast.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,fma")]
+unsafe fn strip_rows(w: &Strips, s: usize, x: &Q8Rows, out: &mut [f32]) {
+    let (k, nb, n) = (w.cols, w.nblocks(), w.rows);
+    let valid = TILE.min(n - s * TILE);
+    let base = w.data.as_ptr().add(s * w.strip_bytes());
+    let low = _mm512_set1_epi8(0x0F);
+    for xr in 0..x.rows {
+        let xq = x.quants.as_ptr().add(xr * k);
+        let mut acc = _mm512_setzero_ps();
+        for b in 0..nb {
+            let mut sums = _mm512_setzero_si512();
+            if w.four_bit {
+                let unit = base.add((b / 2) * STRIP_BLOCK);
+                for j in 0..8 {
+                    let v = _mm512_loadu_si512(unit.add(j * 64) as *const _);
+                    let wq = if b % 2 == 0 {
+                        _mm512_and_si512(v, low)
+                    } else {
+                        _mm512_and_si512(_mm512_srli_epi16(v, 4), low)
+                    };
+                    let xb = _mm512_set1_epi32((xq.add(b * BLOCK + 4 * j) as *const i32).read_unaligned());
+                    sums = _mm512_dpbusd_epi32(sums, wq, xb);
+                }
+            } else {
+                let unit = base.add(b * STRIP_BLOCK);
+                let zero = _mm512_setzero_si512();
+                for j in 0..8 {
+                    let v = _mm512_loadu_si512(unit.add(j * 64) as *const _);
+                    let xb = _mm512_set1_epi32((xq.add(b * BLOCK + 4 * j) as *const i32).read_unaligned());
+                    // |w| (unsigned) times x with w's sign.
+                    let sx = _mm512_mask_sub_epi8(xb, _mm512_movepi8_mask(v), zero, xb);
+                    sums = _mm512_dpbusd_epi32(sums, _mm512_abs_epi8(v), sx);
+                }
+            }
+            let at = (s * nb + b) * TILE;
+            let dw = _mm512_loadu_ps(w.d.as_ptr().add(at));
+            let offsets = (w.four_bit).then(|| (x.scaled_sums[xr * nb + b], _mm512_loadu_ps(w.m.as_ptr().add(at))));
+            acc = block_update(acc, sums, dw, x.scales[xr * nb + b], offsets);
+        }
+        store_lanes(out.as_mut_ptr().add(xr * n + s * TILE), acc, valid);
+    }
+}
+
+thread_local! {
+    /// One strip's weights as bytes, `(blocks, 8, 64)` (4-bit pairs split).
+    static UNPACKED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Tile configuration (palette 1): tiles 0/3 token rows (16 x 32 bytes),
+/// 1/4 weights (8 x 64 bytes), 2/5 sums (16 x 64 bytes).
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
@@ -157,164 +280,118 @@ impl TileConfig {
     }
 }
 
-/// Weight rows `n0..n0+16` (fewer at the end) against all activation rows.
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma")]
-unsafe fn strip_product(
-    w: Weights<'_>,
-    rows: usize,
-    k: usize,
-    n0: usize,
-    m: usize,
-    xa: &AmxRows,
-    out: &mut [f32],
-    strip: &mut Strip,
-) {
-    let nb = k / BLOCK;
-    let valid = TILE.min(rows - n0);
-    let Strip { bytes: strip, dw, mw } = strip;
-    // The strip's weight bytes, `(16, k)` with stride `k`.
-    let (a_ptr, unsigned): (*const u8, bool) = match w {
-        Weights::Q8 { quants, .. } if valid == TILE => (quants.as_ptr().add(n0 * k) as *const u8, false),
-        Weights::Q8 { quants, .. } => {
-            strip.clear();
-            strip.resize(TILE * k, 0);
-            let src = &quants[n0 * k..(n0 + valid) * k];
-            std::ptr::copy_nonoverlapping(src.as_ptr() as *const u8, strip.as_mut_ptr(), src.len());
-            (strip.as_ptr(), false)
-        }
-        Weights::Q4 { packed, row_bytes, .. } => {
-            strip.clear();
-            strip.resize(TILE * k, 0);
-            let low = _mm256_set1_epi8(0x0F);
-            for r in 0..valid {
-                let src = packed.as_ptr().add((n0 + r) * row_bytes);
-                let dst = strip.as_mut_ptr().add(r * k);
-                for p in 0..nb.div_ceil(2) {
-                    let v = _mm256_loadu_si256(src.add(p * BLOCK) as *const __m256i);
-                    _mm256_storeu_si256(dst.add(2 * p * BLOCK) as *mut __m256i, _mm256_and_si256(v, low));
-                    if 2 * p + 1 < nb {
-                        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-                        _mm256_storeu_si256(dst.add((2 * p + 1) * BLOCK) as *mut __m256i, hi);
-                    }
-                }
-            }
-            (strip.as_ptr(), true)
-        }
-    };
-    // Block scales (and Q4 offsets) transposed to `(nb, 16)`, zero for
-    // padding rows, so that the epilogue runs over all 16 rows with its
-    // sums in registers.
-    let (scales, offsets) = match w {
-        Weights::Q8 { scales, .. } => (scales, None),
-        Weights::Q4 { d, m, .. } => (d, Some(m)),
-    };
-    dw.clear();
-    dw.resize(nb * TILE, 0.0);
-    mw.clear();
-    mw.resize(nb * TILE, 0.0);
-    for r in 0..valid {
+#[repr(C, align(64))]
+struct Sums([i32; 2 * TILE * TILE]);
+
+/// Strip `s` against all token rows, 16 at a time on the tile unit.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,fma")]
+unsafe fn strip_tiles(w: &Strips, s: usize, x: &Q8Rows, xa: &AmxRows, out: &mut [f32], buf: &mut Vec<u8>) {
+    let (k, nb, n) = (w.cols, w.nblocks(), w.rows);
+    let valid = TILE.min(n - s * TILE);
+    let base = w.data.as_ptr().add(s * w.strip_bytes());
+    // The strip's blocks as 8 x 64 bytes each.
+    let blocks: *const u8 = if w.four_bit {
+        buf.clear();
+        buf.resize(nb * STRIP_BLOCK, 0);
+        let low = _mm512_set1_epi8(0x0F);
         for b in 0..nb {
-            dw[b * TILE + r] = scales[(n0 + r) * nb + b];
-            if let Some(m) = offsets {
-                mw[b * TILE + r] = m[(n0 + r) * nb + b];
+            let unit = base.add((b / 2) * STRIP_BLOCK);
+            for j in 0..8 {
+                let v = _mm512_loadu_si512(unit.add(j * 64) as *const _);
+                let q = if b % 2 == 0 {
+                    _mm512_and_si512(v, low)
+                } else {
+                    _mm512_and_si512(_mm512_srli_epi16(v, 4), low)
+                };
+                _mm512_storeu_si512(buf.as_mut_ptr().add(b * STRIP_BLOCK + j * 64) as *mut _, q);
             }
         }
-    }
-    let has_offsets = offsets.is_some();
+        buf.as_ptr()
+    } else {
+        base
+    };
     let config = TileConfig::new();
     asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack));
     let mut sums = Sums([0; 2 * TILE * TILE]);
-    for g in 0..xa.groups {
+    for g in 0..x.rows.div_ceil(TILE) {
         let mut acc = [_mm512_setzero_ps(); TILE];
         let mut b = 0;
         while b < nb {
             let two = b + 1 < nb;
-            let a0 = a_ptr.add(b * BLOCK);
-            let x0 = xa.packed.as_ptr().add((g * nb + b) * PACKED_BLOCK);
+            let x0 = xa.quants.as_ptr().add(g * TILE * k + b * BLOCK);
+            let w0 = blocks.add(b * STRIP_BLOCK);
             let c = sums.0.as_mut_ptr();
-            match (unsigned, two) {
+            match (w.four_bit, two) {
                 (true, true) => asm!(
-                    "tileloadd tmm0, [{a0} + {k}*1]",
-                    "tileloadd tmm1, [{x0} + {s64}*1]",
-                    "tileloadd tmm3, [{a1} + {k}*1]",
-                    "tileloadd tmm4, [{x1} + {s64}*1]",
+                    "tileloadd tmm0, [{x0} + {k}*1]",
+                    "tileloadd tmm1, [{w0} + {s64}*1]",
+                    "tileloadd tmm3, [{x1} + {k}*1]",
+                    "tileloadd tmm4, [{w1} + {s64}*1]",
                     "tilezero tmm2",
                     "tilezero tmm5",
-                    "tdpbusd tmm2, tmm0, tmm1",
-                    "tdpbusd tmm5, tmm3, tmm4",
+                    "tdpbsud tmm2, tmm0, tmm1",
+                    "tdpbsud tmm5, tmm3, tmm4",
                     "tilestored [{c0} + {s64}*1], tmm2",
                     "tilestored [{c1} + {s64}*1], tmm5",
-                    a0 = in(reg) a0, a1 = in(reg) a0.add(BLOCK), k = in(reg) k,
-                    x0 = in(reg) x0, x1 = in(reg) x0.add(PACKED_BLOCK), s64 = in(reg) 64usize,
+                    x0 = in(reg) x0, x1 = in(reg) x0.add(BLOCK), k = in(reg) k,
+                    w0 = in(reg) w0, w1 = in(reg) w0.add(STRIP_BLOCK), s64 = in(reg) 64usize,
                     c0 = in(reg) c, c1 = in(reg) c.add(TILE * TILE),
                     options(nostack),
                 ),
                 (false, true) => asm!(
-                    "tileloadd tmm0, [{a0} + {k}*1]",
-                    "tileloadd tmm1, [{x0} + {s64}*1]",
-                    "tileloadd tmm3, [{a1} + {k}*1]",
-                    "tileloadd tmm4, [{x1} + {s64}*1]",
+                    "tileloadd tmm0, [{x0} + {k}*1]",
+                    "tileloadd tmm1, [{w0} + {s64}*1]",
+                    "tileloadd tmm3, [{x1} + {k}*1]",
+                    "tileloadd tmm4, [{w1} + {s64}*1]",
                     "tilezero tmm2",
                     "tilezero tmm5",
                     "tdpbssd tmm2, tmm0, tmm1",
                     "tdpbssd tmm5, tmm3, tmm4",
                     "tilestored [{c0} + {s64}*1], tmm2",
                     "tilestored [{c1} + {s64}*1], tmm5",
-                    a0 = in(reg) a0, a1 = in(reg) a0.add(BLOCK), k = in(reg) k,
-                    x0 = in(reg) x0, x1 = in(reg) x0.add(PACKED_BLOCK), s64 = in(reg) 64usize,
+                    x0 = in(reg) x0, x1 = in(reg) x0.add(BLOCK), k = in(reg) k,
+                    w0 = in(reg) w0, w1 = in(reg) w0.add(STRIP_BLOCK), s64 = in(reg) 64usize,
                     c0 = in(reg) c, c1 = in(reg) c.add(TILE * TILE),
                     options(nostack),
                 ),
                 (true, false) => asm!(
-                    "tileloadd tmm0, [{a0} + {k}*1]",
-                    "tileloadd tmm1, [{x0} + {s64}*1]",
+                    "tileloadd tmm0, [{x0} + {k}*1]",
+                    "tileloadd tmm1, [{w0} + {s64}*1]",
                     "tilezero tmm2",
-                    "tdpbusd tmm2, tmm0, tmm1",
+                    "tdpbsud tmm2, tmm0, tmm1",
                     "tilestored [{c0} + {s64}*1], tmm2",
-                    a0 = in(reg) a0, k = in(reg) k, x0 = in(reg) x0, s64 = in(reg) 64usize, c0 = in(reg) c,
+                    x0 = in(reg) x0, k = in(reg) k, w0 = in(reg) w0, s64 = in(reg) 64usize, c0 = in(reg) c,
                     options(nostack),
                 ),
                 (false, false) => asm!(
-                    "tileloadd tmm0, [{a0} + {k}*1]",
-                    "tileloadd tmm1, [{x0} + {s64}*1]",
+                    "tileloadd tmm0, [{x0} + {k}*1]",
+                    "tileloadd tmm1, [{w0} + {s64}*1]",
                     "tilezero tmm2",
                     "tdpbssd tmm2, tmm0, tmm1",
                     "tilestored [{c0} + {s64}*1], tmm2",
-                    a0 = in(reg) a0, k = in(reg) k, x0 = in(reg) x0, s64 = in(reg) 64usize, c0 = in(reg) c,
+                    x0 = in(reg) x0, k = in(reg) k, w0 = in(reg) w0, s64 = in(reg) 64usize, c0 = in(reg) c,
                     options(nostack),
                 ),
             }
             for h in 0..(1 + two as usize) {
                 let bb = b + h;
-                let at = (g * nb + bb) * TILE;
-                let dx = _mm512_loadu_ps(xa.scales.as_ptr().add(at));
-                let sx = _mm512_loadu_ps(xa.scaled_sums.as_ptr().add(at));
+                let at = (s * nb + bb) * TILE;
+                let dw = _mm512_loadu_ps(w.d.as_ptr().add(at));
+                let mw = if w.four_bit { _mm512_loadu_ps(w.m.as_ptr().add(at)) } else { dw };
                 let block = sums.0.as_ptr().add(h * TILE * TILE);
-                let (dwb, mwb) = (dw.as_ptr().add(bb * TILE), mw.as_ptr().add(bb * TILE));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let prod = _mm512_cvtepi32_ps(_mm512_loadu_si512(block.add(r * TILE) as *const _));
-                    let scale = _mm512_mul_ps(dx, _mm512_set1_ps(*dwb.add(r)));
-                    *acc = _mm512_fmadd_ps(prod, scale, *acc);
-                    if has_offsets {
-                        *acc = _mm512_fmadd_ps(sx, _mm512_set1_ps(*mwb.add(r)), *acc);
-                    }
+                for (xl, acc) in acc.iter_mut().enumerate() {
+                    let row = g * TILE + xl;
+                    let isums = _mm512_loadu_si512(block.add(xl * TILE) as *const _);
+                    let dx = *xa.scales.get_unchecked(row * nb + bb);
+                    let offsets = w.four_bit.then(|| (*xa.scaled_sums.get_unchecked(row * nb + bb), mw));
+                    *acc = block_update(*acc, isums, dw, dx, offsets);
                 }
             }
             b += 1 + two as usize;
         }
-        let xrows = TILE.min(m - g * TILE);
-        let n = rows;
-        for (r, acc) in acc.iter().enumerate().take(valid) {
-            let mut lanes = [0.0f32; TILE];
-            _mm512_storeu_ps(lanes.as_mut_ptr(), *acc);
-            for (xl, v) in lanes.iter().enumerate().take(xrows) {
-                out[(g * TILE + xl) * n + n0 + r] = *v;
-            }
+        for (xl, acc) in acc.iter().enumerate().take(TILE.min(x.rows - g * TILE)) {
+            store_lanes(out.as_mut_ptr().add((g * TILE + xl) * n + s * TILE), *acc, valid);
         }
     }
     asm!("tilerelease", options(nostack));
 }
-
-#[repr(C, align(64))]
-struct Sums([i32; 2 * TILE * TILE]);

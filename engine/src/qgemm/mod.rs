@@ -16,7 +16,8 @@
 //!
 //! Paths, chosen at run time: AVX-512 (BW, two blocks per instruction) and
 //! AVX2 (+FMA), both with `maddubs` int8 products, a portable scalar
-//! fallback used everywhere else, and Intel AMX tiles (`amx.rs`, on request). Threads: the output
+//! fallback used everywhere else, and Intel AMX tiles (`amx.rs`; weights in
+//! strips of 16 rows, built on first use). Threads: the output
 //! columns are split across the rayon pool.
 
 use rayon::prelude::*;
@@ -83,6 +84,9 @@ pub struct Q8Matrix {
     scales: Vec<f32>,
     /// (rows, cols)
     quants: Vec<i8>,
+    /// The same values in the AMX kernel's layout, built on first use.
+    #[cfg(target_arch = "x86_64")]
+    strips: std::sync::OnceLock<amx::Strips>,
 }
 
 /// Rows quantized to 8-bit blocks: activations for one call.
@@ -187,6 +191,8 @@ impl Q8Matrix {
             cols,
             scales,
             quants,
+            #[cfg(target_arch = "x86_64")]
+            strips: std::sync::OnceLock::new(),
         }
     }
 
@@ -219,11 +225,10 @@ impl Q8Matrix {
     pub fn matmul_q8(&self, x: &Q8Rows, out: &mut [f32], kind: KernelKind) {
         #[cfg(target_arch = "x86_64")]
         if kind == KernelKind::Amx {
-            let w = amx::Weights::Q8 {
-                quants: &self.quants,
-                scales: &self.scales,
-            };
-            return amx::matmul(w, self.rows, self.cols, x, out);
+            let strips = self
+                .strips
+                .get_or_init(|| amx::Strips::from_q8(self.rows, self.cols, &self.quants, &self.scales));
+            return amx::matmul(strips, x, out);
         }
         run_tiles(self, x, out, kind);
     }
@@ -315,7 +320,7 @@ pub enum KernelKind {
     Scalar,
     Avx2,
     Avx512,
-    /// Intel AMX tiles for the products, AVX-512 for the scales.
+    /// Intel AMX tiles from 4 token rows, AVX-512 VNNI below (same bits).
     Amx,
 }
 
@@ -333,11 +338,10 @@ pub fn set_kernel_override(kind: Option<KernelKind>) {
 /// The kernel every product uses, whatever its row count: each kernel sums
 /// in its own order, so mixing kernels by batch size would make a token's
 /// logits depend on the batch it ran in (and speculative decoding would no
-/// longer equal plain decoding). AVX-512, else AVX2, else scalar, unless
+/// longer equal plain decoding). The fastest this CPU supports (AMX, whose
+/// few-row AVX-512 VNNI companion gives the same bits), unless
 /// `HETEROSPEC_QGEMM_KERNEL` (scalar, avx2, avx512, amx) or
-/// [`set_kernel_override`] picks another one. AMX only when asked for: it
-/// makes forwards of 4 tokens and more 3-5x cheaper but single-token
-/// decoding 1.6-1.9x slower (`examples/qgemm_kernels.rs`).
+/// [`set_kernel_override`] picks another one.
 pub fn kernel_kind() -> KernelKind {
     if let Some(k) = OVERRIDE.with(|o| o.get()).filter(|k| available_kernels().contains(k)) {
         return k;
@@ -360,11 +364,7 @@ fn default_kernel_kind() -> KernelKind {
             });
         match wanted {
             Some(k) if available.contains(&k) => k,
-            _ => *available
-                .iter()
-                .rev()
-                .find(|&&k| k != KernelKind::Amx)
-                .expect("scalar is always available"),
+            _ => *available.last().expect("scalar is always available"),
         }
     })
 }
@@ -604,6 +604,50 @@ mod tests {
         let bound = (k as f32 / 4.0) * 2.0 / 127.0;
         for (a, b) in got.iter().zip(&exact) {
             assert!((a - b).abs() < bound, "{a} vs {b} (bound {bound})");
+        }
+    }
+
+    /// The AMX kernel runs 8 or more token rows on tiles and fewer on AVX-512
+    /// VNNI: a row's result must be the same bits either way, or a token's
+    /// logits would depend on its batch.
+    #[test]
+    fn amx_results_do_not_depend_on_the_batch() {
+        if !available_kernels().contains(&KernelKind::Amx) {
+            println!("no AMX on this CPU: nothing to check");
+            return;
+        }
+        let mut rng = Lcg(21);
+        for &(m, n, k) in &[(8, 16, 32), (9, 33, 576), (17, 70, 96), (40, 19, 1536), (3, 31, 64)] {
+            let w: Vec<f32> = (0..n * k).map(|_| rng.f()).collect();
+            let x: Vec<f32> = (0..m * k).map(|_| rng.f() * 3.0).collect();
+            let q8 = Q8Matrix::from_f32(&w, n, k);
+            let nb = n * k / BLOCK;
+            let q4 = Q4Matrix::from_parts(
+                n,
+                k,
+                (0..nb).map(|_| rng.f().abs() * 0.1 + 0.01).collect(),
+                (0..nb).map(|_| rng.f() * 0.5).collect(),
+                &(0..n * k).map(|_| (rng.next_u32() % 16) as u8).collect::<Vec<_>>(),
+            );
+            let products: [&dyn Fn(&Q8Rows, &mut [f32]); 2] = [
+                &|xq, out| q8.matmul_q8(xq, out, KernelKind::Amx),
+                &|xq, out| q4.matmul_q8(xq, out, KernelKind::Amx),
+            ];
+            for (which, product) in products.iter().enumerate() {
+                let mut together = vec![0.0; m * n];
+                product(&Q8Rows::quantize(&x, m), &mut together);
+                for row in 0..m {
+                    let mut alone = vec![0.0; n];
+                    product(&Q8Rows::quantize(&x[row * k..(row + 1) * k], 1), &mut alone);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&alone),
+                        bits(&together[row * n..(row + 1) * n]),
+                        "{} weights, m{m} n{n} k{k}, row {row}",
+                        ["8-bit", "4-bit"][which]
+                    );
+                }
+            }
         }
     }
 

@@ -28,6 +28,9 @@ pub struct Q4Matrix {
     m: Vec<f32>,
     /// (rows, row_bytes)
     packed: Vec<u8>,
+    /// The same values in the AMX kernel's layout, built on first use.
+    #[cfg(target_arch = "x86_64")]
+    strips: std::sync::OnceLock<super::amx::Strips>,
 }
 
 impl Q4Matrix {
@@ -65,6 +68,8 @@ impl Q4Matrix {
             d,
             m,
             packed,
+            #[cfg(target_arch = "x86_64")]
+            strips: std::sync::OnceLock::new(),
         }
     }
 
@@ -127,13 +132,12 @@ impl Q4Matrix {
     pub fn matmul_q8(&self, x: &Q8Rows, out: &mut [f32], kind: KernelKind) {
         #[cfg(target_arch = "x86_64")]
         if kind == KernelKind::Amx {
-            let w = super::amx::Weights::Q4 {
-                packed: &self.packed,
-                row_bytes: self.row_bytes(),
-                d: &self.d,
-                m: &self.m,
-            };
-            return super::amx::matmul(w, self.rows, self.cols, x, out);
+            let strips = self.strips.get_or_init(|| {
+                super::amx::Strips::from_q4(self.rows, self.cols, &self.d, &self.m, |r, c| {
+                    self.value(r, c / BLOCK, c % BLOCK)
+                })
+            });
+            return super::amx::matmul(strips, x, out);
         }
         run_tiles(self, x, out, kind);
     }
