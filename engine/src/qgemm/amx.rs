@@ -312,15 +312,36 @@ unsafe fn strip_tiles(w: &Strips, s: usize, x: &Q8Rows, xa: &AmxRows, out: &mut 
     };
     let config = TileConfig::new();
     asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack));
-    let mut sums = Sums([0; 2 * TILE * TILE]);
+    // Two buffers: the sums of blocks b, b+1 are stored while those of the
+    // previous two are scaled, so the tile unit and the epilogue overlap.
+    let mut sums = [Sums([0; 2 * TILE * TILE]), Sums([0; 2 * TILE * TILE])];
     for g in 0..x.rows.div_ceil(TILE) {
         let mut acc = [_mm512_setzero_ps(); TILE];
+        // Scales the sums of `count` blocks from `first` held in `buf`.
+        let epilogue = |acc: &mut [__m512; TILE], buf: *const i32, first: usize, count: usize| {
+            for h in 0..count {
+                let bb = first + h;
+                let at = (s * nb + bb) * TILE;
+                let dw = _mm512_loadu_ps(w.d.as_ptr().add(at));
+                let mw = if w.four_bit { _mm512_loadu_ps(w.m.as_ptr().add(at)) } else { dw };
+                let block = buf.add(h * TILE * TILE);
+                for (xl, acc) in acc.iter_mut().enumerate() {
+                    let row = g * TILE + xl;
+                    let isums = _mm512_loadu_si512(block.add(xl * TILE) as *const _);
+                    let dx = *xa.scales.get_unchecked(row * nb + bb);
+                    let offsets = w.four_bit.then(|| (*xa.scaled_sums.get_unchecked(row * nb + bb), mw));
+                    *acc = block_update(*acc, isums, dw, dx, offsets);
+                }
+            }
+        };
+        let mut pending: Option<(usize, usize, usize)> = None;
         let mut b = 0;
+        let mut turn = 0;
         while b < nb {
             let two = b + 1 < nb;
             let x0 = xa.quants.as_ptr().add(g * TILE * k + b * BLOCK);
             let w0 = blocks.add(b * STRIP_BLOCK);
-            let c = sums.0.as_mut_ptr();
+            let c = sums[turn].0.as_mut_ptr();
             match (w.four_bit, two) {
                 (true, true) => asm!(
                     "tileloadd tmm0, [{x0} + {k}*1]",
@@ -373,21 +394,15 @@ unsafe fn strip_tiles(w: &Strips, s: usize, x: &Q8Rows, xa: &AmxRows, out: &mut 
                     options(nostack),
                 ),
             }
-            for h in 0..(1 + two as usize) {
-                let bb = b + h;
-                let at = (s * nb + bb) * TILE;
-                let dw = _mm512_loadu_ps(w.d.as_ptr().add(at));
-                let mw = if w.four_bit { _mm512_loadu_ps(w.m.as_ptr().add(at)) } else { dw };
-                let block = sums.0.as_ptr().add(h * TILE * TILE);
-                for (xl, acc) in acc.iter_mut().enumerate() {
-                    let row = g * TILE + xl;
-                    let isums = _mm512_loadu_si512(block.add(xl * TILE) as *const _);
-                    let dx = *xa.scales.get_unchecked(row * nb + bb);
-                    let offsets = w.four_bit.then(|| (*xa.scaled_sums.get_unchecked(row * nb + bb), mw));
-                    *acc = block_update(*acc, isums, dw, dx, offsets);
-                }
+            if let Some((buf, first, count)) = pending {
+                epilogue(&mut acc, sums[buf].0.as_ptr(), first, count);
             }
+            pending = Some((turn, b, 1 + two as usize));
+            turn ^= 1;
             b += 1 + two as usize;
+        }
+        if let Some((buf, first, count)) = pending {
+            epilogue(&mut acc, sums[buf].0.as_ptr(), first, count);
         }
         for (xl, acc) in acc.iter().enumerate().take(TILE.min(x.rows - g * TILE)) {
             store_lanes(out.as_mut_ptr().add((g * TILE + xl) * n + s * TILE), *acc, valid);
