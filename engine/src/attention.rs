@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use crate::batch::RaggedBatch;
+use crate::batch::{RaggedBatch, SeqRun};
 use crate::config::MAX_HEAD_DIM;
 use crate::kv::LayerKv;
 use crate::ops::{dot, exp_nonpositive, has_avx2};
@@ -68,14 +68,25 @@ impl<'a, const HD: usize> OnlineSoftmax<'a, HD> {
 
     #[inline(always)]
     fn flush(&mut self) {
+        let (n, weights) = self.take_weights();
+        if n > 0 {
+            self.add_values(&weights[..n]);
+        }
+    }
+
+    /// Scores the pending chunk, moves the running maximum (rescaling the
+    /// sum) and returns the chunk's softmax weights; the chunk's slots stay
+    /// in `slots[..n]` for [`add_values`](Self::add_values).
+    #[inline(always)]
+    fn take_weights(&mut self) -> (usize, [f32; CHUNK]) {
         let n = self.pending;
+        let mut scores = [0.0f32; CHUNK];
         if n == 0 {
-            return;
+            return (0, scores);
         }
         self.pending = 0;
         let hd = self.head_dim();
         let simd = self.avx2 && hd % 8 == 0;
-        let mut scores = [0.0f32; CHUNK];
         if simd {
             let mut keys = [std::ptr::null::<f32>(); CHUNK];
             for (k, &slot) in keys.iter_mut().zip(&self.slots[..n]) {
@@ -91,7 +102,18 @@ impl<'a, const HD: usize> OnlineSoftmax<'a, HD> {
                 *s = self.scale * dot(&self.q[..hd], self.kv.key(slot, self.kv_head, hd));
             }
         }
-        let chunk_max = scores[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // Whole-chunk loops over 8 lanes (they vectorize): padding scores
+        // are -inf for the maximum and 0 for the sum.
+        for s in &mut scores[n..] {
+            *s = f32::NEG_INFINITY;
+        }
+        let mut lanes = [f32::NEG_INFINITY; 8];
+        for eight in scores.chunks_exact(8) {
+            for (m, &v) in lanes.iter_mut().zip(eight) {
+                *m = m.max(v);
+            }
+        }
+        let chunk_max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if chunk_max > self.max {
             let rescale = exp_nonpositive(self.max - chunk_max);
             self.denom *= rescale;
@@ -101,19 +123,36 @@ impl<'a, const HD: usize> OnlineSoftmax<'a, HD> {
             self.max = chunk_max;
         }
         let max = self.max;
-        for s in &mut scores[..n] {
+        for s in &mut scores {
             *s = exp_nonpositive(*s - max);
         }
-        self.denom += scores[..n].iter().sum::<f32>();
-        if simd {
+        for s in &mut scores[n..] {
+            *s = 0.0;
+        }
+        let mut sums = [0.0f32; 8];
+        for eight in scores.chunks_exact(8) {
+            for (a, &v) in sums.iter_mut().zip(eight) {
+                *a += v;
+            }
+        }
+        self.denom += sums.iter().sum::<f32>();
+        (n, scores)
+    }
+
+    /// `acc += sum_j weights[j] v(slots[j])`.
+    #[inline(always)]
+    fn add_values(&mut self, weights: &[f32]) {
+        let n = weights.len();
+        let hd = self.head_dim();
+        if self.avx2 && hd % 8 == 0 {
             let mut values = [std::ptr::null::<f32>(); CHUNK];
             for (v, &slot) in values.iter_mut().zip(&self.slots[..n]) {
                 *v = self.kv.value(slot, self.kv_head, hd).as_ptr();
             }
             // SAFETY: AVX2 present; `acc` and every value hold `hd` values.
-            unsafe { simd::weighted_sum(&mut self.acc[..hd], &scores[..n], &values[..n]) };
+            unsafe { simd::weighted_sum(&mut self.acc[..hd], weights, &values[..n]) };
         } else {
-            for (&w, &slot) in scores[..n].iter().zip(&self.slots[..n]) {
+            for (&w, &slot) in weights.iter().zip(&self.slots[..n]) {
                 let v = self.kv.value(slot, self.kv_head, hd);
                 for (a, &x) in self.acc[..hd].iter_mut().zip(v) {
                     *a += w * x;
@@ -121,11 +160,84 @@ impl<'a, const HD: usize> OnlineSoftmax<'a, HD> {
             }
         }
     }
+
+    /// Feeds the keys after the first `skip` cached ones (those went through
+    /// [`grouped_chunks`]), then the token's extra slots and the new tokens
+    /// its mask allows, and writes the normalized result.
+    #[inline(always)]
+    fn finish(mut self, seq: &SeqRun, i: usize, block_size: usize, skip: usize, out: &mut [f32]) {
+        for pos in skip..seq.num_cached {
+            self.push(seq.block_table[pos / block_size].index() * block_size + pos % block_size);
+        }
+        if let Some(extra) = seq.extra_slots.get(i) {
+            for &slot in extra {
+                self.push(slot);
+            }
+        }
+        for j in 0..seq.len() {
+            if seq.attends(i, j) {
+                self.push(seq.slots[j]);
+            }
+        }
+        self.flush();
+        let inv = if self.denom > 0.0 { 1.0 / self.denom } else { 0.0 };
+        let hd = out.len();
+        for (o, a) in out.iter_mut().zip(&self.acc[..hd]) {
+            *o = a * inv;
+        }
+    }
+}
+
+/// The whole chunks of a sequence's cached keys for several rows (query
+/// heads and tokens) that share a KV head: each row takes its weights as it
+/// would alone, then one pass adds the values to all rows, loading each
+/// value once. Per row, the same operations in the same order as
+/// [`OnlineSoftmax::push`] would do, so the result is the same bits.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn grouped_chunks<const HD: usize>(rows: &mut [OnlineSoftmax<'_, HD>], seq: &SeqRun, block_size: usize) -> usize {
+    let whole = seq.num_cached / CHUNK * CHUNK;
+    let Some(first) = rows.first() else { return 0 };
+    let (kv, kv_head) = (first.kv, first.kv_head);
+    let hd = first.head_dim();
+    let mut weights = vec![[0.0f32; CHUNK]; rows.len()];
+    for start in (0..whole).step_by(CHUNK) {
+        let mut slots = [0usize; CHUNK];
+        for (j, slot) in slots.iter_mut().enumerate() {
+            let pos = start + j;
+            *slot = seq.block_table[pos / block_size].index() * block_size + pos % block_size;
+        }
+        for (row, w) in rows.iter_mut().zip(weights.iter_mut()) {
+            row.slots = slots;
+            row.pending = CHUNK;
+            *w = row.take_weights().1;
+        }
+        let mut values = [std::ptr::null::<f32>(); CHUNK];
+        for (v, &slot) in values.iter_mut().zip(&slots) {
+            *v = kv.value(slot, kv_head, hd).as_ptr();
+        }
+        for (rows, w) in rows.chunks_mut(simd::GROUP_ROWS).zip(weights.chunks(simd::GROUP_ROWS)) {
+            let mut accs = [std::ptr::null_mut::<f32>(); simd::GROUP_ROWS];
+            for (a, row) in accs.iter_mut().zip(rows.iter_mut()) {
+                *a = row.acc.as_mut_ptr();
+            }
+            // SAFETY: only called on the AVX2 path; every `acc` and value
+            // holds `hd` values, a multiple of 8.
+            unsafe { simd::grouped_sum(&accs[..rows.len()], w, &values, hd) };
+        }
+    }
+    whole
 }
 
 /// `out (tokens, num_heads * head_dim) <- softmax(q k^T / sqrt(d)) v`, with
 /// the keys of each token chosen by its sequence's cache and mask. `q` is
 /// laid out like `out`; `token_owner[t] = (seq index, index in its run)`.
+///
+/// One task per (sequence, few tokens, KV head): its rows are those tokens'
+/// query heads that read that KV head, so the cached keys' values are
+/// loaded once for all of them (on the AVX2 path; the portable path runs
+/// each row on its own). Rows never mix their arithmetic, so a token's
+/// result does not depend on which other tokens ran with it.
 pub fn paged_attention(
     q: &[f32],
     batch: &RaggedBatch,
@@ -138,106 +250,125 @@ pub fn paged_attention(
         num_heads,
         num_kv_heads,
         head_dim,
-        block_size,
+        ..
     } = shape;
     let group = num_heads / num_kv_heads;
-    let scale = 1.0 / (head_dim as f32).sqrt();
-    let avx2 = has_avx2();
-    out.par_chunks_mut(head_dim)
-        .zip(q.par_chunks(head_dim))
-        .enumerate()
-        .for_each(|(task, (out_head, q_head))| {
-            let token = task / num_heads;
-            let kv_head = (task % num_heads) / group;
-            let (seq_idx, i) = token_owner[token];
-            let one = Attend {
-                q: q_head,
-                seq: &batch.seqs[seq_idx],
-                i,
-                kv,
-                kv_head,
-                scale,
-                block_size,
-                avx2,
-            };
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: the CPU has AVX2 and FMA.
-                return unsafe { one.run_avx2(out_head) };
-            }
-            one.run(out_head)
-        });
+    let tokens_per_task = (GROUP_TASK_ROWS / group).max(1);
+    let mut tasks = Vec::new();
+    let mut t = 0;
+    while t < token_owner.len() {
+        let seq = token_owner[t].0;
+        let mut end = t;
+        while end < token_owner.len() && token_owner[end].0 == seq && end - t < tokens_per_task {
+            end += 1;
+        }
+        tasks.extend((0..num_kv_heads).map(|h| (t..end, h)));
+        t = end;
+    }
+    let avx2 = has_avx2() && head_dim % 8 == 0;
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+    let out_len = out.len();
+    tasks.into_par_iter().for_each(|(tokens, kv_head)| {
+        // SAFETY: each task writes only the (token, head) rows it owns.
+        let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), out_len) };
+        let task = Task {
+            q,
+            batch,
+            token_owner,
+            kv,
+            shape,
+            tokens,
+            kv_head,
+        };
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { task.run_avx2(out) };
+        }
+        task.run(out, false)
+    });
 }
 
-/// One (token, query head) task.
-struct Attend<'a> {
+/// Query rows per task (tokens x heads sharing a KV head), at least one token.
+const GROUP_TASK_ROWS: usize = 12;
+
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: used only for disjoint writes from parallel tasks.
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Tokens `tokens` (consecutive, one sequence) and the query heads of
+/// `kv_head`.
+struct Task<'a> {
     q: &'a [f32],
-    seq: &'a crate::batch::SeqRun,
-    /// The token's index in its sequence's run.
-    i: usize,
+    batch: &'a RaggedBatch,
+    token_owner: &'a [(usize, usize)],
     kv: LayerKv<'a>,
+    shape: HeadShape,
+    tokens: std::ops::Range<usize>,
     kv_head: usize,
-    scale: f32,
-    block_size: usize,
-    avx2: bool,
 }
 
-impl Attend<'_> {
+impl Task<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn run_avx2(&self, out: &mut [f32]) {
-        self.run(out)
+        self.run(out, true)
     }
 
     #[inline(always)]
-    fn run(&self, out: &mut [f32]) {
-        match self.q.len() {
-            64 => self.run_for::<64>(out),
-            128 => self.run_for::<128>(out),
-            _ => self.run_for::<MAX_HEAD_DIM>(out),
+    fn run(&self, out: &mut [f32], avx2: bool) {
+        match self.shape.head_dim {
+            64 => self.run_for::<64>(out, avx2),
+            128 => self.run_for::<128>(out, avx2),
+            _ => self.run_for::<MAX_HEAD_DIM>(out, avx2),
         }
     }
 
     #[inline(always)]
-    fn run_for<const HD: usize>(&self, out: &mut [f32]) {
-        let (seq, block_size) = (self.seq, self.block_size);
-        let mut sm = OnlineSoftmax::<HD> {
-            q: self.q,
-            kv: self.kv,
-            kv_head: self.kv_head,
-            scale: self.scale,
-            avx2: self.avx2,
-            acc: [0.0; HD],
-            max: f32::NEG_INFINITY,
-            denom: 0.0,
-            slots: [0; CHUNK],
-            pending: 0,
-        };
-        for (b, block) in seq.block_table.iter().enumerate() {
-            let start = b * block_size;
-            if start >= seq.num_cached {
-                break;
-            }
-            let base = block.index() * block_size;
-            for offset in 0..block_size.min(seq.num_cached - start) {
-                sm.push(base + offset);
-            }
-        }
-        if let Some(extra) = seq.extra_slots.get(self.i) {
-            for &slot in extra {
-                sm.push(slot);
-            }
-        }
-        for j in 0..seq.len() {
-            if seq.attends(self.i, j) {
-                sm.push(seq.slots[j]);
-            }
-        }
-        sm.flush();
-        let inv = if sm.denom > 0.0 { 1.0 / sm.denom } else { 0.0 };
-        let hd = out.len();
-        for (o, a) in out.iter_mut().zip(&sm.acc[..hd]) {
-            *o = a * inv;
+    fn run_for<const HD: usize>(&self, out: &mut [f32], avx2: bool) {
+        let HeadShape {
+            num_heads,
+            num_kv_heads,
+            head_dim: hd,
+            block_size,
+        } = self.shape;
+        let group = num_heads / num_kv_heads;
+        let heads = self.kv_head * group..(self.kv_head + 1) * group;
+        let seq = &self.batch.seqs[self.token_owner[self.tokens.start].0];
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut rows: Vec<OnlineSoftmax<'_, HD>> = self
+            .tokens
+            .clone()
+            .flat_map(|t| heads.clone().map(move |h| (t, h)))
+            .map(|(t, h)| OnlineSoftmax {
+                q: &self.q[(t * num_heads + h) * hd..(t * num_heads + h + 1) * hd],
+                kv: self.kv,
+                kv_head: self.kv_head,
+                scale,
+                avx2,
+                acc: [0.0; HD],
+                max: f32::NEG_INFINITY,
+                denom: 0.0,
+                slots: [0; CHUNK],
+                pending: 0,
+            })
+            .collect();
+        #[cfg(target_arch = "x86_64")]
+        let skip = if avx2 { grouped_chunks(&mut rows, seq, block_size) } else { 0 };
+        #[cfg(not(target_arch = "x86_64"))]
+        let skip = 0;
+        let cells = self.tokens.clone().flat_map(|t| heads.clone().map(move |h| (t, h)));
+        for (row, (t, h)) in rows.into_iter().zip(cells) {
+            let i = self.token_owner[t].1;
+            let dst = &mut out[(t * num_heads + h) * hd..(t * num_heads + h + 1) * hd];
+            row.finish(seq, i, block_size, skip, dst);
         }
     }
 }
@@ -284,6 +415,52 @@ mod simd {
         }
     }
 
+    /// Rows per pass of [`grouped_sum`] (their sums stay in registers).
+    pub const GROUP_ROWS: usize = 12;
+
+    /// For each row `r`: `accs[r] += sum_j w[r][j] values[j]`, 8 columns at
+    /// a time for all rows, each value loaded once. Per row and column the
+    /// same fused multiply-adds in the same order as [`weighted_sum`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn grouped_sum(accs: &[*mut f32], w: &[[f32; super::CHUNK]], values: &[*const f32], hd: usize) {
+        macro_rules! rows {
+            ($($r:literal)*) => {
+                match accs.len() {
+                    $($r => grouped_sum_fixed::<$r>(accs, w, values, hd),)*
+                    _ => unreachable!("at most {GROUP_ROWS} rows per pass"),
+                }
+            };
+        }
+        rows!(1 2 3 4 5 6 7 8 9 10 11 12)
+    }
+
+    #[inline(always)]
+    unsafe fn grouped_sum_fixed<const R: usize>(
+        accs: &[*mut f32],
+        w: &[[f32; super::CHUNK]],
+        values: &[*const f32],
+        hd: usize,
+    ) {
+        let mut c = 0;
+        while c < hd {
+            let mut regs = [_mm256_setzero_ps(); R];
+            for (reg, acc) in regs.iter_mut().zip(accs) {
+                *reg = _mm256_loadu_ps(acc.add(c));
+            }
+            for (j, v) in values.iter().enumerate() {
+                let v = _mm256_loadu_ps(v.add(c));
+                for (reg, wr) in regs.iter_mut().zip(w) {
+                    *reg = _mm256_fmadd_ps(_mm256_set1_ps(wr[j]), v, *reg);
+                }
+            }
+            for (reg, acc) in regs.iter().zip(accs) {
+                _mm256_storeu_ps(acc.add(c), *reg);
+            }
+            c += 8;
+        }
+    }
+
     /// `acc += sum_j w[j] values[j]`, 64 columns of `acc` held in registers
     /// across all values at a time.
     #[inline]
@@ -319,6 +496,7 @@ mod simd {
     pub unsafe fn weighted_sum(_: &mut [f32], _: &[f32], _: &[*const f32]) {
         unreachable!("AVX2 only on x86-64")
     }
+    pub const GROUP_ROWS: usize = 12;
 }
 
 #[cfg(test)]
@@ -428,6 +606,62 @@ mod tests {
                 for (a, b) in out[t * qsize..(t + 1) * qsize].iter().zip(&want) {
                     assert!((a - b).abs() < 1e-5, "block_size {block_size} token {t}: {a} vs {b}");
                 }
+            }
+        }
+    }
+
+    /// A token's output is the same bits whether it runs with the tokens
+    /// before it (a verify forward, grouped rows) or alone after them (plain
+    /// decoding), for several head groupings: speculation relies on it.
+    #[test]
+    fn a_tokens_result_does_not_depend_on_its_batch() {
+        for (num_heads, num_kv_heads) in [(9usize, 3usize), (4, 4), (16, 1)] {
+            let shape = HeadShape {
+                num_heads,
+                num_kv_heads,
+                head_dim: 16,
+                block_size: 16,
+            };
+            let kv_size = num_kv_heads * shape.head_dim;
+            let layout = KvLayout {
+                num_blocks: 16,
+                block_size: 16,
+                num_layers: 1,
+                kv_size,
+                scratch_slots: 0,
+            };
+            let mut storage = KvStorage::new(layout);
+            let mut rng = Lcg(num_heads as u64);
+            let table: Vec<BlockId> = (1..8).map(BlockId).collect();
+            // 90 cached: alone, the last tokens see a third whole chunk of
+            // cached keys that the batch saw as new tokens.
+            let (cached, new) = (90usize, 8usize);
+            for p in 0..cached + new {
+                let k: Vec<f32> = (0..kv_size).map(|_| rng.f() * 2.0).collect();
+                let v: Vec<f32> = (0..kv_size).map(|_| rng.f()).collect();
+                storage.write(0, table[p / 16].index() * 16 + p % 16, &k, &v);
+            }
+            let qsize = num_heads * shape.head_dim;
+            let q: Vec<f32> = (0..new * qsize).map(|_| rng.f() * 2.0).collect();
+            let batch = RaggedBatch {
+                seqs: vec![SeqRun::causal((0..new as u32).collect(), cached, &table, 16).unwrap()],
+            };
+            let owner: Vec<(usize, usize)> = (0..new).map(|i| (0, i)).collect();
+            let mut together = vec![0.0; q.len()];
+            paged_attention(&q, &batch, &owner, storage.layer(0), shape, &mut together);
+            for i in 0..new {
+                let alone_batch = RaggedBatch {
+                    seqs: vec![SeqRun::causal(vec![0], cached + i, &table, 16).unwrap()],
+                };
+                let mut alone = vec![0.0; qsize];
+                let qi = &q[i * qsize..(i + 1) * qsize];
+                paged_attention(qi, &alone_batch, &[(0, 0)], storage.layer(0), shape, &mut alone);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&alone),
+                    bits(&together[i * qsize..(i + 1) * qsize]),
+                    "heads {num_heads}/{num_kv_heads}, token {i}"
+                );
             }
         }
     }

@@ -291,8 +291,10 @@ unsafe fn strip_tiles(w: &Strips, s: usize, x: &Q8Rows, xa: &AmxRows, out: &mut 
     let base = w.data.as_ptr().add(s * w.strip_bytes());
     // The strip's blocks as 8 x 64 bytes each.
     let blocks: *const u8 = if w.four_bit {
-        buf.clear();
-        buf.resize(nb * STRIP_BLOCK, 0);
+        // Every byte of the first `nb` blocks is written below.
+        if buf.len() < nb * STRIP_BLOCK {
+            buf.resize(nb * STRIP_BLOCK, 0);
+        }
         let low = _mm512_set1_epi8(0x0F);
         for b in 0..nb {
             let unit = base.add((b / 2) * STRIP_BLOCK);

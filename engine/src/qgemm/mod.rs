@@ -102,6 +102,53 @@ pub struct Q8Rows {
     amx: std::sync::OnceLock<amx::AmxRows>,
 }
 
+/// [`Q8Rows::quantize`] with AVX2: the same `d`; values rounded half to
+/// even (as llama.cpp's AVX2 path) where the portable path rounds half away
+/// from zero, so exact ties may differ by one step between the two paths
+/// (one machine always takes the same one).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_avx2(x: &[f32], scales: &mut [f32], quants: &mut [i8], scaled_sums: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let ones = _mm256_set1_epi16(1);
+    for (b, block) in x.chunks_exact(BLOCK).enumerate() {
+        let p = block.as_ptr();
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
+        let m01 = _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask));
+        let m23 = _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask));
+        let m = _mm256_max_ps(m01, m23);
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let d = amax / 127.0;
+        let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let i: [__m256i; 4] = std::array::from_fn(|k| {
+            _mm256_cvtps_epi32(_mm256_round_ps(
+                _mm256_mul_ps(v[k], inv),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            ))
+        });
+        // i32 -> i16 -> i8 with saturation; packs interleave 128-bit lanes,
+        // the permute puts the 32 values back in order.
+        let w01 = _mm256_packs_epi32(i[0], i[1]);
+        let w23 = _mm256_packs_epi32(i[2], i[3]);
+        let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(quants.as_mut_ptr().add(b * BLOCK) as *mut __m256i, bytes);
+        let pairs = _mm256_add_epi32(_mm256_madd_epi16(w01, ones), _mm256_madd_epi16(w23, ones));
+        let s = _mm_add_epi32(_mm256_castsi256_si128(pairs), _mm256_extracti128_si256(pairs, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        scales[b] = d;
+        scaled_sums[b] = d * _mm_cvtsi128_si32(s) as f32;
+    }
+}
+
 /// Quantizes each block of 32 to `round(v / d)` with `d = max|v| / 127`.
 #[inline(always)]
 fn quantize_into(src: &[f32], scales: &mut Vec<f32>, quants: &mut Vec<i8>) {
@@ -136,30 +183,36 @@ impl Q8Rows {
     }
 
     pub fn quantize(x: &[f32], rows: usize) -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if crate::ops::has_avx2() {
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn quantize_avx2(x: &[f32], rows: usize) -> Q8Rows {
-                Q8Rows::quantize_portable(x, rows)
-            }
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { quantize_avx2(x, rows) };
-        }
-        Self::quantize_portable(x, rows)
-    }
-
-    #[inline(always)]
-    fn quantize_portable(x: &[f32], rows: usize) -> Self {
         let cols = x.len() / rows.max(1);
         assert_eq!(cols % BLOCK, 0, "columns must be a multiple of {BLOCK}");
-        let mut scales = Vec::with_capacity(rows * cols / BLOCK);
-        let mut quants = Vec::with_capacity(rows * cols);
-        quantize_into(x, &mut scales, &mut quants);
-        let scaled_sums = quants
+        let nblocks = x.len() / BLOCK;
+        let mut scales = vec![0.0; nblocks];
+        let mut quants = vec![0i8; x.len()];
+        let mut scaled_sums = vec![0.0; nblocks];
+        #[cfg(target_arch = "x86_64")]
+        if crate::ops::has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA; the buffers match `x`.
+            unsafe { quantize_avx2(x, &mut scales, &mut quants, &mut scaled_sums) };
+            return Self::from_parts(rows, cols, scales, quants, scaled_sums);
+        }
+        for (((block, d), q), ss) in x
             .chunks_exact(BLOCK)
-            .zip(&scales)
-            .map(|(q, &d)| d * q.iter().map(|&v| v as i32).sum::<i32>() as f32)
-            .collect();
+            .zip(&mut scales)
+            .zip(quants.chunks_exact_mut(BLOCK))
+            .zip(&mut scaled_sums)
+        {
+            let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            *d = amax / 127.0;
+            let inv = if *d > 0.0 { 1.0 / *d } else { 0.0 };
+            for (q, v) in q.iter_mut().zip(block) {
+                *q = (v * inv).round() as i8;
+            }
+            *ss = *d * q.iter().map(|&v| v as i32).sum::<i32>() as f32;
+        }
+        Self::from_parts(rows, cols, scales, quants, scaled_sums)
+    }
+
+    fn from_parts(rows: usize, cols: usize, scales: Vec<f32>, quants: Vec<i8>, scaled_sums: Vec<f32>) -> Self {
         Q8Rows {
             rows,
             cols,
@@ -658,6 +711,27 @@ mod tests {
         assert_eq!(kernels[0], KernelKind::Scalar);
         assert!(kernels.contains(&kernel_kind()));
         println!("kernels on this CPU: {kernels:?}");
+    }
+
+    /// Activation rows quantize to `round(v / d)`, `d = max|v| / 127`, with
+    /// `scaled_sums = d * sum(q)`, whichever path this CPU takes (random
+    /// values: no exact ties, where the AVX2 path rounds to even).
+    #[test]
+    fn activations_quantize_to_the_nearest_step() {
+        let mut rng = Lcg(4);
+        let x: Vec<f32> = (0..7 * 96).map(|_| rng.f() * 5.0).collect();
+        let q = Q8Rows::quantize(&x, 7);
+        for (b, block) in x.chunks_exact(BLOCK).enumerate() {
+            let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            assert_eq!(q.scales[b].to_bits(), d.to_bits());
+            let want: Vec<i8> = block.iter().map(|v| (v * (1.0 / d)).round() as i8).collect();
+            assert_eq!(&q.quants[b * BLOCK..(b + 1) * BLOCK], &want[..], "block {b}");
+            let sum: i32 = want.iter().map(|&v| v as i32).sum();
+            assert_eq!(q.scaled_sums[b], d * sum as f32);
+        }
+        let big = Q8Rows::quantize(&[1e30, -1e30, 3.0, 0.0].repeat(8), 1);
+        assert_eq!((big.quants[0], big.quants[1], big.quants[2]), (127, -127, 0));
     }
 
     #[test]
