@@ -5,7 +5,7 @@
 //! (made by `scripts/golden_reference.py`). We feed the same tokens (teacher
 //! forcing) through our model in one ragged forward and require:
 //! - the same top-1 token wherever llama.cpp's top-1 leads its top-2 by more
-//!   than `MARGIN` (a near-tie may flip under different rounding);
+//!   than `margin(format)` (a near-tie may flip under different rounding);
 //! - llama.cpp's top-5 logits close to ours: both quantize activations to
 //!   8 bits inside the matmuls (in different block layouts and orders), so
 //!   single logits differ by noise; we bound the worst difference, the 90th
@@ -21,8 +21,15 @@ use heterospec_engine::{KvLayout, KvStorage, Model, RaggedBatch, SeqRun, WeightF
 use heterospec_kv::{BlockPool, BlockPoolConfig, BlockTable};
 use serde_json::Value;
 
-/// Logit gap above which both implementations must agree on the argmax.
-const MARGIN: f32 = 0.5;
+/// Logit gap above which both implementations must agree on the argmax
+/// (a gap smaller than twice the format's typical error may flip).
+fn margin(format: WeightFormat) -> f32 {
+    match format {
+        // Requantized to 8 bits: a second rounding, logit error up to ~1.8.
+        WeightFormat::Q8_0 | WeightFormat::CandleQ8_0 => 1.0,
+        _ => 0.5,
+    }
+}
 /// Bounds on |ours - llama.cpp| over all top-5 logits (logits are ~10-25).
 /// Measured with the committed golden file (printed by the test):
 /// as-shipped Q4_1: p90 0.36, max 0.84, mean signed 0.000;
@@ -130,7 +137,7 @@ fn check_against_llama_cpp(format: WeightFormat) {
                 .map(|p| (p[0].as_u64().unwrap() as usize, p[1].as_f64().unwrap() as f32))
                 .collect();
             diffs.extend(top5.iter().map(|&(id, reference)| row[id] - reference));
-            if top5[0].1 - top5[1].1 > MARGIN {
+            if top5[0].1 - top5[1].1 > margin(format) {
                 let ours = heterospec_engine::sampler::argmax(row) as usize;
                 assert_eq!(
                     ours,
