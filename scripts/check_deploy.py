@@ -170,6 +170,14 @@ def main():
                 if spec.get("terminationGracePeriodSeconds", 30) < drain + 5:
                     fail("the router's terminationGracePeriodSeconds must exceed its drain timeout plus 5 s")
     sts = by_kind["StatefulSet"][0]
+    router = next(w for w in workloads if w["kind"] == "Deployment")
+    engine_args = dict(
+        a[2:].split("=", 1) for a in sts["spec"]["template"]["spec"]["containers"][0]["args"] if a.startswith("--") and "=" in a
+    )
+    surge = router["spec"].get("strategy", {}).get("rollingUpdate", {}).get("maxSurge", 1)
+    routers_at_once = router["spec"]["replicas"] + (surge if isinstance(surge, int) else 1)
+    if int(engine_args.get("max-routers", 1)) < routers_at_once:
+        fail(f"engines allow --max-routers={engine_args.get('max-routers', 1)}, but up to {routers_at_once} routers run at once (replicas + maxSurge)")
     if sts["spec"]["serviceName"] != "heterospec-engine":
         fail("the engine StatefulSet must use the headless Service")
     if sts["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") != 1:

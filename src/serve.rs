@@ -33,6 +33,14 @@ pub struct EngineProcessArgs {
     pub metrics_listen: Option<SocketAddr>,
     #[arg(long, env = "HETEROSPEC_MODEL", default_value_os_t = crate::fetch::default_model_path())]
     pub model: PathBuf,
+    /// Routers that may share this engine: its KV blocks are split into this
+    /// many equal partitions, one leased to each router that attaches.
+    #[arg(long, env = "HETEROSPEC_MAX_ROUTERS", default_value_t = 1)]
+    pub max_routers: usize,
+    /// Seconds of silence after which a router's KV partition may go to
+    /// another router (routers renew theirs every second).
+    #[arg(long, env = "HETEROSPEC_LEASE_TIMEOUT", default_value_t = 10)]
+    pub lease_timeout_secs: u64,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -139,6 +147,8 @@ pub fn run_engine(args: EngineProcessArgs) -> Result<()> {
     let info = EngineInfo {
         model: model_name(&args.model),
         instance_id: instance_id(),
+        max_routers: args.max_routers,
+        lease_timeout: Duration::from_secs(args.lease_timeout_secs),
     };
     // The forward runs on its own thread pool; the runtime only does I/O.
     runtime(1)?.block_on(async move {
@@ -146,7 +156,7 @@ pub fn run_engine(args: EngineProcessArgs) -> Result<()> {
             crate::metrics::install(addr)?;
         }
         heterospec_engine::metrics::describe();
-        let handle = EngineHandle::spawn(engine, info);
+        let handle = EngineHandle::spawn(engine, info).map_err(anyhow::Error::msg)?;
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter
             .set_service_status("", tonic_health::ServingStatus::Serving)

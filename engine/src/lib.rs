@@ -7,6 +7,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod kv;
+pub mod lease;
 pub mod metrics;
 pub mod model;
 pub mod ops;

@@ -5,7 +5,8 @@
 //! `oneshot` reply, so the async runtime never blocks on a forward pass and
 //! the forward's own thread pool is not oversubscribed.
 
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use heterospec_kv::BlockId;
 use heterospec_proto::engine::v1 as pb;
@@ -15,6 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::engine::{Engine, SeqId, SeqResult, SeqStep};
 use crate::error::EngineError;
+use crate::lease::Leases;
 use crate::metrics;
 use crate::sampler::SamplingParams;
 use crate::spec::SpecMode;
@@ -25,11 +27,16 @@ enum Command {
     Release(Vec<SeqId>, oneshot::Sender<()>),
 }
 
-/// Everything `Info` reports, fixed at start-up.
+/// Everything `Info` reports, fixed at start-up, and how routers share
+/// the engine.
 #[derive(Debug, Clone)]
 pub struct EngineInfo {
     pub model: String,
     pub instance_id: u64,
+    /// KV partitions, one per router (see [`crate::lease`]).
+    pub max_routers: usize,
+    /// Silence after which a router's partition may go to another router.
+    pub lease_timeout: Duration,
 }
 
 /// Cheap handle to the engine thread; the gRPC service.
@@ -37,12 +44,15 @@ pub struct EngineInfo {
 pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     info: pb::InfoResponse,
+    leases: Arc<Mutex<Leases>>,
 }
 
 impl EngineHandle {
-    /// Moves `engine` onto its own thread and returns the handle.
-    pub fn spawn(engine: Engine, info: EngineInfo) -> Self {
+    /// Moves `engine` onto its own thread and returns the handle; an error
+    /// when its KV blocks cannot be split between `max_routers`.
+    pub fn spawn(engine: Engine, info: EngineInfo) -> Result<Self, String> {
         let layout = engine.kv_layout();
+        let leases = Leases::new(layout.num_blocks, info.max_routers, info.lease_timeout)?;
         let config = engine.model().config().clone();
         let max_lookahead = engine.max_lookahead();
         let (tx, mut rx) = mpsc::channel::<Command>(64);
@@ -71,7 +81,7 @@ impl EngineHandle {
                 }
             })
             .expect("spawning the engine thread");
-        EngineHandle {
+        Ok(EngineHandle {
             commands: tx,
             info: pb::InfoResponse {
                 model: info.model,
@@ -82,7 +92,26 @@ impl EngineHandle {
                 instance_id: info.instance_id,
                 max_lookahead: max_lookahead as u32,
             },
-        }
+            leases: Arc::new(Mutex::new(leases)),
+        })
+    }
+
+    fn leases(&self) -> std::sync::MutexGuard<'_, Leases> {
+        self.leases.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts a call under `lease_id`; the guard ends it.
+    fn begin(&self, lease_id: u64) -> Result<LeaseCall<'_>, Status> {
+        let partition = self.leases().begin(lease_id, Instant::now()).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "KV lease {lease_id} is not held (expired or replaced): attach again"
+            ))
+        })?;
+        Ok(LeaseCall {
+            handle: self,
+            lease_id,
+            partition,
+        })
     }
 
     pub fn into_service(self) -> EngineServer<Self> {
@@ -101,7 +130,28 @@ impl EngineHandle {
     }
 }
 
-fn seq_step_from_proto(s: pb::SeqStep) -> Result<SeqStep, Status> {
+/// A call under a lease, ended when dropped.
+struct LeaseCall<'a> {
+    handle: &'a EngineHandle,
+    lease_id: u64,
+    partition: usize,
+}
+
+impl Drop for LeaseCall<'_> {
+    fn drop(&mut self) {
+        self.handle.leases().end(self.lease_id, Instant::now());
+    }
+}
+
+/// A router's step in engine terms: its partition's sequence and block ids.
+fn seq_step_from_proto(s: pb::SeqStep, partition: usize, leases: &Leases) -> Result<SeqStep, Status> {
+    let seq_id = Leases::engine_seq(partition, s.seq_id).map_err(Status::invalid_argument)?;
+    let block_table = s
+        .block_table
+        .iter()
+        .map(|&b| leases.engine_block(partition, b).map(BlockId))
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(|e| Status::invalid_argument(format!("sequence {}: {e}", s.seq_id)))?;
     let speculation = SpecMode::from_proto(s.speculation).ok_or_else(|| {
         Status::invalid_argument(format!(
             "sequence {}: unknown speculation mode {}",
@@ -109,10 +159,10 @@ fn seq_step_from_proto(s: pb::SeqStep) -> Result<SeqStep, Status> {
         ))
     })?;
     Ok(SeqStep {
-        seq_id: SeqId(s.seq_id),
+        seq_id: SeqId(seq_id),
         new_token_ids: s.new_token_ids,
         num_computed: s.num_computed as usize,
-        block_table: s.block_table.into_iter().map(BlockId).collect(),
+        block_table,
         sampling: s.sampling.map(|p| SamplingParams {
             temperature: p.temperature,
             top_k: p.top_k as usize,
@@ -129,7 +179,7 @@ fn seq_step_from_proto(s: pb::SeqStep) -> Result<SeqStep, Status> {
 
 fn seq_result_to_proto(r: SeqResult) -> pb::SeqResult {
     pb::SeqResult {
-        seq_id: r.seq_id.0,
+        seq_id: Leases::router_seq(r.seq_id.0),
         tokens: r
             .tokens
             .into_iter()
@@ -158,11 +208,49 @@ impl From<EngineError> for Status {
 
 #[tonic::async_trait]
 impl EngineService for EngineHandle {
-    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+    async fn info(&self, request: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
         if self.commands.is_closed() {
             return Err(Status::unavailable("engine thread stopped"));
         }
+        let lease_id = request.into_inner().lease_id;
+        if lease_id != 0 && !self.leases().renew(lease_id, Instant::now()) {
+            return Err(Status::failed_precondition(format!(
+                "KV lease {lease_id} is not held (expired or replaced): attach again"
+            )));
+        }
         Ok(Response::new(self.info.clone()))
+    }
+
+    async fn attach(&self, request: Request<pb::AttachRequest>) -> Result<Response<pb::AttachResponse>, Status> {
+        let request = request.into_inner();
+        let (grant, blocks, partitions) = {
+            let mut leases = self.leases();
+            let grant = leases.attach(request.router_id, Instant::now());
+            (grant, leases.blocks_per_partition(), leases.num_partitions())
+        };
+        let grant = grant.ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "all {partitions} KV partitions of this engine are leased to other routers (engine --max-routers {partitions})"
+            ))
+        })?;
+        tracing::info!(
+            router = %request.router_name,
+            partition = grant.partition,
+            lease = grant.lease_id,
+            blocks,
+            released = grant.stale.len(),
+            "router attached"
+        );
+        if !grant.stale.is_empty() {
+            let ids = grant.stale.into_iter().map(SeqId).collect();
+            self.call(|reply| Command::Release(ids, reply)).await?;
+        }
+        Ok(Response::new(pb::AttachResponse {
+            lease_id: grant.lease_id,
+            num_kv_blocks: blocks as u32 + 1,
+            partition: grant.partition as u32,
+            num_partitions: partitions as u32,
+        }))
     }
 
     async fn step(&self, request: Request<pb::StepRequest>) -> Result<Response<pb::StepResponse>, Status> {
@@ -173,11 +261,17 @@ impl EngineService for EngineHandle {
                 request.instance_id, self.info.instance_id
             )));
         }
-        let seqs = request
-            .seqs
-            .into_iter()
-            .map(seq_step_from_proto)
-            .collect::<Result<Vec<SeqStep>, Status>>()?;
+        let call = self.begin(request.lease_id)?;
+        let seqs = {
+            let leases = self.leases();
+            request
+                .seqs
+                .into_iter()
+                .map(|s| seq_step_from_proto(s, call.partition, &leases))
+                .collect::<Result<Vec<SeqStep>, Status>>()?
+        };
+        let ran: Vec<u64> = seqs.iter().map(|s| s.seq_id.0).collect();
+        self.leases().track(call.lease_id, &ran, &[]);
         let results = self.call(|reply| Command::Step(seqs, reply)).await??;
         Ok(Response::new(pb::StepResponse {
             seqs: results.into_iter().map(seq_result_to_proto).collect(),
@@ -185,8 +279,17 @@ impl EngineService for EngineHandle {
     }
 
     async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
-        let ids = request.into_inner().seq_ids.into_iter().map(SeqId).collect();
-        self.call(|reply| Command::Release(ids, reply)).await?;
+        let request = request.into_inner();
+        let call = self.begin(request.lease_id)?;
+        let ids = request
+            .seq_ids
+            .into_iter()
+            .map(|id| Leases::engine_seq(call.partition, id))
+            .collect::<Result<Vec<u64>, String>>()
+            .map_err(Status::invalid_argument)?;
+        self.leases().track(call.lease_id, &[], &ids);
+        self.call(|reply| Command::Release(ids.into_iter().map(SeqId).collect(), reply))
+            .await?;
         Ok(Response::new(pb::ReleaseResponse {}))
     }
 

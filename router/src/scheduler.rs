@@ -209,12 +209,28 @@ pub struct Scheduler {
     /// Admission order: the newest is last.
     running: Vec<Sequence>,
     to_release: Vec<u64>,
-    /// Sequence ids the engine may still hold after a failure: released if
-    /// the same engine instance comes back.
-    orphaned: Vec<u64>,
+    /// The KV partition this router holds on the engine (`Attach`).
+    lease_id: u64,
+    /// A refused lease was logged (until one is granted).
+    lease_refused: bool,
     next_seq_id: u64,
     submissions: mpsc::Receiver<Submission>,
     shared: Arc<EngineShared>,
+}
+
+/// This router process's id for engine leases (random per start).
+fn router_id() -> u64 {
+    static ID: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *ID.get_or_init(|| {
+        use std::hash::{BuildHasher, RandomState};
+        RandomState::new().hash_one(std::process::id())
+    })
+}
+
+/// `host:pid`, for the engine's logs.
+fn router_name() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "router".into());
+    format!("{host}:{}", std::process::id())
 }
 
 /// Capacity of the submission queue of one scheduler.
@@ -253,13 +269,15 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             to_release: Vec::new(),
-            // Ids from a random base, so a restarted router never reuses the
-            // ids of sequences a surviving engine still holds.
+            // Ids from a random base (below the engine's 2^48 limit, with
+            // room to count), so a restarted router never reuses the ids of
+            // sequences a surviving engine still holds.
             next_seq_id: {
                 use std::hash::{BuildHasher, RandomState};
-                RandomState::new().hash_one(index) >> 2
+                RandomState::new().hash_one(index) >> 18
             },
-            orphaned: Vec::new(),
+            lease_id: 0,
+            lease_refused: false,
             submissions: rx,
             shared: shared.clone(),
         };
@@ -326,7 +344,7 @@ impl Scheduler {
         let mut client = EngineClient::new(self.endpoint.connect_lazy())
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
-        let info = match tokio::time::timeout(Duration::from_secs(2), client.info(epb::InfoRequest {})).await {
+        let info = match tokio::time::timeout(Duration::from_secs(2), client.info(epb::InfoRequest::default())).await {
             Ok(Ok(info)) => info.into_inner(),
             _ => return false,
         };
@@ -334,8 +352,30 @@ impl Scheduler {
             tracing::error!(engine = self.index, "engine reports {} KV blocks", info.num_kv_blocks);
             return false;
         }
+        // Our partition of the engine's KV blocks; attaching again after a
+        // failure replaces our old lease, and the engine releases the
+        // sequences it still held for us.
+        let attach = epb::AttachRequest {
+            router_id: router_id(),
+            router_name: router_name(),
+        };
+        let lease = match tokio::time::timeout(Duration::from_secs(2), client.attach(attach)).await {
+            Ok(Ok(lease)) => lease.into_inner(),
+            Ok(Err(s)) => {
+                if !self.lease_refused {
+                    tracing::warn!(engine = self.index, error = %s.message(), "engine refused a KV lease; retrying");
+                    self.lease_refused = true;
+                }
+                return false;
+            }
+            Err(_) => return false,
+        };
+        if lease.num_kv_blocks < 2 {
+            tracing::error!(engine = self.index, "engine leased {} KV blocks", lease.num_kv_blocks);
+            return false;
+        }
         let pool = BlockPool::new(BlockPoolConfig {
-            num_blocks: info.num_kv_blocks as usize,
+            num_blocks: lease.num_kv_blocks as usize,
             block_size: info.block_size as usize,
         });
         self.shared
@@ -347,17 +387,15 @@ impl Scheduler {
         tracing::info!(
             engine = self.index,
             model = %info.model,
-            blocks = info.num_kv_blocks,
+            blocks = lease.num_kv_blocks,
+            partition = lease.partition,
+            partitions = lease.num_partitions,
             instance = info.instance_id,
             "connected to engine"
         );
         self.pool = Some(pool);
-        let orphaned = std::mem::take(&mut self.orphaned);
-        if info.instance_id == self.instance_id && !orphaned.is_empty() {
-            // The same engine survived a transient failure: forget the
-            // sequences it still holds for us.
-            let _ = client.release(epb::ReleaseRequest { seq_ids: orphaned }).await;
-        }
+        self.lease_id = lease.lease_id;
+        self.lease_refused = false;
         self.instance_id = info.instance_id;
         self.max_lookahead = info.max_lookahead as usize;
         self.client = Some(client);
@@ -571,13 +609,14 @@ impl Scheduler {
         let request = epb::StepRequest {
             seqs: steps,
             instance_id: self.instance_id,
+            lease_id: self.lease_id,
         };
         let response = tokio::time::timeout(self.config.step_timeout, client.step(request))
             .await
             .map_err(|_| Status::unavailable("engine step timed out"))?
             .map_err(|s| {
                 if s.code() == tonic::Code::FailedPrecondition {
-                    Status::unavailable(format!("engine restarted: {}", s.message()))
+                    Status::unavailable(format!("engine restarted or KV lease lost: {}", s.message()))
                 } else if s.code() == tonic::Code::InvalidArgument {
                     // A contract violation is our bug, but the engine's state
                     // for these sequences is unknown: treat as a failure.
@@ -605,7 +644,10 @@ impl Scheduler {
     /// Checks that the engine answers and is the instance we planned for.
     async fn probe(&mut self) -> Result<(), Status> {
         let client = self.client.as_mut().expect("connected");
-        let info = tokio::time::timeout(Duration::from_secs(2), client.info(epb::InfoRequest {}))
+        let request = epb::InfoRequest {
+            lease_id: self.lease_id,
+        };
+        let info = tokio::time::timeout(Duration::from_secs(2), client.info(request))
             .await
             .map_err(|_| Status::unavailable("engine does not answer"))?
             .map_err(|s| Status::unavailable(format!("engine failed: {}", s.message())))?
@@ -621,7 +663,10 @@ impl Scheduler {
         let client = self.client.as_mut().expect("connected");
         tokio::time::timeout(
             self.config.step_timeout,
-            client.release(epb::ReleaseRequest { seq_ids: ids }),
+            client.release(epb::ReleaseRequest {
+                seq_ids: ids,
+                lease_id: self.lease_id,
+            }),
         )
         .await
         .map_err(|_| Status::unavailable("engine release timed out"))?
@@ -818,8 +863,8 @@ impl Scheduler {
         for seq in seqs {
             self.finish(seq, Outcome::Error(status.clone(), "unavailable"));
         }
-        // finish() queued every sequence the engine knew for release.
-        self.orphaned = std::mem::take(&mut self.to_release);
+        // Attaching again makes the engine release what it still holds.
+        self.to_release.clear();
         self.pool = None;
         self.client = None;
     }
