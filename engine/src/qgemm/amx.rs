@@ -344,57 +344,44 @@ unsafe fn strip_tiles(w: &Strips, s: usize, x: &Q8Rows, xa: &AmxRows, out: &mut 
             let x0 = xa.quants.as_ptr().add(g * TILE * k + b * BLOCK);
             let w0 = blocks.add(b * STRIP_BLOCK);
             let c = sums[turn].0.as_mut_ptr();
-            match (w.four_bit, two) {
-                (true, true) => asm!(
-                    "tileloadd tmm0, [{x0} + {k}*1]",
-                    "tileloadd tmm1, [{w0} + {s64}*1]",
-                    "tileloadd tmm3, [{x1} + {k}*1]",
-                    "tileloadd tmm4, [{w1} + {s64}*1]",
-                    "tilezero tmm2",
-                    "tilezero tmm5",
-                    "tdpbsud tmm2, tmm0, tmm1",
-                    "tdpbsud tmm5, tmm3, tmm4",
-                    "tilestored [{c0} + {s64}*1], tmm2",
-                    "tilestored [{c1} + {s64}*1], tmm5",
-                    x0 = in(reg) x0, x1 = in(reg) x0.add(BLOCK), k = in(reg) k,
-                    w0 = in(reg) w0, w1 = in(reg) w0.add(STRIP_BLOCK), s64 = in(reg) 64usize,
-                    c0 = in(reg) c, c1 = in(reg) c.add(TILE * TILE),
-                    options(nostack),
-                ),
-                (false, true) => asm!(
-                    "tileloadd tmm0, [{x0} + {k}*1]",
-                    "tileloadd tmm1, [{w0} + {s64}*1]",
-                    "tileloadd tmm3, [{x1} + {k}*1]",
-                    "tileloadd tmm4, [{w1} + {s64}*1]",
-                    "tilezero tmm2",
-                    "tilezero tmm5",
-                    "tdpbssd tmm2, tmm0, tmm1",
-                    "tdpbssd tmm5, tmm3, tmm4",
-                    "tilestored [{c0} + {s64}*1], tmm2",
-                    "tilestored [{c1} + {s64}*1], tmm5",
-                    x0 = in(reg) x0, x1 = in(reg) x0.add(BLOCK), k = in(reg) k,
-                    w0 = in(reg) w0, w1 = in(reg) w0.add(STRIP_BLOCK), s64 = in(reg) 64usize,
-                    c0 = in(reg) c, c1 = in(reg) c.add(TILE * TILE),
-                    options(nostack),
-                ),
-                (true, false) => asm!(
-                    "tileloadd tmm0, [{x0} + {k}*1]",
-                    "tileloadd tmm1, [{w0} + {s64}*1]",
-                    "tilezero tmm2",
-                    "tdpbsud tmm2, tmm0, tmm1",
-                    "tilestored [{c0} + {s64}*1], tmm2",
-                    x0 = in(reg) x0, k = in(reg) k, w0 = in(reg) w0, s64 = in(reg) 64usize, c0 = in(reg) c,
-                    options(nostack),
-                ),
-                (false, false) => asm!(
-                    "tileloadd tmm0, [{x0} + {k}*1]",
-                    "tileloadd tmm1, [{w0} + {s64}*1]",
-                    "tilezero tmm2",
-                    "tdpbssd tmm2, tmm0, tmm1",
-                    "tilestored [{c0} + {s64}*1], tmm2",
-                    x0 = in(reg) x0, k = in(reg) k, w0 = in(reg) w0, s64 = in(reg) 64usize, c0 = in(reg) c,
-                    options(nostack),
-                ),
+            // Blocks b (tiles 0, 1 -> 2) and, if any, b + 1 (3, 4 -> 5):
+            // signed tokens times unsigned 4-bit or signed 8-bit weights.
+            macro_rules! products {
+                ($op:literal) => {
+                    if two {
+                        asm!(
+                            "tileloadd tmm0, [{x0} + {k}*1]",
+                            "tileloadd tmm1, [{w0} + {s64}*1]",
+                            "tileloadd tmm3, [{x1} + {k}*1]",
+                            "tileloadd tmm4, [{w1} + {s64}*1]",
+                            "tilezero tmm2",
+                            "tilezero tmm5",
+                            concat!($op, " tmm2, tmm0, tmm1"),
+                            concat!($op, " tmm5, tmm3, tmm4"),
+                            "tilestored [{c0} + {s64}*1], tmm2",
+                            "tilestored [{c1} + {s64}*1], tmm5",
+                            x0 = in(reg) x0, x1 = in(reg) x0.add(BLOCK), k = in(reg) k,
+                            w0 = in(reg) w0, w1 = in(reg) w0.add(STRIP_BLOCK), s64 = in(reg) 64usize,
+                            c0 = in(reg) c, c1 = in(reg) c.add(TILE * TILE),
+                            options(nostack),
+                        )
+                    } else {
+                        asm!(
+                            "tileloadd tmm0, [{x0} + {k}*1]",
+                            "tileloadd tmm1, [{w0} + {s64}*1]",
+                            "tilezero tmm2",
+                            concat!($op, " tmm2, tmm0, tmm1"),
+                            "tilestored [{c0} + {s64}*1], tmm2",
+                            x0 = in(reg) x0, k = in(reg) k, w0 = in(reg) w0, s64 = in(reg) 64usize, c0 = in(reg) c,
+                            options(nostack),
+                        )
+                    }
+                };
+            }
+            if w.four_bit {
+                products!("tdpbsud");
+            } else {
+                products!("tdpbssd");
             }
             if let Some((buf, first, count)) = pending {
                 epilogue(&mut acc, sums[buf].0.as_ptr(), first, count);
