@@ -60,8 +60,27 @@ impl RopeTable {
 
 /// `gate <- silu(gate) * up`.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn silu_mul_avx2(gate: &mut [f32], up: &[f32]) {
+            silu_mul_portable(gate, up)
+        }
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { silu_mul_avx2(gate, up) };
+    }
+    silu_mul_portable(gate, up)
+}
+
+/// `x sigmoid(x) u` with `sigmoid(x) = 1 / (1 + e^-x)` written through
+/// `e = e^-|x|` (no libm call, so the loop vectorizes).
+#[inline(always)]
+fn silu_mul_portable(gate: &mut [f32], up: &[f32]) {
     for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+        let x = *g;
+        let e = exp_nonpositive(-x.abs());
+        let sigmoid = if x >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
+        *g = x * sigmoid * u;
     }
 }
 
@@ -94,10 +113,14 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 0.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
+    // t = 1.5 * 2^23 + n stays in one binade: its low bits are n itself
+    // (an integer subtraction, where `n as i32` would not vectorize).
+    let n_int = t.to_bits() as i32 - ROUND.to_bits() as i32;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    p * f32::from_bits(((n_int + 127) as u32) << 23)
 }
 
 /// Whether the CPU has AVX2 and FMA: hot loops written once as
@@ -116,8 +139,40 @@ pub fn has_avx2() -> bool {
 /// `ln(sum(exp(row)))`, computed stably: the log-softmax of entry `i` is
 /// `row[i] - log_sum_exp(row)`.
 pub fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn log_sum_exp_avx2(row: &[f32]) -> f32 {
+            log_sum_exp_portable(row)
+        }
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { log_sum_exp_avx2(row) };
+    }
+    log_sum_exp_portable(row)
+}
+
+/// Eight lanes for the maximum and the sum, so both loops vectorize.
+#[inline(always)]
+fn log_sum_exp_portable(row: &[f32]) -> f32 {
+    let eights = row.chunks_exact(8);
+    let tail = eights.remainder();
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    for eight in eights.clone() {
+        for (m, &v) in lanes.iter_mut().zip(eight) {
+            *m = m.max(v);
+        }
+    }
+    let max = lanes.iter().chain(tail).copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return max;
+    }
+    let mut sums = [0.0f32; 8];
+    for eight in eights {
+        for (a, &v) in sums.iter_mut().zip(eight) {
+            *a += exp_nonpositive(v - max);
+        }
+    }
+    let sum: f32 = sums.iter().sum::<f32>() + tail.iter().map(|&v| exp_nonpositive(v - max)).sum::<f32>();
     max + sum.ln()
 }
 
@@ -133,6 +188,23 @@ mod tests {
             let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
             assert!((dot(&a, &b) - naive).abs() < 1e-4, "n={n}");
         }
+    }
+
+    #[test]
+    fn silu_and_log_sum_exp_match_their_definitions() {
+        let x: Vec<f32> = (0..203).map(|i| (i as f32 - 101.0) * 0.37).collect();
+        let up: Vec<f32> = (0..203).map(|i| 1.0 + (i % 7) as f32 * 0.1).collect();
+        let mut got = x.clone();
+        silu_mul(&mut got, &up);
+        for ((g, &v), &u) in got.iter().zip(&x).zip(&up) {
+            let want = (v as f64 / (1.0 + (-v as f64).exp()) * u as f64) as f32;
+            assert!((g - want).abs() <= 1e-6 * (1.0 + want.abs()), "silu({v}): {g} vs {want}");
+        }
+        let want = x.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln() as f32;
+        let got = log_sum_exp(&x);
+        assert!((got - want).abs() < 1e-5 * want.abs(), "{got} vs {want}");
+        assert_eq!(log_sum_exp(&[f32::NEG_INFINITY; 3]), f32::NEG_INFINITY);
+        assert!((log_sum_exp(&[0.0]) - 0.0).abs() < 1e-7);
     }
 
     #[test]
