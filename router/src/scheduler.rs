@@ -218,13 +218,13 @@ pub struct Scheduler {
     shared: Arc<EngineShared>,
 }
 
-/// This router process's id for engine leases (random per start).
-fn router_id() -> u64 {
-    static ID: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *ID.get_or_init(|| {
-        use std::hash::{BuildHasher, RandomState};
-        RandomState::new().hash_one(std::process::id())
-    })
+/// The id under which scheduler `index` of this router process leases KV
+/// on its engine (random per start; distinct per scheduler, so that two
+/// schedulers never replace each other's lease on one engine).
+fn router_id(index: usize) -> u64 {
+    static BASE: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+    use std::hash::BuildHasher;
+    BASE.get_or_init(std::hash::RandomState::new).hash_one((std::process::id(), index))
 }
 
 /// `host:pid`, for the engine's logs.
@@ -356,7 +356,7 @@ impl Scheduler {
         // failure replaces our old lease, and the engine releases the
         // sequences it still held for us.
         let attach = epb::AttachRequest {
-            router_id: router_id(),
+            router_id: router_id(self.index),
             router_name: router_name(),
         };
         let lease = match tokio::time::timeout(Duration::from_secs(2), client.attach(attach)).await {
