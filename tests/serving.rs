@@ -545,7 +545,14 @@ async fn requests_spread_over_several_engines() {
 async fn routers_share_an_engine_through_kv_leases() {
     let engine = Proc::start(&engine_args(
         "127.0.0.1:0",
-        &["--max-routers", "2", "--lease-timeout-secs", "2", "--kv-cache-memory", "48000000"],
+        &[
+            "--max-routers",
+            "2",
+            "--lease-timeout-secs",
+            "2",
+            "--kv-cache-memory",
+            "48000000",
+        ],
     ));
     let router_a = Proc::start(&router_args(&[engine.url()], free_port(), &[]));
     let router_b = Proc::start(&router_args(&[engine.url()], free_port(), &[]));

@@ -21,7 +21,9 @@ fn main() {
                 w.matmul_q8(&xq, &mut out, kind);
                 let reps = 20;
                 let t = Instant::now();
-                for _ in 0..reps { w.matmul_q8(&xq, &mut out, kind); }
+                for _ in 0..reps {
+                    w.matmul_q8(&xq, &mut out, kind);
+                }
                 line += &format!(" {kind:?} {:.3} ms", t.elapsed().as_secs_f64() * 1e3 / reps as f64);
             }
             println!("{line}");

@@ -1,12 +1,14 @@
 //! Attention over paged KV for a ragged batch.
 //!
-//! Each (token, query head) is one task: it walks the keys its sequence may
-//! see (cached prefix through the block table, then the new tokens its mask
-//! allows), reading K/V in place from the paged storage, in chunks of
-//! [`CHUNK`] keys: the chunk's scores, one rescale of the running sum when
-//! the maximum grows, the chunk's exponentials (vectorized, no libm call),
-//! then the weighted values. No copies of the context are made; the
-//! per-task state lives on the stack. Compiled for AVX2 when the CPU has it.
+//! Each (token, query head) row walks the keys its sequence may see (cached
+//! prefix through the block table, then the new tokens its mask allows),
+//! reading K/V in place from the paged storage, in chunks of [`CHUNK`] keys:
+//! the chunk's scores, one rescale of the running sum when the maximum
+//! grows, the chunk's exponentials (vectorized, no libm call), then the
+//! weighted values. A task holds the rows of a few tokens of one sequence
+//! that read one KV head, and adds each cached value to all of them at once
+//! (see [`paged_attention`]). No copies of the context are made. Compiled
+//! for AVX2 when the CPU has it.
 //! Cost: O(tokens x heads x visible keys x head_dim).
 
 use rayon::prelude::*;
@@ -70,7 +72,7 @@ impl<'a, const HD: usize> OnlineSoftmax<'a, HD> {
     fn flush(&mut self) {
         let (n, weights) = self.take_weights();
         if n > 0 {
-            self.add_values(&weights[..n]);
+            self.add_values(n, &weights);
         }
     }
 
@@ -139,20 +141,27 @@ impl<'a, const HD: usize> OnlineSoftmax<'a, HD> {
         (n, scores)
     }
 
-    /// `acc += sum_j weights[j] v(slots[j])`.
+    /// `acc += sum_j weights[j] v(slots[j])` over the chunk's `n` keys.
     #[inline(always)]
-    fn add_values(&mut self, weights: &[f32]) {
-        let n = weights.len();
+    fn add_values(&mut self, n: usize, weights: &[f32; CHUNK]) {
         let hd = self.head_dim();
         if self.avx2 && hd % 8 == 0 {
             let mut values = [std::ptr::null::<f32>(); CHUNK];
             for (v, &slot) in values.iter_mut().zip(&self.slots[..n]) {
                 *v = self.kv.value(slot, self.kv_head, hd).as_ptr();
             }
-            // SAFETY: AVX2 present; `acc` and every value hold `hd` values.
-            unsafe { simd::weighted_sum(&mut self.acc[..hd], weights, &values[..n]) };
+            // SAFETY: AVX2 present; `acc` and every value hold `hd` values,
+            // a multiple of 8. One row: the same operations as a grouped row.
+            unsafe {
+                simd::grouped_sum(
+                    &[self.acc.as_mut_ptr()],
+                    std::slice::from_ref(weights),
+                    &values[..n],
+                    hd,
+                )
+            };
         } else {
-            for (&w, &slot) in weights.iter().zip(&self.slots[..n]) {
+            for (&w, &slot) in weights[..n].iter().zip(&self.slots[..n]) {
                 let v = self.kv.value(slot, self.kv_head, hd);
                 for (a, &x) in self.acc[..hd].iter_mut().zip(v) {
                     *a += w * x;
@@ -167,7 +176,7 @@ impl<'a, const HD: usize> OnlineSoftmax<'a, HD> {
     #[inline(always)]
     fn finish(mut self, seq: &SeqRun, i: usize, block_size: usize, skip: usize, out: &mut [f32]) {
         for pos in skip..seq.num_cached {
-            self.push(seq.block_table[pos / block_size].index() * block_size + pos % block_size);
+            self.push(seq.cached_slot(pos, block_size));
         }
         if let Some(extra) = seq.extra_slots.get(i) {
             for &slot in extra {
@@ -204,8 +213,7 @@ fn grouped_chunks<const HD: usize>(rows: &mut [OnlineSoftmax<'_, HD>], seq: &Seq
     for start in (0..whole).step_by(CHUNK) {
         let mut slots = [0usize; CHUNK];
         for (j, slot) in slots.iter_mut().enumerate() {
-            let pos = start + j;
-            *slot = seq.block_table[pos / block_size].index() * block_size + pos % block_size;
+            *slot = seq.cached_slot(start + j, block_size);
         }
         for (row, w) in rows.iter_mut().zip(weights.iter_mut()) {
             row.slots = slots;
@@ -266,11 +274,10 @@ pub fn paged_attention(
         t = end;
     }
     let avx2 = has_avx2() && head_dim % 8 == 0;
-    let out_ptr = SyncPtr(out.as_mut_ptr());
-    let out_len = out.len();
+    let shared = crate::par::SharedOut::new(out);
     tasks.into_par_iter().for_each(|(tokens, kv_head)| {
         // SAFETY: each task writes only the (token, head) rows it owns.
-        let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), out_len) };
+        let out = unsafe { shared.slice() };
         let task = Task {
             q,
             batch,
@@ -291,17 +298,6 @@ pub fn paged_attention(
 
 /// Query rows per task (tokens x heads sharing a KV head), at least one token.
 const GROUP_TASK_ROWS: usize = 12;
-
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-// SAFETY: used only for disjoint writes from parallel tasks.
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-impl SyncPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// Tokens `tokens` (consecutive, one sequence) and the query heads of
 /// `kv_head`.
@@ -343,12 +339,16 @@ impl Task<'_> {
         let heads = self.kv_head * group..(self.kv_head + 1) * group;
         let seq = &self.batch.seqs[self.token_owner[self.tokens.start].0];
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut rows: Vec<OnlineSoftmax<'_, HD>> = self
+        let cells: Vec<(usize, usize)> = self
             .tokens
             .clone()
             .flat_map(|t| heads.clone().map(move |h| (t, h)))
-            .map(|(t, h)| OnlineSoftmax {
-                q: &self.q[(t * num_heads + h) * hd..(t * num_heads + h + 1) * hd],
+            .collect();
+        let row_of = |(t, h): (usize, usize)| (t * num_heads + h) * hd..(t * num_heads + h + 1) * hd;
+        let mut rows: Vec<OnlineSoftmax<'_, HD>> = cells
+            .iter()
+            .map(|&cell| OnlineSoftmax {
+                q: &self.q[row_of(cell)],
                 kv: self.kv,
                 kv_head: self.kv_head,
                 scale,
@@ -361,14 +361,16 @@ impl Task<'_> {
             })
             .collect();
         #[cfg(target_arch = "x86_64")]
-        let skip = if avx2 { grouped_chunks(&mut rows, seq, block_size) } else { 0 };
+        let skip = if avx2 {
+            grouped_chunks(&mut rows, seq, block_size)
+        } else {
+            0
+        };
         #[cfg(not(target_arch = "x86_64"))]
         let skip = 0;
-        let cells = self.tokens.clone().flat_map(|t| heads.clone().map(move |h| (t, h)));
-        for (row, (t, h)) in rows.into_iter().zip(cells) {
-            let i = self.token_owner[t].1;
-            let dst = &mut out[(t * num_heads + h) * hd..(t * num_heads + h + 1) * hd];
-            row.finish(seq, i, block_size, skip, dst);
+        for (row, cell) in rows.into_iter().zip(cells) {
+            let i = self.token_owner[cell.0].1;
+            row.finish(seq, i, block_size, skip, &mut out[row_of(cell)]);
         }
     }
 }
@@ -419,8 +421,8 @@ mod simd {
     pub const GROUP_ROWS: usize = 12;
 
     /// For each row `r`: `accs[r] += sum_j w[r][j] values[j]`, 8 columns at
-    /// a time for all rows, each value loaded once. Per row and column the
-    /// same fused multiply-adds in the same order as [`weighted_sum`].
+    /// a time for all rows, each value loaded once; per row and column the
+    /// fused multiply-adds run in key order whatever the number of rows.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn grouped_sum(accs: &[*mut f32], w: &[[f32; super::CHUNK]], values: &[*const f32], hd: usize) {
@@ -460,32 +462,6 @@ mod simd {
             c += 8;
         }
     }
-
-    /// `acc += sum_j w[j] values[j]`, 64 columns of `acc` held in registers
-    /// across all values at a time.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_sum(acc: &mut [f32], w: &[f32], values: &[*const f32]) {
-        let hd = acc.len();
-        let mut c = 0;
-        while c < hd {
-            let width = (hd - c).min(64) / 8;
-            let mut r = [_mm256_setzero_ps(); 8];
-            for (l, reg) in r.iter_mut().enumerate().take(width) {
-                *reg = _mm256_loadu_ps(acc.as_ptr().add(c + 8 * l));
-            }
-            for (&wj, v) in w.iter().zip(values) {
-                let wv = _mm256_set1_ps(wj);
-                for (l, reg) in r.iter_mut().enumerate().take(width) {
-                    *reg = _mm256_fmadd_ps(wv, _mm256_loadu_ps(v.add(c + 8 * l)), *reg);
-                }
-            }
-            for (l, reg) in r.iter().enumerate().take(width) {
-                _mm256_storeu_ps(acc.as_mut_ptr().add(c + 8 * l), *reg);
-            }
-            c += 8 * width;
-        }
-    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -493,7 +469,7 @@ mod simd {
     pub unsafe fn dots(_: *const f32, _: &[*const f32], _: usize, _: &mut [f32]) {
         unreachable!("AVX2 only on x86-64")
     }
-    pub unsafe fn weighted_sum(_: &mut [f32], _: &[f32], _: &[*const f32]) {
+    pub unsafe fn grouped_sum(_: &[*mut f32], _: &[[f32; super::CHUNK]], _: &[*const f32], _: usize) {
         unreachable!("AVX2 only on x86-64")
     }
     pub const GROUP_ROWS: usize = 12;

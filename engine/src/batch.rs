@@ -85,6 +85,12 @@ impl SeqRun {
         self
     }
 
+    /// The KV slot of cached position `pos` (below `num_cached`).
+    #[inline]
+    pub fn cached_slot(&self, pos: usize, block_size: usize) -> usize {
+        self.block_table[pos / block_size].index() * block_size + pos % block_size
+    }
+
     pub fn len(&self) -> usize {
         self.token_ids.len()
     }

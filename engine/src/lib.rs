@@ -11,6 +11,7 @@ pub mod lease;
 pub mod metrics;
 pub mod model;
 pub mod ops;
+mod par;
 pub mod qgemm;
 pub mod runner;
 pub mod sampler;

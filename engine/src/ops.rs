@@ -198,7 +198,10 @@ mod tests {
         silu_mul(&mut got, &up);
         for ((g, &v), &u) in got.iter().zip(&x).zip(&up) {
             let want = (v as f64 / (1.0 + (-v as f64).exp()) * u as f64) as f32;
-            assert!((g - want).abs() <= 1e-6 * (1.0 + want.abs()), "silu({v}): {g} vs {want}");
+            assert!(
+                (g - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "silu({v}): {g} vs {want}"
+            );
         }
         let want = x.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln() as f32;
         let got = log_sum_exp(&x);

@@ -102,11 +102,10 @@ impl EngineHandle {
 
     /// Starts a call under `lease_id`; the guard ends it.
     fn begin(&self, lease_id: u64) -> Result<LeaseCall<'_>, Status> {
-        let partition = self.leases().begin(lease_id, Instant::now()).ok_or_else(|| {
-            Status::failed_precondition(format!(
-                "KV lease {lease_id} is not held (expired or replaced): attach again"
-            ))
-        })?;
+        let partition = self
+            .leases()
+            .begin(lease_id, Instant::now())
+            .ok_or_else(|| lease_lost(lease_id))?;
         Ok(LeaseCall {
             handle: self,
             lease_id,
@@ -128,6 +127,12 @@ impl EngineHandle {
             .map_err(|_| Status::unavailable("engine thread stopped"))?;
         rx.await.map_err(|_| Status::unavailable("engine thread stopped"))
     }
+}
+
+fn lease_lost(lease_id: u64) -> Status {
+    Status::failed_precondition(format!(
+        "KV lease {lease_id} is not held (expired or replaced): attach again"
+    ))
 }
 
 /// A call under a lease, ended when dropped.
@@ -214,9 +219,7 @@ impl EngineService for EngineHandle {
         }
         let lease_id = request.into_inner().lease_id;
         if lease_id != 0 && !self.leases().renew(lease_id, Instant::now()) {
-            return Err(Status::failed_precondition(format!(
-                "KV lease {lease_id} is not held (expired or replaced): attach again"
-            )));
+            return Err(lease_lost(lease_id));
         }
         Ok(Response::new(self.info.clone()))
     }
@@ -263,15 +266,16 @@ impl EngineService for EngineHandle {
         }
         let call = self.begin(request.lease_id)?;
         let seqs = {
-            let leases = self.leases();
-            request
+            let mut leases = self.leases();
+            let seqs = request
                 .seqs
                 .into_iter()
                 .map(|s| seq_step_from_proto(s, call.partition, &leases))
-                .collect::<Result<Vec<SeqStep>, Status>>()?
+                .collect::<Result<Vec<SeqStep>, Status>>()?;
+            let ran: Vec<u64> = seqs.iter().map(|s| s.seq_id.0).collect();
+            leases.track(call.lease_id, &ran, &[]);
+            seqs
         };
-        let ran: Vec<u64> = seqs.iter().map(|s| s.seq_id.0).collect();
-        self.leases().track(call.lease_id, &ran, &[]);
         let results = self.call(|reply| Command::Step(seqs, reply)).await??;
         Ok(Response::new(pb::StepResponse {
             seqs: results.into_iter().map(seq_result_to_proto).collect(),

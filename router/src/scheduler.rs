@@ -224,7 +224,8 @@ pub struct Scheduler {
 fn router_id(index: usize) -> u64 {
     static BASE: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
     use std::hash::BuildHasher;
-    BASE.get_or_init(std::hash::RandomState::new).hash_one((std::process::id(), index))
+    BASE.get_or_init(std::hash::RandomState::new)
+        .hash_one((std::process::id(), index))
 }
 
 /// `host:pid`, for the engine's logs.
@@ -348,10 +349,6 @@ impl Scheduler {
             Ok(Ok(info)) => info.into_inner(),
             _ => return false,
         };
-        if info.num_kv_blocks < 2 {
-            tracing::error!(engine = self.index, "engine reports {} KV blocks", info.num_kv_blocks);
-            return false;
-        }
         // Our partition of the engine's KV blocks; attaching again after a
         // failure replaces our old lease, and the engine releases the
         // sequences it still held for us.

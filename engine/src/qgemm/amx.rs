@@ -121,7 +121,11 @@ impl Strips {
             four_bit,
             data: Vec::new(),
             d: vec![0.0; rows.div_ceil(TILE) * nb * TILE],
-            m: if m.is_some() { vec![0.0; rows.div_ceil(TILE) * nb * TILE] } else { Vec::new() },
+            m: if m.is_some() {
+                vec![0.0; rows.div_ceil(TILE) * nb * TILE]
+            } else {
+                Vec::new()
+            },
         };
         out.data = vec![0u8; out.strips() * out.strip_bytes()];
         let strip_bytes = out.strip_bytes();
@@ -172,19 +176,19 @@ impl AmxRows {
     }
 }
 
-/// `out (x.rows, w.rows) = x · wᵀ`: tiles for 4 token rows or more, the
-/// AVX-512 VNNI kernel below that; the same bits either way.
+/// `out (x.rows, w.rows) = x · wᵀ`: tiles from [`MIN_TILE_ROWS`] token rows
+/// on, the AVX-512 VNNI kernel below that; the same bits either way.
 pub fn matmul(w: &Strips, x: &Q8Rows, out: &mut [f32]) {
     assert!(available(), "AMX kernel chosen on a CPU without AMX");
     assert_eq!(x.cols, w.cols, "inner dimensions differ");
     assert_eq!(out.len(), x.rows * w.rows);
-    let out_ptr = super::SyncPtr(out.as_mut_ptr());
+    let shared = crate::par::SharedOut::new(out);
     let tiles = x.rows >= MIN_TILE_ROWS;
     let xa = if tiles { Some(x.amx()) } else { None };
     (0..w.strips()).into_par_iter().with_min_len(2).for_each(|s| {
         // SAFETY: each strip writes only its own columns of `out`, which
         // outlives the loop; `available()` checked the CPU and the kernel.
-        let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), x.rows * w.rows) };
+        let out = unsafe { shared.slice() };
         match xa {
             Some(xa) => UNPACKED.with(|buf| unsafe { strip_tiles(w, s, x, xa, out, &mut buf.borrow_mut()) }),
             None => unsafe { strip_rows(w, s, x, out) },
@@ -204,36 +208,37 @@ unsafe fn block_update(acc: __m512, sums: __m512i, dw: __m512, dx: f32, offsets:
     }
 }
 
+/// Group `j` of 4-bit block `b` in a strip at `base`: 16 rows x 4 values,
+/// one byte each (the block's nibbles of its pair's group).
+#[inline(always)]
+unsafe fn four_bit_group(base: *const u8, b: usize, j: usize) -> __m512i {
+    let v = _mm512_loadu_si512(base.add((b / 2) * STRIP_BLOCK + j * 64) as *const _);
+    let v = if b % 2 == 0 { v } else { _mm512_srli_epi16(v, 4) };
+    _mm512_and_si512(v, _mm512_set1_epi8(0x0F))
+}
+
 /// Stores the first `valid` lanes of `v` at `dst`.
 #[inline(always)]
 unsafe fn store_lanes(dst: *mut f32, v: __m512, valid: usize) {
     _mm512_mask_storeu_ps(dst, ((1u32 << valid) - 1) as u16, v);
 }
 
-/// Strip `s` against one to three token rows: per block, eight `vpdpbusd`
-/// of the strip's bytes with the token row's 4-value groups broadcast.
+/// Strip `s` against a few token rows: per block, eight `vpdpbusd` of the
+/// strip's bytes with the token row's 4-value groups broadcast.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,fma")]
 unsafe fn strip_rows(w: &Strips, s: usize, x: &Q8Rows, out: &mut [f32]) {
     let (k, nb, n) = (w.cols, w.nblocks(), w.rows);
     let valid = TILE.min(n - s * TILE);
     let base = w.data.as_ptr().add(s * w.strip_bytes());
-    let low = _mm512_set1_epi8(0x0F);
     for xr in 0..x.rows {
         let xq = x.quants.as_ptr().add(xr * k);
         let mut acc = _mm512_setzero_ps();
         for b in 0..nb {
             let mut sums = _mm512_setzero_si512();
             if w.four_bit {
-                let unit = base.add((b / 2) * STRIP_BLOCK);
                 for j in 0..8 {
-                    let v = _mm512_loadu_si512(unit.add(j * 64) as *const _);
-                    let wq = if b % 2 == 0 {
-                        _mm512_and_si512(v, low)
-                    } else {
-                        _mm512_and_si512(_mm512_srli_epi16(v, 4), low)
-                    };
                     let xb = _mm512_set1_epi32((xq.add(b * BLOCK + 4 * j) as *const i32).read_unaligned());
-                    sums = _mm512_dpbusd_epi32(sums, wq, xb);
+                    sums = _mm512_dpbusd_epi32(sums, four_bit_group(base, b, j), xb);
                 }
             } else {
                 let unit = base.add(b * STRIP_BLOCK);
@@ -295,16 +300,9 @@ unsafe fn strip_tiles(w: &Strips, s: usize, x: &Q8Rows, xa: &AmxRows, out: &mut 
         if buf.len() < nb * STRIP_BLOCK {
             buf.resize(nb * STRIP_BLOCK, 0);
         }
-        let low = _mm512_set1_epi8(0x0F);
         for b in 0..nb {
-            let unit = base.add((b / 2) * STRIP_BLOCK);
             for j in 0..8 {
-                let v = _mm512_loadu_si512(unit.add(j * 64) as *const _);
-                let q = if b % 2 == 0 {
-                    _mm512_and_si512(v, low)
-                } else {
-                    _mm512_and_si512(_mm512_srli_epi16(v, 4), low)
-                };
+                let q = four_bit_group(base, b, j);
                 _mm512_storeu_si512(buf.as_mut_ptr().add(b * STRIP_BLOCK + j * 64) as *mut _, q);
             }
         }
@@ -325,7 +323,11 @@ unsafe fn strip_tiles(w: &Strips, s: usize, x: &Q8Rows, xa: &AmxRows, out: &mut 
                 let bb = first + h;
                 let at = (s * nb + bb) * TILE;
                 let dw = _mm512_loadu_ps(w.d.as_ptr().add(at));
-                let mw = if w.four_bit { _mm512_loadu_ps(w.m.as_ptr().add(at)) } else { dw };
+                let mw = if w.four_bit {
+                    _mm512_loadu_ps(w.m.as_ptr().add(at))
+                } else {
+                    dw
+                };
                 let block = buf.add(h * TILE * TILE);
                 for (xl, acc) in acc.iter_mut().enumerate() {
                     let row = g * TILE + xl;

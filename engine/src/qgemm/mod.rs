@@ -97,7 +97,7 @@ pub struct Q8Rows {
     pub quants: Vec<i8>,
     /// Per block: `scale * sum(quants)` (the offset term of 4-bit weights).
     pub scaled_sums: Vec<f32>,
-    /// The rows in the AMX tile layout, packed on first use.
+    /// The rows padded to whole AMX tiles, built on first use.
     #[cfg(target_arch = "x86_64")]
     amx: std::sync::OnceLock<amx::AmxRows>,
 }
@@ -138,7 +138,8 @@ unsafe fn quantize_avx2(x: &[f32], scales: &mut [f32], quants: &mut [i8], scaled
         // the permute puts the 32 values back in order.
         let w01 = _mm256_packs_epi32(i[0], i[1]);
         let w23 = _mm256_packs_epi32(i[2], i[3]);
-        let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        let bytes =
+            _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256(quants.as_mut_ptr().add(b * BLOCK) as *mut __m256i, bytes);
         let pairs = _mm256_add_epi32(_mm256_madd_epi16(w01, ones), _mm256_madd_epi16(w23, ones));
         let s = _mm_add_epi32(_mm256_castsi256_si128(pairs), _mm256_extracti128_si256(pairs, 1));
@@ -150,9 +151,8 @@ unsafe fn quantize_avx2(x: &[f32], scales: &mut [f32], quants: &mut [i8], scaled
 }
 
 /// Quantizes each block of 32 to `round(v / d)` with `d = max|v| / 127`.
-#[inline(always)]
-fn quantize_into(src: &[f32], scales: &mut Vec<f32>, quants: &mut Vec<i8>) {
-    for block in src.chunks_exact(BLOCK) {
+fn quantize_blocks(src: &[f32], scales: &mut [f32], quants: &mut [i8]) {
+    for ((block, d), q) in src.chunks_exact(BLOCK).zip(scales).zip(quants.chunks_exact_mut(BLOCK)) {
         // Eight running maxima, so that the loop vectorizes.
         let mut lanes = [0.0f32; 8];
         for eight in block.chunks_exact(8) {
@@ -160,15 +160,11 @@ fn quantize_into(src: &[f32], scales: &mut Vec<f32>, quants: &mut Vec<i8>) {
                 *m = m.max(v.abs());
             }
         }
-        let amax = lanes.iter().fold(0.0f32, |m, &v| m.max(v));
-        let d = amax / 127.0;
-        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        scales.push(d);
-        let mut q = [0i8; BLOCK];
+        *d = lanes.iter().fold(0.0f32, |m, &v| m.max(v)) / 127.0;
+        let inv = if *d > 0.0 { 1.0 / *d } else { 0.0 };
         for (q, v) in q.iter_mut().zip(block) {
             *q = (v * inv).round() as i8;
         }
-        quants.extend_from_slice(&q);
     }
 }
 
@@ -195,19 +191,9 @@ impl Q8Rows {
             unsafe { quantize_avx2(x, &mut scales, &mut quants, &mut scaled_sums) };
             return Self::from_parts(rows, cols, scales, quants, scaled_sums);
         }
-        for (((block, d), q), ss) in x
-            .chunks_exact(BLOCK)
-            .zip(&mut scales)
-            .zip(quants.chunks_exact_mut(BLOCK))
-            .zip(&mut scaled_sums)
-        {
-            let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            *d = amax / 127.0;
-            let inv = if *d > 0.0 { 1.0 / *d } else { 0.0 };
-            for (q, v) in q.iter_mut().zip(block) {
-                *q = (v * inv).round() as i8;
-            }
-            *ss = *d * q.iter().map(|&v| v as i32).sum::<i32>() as f32;
+        quantize_blocks(x, &mut scales, &mut quants);
+        for ((ss, &d), q) in scaled_sums.iter_mut().zip(&scales).zip(quants.chunks_exact(BLOCK)) {
+            *ss = d * q.iter().map(|&v| v as i32).sum::<i32>() as f32;
         }
         Self::from_parts(rows, cols, scales, quants, scaled_sums)
     }
@@ -236,9 +222,9 @@ impl Q8Matrix {
     pub fn from_f32(w: &[f32], rows: usize, cols: usize) -> Self {
         assert_eq!(w.len(), rows * cols);
         assert_eq!(cols % BLOCK, 0, "columns must be a multiple of {BLOCK}");
-        let mut scales = Vec::with_capacity(rows * cols / BLOCK);
-        let mut quants = Vec::with_capacity(rows * cols);
-        quantize_into(w, &mut scales, &mut quants);
+        let mut scales = vec![0.0; rows * cols / BLOCK];
+        let mut quants = vec![0i8; rows * cols];
+        quantize_blocks(w, &mut scales, &mut quants);
         Q8Matrix {
             rows,
             cols,
@@ -304,14 +290,14 @@ pub(crate) fn run_tiles<W: TileKernel>(w: &W, x: &Q8Rows, out: &mut [f32], kind:
     assert_eq!(out.len(), x.rows * w.rows());
     let m = x.rows;
     let n = w.rows();
-    let out_ptr = SyncPtr(out.as_mut_ptr());
+    let shared = crate::par::SharedOut::new(out);
     let num_tasks = n.div_ceil(TASK_ROWS);
     (0..num_tasks).into_par_iter().for_each(|t| {
         let n0 = t * TASK_ROWS;
         let n1 = (n0 + TASK_ROWS).min(n);
         // SAFETY: each task writes only columns n0..n1 of `out`, which no
         // other task touches; `out` outlives the parallel loop.
-        let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), m * n) };
+        let out = unsafe { shared.slice() };
         let mut nb = n0;
         while nb < n1 {
             let nr = NR.min(n1 - nb);
@@ -356,24 +342,13 @@ impl TileKernel for Q8Matrix {
     }
 }
 
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-// SAFETY: used only for disjoint writes from parallel tasks (see matmul_q8).
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-impl SyncPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// Which micro-kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelKind {
     Scalar,
     Avx2,
     Avx512,
-    /// Intel AMX tiles from 4 token rows, AVX-512 VNNI below (same bits).
+    /// Intel AMX tiles from 8 token rows, AVX-512 VNNI below (same bits).
     Amx,
 }
 
@@ -682,10 +657,10 @@ mod tests {
                 (0..nb).map(|_| rng.f() * 0.5).collect(),
                 &(0..n * k).map(|_| (rng.next_u32() % 16) as u8).collect::<Vec<_>>(),
             );
-            let products: [&dyn Fn(&Q8Rows, &mut [f32]); 2] = [
-                &|xq, out| q8.matmul_q8(xq, out, KernelKind::Amx),
-                &|xq, out| q4.matmul_q8(xq, out, KernelKind::Amx),
-            ];
+            let products: [&dyn Fn(&Q8Rows, &mut [f32]); 2] =
+                [&|xq, out| q8.matmul_q8(xq, out, KernelKind::Amx), &|xq, out| {
+                    q4.matmul_q8(xq, out, KernelKind::Amx)
+                }];
             for (which, product) in products.iter().enumerate() {
                 let mut together = vec![0.0; m * n];
                 product(&Q8Rows::quantize(&x, m), &mut together);
