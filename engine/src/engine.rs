@@ -20,6 +20,7 @@ use crate::sampler::{SampledToken, Sampler, SamplingParams};
 use crate::spec::budget::{select, RateModel, SeqCandidates};
 use crate::spec::calibrate::rank_label;
 use crate::spec::drafter::{DraftInput, Drafter, ModelDrafter, NgramDrafter, TargetView};
+use crate::spec::head::DraftHead;
 use crate::spec::tree::{grow, DraftTree};
 use crate::spec::verify::{accept, AcceptRule};
 use crate::spec::{CostCurve, SpecMode, SpecOutcome, SpecPolicy};
@@ -60,6 +61,8 @@ pub enum DrafterKind {
     },
     /// A separate model with the target's vocabulary.
     Model(Box<Model>),
+    /// An EAGLE-style draft head on the target's features.
+    Head(Box<DraftHead>),
 }
 
 /// Speculation settings of an engine.
@@ -183,6 +186,7 @@ impl Engine {
     pub fn with_speculation(model: Model, config: EngineConfig, spec: Option<SpecSetup>) -> Result<Self> {
         let draft_bytes = match spec.as_ref().map(|s| &s.drafter) {
             Some(DrafterKind::Model(m)) => ModelDrafter::bytes_per_block(m, config.block_size),
+            Some(DrafterKind::Head(h)) => h.bytes_per_block(config.block_size),
             _ => 0,
         };
         let target_bytes = ModelDrafter::bytes_per_block(&model, config.block_size);
@@ -224,6 +228,16 @@ impl Engine {
                 ModelDrafter::with_model(*m, layout, engine.model.config().vocab_size, DRAFT_SCRATCH_SLOTS)?
                     .with_entropy_top_k(k),
             ),
+            DrafterKind::Head(h) => {
+                if h.hidden_size() != engine.model.config().hidden_size {
+                    return Err(EngineError::Config(format!(
+                        "the draft head's hidden size is {}, the target's {}",
+                        h.hidden_size(),
+                        engine.model.config().hidden_size
+                    )));
+                }
+                Box::new(ModelDrafter::with_head(*h, layout, DRAFT_SCRATCH_SLOTS).with_entropy_top_k(k))
+            }
         };
         let curve = match setup.cost_curve {
             Some(c) => c,
@@ -448,8 +462,30 @@ impl Engine {
         }
 
         let forward_start = Instant::now();
-        let logits = self.model.forward(&batch, &mut self.kv)?;
+        let wants_features = self.spec.as_ref().is_some_and(|s| s.drafter.wants_features());
+        let (logits, features) = if wants_features {
+            self.model.forward_with_features(&batch, &mut self.kv)?
+        } else {
+            (self.model.forward(&batch, &mut self.kv)?, Vec::new())
+        };
         let forward_secs = forward_start.elapsed().as_secs_f64();
+        // Features of the tokens now committed to KV: (slot, batch token).
+        let mut feature_slots: Vec<(usize, usize)> = Vec::new();
+        let mut token_start = Vec::with_capacity(seqs.len());
+        let mut next_token = 0;
+        for (run, s) in batch.seqs.iter().zip(seqs) {
+            token_start.push(next_token);
+            if wants_features {
+                let m = s.new_token_ids.len();
+                feature_slots.extend(
+                    run.slots[..m]
+                        .iter()
+                        .enumerate()
+                        .map(|(t, &slot)| (slot, next_token + t)),
+                );
+            }
+            next_token += run.len();
+        }
         let vocab = self.model.config().vocab_size;
         let mut row_start = Vec::with_capacity(seqs.len());
         let mut next_row = 0;
@@ -515,6 +551,11 @@ impl Engine {
                 })
                 .collect();
             self.kv.copy_slots(&src, &dst);
+            if wants_features {
+                for (v, &slot) in accepted.nodes.iter().zip(&dst) {
+                    feature_slots.push((slot, token_start[i] + s.new_token_ids.len() + rows[v] - 1));
+                }
+            }
             let n_acc = accepted.nodes.len();
             predicted += plan
                 .nodes
@@ -540,6 +581,17 @@ impl Engine {
                     let last = accepted.nodes.last().map(|&v| plan.tree.nodes[v].score);
                     log.push((plan.entropy, rank_label(&scores, last)));
                 }
+            }
+        }
+        if wants_features {
+            let h = self.model.config().hidden_size;
+            let mut values = Vec::with_capacity(feature_slots.len() * h);
+            for &(_, t) in &feature_slots {
+                values.extend_from_slice(&features[t * h..(t + 1) * h]);
+            }
+            let slots: Vec<usize> = feature_slots.iter().map(|f| f.0).collect();
+            if let Some(spec) = &mut self.spec {
+                spec.drafter.observe_features(&slots, &values);
             }
         }
         if !plans.is_empty() {

@@ -78,13 +78,14 @@ enum LinearWeight {
     Q4(Q4Matrix),
 }
 
-struct Linear {
+/// A matrix `(out, in)` applied to rows.
+pub(crate) struct Linear {
     weight: LinearWeight,
     out_features: usize,
 }
 
 impl Linear {
-    fn new(tensor: QTensor, format: WeightFormat) -> Result<Self> {
+    pub(crate) fn new(tensor: QTensor, format: WeightFormat) -> Result<Self> {
         let out_features = tensor.shape().dims()[0];
         let in_features = tensor.shape().dims()[1];
         if format == WeightFormat::Native {
@@ -121,6 +122,10 @@ impl Linear {
     }
 
     /// `x (rows, in) -> (rows, out)`.
+    pub(crate) fn apply(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        self.forward(&LinearInput::new(x, rows))
+    }
+
     fn forward(&self, input: &LinearInput<'_>) -> Result<Vec<f32>> {
         let (x, rows) = (input.x, input.rows);
         match &self.weight {
@@ -166,8 +171,11 @@ impl<'a> LinearInput<'a> {
     }
 }
 
-struct Layer {
-    attn_norm: Vec<f32>,
+/// One decoder layer.
+pub(crate) struct Layer {
+    /// `None`: the layer reads its input unnormalised (an EAGLE head's
+    /// first layer, whose input is already a projected feature).
+    attn_norm: Option<Vec<f32>>,
     wq: Linear,
     wk: Linear,
     wv: Linear,
@@ -270,7 +278,7 @@ impl Model {
             let p = |n: &str| format!("blk.{i}.{n}.weight");
             let (q, kv, ff) = (config.q_size(), config.kv_size(), config.intermediate_size);
             layers.push(Layer {
-                attn_norm: vector(take(&p("attn_norm"), &[h])?)?,
+                attn_norm: Some(vector(take(&p("attn_norm"), &[h])?)?),
                 wq: Linear::new(take(&p("attn_q"), &[q, h])?, format)?,
                 wk: Linear::new(take(&p("attn_k"), &[kv, h])?, format)?,
                 wv: Linear::new(take(&p("attn_v"), &[kv, h])?, format)?,
@@ -305,13 +313,49 @@ impl Model {
     /// slots and returns the logits rows asked for, `(rows, vocab)` flat, in
     /// batch order.
     pub fn forward(&self, batch: &RaggedBatch, kv: &mut KvStorage) -> Result<Vec<f32>> {
-        self.forward_layers(batch, kv, self.layers.len())
+        Ok(self.forward_impl(batch, kv, self.layers.len(), false)?.0)
+    }
+
+    /// [`Model::forward`] that also returns every new token's final hidden
+    /// state after the output norm, `(tokens, hidden)` flat in batch order:
+    /// the features a draft head reads.
+    pub fn forward_with_features(&self, batch: &RaggedBatch, kv: &mut KvStorage) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.forward_impl(batch, kv, self.layers.len(), true)
     }
 
     /// [`Model::forward`] through the first `num_layers` layers only, then
     /// the output norm and head (a layer-skip self-draft). Writes K/V of
     /// those layers only.
     pub fn forward_layers(&self, batch: &RaggedBatch, kv: &mut KvStorage, num_layers: usize) -> Result<Vec<f32>> {
+        Ok(self.forward_impl(batch, kv, num_layers, false)?.0)
+    }
+
+    /// The embedding rows of `tokens`, `(tokens, hidden)` flat.
+    pub fn embed(&self, tokens: impl IntoIterator<Item = u32>) -> Vec<f32> {
+        let h = self.config.hidden_size;
+        let mut x = Vec::new();
+        for t in tokens {
+            x.extend_from_slice(&self.embeddings[t as usize * h..(t as usize + 1) * h]);
+        }
+        x
+    }
+
+    /// The output layer on rows that are already normed, `(rows, vocab)`.
+    pub fn logits_from_features(&self, features: &[f32]) -> Result<Vec<f32>> {
+        let rows = features.len() / self.config.hidden_size;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        self.lm_head.forward(&LinearInput::new(features, rows))
+    }
+
+    fn forward_impl(
+        &self,
+        batch: &RaggedBatch,
+        kv: &mut KvStorage,
+        num_layers: usize,
+        want_features: bool,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
         let c = &self.config;
         let layout = kv.layout();
         for seq in &batch.seqs {
@@ -319,77 +363,148 @@ impl Model {
         }
         let n = batch.num_tokens();
         if n == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let h = c.hidden_size;
-        let (qs, kvs) = (c.q_size(), c.kv_size());
-        let token_owner: Vec<(usize, usize)> = batch
-            .seqs
-            .iter()
-            .enumerate()
-            .flat_map(|(s, run)| (0..run.len()).map(move |i| (s, i)))
-            .collect();
-        let slots: Vec<usize> = batch.seqs.iter().flat_map(|s| s.slots.iter().copied()).collect();
-        let rope = RopeTable::new(
-            batch.seqs.iter().flat_map(|s| s.positions.iter().copied()),
-            c.head_dim,
-            c.rope_theta,
-        );
-        let shape = HeadShape {
-            num_heads: c.num_heads,
-            num_kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-            block_size: layout.block_size,
-        };
-
-        let mut x = Vec::with_capacity(n * h); // (tokens, hidden)
-        for seq in &batch.seqs {
-            for &t in &seq.token_ids {
-                x.extend_from_slice(&self.embeddings[t as usize * h..(t as usize + 1) * h]);
-            }
-        }
-        let mut normed = vec![0.0; n * h];
-        let mut attn = vec![0.0; n * qs]; // (tokens, heads * head_dim)
+        let ctx = ForwardContext::new(batch, c, layout.block_size);
+        let mut x = self.embed(batch.seqs.iter().flat_map(|s| s.token_ids.iter().copied()));
         for (li, layer) in self.layers.iter().take(num_layers).enumerate() {
-            rms_norm_rows(&x, &layer.attn_norm, c.rms_norm_eps, &mut normed);
-            let input = LinearInput::new(&normed, n);
-            let mut q = layer.wq.forward(&input)?; // (tokens, heads, head_dim)
-            let mut k = layer.wk.forward(&input)?; // (tokens, kv_heads, head_dim)
-            let v = layer.wv.forward(&input)?;
-            rope.apply(&mut q, c.num_heads);
-            rope.apply(&mut k, c.num_kv_heads);
-            for (t, &slot) in slots.iter().enumerate() {
-                kv.write(li, slot, &k[t * kvs..(t + 1) * kvs], &v[t * kvs..(t + 1) * kvs]);
-            }
-            paged_attention(&q, batch, &token_owner, kv.layer(li), shape, &mut attn);
-            let o = layer.wo.forward(&LinearInput::new(&attn, n))?;
-            add_into(&mut x, &o);
-
-            rms_norm_rows(&x, &layer.ffn_norm, c.rms_norm_eps, &mut normed);
-            let input = LinearInput::new(&normed, n);
-            let mut gate = layer.w_gate.forward(&input)?; // (tokens, intermediate)
-            let up = layer.w_up.forward(&input)?;
-            silu_mul(&mut gate, &up);
-            let down = layer.w_down.forward(&LinearInput::new(&gate, n))?;
-            add_into(&mut x, &down);
+            layer.forward(&mut x, &ctx, batch, kv, li)?;
         }
 
         let mut rows = Vec::with_capacity(batch.num_logits_rows() * h);
-        let mut offset = 0;
-        for seq in &batch.seqs {
-            for &r in &seq.logits_rows {
-                rows.extend_from_slice(&x[(offset + r) * h..(offset + r + 1) * h]);
+        let features = if want_features {
+            let mut all = vec![0.0; n * h];
+            rms_norm_rows(&x, &self.output_norm, c.rms_norm_eps, &mut all);
+            for r in ctx.logits_token_rows(batch) {
+                rows.extend_from_slice(&all[r * h..(r + 1) * h]);
             }
-            offset += seq.len();
-        }
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
-        let num_rows = rows.len() / h;
-        let mut final_normed = vec![0.0; rows.len()];
-        rms_norm_rows(&rows, &self.output_norm, c.rms_norm_eps, &mut final_normed);
+            all
+        } else {
+            let mut selected = Vec::with_capacity(rows.capacity());
+            for r in ctx.logits_token_rows(batch) {
+                selected.extend_from_slice(&x[r * h..(r + 1) * h]);
+            }
+            rows.resize(selected.len(), 0.0);
+            rms_norm_rows(&selected, &self.output_norm, c.rms_norm_eps, &mut rows);
+            Vec::new()
+        };
         debug_assert_eq!(self.lm_head.out_features, c.vocab_size);
-        self.lm_head.forward(&LinearInput::new(&final_normed, num_rows)) // (rows, vocab)
+        Ok((self.logits_from_features(&rows)?, features)) // (rows, vocab)
+    }
+}
+
+/// What every layer of one forward shares: token owners, KV slots, RoPE.
+pub(crate) struct ForwardContext {
+    n: usize,
+    token_owner: Vec<(usize, usize)>,
+    slots: Vec<usize>,
+    rope: RopeTable,
+    shape: HeadShape,
+    eps: f32,
+}
+
+impl ForwardContext {
+    pub(crate) fn new(batch: &RaggedBatch, c: &ModelConfig, block_size: usize) -> Self {
+        ForwardContext {
+            n: batch.num_tokens(),
+            token_owner: batch
+                .seqs
+                .iter()
+                .enumerate()
+                .flat_map(|(s, run)| (0..run.len()).map(move |i| (s, i)))
+                .collect(),
+            slots: batch.seqs.iter().flat_map(|s| s.slots.iter().copied()).collect(),
+            rope: RopeTable::new(
+                batch.seqs.iter().flat_map(|s| s.positions.iter().copied()),
+                c.head_dim,
+                c.rope_theta,
+            ),
+            shape: HeadShape {
+                num_heads: c.num_heads,
+                num_kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+                block_size,
+            },
+            eps: c.rms_norm_eps,
+        }
+    }
+
+    /// Token indices (in batch order) of the rows that want logits.
+    pub(crate) fn logits_token_rows<'b>(&self, batch: &'b RaggedBatch) -> impl Iterator<Item = usize> + 'b {
+        let mut offset = 0;
+        batch.seqs.iter().flat_map(move |seq| {
+            let start = offset;
+            offset += seq.len();
+            seq.logits_rows.iter().map(move |&r| start + r)
+        })
+    }
+}
+
+impl Layer {
+    /// Weights `[q, k, v, o, gate, up, down]` (out, in) and norms.
+    pub(crate) fn from_parts(
+        attn_norm: Option<Vec<f32>>,
+        ffn_norm: Vec<f32>,
+        [wq, wk, wv, wo, w_gate, w_up, w_down]: [QTensor; 7],
+        format: WeightFormat,
+    ) -> Result<Self> {
+        Ok(Layer {
+            attn_norm,
+            wq: Linear::new(wq, format)?,
+            wk: Linear::new(wk, format)?,
+            wv: Linear::new(wv, format)?,
+            wo: Linear::new(wo, format)?,
+            ffn_norm,
+            w_gate: Linear::new(w_gate, format)?,
+            w_up: Linear::new(w_up, format)?,
+            w_down: Linear::new(w_down, format)?,
+        })
+    }
+
+    /// Attention (writing this layer's K/V at the context's slots into
+    /// `kv` layer `kv_layer`) and the gated MLP, both residual, on `x`
+    /// `(tokens, hidden)`.
+    pub(crate) fn forward(
+        &self,
+        x: &mut [f32],
+        ctx: &ForwardContext,
+        batch: &RaggedBatch,
+        kv: &mut KvStorage,
+        kv_layer: usize,
+    ) -> Result<()> {
+        let (n, shape) = (ctx.n, ctx.shape);
+        let kvs = shape.num_kv_heads * shape.head_dim;
+        let mut normed = vec![0.0; x.len()];
+        let input = match &self.attn_norm {
+            Some(w) => {
+                rms_norm_rows(x, w, ctx.eps, &mut normed);
+                LinearInput::new(&normed, n)
+            }
+            None => LinearInput::new(x, n),
+        };
+        let mut q = self.wq.forward(&input)?; // (tokens, heads, head_dim)
+        let mut k = self.wk.forward(&input)?; // (tokens, kv_heads, head_dim)
+        let v = self.wv.forward(&input)?;
+        drop(input);
+        ctx.rope.apply(&mut q, shape.num_heads);
+        ctx.rope.apply(&mut k, shape.num_kv_heads);
+        for (t, &slot) in ctx.slots.iter().enumerate() {
+            kv.write(kv_layer, slot, &k[t * kvs..(t + 1) * kvs], &v[t * kvs..(t + 1) * kvs]);
+        }
+        let mut attn = vec![0.0; n * shape.num_heads * shape.head_dim];
+        paged_attention(&q, batch, &ctx.token_owner, kv.layer(kv_layer), shape, &mut attn);
+        let o = self.wo.forward(&LinearInput::new(&attn, n))?;
+        add_into(x, &o);
+
+        rms_norm_rows(x, &self.ffn_norm, ctx.eps, &mut normed);
+        let input = LinearInput::new(&normed, n);
+        let mut gate = self.w_gate.forward(&input)?; // (tokens, intermediate)
+        let up = self.w_up.forward(&input)?;
+        silu_mul(&mut gate, &up);
+        let down = self.w_down.forward(&LinearInput::new(&gate, n))?;
+        add_into(x, &down);
+        Ok(())
     }
 }
 

@@ -93,3 +93,63 @@ pub fn random_tensors(config: &ModelConfig, seed: u64) -> Result<ModelTensors> {
 pub fn tiny_model(seed: u64) -> Result<Model> {
     Model::from_tensors(random_tensors(&tiny_config(), seed)?, WeightFormat::AsShipped)
 }
+
+/// Greedy answers of the tiny target `seed` to 24 random prompts, with its
+/// features: training data for a tiny draft head.
+pub fn tiny_training_data(seed: u64) -> Result<Vec<crate::spec::train::TrainSequence>> {
+    use crate::runner::{Runner, TokenRequest};
+    let target = tiny_model(seed)?;
+    let mut engine = crate::Engine::new(
+        tiny_model(seed)?,
+        crate::EngineConfig {
+            block_size: 4,
+            kv_cache_bytes: 8 << 20,
+        },
+    )?;
+    let mut rng = Lcg(seed ^ 77);
+    let requests: Vec<TokenRequest> = (0..24)
+        .map(|_| TokenRequest {
+            prompt: (0..4 + rng.next_u32() as usize % 12)
+                .map(|_| rng.next_u32() % 64)
+                .collect(),
+            sampling: crate::SamplingParams::greedy(),
+            speculation: crate::spec::SpecMode::Off,
+            max_new_tokens: 32,
+            stop_token_ids: vec![],
+        })
+        .collect();
+    let outputs = Runner::new(&mut engine).run(&requests, 8, 16)?;
+    requests
+        .iter()
+        .zip(outputs)
+        .map(|(r, o)| {
+            let tokens = [&r.prompt[..], &o.token_ids].concat();
+            Ok(crate::spec::train::TrainSequence {
+                features: crate::spec::train::target_features(&target, &tokens, 64)?,
+                answer_start: r.prompt.len(),
+                tokens,
+            })
+        })
+        .collect()
+}
+
+/// A draft head for the tiny target `seed`, trained for a few seconds on
+/// its greedy answers (a sub-vocabulary of 48 of its 64 tokens).
+pub fn tiny_head(seed: u64) -> Result<crate::spec::DraftHead> {
+    use crate::spec::train::{frequent_tokens, train, HeadParams, TrainConfig};
+    let target = tiny_model(seed)?;
+    let data = tiny_training_data(seed)?;
+    let (sub_vocab, _) = frequent_tokens(&data, 48, 64);
+    let mut params = HeadParams::init(&target, sub_vocab, 1, candle_core::DType::F32)?;
+    let cfg = TrainConfig {
+        sub_vocab: 48,
+        max_len: 64,
+        batch_size: 8,
+        epochs: 40,
+        learning_rate: 3e-3,
+        warmup_steps: 5,
+        ..TrainConfig::default()
+    };
+    train(&target, &mut params, &data, &cfg, |_, _, _| {})?;
+    crate::spec::DraftHead::new(&params.weights()?, target.config(), WeightFormat::AsShipped)
+}

@@ -18,6 +18,7 @@ use crate::error::{EngineError, Result};
 use crate::kv::{KvLayout, KvStorage};
 use crate::model::Model;
 use crate::ops::log_sum_exp;
+use crate::spec::head::DraftHead;
 use crate::spec::tree::{top_k_entropy, DraftTree};
 
 /// One sequence as a drafter sees it this step.
@@ -66,6 +67,16 @@ pub trait Drafter: Send {
 
     /// Forgets a sequence.
     fn release(&mut self, _seq_id: SeqId) {}
+
+    /// Whether [`Drafter::observe_features`] is wanted (the verify forward
+    /// then also returns the target's final features).
+    fn wants_features(&self) -> bool {
+        false
+    }
+
+    /// The target's final feature of the token now in each KV slot
+    /// (`features` is `(slots, hidden)`), after a forward.
+    fn observe_features(&mut self, _slots: &[usize], _features: &[f32]) {}
 }
 
 /// Prompt lookup: the longest suffix (up to `max_ngram` tokens) of the
@@ -161,6 +172,14 @@ pub enum DraftSource {
     /// The target's first `num_layers` layers, reading and writing the
     /// target's KV of those layers (exact for every committed token).
     SelfLayers { num_layers: usize },
+    /// A draft head with its own one-layer paged KV and the target's final
+    /// feature per KV slot (`features`, `(slots, hidden)`; slots of shared
+    /// prefix blocks share their features like their K/V).
+    Head {
+        head: Box<DraftHead>,
+        kv: KvStorage,
+        features: Vec<f32>,
+    },
 }
 
 /// A drafter that runs a model: draft tree nodes attend to the sequence's
@@ -173,6 +192,8 @@ pub struct ModelDrafter {
     computed: HashMap<SeqId, usize>,
     /// This step's scratch slot of each drafted (sequence, node).
     node_slots: HashMap<(usize, usize), usize>,
+    /// Head source: this step's predicted feature of each drafted node.
+    node_features: HashMap<(usize, usize), Vec<f32>>,
     next_scratch: usize,
 }
 
@@ -205,8 +226,33 @@ impl ModelDrafter {
             entropy_top_k: 8,
             computed: HashMap::new(),
             node_slots: HashMap::new(),
+            node_features: HashMap::new(),
             next_scratch: 0,
         })
+    }
+
+    /// A draft head; `target_layout` is the target's (same blocks).
+    pub fn with_head(head: DraftHead, target_layout: KvLayout, scratch_slots: usize) -> Self {
+        let layout = KvLayout {
+            num_blocks: target_layout.num_blocks,
+            block_size: target_layout.block_size,
+            num_layers: 1,
+            kv_size: head.kv_size(),
+            scratch_slots,
+        };
+        let features = vec![0.0; layout.num_blocks * layout.block_size * head.hidden_size()];
+        ModelDrafter {
+            source: DraftSource::Head {
+                head: Box::new(head),
+                kv: KvStorage::new(layout),
+                features,
+            },
+            entropy_top_k: 8,
+            computed: HashMap::new(),
+            node_slots: HashMap::new(),
+            node_features: HashMap::new(),
+            next_scratch: 0,
+        }
     }
 
     /// Layer-skip self-draft with the target's first `num_layers` layers.
@@ -216,6 +262,7 @@ impl ModelDrafter {
             entropy_top_k: 8,
             computed: HashMap::new(),
             node_slots: HashMap::new(),
+            node_features: HashMap::new(),
             next_scratch: 0,
         }
     }
@@ -236,6 +283,22 @@ impl Drafter for ModelDrafter {
         match self.source {
             DraftSource::Own { .. } => "model",
             DraftSource::SelfLayers { .. } => "self",
+            DraftSource::Head { .. } => "head",
+        }
+    }
+
+    fn wants_features(&self) -> bool {
+        matches!(self.source, DraftSource::Head { .. })
+    }
+
+    fn observe_features(&mut self, slots: &[usize], values: &[f32]) {
+        if let DraftSource::Head { head, features, .. } = &mut self.source {
+            let h = head.hidden_size();
+            for (i, &slot) in slots.iter().enumerate() {
+                if let Some(dst) = features.get_mut(slot * h..(slot + 1) * h) {
+                    dst.copy_from_slice(&values[i * h..(i + 1) * h]);
+                }
+            }
         }
     }
 
@@ -249,10 +312,11 @@ impl Drafter for ModelDrafter {
     ) -> Result<Vec<Proposal>> {
         if requests.iter().any(|r| r.1 == 0) {
             self.node_slots.clear();
+            self.node_features.clear();
             self.next_scratch = 0;
         }
         let (scratch_base, scratch_len, block_size) = match &self.source {
-            DraftSource::Own { kv, .. } => (
+            DraftSource::Own { kv, .. } | DraftSource::Head { kv, .. } => (
                 kv.layout().scratch_slot(0),
                 kv.layout().scratch_slots,
                 kv.layout().block_size,
@@ -269,6 +333,12 @@ impl Drafter for ModelDrafter {
         let mut num_rows = 0;
         let mut seq_order: Vec<usize> = requests.iter().map(|r| r.0).collect();
         seq_order.dedup();
+        // Head source: the input feature of each batch token.
+        let head_hidden = match &self.source {
+            DraftSource::Head { head, .. } => Some(head.hidden_size()),
+            _ => None,
+        };
+        let mut feats: Vec<f32> = Vec::new();
         for &s in &seq_order {
             let input = &inputs[s];
             let tree = &trees[s];
@@ -277,17 +347,42 @@ impl Drafter for ModelDrafter {
             if mine.iter().any(|&i| requests[i].1 == 0) {
                 let start = match &self.source {
                     DraftSource::Own { .. } => self.computed.get(&input.seq_id).copied().unwrap_or(input.num_computed),
+                    // A new sequence's head KV is built from its first token:
+                    // blocks from the prefix cache hold the target's features
+                    // but maybe no head K/V (their first owner may never have
+                    // drafted), and one layer over a prompt is cheap.
+                    DraftSource::Head { .. } => self.computed.get(&input.seq_id).copied().unwrap_or(0),
                     DraftSource::SelfLayers { .. } => input.num_computed,
                 }
                 .min(root_pos);
                 let run = SeqRun::causal(input.tokens[start..].to_vec(), start, input.block_table, block_size)?;
+                if let (Some(h), DraftSource::Head { features, .. }) = (head_hidden, &self.source) {
+                    // Row q reads the target's feature of q - 1, known for
+                    // positions computed before this step (zeros otherwise:
+                    // those rows are redone next step).
+                    for q in start..=root_pos {
+                        if q == 0 || q > input.num_computed {
+                            feats.extend(std::iter::repeat_n(0.0, h));
+                        } else {
+                            let slot = run.cached_slot(q - 1, block_size);
+                            feats.extend_from_slice(&features[slot * h..(slot + 1) * h]);
+                        }
+                    }
+                }
                 for &i in &mine {
                     rows[i] = Some(num_rows);
                 }
                 num_rows += 1;
                 batch.seqs.push(run);
-                if matches!(self.source, DraftSource::Own { .. }) {
-                    self.computed.insert(input.seq_id, input.tokens.len());
+                match self.source {
+                    DraftSource::Own { .. } => {
+                        self.computed.insert(input.seq_id, input.tokens.len());
+                    }
+                    DraftSource::Head { .. } => {
+                        self.computed
+                            .insert(input.seq_id, input.tokens.len().min(input.num_computed + 1));
+                    }
+                    DraftSource::SelfLayers { .. } => {}
                 }
                 continue;
             }
@@ -312,6 +407,13 @@ impl Drafter for ModelDrafter {
                 if self.next_scratch >= scratch_len {
                     continue; // out of scratch: this node is not expanded
                 }
+                if head_hidden.is_some() {
+                    let parent = tree.nodes[node].parent;
+                    let Some(f) = self.node_features.get(&(s, parent)) else {
+                        continue;
+                    };
+                    feats.extend_from_slice(f);
+                }
                 let slot = scratch_base + self.next_scratch;
                 self.next_scratch += 1;
                 self.node_slots.insert((s, node), slot);
@@ -333,12 +435,32 @@ impl Drafter for ModelDrafter {
         let logits = match &mut self.source {
             DraftSource::Own { model, kv } => model.forward(&batch, kv)?,
             DraftSource::SelfLayers { num_layers } => target.model.forward_layers(&batch, target.kv, *num_layers)?,
+            DraftSource::Head { head, kv, .. } => {
+                let (logits, hidden) = head.forward(target.model, &batch, &feats, kv)?;
+                // Each drafted node's predicted feature feeds its children.
+                let h = head.hidden_size();
+                for (i, row) in rows.iter().enumerate() {
+                    if let Some(r) = row {
+                        self.node_features
+                            .insert(requests[i], hidden[r * h..(r + 1) * h].to_vec());
+                    }
+                }
+                logits
+            }
         };
         let vocab = logits.len() / num_rows.max(1);
         let proposals: Vec<Proposal> = rows
             .iter()
             .map(|row| match row {
-                Some(r) => proposal_from_logits(&logits[r * vocab..(r + 1) * vocab], k, self.entropy_top_k),
+                Some(r) => {
+                    let mut p = proposal_from_logits(&logits[r * vocab..(r + 1) * vocab], k, self.entropy_top_k);
+                    if let DraftSource::Head { head, .. } = &self.source {
+                        for c in &mut p.candidates {
+                            c.0 = head.target_token(c.0);
+                        }
+                    }
+                    p
+                }
                 None => Proposal::default(),
             })
             .collect();

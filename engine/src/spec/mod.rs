@@ -9,7 +9,9 @@
 pub mod budget;
 pub mod calibrate;
 pub mod drafter;
+pub mod head;
 pub mod policy;
+pub mod train;
 pub mod tree;
 pub mod verify;
 
@@ -17,6 +19,7 @@ use std::str::FromStr;
 
 pub use budget::{CostCurve, Selection};
 pub use drafter::{DraftInput, Drafter, ModelDrafter, NgramDrafter, Proposal};
+pub use head::{DraftHead, HeadConfig, HeadWeights};
 pub use policy::{SpecPolicy, TierShape};
 pub use tree::{DraftTree, Node};
 

@@ -66,6 +66,16 @@ impl SpecPolicy {
             .expect("the committed calibration file parses")
     }
 
+    /// The committed calibration for the default model with `drafter`
+    /// (`head` or `ngram`; others use the n-gram's until calibrated).
+    pub fn default_for(drafter: &str) -> Self {
+        match drafter {
+            "head" => serde_json::from_str(include_str!("../../calibration/smollm2-135m-head.json"))
+                .expect("the committed calibration file parses"),
+            _ => Self::default_ngram(),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| EngineError::Config(format!("cannot read calibration file {}: {e}", path.display())))?;
