@@ -16,7 +16,7 @@ def main():
     report = json.load(open(sys.argv[1]))
     rows = report["rows"]
     levels = sorted({r["concurrency"] for r in rows})
-    variants = ["plain", "chain", "fixed", "hetero"]
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
     categories = []
     for r in rows:
         if r["category"] not in categories:

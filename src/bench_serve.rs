@@ -17,7 +17,8 @@ use clap::Args;
 use heterospec_engine::SamplingParams;
 use heterospec_proto::v1 as pb;
 use heterospec_proto::v1::generation_client::GenerationClient;
-use heterospec_router::{ChatMessage, StopCriteria};
+use heterospec_engine::runner::TokenRequest;
+use heterospec_router::{ChatMessage, StopCriteria, TextTokenizer};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -54,6 +55,29 @@ pub struct PromptRecord {
     #[serde(default)]
     pub category: String,
     pub prompt: String,
+}
+
+/// Greedy token requests for the prompts of a file, each rendered as one
+/// user turn of the chat template, ending at end-of-sequence.
+pub fn chat_requests(
+    tokenizer: &TextTokenizer,
+    path: &Path,
+    max_new_tokens: usize,
+    speculation: SpecMode,
+) -> Result<Vec<TokenRequest>> {
+    read_prompts(path)?
+        .iter()
+        .map(|p| {
+            let text = tokenizer.apply_chat_template(&[ChatMessage::new("user", p.prompt.clone())])?;
+            Ok(TokenRequest {
+                prompt: tokenizer.encode(&text)?,
+                sampling: SamplingParams::greedy(),
+                speculation,
+                max_new_tokens,
+                stop_token_ids: tokenizer.eos_token_ids().to_vec(),
+            })
+        })
+        .collect()
 }
 
 pub fn read_prompts(path: &Path) -> Result<Vec<PromptRecord>> {

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use heterospec_engine::runner::{Runner, SpecStats, TokenRequest};
 use heterospec_engine::spec::{SpecMode, SpecPolicy};
-use heterospec_engine::{Engine, SamplingParams};
+use heterospec_engine::SamplingParams;
 use heterospec_router::{ChatMessage, TextTokenizer};
 use serde::Serialize;
 
@@ -34,6 +34,10 @@ pub struct SpecBenchArgs {
     per_category: usize,
     #[arg(long, env = "HETEROSPEC_MODEL", default_value_os_t = crate::fetch::default_model_path())]
     model: PathBuf,
+    /// Other drafters to run side by side (their fixed tree and HeteroSpec),
+    /// e.g. `ngram,model` (`model` needs --draft-model).
+    #[arg(long, value_delimiter = ',')]
+    compare_drafters: Vec<String>,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
@@ -99,7 +103,8 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
             });
         }
     }
-    let mut engine = args.engine.build_engine(&args.model)?;
+    let engine = args.engine.build_engine(&args.model)?;
+    let drafter = engine.drafter_name().context("bench spec needs a drafter")?;
     let policy = engine.policy().cloned().context("the engine has no drafter")?;
     let chain_policy = SpecPolicy {
         depth: 4,
@@ -107,8 +112,36 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
         num_nodes: 4,
         ..policy.clone()
     };
-    let mut chain_engine = args.engine.build_engine_with_policy(&args.model, Some(chain_policy))?;
+    let chain_engine = args.engine.build_engine_with_policy(&args.model, Some(chain_policy))?;
     let curve = engine.cost_curve().cloned().expect("a drafter implies a cost curve");
+    let mut engines = vec![engine, chain_engine];
+    let mut variants: Vec<(String, usize, SpecMode)> = VARIANTS
+        .iter()
+        .map(|&v| {
+            let (e, mode) = match v {
+                "plain" => (0, SpecMode::Off),
+                "chain" => (1, SpecMode::Fixed),
+                "fixed" => (0, SpecMode::Fixed),
+                _ => (0, SpecMode::Hetero),
+            };
+            (v.to_string(), e, mode)
+        })
+        .collect();
+    // Other drafters: their fixed tree and HeteroSpec, each with its own
+    // committed calibration.
+    for d in &args.compare_drafters {
+        let mut other = args.engine.clone();
+        other.drafter = d.clone();
+        other.calibration = None;
+        engines.push(
+            other
+                .build_engine(&args.model)
+                .with_context(|| format!("--compare-drafters {d}"))?,
+        );
+        for (suffix, mode) in [("fixed", SpecMode::Fixed), ("hetero", SpecMode::Hetero)] {
+            variants.push((format!("{d}-{suffix}"), engines.len() - 1, mode));
+        }
+    }
 
     // Variants run back to back per category (not one variant over all
     // categories, then the next), so a slow drift of the machine's speed
@@ -118,22 +151,16 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
         let mut totals: BTreeMap<&str, (SpecStats, usize, f64)> = BTreeMap::new();
         for (category, reqs) in &by_category {
             let mut reference: Option<Vec<Vec<u32>>> = None;
-            for variant in VARIANTS {
-                let (engine, mode): (&mut Engine, SpecMode) = match variant {
-                    "plain" => (&mut engine, SpecMode::Off),
-                    "chain" => (&mut chain_engine, SpecMode::Fixed),
-                    "fixed" => (&mut engine, SpecMode::Fixed),
-                    _ => (&mut engine, SpecMode::Hetero),
-                };
+            for (variant, e, mode) in &variants {
                 let reqs: Vec<TokenRequest> = reqs
                     .iter()
                     .map(|r| TokenRequest {
-                        speculation: mode,
+                        speculation: *mode,
                         ..r.clone()
                     })
                     .collect();
                 let start = Instant::now();
-                let out = Runner::new(engine).run(&reqs, c, 512)?;
+                let out = Runner::new(&mut engines[*e]).run(&reqs, c, 512)?;
                 let secs = start.elapsed().as_secs_f64();
                 let mut stats = SpecStats::default();
                 let n: usize = out.iter().map(|o| o.token_ids.len()).sum();
@@ -147,14 +174,14 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
                     Some(_) => {}
                 }
                 rows.push(row(c, variant, category, n, secs, &stats));
-                let total = totals.entry(variant).or_default();
+                let total = totals.entry(variant.as_str()).or_default();
                 total.0.add(&stats);
                 total.1 += n;
                 total.2 += secs;
             }
         }
-        for variant in VARIANTS {
-            let (stats, tokens, seconds) = &totals[variant];
+        for (variant, ..) in &variants {
+            let (stats, tokens, seconds) = &totals[variant.as_str()];
             rows.push(row(c, variant, "overall", *tokens, *seconds, stats));
         }
     }
@@ -176,7 +203,7 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
         rows: &'a [Row],
     }
     let report = Report {
-        drafter: &args.engine.drafter,
+        drafter,
         policy: &policy,
         cost_curve_ms: curve.points().iter().map(|&(t, s)| (t, s * 1e3)).collect(),
         max_new_tokens: args.max_new_tokens,
@@ -203,16 +230,16 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
     }
     println!(
         "drafter {}; policy d={} k={} N={}; cost curve (ms) {:?}",
-        args.engine.drafter, policy.depth, policy.top_k, policy.num_nodes, report.cost_curve_ms
+        drafter, policy.depth, policy.top_k, policy.num_nodes, report.cost_curve_ms
     );
     println!(
-        "{:>3} {:<8} {:<14} {:>7} {:>8} {:>8} {:>6} {:>9}  tiers B0..B7 (% of spec steps)",
+        "{:>3} {:<13} {:<14} {:>7} {:>8} {:>8} {:>6} {:>9}  tiers B0..B7 (% of spec steps)",
         "c", "variant", "category", "tokens", "tok/s", "speedup", "τ", "verif/tok"
     );
     for r in &rows {
         let tiers: Vec<String> = r.tier_share.iter().map(|s| format!("{:.0}", s * 100.0)).collect();
         println!(
-            "{:>3} {:<8} {:<14} {:>7} {:>8.1} {:>7.2}x {:>6.2} {:>9.2}  {}",
+            "{:>3} {:<13} {:<14} {:>7} {:>8.1} {:>7.2}x {:>6.2} {:>9.2}  {}",
             r.concurrency,
             r.variant,
             r.category,
@@ -221,7 +248,7 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
             r.speedup,
             r.mean_acceptance_length,
             r.verified_per_committed,
-            if r.variant == "hetero" {
+            if r.variant.ends_with("hetero") {
                 tiers.join("/")
             } else {
                 String::new()

@@ -6,11 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use heterospec_engine::runner::{Runner, TokenRequest};
+use heterospec_engine::runner::Runner;
 use heterospec_engine::spec::calibrate::fit_thresholds;
 use heterospec_engine::spec::{SpecMode, SpecPolicy};
-use heterospec_engine::SamplingParams;
-use heterospec_router::{ChatMessage, TextTokenizer};
+use heterospec_router::TextTokenizer;
 
 use crate::local::{init_threads, EngineArgs};
 
@@ -50,7 +49,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     init_threads(args.engine.threads);
     crate::fetch::ensure_default_model(&args.model)?;
     let base = SpecPolicy {
-        drafter: args.engine.drafter.clone(),
+        drafter: args.engine.resolved_drafter(&args.model),
         depth: args.depth,
         top_k: args.top_k,
         num_nodes: args.num_nodes,
@@ -62,20 +61,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         bail!("calibration needs a drafter (--drafter ngram, model or self)");
     };
     let tokenizer = TextTokenizer::from_gguf_file(&args.model)?;
-    let prompts = crate::bench_serve::read_prompts(&args.prompts)?;
-    let requests = prompts
-        .iter()
-        .map(|p| {
-            let text = tokenizer.apply_chat_template(&[ChatMessage::new("user", p.prompt.clone())])?;
-            Ok(TokenRequest {
-                prompt: tokenizer.encode(&text)?,
-                sampling: SamplingParams::greedy(),
-                speculation: SpecMode::Fixed,
-                max_new_tokens: args.max_new_tokens,
-                stop_token_ids: tokenizer.eos_token_ids().to_vec(),
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let requests = crate::bench_serve::chat_requests(&tokenizer, &args.prompts, args.max_new_tokens, SpecMode::Fixed)?;
     engine.log_calibration_samples();
     Runner::new(&mut engine).run(&requests, args.concurrency, 512)?;
     let samples = engine.take_calibration_samples();
@@ -101,8 +87,8 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
             args.depth,
             args.top_k,
             args.num_nodes,
-            args.engine.drafter,
-            prompts.len(),
+            drafter,
+            requests.len(),
             samples.len()
         ),
         ..base

@@ -9,12 +9,16 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use heterospec_engine::runner::SpecStats;
-use heterospec_engine::spec::{SpecMode, SpecPolicy};
+use heterospec_engine::spec::{DraftHead, SpecMode, SpecPolicy};
 use heterospec_engine::{
     DrafterKind, Engine, EngineConfig, Model, SamplingParams, SeqId, SeqStep, SpecSetup, WeightFormat,
 };
 use heterospec_kv::{BlockPool, BlockPoolConfig, BlockTable};
 use heterospec_router::{FinishReason, OutputStream, StopCriteria, TextTokenizer};
+
+/// Where `heterospec train-draft` writes, and where the default model's
+/// head is looked for.
+pub const DEFAULT_DRAFT_HEAD: &str = "engine/heads/smollm2-135m";
 
 /// Engine settings shared by every command that runs the model.
 #[derive(Debug, Clone, Args)]
@@ -33,11 +37,21 @@ pub struct EngineArgs {
     /// many-token forwards), candle-q8_0, as-shipped or f32 (candle's matmuls).
     #[arg(long, default_value = "native")]
     pub weight_format: WeightFormat,
-    /// Drafter for speculative decoding: ngram (prompt lookup), model (a
-    /// GGUF with the same vocabulary, --draft-model), self (the target's
-    /// first --self-draft-layers layers) or none.
-    #[arg(long, env = "HETEROSPEC_DRAFTER", default_value = "ngram")]
+    /// Drafter for speculative decoding: head (an EAGLE-style draft head,
+    /// --draft-head), ngram (prompt lookup), model (a GGUF with the same
+    /// vocabulary, --draft-model), self (the target's first
+    /// --self-draft-layers layers), none, or auto: head when --draft-head is
+    /// given or the default model's head is present, else ngram.
+    #[arg(long, env = "HETEROSPEC_DRAFTER", default_value = "auto")]
     pub drafter: String,
+    /// Draft head (a directory with `model.safetensors` and `config.json`,
+    /// EAGLE layout) for `--drafter head`; default for the default model:
+    /// engine/heads/smollm2-135m.
+    #[arg(long, env = "HETEROSPEC_DRAFT_HEAD")]
+    pub draft_head: Option<PathBuf>,
+    /// Bits per weight of the draft head's matrices in memory (4 or 8).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(4..=8))]
+    pub draft_head_bits: u8,
     /// Draft model GGUF for `--drafter model`.
     #[arg(long)]
     pub draft_model: Option<PathBuf>,
@@ -69,8 +83,21 @@ impl EngineArgs {
             block_size: self.block_size,
             kv_cache_bytes: self.kv_cache_memory,
         };
-        let drafter = match self.drafter.as_str() {
+        let drafter = match self.resolved_drafter(model_path).as_str() {
             "none" => return Ok(Engine::new(model, config)?),
+            "head" => {
+                let path = self
+                    .head_path(model_path)
+                    .context("--drafter head needs --draft-head PATH (train one with `heterospec train-draft`)")?;
+                let format = match self.draft_head_bits {
+                    4 => WeightFormat::Native,
+                    8 => WeightFormat::Q8_0,
+                    other => bail!("--draft-head-bits must be 4 or 8, not {other}"),
+                };
+                let head = DraftHead::load(&path, model.config(), format)
+                    .with_context(|| format!("cannot load draft head {}", path.display()))?;
+                DrafterKind::Head(Box::new(head))
+            }
             "ngram" => DrafterKind::Ngram,
             "self" => DrafterKind::SelfDraft {
                 num_layers: self.self_draft_layers,
@@ -84,12 +111,12 @@ impl EngineArgs {
                     .with_context(|| format!("cannot load draft model {}", path.display()))?;
                 DrafterKind::Model(Box::new(draft))
             }
-            other => bail!("unknown drafter `{other}` (ngram, model, self, none)"),
+            other => bail!("unknown drafter `{other}` (auto, head, ngram, model, self, none)"),
         };
         let policy = match (policy, &self.calibration) {
             (Some(p), _) => p,
             (None, Some(path)) => SpecPolicy::load(path)?,
-            (None, None) => SpecPolicy::default_ngram(),
+            (None, None) => SpecPolicy::default_for(&self.resolved_drafter(model_path)),
         };
         let engine = Engine::with_speculation(
             model,
@@ -102,6 +129,25 @@ impl EngineArgs {
             }),
         )?;
         Ok(engine)
+    }
+
+    /// The drafter `--drafter` names for this model (`auto` resolved).
+    pub fn resolved_drafter(&self, model_path: &Path) -> String {
+        match self.drafter.as_str() {
+            "auto" if self.head_path(model_path).is_some() => "head".into(),
+            "auto" => "ngram".into(),
+            other => other.into(),
+        }
+    }
+
+    /// `--draft-head`, or the default model's committed head if present.
+    fn head_path(&self, model_path: &Path) -> Option<PathBuf> {
+        if let Some(p) = &self.draft_head {
+            return Some(p.clone());
+        }
+        let default = Path::new(DEFAULT_DRAFT_HEAD);
+        (model_path == crate::fetch::default_model_path() && default.join("model.safetensors").exists())
+            .then(|| default.to_path_buf())
     }
 
     /// The same settings as command-line flags (for child processes).
@@ -121,6 +167,10 @@ impl EngineArgs {
         if let Some(p) = &self.draft_model {
             out.extend(["--draft-model".into(), p.display().to_string()]);
         }
+        if let Some(p) = &self.draft_head {
+            out.extend(["--draft-head".into(), p.display().to_string()]);
+        }
+        out.extend(["--draft-head-bits".into(), self.draft_head_bits.to_string()]);
         if let Some(p) = &self.calibration {
             out.extend(["--calibration".into(), p.display().to_string()]);
         }

@@ -12,6 +12,7 @@ mod local;
 mod metrics;
 mod quantize;
 mod serve;
+mod train_draft;
 
 use std::path::PathBuf;
 
@@ -59,6 +60,9 @@ enum Command {
     /// Write a GGUF with its matrices in another block type (a draft model
     /// for `--drafter model`).
     Quantize(quantize::QuantizeArgs),
+    /// Train an EAGLE-style draft head for the target (`--drafter head`):
+    /// answers a prompt set with the target, then trains on its features.
+    TrainDraft(train_draft::TrainDraftArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -88,6 +92,7 @@ fn main() -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Quantize(args) => quantize::run(args),
         Command::Calibrate(args) => calibrate::run(args),
+        Command::TrainDraft(args) => train_draft::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }

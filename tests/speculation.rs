@@ -1,8 +1,9 @@
 //! Speculative decoding on the default model: greedy output is token for
 //! token the plain output for every drafter (n-gram, a draft model made by
-//! `heterospec quantize`, layer-skip self-draft), every mode and batch sizes
-//! 1 and 8 with prefill and decode mixed; and through the router, with
-//! modes mixed in one batch, per-response stats and per-tier engine metrics.
+//! `heterospec quantize`, layer-skip self-draft, the committed draft head),
+//! every mode and batch sizes 1 and 8 with prefill and decode mixed; and
+//! through the router, with modes mixed in one batch, per-response stats and
+//! per-tier engine metrics.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::path::Path;
 
 use common::*;
 use heterospec_engine::runner::{Runner, TokenOutput, TokenRequest};
-use heterospec_engine::spec::{CostCurve, SpecMode, SpecPolicy};
+use heterospec_engine::spec::{CostCurve, DraftHead, SpecMode, SpecPolicy};
 use heterospec_engine::{DrafterKind, Engine, EngineConfig, Model, SamplingParams, SpecSetup, WeightFormat};
 use heterospec_proto::v1 as pb;
 use heterospec_router::{ChatMessage, TextTokenizer};
@@ -56,6 +57,10 @@ fn requests(tokenizer: &TextTokenizer, mode: SpecMode) -> Vec<TokenRequest> {
         })
         .collect()
 }
+
+/// The committed head's fixed-tree mean acceptance length on these prompts
+/// is well above this (see the README's Draft head section).
+const HEAD_MIN_TAU: f64 = 1.5;
 
 fn config() -> EngineConfig {
     EngineConfig {
@@ -124,6 +129,16 @@ fn greedy_speculation_equals_plain_decoding_on_the_default_model() {
             Box::new(|| DrafterKind::Model(Box::new(Model::load(&draft_path, WeightFormat::Native).unwrap()))),
         ),
         ("self", Box::new(|| DrafterKind::SelfDraft { num_layers: 8 })),
+        (
+            "head",
+            Box::new(|| {
+                let target = Model::load(&model(), WeightFormat::Native).unwrap();
+                let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("engine/heads/smollm2-135m");
+                DrafterKind::Head(Box::new(
+                    DraftHead::load(&path, target.config(), WeightFormat::Q8_0).unwrap(),
+                ))
+            }),
+        ),
     ];
     for (name, make) in &drafters {
         for mode in [SpecMode::Fixed, SpecMode::Hetero, SpecMode::Auto] {
@@ -143,7 +158,14 @@ fn greedy_speculation_equals_plain_decoding_on_the_default_model() {
                     accepted += o.stats.accepted_tokens;
                     verified += o.stats.draft_tokens;
                 }
-                eprintln!("{name} {mode:?} batch {batch}: {accepted} draft tokens accepted");
+                let steps: usize = out.iter().map(|o| o.stats.spec_steps).sum();
+                eprintln!("{name} {mode:?} batch {batch}: {accepted} draft tokens accepted in {steps} verifications");
+                if name == "head" && mode == SpecMode::Fixed {
+                    // The head reads the right features (a misaligned or
+                    // missing feature leaves it guessing from the token alone).
+                    let tau = 1.0 + accepted as f64 / steps.max(1) as f64;
+                    assert!(tau >= HEAD_MIN_TAU, "head: mean acceptance length {tau:.2} at batch {batch}");
+                }
                 if mode == SpecMode::Fixed {
                     assert!(
                         accepted > 0,

@@ -110,7 +110,7 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
-            sub_vocab: 8192,
+            sub_vocab: 4096,
             max_len: 384,
             batch_size: 8,
             epochs: 4,

@@ -1,0 +1,166 @@
+//! The draft head end to end on the default model: `heterospec train-draft`
+//! trains a head that `generate --drafter head` loads and drafts with (the
+//! output stays the plain output); the committed head is the default drafter
+//! and says how it was made; its training prompts are not benchmark prompts.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::model;
+use serde_json::Value;
+
+fn heterospec(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_heterospec"))
+        .args(args)
+        .env("HETEROSPEC_THREADS", "2")
+        .output()
+        .expect("binary runs");
+    assert!(
+        out.status.success(),
+        "heterospec {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn prompts(path: &str) -> Vec<(String, String)> {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (
+                v["category"].as_str().unwrap_or("").to_string(),
+                v["prompt"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn training_prompts_cover_five_categories_and_no_benchmark_prompt() {
+    let train = prompts("bench/draft_train_prompts.jsonl");
+    let categories: HashSet<&str> = train.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(
+        categories,
+        HashSet::from(["chat", "code", "math", "instructions", "summarization"])
+    );
+    let held_out: HashSet<String> = prompts("bench/prompts.jsonl")
+        .into_iter()
+        .chain(prompts("bench/calibration_prompts.jsonl"))
+        .map(|p| p.1)
+        .collect();
+    for (_, p) in &train {
+        assert!(!held_out.contains(p), "training prompt is a benchmark prompt: {p}");
+    }
+    assert!(train.len() > 1000, "{} training prompts", train.len());
+}
+
+#[test]
+fn train_draft_writes_a_head_that_generate_drafts_with() {
+    let dir = std::env::temp_dir().join(format!("heterospec-train-draft-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prompts_path = dir.join("prompts.jsonl");
+    std::fs::write(
+        &prompts_path,
+        "{\"category\": \"chat\", \"prompt\": \"Name three colors.\"}\n\
+         {\"category\": \"math\", \"prompt\": \"What is 3 plus 4?\"}\n",
+    )
+    .unwrap();
+    let out_dir = dir.join("head");
+    let model = model();
+    let model = model.to_str().unwrap();
+    let train = |data: &Path| {
+        heterospec(&[
+            "train-draft",
+            "--model",
+            model,
+            "--prompts",
+            prompts_path.to_str().unwrap(),
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--max-new-tokens",
+            "24",
+            "--sub-vocab",
+            "512",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "2",
+        ])
+    };
+    let data = dir.join("data.safetensors");
+    let log = String::from_utf8_lossy(&train(&data).stderr).to_string();
+    assert!(log.contains("2 sequences"), "{log}");
+    let first = std::fs::read(out_dir.join("model.safetensors")).unwrap();
+    // From the cached data: the same file again (seeded).
+    train(&data);
+    assert_eq!(std::fs::read(out_dir.join("model.safetensors")).unwrap(), first);
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["draft_vocab_size"], 512);
+    assert!(config["provenance"].as_str().unwrap().contains("epoch 2: loss"));
+
+    let generate = |extra: &[&str]| -> Value {
+        let mut args = vec![
+            "generate",
+            "--json",
+            "--model",
+            model,
+            "--chat",
+            "--prompt",
+            "Name three colors.",
+            "--max-new-tokens",
+            "24",
+        ];
+        args.extend_from_slice(extra);
+        serde_json::from_slice(&heterospec(&args).stdout).unwrap()
+    };
+    let plain = generate(&["--drafter", "none"]);
+    let head = generate(&[
+        "--drafter",
+        "head",
+        "--draft-head",
+        out_dir.to_str().unwrap(),
+        "--speculation",
+        "fixed",
+    ]);
+    assert_eq!(head["token_ids"], plain["token_ids"]);
+    assert!(head["speculation"]["verified_tokens"].as_u64().unwrap() > 0, "{head}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_committed_head_is_the_default_drafter_and_says_how_it_was_made() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("engine/heads/smollm2-135m/config.json")).unwrap())
+            .unwrap();
+    let provenance = config["provenance"].as_str().unwrap();
+    assert!(provenance.starts_with("heterospec train-draft"), "{provenance}");
+    // Run from the repository root, the default model drafts with its head.
+    let out = Command::new(env!("CARGO_BIN_EXE_heterospec"))
+        .current_dir(root)
+        .args([
+            "generate",
+            "--json",
+            "--chat",
+            "--prompt",
+            "Hi!",
+            "--max-new-tokens",
+            "4",
+        ])
+        .env("HETEROSPEC_THREADS", "2")
+        .env_remove("HETEROSPEC_DRAFTER")
+        .env_remove("HETEROSPEC_MODEL")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let log = String::from_utf8_lossy(&out.stderr);
+    let ready = log.lines().find(|l| l.contains("speculation ready")).unwrap_or_default();
+    assert!(ready.contains("\"head\""), "{log}");
+}
