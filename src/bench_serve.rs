@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use heterospec_engine::runner::TokenRequest;
 use heterospec_engine::SamplingParams;
 use heterospec_proto::v1 as pb;
 use heterospec_proto::v1::generation_client::GenerationClient;
-use heterospec_engine::runner::TokenRequest;
 use heterospec_router::{ChatMessage, StopCriteria, TextTokenizer};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};

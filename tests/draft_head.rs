@@ -161,6 +161,9 @@ fn the_committed_head_is_the_default_drafter_and_says_how_it_was_made() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let log = String::from_utf8_lossy(&out.stderr);
-    let ready = log.lines().find(|l| l.contains("speculation ready")).unwrap_or_default();
+    let ready = log
+        .lines()
+        .find(|l| l.contains("speculation ready"))
+        .unwrap_or_default();
     assert!(ready.contains("\"head\""), "{log}");
 }

@@ -164,7 +164,10 @@ fn greedy_speculation_equals_plain_decoding_on_the_default_model() {
                     // The head reads the right features (a misaligned or
                     // missing feature leaves it guessing from the token alone).
                     let tau = 1.0 + accepted as f64 / steps.max(1) as f64;
-                    assert!(tau >= HEAD_MIN_TAU, "head: mean acceptance length {tau:.2} at batch {batch}");
+                    assert!(
+                        tau >= HEAD_MIN_TAU,
+                        "head: mean acceptance length {tau:.2} at batch {batch}"
+                    );
                 }
                 if mode == SpecMode::Fixed {
                     assert!(
