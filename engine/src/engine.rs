@@ -89,6 +89,11 @@ struct Speculation {
     predicted_ema: f64,
     /// Decaying mean of drafting seconds per drafted sequence.
     draft_secs_per_seq: f64,
+    /// Decaying sums over sequences the budget rule drafted for: how many,
+    /// their accepted tokens and their verified draft nodes.
+    budget_drafted: f64,
+    budget_accepted: f64,
+    budget_nodes: f64,
 }
 
 /// Per-step decay of the acceptance sums (a memory of a few hundred steps).
@@ -101,6 +106,20 @@ impl Speculation {
     /// the most confident, which are the overconfident ones).
     fn gain_scale(&self) -> f64 {
         ((self.accepted_ema + 1.0) / (self.predicted_ema + 1.0)).clamp(0.05, 1.0)
+    }
+
+    /// Accepted tokens and verified nodes per sequence the budget rule
+    /// drafted for, recently, each with a prior of one (so a new engine, or
+    /// one that stopped drafting long enough ago, tries drafting again).
+    fn budget_gain(&self) -> (f64, f64) {
+        let n = self.budget_drafted + 1.0;
+        ((self.budget_accepted + 1.0) / n, (self.budget_nodes + 1.0) / n)
+    }
+
+    fn decay_budget_gain(&mut self) {
+        self.budget_drafted *= ACCEPTANCE_DECAY;
+        self.budget_accepted *= ACCEPTANCE_DECAY;
+        self.budget_nodes *= ACCEPTANCE_DECAY;
     }
 
     fn rate_model(&self, base_tokens: usize, base_committed: usize) -> RateModel<'_> {
@@ -259,6 +278,9 @@ impl Engine {
             accepted_ema: 0.0,
             predicted_ema: 0.0,
             draft_secs_per_seq: 0.0,
+            budget_drafted: 0.0,
+            budget_accepted: 0.0,
+            budget_nodes: 0.0,
         });
         Ok(engine)
     }
@@ -509,6 +531,7 @@ impl Engine {
         }
         let mut budget_tokens = 0;
         let (mut predicted, mut accepted_total) = (0.0, 0usize);
+        let (mut budget_drafted, mut budget_accepted, mut budget_nodes) = (0usize, 0usize, 0usize);
         for (i, s) in seqs.iter().enumerate() {
             if !s.sample {
                 continue;
@@ -563,6 +586,11 @@ impl Engine {
                 .map(|&v| (plan.tree.nodes[v].score as f64).exp())
                 .sum::<f64>();
             accepted_total += n_acc;
+            if !plan.fixed {
+                budget_drafted += 1;
+                budget_accepted += n_acc;
+                budget_nodes += plan.nodes.len();
+            }
             state
                 .history
                 .extend(accepted.tokens[..n_acc].iter().map(|t| t.token_id));
@@ -599,6 +627,12 @@ impl Engine {
             let spec = self.spec.as_mut().expect("plans imply a drafter");
             spec.accepted_ema = spec.accepted_ema * ACCEPTANCE_DECAY + accepted_total as f64;
             spec.predicted_ema = spec.predicted_ema * ACCEPTANCE_DECAY + predicted;
+            if budget_drafted > 0 {
+                spec.decay_budget_gain();
+                spec.budget_drafted += budget_drafted as f64;
+                spec.budget_accepted += budget_accepted as f64;
+                spec.budget_nodes += budget_nodes as f64;
+            }
             let per_seq = draft_secs / plans.len() as f64;
             spec.draft_secs_per_seq = 0.9 * spec.draft_secs_per_seq + 0.1 * per_seq;
         }
@@ -614,10 +648,11 @@ impl Engine {
         };
         let max_context = self.model.config().max_context;
         let block_size = self.kv.layout().block_size;
-        let policy = &spec.policy;
         // Under the budget rule, draft only if a sure draft token could pay
-        // for its share of this step's forward and of the drafting itself
-        // (a large batch already fills the machine).
+        // for its share of this step's forward (a large batch already fills
+        // the machine), and if what drafting recently gained per sequence
+        // pays for the drafting time and the extra verified tokens, against
+        // not drafting at all.
         let base_tokens: usize = seqs.iter().map(|s| s.new_token_ids.len()).sum();
         let sampling = seqs.iter().filter(|s| s.sample).count();
         let candidates = seqs
@@ -626,7 +661,14 @@ impl Engine {
             .count();
         let mut rate = spec.rate_model(base_tokens, sampling);
         rate.overhead_secs = spec.draft_secs_per_seq * candidates as f64;
-        let budget_may_pay = rate.may_pay();
+        let (gain, nodes) = spec.budget_gain();
+        let budget_may_pay = rate.may_pay() && rate.drafting_pays(candidates, gain, nodes);
+        if candidates > 0 && !budget_may_pay {
+            // Not drafting: the measured gain fades towards the prior, so
+            // the rule tries again after a few hundred steps.
+            spec.decay_budget_gain();
+        }
+        let policy = &spec.policy;
         let mut plans = Vec::new();
         for (i, s) in seqs.iter().enumerate() {
             if !s.sample || s.speculation == SpecMode::Off || s.lookahead == 0 {

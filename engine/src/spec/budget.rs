@@ -83,6 +83,21 @@ impl RateModel<'_> {
     pub fn may_pay(&self) -> bool {
         self.rate(1, 1.0) > self.rate(0, 0.0)
     }
+
+    /// Whether drafting for `n` sequences beats not drafting at all, when
+    /// each drafted sequence recently gained `accepted` tokens for `nodes`
+    /// more verified tokens, and drafting takes `overhead_secs` (which not
+    /// drafting saves).
+    pub fn drafting_pays(&self, n: usize, accepted: f64, nodes: f64) -> bool {
+        if n == 0 {
+            return false;
+        }
+        let plain = self.base_committed / self.curve.cost(self.base_tokens);
+        let extra = (n as f64 * nodes).ceil() as usize;
+        let drafted = (self.base_committed + n as f64 * accepted)
+            / (self.curve.cost(self.base_tokens + extra) + self.overhead_secs);
+        drafted > plain
+    }
 }
 
 /// Chosen nodes per sequence and what the choice expected.
@@ -283,5 +298,24 @@ mod tests {
         assert!(select(&seqs, 64, Some(humbled)).nodes[0].is_empty());
         assert!((linear.cost(32) - 32.0).abs() < 1e-9);
         assert!((curve.cost(128) - (100.0 + 64.0 * 97.0 / 59.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn drafting_pays_only_when_its_measured_gain_covers_its_time() {
+        let curve = CostCurve::new(vec![(1, 0.010), (16, 0.030), (32, 0.045)]);
+        let rate = |overhead_secs: f64| RateModel {
+            curve: &curve,
+            base_tokens: 16,
+            overhead_secs,
+            base_committed: 16.0,
+            gain_scale: 1.0,
+        };
+        // 16 sequences gaining 0.5 tokens each for one more verified token each:
+        // 24 tokens in 45 ms against 16 in 30 ms plain.
+        assert!(rate(0.0).drafting_pays(16, 0.5, 1.0));
+        // The same with 20 ms of drafting: 24 in 65 ms does not pay.
+        assert!(!rate(0.020).drafting_pays(16, 0.5, 1.0));
+        assert!(!rate(0.0).drafting_pays(16, 0.05, 1.0));
+        assert!(!rate(0.0).drafting_pays(0, 1.0, 1.0));
     }
 }
