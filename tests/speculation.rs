@@ -160,7 +160,7 @@ fn greedy_speculation_equals_plain_decoding_on_the_default_model() {
                 }
                 let steps: usize = out.iter().map(|o| o.stats.spec_steps).sum();
                 eprintln!("{name} {mode:?} batch {batch}: {accepted} draft tokens accepted in {steps} verifications");
-                if name == "head" && mode == SpecMode::Fixed {
+                if *name == "head" && mode == SpecMode::Fixed {
                     // The head reads the right features (a misaligned or
                     // missing feature leaves it guessing from the token alone).
                     let tau = 1.0 + accepted as f64 / steps.max(1) as f64;
