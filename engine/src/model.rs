@@ -402,6 +402,9 @@ pub(crate) struct ForwardContext {
     rope: RopeTable,
     shape: HeadShape,
     eps: f32,
+    /// Per-forward buffers every layer reuses: normed input `(tokens,
+    /// hidden)` and attention output `(tokens, heads * head_dim)`.
+    buffers: std::cell::RefCell<(Vec<f32>, Vec<f32>)>,
 }
 
 impl ForwardContext {
@@ -427,6 +430,10 @@ impl ForwardContext {
                 block_size,
             },
             eps: c.rms_norm_eps,
+            buffers: std::cell::RefCell::new((
+                vec![0.0; batch.num_tokens() * c.hidden_size],
+                vec![0.0; batch.num_tokens() * c.q_size()],
+            )),
         }
     }
 
@@ -475,11 +482,12 @@ impl Layer {
     ) -> Result<()> {
         let (n, shape) = (ctx.n, ctx.shape);
         let kvs = shape.num_kv_heads * shape.head_dim;
-        let mut normed = vec![0.0; x.len()];
+        let mut buffers = ctx.buffers.borrow_mut();
+        let (normed, attn) = &mut *buffers;
         let input = match &self.attn_norm {
             Some(w) => {
-                rms_norm_rows(x, w, ctx.eps, &mut normed);
-                LinearInput::new(&normed, n)
+                rms_norm_rows(x, w, ctx.eps, normed);
+                LinearInput::new(normed, n)
             }
             None => LinearInput::new(x, n),
         };
@@ -492,13 +500,12 @@ impl Layer {
         for (t, &slot) in ctx.slots.iter().enumerate() {
             kv.write(kv_layer, slot, &k[t * kvs..(t + 1) * kvs], &v[t * kvs..(t + 1) * kvs]);
         }
-        let mut attn = vec![0.0; n * shape.num_heads * shape.head_dim];
-        paged_attention(&q, batch, &ctx.token_owner, kv.layer(kv_layer), shape, &mut attn);
-        let o = self.wo.forward(&LinearInput::new(&attn, n))?;
+        paged_attention(&q, batch, &ctx.token_owner, kv.layer(kv_layer), shape, attn);
+        let o = self.wo.forward(&LinearInput::new(attn, n))?;
         add_into(x, &o);
 
-        rms_norm_rows(x, &self.ffn_norm, ctx.eps, &mut normed);
-        let input = LinearInput::new(&normed, n);
+        rms_norm_rows(x, &self.ffn_norm, ctx.eps, normed);
+        let input = LinearInput::new(normed, n);
         let mut gate = self.w_gate.forward(&input)?; // (tokens, intermediate)
         let up = self.w_up.forward(&input)?;
         silu_mul(&mut gate, &up);

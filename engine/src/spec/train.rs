@@ -368,6 +368,11 @@ pub fn forward(p: &HeadParams, batch: &Batch) -> Result<(Tensor, Tensor)> {
     Ok((x, logits))
 }
 
+/// A one-element tensor's value.
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
 /// Loss terms of a batch: `(total, feature term, cross-entropy, top-1
 /// accuracy on counted rows)`.
 pub fn loss(p: &HeadParams, batch: &Batch, cls_weight: f64) -> Result<(Tensor, f64, f64, f64)> {
@@ -375,33 +380,18 @@ pub fn loss(p: &HeadParams, batch: &Batch, cls_weight: f64) -> Result<(Tensor, f
     let diff = (hidden - &batch.features_out)?.abs()?;
     let small = diff.minimum(1.0)?;
     let smooth = ((small.sqr()? * 0.5)? + (diff - small)?)?.mean(D::Minus1)?;
-    let fsum = batch
-        .feature_mask
-        .sum_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?
-        .max(1.0);
+    let fsum = scalar(&batch.feature_mask.sum_all()?)?.max(1.0);
     let reg = ((smooth * &batch.feature_mask)?.sum_all()? / fsum)?;
     let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let picked = logp.gather(&batch.next.unsqueeze(1)?, 1)?.squeeze(1)?;
-    let tsum = batch
-        .token_mask
-        .sum_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?
-        .max(1.0);
+    let tsum = scalar(&batch.token_mask.sum_all()?)?.max(1.0);
     let ce = ((picked * &batch.token_mask)?.sum_all()?.neg()? / tsum)?;
     let top1 = logits
         .argmax(D::Minus1)?
         .eq(&batch.next)?
         .to_dtype(batch.token_mask.dtype())?;
-    let acc = (top1 * &batch.token_mask)?
-        .sum_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?
-        / tsum;
+    let acc = scalar(&(top1 * &batch.token_mask)?.sum_all()?)? / tsum;
     let total = (&reg + (&ce * cls_weight)?)?;
-    let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
     Ok((total, scalar(&reg)?, scalar(&ce)?, acc))
 }
 
@@ -489,7 +479,7 @@ pub fn train(
             let (total, reg, ce, acc) = loss(params, &batch, cfg.cls_weight)?;
             opt.backward_step(&total)?;
             let stats = EpochStats {
-                loss: total.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                loss: scalar(&total)?,
                 feature_loss: reg,
                 token_loss: ce,
                 top1: acc,
