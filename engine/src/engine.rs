@@ -484,9 +484,10 @@ impl Engine {
         }
 
         let forward_start = Instant::now();
-        let wants_features = self.spec.as_ref().is_some_and(|s| s.drafter.wants_features());
-        let (logits, features) = if wants_features {
-            self.model.forward_with_features(&batch, &mut self.kv)?
+        let tap = self.spec.as_ref().and_then(|s| s.drafter.feature_tap());
+        let wants_features = tap.is_some();
+        let (logits, features) = if let Some(tap) = &tap {
+            self.model.forward_with_features(&batch, &mut self.kv, tap)?
         } else {
             (self.model.forward(&batch, &mut self.kv)?, Vec::new())
         };
@@ -611,15 +612,15 @@ impl Engine {
                 }
             }
         }
-        if wants_features {
-            let h = self.model.config().hidden_size;
+        if let Some(tap) = &tap {
+            let h = tap.width(self.model.config().hidden_size);
             let mut values = Vec::with_capacity(feature_slots.len() * h);
             for &(_, t) in &feature_slots {
                 values.extend_from_slice(&features[t * h..(t + 1) * h]);
             }
             let slots: Vec<usize> = feature_slots.iter().map(|f| f.0).collect();
             if let Some(spec) = &mut self.spec {
-                spec.drafter.observe_features(&slots, &values);
+                spec.drafter.observe_features(&slots, &values)?;
             }
         }
         if !plans.is_empty() {

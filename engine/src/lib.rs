@@ -24,5 +24,5 @@ pub use config::ModelConfig;
 pub use engine::{DrafterKind, Engine, EngineConfig, SeqId, SeqResult, SeqStep, SpecSetup};
 pub use error::{EngineError, Result};
 pub use kv::{KvLayout, KvStorage};
-pub use model::{Model, ModelTensors, WeightFormat};
+pub use model::{FeatureTap, Model, ModelTensors, WeightFormat};
 pub use sampler::{SampledToken, Sampler, SamplingParams};

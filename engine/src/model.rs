@@ -186,6 +186,35 @@ pub(crate) struct Layer {
     w_down: Linear,
 }
 
+/// Which target hidden states a draft head reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeatureTap {
+    /// The final hidden state after the output norm (EAGLE, EAGLE-2).
+    Final,
+    /// The hidden states entering each listed layer, concatenated in order
+    /// (EAGLE-3's low, middle and high layers); index `num_layers` is the
+    /// last layer's output before the output norm.
+    Layers(Vec<usize>),
+}
+
+impl FeatureTap {
+    /// Floats per token.
+    pub fn width(&self, hidden: usize) -> usize {
+        match self {
+            FeatureTap::Final => hidden,
+            FeatureTap::Layers(l) => l.len() * hidden,
+        }
+    }
+
+    /// EAGLE-3's default layers for a target of `num_layers`: 2, the
+    /// middle one and the third from last (clamped for tiny models).
+    pub fn eagle3_default(num_layers: usize) -> Self {
+        let mut layers = vec![2.min(num_layers), num_layers / 2, num_layers.saturating_sub(3)];
+        layers.sort_unstable();
+        FeatureTap::Layers(layers)
+    }
+}
+
 /// A loaded model, immutable after load: all mutable state lives in
 /// [`KvStorage`].
 pub struct Model {
@@ -313,21 +342,34 @@ impl Model {
     /// slots and returns the logits rows asked for, `(rows, vocab)` flat, in
     /// batch order.
     pub fn forward(&self, batch: &RaggedBatch, kv: &mut KvStorage) -> Result<Vec<f32>> {
-        Ok(self.forward_impl(batch, kv, self.layers.len(), false)?.0)
+        Ok(self.forward_impl(batch, kv, self.layers.len(), None)?.0)
     }
 
-    /// [`Model::forward`] that also returns every new token's final hidden
-    /// state after the output norm, `(tokens, hidden)` flat in batch order:
-    /// the features a draft head reads.
-    pub fn forward_with_features(&self, batch: &RaggedBatch, kv: &mut KvStorage) -> Result<(Vec<f32>, Vec<f32>)> {
-        self.forward_impl(batch, kv, self.layers.len(), true)
+    /// [`Model::forward`] that also returns every new token's features of
+    /// `tap`, `(tokens, tap.width(hidden))` flat in batch order: what a
+    /// draft head reads.
+    pub fn forward_with_features(
+        &self,
+        batch: &RaggedBatch,
+        kv: &mut KvStorage,
+        tap: &FeatureTap,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        if let FeatureTap::Layers(l) = tap {
+            if let Some(&bad) = l.iter().find(|&&i| i > self.layers.len()) {
+                return Err(EngineError::Config(format!(
+                    "feature layer {bad}, the model has {} layers",
+                    self.layers.len()
+                )));
+            }
+        }
+        self.forward_impl(batch, kv, self.layers.len(), Some(tap))
     }
 
     /// [`Model::forward`] through the first `num_layers` layers only, then
     /// the output norm and head (a layer-skip self-draft). Writes K/V of
     /// those layers only.
     pub fn forward_layers(&self, batch: &RaggedBatch, kv: &mut KvStorage, num_layers: usize) -> Result<Vec<f32>> {
-        Ok(self.forward_impl(batch, kv, num_layers, false)?.0)
+        Ok(self.forward_impl(batch, kv, num_layers, None)?.0)
     }
 
     /// The embedding rows of `tokens`, `(tokens, hidden)` flat.
@@ -354,7 +396,7 @@ impl Model {
         batch: &RaggedBatch,
         kv: &mut KvStorage,
         num_layers: usize,
-        want_features: bool,
+        tap: Option<&FeatureTap>,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         let c = &self.config;
         let layout = kv.layout();
@@ -368,12 +410,28 @@ impl Model {
         let h = c.hidden_size;
         let ctx = ForwardContext::new(batch, c, layout.block_size);
         let mut x = self.embed(batch.seqs.iter().flat_map(|s| s.token_ids.iter().copied()));
+        // Layer taps: each token's states entering the listed layers.
+        let taps: &[usize] = match tap {
+            Some(FeatureTap::Layers(l)) => l,
+            _ => &[],
+        };
+        let mut tapped = vec![0.0; if taps.is_empty() { 0 } else { n * taps.len() * h }];
+        let mut take_taps = |x: &[f32], at: usize| {
+            for (j, _) in taps.iter().enumerate().filter(|(_, &l)| l == at) {
+                for t in 0..n {
+                    let dst = (t * taps.len() + j) * h;
+                    tapped[dst..dst + h].copy_from_slice(&x[t * h..(t + 1) * h]);
+                }
+            }
+        };
         for (li, layer) in self.layers.iter().take(num_layers).enumerate() {
+            take_taps(&x, li);
             layer.forward(&mut x, &ctx, batch, kv, li)?;
         }
+        take_taps(&x, num_layers);
 
         let mut rows = Vec::with_capacity(batch.num_logits_rows() * h);
-        let features = if want_features {
+        let features = if tap == Some(&FeatureTap::Final) {
             let mut all = vec![0.0; n * h];
             rms_norm_rows(&x, &self.output_norm, c.rms_norm_eps, &mut all);
             for r in ctx.logits_token_rows(batch) {
@@ -387,7 +445,7 @@ impl Model {
             }
             rows.resize(selected.len(), 0.0);
             rms_norm_rows(&selected, &self.output_norm, c.rms_norm_eps, &mut rows);
-            Vec::new()
+            tapped // empty without layer taps
         };
         debug_assert_eq!(self.lm_head.out_features, c.vocab_size);
         Ok((self.logits_from_features(&rows)?, features)) // (rows, vocab)
@@ -480,16 +538,32 @@ impl Layer {
         kv: &mut KvStorage,
         kv_layer: usize,
     ) -> Result<()> {
+        self.forward_from(x, None, ctx, batch, kv, kv_layer)
+    }
+
+    /// [`Layer::forward`] whose attention projections read `attn_input`
+    /// `(tokens, in)` instead of the (normed) residual stream: EAGLE-3's
+    /// layer attends over `[embedding | feature]` of width `2 * hidden`.
+    pub(crate) fn forward_from(
+        &self,
+        x: &mut [f32],
+        attn_input: Option<&[f32]>,
+        ctx: &ForwardContext,
+        batch: &RaggedBatch,
+        kv: &mut KvStorage,
+        kv_layer: usize,
+    ) -> Result<()> {
         let (n, shape) = (ctx.n, ctx.shape);
         let kvs = shape.num_kv_heads * shape.head_dim;
         let mut buffers = ctx.buffers.borrow_mut();
         let (normed, attn) = &mut *buffers;
-        let input = match &self.attn_norm {
-            Some(w) => {
+        let input = match (attn_input, &self.attn_norm) {
+            (Some(a), _) => LinearInput::new(a, n),
+            (None, Some(w)) => {
                 rms_norm_rows(x, w, ctx.eps, normed);
                 LinearInput::new(normed, n)
             }
-            None => LinearInput::new(x, n),
+            (None, None) => LinearInput::new(x, n),
         };
         let mut q = self.wq.forward(&input)?; // (tokens, heads, head_dim)
         let mut k = self.wk.forward(&input)?; // (tokens, kv_heads, head_dim)

@@ -95,8 +95,8 @@ pub fn tiny_model(seed: u64) -> Result<Model> {
 }
 
 /// Greedy answers of the tiny target `seed` to 24 random prompts, with its
-/// features: training data for a tiny draft head.
-pub fn tiny_training_data(seed: u64) -> Result<Vec<crate::spec::train::TrainSequence>> {
+/// states of `tap`: training data for a tiny draft head.
+pub fn tiny_training_data(seed: u64, tap: &crate::FeatureTap) -> Result<Vec<crate::spec::train::TrainSequence>> {
     use crate::runner::{Runner, TokenRequest};
     let target = tiny_model(seed)?;
     let mut engine = crate::Engine::new(
@@ -125,7 +125,7 @@ pub fn tiny_training_data(seed: u64) -> Result<Vec<crate::spec::train::TrainSequ
         .map(|(r, o)| {
             let tokens = [&r.prompt[..], &o.token_ids].concat();
             Ok(crate::spec::train::TrainSequence {
-                features: crate::spec::train::target_features(&target, &tokens, 64)?,
+                features: crate::spec::train::target_features(&target, &tokens, 64, tap)?,
                 answer_start: r.prompt.len(),
                 tokens,
             })
@@ -133,14 +133,15 @@ pub fn tiny_training_data(seed: u64) -> Result<Vec<crate::spec::train::TrainSequ
         .collect()
 }
 
-/// A draft head for the tiny target `seed`, trained for a few seconds on
-/// its greedy answers (a sub-vocabulary of 48 of its 64 tokens).
-pub fn tiny_head(seed: u64) -> Result<crate::spec::DraftHead> {
+/// A draft head of `kind` for the tiny target `seed`, trained for a few
+/// seconds on its greedy answers (a sub-vocabulary of 48 of its 64 tokens).
+pub fn tiny_head(seed: u64, kind: crate::spec::head::HeadKind) -> Result<crate::spec::DraftHead> {
     use crate::spec::train::{frequent_tokens, train, HeadParams, TrainConfig};
     let target = tiny_model(seed)?;
-    let data = tiny_training_data(seed)?;
-    let (sub_vocab, _) = frequent_tokens(&data, 48, 64);
-    let mut params = HeadParams::init(&target, sub_vocab, 1, candle_core::DType::F32)?;
+    let tokens_only = tiny_training_data(seed, &crate::FeatureTap::Final)?;
+    let (sub_vocab, _) = frequent_tokens(&tokens_only, 48, 64);
+    let mut params = HeadParams::init(&target, sub_vocab, 1, candle_core::DType::F32, kind)?;
+    let data = tiny_training_data(seed, &params.tap)?;
     let cfg = TrainConfig {
         sub_vocab: 48,
         max_len: 64,

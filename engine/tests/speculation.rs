@@ -4,6 +4,7 @@
 //! tree shapes respect the calibration's tiers.
 
 use heterospec_engine::runner::{Runner, TokenOutput, TokenRequest};
+use heterospec_engine::spec::head::HeadKind;
 use heterospec_engine::spec::{CostCurve, SpecMode, SpecPolicy};
 use heterospec_engine::testing::{tiny_head, tiny_model, Lcg};
 use heterospec_engine::{DrafterKind, Engine, EngineConfig, Sampler, SamplingParams};
@@ -54,7 +55,12 @@ fn drafters() -> Vec<(&'static str, fn() -> DrafterKind)> {
             DrafterKind::Model(Box::new(tiny_model(TARGET_SEED).unwrap()))
         }),
         ("model-other", || DrafterKind::Model(Box::new(tiny_model(11).unwrap()))),
-        ("head", || DrafterKind::Head(Box::new(tiny_head(TARGET_SEED).unwrap()))),
+        ("head", || {
+            DrafterKind::Head(Box::new(tiny_head(TARGET_SEED, HeadKind::Eagle).unwrap()))
+        }),
+        ("head-eagle3", || {
+            DrafterKind::Head(Box::new(tiny_head(TARGET_SEED, HeadKind::Eagle3).unwrap()))
+        }),
     ]
 }
 
@@ -118,7 +124,7 @@ fn greedy_speculation_equals_plain_decoding_for_every_drafter_mode_and_batch_siz
                         "{name} {mode:?}: {accepted} accepted in {drafted} steps"
                     );
                 }
-                if name == "ngram" || name == "self" || name == "head" {
+                if name == "ngram" || name == "self" || name.starts_with("head") {
                     assert!(accepted > 0, "{name} {mode:?} batch {batch}: nothing accepted");
                 }
             }
@@ -224,9 +230,12 @@ fn sampled_first_two(
                 ..sampling.clone()
             },
             // The fixed tree drafts right after the prompt (the budget rule
-            // waits for decode steps), so both tokens can come from drafts.
+            // waits for decode steps), so both tokens can come from drafts;
+            // a third token lets the second also come from a decode step's
+            // draft (a draft head's usual case: it then has the prompt's
+            // features).
             speculation: SpecMode::Fixed,
-            max_new_tokens: 2,
+            max_new_tokens: 3,
             stop_token_ids: vec![],
         })
         .collect();
@@ -269,12 +278,13 @@ fn sampling_with_speculation_follows_the_target_distribution_and_a_biased_rule_i
     };
     let (p1, p2) = exact_first_two(&prompt, &sampling);
     let n = 3000;
-    // The head drafts right after the prompt without the prompt's features
-    // (they come from the same forward), so fewer of its drafts survive.
+    // The heads draft right after the prompt without the prompt's features
+    // (they come from the same forward), so fewer of their drafts survive.
     for (name, make, min_accepted) in [
         (drafters()[0].0, drafters()[0].1, n / 4),
         (drafters()[2].0, drafters()[2].1, n / 4),
         (drafters()[4].0, drafters()[4].1, n / 20),
+        (drafters()[5].0, drafters()[5].1, n / 20),
     ] {
         let mut engine = spec_engine(make());
         let (c1, c2) = sampled_first_two(&mut engine, &prompt, &sampling, n, min_accepted);

@@ -16,7 +16,7 @@ use crate::batch::{RaggedBatch, SeqRun};
 use crate::engine::SeqId;
 use crate::error::{EngineError, Result};
 use crate::kv::{KvLayout, KvStorage};
-use crate::model::Model;
+use crate::model::{FeatureTap, Model};
 use crate::ops::log_sum_exp;
 use crate::spec::head::DraftHead;
 use crate::spec::tree::{top_k_entropy, DraftTree};
@@ -68,15 +68,17 @@ pub trait Drafter: Send {
     /// Forgets a sequence.
     fn release(&mut self, _seq_id: SeqId) {}
 
-    /// Whether [`Drafter::observe_features`] is wanted (the verify forward
-    /// then also returns the target's final features).
-    fn wants_features(&self) -> bool {
-        false
+    /// The target states [`Drafter::observe_features`] wants, if any (the
+    /// verify forward then also returns them).
+    fn feature_tap(&self) -> Option<FeatureTap> {
+        None
     }
 
-    /// The target's final feature of the token now in each KV slot
-    /// (`features` is `(slots, hidden)`), after a forward.
-    fn observe_features(&mut self, _slots: &[usize], _features: &[f32]) {}
+    /// The target's states (of [`Drafter::feature_tap`]) of the token now in
+    /// each KV slot (`features` is `(slots, tap width)`), after a forward.
+    fn observe_features(&mut self, _slots: &[usize], _features: &[f32]) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Prompt lookup: the longest suffix (up to `max_ngram` tokens) of the
@@ -287,12 +289,16 @@ impl Drafter for ModelDrafter {
         }
     }
 
-    fn wants_features(&self) -> bool {
-        matches!(self.source, DraftSource::Head { .. })
+    fn feature_tap(&self) -> Option<FeatureTap> {
+        match &self.source {
+            DraftSource::Head { head, .. } => Some(head.feature_tap().clone()),
+            _ => None,
+        }
     }
 
-    fn observe_features(&mut self, slots: &[usize], values: &[f32]) {
+    fn observe_features(&mut self, slots: &[usize], values: &[f32]) -> Result<()> {
         if let DraftSource::Head { head, features, .. } = &mut self.source {
+            let values = head.input_features(values)?;
             let h = head.hidden_size();
             for (i, &slot) in slots.iter().enumerate() {
                 if let Some(dst) = features.get_mut(slot * h..(slot + 1) * h) {
@@ -300,6 +306,7 @@ impl Drafter for ModelDrafter {
                 }
             }
         }
+        Ok(())
     }
 
     fn expand(

@@ -20,6 +20,14 @@
 //! Without `lm_head.weight` the target's own output layer is used (EAGLE-1).
 //! Query and key rows are stored in Hugging Face's half-split RoPE order and
 //! permuted to the engine's interleaved order at load.
+//!
+//! EAGLE-3 heads (`midlayer.*`) read the target's hidden states entering
+//! three layers (low, middle, high; `eagle_config.eagle_aux_hidden_state_layer_ids`,
+//! default 2, L/2, L-3), fused by `fc` `(h, 3h)` into the row's input `x`;
+//! the layer's attention reads `[input_layernorm(embed) | hidden_norm(x)]`
+//! (`q/k/v_proj` take `2h` columns) and adds to `x`. Deeper tree nodes feed
+//! the head its own output in place of `x`. `t2d` (a boolean map) is not
+//! needed and not read.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -32,7 +40,7 @@ use crate::batch::RaggedBatch;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv::KvStorage;
-use crate::model::{ForwardContext, Layer, Linear, Model, WeightFormat};
+use crate::model::{FeatureTap, ForwardContext, Layer, Linear, Model, WeightFormat};
 use crate::ops::rms_norm_rows;
 
 /// `config.json` of a head (Hugging Face names; unknown keys ignored).
@@ -54,6 +62,63 @@ pub struct HeadConfig {
     /// How the file was made; informational.
     #[serde(default)]
     pub provenance: String,
+    /// EAGLE-3: which target layers' input states are fused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eagle_config: Option<EagleConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub architectures: Vec<String>,
+}
+
+/// The `eagle_config` block of EAGLE-3 checkpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EagleConfig {
+    #[serde(default)]
+    pub eagle_aux_hidden_state_layer_ids: Option<Vec<usize>>,
+}
+
+/// The two head designs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadKind {
+    /// EAGLE / EAGLE-2: the final feature, `fc([embed | feature])`.
+    Eagle,
+    /// EAGLE-3: low, middle and high-layer states fused by `fc`; the
+    /// layer's attention reads `[embed | x]`.
+    Eagle3,
+}
+
+impl HeadKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HeadKind::Eagle => "eagle",
+            HeadKind::Eagle3 => "eagle3",
+        }
+    }
+
+    /// Tensor names of the decoder layer's matrices, in [`Layer::from_parts`] order.
+    pub fn layer_matrices(self) -> [&'static str; 7] {
+        match self {
+            HeadKind::Eagle => LAYER_MATRICES,
+            HeadKind::Eagle3 => EAGLE3_LAYER_MATRICES,
+        }
+    }
+
+    pub fn post_norm(self) -> &'static str {
+        match self {
+            HeadKind::Eagle => POST_NORM,
+            HeadKind::Eagle3 => EAGLE3_POST_NORM,
+        }
+    }
+}
+
+impl std::str::FromStr for HeadKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "eagle" => Ok(HeadKind::Eagle),
+            "eagle3" => Ok(HeadKind::Eagle3),
+            other => Err(format!("unknown head kind `{other}` (eagle, eagle3)")),
+        }
+    }
 }
 
 impl HeadConfig {
@@ -89,6 +154,19 @@ pub const LAYER_MATRICES: [&str; 7] = [
     "layers.0.mlp.up_proj.weight",
     "layers.0.mlp.down_proj.weight",
 ];
+/// EAGLE-3's names for the same matrices.
+pub const EAGLE3_LAYER_MATRICES: [&str; 7] = [
+    "midlayer.self_attn.q_proj.weight",
+    "midlayer.self_attn.k_proj.weight",
+    "midlayer.self_attn.v_proj.weight",
+    "midlayer.self_attn.o_proj.weight",
+    "midlayer.mlp.gate_proj.weight",
+    "midlayer.mlp.up_proj.weight",
+    "midlayer.mlp.down_proj.weight",
+];
+pub const EAGLE3_INPUT_NORM: &str = "midlayer.input_layernorm.weight";
+pub const EAGLE3_HIDDEN_NORM: &str = "midlayer.hidden_norm.weight";
+pub const EAGLE3_POST_NORM: &str = "midlayer.post_attention_layernorm.weight";
 pub const FC: &str = "fc.weight";
 pub const FC_BIAS: &str = "fc.bias";
 pub const INPUT_NORM: &str = "layers.0.input_layernorm.weight";
@@ -124,17 +202,19 @@ impl HeadWeights {
             .map_err(|e| bad(format!("cannot read {}: {e}", config_path.display())))?;
         let config: HeadConfig =
             serde_json::from_str(&text).map_err(|e| bad(format!("{}: {e}", config_path.display())))?;
-        let raw = candle_core::safetensors::load(&weights_path, &Device::Cpu)
-            .map_err(|e| bad(format!("cannot read {}: {e}", weights_path.display())))?;
-        if raw.keys().any(|k| k.starts_with("midlayer.")) {
-            return Err(bad(
-                "an EAGLE-3 checkpoint (`midlayer.*`: fused low/middle/high-layer features); \
-                 only EAGLE / EAGLE-2 heads on the final feature are supported"
-                    .into(),
-            ));
-        }
+        let bytes =
+            std::fs::read(&weights_path).map_err(|e| bad(format!("cannot read {}: {e}", weights_path.display())))?;
+        let file = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(format!("{}: {e}", weights_path.display())))?;
         let mut tensors = HashMap::new();
-        for (name, t) in raw {
+        for (name, view) in file.tensors() {
+            if name == "t2d" {
+                continue; // EAGLE-3's boolean target-to-draft map: not needed
+            }
+            use candle_core::safetensors::Load;
+            let t = view
+                .load(&Device::Cpu)
+                .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
             let t = if name == D2T {
                 t.to_dtype(DType::I64)?
             } else {
@@ -172,9 +252,35 @@ impl HeadWeights {
         self.tensors.get(name).map(|t| t.dims().to_vec())
     }
 
+    /// EAGLE-3 when the file has `midlayer.*` tensors.
+    pub fn kind(&self) -> HeadKind {
+        if self.tensors.keys().any(|k| k.starts_with("midlayer.")) {
+            HeadKind::Eagle3
+        } else {
+            HeadKind::Eagle
+        }
+    }
+
+    /// The target states the head reads, for a target of `num_layers`.
+    pub fn feature_tap(&self, num_layers: usize) -> FeatureTap {
+        match self.kind() {
+            HeadKind::Eagle => FeatureTap::Final,
+            HeadKind::Eagle3 => match self
+                .config
+                .eagle_config
+                .as_ref()
+                .and_then(|e| e.eagle_aux_hidden_state_layer_ids.clone())
+            {
+                Some(ids) => FeatureTap::Layers(ids),
+                None => FeatureTap::eagle3_default(num_layers),
+            },
+        }
+    }
+
     /// Every expected tensor is present with the expected shape.
     pub fn check(&self, target: &ModelConfig) -> std::result::Result<(), String> {
         let c = &self.config;
+        let kind = self.kind();
         let h = c.hidden_size;
         if h != target.hidden_size {
             return Err(format!(
@@ -202,17 +308,39 @@ impl HeadWeights {
             c.num_key_value_heads * c.head_dim(),
             c.intermediate_size,
         );
+        let tap = self.feature_tap(target.num_layers);
+        let taps = match &tap {
+            FeatureTap::Final => 1,
+            FeatureTap::Layers(l) => {
+                if l.is_empty() || l.iter().any(|&i| i > target.num_layers) {
+                    return Err(format!(
+                        "feature layers {l:?}, the target has {} layers",
+                        target.num_layers
+                    ));
+                }
+                l.len()
+            }
+        };
+        let (fc_in, attn_in) = match kind {
+            HeadKind::Eagle => (2 * h, h),
+            HeadKind::Eagle3 => (taps * h, 2 * h),
+        };
+        let m = kind.layer_matrices();
         let mut expected: Vec<(&str, Vec<usize>)> = vec![
-            (FC, vec![h, 2 * h]),
-            (LAYER_MATRICES[0], vec![q, h]),
-            (LAYER_MATRICES[1], vec![kv, h]),
-            (LAYER_MATRICES[2], vec![kv, h]),
-            (LAYER_MATRICES[3], vec![h, q]),
-            (LAYER_MATRICES[4], vec![ff, h]),
-            (LAYER_MATRICES[5], vec![ff, h]),
-            (LAYER_MATRICES[6], vec![h, ff]),
-            (POST_NORM, vec![h]),
+            (FC, vec![h, fc_in]),
+            (m[0], vec![q, attn_in]),
+            (m[1], vec![kv, attn_in]),
+            (m[2], vec![kv, attn_in]),
+            (m[3], vec![h, q]),
+            (m[4], vec![ff, h]),
+            (m[5], vec![ff, h]),
+            (m[6], vec![h, ff]),
+            (kind.post_norm(), vec![h]),
         ];
+        if kind == HeadKind::Eagle3 {
+            expected.push((EAGLE3_INPUT_NORM, vec![h]));
+            expected.push((EAGLE3_HIDDEN_NORM, vec![h]));
+        }
         for optional in [FC_BIAS, INPUT_NORM, OUTPUT_NORM] {
             if self.tensors.contains_key(optional) {
                 expected.push((optional, vec![h]));
@@ -299,6 +427,11 @@ pub fn half_split_to_interleaved(w: &[f32], num_heads: usize, head_dim: usize, c
 /// A loaded head, ready to draft.
 pub struct DraftHead {
     config: HeadConfig,
+    kind: HeadKind,
+    tap: FeatureTap,
+    /// EAGLE-3: norms of the embedding and of `x` before attention.
+    input_norm: Option<Vec<f32>>,
+    hidden_norm: Option<Vec<f32>>,
     layer_config: ModelConfig,
     fc: Linear,
     fc_bias: Option<Vec<f32>>,
@@ -339,20 +472,26 @@ impl DraftHead {
             let w = half_split_to_interleaved(&t.flatten_all()?.to_vec1::<f32>()?, heads, c.head_dim(), cols);
             matrix(Tensor::from_vec(w, (rows, cols), &Device::Cpu)?)
         };
+        let kind = weights.kind();
+        let m = kind.layer_matrices();
         let parts = [
-            rope_rows(LAYER_MATRICES[0], c.num_attention_heads)?,
-            rope_rows(LAYER_MATRICES[1], c.num_key_value_heads)?,
-            matrix(get(LAYER_MATRICES[2])?)?,
-            matrix(get(LAYER_MATRICES[3])?)?,
-            matrix(get(LAYER_MATRICES[4])?)?,
-            matrix(get(LAYER_MATRICES[5])?)?,
-            matrix(get(LAYER_MATRICES[6])?)?,
+            rope_rows(m[0], c.num_attention_heads)?,
+            rope_rows(m[1], c.num_key_value_heads)?,
+            matrix(get(m[2])?)?,
+            matrix(get(m[3])?)?,
+            matrix(get(m[4])?)?,
+            matrix(get(m[5])?)?,
+            matrix(get(m[6])?)?,
         ];
-        let post_norm = vector(POST_NORM)?.expect("checked");
+        let post_norm = vector(kind.post_norm())?.expect("checked");
+        let (attn_norm, input_norm, hidden_norm) = match kind {
+            HeadKind::Eagle => (vector(INPUT_NORM)?, None, None),
+            HeadKind::Eagle3 => (None, vector(EAGLE3_INPUT_NORM)?, vector(EAGLE3_HIDDEN_NORM)?),
+        };
         Ok(DraftHead {
             fc: Linear::new(matrix(get(FC)?)?, format)?,
             fc_bias: vector(FC_BIAS)?,
-            layer: Layer::from_parts(vector(INPUT_NORM)?, post_norm, parts, format)?,
+            layer: Layer::from_parts(attn_norm, post_norm, parts, format)?,
             output_norm: vector(OUTPUT_NORM)?,
             lm_head: weights
                 .tensors
@@ -360,9 +499,48 @@ impl DraftHead {
                 .map(|t| Linear::new(matrix(t.clone())?, format))
                 .transpose()?,
             draft_to_target: weights.draft_to_target()?,
+            kind,
+            tap: weights.feature_tap(target.num_layers),
+            input_norm,
+            hidden_norm,
             config: c.clone(),
             layer_config,
         })
+    }
+
+    pub fn kind(&self) -> HeadKind {
+        self.kind
+    }
+
+    /// The target states this head reads.
+    pub fn feature_tap(&self) -> &FeatureTap {
+        &self.tap
+    }
+
+    /// `fc` (and its bias) on `rows` of `input`.
+    fn fc(&self, input: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let mut x = self.fc.apply(input, rows)?;
+        if let Some(bias) = &self.fc_bias {
+            for row in x.chunks_exact_mut(self.hidden_size()) {
+                for (a, b) in row.iter_mut().zip(bias) {
+                    *a += b;
+                }
+            }
+        }
+        Ok(x)
+    }
+
+    /// The per-token input the head keeps for the target's states of its
+    /// tap, `(tokens, tap width)`: the final feature itself (EAGLE), or the
+    /// fused `fc` of the three layers' states (EAGLE-3). `(tokens, hidden)`.
+    pub fn input_features(&self, target_states: &[f32]) -> Result<Vec<f32>> {
+        match self.kind {
+            HeadKind::Eagle => Ok(target_states.to_vec()),
+            HeadKind::Eagle3 => {
+                let width = self.tap.width(self.hidden_size());
+                self.fc(target_states, target_states.len() / width)
+            }
+        }
     }
 
     pub fn config(&self) -> &HeadConfig {
@@ -393,7 +571,8 @@ impl DraftHead {
     }
 
     /// Runs the head on `batch` (tokens are target ids) whose row `i` reads
-    /// feature row `i` of `features` `(tokens, hidden)`. Writes the head's
+    /// row `i` of `features` `(tokens, hidden)`: an [`DraftHead::input_features`]
+    /// row or the head's own output for a deeper node. Writes the head's
     /// K/V and returns, for the logits rows, the output logits (over the
     /// draft vocabulary) and the predicted features.
     pub fn forward(
@@ -419,21 +598,32 @@ impl DraftHead {
             return Ok((Vec::new(), Vec::new()));
         }
         let embedded = target.embed(batch.seqs.iter().flat_map(|s| s.token_ids.iter().copied()));
-        let mut input = Vec::with_capacity(n * 2 * h);
-        for t in 0..n {
-            input.extend_from_slice(&embedded[t * h..(t + 1) * h]);
-            input.extend_from_slice(&features[t * h..(t + 1) * h]);
-        }
-        let mut x = self.fc.apply(&input, n)?;
-        if let Some(bias) = &self.fc_bias {
-            for row in x.chunks_exact_mut(h) {
-                for (a, b) in row.iter_mut().zip(bias) {
-                    *a += b;
+        let ctx = ForwardContext::new(batch, &self.layer_config, layout.block_size);
+        let mut x;
+        match self.kind {
+            HeadKind::Eagle => {
+                let mut input = Vec::with_capacity(n * 2 * h);
+                for t in 0..n {
+                    input.extend_from_slice(&embedded[t * h..(t + 1) * h]);
+                    input.extend_from_slice(&features[t * h..(t + 1) * h]);
                 }
+                x = self.fc(&input, n)?;
+                self.layer.forward(&mut x, &ctx, batch, kv, 0)?;
+            }
+            HeadKind::Eagle3 => {
+                let eps = self.config.rms_norm_eps;
+                let (mut e, mut f) = (vec![0.0; n * h], vec![0.0; n * h]);
+                rms_norm_rows(&embedded, self.input_norm.as_deref().expect("EAGLE-3"), eps, &mut e);
+                rms_norm_rows(features, self.hidden_norm.as_deref().expect("EAGLE-3"), eps, &mut f);
+                let mut input = Vec::with_capacity(n * 2 * h);
+                for t in 0..n {
+                    input.extend_from_slice(&e[t * h..(t + 1) * h]);
+                    input.extend_from_slice(&f[t * h..(t + 1) * h]);
+                }
+                x = features.to_vec();
+                self.layer.forward_from(&mut x, Some(&input), &ctx, batch, kv, 0)?;
             }
         }
-        let ctx = ForwardContext::new(batch, &self.layer_config, layout.block_size);
-        self.layer.forward(&mut x, &ctx, batch, kv, 0)?;
         let mut hidden = Vec::with_capacity(batch.num_logits_rows() * h);
         for r in ctx.logits_token_rows(batch) {
             hidden.extend_from_slice(&x[r * h..(r + 1) * h]);
@@ -462,10 +652,10 @@ mod tests {
     use crate::spec::train::{frequent_tokens, HeadParams};
     use crate::testing::{tiny_config, tiny_model, tiny_training_data};
 
-    fn saved_head(dir: &Path) -> HeadWeights {
+    fn saved_head(dir: &Path, kind: HeadKind) -> HeadWeights {
         let target = tiny_model(5).unwrap();
-        let (sub, _) = frequent_tokens(&tiny_training_data(5).unwrap(), 48, 64);
-        let w = HeadParams::init(&target, sub, 3, DType::F32)
+        let (sub, _) = frequent_tokens(&tiny_training_data(5, &FeatureTap::Final).unwrap(), 48, 64);
+        let w = HeadParams::init(&target, sub, 3, DType::F32, kind)
             .unwrap()
             .weights()
             .unwrap();
@@ -479,7 +669,7 @@ mod tests {
         let mut tensors = HashMap::new();
         tensors.insert(D2T.to_string(), HeadWeights::d2t_tensor(&sub).unwrap());
         let w = HeadWeights {
-            config: HeadParams::init(&tiny_model(5).unwrap(), sub.clone(), 1, DType::F32)
+            config: HeadParams::init(&tiny_model(5).unwrap(), sub.clone(), 1, DType::F32, HeadKind::Eagle)
                 .unwrap()
                 .config,
             tensors,
@@ -487,7 +677,7 @@ mod tests {
         assert_eq!(w.draft_to_target().unwrap(), sub);
         // Through a checkpoint on disk, and into a loaded head's output map.
         let dir = std::env::temp_dir().join(format!("heterospec-head-{}", std::process::id()));
-        let saved = saved_head(&dir);
+        let saved = saved_head(&dir, HeadKind::Eagle);
         let loaded = HeadWeights::load(&dir, &tiny_config()).unwrap();
         assert_eq!(loaded.draft_to_target().unwrap(), saved.draft_to_target().unwrap());
         let head = DraftHead::new(&loaded, &tiny_config(), WeightFormat::AsShipped).unwrap();
@@ -499,48 +689,112 @@ mod tests {
 
     #[test]
     fn checkpoints_with_wrong_shapes_or_another_vocabulary_are_refused() {
-        let dir = std::env::temp_dir().join(format!("heterospec-head-bad-{}", std::process::id()));
-        let good = saved_head(&dir);
-        let err = |w: &HeadWeights| {
-            w.save(&dir).unwrap();
-            HeadWeights::load(&dir, &tiny_config()).unwrap_err().to_string()
-        };
-        let mut other_vocab = good.clone();
-        other_vocab.config.vocab_size = 100;
-        assert!(
-            err(&other_vocab).contains("vocabulary of 100 tokens, the target's has 64"),
-            "{}",
-            err(&other_vocab)
-        );
-        let mut wrong_shape = good.clone();
-        wrong_shape.tensors.insert(
-            LAYER_MATRICES[1].into(),
-            Tensor::zeros((7, 32), DType::F32, &Device::Cpu).unwrap(),
-        );
-        let e = err(&wrong_shape);
-        assert!(
-            e.contains("`layers.0.self_attn.k_proj.weight` has shape [7, 32], expected [16, 32]"),
-            "{e}"
-        );
-        let mut missing = good.clone();
-        missing.tensors.remove(FC);
-        assert!(err(&missing).contains("tensor `fc.weight` is missing"));
-        let mut outside = good.clone();
-        outside
-            .tensors
-            .insert(D2T.into(), HeadWeights::d2t_tensor(&[70; 48]).unwrap());
-        assert!(err(&outside).contains("outside the target's vocabulary of 64"));
-        let mut eagle3 = good.clone();
-        eagle3.tensors.insert(
-            "midlayer.self_attn.q_proj.weight".into(),
-            Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
-        );
-        assert!(err(&eagle3).contains("EAGLE-3"));
-        let mut target = tiny_config();
-        target.hidden_size = 64;
-        good.save(&dir).unwrap();
-        let e = HeadWeights::load(&dir, &target).unwrap_err().to_string();
-        assert!(e.contains("hidden size 32, the target's is 64"), "{e}");
+        for kind in [HeadKind::Eagle, HeadKind::Eagle3] {
+            let dir =
+                std::env::temp_dir().join(format!("heterospec-head-bad-{}-{}", kind.as_str(), std::process::id()));
+            let good = saved_head(&dir, kind);
+            assert_eq!(HeadWeights::load(&dir, &tiny_config()).unwrap().kind(), kind);
+            let err = |w: &HeadWeights| {
+                w.save(&dir).unwrap();
+                HeadWeights::load(&dir, &tiny_config()).unwrap_err().to_string()
+            };
+            let mut other_vocab = good.clone();
+            other_vocab.config.vocab_size = 100;
+            let e = err(&other_vocab);
+            assert!(e.contains("vocabulary of 100 tokens, the target's has 64"), "{e}");
+            let k_proj = kind.layer_matrices()[1];
+            let mut wrong_shape = good.clone();
+            wrong_shape
+                .tensors
+                .insert(k_proj.into(), Tensor::zeros((7, 32), DType::F32, &Device::Cpu).unwrap());
+            let e = err(&wrong_shape);
+            let columns = if kind == HeadKind::Eagle { 32 } else { 64 }; // EAGLE-3 attends over [embed | x]
+            assert!(
+                e.contains(&format!("`{k_proj}` has shape [7, 32], expected [16, {columns}]")),
+                "{e}"
+            );
+            let mut missing = good.clone();
+            missing.tensors.remove(FC);
+            assert!(err(&missing).contains("tensor `fc.weight` is missing"));
+            let mut outside = good.clone();
+            outside
+                .tensors
+                .insert(D2T.into(), HeadWeights::d2t_tensor(&[70; 48]).unwrap());
+            assert!(err(&outside).contains("outside the target's vocabulary of 64"));
+            let mut target = tiny_config();
+            target.hidden_size = 64;
+            good.save(&dir).unwrap();
+            let e = HeadWeights::load(&dir, &target).unwrap_err().to_string();
+            assert!(e.contains("hidden size 32, the target's is 64"), "{e}");
+            if kind == HeadKind::Eagle3 {
+                let mut deep = good.clone();
+                deep.config.eagle_config = Some(EagleConfig {
+                    eagle_aux_hidden_state_layer_ids: Some(vec![0, 1, 9]),
+                });
+                let e = err(&deep);
+                assert!(e.contains("feature layers [0, 1, 9], the target has 2 layers"), "{e}");
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
+    #[test]
+    fn public_eagle3_checkpoints_load() {
+        // As EAGLE-3's trainers write them: bf16 matrices, a boolean `t2d`,
+        // the layers in `eagle_config` (or absent: 2, L/2, L-3).
+        let dir = std::env::temp_dir().join(format!("heterospec-head-eagle3-{}", std::process::id()));
+        let ours = saved_head(&dir, HeadKind::Eagle3);
+        let mut bufs: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (name, t) in &ours.tensors {
+            let (dtype, bytes) = if name == D2T {
+                let v = t.to_vec1::<i64>().unwrap();
+                (
+                    safetensors::Dtype::I64,
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                )
+            } else {
+                let v = t
+                    .flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+                    .to_vec1::<half::bf16>()
+                    .unwrap();
+                (
+                    safetensors::Dtype::BF16,
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                )
+            };
+            bufs.push((name.clone(), dtype, t.dims().to_vec(), bytes));
+        }
+        let sub = ours.draft_to_target().unwrap();
+        let t2d: Vec<u8> = (0..64u32).map(|t| sub.contains(&t) as u8).collect();
+        bufs.push(("t2d".into(), safetensors::Dtype::BOOL, vec![64], t2d));
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bufs
+            .iter()
+            .map(|(n, d, s, b)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+        let mut config = serde_json::to_value(&ours.config).unwrap();
+        config.as_object_mut().unwrap().remove("eagle_config");
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let loaded = HeadWeights::load(&dir, &tiny_config()).unwrap();
+        assert_eq!(loaded.kind(), HeadKind::Eagle3);
+        assert!(!loaded.tensors.contains_key("t2d"));
+        assert_eq!(loaded.feature_tap(2), FeatureTap::eagle3_default(2));
+        assert_eq!(loaded.draft_to_target().unwrap(), sub);
+        let head = DraftHead::new(&loaded, &tiny_config(), WeightFormat::AsShipped).unwrap();
+        assert_eq!(head.kind(), HeadKind::Eagle3);
+        assert_eq!(head.feature_tap(), &FeatureTap::Layers(vec![0, 1, 2]));
+        // bf16 rounding only.
+        let a = ours.tensors[FC].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = loaded.tensors[FC].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 0.01 * x.abs().max(0.01)));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

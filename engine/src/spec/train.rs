@@ -2,14 +2,23 @@
 //! autograd on the CPU.
 //!
 //! Each training sequence is a prompt and the target's greedy answer, with
-//! the target's final feature (after the output norm) at every position.
-//! Row `q` of the head reads `embed(token_q)` and `feature_{q-1}` (plus
-//! uniform noise, as EAGLE does, so it tolerates its own guesses when
-//! drafting deeper) and is trained to output `feature_q` (smooth L1) and
-//! to rank `token_{q+1}` first over the sub-vocabulary (cross-entropy),
-//! on the answer's positions. The graph here is the same computation as
+//! the target's states of the head's tap at every position.
+//!
+//! EAGLE: row `q` of the head reads `embed(token_q)` and the final
+//! `feature_{q-1}` (plus uniform noise, as EAGLE does, so it tolerates its
+//! own guesses when drafting deeper) and is trained to output `feature_q`
+//! (smooth L1) and to rank `token_{q+1}` first over the sub-vocabulary
+//! (cross-entropy), on the answer's positions.
+//!
+//! EAGLE-3: cross-entropy only, with training-time test: step 0 reads the
+//! fused target states; step `j` feeds row `q` the head's own step-`j-1`
+//! output of row `q - 1`, and row `q` attends to step-0 rows up to `q - j`
+//! and to its own diagonal of steps `1..=j` — exactly what a depth-`j` draft
+//! node sees when drafting. Step `j`'s loss is weighted `0.8^j`.
+//!
+//! The graphs here are the same computation as
 //! [`DraftHead::forward`](super::head::DraftHead::forward), in Hugging
-//! Face's RoPE order (a test checks they agree).
+//! Face's RoPE order (tests check they agree, for every TTT step).
 
 use std::collections::HashMap;
 
@@ -22,22 +31,26 @@ use rand::{Rng, SeedableRng};
 use crate::batch::{RaggedBatch, SeqRun};
 use crate::error::{EngineError, Result};
 use crate::kv::{KvLayout, KvStorage};
-use crate::model::Model;
-use crate::spec::head::{HeadConfig, HeadWeights, D2T, FC, FC_BIAS, LAYER_MATRICES, LM_HEAD, POST_NORM};
+use crate::model::{FeatureTap, Model};
+use crate::spec::head::{
+    EagleConfig, HeadConfig, HeadKind, HeadWeights, D2T, EAGLE3_HIDDEN_NORM, EAGLE3_INPUT_NORM, FC, FC_BIAS, LM_HEAD,
+    OUTPUT_NORM,
+};
 
 /// A prompt and the target's answer, with the target's features.
 #[derive(Debug, Clone)]
 pub struct TrainSequence {
     pub tokens: Vec<u32>,
-    /// `(tokens, hidden)`: the target's final feature at each position.
+    /// `(tokens, tap width)`: the target's states of the head's tap at
+    /// each position.
     pub features: Vec<f32>,
     /// First position of the answer: rows predicting tokens from here on
     /// carry the loss.
     pub answer_start: usize,
 }
 
-/// The target's final features at every position of `tokens`.
-pub fn target_features(model: &Model, tokens: &[u32], chunk: usize) -> Result<Vec<f32>> {
+/// The target's states of `tap` at every position of `tokens`.
+pub fn target_features(model: &Model, tokens: &[u32], chunk: usize, tap: &FeatureTap) -> Result<Vec<f32>> {
     let c = model.config();
     let block_size = 16;
     let layout = KvLayout {
@@ -49,11 +62,11 @@ pub fn target_features(model: &Model, tokens: &[u32], chunk: usize) -> Result<Ve
     };
     let mut kv = KvStorage::new(layout);
     let table: Vec<_> = (0..layout.num_blocks as u32).map(heterospec_kv::BlockId).collect();
-    let mut out = Vec::with_capacity(tokens.len() * c.hidden_size);
+    let mut out = Vec::with_capacity(tokens.len() * tap.width(c.hidden_size));
     for start in (0..tokens.len()).step_by(chunk.max(1)) {
         let end = (start + chunk.max(1)).min(tokens.len());
         let run = SeqRun::causal(tokens[start..end].to_vec(), start, &table, block_size)?;
-        let (_, features) = model.forward_with_features(&RaggedBatch { seqs: vec![run] }, &mut kv)?;
+        let (_, features) = model.forward_with_features(&RaggedBatch { seqs: vec![run] }, &mut kv, tap)?;
         out.extend(features);
     }
     Ok(out)
@@ -102,8 +115,12 @@ pub struct TrainConfig {
     pub warmup_steps: usize,
     /// Weight of the cross-entropy term (the feature term has weight 1).
     pub cls_weight: f64,
-    /// Uniform noise on input features, as a fraction of their RMS.
+    /// Uniform noise on input features, as a fraction of their RMS (EAGLE).
     pub noise: f32,
+    /// Training-time-test steps (EAGLE-3).
+    pub ttt_steps: usize,
+    /// Share of sequences trained without their prompt's states (EAGLE-3).
+    pub prompt_dropout: f32,
     pub seed: u64,
 }
 
@@ -118,6 +135,8 @@ impl Default for TrainConfig {
             warmup_steps: 30,
             cls_weight: 0.1,
             noise: 0.2,
+            ttt_steps: 3,
+            prompt_dropout: 0.1,
             seed: 0,
         }
     }
@@ -126,17 +145,25 @@ impl Default for TrainConfig {
 /// Trainable tensors by checkpoint name.
 pub struct HeadParams {
     pub config: HeadConfig,
+    pub kind: HeadKind,
+    /// The target states the head reads.
+    pub tap: FeatureTap,
     pub vars: Vec<(String, Var)>,
     pub d2t: Tensor,
     pub sub_vocab: Vec<u32>,
 }
 
 impl HeadParams {
-    /// A new head for `target`: random matrices (seeded), unit norms, the
-    /// output layer initialised from the target's embedding rows of the
-    /// sub-vocabulary (its output layer when tied, as for the default model).
-    pub fn init(target: &Model, sub_vocab: Vec<u32>, seed: u64, dtype: DType) -> Result<Self> {
+    /// A new head of `kind` for `target`: random matrices (seeded), unit
+    /// norms, the output layer initialised from the target's embedding rows
+    /// of the sub-vocabulary (its output layer when tied, as for the default
+    /// model). EAGLE-3 reads `FeatureTap::eagle3_default`.
+    pub fn init(target: &Model, sub_vocab: Vec<u32>, seed: u64, dtype: DType, kind: HeadKind) -> Result<Self> {
         let c = target.config();
+        let tap = match kind {
+            HeadKind::Eagle => FeatureTap::Final,
+            HeadKind::Eagle3 => FeatureTap::eagle3_default(c.num_layers),
+        };
         let config = HeadConfig {
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,
@@ -148,6 +175,16 @@ impl HeadParams {
             vocab_size: c.vocab_size,
             draft_vocab_size: Some(sub_vocab.len()),
             provenance: String::new(),
+            eagle_config: match &tap {
+                FeatureTap::Layers(l) => Some(EagleConfig {
+                    eagle_aux_hidden_state_layer_ids: Some(l.clone()),
+                }),
+                FeatureTap::Final => None,
+            },
+            architectures: match kind {
+                HeadKind::Eagle => vec![],
+                HeadKind::Eagle3 => vec!["LlamaForCausalLMEagle3".into()],
+            },
         };
         let mut rng = StdRng::seed_from_u64(seed);
         let (h, q, kv, ff) = (c.hidden_size, c.q_size(), c.kv_size(), c.intermediate_size);
@@ -160,20 +197,39 @@ impl HeadParams {
                 &Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)?,
             )?)
         };
-        let mut vars = vec![(FC.to_string(), random((h, 2 * h))?)];
-        for (name, shape) in LAYER_MATRICES
-            .iter()
-            .zip([(q, h), (kv, h), (kv, h), (h, q), (ff, h), (ff, h), (h, ff)])
-        {
+        let (fc_in, attn_in) = match kind {
+            HeadKind::Eagle => (2 * h, h),
+            HeadKind::Eagle3 => (tap.width(h), 2 * h),
+        };
+        let mut vars = vec![(FC.to_string(), random((h, fc_in))?)];
+        for (name, shape) in kind.layer_matrices().iter().zip([
+            (q, attn_in),
+            (kv, attn_in),
+            (kv, attn_in),
+            (h, q),
+            (ff, h),
+            (ff, h),
+            (h, ff),
+        ]) {
             vars.push((name.to_string(), random(shape)?));
         }
-        vars.push((FC_BIAS.to_string(), Var::zeros(h, dtype, &Device::Cpu)?));
-        vars.push((POST_NORM.to_string(), Var::ones(h, dtype, &Device::Cpu)?));
+        let ones = || Var::ones(h, dtype, &Device::Cpu);
+        match kind {
+            HeadKind::Eagle => vars.push((FC_BIAS.to_string(), Var::zeros(h, dtype, &Device::Cpu)?)),
+            HeadKind::Eagle3 => {
+                for name in [EAGLE3_INPUT_NORM, EAGLE3_HIDDEN_NORM, OUTPUT_NORM] {
+                    vars.push((name.to_string(), ones()?));
+                }
+            }
+        }
+        vars.push((kind.post_norm().to_string(), ones()?));
         let rows = target.embed(sub_vocab.iter().copied());
         let lm = Tensor::from_vec(rows, (sub_vocab.len(), h), &Device::Cpu)?.to_dtype(dtype)?;
         vars.push((LM_HEAD.to_string(), Var::from_tensor(&lm)?));
         Ok(HeadParams {
             config,
+            kind,
+            tap,
             vars,
             d2t: HeadWeights::d2t_tensor(&sub_vocab)?,
             sub_vocab,
@@ -206,10 +262,10 @@ impl HeadParams {
 pub struct Batch {
     /// `(b, t, h)` target embeddings of each row's token.
     pub embeds: Tensor,
-    /// `(b, t, h)` input features (feature of the previous position).
+    /// `(b, t, tap width)` input features (those of the previous position).
     pub features_in: Tensor,
-    /// `(b*t, h)` the feature each row should output.
-    pub features_out: Tensor,
+    /// `(b*t, h)` the feature each row should output (EAGLE).
+    pub features_out: Option<Tensor>,
     /// `(b*t,)` sub-vocabulary index of the next token (0 where masked).
     pub next: Tensor,
     /// `(b*t,)` 1 where the feature term counts.
@@ -223,24 +279,30 @@ pub struct Batch {
 }
 
 /// Builds a batch of `seqs` (cut to `max_len`), with input-feature noise
-/// of amplitude `noise_amp` drawn from `rng`.
+/// of amplitude `noise_amp` drawn from `rng`; with probability
+/// `prompt_dropout` a sequence's prompt states are left out (zeros), as when
+/// the head drafts in the same step that computes the prompt.
 pub fn make_batch(
     target: &Model,
-    head: &HeadConfig,
+    params: &HeadParams,
     seqs: &[&TrainSequence],
     sub_index: &HashMap<u32, u32>,
     max_len: usize,
     noise_amp: f32,
+    prompt_dropout: f32,
     rng: &mut StdRng,
     dtype: DType,
 ) -> Result<Batch> {
+    let head = &params.config;
     let h = head.hidden_size;
+    let fw = params.tap.width(h);
+    let with_out = params.kind == HeadKind::Eagle;
     let t_len = seqs.iter().map(|s| s.tokens.len().min(max_len)).max().unwrap_or(0);
     let b = seqs.len();
     let (mut emb, mut fin, mut fout) = (
         vec![0f32; b * t_len * h],
-        vec![0f32; b * t_len * h],
-        vec![0f32; b * t_len * h],
+        vec![0f32; b * t_len * fw],
+        vec![0f32; if with_out { b * t_len * h } else { 0 }],
     );
     let (mut next, mut fmask, mut tmask) = (vec![0u32; b * t_len], vec![0f32; b * t_len], vec![0f32; b * t_len]);
     for (i, s) in seqs.iter().enumerate() {
@@ -248,12 +310,13 @@ pub fn make_batch(
         let e = target.embed(s.tokens[..len].iter().copied());
         let base = i * t_len;
         emb[base * h..(base + len) * h].copy_from_slice(&e);
+        let blind = prompt_dropout > 0.0 && rng.random::<f32>() < prompt_dropout;
         for q in 0..len {
             let row = base + q;
-            if q > 0 {
-                for (d, &f) in fin[row * h..(row + 1) * h]
+            if q > 0 && !(blind && q <= s.answer_start) {
+                for (d, &f) in fin[row * fw..(row + 1) * fw]
                     .iter_mut()
-                    .zip(&s.features[(q - 1) * h..q * h])
+                    .zip(&s.features[(q - 1) * fw..q * fw])
                 {
                     *d = f + if noise_amp > 0.0 {
                         (rng.random::<f32>() * 2.0 - 1.0) * noise_amp
@@ -262,7 +325,9 @@ pub fn make_batch(
                     };
                 }
             }
-            fout[row * h..(row + 1) * h].copy_from_slice(&s.features[q * h..(q + 1) * h]);
+            if with_out {
+                fout[row * h..(row + 1) * h].copy_from_slice(&s.features[q * h..(q + 1) * h]);
+            }
             if q + 1 >= s.answer_start.max(1) {
                 fmask[row] = 1.0;
                 if q + 1 < len {
@@ -279,8 +344,12 @@ pub fn make_batch(
     let f = |v: Vec<f32>, shape: &[usize]| -> Result<Tensor> { Ok(Tensor::from_vec(v, shape, &dev)?.to_dtype(dtype)?) };
     Ok(Batch {
         embeds: f(emb, &[b, t_len, h])?,
-        features_in: f(fin, &[b, t_len, h])?,
-        features_out: f(fout, &[b * t_len, h])?,
+        features_in: f(fin, &[b, t_len, fw])?,
+        features_out: if with_out {
+            Some(f(fout, &[b * t_len, h])?)
+        } else {
+            None
+        },
         next: Tensor::from_vec(next, b * t_len, &dev)?,
         feature_mask: f(fmask, &[b * t_len])?,
         token_mask: f(tmask, &[b * t_len])?,
@@ -325,47 +394,142 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
     Ok(Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?)
 }
 
-/// The head on a batch: `(b*t, h)` output features and `(b*t, draft_vocab)` logits.
-pub fn forward(p: &HeadParams, batch: &Batch) -> Result<(Tensor, Tensor)> {
+/// Shapes and tables shared by the pieces of one batch's graph.
+struct Graph<'a> {
+    p: &'a HeadParams,
+    batch: &'a Batch,
+    b: usize,
+    t: usize,
+}
+
+impl Graph<'_> {
+    fn lin(&self, x: &Tensor, name: &str) -> Result<Tensor> {
+        Ok(x.matmul(&self.p.get(name).t()?)?)
+    }
+
+    /// `(b*t, n*hd)` -> `(b, n, t, hd)`.
+    fn heads(&self, y: Tensor, n: usize) -> Result<Tensor> {
+        let hd = self.p.config.head_dim();
+        Ok(y.reshape((self.b, self.t, n, hd))?.transpose(1, 2)?.contiguous()?)
+    }
+
+    fn rope(&self, y: &Tensor) -> Result<Tensor> {
+        let cos = self.batch.cos.broadcast_as(y.shape())?;
+        let sin = self.batch.sin.broadcast_as(y.shape())?;
+        Ok((y.mul(&cos)? + rotate_half(y)?.mul(&sin)?)?)
+    }
+
+    /// RoPE'd queries and (repeated to every query head) keys and values of
+    /// `input` `(b*t, in)`, each `(b, heads, t, hd)`.
+    fn qkv(&self, input: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let c = &self.p.config;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
+        let m = self.p.kind.layer_matrices();
+        let q = self.rope(&self.heads(self.lin(input, m[0])?, nh)?)?;
+        let k = self.rope(&self.heads(self.lin(input, m[1])?, nkv)?)?;
+        let v = self.heads(self.lin(input, m[2])?, nkv)?;
+        let (b, t) = (self.b, self.t);
+        let repeat = |y: Tensor| -> Result<Tensor> {
+            Ok(y.unsqueeze(2)?
+                .broadcast_as((b, nkv, nh / nkv, t, hd))?
+                .reshape((b, nh, t, hd))?)
+        };
+        Ok((q, repeat(k)?, repeat(v)?))
+    }
+
+    /// `(t, t)` additive mask: key `k` visible to query `q` when `k + lag <= q`.
+    fn causal_mask(&self, lag: usize, dtype: DType) -> Result<Tensor> {
+        let t = self.t;
+        let mask: Vec<f32> = (0..t * t)
+            .map(|i| if i % t + lag > i / t { f32::NEG_INFINITY } else { 0.0 })
+            .collect();
+        Ok(Tensor::from_vec(mask, (t, t), &Device::Cpu)?.to_dtype(dtype)?)
+    }
+
+    /// Attention output `(b, heads, t, hd)` -> the residual update `(b*t, h)`,
+    /// then the gated MLP: the layer's output stream.
+    fn finish_layer(&self, x: &Tensor, attn: Tensor) -> Result<Tensor> {
+        let c = &self.p.config;
+        let m = self.p.kind.layer_matrices();
+        let attn = attn
+            .transpose(1, 2)?
+            .reshape((self.b * self.t, c.num_attention_heads * c.head_dim()))?;
+        let x = (x + self.lin(&attn, m[3])?)?;
+        let normed = rms_norm(&x, self.p.get(self.p.kind.post_norm()), c.rms_norm_eps as f64)?;
+        let gate = self.lin(&normed, m[4])?.silu()?;
+        let up = self.lin(&normed, m[5])?;
+        Ok((&x + self.lin(&(gate * up)?, m[6])?)?)
+    }
+}
+
+/// `y` moved `by` rows later along dimension `dim` (zeros enter first).
+fn shift(y: &Tensor, dim: usize, by: usize) -> Result<Tensor> {
+    if by == 0 {
+        return Ok(y.clone());
+    }
+    let len = y.dim(dim)?;
+    let zeros = y.narrow(dim, 0, by.min(len))?.zeros_like()?;
+    if by >= len {
+        return Ok(zeros);
+    }
+    Ok(Tensor::cat(&[&zeros, &y.narrow(dim, 0, len - by)?], dim)?)
+}
+
+/// The head on a batch, per training-time-test step (one step for EAGLE):
+/// `(b*t, h)` output stream and `(b*t, draft_vocab)` logits.
+pub fn forward(p: &HeadParams, batch: &Batch, steps: usize) -> Result<Vec<(Tensor, Tensor)>> {
     let c = &p.config;
     let (b, t, h) = batch.embeds.dims3()?;
-    let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
-    let lin = |x: &Tensor, name: &str| -> Result<Tensor> { Ok(x.matmul(&p.get(name).t()?)?) };
-    let input = Tensor::cat(&[&batch.embeds, &batch.features_in], 2)?.reshape((b * t, 2 * h))?;
-    let x = lin(&input, FC)?.broadcast_add(p.get(FC_BIAS))?;
-    let heads =
-        |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) };
-    let rope = |y: &Tensor| -> Result<Tensor> {
-        let cos = batch.cos.broadcast_as(y.shape())?;
-        let sin = batch.sin.broadcast_as(y.shape())?;
-        Ok((y.mul(&cos)? + rotate_half(y)?.mul(&sin)?)?)
-    };
-    let q = rope(&heads(lin(&x, LAYER_MATRICES[0])?, nh)?)?;
-    let k = rope(&heads(lin(&x, LAYER_MATRICES[1])?, nkv)?)?;
-    let v = heads(lin(&x, LAYER_MATRICES[2])?, nkv)?;
-    let repeat = |y: Tensor| -> Result<Tensor> {
-        Ok(y.unsqueeze(2)?
-            .broadcast_as((b, nkv, nh / nkv, t, hd))?
-            .reshape((b, nh, t, hd))?)
-    };
-    let (k, v) = (repeat(k)?, repeat(v)?);
-    let mask: Vec<f32> = (0..t * t)
-        .map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 })
-        .collect();
-    let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu)?.to_dtype(x.dtype())?;
-    let scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?.broadcast_add(&mask)?;
-    let weights = candle_nn::ops::softmax(&scores, D::Minus1)?;
-    let attn = weights
-        .matmul(&v.contiguous()?)?
-        .transpose(1, 2)?
-        .reshape((b * t, nh * hd))?;
-    let x = (x + lin(&attn, LAYER_MATRICES[3])?)?;
-    let normed = rms_norm(&x, p.get(POST_NORM), c.rms_norm_eps as f64)?;
-    let gate = lin(&normed, LAYER_MATRICES[4])?.silu()?;
-    let up = lin(&normed, LAYER_MATRICES[5])?;
-    let x = (&x + lin(&(gate * up)?, LAYER_MATRICES[6])?)?;
-    let logits = lin(&x, LM_HEAD)?;
-    Ok((x, logits))
+    let g = Graph { p, batch, b, t };
+    let scale = (c.head_dim() as f64).sqrt();
+    let fw = batch.features_in.dim(2)?;
+    let dtype = batch.embeds.dtype();
+    match p.kind {
+        HeadKind::Eagle => {
+            let input = Tensor::cat(&[&batch.embeds, &batch.features_in], 2)?.reshape((b * t, 2 * h))?;
+            let x = g.lin(&input, FC)?.broadcast_add(p.get(FC_BIAS))?;
+            let (q, k, v) = g.qkv(&x)?;
+            let scores = (q.matmul(&k.t()?.contiguous()?)? / scale)?.broadcast_add(&g.causal_mask(0, dtype)?)?;
+            let weights = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let x = g.finish_layer(&x, weights.matmul(&v.contiguous()?)?)?;
+            let logits = g.lin(&x, LM_HEAD)?;
+            Ok(vec![(x, logits)])
+        }
+        HeadKind::Eagle3 => {
+            let eps = c.rms_norm_eps as f64;
+            let embeds = rms_norm(&batch.embeds.reshape((b * t, h))?, p.get(EAGLE3_INPUT_NORM), eps)?;
+            let mut x_in = g.lin(&batch.features_in.reshape((b * t, fw))?, FC)?;
+            let (mut keys, mut values) = (Vec::new(), Vec::new());
+            let mut out = Vec::new();
+            for j in 0..steps.max(1) {
+                let input = Tensor::cat(&[&embeds, &rms_norm(&x_in, p.get(EAGLE3_HIDDEN_NORM), eps)?], 1)?;
+                let (q, k, v) = g.qkv(&input)?;
+                keys.push(k);
+                values.push(v);
+                // Step-0 rows up to q - j, then the diagonal of steps 1..=j:
+                // step i's row q - (j - i).
+                let mut scores =
+                    vec![(q.matmul(&keys[0].t()?.contiguous()?)? / scale)?.broadcast_add(&g.causal_mask(j, dtype)?)?];
+                let mut shifted_values = Vec::new();
+                for i in 1..=j {
+                    let k_i = shift(&keys[i], 2, j - i)?;
+                    scores.push(((&q * &k_i)?.sum_keepdim(D::Minus1)? / scale)?);
+                    shifted_values.push(shift(&values[i], 2, j - i)?);
+                }
+                let weights = candle_nn::ops::softmax(&Tensor::cat(&scores, D::Minus1)?, D::Minus1)?;
+                let mut attn = weights.narrow(D::Minus1, 0, t)?.matmul(&values[0].contiguous()?)?;
+                for (i, v_i) in shifted_values.iter().enumerate() {
+                    attn = (attn + weights.narrow(D::Minus1, t + i, 1)?.broadcast_mul(v_i)?)?;
+                }
+                let x = g.finish_layer(&x_in, attn)?;
+                let logits = g.lin(&rms_norm(&x, p.get(OUTPUT_NORM), eps)?, LM_HEAD)?;
+                // Next step: row q reads this step's output of row q - 1.
+                x_in = shift(&x.reshape((b, t, h))?, 1, 1)?.reshape((b * t, h))?;
+                out.push((x, logits));
+            }
+            Ok(out)
+        }
+    }
 }
 
 /// A one-element tensor's value.
@@ -374,25 +538,47 @@ fn scalar(t: &Tensor) -> Result<f64> {
 }
 
 /// Loss terms of a batch: `(total, feature term, cross-entropy, top-1
-/// accuracy on counted rows)`.
-pub fn loss(p: &HeadParams, batch: &Batch, cls_weight: f64) -> Result<(Tensor, f64, f64, f64)> {
-    let (hidden, logits) = forward(p, batch)?;
-    let diff = (hidden - &batch.features_out)?.abs()?;
-    let small = diff.minimum(1.0)?;
-    let smooth = ((small.sqr()? * 0.5)? + (diff - small)?)?.mean(D::Minus1)?;
-    let fsum = scalar(&batch.feature_mask.sum_all()?)?.max(1.0);
-    let reg = ((smooth * &batch.feature_mask)?.sum_all()? / fsum)?;
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let picked = logp.gather(&batch.next.unsqueeze(1)?, 1)?.squeeze(1)?;
-    let tsum = scalar(&batch.token_mask.sum_all()?)?.max(1.0);
-    let ce = ((picked * &batch.token_mask)?.sum_all()?.neg()? / tsum)?;
-    let top1 = logits
-        .argmax(D::Minus1)?
-        .eq(&batch.next)?
-        .to_dtype(batch.token_mask.dtype())?;
-    let acc = scalar(&(top1 * &batch.token_mask)?.sum_all()?)? / tsum;
-    let total = (&reg + (&ce * cls_weight)?)?;
-    Ok((total, scalar(&reg)?, scalar(&ce)?, acc))
+/// accuracy on counted rows)`; for EAGLE-3 the cross-entropy and top-1 are
+/// those of step 0 and the total is the `0.8^j`-weighted mean over steps.
+pub fn loss(p: &HeadParams, batch: &Batch, cls_weight: f64, steps: usize) -> Result<(Tensor, f64, f64, f64)> {
+    let outs = forward(p, batch, steps)?;
+    let (_, t, _) = batch.embeds.dims3()?;
+    let dtype = batch.token_mask.dtype();
+    let cross_entropy = |logits: &Tensor, mask: &Tensor| -> Result<(Tensor, f64)> {
+        let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+        let picked = logp.gather(&batch.next.unsqueeze(1)?, 1)?.squeeze(1)?;
+        let tsum = scalar(&mask.sum_all()?)?.max(1.0);
+        let ce = ((picked * mask)?.sum_all()?.neg()? / tsum)?;
+        let top1 = logits.argmax(D::Minus1)?.eq(&batch.next)?.to_dtype(dtype)?;
+        Ok((ce, scalar(&(top1 * mask)?.sum_all()?)? / tsum))
+    };
+    let (ce0, acc) = cross_entropy(&outs[0].1, &batch.token_mask)?;
+    match &batch.features_out {
+        Some(features_out) => {
+            let diff = (&outs[0].0 - features_out)?.abs()?;
+            let small = diff.minimum(1.0)?;
+            let smooth = ((small.sqr()? * 0.5)? + (diff - small)?)?.mean(D::Minus1)?;
+            let fsum = scalar(&batch.feature_mask.sum_all()?)?.max(1.0);
+            let reg = ((smooth * &batch.feature_mask)?.sum_all()? / fsum)?;
+            let total = (&reg + (&ce0 * cls_weight)?)?;
+            Ok((total, scalar(&reg)?, scalar(&ce0)?, acc))
+        }
+        None => {
+            let rows = batch.token_mask.dim(0)?;
+            let mut total = ce0.clone();
+            let mut weight_sum = 1.0;
+            for (j, (_, logits)) in outs.iter().enumerate().skip(1) {
+                // Rows q >= j have a step-j input.
+                let from_j: Vec<f32> = (0..rows).map(|r| if r % t >= j { 1.0 } else { 0.0 }).collect();
+                let mask = (Tensor::from_vec(from_j, rows, &Device::Cpu)?.to_dtype(dtype)? * &batch.token_mask)?;
+                let w = 0.8f64.powi(j as i32);
+                total = (total + (cross_entropy(logits, &mask)?.0 * w)?)?;
+                weight_sum += w;
+            }
+            let total = (total / weight_sum)?;
+            Ok((total, 0.0, scalar(&ce0)?, acc))
+        }
+    }
 }
 
 /// Per-epoch means of the loss terms.
@@ -433,7 +619,10 @@ pub fn train(
         .enumerate()
         .map(|(i, &t)| (t, i as u32))
         .collect();
-    let noise_amp = cfg.noise * feature_rms(data);
+    let (noise_amp, prompt_dropout) = match params.kind {
+        HeadKind::Eagle => (cfg.noise * feature_rms(data), 0.0),
+        HeadKind::Eagle3 => (0.0, cfg.prompt_dropout), // training-time test instead of noise
+    };
     let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x5EED);
     // Batches of similar lengths (little padding), visited in a new random
     // order each epoch.
@@ -468,15 +657,16 @@ pub fn train(
             let seqs: Vec<&TrainSequence> = batches[bi].iter().map(|&i| &data[i]).collect();
             let batch = make_batch(
                 target,
-                &params.config,
+                params,
                 &seqs,
                 &sub_index,
                 cfg.max_len,
                 noise_amp,
+                prompt_dropout,
                 &mut rng,
                 dtype,
             )?;
-            let (total, reg, ce, acc) = loss(params, &batch, cfg.cls_weight)?;
+            let (total, reg, ce, acc) = loss(params, &batch, cfg.cls_weight, cfg.ttt_steps)?;
             opt.backward_step(&total)?;
             let stats = EpochStats {
                 loss: scalar(&total)?,
@@ -509,15 +699,18 @@ mod tests {
     use crate::spec::head::DraftHead;
     use crate::testing::{tiny_model, tiny_training_data};
 
+    const KINDS: [HeadKind; 2] = [HeadKind::Eagle, HeadKind::Eagle3];
+
     fn no_noise_batch(target: &Model, p: &HeadParams, data: &[TrainSequence], dtype: DType) -> Batch {
         let sub_index = p.sub_vocab.iter().enumerate().map(|(i, &t)| (t, i as u32)).collect();
         let seqs: Vec<&TrainSequence> = data.iter().collect();
         make_batch(
             target,
-            &p.config,
+            p,
             &seqs,
             &sub_index,
             64,
+            0.0,
             0.0,
             &mut StdRng::seed_from_u64(0),
             dtype,
@@ -525,139 +718,167 @@ mod tests {
         .unwrap()
     }
 
+    /// The tiny target 5, a new head of `kind` on it and its training data
+    /// (the head's tap).
+    fn setup(kind: HeadKind, dtype: DType) -> (Model, HeadParams, Vec<TrainSequence>) {
+        let target = tiny_model(5).unwrap();
+        let (sub, _) = frequent_tokens(&tiny_training_data(5, &FeatureTap::Final).unwrap(), 48, 64);
+        let p = HeadParams::init(&target, sub, 3, dtype, kind).unwrap();
+        let data = tiny_training_data(5, &p.tap).unwrap();
+        (target, p, data)
+    }
+
     #[test]
     fn the_training_graph_computes_what_the_engine_runs() {
-        let target = tiny_model(5).unwrap();
-        let data = tiny_training_data(5).unwrap();
-        let (sub, _) = frequent_tokens(&data, 48, 64);
-        let mut p = HeadParams::init(&target, sub, 3, DType::F32).unwrap();
-        // Non-trivial norm and bias, so their placement is checked too.
-        let h = p.config.hidden_size;
-        for (name, values) in [
-            (
-                FC_BIAS,
-                (0..h).map(|i| (i as f32 * 0.37).sin() * 0.3).collect::<Vec<f32>>(),
-            ),
-            (POST_NORM, (0..h).map(|i| 1.0 + (i as f32 * 0.11).cos() * 0.5).collect()),
-        ] {
-            let var = &p.vars.iter_mut().find(|v| v.0 == name).unwrap().1;
-            var.set(&Tensor::new(values, &Device::Cpu).unwrap()).unwrap();
+        for kind in KINDS {
+            let (target, mut p, data) = setup(kind, DType::F32);
+            // Non-trivial norms and bias, so their placement is checked too.
+            let h = p.config.hidden_size;
+            for (k, (_, var)) in p.vars.iter_mut().enumerate().filter(|(_, v)| v.1.rank() == 1) {
+                let values: Vec<f32> = (0..h).map(|i| 1.0 + ((i + 7 * k) as f32 * 0.11).cos() * 0.5).collect();
+                var.set(&Tensor::new(values, &Device::Cpu).unwrap()).unwrap();
+            }
+            let seq = &data[3];
+            let n = seq.tokens.len();
+            let batch = no_noise_batch(&target, &p, std::slice::from_ref(seq), DType::F32);
+            let steps = forward(&p, &batch, 3).unwrap();
+            let rows = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let head = DraftHead::new(&p.weights().unwrap(), target.config(), WeightFormat::AsShipped).unwrap();
+            assert_eq!(head.kind(), kind);
+            let fw = p.tap.width(h);
+            let mut states = vec![0.0; fw];
+            states.extend_from_slice(&seq.features[..(n - 1) * fw]);
+            let inputs = head.input_features(&states).unwrap();
+            let layout = KvLayout {
+                num_blocks: n.div_ceil(4),
+                block_size: 4,
+                num_layers: 1,
+                kv_size: head.kv_size(),
+                scratch_slots: 0,
+            };
+            let table: Vec<_> = (0..layout.num_blocks as u32).map(heterospec_kv::BlockId).collect();
+            // The engine's head on positions start..end with `inputs` rows.
+            let run = |kv: &mut KvStorage, start: usize, end: usize, inputs: &[f32]| {
+                let run = SeqRun::causal(seq.tokens[start..end].to_vec(), start, &table, 4)
+                    .unwrap()
+                    .with_all_logits();
+                head.forward(&target, &RaggedBatch { seqs: vec![run] }, inputs, kv)
+                    .unwrap()
+            };
+            let close = |a: &[f32], b: &[f32], what: &str| {
+                assert_eq!(a.len(), b.len(), "{kind:?} {what}");
+                assert!(a.iter().any(|&x| x.abs() > 0.1), "{kind:?} {what}");
+                let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                assert!(worst < 1e-3, "{kind:?} {what}: max difference {worst}");
+            };
+            // Step 0 over the whole sequence in two runs: the second reads
+            // the first's K/V from paged storage.
+            let mut kv = KvStorage::new(layout);
+            let (split, mut got_hidden, mut got_logits) = (n / 2, Vec::new(), Vec::new());
+            for (start, end) in [(0, split), (split, n)] {
+                let (l, hd) = run(&mut kv, start, end, &inputs[start * h..end * h]);
+                got_logits.extend(l);
+                got_hidden.extend(hd);
+            }
+            assert!(got_hidden.len() == n * h);
+            close(&rows(&steps[0].0), &got_hidden, "step 0 outputs");
+            close(&rows(&steps[0].1), &got_logits, "step 0 logits");
+            if kind == HeadKind::Eagle {
+                assert_eq!(steps.len(), 1);
+                continue;
+            }
+            // Step j, row q: a draft chain of depth j after the context
+            // 0..=q-j, each node reading its parent's output.
+            let dv = p.sub_vocab.len();
+            for (j, q) in [(1, n - 1), (2, n - 1), (2, n / 2 + 1)] {
+                let mut kv = KvStorage::new(layout);
+                let (_, hd) = run(&mut kv, 0, q - j + 1, &inputs[..(q - j + 1) * h]);
+                let mut parent = hd[(q - j) * h..].to_vec();
+                let mut logits = Vec::new();
+                for pos in q - j + 1..=q {
+                    (logits, parent) = run(&mut kv, pos, pos + 1, &parent);
+                }
+                close(
+                    &rows(&steps[j].0)[q * h..(q + 1) * h],
+                    &parent,
+                    &format!("step {j} row {q} output"),
+                );
+                close(
+                    &rows(&steps[j].1)[q * dv..(q + 1) * dv],
+                    &logits,
+                    &format!("step {j} row {q} logits"),
+                );
+            }
         }
-        let seq = &data[3];
-        let batch = no_noise_batch(&target, &p, std::slice::from_ref(seq), DType::F32);
-        let (hidden, logits) = forward(&p, &batch).unwrap();
-        let head = DraftHead::new(&p.weights().unwrap(), target.config(), WeightFormat::AsShipped).unwrap();
-        let n = seq.tokens.len();
-        let layout = KvLayout {
-            num_blocks: n.div_ceil(4),
-            block_size: 4,
-            num_layers: 1,
-            kv_size: head.kv_size(),
-            scratch_slots: 0,
-        };
-        let mut kv = KvStorage::new(layout);
-        let table: Vec<_> = (0..layout.num_blocks as u32).map(heterospec_kv::BlockId).collect();
-        let mut features = vec![0.0; h];
-        features.extend_from_slice(&seq.features[..(n - 1) * h]);
-        // In two runs: the second reads the first's K/V from paged storage.
-        let split = n / 2;
-        let mut got_hidden = Vec::new();
-        let mut got_logits = Vec::new();
-        for (start, end) in [(0, split), (split, n)] {
-            let run = SeqRun::causal(seq.tokens[start..end].to_vec(), start, &table, 4)
-                .unwrap()
-                .with_all_logits();
-            let (l, hd) = head
-                .forward(
-                    &target,
-                    &RaggedBatch { seqs: vec![run] },
-                    &features[start * h..end * h],
-                    &mut kv,
-                )
-                .unwrap();
-            got_logits.extend(l);
-            got_hidden.extend(hd);
-        }
-        let close = |a: &[f32], b: &[f32], what: &str| {
-            assert_eq!(a.len(), b.len(), "{what}");
-            assert!(a.len() >= n * 32 && a.iter().any(|&x| x.abs() > 0.1), "{what}");
-            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-            assert!(worst < 1e-3, "{what}: max difference {worst}");
-        };
-        close(
-            &hidden.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            &got_hidden,
-            "features",
-        );
-        close(
-            &logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            &got_logits,
-            "logits",
-        );
     }
 
     #[test]
     fn gradients_match_finite_differences_and_training_lowers_the_loss() {
-        let target = tiny_model(5).unwrap();
-        let data = tiny_training_data(5).unwrap();
-        let (sub, _) = frequent_tokens(&data, 48, 64);
-        // Gradient check in f64 on a few entries of every matrix.
-        let p = HeadParams::init(&target, sub.clone(), 3, DType::F64).unwrap();
-        let batch = no_noise_batch(&target, &p, &data[..4], DType::F64);
-        let (total, ..) = loss(&p, &batch, 0.5).unwrap();
-        let grads = total.backward().unwrap();
-        let eps = 1e-5;
-        for (name, var) in &p.vars {
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            for idx in [0, base.len() / 3, base.len() - 1] {
-                let at = |delta: f64| {
-                    let mut w = base.clone();
-                    w[idx] += delta;
-                    var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).unwrap())
-                        .unwrap();
-                    loss(&p, &batch, 0.5).unwrap().0.to_scalar::<f64>().unwrap()
-                };
-                let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
-                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+        for kind in KINDS {
+            // Gradient check in f64 on a few entries of every tensor
+            // (EAGLE-3 through three training-time-test steps).
+            let (target, p, data) = setup(kind, DType::F64);
+            let batch = no_noise_batch(&target, &p, &data[..4], DType::F64);
+            let (total, ..) = loss(&p, &batch, 0.5, 3).unwrap();
+            let grads = total.backward().unwrap();
+            let eps = 1e-5;
+            for (name, var) in &p.vars {
+                let g = grads
+                    .get(var.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
                     .unwrap();
-                assert!(
-                    (numeric - g[idx]).abs() <= 1e-6 + 1e-4 * numeric.abs().max(g[idx].abs()),
-                    "{name}[{idx}]: autograd {} finite difference {numeric}",
-                    g[idx]
-                );
+                let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                for idx in [0, base.len() / 3, base.len() - 1] {
+                    let at = |delta: f64| {
+                        let mut w = base.clone();
+                        w[idx] += delta;
+                        var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).unwrap())
+                            .unwrap();
+                        loss(&p, &batch, 0.5, 3).unwrap().0.to_scalar::<f64>().unwrap()
+                    };
+                    let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+                    var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    assert!(
+                        (numeric - g[idx]).abs() <= 1e-6 + 1e-4 * numeric.abs().max(g[idx].abs()),
+                        "{kind:?} {name}[{idx}]: autograd {} finite difference {numeric}",
+                        g[idx]
+                    );
+                }
             }
+            // A short run lowers the loss on the training data.
+            let (target, mut p, data) = setup(kind, DType::F32);
+            let batch = no_noise_batch(&target, &p, &data, DType::F32);
+            let cfg = TrainConfig {
+                max_len: 64,
+                epochs: 15,
+                learning_rate: 3e-3,
+                warmup_steps: 5,
+                ..TrainConfig::default()
+            };
+            let before = loss(&p, &batch, 0.1, cfg.ttt_steps).unwrap();
+            let mut steps = 0;
+            let epochs = train(&target, &mut p, &data, &cfg, |_, _, _| steps += 1).unwrap();
+            assert_eq!(steps, 15 * data.len().div_ceil(8));
+            let after = loss(&p, &batch, 0.1, cfg.ttt_steps).unwrap();
+            let total = |l: &(Tensor, f64, f64, f64)| scalar(&l.0).unwrap();
+            assert!(
+                total(&after) < 0.7 * total(&before)
+                    && after.1 <= 0.7 * before.1
+                    && after.2 < 0.7 * before.2,
+                "{kind:?}: loss {:.4} -> {:.4}, feature loss {:.4} -> {:.4}, token loss {:.3} -> {:.3} (epochs {epochs:?})",
+                total(&before),
+                total(&after),
+                before.1,
+                after.1,
+                before.2,
+                after.2
+            );
+            assert!(after.3 > before.3, "{kind:?}: top-1 {:.3} -> {:.3}", before.3, after.3);
         }
-        // A short run lowers the loss on the training data.
-        let mut p = HeadParams::init(&target, sub, 3, DType::F32).unwrap();
-        let batch = no_noise_batch(&target, &p, &data, DType::F32);
-        let before = loss(&p, &batch, 0.1).unwrap();
-        let cfg = TrainConfig {
-            max_len: 64,
-            epochs: 15,
-            learning_rate: 3e-3,
-            warmup_steps: 5,
-            ..TrainConfig::default()
-        };
-        let mut steps = 0;
-        let epochs = train(&target, &mut p, &data, &cfg, |_, _, _| steps += 1).unwrap();
-        assert_eq!(steps, 15 * data.len().div_ceil(8));
-        let after = loss(&p, &batch, 0.1).unwrap();
-        assert!(
-            after.1 < 0.7 * before.1 && after.2 < 0.7 * before.2,
-            "feature loss {:.4} -> {:.4}, token loss {:.3} -> {:.3} (epochs {epochs:?})",
-            before.1,
-            after.1,
-            before.2,
-            after.2
-        );
-        assert!(after.3 > before.3, "top-1 {:.3} -> {:.3}", before.3, after.3);
     }
 
     #[test]
