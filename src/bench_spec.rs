@@ -7,7 +7,7 @@
 //! checked to be identical.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -35,7 +35,8 @@ pub struct SpecBenchArgs {
     #[arg(long, env = "HETEROSPEC_MODEL", default_value_os_t = crate::fetch::default_model_path())]
     model: PathBuf,
     /// Other drafters to run side by side (their fixed tree and HeteroSpec),
-    /// e.g. `ngram,model` (`model` needs --draft-model).
+    /// e.g. `ngram,model` (`model` needs --draft-model); `head=DIR` is
+    /// another draft head (shown as `head:<dir name>`).
     #[arg(long, value_delimiter = ',')]
     compare_drafters: Vec<String>,
     /// Print one JSON object instead of tables.
@@ -131,15 +132,27 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
     // committed calibration.
     for d in &args.compare_drafters {
         let mut other = args.engine.clone();
-        other.drafter = d.clone();
         other.calibration = None;
+        let label = match d.split_once('=') {
+            Some(("head", dir)) => {
+                other.drafter = "head".into();
+                other.draft_head = Some(dir.into());
+                let name = Path::new(dir).file_name().map(|n| n.to_string_lossy().into_owned());
+                format!("head:{}", name.unwrap_or_else(|| dir.into()))
+            }
+            Some(_) => bail!("--compare-drafters {d}: only `head=DIR` takes a path"),
+            None => {
+                other.drafter = d.clone();
+                d.clone()
+            }
+        };
         engines.push(
             other
                 .build_engine(&args.model)
                 .with_context(|| format!("--compare-drafters {d}"))?,
         );
         for (suffix, mode) in [("fixed", SpecMode::Fixed), ("hetero", SpecMode::Hetero)] {
-            variants.push((format!("{d}-{suffix}"), engines.len() - 1, mode));
+            variants.push((format!("{label}-{suffix}"), engines.len() - 1, mode));
         }
     }
 

@@ -58,8 +58,8 @@ pub struct EngineArgs {
     /// Layers of the target a self-draft runs.
     #[arg(long, default_value_t = 8)]
     pub self_draft_layers: usize,
-    /// Calibration file (tree shape, entropy thresholds); default: the one
-    /// shipped for the default model's n-gram drafter.
+    /// Calibration file (tree shape, entropy thresholds); default: a draft
+    /// head's own `calibration.json`, else the one shipped for the drafter.
     #[arg(long, env = "HETEROSPEC_CALIBRATION")]
     pub calibration: Option<PathBuf>,
     /// Most tree tokens (roots and draft nodes) verified per step across the
@@ -113,9 +113,9 @@ impl EngineArgs {
             }
             other => bail!("unknown drafter `{other}` (auto, head, ngram, model, self, none)"),
         };
-        let policy = match (policy, &self.calibration) {
+        let policy = match (policy, self.calibration_path(model_path)) {
             (Some(p), _) => p,
-            (None, Some(path)) => SpecPolicy::load(path)?,
+            (None, Some(path)) => SpecPolicy::load(&path)?,
             (None, None) => SpecPolicy::default_for(&self.resolved_drafter(model_path)),
         };
         let engine = Engine::with_speculation(
@@ -138,6 +138,20 @@ impl EngineArgs {
             "auto" => "ngram".into(),
             other => other.into(),
         }
+    }
+
+    /// `--calibration`, else a head's own `calibration.json` (entropy
+    /// thresholds differ per drafter, and so per head) when it has one.
+    fn calibration_path(&self, model_path: &Path) -> Option<PathBuf> {
+        if self.calibration.is_some() {
+            return self.calibration.clone();
+        }
+        if self.resolved_drafter(model_path) != "head" {
+            return None;
+        }
+        let dir = self.head_path(model_path)?;
+        let dir = if dir.is_dir() { dir } else { dir.parent()?.to_path_buf() };
+        Some(dir.join("calibration.json")).filter(|p| p.exists())
     }
 
     /// `--draft-head`, or the default model's committed head if present.

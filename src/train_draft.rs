@@ -10,9 +10,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use heterospec_engine::runner::{Runner, TokenRequest};
+use heterospec_engine::spec::head::HeadKind;
 use heterospec_engine::spec::train::{frequent_tokens, target_features, train, HeadParams, TrainConfig, TrainSequence};
 use heterospec_engine::spec::SpecMode;
-use heterospec_engine::{Engine, EngineConfig, Model, WeightFormat};
+use heterospec_engine::{Engine, EngineConfig, FeatureTap, Model, WeightFormat};
 use heterospec_router::TextTokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -38,6 +39,14 @@ pub struct TrainDraftArgs {
     /// Answers generated at once.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
+    /// `eagle`: the final feature, feature regression plus cross-entropy,
+    /// noisy inputs. `eagle3`: low, middle and high-layer states fused,
+    /// cross-entropy with training-time test.
+    #[arg(long, default_value = "eagle")]
+    pub kind: HeadKind,
+    /// Training-time-test steps (`--kind eagle3`).
+    #[arg(long, default_value_t = 3)]
+    pub ttt_steps: usize,
     /// Output rows: the most frequent answer tokens.
     #[arg(long, default_value_t = 4096)]
     pub sub_vocab: usize,
@@ -90,7 +99,12 @@ fn tick(bar: &ProgressBar, n: u64) {
 }
 
 /// Greedy answers to `requests` and their features.
-fn generate_data(model_path: &Path, requests: &[TokenRequest], concurrency: usize) -> Result<Vec<TrainSequence>> {
+fn generate_data(
+    model_path: &Path,
+    requests: &[TokenRequest],
+    concurrency: usize,
+    tap: &FeatureTap,
+) -> Result<Vec<TrainSequence>> {
     let model = Model::load(model_path, WeightFormat::Native)?;
     let mut engine = Engine::new(model, EngineConfig::default())?;
     let progress = bar(requests.len(), "answers");
@@ -101,31 +115,48 @@ fn generate_data(model_path: &Path, requests: &[TokenRequest], concurrency: usiz
         tick(&progress, chunk.len() as u64);
     }
     progress.finish();
-    let progress = bar(requests.len(), "features");
-    let mut data = Vec::new();
-    for (r, answer) in requests.iter().zip(answers) {
-        let tokens = [&r.prompt[..], &answer].concat();
-        data.push(TrainSequence {
-            features: target_features(engine.model(), &tokens, 512)?,
+    let mut data: Vec<TrainSequence> = requests
+        .iter()
+        .zip(answers)
+        .map(|(r, answer)| TrainSequence {
+            tokens: [&r.prompt[..], &answer].concat(),
+            features: Vec::new(),
             answer_start: r.prompt.len(),
-            tokens,
-        });
+        })
+        .collect();
+    add_features(engine.model(), &mut data, tap)?;
+    Ok(data)
+}
+
+/// The target's states of `tap` for every sequence (one prefill each).
+fn add_features(model: &Model, data: &mut [TrainSequence], tap: &FeatureTap) -> Result<()> {
+    let progress = bar(data.len(), "features");
+    for seq in data.iter_mut() {
+        seq.features = target_features(model, &seq.tokens, 512, tap)?;
         tick(&progress, 1);
     }
     progress.finish();
-    Ok(data)
+    Ok(())
+}
+
+/// Cache tensor naming the tap: empty for the final feature, else the layers.
+fn tap_layers(tap: &FeatureTap) -> Vec<u32> {
+    match tap {
+        FeatureTap::Final => Vec::new(),
+        FeatureTap::Layers(l) => l.iter().map(|&i| i as u32 + 1).collect(),
+    }
 }
 
 /// The data for `requests`: from the cache where it has them (greedy answers
 /// do not depend on the batch, so a cache of a prompt file's first lines
 /// holds exactly what generating them again would give), the rest generated
 /// and the cache rewritten.
-fn training_data(model_path: &Path, args: &TrainDraftArgs) -> Result<Vec<TrainSequence>> {
+fn training_data(model_path: &Path, args: &TrainDraftArgs, tap: &FeatureTap) -> Result<Vec<TrainSequence>> {
     let tokenizer = TextTokenizer::from_gguf_file(model_path)?;
     let requests = crate::bench_serve::chat_requests(&tokenizer, &args.prompts, args.max_new_tokens, SpecMode::Off)?;
-    let mut data = match &args.data {
+    let (mut data, cached_tap) = match &args.data {
         Some(p) if p.exists() => load_data(p)?,
-        _ => Vec::new(),
+        _ => (Vec::new(), tap_layers(tap)),
     };
     if data.len() > requests.len() {
         bail!(
@@ -139,17 +170,33 @@ fn training_data(model_path: &Path, args: &TrainDraftArgs) -> Result<Vec<TrainSe
             bail!("the data cache was made from other prompts (prompt {} differs)", i + 1);
         }
     }
+    let mut changed = false;
+    if cached_tap != tap_layers(tap) && !data.is_empty() {
+        // The answers stand; only the states are taken again.
+        eprintln!(
+            "taking the target's states of {tap:?} for the {} cached answers",
+            data.len()
+        );
+        add_features(&Model::load(model_path, WeightFormat::Native)?, &mut data, tap)?;
+        changed = true;
+    }
     if data.len() < requests.len() {
         eprintln!("generating answers to {} prompts", requests.len() - data.len());
-        data.extend(generate_data(model_path, &requests[data.len()..], args.concurrency)?);
-        if let Some(p) = &args.data {
-            save_data(p, &data)?;
-        }
+        data.extend(generate_data(
+            model_path,
+            &requests[data.len()..],
+            args.concurrency,
+            tap,
+        )?);
+        changed = true;
+    }
+    if let (true, Some(p)) = (changed, &args.data) {
+        save_data(p, &data, tap)?;
     }
     Ok(data)
 }
 
-fn save_data(path: &Path, data: &[TrainSequence]) -> Result<()> {
+fn save_data(path: &Path, data: &[TrainSequence], tap: &FeatureTap) -> Result<()> {
     let cpu = Device::Cpu;
     let tokens: Vec<u32> = data.iter().flat_map(|s| s.tokens.iter().copied()).collect();
     let features: Vec<f32> = data.iter().flat_map(|s| s.features.iter().copied()).collect();
@@ -164,12 +211,15 @@ fn save_data(path: &Path, data: &[TrainSequence]) -> Result<()> {
         ),
         ("lengths", Tensor::new(lens, &cpu)?),
         ("answer_starts", Tensor::new(starts, &cpu)?),
+        // Layer taps + 1 (empty: the final feature); a zero pads an empty list.
+        ("tap", Tensor::new([tap_layers(tap), vec![0]].concat(), &cpu)?),
     ];
     candle_core::safetensors::save(&tensors.into_iter().map(|(k, v)| (k.to_string(), v)).collect(), path)?;
     Ok(())
 }
 
-fn load_data(path: &Path) -> Result<Vec<TrainSequence>> {
+/// The cached sequences and the tap their features are of.
+fn load_data(path: &Path) -> Result<(Vec<TrainSequence>, Vec<u32>)> {
     let t = candle_core::safetensors::load(path, &Device::Cpu)?;
     let get = |k: &str| t.get(k).with_context(|| format!("{}: no `{k}`", path.display()));
     let tokens = get("tokens")?.to_vec1::<u32>()?;
@@ -191,20 +241,28 @@ fn load_data(path: &Path) -> Result<Vec<TrainSequence>> {
         });
         at += len;
     }
-    Ok(out)
+    let tap = match t.get("tap") {
+        Some(t) => t.to_vec1::<u32>()?.into_iter().filter(|&l| l > 0).collect(),
+        None => Vec::new(), // caches from before taps: the final feature
+    };
+    Ok((out, tap))
 }
 
 pub fn run(args: TrainDraftArgs) -> Result<()> {
     init_threads(args.threads);
     crate::fetch::ensure_default_model(&args.model)?;
     let started = Instant::now();
-    let data = training_data(&args.model, &args)?;
+    let target = Model::load(&args.model, WeightFormat::Native)?;
+    let tap = match args.kind {
+        HeadKind::Eagle => FeatureTap::Final,
+        HeadKind::Eagle3 => FeatureTap::eagle3_default(target.config().num_layers),
+    };
+    let data = training_data(&args.model, &args, &tap)?;
     if data.is_empty() {
         bail!("no training data");
     }
     let data_secs = started.elapsed().as_secs_f64();
     let answer_tokens: usize = data.iter().map(|s| s.tokens.len() - s.answer_start).sum();
-    let target = Model::load(&args.model, WeightFormat::Native)?;
     let (sub_vocab, coverage) = frequent_tokens(&data, args.sub_vocab, target.config().vocab_size);
     eprintln!(
         "{} sequences, {answer_tokens} answer tokens; the {} most frequent cover {:.1}% of them",
@@ -217,10 +275,12 @@ pub fn run(args: TrainDraftArgs) -> Result<()> {
         batch_size: args.batch_size,
         epochs: args.epochs,
         learning_rate: args.learning_rate,
+        ttt_steps: args.ttt_steps,
         seed: args.seed,
         ..TrainConfig::default()
     };
-    let mut params = HeadParams::init(&target, sub_vocab, args.seed, DType::F32)?;
+    let mut params = HeadParams::init(&target, sub_vocab, args.seed, DType::F32, args.kind)?;
+    debug_assert_eq!(params.tap, tap);
     let steps = data.len().div_ceil(cfg.batch_size.max(1)) * cfg.epochs;
     let progress = bar(steps, "training");
     let train_start = Instant::now();
@@ -259,9 +319,14 @@ pub fn run(args: TrainDraftArgs) -> Result<()> {
     }
     let mut weights = params.weights()?;
     weights.config.provenance = format!(
-        "heterospec train-draft --prompts {} --max-new-tokens {} --sub-vocab {} --epochs {} --batch-size {} \
-         --learning-rate {} --seed {} ({} sequences, {answer_tokens} answer tokens, sub-vocabulary coverage {:.1}%; \
+        "heterospec train-draft --kind {}{} --prompts {} --max-new-tokens {} --sub-vocab {} --epochs {} \
+         --batch-size {} --learning-rate {} --seed {} ({} sequences, {answer_tokens} answer tokens, sub-vocabulary coverage {:.1}%; \
          data {data_secs:.0} s, training {train_secs:.0} s; {})",
+        args.kind.as_str(),
+        match args.kind {
+            HeadKind::Eagle => String::new(),
+            HeadKind::Eagle3 => format!(" --ttt-steps {}", args.ttt_steps),
+        },
         args.prompts.display(),
         args.max_new_tokens,
         args.sub_vocab,

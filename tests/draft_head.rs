@@ -131,6 +131,67 @@ fn train_draft_writes_a_head_that_generate_drafts_with() {
     ]);
     assert_eq!(head["token_ids"], plain["token_ids"]);
     assert!(head["speculation"]["verified_tokens"].as_u64().unwrap() > 0, "{head}");
+
+    // An EAGLE-3 head from the same cache: the answers stand, the target's
+    // low/middle/high-layer states are taken for them.
+    let eagle3_dir = dir.join("head3");
+    let out = heterospec(&[
+        "train-draft",
+        "--kind",
+        "eagle3",
+        "--model",
+        model,
+        "--prompts",
+        prompts_path.to_str().unwrap(),
+        "--out",
+        eagle3_dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--max-new-tokens",
+        "24",
+        "--sub-vocab",
+        "512",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "2",
+    ]);
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        log.contains("taking the target's states of Layers([2, 15, 27])"),
+        "{log}"
+    );
+    assert!(!log.contains("generating answers"), "{log}");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(eagle3_dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForCausalLMEagle3");
+    assert_eq!(
+        config["eagle_config"]["eagle_aux_hidden_state_layer_ids"],
+        serde_json::json!([2, 15, 27])
+    );
+    let head3_args = [
+        "--drafter",
+        "head",
+        "--draft-head",
+        eagle3_dir.to_str().unwrap(),
+        "--speculation",
+        "fixed",
+    ];
+    let head3 = generate(&head3_args);
+    assert_eq!(head3["token_ids"], plain["token_ids"]);
+    assert!(head3["speculation"]["verified_tokens"].as_u64().unwrap() > 0, "{head3}");
+    // A head's own calibration.json is its default calibration.
+    std::fs::write(eagle3_dir.join("calibration.json"), "not a calibration").unwrap();
+    let mut args = vec!["generate", "--model", model, "--prompt", "Hi", "--max-new-tokens", "2"];
+    args.extend_from_slice(&head3_args);
+    let out = Command::new(env!("CARGO_BIN_EXE_heterospec"))
+        .args(&args)
+        .env("HETEROSPEC_THREADS", "2")
+        .env_remove("HETEROSPEC_CALIBRATION")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("calibration.json"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
