@@ -151,7 +151,12 @@ fn tap_layers(tap: &FeatureTap) -> Vec<u32> {
 /// do not depend on the batch, so a cache of a prompt file's first lines
 /// holds exactly what generating them again would give), the rest generated
 /// and the cache rewritten.
-fn training_data(model_path: &Path, args: &TrainDraftArgs, tap: &FeatureTap) -> Result<Vec<TrainSequence>> {
+fn training_data(
+    target: &Model,
+    model_path: &Path,
+    args: &TrainDraftArgs,
+    tap: &FeatureTap,
+) -> Result<Vec<TrainSequence>> {
     let tokenizer = TextTokenizer::from_gguf_file(model_path)?;
     let requests = crate::bench_serve::chat_requests(&tokenizer, &args.prompts, args.max_new_tokens, SpecMode::Off)?;
     let (mut data, cached_tap) = match &args.data {
@@ -177,7 +182,7 @@ fn training_data(model_path: &Path, args: &TrainDraftArgs, tap: &FeatureTap) -> 
             "taking the target's states of {tap:?} for the {} cached answers",
             data.len()
         );
-        add_features(&Model::load(model_path, WeightFormat::Native)?, &mut data, tap)?;
+        add_features(target, &mut data, tap)?;
         changed = true;
     }
     if data.len() < requests.len() {
@@ -257,7 +262,7 @@ pub fn run(args: TrainDraftArgs) -> Result<()> {
         HeadKind::Eagle => FeatureTap::Final,
         HeadKind::Eagle3 => FeatureTap::eagle3_default(target.config().num_layers),
     };
-    let data = training_data(&args.model, &args, &tap)?;
+    let data = training_data(&target, &args.model, &args, &tap)?;
     if data.is_empty() {
         bail!("no training data");
     }

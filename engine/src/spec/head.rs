@@ -65,8 +65,18 @@ pub struct HeadConfig {
     /// EAGLE-3: which target layers' input states are fused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eagle_config: Option<EagleConfig>,
+    /// The same, where some checkpoints put it (read when `eagle_config`
+    /// has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eagle_aux_hidden_state_layer_ids: Option<Vec<usize>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub architectures: Vec<String>,
+    /// Variants of the EAGLE-3 layer this engine does not run (refused
+    /// when set rather than computed wrongly).
+    #[serde(default, skip_serializing)]
+    pub norm_before_residual: bool,
+    #[serde(default, skip_serializing)]
+    pub norm_before_fc: bool,
 }
 
 /// The `eagle_config` block of EAGLE-3 checkpoints.
@@ -265,13 +275,19 @@ impl HeadWeights {
     pub fn feature_tap(&self, num_layers: usize) -> FeatureTap {
         match self.kind() {
             HeadKind::Eagle => FeatureTap::Final,
+            // As vLLM reads them: the states entering layer i, gathered
+            // in ascending layer order.
             HeadKind::Eagle3 => match self
                 .config
                 .eagle_config
                 .as_ref()
                 .and_then(|e| e.eagle_aux_hidden_state_layer_ids.clone())
+                .or_else(|| self.config.eagle_aux_hidden_state_layer_ids.clone())
             {
-                Some(ids) => FeatureTap::Layers(ids),
+                Some(mut ids) => {
+                    ids.sort_unstable();
+                    FeatureTap::Layers(ids)
+                }
                 None => FeatureTap::eagle3_default(num_layers),
             },
         }
@@ -338,8 +354,14 @@ impl HeadWeights {
             (kind.post_norm(), vec![h]),
         ];
         if kind == HeadKind::Eagle3 {
+            if c.norm_before_residual || c.norm_before_fc {
+                return Err("an EAGLE-3 variant with `norm_before_residual` or `norm_before_fc`, \
+                            which this engine does not run"
+                    .into());
+            }
             expected.push((EAGLE3_INPUT_NORM, vec![h]));
             expected.push((EAGLE3_HIDDEN_NORM, vec![h]));
+            expected.push((OUTPUT_NORM, vec![h]));
         }
         for optional in [FC_BIAS, INPUT_NORM, OUTPUT_NORM] {
             if self.tensors.contains_key(optional) {
@@ -355,14 +377,21 @@ impl HeadWeights {
                 ));
             }
         }
-        match (self.dims(LM_HEAD), c.draft_vocab_size) {
-            (Some(_), Some(dv)) => {
+        // An output layer over a sub-vocabulary needs `d2t`; one over the
+        // whole vocabulary does not.
+        let dv = c.draft_vocab_size.unwrap_or(c.vocab_size);
+        match self.dims(LM_HEAD) {
+            Some(_) => {
                 expected.push((LM_HEAD, vec![dv, h]));
-                expected.push((D2T, vec![dv]));
+                if dv != c.vocab_size || self.tensors.contains_key(D2T) {
+                    expected.push((D2T, vec![dv]));
+                }
             }
-            (None, None) => {}
-            (Some(_), None) => return Err("`lm_head.weight` without `draft_vocab_size` in config.json".into()),
-            (None, Some(_)) => return Err("`draft_vocab_size` in config.json but no `lm_head.weight`".into()),
+            None if kind == HeadKind::Eagle3 => expected.push((LM_HEAD, vec![dv, h])),
+            None if c.draft_vocab_size.is_some() => {
+                return Err("`draft_vocab_size` in config.json but no `lm_head.weight`".into())
+            }
+            None => {}
         }
         for (name, shape) in expected {
             match self.dims(name) {
@@ -371,7 +400,7 @@ impl HeadWeights {
                 Some(_) => {}
             }
         }
-        if c.draft_vocab_size.is_some() {
+        {
             let map = self.draft_to_target().map_err(|e| e.to_string())?;
             if let Some(&t) = map.iter().find(|&&t| t as usize >= target.vocab_size) {
                 return Err(format!(
@@ -488,8 +517,15 @@ impl DraftHead {
             HeadKind::Eagle => (vector(INPUT_NORM)?, None, None),
             HeadKind::Eagle3 => (None, vector(EAGLE3_INPUT_NORM)?, vector(EAGLE3_HIDDEN_NORM)?),
         };
+        // EAGLE-3's fc reads raw residual streams, whose outliers would
+        // swamp 8-bit activation blocks: it stays f32 (it runs once per
+        // committed token).
+        let fc = match kind {
+            HeadKind::Eagle => Linear::new(matrix(get(FC)?)?, format)?,
+            HeadKind::Eagle3 => Linear::new(QTensor::quantize(&get(FC)?, GgmlDType::F32)?, WeightFormat::F32)?,
+        };
         Ok(DraftHead {
-            fc: Linear::new(matrix(get(FC)?)?, format)?,
+            fc,
             fc_bias: vector(FC_BIAS)?,
             layer: Layer::from_parts(attn_norm, post_norm, parts, format)?,
             output_norm: vector(OUTPUT_NORM)?,
@@ -534,6 +570,9 @@ impl DraftHead {
     /// tap, `(tokens, tap width)`: the final feature itself (EAGLE), or the
     /// fused `fc` of the three layers' states (EAGLE-3). `(tokens, hidden)`.
     pub fn input_features(&self, target_states: &[f32]) -> Result<Vec<f32>> {
+        if target_states.is_empty() {
+            return Ok(Vec::new());
+        }
         match self.kind {
             HeadKind::Eagle => Ok(target_states.to_vec()),
             HeadKind::Eagle3 => {
@@ -791,6 +830,16 @@ mod tests {
         let head = DraftHead::new(&loaded, &tiny_config(), WeightFormat::AsShipped).unwrap();
         assert_eq!(head.kind(), HeadKind::Eagle3);
         assert_eq!(head.feature_tap(), &FeatureTap::Layers(vec![0, 1, 2]));
+        // Layer ids at the top level, in any order; refused variants.
+        let mut top = config.clone();
+        top["eagle_aux_hidden_state_layer_ids"] = serde_json::json!([2, 0, 1]);
+        std::fs::write(dir.join("config.json"), top.to_string()).unwrap();
+        let w = HeadWeights::load(&dir, &tiny_config()).unwrap();
+        assert_eq!(w.feature_tap(2), FeatureTap::Layers(vec![0, 1, 2]));
+        top["norm_before_residual"] = serde_json::json!(true);
+        std::fs::write(dir.join("config.json"), top.to_string()).unwrap();
+        let e = HeadWeights::load(&dir, &tiny_config()).unwrap_err().to_string();
+        assert!(e.contains("norm_before_residual"), "{e}");
         // bf16 rounding only.
         let a = ours.tensors[FC].flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let b = loaded.tensors[FC].flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -181,6 +181,9 @@ impl HeadParams {
                 }),
                 FeatureTap::Final => None,
             },
+            eagle_aux_hidden_state_layer_ids: None,
+            norm_before_residual: false,
+            norm_before_fc: false,
             architectures: match kind {
                 HeadKind::Eagle => vec![],
                 HeadKind::Eagle3 => vec!["LlamaForCausalLMEagle3".into()],
@@ -313,7 +316,7 @@ pub fn make_batch(
         let blind = prompt_dropout > 0.0 && rng.random::<f32>() < prompt_dropout;
         for q in 0..len {
             let row = base + q;
-            if q > 0 && !(blind && q <= s.answer_start) {
+            if q > 0 && !(blind && q < s.answer_start) {
                 for (d, &f) in fin[row * fw..(row + 1) * fw]
                     .iter_mut()
                     .zip(&s.features[(q - 1) * fw..q * fw])
