@@ -36,9 +36,11 @@ def main():
         ax.set_xticklabels(categories, rotation=20)
         ax.set_title(f"concurrency {c}")
         ax.set_ylabel("tok/s relative to plain decoding")
-        ax.legend()
+    # One legend for both panels, below them (inside it would hide bars).
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(variants), 8), fontsize="small")
     fig.suptitle(f"heterospec bench spec (drafter: {report['drafter']}, {report['max_new_tokens']} tokens/request)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(sys.argv[2], dpi=100)
 
 
