@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use heterospec_engine::runner::SpecStats;
+use heterospec_engine::spec::head::checkpoint_files;
 use heterospec_engine::spec::{DraftHead, SpecMode, SpecPolicy};
 use heterospec_engine::{
     DrafterKind, Engine, EngineConfig, Model, SamplingParams, SeqId, SeqStep, SpecSetup, WeightFormat,
@@ -149,9 +150,8 @@ impl EngineArgs {
         if self.resolved_drafter(model_path) != "head" {
             return None;
         }
-        let dir = self.head_path(model_path)?;
-        let dir = if dir.is_dir() { dir } else { dir.parent()?.to_path_buf() };
-        Some(dir.join("calibration.json")).filter(|p| p.exists())
+        let (_, config) = checkpoint_files(&self.head_path(model_path)?);
+        Some(config.with_file_name("calibration.json")).filter(|p| p.exists())
     }
 
     /// `--draft-head`, or the default model's committed head if present.

@@ -258,10 +258,7 @@ pub fn run(args: TrainDraftArgs) -> Result<()> {
     crate::fetch::ensure_default_model(&args.model)?;
     let started = Instant::now();
     let target = Model::load(&args.model, WeightFormat::Native)?;
-    let tap = match args.kind {
-        HeadKind::Eagle => FeatureTap::Final,
-        HeadKind::Eagle3 => FeatureTap::eagle3_default(target.config().num_layers),
-    };
+    let tap = args.kind.default_tap(target.config().num_layers);
     let data = training_data(&target, &args.model, &args, &tap)?;
     if data.is_empty() {
         bail!("no training data");
@@ -285,7 +282,6 @@ pub fn run(args: TrainDraftArgs) -> Result<()> {
         ..TrainConfig::default()
     };
     let mut params = HeadParams::init(&target, sub_vocab, args.seed, DType::F32, args.kind)?;
-    debug_assert_eq!(params.tap, tap);
     let steps = data.len().div_ceil(cfg.batch_size.max(1)) * cfg.epochs;
     let progress = bar(steps, "training");
     let train_start = Instant::now();

@@ -73,15 +73,16 @@ fn train_draft_writes_a_head_that_generate_drafts_with() {
     let out_dir = dir.join("head");
     let model = model();
     let model = model.to_str().unwrap();
-    let train = |data: &Path| {
-        heterospec(&[
+    // `train-draft` on the two prompts into `out` from cache `data`.
+    let train = |data: &Path, out: &Path, extra: &[&str]| {
+        let mut args = vec![
             "train-draft",
             "--model",
             model,
             "--prompts",
             prompts_path.to_str().unwrap(),
             "--out",
-            out_dir.to_str().unwrap(),
+            out.to_str().unwrap(),
             "--data",
             data.to_str().unwrap(),
             "--max-new-tokens",
@@ -92,14 +93,16 @@ fn train_draft_writes_a_head_that_generate_drafts_with() {
             "2",
             "--batch-size",
             "2",
-        ])
+        ];
+        args.extend_from_slice(extra);
+        heterospec(&args)
     };
     let data = dir.join("data.safetensors");
-    let log = String::from_utf8_lossy(&train(&data).stderr).to_string();
+    let log = String::from_utf8_lossy(&train(&data, &out_dir, &[]).stderr).to_string();
     assert!(log.contains("2 sequences"), "{log}");
     let first = std::fs::read(out_dir.join("model.safetensors")).unwrap();
     // From the cached data: the same file again (seeded).
-    train(&data);
+    train(&data, &out_dir, &[]);
     assert_eq!(std::fs::read(out_dir.join("model.safetensors")).unwrap(), first);
     let config: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["draft_vocab_size"], 512);
@@ -135,27 +138,7 @@ fn train_draft_writes_a_head_that_generate_drafts_with() {
     // An EAGLE-3 head from the same cache: the answers stand, the target's
     // low/middle/high-layer states are taken for them.
     let eagle3_dir = dir.join("head3");
-    let out = heterospec(&[
-        "train-draft",
-        "--kind",
-        "eagle3",
-        "--model",
-        model,
-        "--prompts",
-        prompts_path.to_str().unwrap(),
-        "--out",
-        eagle3_dir.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--max-new-tokens",
-        "24",
-        "--sub-vocab",
-        "512",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "2",
-    ]);
+    let out = train(&data, &eagle3_dir, &["--kind", "eagle3"]);
     let log = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(
         log.contains("taking the target's states of Layers([2, 15, 27])"),

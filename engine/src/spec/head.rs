@@ -112,6 +112,15 @@ impl HeadKind {
         }
     }
 
+    /// The target states a new head of this kind reads, for a target of
+    /// `num_layers` (EAGLE-3: layers 2, L/2 and L-3).
+    pub fn default_tap(self, num_layers: usize) -> FeatureTap {
+        match self {
+            HeadKind::Eagle => FeatureTap::Final,
+            HeadKind::Eagle3 => FeatureTap::eagle3_default(num_layers),
+        }
+    }
+
     pub fn post_norm(self) -> &'static str {
         match self {
             HeadKind::Eagle => POST_NORM,
@@ -273,23 +282,21 @@ impl HeadWeights {
 
     /// The target states the head reads, for a target of `num_layers`.
     pub fn feature_tap(&self, num_layers: usize) -> FeatureTap {
-        match self.kind() {
-            HeadKind::Eagle => FeatureTap::Final,
-            // As vLLM reads them: the states entering layer i, gathered
-            // in ascending layer order.
-            HeadKind::Eagle3 => match self
-                .config
-                .eagle_config
-                .as_ref()
-                .and_then(|e| e.eagle_aux_hidden_state_layer_ids.clone())
-                .or_else(|| self.config.eagle_aux_hidden_state_layer_ids.clone())
-            {
-                Some(mut ids) => {
-                    ids.sort_unstable();
-                    FeatureTap::Layers(ids)
-                }
-                None => FeatureTap::eagle3_default(num_layers),
-            },
+        let kind = self.kind();
+        // EAGLE-3 layer ids as vLLM reads them: the states entering layer
+        // i, gathered in ascending layer order.
+        let ids = self
+            .config
+            .eagle_config
+            .as_ref()
+            .and_then(|e| e.eagle_aux_hidden_state_layer_ids.clone())
+            .or_else(|| self.config.eagle_aux_hidden_state_layer_ids.clone());
+        match ids {
+            Some(mut ids) if kind == HeadKind::Eagle3 => {
+                ids.sort_unstable();
+                FeatureTap::Layers(ids)
+            }
+            _ => kind.default_tap(num_layers),
         }
     }
 
@@ -400,14 +407,12 @@ impl HeadWeights {
                 Some(_) => {}
             }
         }
-        {
-            let map = self.draft_to_target().map_err(|e| e.to_string())?;
-            if let Some(&t) = map.iter().find(|&&t| t as usize >= target.vocab_size) {
-                return Err(format!(
-                    "`d2t` maps a draft token to id {t}, outside the target's vocabulary of {}",
-                    target.vocab_size
-                ));
-            }
+        let map = self.draft_to_target().map_err(|e| e.to_string())?;
+        if let Some(&t) = map.iter().find(|&&t| t as usize >= target.vocab_size) {
+            return Err(format!(
+                "`d2t` maps a draft token to id {t}, outside the target's vocabulary of {}",
+                target.vocab_size
+            ));
         }
         Ok(())
     }
@@ -453,14 +458,24 @@ pub fn half_split_to_interleaved(w: &[f32], num_heads: usize, head_dim: usize, c
     out
 }
 
+/// Row `t` of the result is row `t` of `a` then row `t` of `b`, both
+/// `(rows, width)`.
+fn concat_rows(a: &[f32], b: &[f32], width: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    for (ra, rb) in a.chunks_exact(width).zip(b.chunks_exact(width)) {
+        out.extend_from_slice(ra);
+        out.extend_from_slice(rb);
+    }
+    out
+}
+
 /// A loaded head, ready to draft.
 pub struct DraftHead {
     config: HeadConfig,
-    kind: HeadKind,
     tap: FeatureTap,
-    /// EAGLE-3: norms of the embedding and of `x` before attention.
-    input_norm: Option<Vec<f32>>,
-    hidden_norm: Option<Vec<f32>>,
+    /// EAGLE-3 (`None`: EAGLE): `input_layernorm` of the embedding and
+    /// `hidden_norm` of `x`, before attention.
+    eagle3_norms: Option<(Vec<f32>, Vec<f32>)>,
     layer_config: ModelConfig,
     fc: Linear,
     fc_bias: Option<Vec<f32>>,
@@ -513,9 +528,15 @@ impl DraftHead {
             matrix(get(m[6])?)?,
         ];
         let post_norm = vector(kind.post_norm())?.expect("checked");
-        let (attn_norm, input_norm, hidden_norm) = match kind {
-            HeadKind::Eagle => (vector(INPUT_NORM)?, None, None),
-            HeadKind::Eagle3 => (None, vector(EAGLE3_INPUT_NORM)?, vector(EAGLE3_HIDDEN_NORM)?),
+        let (attn_norm, eagle3_norms) = match kind {
+            HeadKind::Eagle => (vector(INPUT_NORM)?, None),
+            HeadKind::Eagle3 => (
+                None,
+                Some((
+                    vector(EAGLE3_INPUT_NORM)?.expect("checked"),
+                    vector(EAGLE3_HIDDEN_NORM)?.expect("checked"),
+                )),
+            ),
         };
         // EAGLE-3's fc reads raw residual streams, whose outliers would
         // swamp 8-bit activation blocks: it stays f32 (it runs once per
@@ -535,17 +556,18 @@ impl DraftHead {
                 .map(|t| Linear::new(matrix(t.clone())?, format))
                 .transpose()?,
             draft_to_target: weights.draft_to_target()?,
-            kind,
             tap: weights.feature_tap(target.num_layers),
-            input_norm,
-            hidden_norm,
+            eagle3_norms,
             config: c.clone(),
             layer_config,
         })
     }
 
     pub fn kind(&self) -> HeadKind {
-        self.kind
+        match self.eagle3_norms {
+            Some(_) => HeadKind::Eagle3,
+            None => HeadKind::Eagle,
+        }
     }
 
     /// The target states this head reads.
@@ -573,7 +595,7 @@ impl DraftHead {
         if target_states.is_empty() {
             return Ok(Vec::new());
         }
-        match self.kind {
+        match self.kind() {
             HeadKind::Eagle => Ok(target_states.to_vec()),
             HeadKind::Eagle3 => {
                 let width = self.tap.width(self.hidden_size());
@@ -639,28 +661,19 @@ impl DraftHead {
         let embedded = target.embed(batch.seqs.iter().flat_map(|s| s.token_ids.iter().copied()));
         let ctx = ForwardContext::new(batch, &self.layer_config, layout.block_size);
         let mut x;
-        match self.kind {
-            HeadKind::Eagle => {
-                let mut input = Vec::with_capacity(n * 2 * h);
-                for t in 0..n {
-                    input.extend_from_slice(&embedded[t * h..(t + 1) * h]);
-                    input.extend_from_slice(&features[t * h..(t + 1) * h]);
-                }
-                x = self.fc(&input, n)?;
+        match &self.eagle3_norms {
+            None => {
+                x = self.fc(&concat_rows(&embedded, features, h), n)?;
                 self.layer.forward(&mut x, &ctx, batch, kv, 0)?;
             }
-            HeadKind::Eagle3 => {
+            Some((input_norm, hidden_norm)) => {
                 let eps = self.config.rms_norm_eps;
                 let (mut e, mut f) = (vec![0.0; n * h], vec![0.0; n * h]);
-                rms_norm_rows(&embedded, self.input_norm.as_deref().expect("EAGLE-3"), eps, &mut e);
-                rms_norm_rows(features, self.hidden_norm.as_deref().expect("EAGLE-3"), eps, &mut f);
-                let mut input = Vec::with_capacity(n * 2 * h);
-                for t in 0..n {
-                    input.extend_from_slice(&e[t * h..(t + 1) * h]);
-                    input.extend_from_slice(&f[t * h..(t + 1) * h]);
-                }
+                rms_norm_rows(&embedded, input_norm, eps, &mut e);
+                rms_norm_rows(features, hidden_norm, eps, &mut f);
                 x = features.to_vec();
-                self.layer.forward_from(&mut x, Some(&input), &ctx, batch, kv, 0)?;
+                self.layer
+                    .forward_from(&mut x, Some(&concat_rows(&e, &f, h)), &ctx, batch, kv, 0)?;
             }
         }
         let mut hidden = Vec::with_capacity(batch.num_logits_rows() * h);

@@ -157,13 +157,10 @@ impl HeadParams {
     /// A new head of `kind` for `target`: random matrices (seeded), unit
     /// norms, the output layer initialised from the target's embedding rows
     /// of the sub-vocabulary (its output layer when tied, as for the default
-    /// model). EAGLE-3 reads `FeatureTap::eagle3_default`.
+    /// model). It reads `kind.default_tap`.
     pub fn init(target: &Model, sub_vocab: Vec<u32>, seed: u64, dtype: DType, kind: HeadKind) -> Result<Self> {
         let c = target.config();
-        let tap = match kind {
-            HeadKind::Eagle => FeatureTap::Final,
-            HeadKind::Eagle3 => FeatureTap::eagle3_default(c.num_layers),
-        };
+        let tap = kind.default_tap(c.num_layers);
         let config = HeadConfig {
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,
