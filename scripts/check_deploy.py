@@ -182,6 +182,27 @@ def main():
         fail("the engine StatefulSet must use the headless Service")
     if sts["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") != 1:
         fail("base engines ask for one GPU each")
+    # Images (kustomize `images`, applied the way kustomize does: by name,
+    # base first, then the overlay) and the engines' device.
+    def image_of(container, *image_lists):
+        name, tag = container["image"], None
+        for images in image_lists:
+            for i in images:
+                if i["name"] == name:
+                    name, tag = i.get("newName", name), i.get("newTag", tag)
+        return f"{name}:{tag}"
+
+    def env_of(container, key):
+        return next((e.get("value") for e in container.get("env", []) if e["name"] == key), None)
+
+    engine_c = sts["spec"]["template"]["spec"]["containers"][0]
+    router_c = router["spec"]["template"]["spec"]["containers"][0]
+    if image_of(engine_c, kust["images"]) != "heterospec:cuda" or env_of(engine_c, "HETEROSPEC_DEVICE") != "cuda":
+        fail("base engines run the GPU image (heterospec:cuda) with HETEROSPEC_DEVICE=cuda")
+    if image_of(router_c, kust["images"]) != "heterospec:cpu":
+        fail("the router runs the CPU image")
+    if not os.path.exists("deploy/Dockerfile.cuda"):
+        fail("the GPU image needs deploy/Dockerfile.cuda")
 
     # Calibration ConfigMap == committed calibration file.
     cm = next(d for d in by_kind["ConfigMap"] if d["metadata"]["name"] == "heterospec-calibration")
@@ -207,6 +228,14 @@ def main():
         fail("the CPU overlay still asks for a GPU")
     if not any(a.startswith("--threads=") for a in c["args"]):
         fail("the CPU overlay sets no --threads")
+    if env_of(c, "HETEROSPEC_DEVICE") != "cpu":
+        fail("the CPU overlay's engines must run with HETEROSPEC_DEVICE=cpu")
+    # Base images, then the overlay's: the overlay sees the base's result.
+    resolved = image_of(c, kust["images"])
+    name, _ = resolved.split(":")
+    tag = next((i.get("newTag") for i in over.get("images", []) if i["name"] == name), resolved.split(":")[1])
+    if f"{name}:{tag}" != "heterospec:cpu":
+        fail(f"the CPU overlay's engines run {name}:{tag}, not the CPU image")
 
     # Grafana dashboard.
     with open("deploy/grafana/heterospec-dashboard.json") as f:

@@ -12,7 +12,7 @@ use heterospec_engine::runner::SpecStats;
 use heterospec_engine::spec::head::checkpoint_files;
 use heterospec_engine::spec::{DraftHead, SpecMode, SpecPolicy};
 use heterospec_engine::{
-    DrafterKind, Engine, EngineConfig, Model, SamplingParams, SeqId, SeqStep, SpecSetup, WeightFormat,
+    Device, DrafterKind, Engine, EngineConfig, Model, SamplingParams, SeqId, SeqStep, SpecSetup, WeightFormat,
 };
 use heterospec_kv::{BlockPool, BlockPoolConfig, BlockTable};
 use heterospec_router::{FinishReason, OutputStream, StopCriteria, TextTokenizer};
@@ -38,6 +38,12 @@ pub struct EngineArgs {
     /// many-token forwards), candle-q8_0, as-shipped or f32 (candle's matmuls).
     #[arg(long, default_value = "native")]
     pub weight_format: WeightFormat,
+    /// Where the target model and its KV cache live: cpu, or cuda / cuda:N
+    /// (the GPU path: weights dequantized to f32, kernels compiled at
+    /// start-up; needs the NVIDIA driver and the CUDA runtime libraries).
+    /// Drafters run on the CPU. `serve --engines N` puts engine i on cuda:N+i.
+    #[arg(long, env = "HETEROSPEC_DEVICE", default_value = "cpu")]
+    pub device: Device,
     /// Drafter for speculative decoding: head (an EAGLE-style draft head,
     /// --draft-head), ngram (prompt lookup), model (a GGUF with the same
     /// vocabulary, --draft-model), self (the target's first
@@ -79,7 +85,8 @@ impl EngineArgs {
     /// [`EngineArgs::build_engine`] with this policy instead of the
     /// calibration file's.
     pub fn build_engine_with_policy(&self, model_path: &Path, policy: Option<SpecPolicy>) -> Result<Engine> {
-        let model = Model::load(model_path, self.weight_format)?;
+        let model = Model::load_on(model_path, self.weight_format, self.device)
+            .with_context(|| format!("cannot load {} on {}", model_path.display(), self.device))?;
         let config = EngineConfig {
             block_size: self.block_size,
             kv_cache_bytes: self.kv_cache_memory,
@@ -173,6 +180,8 @@ impl EngineArgs {
             self.block_size.to_string(),
             "--weight-format".into(),
             self.weight_format.as_str().into(),
+            "--device".into(),
+            self.device.to_string(),
             "--drafter".into(),
             self.drafter.clone(),
             "--self-draft-layers".into(),

@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 
 use crate::local::{init_threads, EngineArgs};
+use heterospec_engine::Device;
 
 #[derive(Debug, Args)]
 pub struct EngineProcessArgs {
@@ -289,7 +290,16 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
     runtime(1)?.block_on(async move {
         let mut engines = Vec::new();
         let mut urls = Vec::new();
-        for _ in 0..args.engines {
+        for i in 0..args.engines {
+            // One GPU per engine: engine i on the i-th device from --device.
+            let device = match args.engine.device {
+                Device::Cuda(first) => Device::Cuda(first + i),
+                Device::Cpu => Device::Cpu,
+            };
+            let engine = EngineArgs {
+                device,
+                ..args.engine.clone()
+            };
             let mut engine_args: Vec<String> = vec![
                 "engine".into(),
                 "--listen".into(),
@@ -299,7 +309,7 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
                 "--threads".into(),
                 threads.to_string(),
             ];
-            engine_args.extend(args.engine.to_cli_args());
+            engine_args.extend(engine.to_cli_args());
             let (child, addr) = spawn_child(&engine_args).await?;
             urls.push(format!("http://{addr}"));
             engines.push(child);

@@ -1,6 +1,7 @@
 //! The `heterospec` binary end to end on the real default model: generation
 //! through the CLI, seeded sampling, stop strings, and clear errors for bad
-//! input. The model must be present (`heterospec fetch-model`).
+//! input, and the GPU device flag. The model must be present
+//! (`heterospec fetch-model`).
 
 mod common;
 
@@ -214,4 +215,42 @@ fn fetch_model_is_idempotent_and_explains_failures() {
         "{stderr}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--device`: a bad value is refused naming the flag. `--device cuda`
+/// either runs, and then speculation on the GPU (the committed head, and
+/// the target's own first layers as a self-draft) gives the GPU's plain
+/// greedy tokens; or, on a machine without the NVIDIA driver, fails with a
+/// message that says so.
+#[test]
+fn generate_on_a_gpu_equals_plain_gpu_decoding_or_says_why_it_cannot() {
+    let m = model();
+    let m = m.to_str().unwrap();
+    let err = error_of(&["generate", "--model", m, "--prompt", "hi", "--device", "gpu"]);
+    assert!(err.contains("--device") && err.contains("cuda:N"), "{err}");
+
+    let prompt = "Write a Python function that returns the sum of a list.";
+    let base = [
+        "--chat",
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "40",
+        "--device",
+        "cuda",
+    ];
+    let plain = heterospec(&[&["generate", "--json", "--model", m, "--drafter", "none"][..], &base].concat());
+    if !plain.status.success() {
+        let err = String::from_utf8_lossy(&plain.stderr);
+        assert!(!err.contains("panicked"), "panic instead of an error: {err}");
+        assert!(err.contains("CUDA") && err.contains("--device cpu"), "{err}");
+        return;
+    }
+    let plain: Value = serde_json::from_slice(&plain.stdout).unwrap();
+    for drafter in ["head", "self"] {
+        let extra = [&["--drafter", drafter, "--speculation", "fixed"][..], &base].concat();
+        let spec = generate_json(&model(), &extra);
+        assert_eq!(token_ids(&spec), token_ids(&plain), "{drafter} on the GPU");
+        assert!(spec["speculation"]["verified_tokens"].as_u64().unwrap() > 0, "{spec}");
+    }
 }

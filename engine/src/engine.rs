@@ -220,7 +220,7 @@ impl Engine {
                 };
         }
         let mut engine = Engine {
-            kv: KvStorage::new(layout),
+            kv: model.new_kv(layout)?,
             seqs: HashMap::new(),
             spec: None,
             calibration_log: None,
@@ -574,7 +574,7 @@ impl Engine {
                     s.block_table[pos / block_size].index() * block_size + pos % block_size
                 })
                 .collect();
-            self.kv.copy_slots(&src, &dst);
+            self.kv.copy_slots(&src, &dst)?;
             if wants_features {
                 for (v, &slot) in accepted.nodes.iter().zip(&dst) {
                     feature_slots.push((slot, token_start[i] + s.new_token_ids.len() + rows[v] - 1));

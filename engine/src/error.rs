@@ -26,6 +26,8 @@ pub enum EngineError {
     BadSequence { seq_id: u64, reason: String },
     #[error("prompt of {num_tokens} tokens does not fit the context of {max_context} tokens")]
     ContextOverflow { num_tokens: usize, max_context: usize },
+    #[error("GPU: {0}")]
+    Device(String),
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }

@@ -10,6 +10,8 @@
 //!   slot s = block * block_size + offset  ->  &data[s * kv_size .. (s + 1) * kv_size]
 //! ```
 //! Block 0 is reserved and acts as a harmless write target for padding.
+//! With the `cuda` feature the storage of a GPU model lives in device memory
+//! (`crate::cuda::DeviceKv`), same layout; [`crate::Model::new_kv`] picks.
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
@@ -69,23 +71,54 @@ pub struct KvStorage {
     layout: KvLayout,
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
+    #[cfg(feature = "cuda")]
+    device: Option<crate::cuda::DeviceKv>,
 }
 
 impl KvStorage {
+    /// Storage in host memory.
     pub fn new(layout: KvLayout) -> Self {
         let per_layer = layout.num_slots() * layout.kv_size;
         KvStorage {
             layout,
             keys: (0..layout.num_layers).map(|_| vec![0.0; per_layer]).collect(),
             values: (0..layout.num_layers).map(|_| vec![0.0; per_layer]).collect(),
+            #[cfg(feature = "cuda")]
+            device: None,
         }
+    }
+
+    /// Storage in device memory (nothing on the host).
+    #[cfg(feature = "cuda")]
+    pub fn on_device(layout: KvLayout, device: crate::cuda::DeviceKv) -> Self {
+        KvStorage {
+            layout,
+            keys: Vec::new(),
+            values: Vec::new(),
+            device: Some(device),
+        }
+    }
+
+    /// The device storage, when this is one.
+    #[cfg(feature = "cuda")]
+    pub fn device_mut(&mut self) -> Option<&mut crate::cuda::DeviceKv> {
+        self.device.as_mut()
+    }
+
+    pub fn is_on_device(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.device.is_some();
+        #[cfg(not(feature = "cuda"))]
+        false
     }
 
     pub fn layout(&self) -> KvLayout {
         self.layout
     }
 
+    /// One layer of host storage.
     pub fn layer(&self, layer: usize) -> LayerKv<'_> {
+        assert!(!self.is_on_device(), "host access to KV storage in device memory");
         LayerKv {
             keys: &self.keys[layer],
             values: &self.values[layer],
@@ -102,8 +135,13 @@ impl KvStorage {
     }
 
     /// Copies the K/V of `src` slots to `dst` slots in every layer (moves an
-    /// accepted draft path into its final positions).
-    pub fn copy_slots(&mut self, src: &[usize], dst: &[usize]) {
+    /// accepted draft path into its final positions; no slot is both a
+    /// source and a destination).
+    pub fn copy_slots(&mut self, src: &[usize], dst: &[usize]) -> crate::Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(device) = &mut self.device {
+            return device.copy_slots(src, dst);
+        }
         let n = self.layout.kv_size;
         for layer in 0..self.layout.num_layers {
             for (&s, &d) in src.iter().zip(dst) {
@@ -113,6 +151,7 @@ impl KvStorage {
                 }
             }
         }
+        Ok(())
     }
 }
 

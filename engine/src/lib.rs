@@ -4,6 +4,9 @@
 pub mod attention;
 pub mod batch;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod kv;
@@ -21,6 +24,7 @@ pub mod testing;
 
 pub use batch::{RaggedBatch, SeqRun};
 pub use config::ModelConfig;
+pub use device::Device;
 pub use engine::{DrafterKind, Engine, EngineConfig, SeqId, SeqResult, SeqStep, SpecSetup};
 pub use error::{EngineError, Result};
 pub use kv::{KvLayout, KvStorage};

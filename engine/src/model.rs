@@ -4,6 +4,8 @@
 //! batch at once; norms, RoPE and the SiLU gate run on flat rows; attention
 //! reads paged KV in place (see `attention`). Only the rows that need logits
 //! go through the output layer (a fifth of the default model's weights).
+//! A model loaded for a CUDA device (feature `cuda`) runs the same forward
+//! on the GPU (`crate::cuda`) over device KV storage from [`Model::new_kv`].
 
 use std::cell::OnceCell;
 use std::collections::HashMap;
@@ -19,7 +21,7 @@ use crate::attention::{paged_attention, HeadShape};
 use crate::batch::RaggedBatch;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use crate::kv::KvStorage;
+use crate::kv::{KvLayout, KvStorage};
 use crate::ops::{rms_norm_rows, silu_mul, RopeTable};
 use crate::qgemm::{self, Q4Matrix, Q8Matrix, Q8Rows};
 
@@ -224,6 +226,9 @@ pub struct Model {
     layers: Vec<Layer>,
     output_norm: Vec<f32>,
     lm_head: Linear,
+    /// The forward's device copy, when loaded for a GPU.
+    #[cfg(feature = "cuda")]
+    gpu: Option<crate::cuda::GpuModel>,
 }
 
 /// Tensors by GGUF name plus the hyperparameters.
@@ -276,8 +281,55 @@ impl ModelTensors {
 
 impl Model {
     pub fn load(path: &Path, format: WeightFormat) -> Result<Self> {
+        Self::load_on(path, format, crate::Device::Cpu)
+    }
+
+    /// [`Model::load`] whose forward runs on `device`.
+    pub fn load_on(path: &Path, format: WeightFormat, device: crate::Device) -> Result<Self> {
         let (tensors, _) = ModelTensors::read_gguf(path)?;
-        Self::from_tensors(tensors, format)
+        Self::from_tensors_on(tensors, format, device)
+    }
+
+    /// [`Model::from_tensors`] whose forward runs on `device`. On a GPU the
+    /// CPU weights stay too (a draft head reads the embeddings).
+    pub fn from_tensors_on(t: ModelTensors, format: WeightFormat, device: crate::Device) -> Result<Self> {
+        match device {
+            crate::Device::Cpu => Self::from_tensors(t, format),
+            #[cfg(feature = "cuda")]
+            crate::Device::Cuda(ordinal) => {
+                t.config.validate()?;
+                let gpu = crate::cuda::GpuModel::new(crate::cuda::Gpu::open(ordinal)?, &t)?;
+                let mut model = Self::from_tensors(t, format)?;
+                model.gpu = Some(gpu);
+                Ok(model)
+            }
+            #[cfg(not(feature = "cuda"))]
+            crate::Device::Cuda(_) => Err(EngineError::Device(
+                "this build has no GPU path: build with `--features cuda`".into(),
+            )),
+        }
+    }
+
+    /// Where the forward runs.
+    pub fn device(&self) -> crate::Device {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return crate::Device::Cuda(g.backend().ordinal());
+        }
+        crate::Device::Cpu
+    }
+
+    /// Empty KV storage for this model's forward: in device memory for a
+    /// GPU model.
+    pub fn new_kv(&self, layout: KvLayout) -> Result<KvStorage> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return Ok(KvStorage::on_device(
+                layout,
+                crate::cuda::DeviceKv::new(g.backend().clone(), layout)?,
+            ));
+        }
+        Ok(KvStorage::new(layout))
     }
 
     pub fn from_tensors(mut t: ModelTensors, format: WeightFormat) -> Result<Self> {
@@ -331,6 +383,8 @@ impl Model {
             embeddings,
             layers,
             output_norm,
+            #[cfg(feature = "cuda")]
+            gpu: None,
         })
     }
 
@@ -388,6 +442,10 @@ impl Model {
         if rows == 0 {
             return Ok(Vec::new());
         }
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return g.logits_from_features(features);
+        }
         self.lm_head.forward(&LinearInput::new(features, rows))
     }
 
@@ -410,6 +468,19 @@ impl Model {
         let h = c.hidden_size;
         let ctx = ForwardContext::new(batch, c, layout.block_size);
         let mut x = self.embed(batch.seqs.iter().flat_map(|s| s.token_ids.iter().copied()));
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            let kv = kv.device_mut().ok_or_else(|| {
+                EngineError::Config("a GPU model needs KV storage in device memory (Model::new_kv)".into())
+            })?;
+            let rows: Vec<usize> = ctx.logits_token_rows(batch).collect();
+            return g.forward(&x, batch, kv, num_layers, tap, &rows);
+        }
+        if kv.is_on_device() {
+            return Err(EngineError::Config(
+                "a CPU model cannot use KV storage in device memory".into(),
+            ));
+        }
         // Layer taps: each token's states entering the listed layers.
         let taps: &[usize] = match tap {
             Some(FeatureTap::Layers(l)) => l,

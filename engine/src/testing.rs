@@ -94,6 +94,24 @@ pub fn tiny_model(seed: u64) -> Result<Model> {
     Model::from_tensors(random_tensors(&tiny_config(), seed)?, WeightFormat::AsShipped)
 }
 
+/// The device the tests' target models run on: `HETEROSPEC_TEST_DEVICE`
+/// (cpu, cuda, cuda:N), the CPU when unset.
+pub fn test_device() -> crate::Device {
+    match std::env::var("HETEROSPEC_TEST_DEVICE") {
+        Ok(d) => d.parse().unwrap_or_else(|e| panic!("HETEROSPEC_TEST_DEVICE: {e}")),
+        Err(_) => crate::Device::Cpu,
+    }
+}
+
+/// [`tiny_model`] on [`test_device`]: a target model for engine tests.
+pub fn tiny_target(seed: u64) -> Result<Model> {
+    Model::from_tensors_on(
+        random_tensors(&tiny_config(), seed)?,
+        WeightFormat::AsShipped,
+        test_device(),
+    )
+}
+
 /// Greedy answers of the tiny target `seed` to 24 random prompts, with its
 /// states of `tap`: training data for a tiny draft head.
 pub fn tiny_training_data(seed: u64, tap: &crate::FeatureTap) -> Result<Vec<crate::spec::train::TrainSequence>> {

@@ -6,7 +6,7 @@
 use heterospec_engine::runner::{Runner, TokenOutput, TokenRequest};
 use heterospec_engine::spec::head::HeadKind;
 use heterospec_engine::spec::{CostCurve, SpecMode, SpecPolicy};
-use heterospec_engine::testing::{tiny_head, tiny_model, Lcg};
+use heterospec_engine::testing::{tiny_head, tiny_model, tiny_target, Lcg};
 use heterospec_engine::{DrafterKind, Engine, EngineConfig, Sampler, SamplingParams};
 
 const TARGET_SEED: u64 = 5;
@@ -35,7 +35,7 @@ fn policy() -> SpecPolicy {
 
 fn spec_engine(drafter: DrafterKind) -> Engine {
     Engine::with_speculation(
-        tiny_model(TARGET_SEED).unwrap(),
+        tiny_target(TARGET_SEED).unwrap(),
         config(),
         Some(heterospec_engine::SpecSetup {
             drafter,
@@ -100,7 +100,7 @@ fn run(engine: &mut Engine, reqs: &[TokenRequest], batch: usize) -> Vec<TokenOut
 #[test]
 fn greedy_speculation_equals_plain_decoding_for_every_drafter_mode_and_batch_size() {
     let greedy = SamplingParams::greedy();
-    let mut plain_engine = Engine::new(tiny_model(TARGET_SEED).unwrap(), config()).unwrap();
+    let mut plain_engine = Engine::new(tiny_target(TARGET_SEED).unwrap(), config()).unwrap();
     let plain: Vec<Vec<u32>> = run(&mut plain_engine, &requests(SpecMode::Off, &greedy, 24), 1)
         .into_iter()
         .map(|o| o.token_ids)
@@ -194,7 +194,7 @@ fn chi_square(counts: &[usize], expected: &[f64], n: usize) -> (f64, usize) {
 /// Exact distributions of the first and second generated token without
 /// speculation (by enumerating the first token).
 fn exact_first_two(prompt: &[u32], sampling: &SamplingParams) -> (Vec<f64>, Vec<f64>) {
-    let mut engine = Engine::new(tiny_model(TARGET_SEED).unwrap(), config()).unwrap();
+    let mut engine = Engine::new(tiny_target(TARGET_SEED).unwrap(), config()).unwrap();
     let mut sampler = Sampler::new(sampling.clone());
     let logits_after = |engine: &mut Engine, tokens: &[u32]| -> Vec<f32> {
         use heterospec_engine::{RaggedBatch, SeqRun};
@@ -259,7 +259,7 @@ fn sampling_with_speculation_follows_the_target_distribution_and_a_biased_rule_i
     // The model's own greedy continuation, then its start again: the n-gram
     // drafter proposes tokens the target likes.
     let base = vec![3u32, 9, 27];
-    let mut plain = Engine::new(tiny_model(TARGET_SEED).unwrap(), config()).unwrap();
+    let mut plain = Engine::new(tiny_target(TARGET_SEED).unwrap(), config()).unwrap();
     let req = TokenRequest {
         prompt: base.clone(),
         sampling: SamplingParams::greedy(),
@@ -317,7 +317,7 @@ fn seeded_sampling_with_speculation_repeats_plain_sampling_token_for_token() {
         repetition_penalty: 1.1,
         seed: Some(42),
     };
-    let mut plain_engine = Engine::new(tiny_model(TARGET_SEED).unwrap(), config()).unwrap();
+    let mut plain_engine = Engine::new(tiny_target(TARGET_SEED).unwrap(), config()).unwrap();
     let plain: Vec<Vec<u32>> = run(&mut plain_engine, &requests(SpecMode::Off, &sampling, 24), 1)
         .into_iter()
         .map(|o| o.token_ids)

@@ -222,8 +222,8 @@ impl ModelDrafter {
         };
         Ok(ModelDrafter {
             source: DraftSource::Own {
+                kv: model.new_kv(layout)?,
                 model: Box::new(model),
-                kv: KvStorage::new(layout),
             },
             entropy_top_k: 8,
             computed: HashMap::new(),

@@ -30,7 +30,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::batch::{RaggedBatch, SeqRun};
 use crate::error::{EngineError, Result};
-use crate::kv::{KvLayout, KvStorage};
+use crate::kv::KvLayout;
 use crate::model::{FeatureTap, Model};
 use crate::spec::head::{
     EagleConfig, HeadConfig, HeadKind, HeadWeights, D2T, EAGLE3_HIDDEN_NORM, EAGLE3_INPUT_NORM, FC, FC_BIAS, LM_HEAD,
@@ -60,7 +60,7 @@ pub fn target_features(model: &Model, tokens: &[u32], chunk: usize, tap: &Featur
         kv_size: c.kv_size(),
         scratch_slots: 0,
     };
-    let mut kv = KvStorage::new(layout);
+    let mut kv = model.new_kv(layout)?;
     let table: Vec<_> = (0..layout.num_blocks as u32).map(heterospec_kv::BlockId).collect();
     let mut out = Vec::with_capacity(tokens.len() * tap.width(c.hidden_size));
     for start in (0..tokens.len()).step_by(chunk.max(1)) {
@@ -695,6 +695,7 @@ pub fn train(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv::KvStorage;
     use crate::model::WeightFormat;
     use crate::spec::head::DraftHead;
     use crate::testing::{tiny_model, tiny_training_data};

@@ -1,0 +1,314 @@
+//! The CUDA backend: cudarc's driver API and NVRTC, both loaded at run time.
+
+use std::ffi::CString;
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
+};
+use cudarc::nvrtc::{self, Ptx};
+
+use super::{AttentionShape, Backend, Grid, KERNELS};
+use crate::error::{EngineError, Result};
+
+fn driver(what: &'static str) -> impl FnOnce(DriverError) -> EngineError {
+    move |e| EngineError::Device(format!("{what}: {e}"))
+}
+
+/// Compiles the kernels with NVRTC (no GPU needed): to a CUBIN for
+/// `sm_{major}{minor}` when given one (no PTX JIT in the driver, so any
+/// driver of the same CUDA major version loads it), else to PTX.
+pub fn compile_kernels(arch: Option<(i32, i32)>) -> Result<KernelImage> {
+    // SAFETY: only tries to open the library.
+    if !unsafe { nvrtc::sys::is_culib_present() } {
+        return Err(EngineError::Device(
+            "NVRTC (libnvrtc.so.12) was not found: install the CUDA runtime libraries (the CUDA image has \
+             them) or add their directory to LD_LIBRARY_PATH"
+                .into(),
+        ));
+    }
+    let nvrtc_err = |what: &str, e: nvrtc::result::NvrtcError| EngineError::Device(format!("NVRTC {what}: {e:?}"));
+    let src = CString::new(KERNELS).expect("no NUL in the kernel source");
+    let name = CString::new("heterospec_kernels.cu").expect("no NUL");
+    let prog = nvrtc::result::create_program(&src, Some(&name)).map_err(|e| nvrtc_err("program", e))?;
+    let options: Vec<String> = arch
+        .map(|(major, minor)| vec![format!("--gpu-architecture=sm_{major}{minor}")])
+        .unwrap_or_default();
+    let text = |chars: Vec<std::ffi::c_char>| -> String {
+        let bytes: Vec<u8> = chars.into_iter().map(|c| c as u8).take_while(|&b| b != 0).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    // SAFETY: `prog` is a live program, destroyed once below.
+    let out = unsafe {
+        match nvrtc::result::compile_program(prog, &options) {
+            Err(e) => {
+                let log = nvrtc::result::get_program_log(prog).map(text).unwrap_or_default();
+                Err(EngineError::Device(format!(
+                    "compiling the GPU kernels ({}) failed: {e:?}\n{log}",
+                    options.join(" ")
+                )))
+            }
+            Ok(()) if arch.is_some() => {
+                let mut size = 0usize;
+                nvrtc::sys::nvrtcGetCUBINSize(prog, &mut size)
+                    .result()
+                    .map_err(|e| nvrtc_err("CUBIN size", e))
+                    .and_then(|()| {
+                        let mut cubin = vec![0u8; size];
+                        nvrtc::sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast())
+                            .result()
+                            .map_err(|e| nvrtc_err("CUBIN", e))
+                            .map(|()| KernelImage::Cubin(cubin))
+                    })
+            }
+            Ok(()) => nvrtc::result::get_ptx(prog)
+                .map(|p| KernelImage::Ptx(text(p)))
+                .map_err(|e| nvrtc_err("PTX", e)),
+        }
+    };
+    // SAFETY: created above, not used after.
+    let _ = unsafe { nvrtc::result::destroy_program(prog) };
+    out
+}
+
+/// Compiled kernels.
+#[derive(Debug, Clone)]
+pub enum KernelImage {
+    /// Machine code for one architecture (an ELF image).
+    Cubin(Vec<u8>),
+    /// PTX text, compiled by the driver when loaded.
+    Ptx(String),
+}
+
+impl From<KernelImage> for Ptx {
+    fn from(k: KernelImage) -> Ptx {
+        match k {
+            KernelImage::Cubin(bytes) => Ptx::from_binary(bytes),
+            KernelImage::Ptx(text) => Ptx::from_src(text),
+        }
+    }
+}
+
+/// One opened device: its stream and the loaded kernels.
+pub struct Gpu {
+    ordinal: usize,
+    name: String,
+    stream: Arc<CudaStream>,
+    _module: Arc<CudaModule>,
+    matmul_nt: CudaFunction,
+    rms_norm: CudaFunction,
+    rope: CudaFunction,
+    silu_mul: CudaFunction,
+    gather_rows: CudaFunction,
+    scatter_rows: CudaFunction,
+    paged_attention: CudaFunction,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cuda:{} ({})", self.ordinal, self.name)
+    }
+}
+
+impl From<Grid> for LaunchConfig {
+    fn from(g: Grid) -> Self {
+        LaunchConfig {
+            grid_dim: g.grid,
+            block_dim: g.block,
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+impl Gpu {
+    /// Opens CUDA device `ordinal` and compiles the kernels for it.
+    pub fn open(ordinal: usize) -> Result<Arc<Gpu>> {
+        // SAFETY: only tries to open the library (cudarc panics without it).
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(EngineError::Device(
+                "no CUDA driver (libcuda.so) on this machine: run with --device cpu, or on a GPU node with the \
+                 NVIDIA driver (in Kubernetes, the NVIDIA device plugin mounts it)"
+                    .into(),
+            ));
+        }
+        let count = CudaContext::device_count().map_err(driver("counting CUDA devices"))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(EngineError::Device(format!(
+                "cuda:{ordinal} was asked for but {count} CUDA devices are visible"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(driver("opening the CUDA device"))?;
+        let name = ctx.name().map_err(driver("reading the device name"))?;
+        let arch = ctx
+            .compute_capability()
+            .map_err(driver("reading the compute capability"))?;
+        // A CUBIN for this GPU; PTX for the driver to compile when this
+        // NVRTC does not know the architecture yet.
+        let kernels = compile_kernels(Some(arch)).or_else(|e| {
+            tracing::warn!("{e}; falling back to PTX");
+            compile_kernels(None)
+        })?;
+        let module = ctx
+            .load_module(kernels.into())
+            .map_err(driver("loading the GPU kernels"))?;
+        let f = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| EngineError::Device(format!("kernel `{name}`: {e}")))
+        };
+        Ok(Arc::new(Gpu {
+            ordinal,
+            name,
+            stream: ctx.default_stream(),
+            matmul_nt: f("matmul_nt")?,
+            rms_norm: f("rms_norm")?,
+            rope: f("rope")?,
+            silu_mul: f("silu_mul")?,
+            gather_rows: f("gather_rows")?,
+            scatter_rows: f("scatter_rows")?,
+            paged_attention: f("paged_attention")?,
+            _module: module,
+        }))
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    pub fn describe(&self) -> String {
+        format!("{self:?}")
+    }
+
+    /// A device copy of `host`; an empty slice becomes one zero (CUDA
+    /// allocations are never empty, and kernels read nothing from it).
+    fn copy_in<T: DeviceRepr + ValidAsZeroBits + Default + Clone>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        let one = [T::default()];
+        let host = if host.is_empty() { &one[..] } else { host };
+        self.stream.clone_htod(host).map_err(driver("copying to the GPU"))
+    }
+}
+
+/// Launches `$f` on the stream with `$grid` and the arguments in order.
+macro_rules! launch {
+    ($self:ident, $f:ident, $grid:expr, $what:literal; $($arg:expr),* $(,)?) => {{
+        let mut b = $self.stream.launch_builder(&$self.$f);
+        $(b.arg($arg);)*
+        // SAFETY: the arguments are the kernel's, in its order, with the
+        // sizes `Backend` documents for it.
+        unsafe { b.launch(LaunchConfig::from($grid)) }
+            .map(drop)
+            .map_err(driver($what))
+    }};
+}
+
+impl Backend for Gpu {
+    type Floats = CudaSlice<f32>;
+    type Ints = CudaSlice<i32>;
+
+    fn upload(&self, host: &[f32]) -> Result<Self::Floats> {
+        self.copy_in(host)
+    }
+
+    fn upload_ints(&self, host: &[i32]) -> Result<Self::Ints> {
+        self.copy_in(host)
+    }
+
+    fn zeros(&self, len: usize) -> Result<Self::Floats> {
+        self.stream
+            .alloc_zeros(len.max(1))
+            .map_err(driver("allocating GPU memory"))
+    }
+
+    fn download(&self, buf: &Self::Floats, len: usize) -> Result<Vec<f32>> {
+        let mut all = self.stream.clone_dtoh(buf).map_err(driver("copying from the GPU"))?;
+        self.stream.synchronize().map_err(driver("waiting for the GPU"))?;
+        all.truncate(len);
+        Ok(all)
+    }
+
+    fn matmul(
+        &self,
+        a: &Self::Floats,
+        w: &Self::Floats,
+        c: &mut Self::Floats,
+        (m, n, k): (usize, usize, usize),
+        accumulate: bool,
+    ) -> Result<()> {
+        let (mi, ni, ki, acc) = (int(m), int(n), int(k), i32::from(accumulate));
+        launch!(self, matmul_nt, Grid::matmul(m, n), "matmul kernel"; a, w, c, &mi, &ni, &ki, &acc)
+    }
+
+    fn rms_norm(
+        &self,
+        x: &Self::Floats,
+        weight: &Self::Floats,
+        out: &mut Self::Floats,
+        (rows, dim): (usize, usize),
+        eps: f32,
+    ) -> Result<()> {
+        let d = int(dim);
+        launch!(self, rms_norm, Grid::rows(rows), "rms_norm kernel"; x, weight, out, &d, &eps)
+    }
+
+    fn rope(
+        &self,
+        x: &mut Self::Floats,
+        cos: &Self::Floats,
+        sin: &Self::Floats,
+        (tokens, heads, half): (usize, usize, usize),
+    ) -> Result<()> {
+        let (t, h, hf) = (int(tokens), int(heads), int(half));
+        launch!(self, rope, Grid::elements(tokens * heads * half), "rope kernel"; x, cos, sin, &t, &h, &hf)
+    }
+
+    fn silu_mul(&self, gate: &mut Self::Floats, up: &Self::Floats, len: usize) -> Result<()> {
+        let n = int(len);
+        launch!(self, silu_mul, Grid::elements(len), "silu kernel"; gate, up, &n)
+    }
+
+    fn gather_rows(
+        &self,
+        x: &Self::Floats,
+        rows: &Self::Ints,
+        out: &mut Self::Floats,
+        (count, dim): (usize, usize),
+    ) -> Result<()> {
+        let (c, d) = (int(count), int(dim));
+        launch!(self, gather_rows, Grid::elements(count * dim), "gather kernel"; x, rows, out, &c, &d)
+    }
+
+    fn scatter_rows(
+        &self,
+        cache: &mut Self::Floats,
+        rows: &Self::Floats,
+        slots: &Self::Ints,
+        (count, dim): (usize, usize),
+    ) -> Result<()> {
+        let (c, d) = (int(count), int(dim));
+        launch!(self, scatter_rows, Grid::elements(count * dim), "scatter kernel"; cache, rows, slots, &c, &d)
+    }
+
+    fn attention(
+        &self,
+        q: &Self::Floats,
+        (kcache, vcache): (&Self::Floats, &Self::Floats),
+        out: &mut Self::Floats,
+        [keys, tables, lists, run_slots]: &[Self::Ints; 4],
+        s: AttentionShape,
+    ) -> Result<()> {
+        let (heads, kv_heads, hd, bs) = (
+            int(s.num_heads),
+            int(s.num_kv_heads),
+            int(s.head_dim),
+            int(s.block_size),
+        );
+        let scale = s.scale();
+        launch!(self, paged_attention, Grid::attention(s.num_heads, s.tokens), "attention kernel";
+            q, kcache, vcache, out, keys, tables, lists, run_slots, &heads, &kv_heads, &hd, &bs, &scale)
+    }
+}
+
+fn int(v: usize) -> i32 {
+    i32::try_from(v).expect("GPU sizes fit in 32 bits")
+}

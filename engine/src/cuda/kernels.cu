@@ -1,0 +1,215 @@
+// heterospec's GPU kernels, compiled at run time with NVRTC.
+//
+// Every kernel computes each output row from that row's inputs alone, in a
+// fixed order: a token's result does not depend on which other tokens share
+// the launch or where its row falls in a tile. That is what keeps tree
+// verification token-identical to plain decoding on the GPU, as on the CPU
+// (a library GEMM picks its algorithm by the number of rows, so a row's
+// rounding would change with the batch).
+//
+// Layouts match the CPU path: activations are row-major (tokens, features);
+// weights (out, in); paged K/V per layer (slots, kv_heads * head_dim).
+
+#define TILE_M 64
+#define TILE_N 64
+#define TILE_K 16
+#define GEMM_THREADS 256
+#define ROW_THREADS 256
+#define ATTN_THREADS 256
+
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+// c (m, n) = a (m, k) . w (n, k)^T, or c += that when `accumulate` (the
+// residual add: c + sum, as the CPU adds a finished product).
+// Each output is one thread's sum over k = 0, 1, ..., k-1 in order.
+extern "C" __global__ void matmul_nt(const float* __restrict__ a, const float* __restrict__ w,
+                                     float* __restrict__ c, int m, int n, int k, int accumulate) {
+    __shared__ float as[TILE_K][TILE_M + 1];
+    __shared__ float ws[TILE_K][TILE_N + 1];
+    const int tid = threadIdx.x;
+    const int tx = tid % 16;  // columns tx, tx + 16, tx + 32, tx + 48
+    const int ty = tid / 16;  // rows ty, ty + 16, ty + 32, ty + 48
+    const int m0 = blockIdx.y * TILE_M;
+    const int n0 = blockIdx.x * TILE_N;
+    float acc[4][4];
+    for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+    for (int k0 = 0; k0 < k; k0 += TILE_K) {
+        for (int e = tid; e < TILE_M * TILE_K; e += GEMM_THREADS) {
+            const int r = e / TILE_K, kk = e % TILE_K;
+            const int gr = m0 + r, gk = k0 + kk;
+            as[kk][r] = (gr < m && gk < k) ? a[(size_t)gr * k + gk] : 0.0f;
+            const int gn = n0 + r;
+            ws[kk][r] = (gn < n && gk < k) ? w[(size_t)gn * k + gk] : 0.0f;
+        }
+        __syncthreads();
+        const int kmax = min(TILE_K, k - k0);
+        for (int kk = 0; kk < kmax; ++kk) {
+            float av[4], wv[4];
+            for (int i = 0; i < 4; ++i) av[i] = as[kk][ty + 16 * i];
+            for (int j = 0; j < 4; ++j) wv[j] = ws[kk][tx + 16 * j];
+            for (int i = 0; i < 4; ++i)
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], wv[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+    for (int i = 0; i < 4; ++i) {
+        const int r = m0 + ty + 16 * i;
+        if (r >= m) continue;
+        for (int j = 0; j < 4; ++j) {
+            const int col = n0 + tx + 16 * j;
+            if (col >= n) continue;
+            float* out = c + (size_t)r * n + col;
+            *out = accumulate ? *out + acc[i][j] : acc[i][j];
+        }
+    }
+}
+
+// Sum of `v` over the block's threads, in a fixed tree order; every thread
+// gets the result. `scratch` holds ROW_THREADS floats.
+__device__ float block_sum(float v, float* scratch) {
+    scratch[threadIdx.x] = v;
+    __syncthreads();
+    for (int o = blockDim.x / 2; o > 0; o >>= 1) {
+        if (threadIdx.x < o) scratch[threadIdx.x] += scratch[threadIdx.x + o];
+        __syncthreads();
+    }
+    const float total = scratch[0];
+    __syncthreads();
+    return total;
+}
+
+__device__ float block_max(float v, float* scratch) {
+    scratch[threadIdx.x] = v;
+    __syncthreads();
+    for (int o = blockDim.x / 2; o > 0; o >>= 1) {
+        if (threadIdx.x < o) scratch[threadIdx.x] = fmaxf(scratch[threadIdx.x], scratch[threadIdx.x + o]);
+        __syncthreads();
+    }
+    const float total = scratch[0];
+    __syncthreads();
+    return total;
+}
+
+// out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight; one block per row.
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ weight,
+                                    float* __restrict__ out, int dim, float eps) {
+    __shared__ float scratch[ROW_THREADS];
+    const float* row = x + (size_t)blockIdx.x * dim;
+    float partial = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) partial = fmaf(row[i], row[i], partial);
+    const float scale = rsqrtf(block_sum(partial, scratch) / (float)dim + eps);
+    float* o = out + (size_t)blockIdx.x * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = row[i] * scale * weight[i];
+}
+
+// Rotates adjacent pairs (x[2i], x[2i+1]) of every head of every token,
+// x laid out (tokens, heads, 2 * half); cos/sin are (tokens, half).
+extern "C" __global__ void rope(float* __restrict__ x, const float* __restrict__ cos_t,
+                                const float* __restrict__ sin_t, int tokens, int heads, int half) {
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= tokens * heads * half) return;
+    const int i = idx % half;
+    const int t = idx / (heads * half);
+    float* pair = x + (size_t)idx * 2;
+    const float c = cos_t[t * half + i], s = sin_t[t * half + i];
+    const float a = pair[0], b = pair[1];
+    pair[0] = a * c - b * s;
+    pair[1] = a * s + b * c;
+}
+
+// gate <- silu(gate) * up.
+extern "C" __global__ void silu_mul(float* __restrict__ gate, const float* __restrict__ up, int len) {
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= len) return;
+    const float g = gate[idx];
+    gate[idx] = g / (1.0f + expf(-g)) * up[idx];
+}
+
+// out[r] = x[rows[r]], rows of `dim` floats.
+extern "C" __global__ void gather_rows(const float* __restrict__ x, const int* __restrict__ rows,
+                                       float* __restrict__ out, int count, int dim) {
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= count * dim) return;
+    const int r = idx / dim, i = idx % dim;
+    out[idx] = x[(size_t)rows[r] * dim + i];
+}
+
+// cache[slots[r]] = rows[r], rows of `dim` floats (one layer's K or V).
+extern "C" __global__ void scatter_rows(float* __restrict__ cache, const float* __restrict__ rows,
+                                        const int* __restrict__ slots, int count, int dim) {
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= count * dim) return;
+    const int r = idx / dim, i = idx % dim;
+    cache[(size_t)slots[r] * dim + i] = rows[idx];
+}
+
+// Attention of one (query head, token) per block over the token's visible
+// keys, which `keys` describes per token as 6 ints:
+//   num_cached, table_offset, list_offset, list_count, run_offset, run_count
+// Visible key v is, in order: the cached position v through the block table
+// (tables[table_offset + v / block_size]), then lists[list_offset + ...]
+// (a draft node's ancestors and the masked run tokens it sees), then
+// run_slots[run_offset + ...] (a causal run's tokens up to itself).
+// Keys go through an online softmax ATTN_THREADS at a time: scores, the
+// chunk's maximum, one rescale, the weights, then thread d adds the
+// weighted values of dimension d in key order.
+extern "C" __global__ void paged_attention(const float* __restrict__ q, const float* __restrict__ kcache,
+                                           const float* __restrict__ vcache, float* __restrict__ out,
+                                           const int* __restrict__ keys, const int* __restrict__ tables,
+                                           const int* __restrict__ lists, const int* __restrict__ run_slots,
+                                           int num_heads, int num_kv_heads, int head_dim, int block_size,
+                                           float scale) {
+    __shared__ float qs[ATTN_THREADS];
+    __shared__ float weights[ATTN_THREADS];
+    __shared__ int slots[ATTN_THREADS];
+    __shared__ float scratch[ATTN_THREADS];
+    const int head = blockIdx.x, t = blockIdx.y, tid = threadIdx.x;
+    const int* d = keys + (size_t)t * 6;
+    const int num_cached = d[0], table_offset = d[1], list_offset = d[2], list_count = d[3];
+    const int run_offset = d[4], run_count = d[5];
+    const int total = num_cached + list_count + run_count;
+    const int kv_head = head / (num_heads / num_kv_heads);
+    const int kv_size = num_kv_heads * head_dim;
+    const size_t row = ((size_t)t * num_heads + head) * head_dim;
+    if (tid < head_dim) qs[tid] = q[row + tid];
+    __syncthreads();
+    float running_max = -INFINITY, denom = 0.0f, acc = 0.0f;
+    for (int c0 = 0; c0 < total; c0 += ATTN_THREADS) {
+        const int count = min(ATTN_THREADS, total - c0);
+        float score = -INFINITY;
+        if (tid < count) {
+            const int v = c0 + tid;
+            int slot;
+            if (v < num_cached) {
+                slot = tables[table_offset + v / block_size] * block_size + v % block_size;
+            } else if (v < num_cached + list_count) {
+                slot = lists[list_offset + v - num_cached];
+            } else {
+                slot = run_slots[run_offset + v - num_cached - list_count];
+            }
+            slots[tid] = slot;
+            const float* key = kcache + (size_t)slot * kv_size + kv_head * head_dim;
+            float dot = 0.0f;
+            for (int i = 0; i < head_dim; ++i) dot = fmaf(qs[i], key[i], dot);
+            score = dot * scale;
+        }
+        const float new_max = fmaxf(running_max, block_max(score, scratch));
+        const float w = tid < count ? expf(score - new_max) : 0.0f;
+        weights[tid] = w;
+        const float chunk_sum = block_sum(w, scratch);  // also publishes weights[]
+        const float rescale = expf(running_max - new_max);
+        denom = denom * rescale + chunk_sum;
+        if (tid < head_dim) {
+            float a = acc * rescale;
+            for (int j = 0; j < count; ++j)
+                a = fmaf(weights[j], vcache[(size_t)slots[j] * kv_size + kv_head * head_dim + tid], a);
+            acc = a;
+        }
+        running_max = new_max;
+        __syncthreads();  // weights[] and slots[] are rewritten by the next chunk
+    }
+    if (tid < head_dim) out[row + tid] = total > 0 ? acc / denom : 0.0f;
+}
