@@ -87,6 +87,7 @@ impl EngineArgs {
     pub fn build_engine_with_policy(&self, model_path: &Path, policy: Option<SpecPolicy>) -> Result<Engine> {
         let model = Model::load_on(model_path, self.weight_format, self.device)
             .with_context(|| format!("cannot load {} on {}", model_path.display(), self.device))?;
+        tracing::info!(device = %model.device(), "target model loaded");
         let config = EngineConfig {
             block_size: self.block_size,
             kv_cache_bytes: self.kv_cache_memory,

@@ -52,6 +52,13 @@ macro_rules! emulate {
     ($name:literal, $grid:expr, fn($($ty:ty),* $(,)?), $($arg:expr),* $(,)?) => {{
         let _one = LAUNCH.lock().unwrap_or_else(|p| p.into_inner());
         let (grid, block) = dims($grid);
+        // What CUDA refuses to launch.
+        assert!(
+            grid.iter().all(|&d| d > 0) && grid[1] <= 65_535 && grid[2] <= 65_535,
+            "{}: invalid grid {grid:?}",
+            $name
+        );
+        assert!(block.iter().product::<u32>() <= 1024, "{}: block {block:?}", $name);
         // SAFETY: the signature is the harness entry's; buffers are sized by
         // the caller as `Backend` documents.
         unsafe {

@@ -481,21 +481,25 @@ impl<B: Backend> GpuModel<B> {
         }
         take_taps(&x, num_layers)?;
 
+        let final_features = tap == Some(&FeatureTap::Final);
+        let features = if final_features {
+            b.rms_norm(&x, &self.output_norm, &mut normed, (n, h), eps)?;
+            b.download(&normed, n * h)?
+        } else {
+            tapped // empty without layer taps
+        };
         let rows = logits_rows.len();
+        if rows == 0 {
+            return Ok((Vec::new(), features));
+        }
         let row_ids = b.upload_ints(&logits_rows.iter().map(|&r| int(r)).collect::<Vec<_>>())?;
         let mut selected = b.zeros(rows * h)?;
-        let features = if tap == Some(&FeatureTap::Final) {
-            b.rms_norm(&x, &self.output_norm, &mut normed, (n, h), eps)?;
+        if final_features {
             b.gather_rows(&normed, &row_ids, &mut selected, (rows, h))?;
-            b.download(&normed, n * h)?
         } else {
             let mut picked = b.zeros(rows * h)?;
             b.gather_rows(&x, &row_ids, &mut picked, (rows, h))?;
             b.rms_norm(&picked, &self.output_norm, &mut selected, (rows, h), eps)?;
-            tapped // empty without layer taps
-        };
-        if rows == 0 {
-            return Ok((Vec::new(), features));
         }
         let mut logits = b.zeros(rows * c.vocab_size)?;
         b.matmul(&selected, &self.lm_head, &mut logits, (rows, c.vocab_size, h), false)?;
@@ -687,8 +691,17 @@ mod tests {
             let mut dev_kv = dev.kv(layout(block_size));
             let prompt: Vec<u32> = (0..prompt_len).map(|i| (i * 7 % 130) as u32).collect();
             let table: Vec<BlockId> = (1..=prompt_len.div_ceil(block_size) as u32).map(BlockId).collect();
-            let run = SeqRun::causal(prompt, 0, &table, block_size).unwrap().with_all_logits();
-            let batch = RaggedBatch { seqs: vec![run] };
+            // A prefill chunk that wants no logits, then the rest.
+            let split = prompt_len - 40;
+            let mut first = SeqRun::causal(prompt[..split].to_vec(), 0, &table, block_size).unwrap();
+            first.logits_rows.clear();
+            let batch = RaggedBatch { seqs: vec![first] };
+            assert!(dev.forward(&batch, &mut dev_kv, layers, None).0.is_empty());
+            assert!(cpu.forward(&batch, &mut cpu_kv).unwrap().is_empty());
+            let rest = SeqRun::causal(prompt[split..].to_vec(), split, &table, block_size).unwrap();
+            let batch = RaggedBatch {
+                seqs: vec![rest.with_all_logits()],
+            };
             let (b, _) = dev.forward(&batch, &mut dev_kv, layers, None);
             assert_close(&b, &cpu.forward(&batch, &mut cpu_kv).unwrap(), "long prompt");
 
