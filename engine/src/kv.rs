@@ -72,7 +72,7 @@ pub struct KvStorage {
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
     #[cfg(feature = "cuda")]
-    device: Option<crate::cuda::DeviceKv>,
+    device: Option<crate::cuda::DeviceStorage>,
 }
 
 impl KvStorage {
@@ -90,7 +90,7 @@ impl KvStorage {
 
     /// Storage in device memory (nothing on the host).
     #[cfg(feature = "cuda")]
-    pub fn on_device(layout: KvLayout, device: crate::cuda::DeviceKv) -> Self {
+    pub fn on_device(layout: KvLayout, device: crate::cuda::DeviceStorage) -> Self {
         KvStorage {
             layout,
             keys: Vec::new(),
@@ -101,7 +101,7 @@ impl KvStorage {
 
     /// The device storage, when this is one.
     #[cfg(feature = "cuda")]
-    pub fn device_mut(&mut self) -> Option<&mut crate::cuda::DeviceKv> {
+    pub fn device_mut(&mut self) -> Option<&mut crate::cuda::DeviceStorage> {
         self.device.as_mut()
     }
 

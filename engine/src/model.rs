@@ -228,7 +228,7 @@ pub struct Model {
     lm_head: Linear,
     /// The forward's device copy, when loaded for a GPU.
     #[cfg(feature = "cuda")]
-    gpu: Option<crate::cuda::GpuModel>,
+    gpu: Option<crate::cuda::DeviceModel>,
 }
 
 /// Tensors by GGUF name plus the hyperparameters.
@@ -300,7 +300,7 @@ impl Model {
                 t.config.validate()?;
                 let gpu = crate::cuda::GpuModel::new(crate::cuda::Gpu::open(ordinal)?, &t)?;
                 let mut model = Self::from_tensors(t, format)?;
-                model.gpu = Some(gpu);
+                model.gpu = Some(crate::cuda::DeviceModel::Cuda(gpu));
                 Ok(model)
             }
             #[cfg(not(feature = "cuda"))]
@@ -314,7 +314,7 @@ impl Model {
     pub fn device(&self) -> crate::Device {
         #[cfg(feature = "cuda")]
         if let Some(g) = &self.gpu {
-            return crate::Device::Cuda(g.backend().ordinal());
+            return g.device();
         }
         crate::Device::Cpu
     }
@@ -324,12 +324,19 @@ impl Model {
     pub fn new_kv(&self, layout: KvLayout) -> Result<KvStorage> {
         #[cfg(feature = "cuda")]
         if let Some(g) = &self.gpu {
-            return Ok(KvStorage::on_device(
-                layout,
-                crate::cuda::DeviceKv::new(g.backend().clone(), layout)?,
-            ));
+            return Ok(KvStorage::on_device(layout, g.new_kv(layout)?));
         }
         Ok(KvStorage::new(layout))
+    }
+
+    /// [`Model::from_tensors`] whose forward runs the GPU kernels under
+    /// the tests' CPU emulation of CUDA.
+    #[cfg(all(test, feature = "cuda"))]
+    pub(crate) fn from_tensors_emulated(t: ModelTensors, format: WeightFormat) -> Result<Self> {
+        let gpu = crate::cuda::GpuModel::new(std::sync::Arc::new(crate::cuda::Emulator), &t)?;
+        let mut model = Self::from_tensors(t, format)?;
+        model.gpu = Some(crate::cuda::DeviceModel::Emulated(gpu));
+        Ok(model)
     }
 
     pub fn from_tensors(mut t: ModelTensors, format: WeightFormat) -> Result<Self> {

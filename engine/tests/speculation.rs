@@ -101,10 +101,8 @@ fn run(engine: &mut Engine, reqs: &[TokenRequest], batch: usize) -> Vec<TokenOut
 fn greedy_speculation_equals_plain_decoding_for_every_drafter_mode_and_batch_size() {
     let greedy = SamplingParams::greedy();
     let mut plain_engine = Engine::new(tiny_target(TARGET_SEED).unwrap(), config()).unwrap();
-    let plain: Vec<Vec<u32>> = run(&mut plain_engine, &requests(SpecMode::Off, &greedy, 24), 1)
-        .into_iter()
-        .map(|o| o.token_ids)
-        .collect();
+    let plain = run(&mut plain_engine, &requests(SpecMode::Off, &greedy, 24), 1);
+    let mut worst = 0.0f32;
     for (name, make) in drafters() {
         for mode in [SpecMode::Fixed, SpecMode::Hetero, SpecMode::Auto] {
             for batch in [1, 8] {
@@ -112,7 +110,15 @@ fn greedy_speculation_equals_plain_decoding_for_every_drafter_mode_and_batch_siz
                 let out = run(&mut engine, &requests(mode, &greedy, 24), batch);
                 let mut accepted = 0;
                 for (i, o) in out.iter().enumerate() {
-                    assert_eq!(o.token_ids, plain[i], "{name} {mode:?} batch {batch} prompt {i}");
+                    assert_eq!(
+                        o.token_ids, plain[i].token_ids,
+                        "{name} {mode:?} batch {batch} prompt {i}"
+                    );
+                    // The tiny target is confident: tokens alone would hide a
+                    // wrong but small change to the verified logits.
+                    for (a, b) in o.logprobs.iter().zip(&plain[i].logprobs) {
+                        worst = worst.max((a - b).abs());
+                    }
                     accepted += o.stats.accepted_tokens;
                     assert!(o.stats.spec_steps > 0, "{name} {mode:?}: never speculated");
                 }
@@ -130,6 +136,11 @@ fn greedy_speculation_equals_plain_decoding_for_every_drafter_mode_and_batch_siz
             }
         }
     }
+    println!("worst log-probability difference from plain decoding: {worst:e}");
+    assert!(
+        worst < 1e-5,
+        "verified log-probabilities differ from plain decoding by {worst}"
+    );
 }
 
 fn make_engine(make: fn() -> DrafterKind) -> Engine {

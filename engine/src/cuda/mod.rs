@@ -32,6 +32,8 @@ use crate::ops::RopeTable;
 mod emulator;
 mod gpu;
 
+#[cfg(test)]
+pub(crate) use emulator::Emulator;
 pub use gpu::{compile_kernels, Gpu, KernelImage};
 
 /// The kernels' source, compiled by NVRTC when a device is opened.
@@ -239,6 +241,78 @@ impl AttentionKeys {
         let listed = self.lists[list..list + list_count].iter().map(|&s| s as usize);
         let ran = self.run_slots[run..run + run_count].iter().map(|&s| s as usize);
         cached.chain(listed).chain(ran).collect()
+    }
+}
+
+/// A model's device copy, whichever backend holds it (the tests' CPU
+/// emulation too, so the whole engine runs over the emulated kernels).
+pub enum DeviceModel {
+    Cuda(GpuModel<Gpu>),
+    #[cfg(test)]
+    Emulated(GpuModel<emulator::Emulator>),
+}
+
+/// KV storage on the device of a [`DeviceModel`].
+pub enum DeviceStorage {
+    Cuda(DeviceKv<Gpu>),
+    #[cfg(test)]
+    Emulated(DeviceKv<emulator::Emulator>),
+}
+
+impl DeviceModel {
+    pub fn device(&self) -> crate::Device {
+        match self {
+            DeviceModel::Cuda(m) => crate::Device::Cuda(m.backend().ordinal()),
+            #[cfg(test)]
+            DeviceModel::Emulated(_) => crate::Device::Cuda(0),
+        }
+    }
+
+    pub fn new_kv(&self, layout: KvLayout) -> Result<DeviceStorage> {
+        Ok(match self {
+            DeviceModel::Cuda(m) => DeviceStorage::Cuda(DeviceKv::new(m.backend().clone(), layout)?),
+            #[cfg(test)]
+            DeviceModel::Emulated(m) => DeviceStorage::Emulated(DeviceKv::new(m.backend().clone(), layout)?),
+        })
+    }
+
+    pub fn logits_from_features(&self, features: &[f32]) -> Result<Vec<f32>> {
+        match self {
+            DeviceModel::Cuda(m) => m.logits_from_features(features),
+            #[cfg(test)]
+            DeviceModel::Emulated(m) => m.logits_from_features(features),
+        }
+    }
+
+    /// [`GpuModel::forward`] over storage of the same device.
+    pub fn forward(
+        &self,
+        x: &[f32],
+        batch: &RaggedBatch,
+        kv: &mut DeviceStorage,
+        num_layers: usize,
+        tap: Option<&FeatureTap>,
+        logits_rows: &[usize],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        #[allow(unreachable_patterns)]
+        match (self, kv) {
+            (DeviceModel::Cuda(m), DeviceStorage::Cuda(kv)) => m.forward(x, batch, kv, num_layers, tap, logits_rows),
+            #[cfg(test)]
+            (DeviceModel::Emulated(m), DeviceStorage::Emulated(kv)) => {
+                m.forward(x, batch, kv, num_layers, tap, logits_rows)
+            }
+            _ => Err(EngineError::Config("KV storage of another device".into())),
+        }
+    }
+}
+
+impl DeviceStorage {
+    pub fn copy_slots(&mut self, src: &[usize], dst: &[usize]) -> Result<()> {
+        match self {
+            DeviceStorage::Cuda(kv) => kv.copy_slots(src, dst),
+            #[cfg(test)]
+            DeviceStorage::Emulated(kv) => kv.copy_slots(src, dst),
+        }
     }
 }
 
@@ -832,6 +906,69 @@ mod tests {
     #[test]
     fn emulated_gpu_rows_do_not_depend_on_the_batch() {
         rows_do_not_depend_on_the_batch(Arc::new(emulator::Emulator));
+    }
+
+    /// The engine with its target on the emulated GPU: speculative greedy
+    /// output (a self-draft running the target's first layer on the device,
+    /// draft trees verified there, accepted nodes moved in device KV)
+    /// equals plain greedy decoding on the same device, in batches of 2.
+    #[test]
+    fn an_engine_on_the_emulated_gpu_speculates_exactly() {
+        use crate::engine::{DrafterKind, Engine, EngineConfig, SpecSetup};
+        use crate::runner::{Runner, TokenRequest};
+        use crate::spec::{CostCurve, SpecMode, SpecPolicy};
+        use crate::testing::tiny_config;
+        use crate::SamplingParams;
+
+        let target = || {
+            let t = random_tensors(&tiny_config(), 5).unwrap();
+            Model::from_tensors_emulated(t, WeightFormat::AsShipped).unwrap()
+        };
+        let config = EngineConfig {
+            block_size: 4,
+            kv_cache_bytes: 1 << 20,
+        };
+        let requests = |speculation| -> Vec<TokenRequest> {
+            [
+                vec![3u32, 9, 27, 5, 1],
+                vec![7; 9],
+                (0..13).map(|i| i * 5 % 64).collect(),
+            ]
+            .into_iter()
+            .map(|prompt| TokenRequest {
+                prompt,
+                sampling: SamplingParams::greedy(),
+                speculation,
+                max_new_tokens: 10,
+                stop_token_ids: vec![],
+            })
+            .collect()
+        };
+        let mut plain = Engine::new(target(), config.clone()).unwrap();
+        let want = Runner::new(&mut plain).run(&requests(SpecMode::Off), 2, 4).unwrap();
+        let setup = SpecSetup {
+            drafter: DrafterKind::SelfDraft { num_layers: 1 },
+            policy: SpecPolicy {
+                depth: 3,
+                top_k: 2,
+                num_nodes: 5,
+                thresholds: vec![0.2, 0.5, 0.8, 1.2, 1.6, 2.0, 3.0],
+                ..SpecPolicy::default()
+            },
+            verify_budget: None,
+            cost_curve: Some(CostCurve::new(vec![(1, 1.0), (64, 1.2), (512, 10.0)])),
+        };
+        let mut spec = Engine::with_speculation(target(), config, Some(setup)).unwrap();
+        let got = Runner::new(&mut spec).run(&requests(SpecMode::Fixed), 2, 4).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g.token_ids, w.token_ids);
+            // Batch-invariant kernels: the verified tokens' log-probabilities
+            // are plain decoding's to the bit.
+            assert_eq!(g.logprobs, w.logprobs);
+        }
+        let drafted: usize = got.iter().map(|o| o.stats.draft_tokens).sum();
+        let accepted: usize = got.iter().map(|o| o.stats.accepted_tokens).sum();
+        assert!(drafted > 0 && accepted > 0, "drafted {drafted}, accepted {accepted}");
     }
 
     fn gpu() -> Arc<Gpu> {
