@@ -243,7 +243,9 @@ fn generate_on_a_gpu_equals_plain_gpu_decoding_or_says_why_it_cannot() {
     if !plain.status.success() {
         let err = String::from_utf8_lossy(&plain.stderr);
         assert!(!err.contains("panicked"), "panic instead of an error: {err}");
-        assert!(err.contains("CUDA") && err.contains("--device cpu"), "{err}");
+        // Whatever is missing (driver, device, NVRTC), the error says which
+        // device could not be used.
+        assert!(err.contains("on cuda:0") && err.contains("GPU"), "{err}");
         return;
     }
     let plain: Value = serde_json::from_slice(&plain.stdout).unwrap();

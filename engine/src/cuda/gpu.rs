@@ -111,6 +111,27 @@ impl std::fmt::Debug for Gpu {
     }
 }
 
+/// Lets the default memory pool keep what a forward frees for the next
+/// one (its default hands it back to the driver at every synchronization,
+/// and a forward synchronizes to copy its logits out).
+fn keep_freed_memory(ctx: &CudaContext) {
+    use cudarc::driver::sys;
+    let mut pool = std::ptr::null_mut();
+    let mut keep = u64::MAX;
+    // SAFETY: the device's own pool, a u64 attribute as the API documents.
+    let ok = unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS
+            && sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut keep as *mut u64).cast(),
+            ) == sys::CUresult::CUDA_SUCCESS
+    };
+    if !ok {
+        tracing::debug!("the GPU's memory pool keeps its default release threshold");
+    }
+}
+
 impl From<Grid> for LaunchConfig {
     fn from(g: Grid) -> Self {
         LaunchConfig {
@@ -139,6 +160,10 @@ impl Gpu {
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(driver("opening the CUDA device"))?;
+        // SAFETY: one stream does all the work, so cudarc's per-buffer
+        // events (for ordering across streams) are not needed.
+        unsafe { ctx.disable_event_tracking() };
+        keep_freed_memory(&ctx);
         let name = ctx.name().map_err(driver("reading the device name"))?;
         let arch = ctx
             .compute_capability()
@@ -146,7 +171,7 @@ impl Gpu {
         // A CUBIN for this GPU; PTX for the driver to compile when this
         // NVRTC does not know the architecture yet.
         let kernels = compile_kernels(Some(arch)).or_else(|e| {
-            tracing::warn!("{e}; falling back to PTX");
+            tracing::warn!("{e}; falling back to PTX (compiled by the driver, which must be as new as NVRTC)");
             compile_kernels(None)
         })?;
         let module = ctx
@@ -221,8 +246,10 @@ impl Backend for Gpu {
     }
 
     fn download(&self, buf: &Self::Floats, len: usize) -> Result<Vec<f32>> {
-        let mut all = self.stream.clone_dtoh(buf).map_err(driver("copying from the GPU"))?;
-        self.stream.synchronize().map_err(driver("waiting for the GPU"))?;
+        // Kernels fail asynchronously: an error here may be an earlier launch's.
+        let what = "copying from the GPU (or a kernel before it failed)";
+        let mut all = self.stream.clone_dtoh(buf).map_err(driver(what))?;
+        self.stream.synchronize().map_err(driver(what))?;
         all.truncate(len);
         Ok(all)
     }

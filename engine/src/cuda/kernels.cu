@@ -16,6 +16,10 @@
 #define GEMM_THREADS 256
 #define ROW_THREADS 256
 #define ATTN_THREADS 256
+// The tile loads share one loop, and block_sum/block_max halve the block:
+// the launches (mod.rs, `Grid`) use 256 threads for every kernel.
+static_assert(TILE_M == TILE_N, "square GEMM tiles");
+static_assert(GEMM_THREADS == 256 && ROW_THREADS == 256 && ATTN_THREADS == 256, "power-of-two blocks of 256");
 
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
