@@ -1,7 +1,8 @@
 //! Speculative decoding on tiny random models: greedy output equals plain
 //! decoding for every drafter, mode and batch size; sampled tokens follow
 //! the target distribution exactly (and a biased acceptance rule is caught);
-//! tree shapes respect the calibration's tiers.
+//! tree shapes respect the calibration's tiers. With
+//! `HETEROSPEC_TEST_DEVICE=cuda` the target runs on the GPU.
 
 use heterospec_engine::runner::{Runner, TokenOutput, TokenRequest};
 use heterospec_engine::spec::head::HeadKind;
