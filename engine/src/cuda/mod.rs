@@ -605,8 +605,9 @@ mod tests {
     /// memory); no GPU needed (`.ci/run` installs NVRTC from PyPI).
     #[test]
     fn the_kernels_compile_with_nvrtc() {
-        let Ok(KernelImage::Ptx(text)) = compile_kernels(None).map_err(|e| panic!("{e}")) else {
-            panic!("PTX expected without an architecture")
+        let text = match compile_kernels(None) {
+            Ok(KernelImage::Ptx(text)) => text,
+            other => panic!("PTX expected without an architecture: {other:?}"),
         };
         for name in KERNEL_NAMES {
             assert!(
@@ -615,8 +616,10 @@ mod tests {
             );
         }
         for arch in [(8, 0), (9, 0)] {
-            let Ok(KernelImage::Cubin(bytes)) = compile_kernels(Some(arch)).map_err(|e| panic!("{e}")) else {
-                panic!("a CUBIN expected for an architecture")
+            let bytes = match compile_kernels(Some(arch)) {
+                Ok(KernelImage::Cubin(bytes)) => bytes,
+                Ok(KernelImage::Ptx(_)) => panic!("a CUBIN expected for sm_{}{}", arch.0, arch.1),
+                Err(e) => panic!("{e}"),
             };
             assert_eq!(&bytes[..4], b"\x7fELF", "sm_{}{} image", arch.0, arch.1);
             for name in KERNEL_NAMES {
