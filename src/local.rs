@@ -41,7 +41,8 @@ pub struct EngineArgs {
     /// Where the target model and its KV cache live: cpu, or cuda / cuda:N
     /// (the GPU path: weights dequantized to f32, kernels compiled at
     /// start-up; needs the NVIDIA driver and the CUDA runtime libraries).
-    /// Drafters run on the CPU. `serve --engines N` puts engine i on cuda:N+i.
+    /// Drafters run on the CPU. With `serve --engines N`, cuda:K puts engine
+    /// i on cuda:K+i.
     #[arg(long, env = "HETEROSPEC_DEVICE", default_value = "cpu")]
     pub device: Device,
     /// Drafter for speculative decoding: head (an EAGLE-style draft head,

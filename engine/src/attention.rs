@@ -566,12 +566,7 @@ mod tests {
                 all_k.push(ks);
                 all_v.push(vs);
             }
-            let owner: Vec<(usize, usize)> = batch
-                .seqs
-                .iter()
-                .enumerate()
-                .flat_map(|(s, r)| (0..r.len()).map(move |i| (s, i)))
-                .collect();
+            let owner = batch.token_owners();
             let qsize = shape.num_heads * shape.head_dim;
             let q: Vec<f32> = (0..owner.len() * qsize).map(|_| rng.f()).collect();
             let mut out = vec![0.0; q.len()];

@@ -171,4 +171,23 @@ impl RaggedBatch {
     pub fn num_logits_rows(&self) -> usize {
         self.seqs.iter().map(|s| s.logits_rows.len()).sum()
     }
+
+    /// Per token in batch order: (sequence index, index in its run).
+    pub fn token_owners(&self) -> Vec<(usize, usize)> {
+        self.seqs
+            .iter()
+            .enumerate()
+            .flat_map(|(s, run)| (0..run.len()).map(move |i| (s, i)))
+            .collect()
+    }
+
+    /// Token indices (in batch order) of the rows that want logits.
+    pub fn logits_token_rows(&self) -> impl Iterator<Item = usize> + '_ {
+        let mut offset = 0;
+        self.seqs.iter().flat_map(move |seq| {
+            let start = offset;
+            offset += seq.len();
+            seq.logits_rows.iter().map(move |&r| start + r)
+        })
+    }
 }

@@ -13,16 +13,6 @@ pub enum Device {
     Cuda(usize),
 }
 
-impl Device {
-    /// Whether this build can run on it (`cuda` needs the `cuda` feature).
-    pub fn is_built(self) -> bool {
-        match self {
-            Device::Cpu => true,
-            Device::Cuda(_) => cfg!(feature = "cuda"),
-        }
-    }
-}
-
 impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

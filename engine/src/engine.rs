@@ -485,7 +485,6 @@ impl Engine {
 
         let forward_start = Instant::now();
         let tap = self.spec.as_ref().and_then(|s| s.drafter.feature_tap());
-        let wants_features = tap.is_some();
         let (logits, features) = if let Some(tap) = &tap {
             self.model.forward_with_features(&batch, &mut self.kv, tap)?
         } else {
@@ -498,7 +497,7 @@ impl Engine {
         let mut next_token = 0;
         for (run, s) in batch.seqs.iter().zip(seqs) {
             token_start.push(next_token);
-            if wants_features {
+            if tap.is_some() {
                 let m = s.new_token_ids.len();
                 feature_slots.extend(
                     run.slots[..m]
@@ -575,7 +574,7 @@ impl Engine {
                 })
                 .collect();
             self.kv.copy_slots(&src, &dst)?;
-            if wants_features {
+            if tap.is_some() {
                 for (v, &slot) in accepted.nodes.iter().zip(&dst) {
                     feature_slots.push((slot, token_start[i] + s.new_token_ids.len() + rows[v] - 1));
                 }

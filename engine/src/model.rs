@@ -473,14 +473,13 @@ impl Model {
             return Ok((Vec::new(), Vec::new()));
         }
         let h = c.hidden_size;
-        let ctx = ForwardContext::new(batch, c, layout.block_size);
         let mut x = self.embed(batch.seqs.iter().flat_map(|s| s.token_ids.iter().copied()));
         #[cfg(feature = "cuda")]
         if let Some(g) = &self.gpu {
             let kv = kv.device_mut().ok_or_else(|| {
                 EngineError::Config("a GPU model needs KV storage in device memory (Model::new_kv)".into())
             })?;
-            let rows: Vec<usize> = ctx.logits_token_rows(batch).collect();
+            let rows: Vec<usize> = batch.logits_token_rows().collect();
             return g.forward(&x, batch, kv, num_layers, tap, &rows);
         }
         if kv.is_on_device() {
@@ -488,37 +487,30 @@ impl Model {
                 "a CPU model cannot use KV storage in device memory".into(),
             ));
         }
+        let ctx = ForwardContext::new(batch, c, layout.block_size);
         // Layer taps: each token's states entering the listed layers.
         let taps: &[usize] = match tap {
             Some(FeatureTap::Layers(l)) => l,
             _ => &[],
         };
         let mut tapped = vec![0.0; if taps.is_empty() { 0 } else { n * taps.len() * h }];
-        let mut take_taps = |x: &[f32], at: usize| {
-            for (j, _) in taps.iter().enumerate().filter(|(_, &l)| l == at) {
-                for t in 0..n {
-                    let dst = (t * taps.len() + j) * h;
-                    tapped[dst..dst + h].copy_from_slice(&x[t * h..(t + 1) * h]);
-                }
-            }
-        };
         for (li, layer) in self.layers.iter().take(num_layers).enumerate() {
-            take_taps(&x, li);
+            copy_layer_taps(&mut tapped, taps, &x, li, h);
             layer.forward(&mut x, &ctx, batch, kv, li)?;
         }
-        take_taps(&x, num_layers);
+        copy_layer_taps(&mut tapped, taps, &x, num_layers, h);
 
         let mut rows = Vec::with_capacity(batch.num_logits_rows() * h);
         let features = if tap == Some(&FeatureTap::Final) {
             let mut all = vec![0.0; n * h];
             rms_norm_rows(&x, &self.output_norm, c.rms_norm_eps, &mut all);
-            for r in ctx.logits_token_rows(batch) {
+            for r in batch.logits_token_rows() {
                 rows.extend_from_slice(&all[r * h..(r + 1) * h]);
             }
             all
         } else {
             let mut selected = Vec::with_capacity(rows.capacity());
-            for r in ctx.logits_token_rows(batch) {
+            for r in batch.logits_token_rows() {
                 selected.extend_from_slice(&x[r * h..(r + 1) * h]);
             }
             rows.resize(selected.len(), 0.0);
@@ -527,6 +519,17 @@ impl Model {
         };
         debug_assert_eq!(self.lm_head.out_features, c.vocab_size);
         Ok((self.logits_from_features(&rows)?, features)) // (rows, vocab)
+    }
+}
+
+/// Copies the states `x (tokens, hidden)` entering layer `at` into their
+/// places in `tapped (tokens, taps, hidden)`, for each tap that names `at`.
+pub(crate) fn copy_layer_taps(tapped: &mut [f32], taps: &[usize], x: &[f32], at: usize, h: usize) {
+    for (j, _) in taps.iter().enumerate().filter(|(_, &l)| l == at) {
+        for (t, row) in x.chunks_exact(h).enumerate() {
+            let dst = (t * taps.len() + j) * h;
+            tapped[dst..dst + h].copy_from_slice(row);
+        }
     }
 }
 
@@ -547,12 +550,7 @@ impl ForwardContext {
     pub(crate) fn new(batch: &RaggedBatch, c: &ModelConfig, block_size: usize) -> Self {
         ForwardContext {
             n: batch.num_tokens(),
-            token_owner: batch
-                .seqs
-                .iter()
-                .enumerate()
-                .flat_map(|(s, run)| (0..run.len()).map(move |i| (s, i)))
-                .collect(),
+            token_owner: batch.token_owners(),
             slots: batch.seqs.iter().flat_map(|s| s.slots.iter().copied()).collect(),
             rope: RopeTable::new(
                 batch.seqs.iter().flat_map(|s| s.positions.iter().copied()),
@@ -571,16 +569,6 @@ impl ForwardContext {
                 vec![0.0; batch.num_tokens() * c.q_size()],
             )),
         }
-    }
-
-    /// Token indices (in batch order) of the rows that want logits.
-    pub(crate) fn logits_token_rows<'b>(&self, batch: &'b RaggedBatch) -> impl Iterator<Item = usize> + 'b {
-        let mut offset = 0;
-        batch.seqs.iter().flat_map(move |seq| {
-            let start = offset;
-            offset += seq.len();
-            seq.logits_rows.iter().map(move |&r| start + r)
-        })
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::{Mutex, OnceLock};
 
 use libloading::Library;
 
-use super::{AttentionShape, Backend, Grid};
+use super::{int, AttentionShape, Backend, Grid};
 use crate::error::Result;
 
 /// The emulator's globals (grid, barrier) hold one launch at a time.
@@ -54,7 +54,7 @@ macro_rules! emulate {
         let (grid, block) = dims($grid);
         // What CUDA refuses to launch.
         assert!(
-            grid.iter().all(|&d| d > 0) && grid[1] <= 65_535 && grid[2] <= 65_535,
+            grid.iter().all(|&d| d > 0) && grid[1..].iter().all(|&d| d as usize <= super::MAX_GRID_Y),
             "{}: invalid grid {grid:?}",
             $name
         );
@@ -69,10 +69,6 @@ macro_rules! emulate {
         }
         Ok(())
     }};
-}
-
-fn int(v: usize) -> i32 {
-    i32::try_from(v).expect("sizes fit in 32 bits")
 }
 
 impl Backend for Emulator {

@@ -9,7 +9,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{self, Ptx};
 
-use super::{AttentionShape, Backend, Grid, KERNELS};
+use super::{int, AttentionShape, Backend, Grid, KERNELS};
 use crate::error::{EngineError, Result};
 
 fn driver(what: &'static str) -> impl FnOnce(DriverError) -> EngineError {
@@ -201,10 +201,6 @@ impl Gpu {
         self.ordinal
     }
 
-    pub fn describe(&self) -> String {
-        format!("{self:?}")
-    }
-
     /// A device copy of `host`; an empty slice becomes one zero (CUDA
     /// allocations are never empty, and kernels read nothing from it).
     fn copy_in<T: DeviceRepr + ValidAsZeroBits + Default + Clone>(&self, host: &[T]) -> Result<CudaSlice<T>> {
@@ -334,8 +330,4 @@ impl Backend for Gpu {
         launch!(self, paged_attention, Grid::attention(s.num_heads, s.tokens), "attention kernel";
             q, kcache, vcache, out, keys, tables, lists, run_slots, &heads, &kv_heads, &hd, &bs, &scale)
     }
-}
-
-fn int(v: usize) -> i32 {
-    i32::try_from(v).expect("GPU sizes fit in 32 bits")
 }

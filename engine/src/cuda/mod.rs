@@ -25,7 +25,7 @@ use crate::batch::RaggedBatch;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv::KvLayout;
-use crate::model::{FeatureTap, ModelTensors};
+use crate::model::{copy_layer_taps, FeatureTap, ModelTensors};
 use crate::ops::RopeTable;
 
 #[cfg(test)]
@@ -216,21 +216,23 @@ impl AttentionKeys {
                 } else {
                     i + 1
                 };
-                k.keys.extend([
+                let fields: [i32; KEY_FIELDS] = [
                     int(seq.num_cached),
                     table_offset,
                     int(list_offset),
                     int(k.lists.len() - list_offset),
                     run_offset,
                     int(run_count),
-                ]);
+                ];
+                k.keys.extend(fields);
             }
         }
         k
     }
 
     /// The slots token `t` attends, in order (what the kernel walks).
-    pub fn slots_of(&self, t: usize, block_size: usize) -> Vec<usize> {
+    #[cfg(test)]
+    fn slots_of(&self, t: usize, block_size: usize) -> Vec<usize> {
         let d: Vec<usize> = self.keys[t * KEY_FIELDS..(t + 1) * KEY_FIELDS]
             .iter()
             .map(|&v| v as usize)
@@ -366,8 +368,9 @@ impl<B: Backend> DeviceKv<B> {
         Ok(())
     }
 
-    /// One token's K and V of `layer` at `slot` (tests).
-    pub fn read(&self, layer: usize, slot: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    /// One token's K and V of `layer` at `slot`.
+    #[cfg(test)]
+    fn read(&self, layer: usize, slot: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         let n = self.kv_size;
         let k = self.backend.download(&self.keys[layer], (slot + 1) * n)?;
         let v = self.backend.download(&self.values[layer], (slot + 1) * n)?;
@@ -522,15 +525,8 @@ impl<B: Backend> GpuModel<B> {
         };
         let mut tapped = vec![0.0; if taps.is_empty() { 0 } else { n * taps.len() * h }];
         let mut take_taps = |x: &B::Floats, at: usize| -> Result<()> {
-            if !taps.contains(&at) {
-                return Ok(());
-            }
-            let host = b.download(x, n * h)?;
-            for (j, _) in taps.iter().enumerate().filter(|(_, &l)| l == at) {
-                for t in 0..n {
-                    let dst = (t * taps.len() + j) * h;
-                    tapped[dst..dst + h].copy_from_slice(&host[t * h..(t + 1) * h]);
-                }
+            if taps.contains(&at) {
+                copy_layer_taps(&mut tapped, taps, &b.download(x, n * h)?, at, h);
             }
             Ok(())
         };
@@ -728,12 +724,7 @@ mod tests {
             let x = self
                 .cpu
                 .embed(batch.seqs.iter().flat_map(|s| s.token_ids.iter().copied()));
-            let mut rows = Vec::new();
-            let mut offset = 0;
-            for s in &batch.seqs {
-                rows.extend(s.logits_rows.iter().map(|r| offset + r));
-                offset += s.len();
-            }
+            let rows: Vec<usize> = batch.logits_token_rows().collect();
             self.device.forward(&x, batch, kv, layers, tap, &rows).unwrap()
         }
     }
@@ -871,12 +862,7 @@ mod tests {
         batch.seqs.push(SeqRun::causal(vec![1, 2], 700, &table, bs).unwrap());
         let n = batch.num_tokens();
         let q: Vec<f32> = (0..n * heads * hd).map(|_| rng.f() * 3.0).collect();
-        let owners: Vec<(usize, usize)> = batch
-            .seqs
-            .iter()
-            .enumerate()
-            .flat_map(|(s, run)| (0..run.len()).map(move |i| (s, i)))
-            .collect();
+        let owners = batch.token_owners();
         let shape = crate::attention::HeadShape {
             num_heads: heads,
             num_kv_heads: kv_heads,
@@ -1022,7 +1008,7 @@ mod tests {
         // SAFETY: only tries to open the library.
         let driver_present = unsafe { cudarc::driver::sys::is_culib_present() };
         match Gpu::open(0) {
-            Ok(gpu) => assert!(driver_present && gpu.describe().starts_with("cuda:0")),
+            Ok(gpu) => assert!(driver_present && format!("{gpu:?}").starts_with("cuda:0")),
             Err(e) => {
                 let msg = e.to_string();
                 assert!(

@@ -677,7 +677,7 @@ impl DraftHead {
             }
         }
         let mut hidden = Vec::with_capacity(batch.num_logits_rows() * h);
-        for r in ctx.logits_token_rows(batch) {
+        for r in batch.logits_token_rows() {
             hidden.extend_from_slice(&x[r * h..(r + 1) * h]);
         }
         let rows = hidden.len() / h;
