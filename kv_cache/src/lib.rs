@@ -1,7 +1,7 @@
 //! KV block bookkeeping for the paged KV cache: which block holds which
 //! tokens, who references it, and which free blocks may be reused.
 //!
-//! The crate also holds the scheduling core (`schedule`).
+//! The crate also holds the scheduling core (`schedule`): one state machine for every driver of an engine.
 //!
 //! This crate owns no tensors. The engine preallocates `num_blocks` blocks of
 //! `block_size` token slots per layer; this pool hands out their ids.
@@ -32,8 +32,10 @@
 mod block;
 mod free_list;
 mod pool;
+pub mod schedule;
 mod table;
 
 pub use block::{hash_block, BlockHash, BlockId, Slot, DEFAULT_BLOCK_SIZE};
 pub use pool::{BlockPool, BlockPoolConfig, PrefixHit};
+pub use schedule::SeqId;
 pub use table::BlockTable;
