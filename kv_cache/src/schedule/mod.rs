@@ -42,6 +42,8 @@ mod config;
 mod scheduler;
 mod sequence;
 mod step;
+#[cfg(test)]
+mod tests;
 
 pub use config::{ScheduleConfig, ScheduleError};
 pub use scheduler::Scheduler;
