@@ -75,10 +75,12 @@ impl<R> Scheduler<R> {
         Ok(seq_id)
     }
 
+    /// Sequences queued for admission (new and preempted).
     pub fn num_waiting(&self) -> usize {
         self.waiting.len()
     }
 
+    /// Admitted sequences (holding blocks).
     pub fn num_running(&self) -> usize {
         self.running.len()
     }
@@ -88,10 +90,12 @@ impl<R> Scheduler<R> {
         self.waiting.is_empty() && self.running.is_empty()
     }
 
+    /// The block pool (read-only: the scheduler owns every block).
     pub fn pool(&self) -> &BlockPool {
         &self.pool
     }
 
+    /// The knobs this scheduler was built with.
     pub fn config(&self) -> &ScheduleConfig {
         &self.config
     }

@@ -110,18 +110,22 @@ impl<R> Sequence<R> {
         &self.token_ids
     }
 
+    /// The prompt as submitted.
     pub fn prompt_token_ids(&self) -> &[u32] {
         &self.token_ids[..self.num_prompt]
     }
 
+    /// Every token generated so far (kept across preemptions).
     pub fn generated_token_ids(&self) -> &[u32] {
         &self.token_ids[self.num_prompt..]
     }
 
+    /// Tokens generated so far.
     pub fn num_generated(&self) -> usize {
         self.token_ids.len() - self.num_prompt
     }
 
+    /// Most tokens the request may generate.
     pub fn max_new_tokens(&self) -> usize {
         self.max_new_tokens
     }
@@ -131,10 +135,12 @@ impl<R> Sequence<R> {
         self.max_new_tokens.saturating_sub(self.num_generated())
     }
 
+    /// Whether lookahead slots are reserved for draft tokens.
     pub fn speculate(&self) -> bool {
         self.speculate
     }
 
+    /// The prefix-cache salt, if any.
     pub fn cache_salt(&self) -> Option<&str> {
         self.cache_salt.as_deref()
     }
@@ -149,6 +155,7 @@ impl<R> Sequence<R> {
         self.num_cached_prompt_tokens
     }
 
+    /// The blocks holding this sequence's KV (empty while waiting).
     pub fn block_table(&self) -> &BlockTable {
         &self.table
     }

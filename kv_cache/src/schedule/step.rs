@@ -27,11 +27,13 @@ pub struct Schedule<R> {
 /// One sequence's part of a step, as the engine needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScheduledRun {
+    /// The sequence's current engine-side id.
     pub seq_id: SeqId,
     /// Tokens to run: `token_ids[num_computed..num_computed + n]`.
     pub new_token_ids: Vec<u32>,
     /// Tokens whose KV is already in the table's blocks.
     pub num_computed: usize,
+    /// Blocks for every slot the run and its lookahead touch, in position order.
     pub block_table: Vec<BlockId>,
     /// The engine has not seen this seq id: send the sampling params.
     pub first_run: bool,
@@ -47,6 +49,7 @@ pub struct ScheduledRun {
 /// A sequence moved from waiting to running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Admission {
+    /// The admitted sequence's id.
     pub seq_id: SeqId,
     /// Never admitted before (not a preempted sequence coming back).
     pub first_admission: bool,
@@ -59,7 +62,9 @@ pub struct Admission {
 /// What the engine committed for one run: sampled and accepted tokens, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommittedRun {
+    /// The run's sequence.
     pub seq_id: SeqId,
+    /// Committed tokens: accepted draft tokens, then the sampled one.
     pub token_ids: Vec<u32>,
 }
 
@@ -86,6 +91,8 @@ impl<F> Verdict<F> {
 /// A sequence that ended in `update`; its blocks are freed and its id released.
 #[derive(Debug)]
 pub struct Finished<R, F> {
+    /// The ended sequence, holding no blocks.
     pub sequence: Sequence<R>,
+    /// The driver's reason, from its `Verdict`.
     pub reason: F,
 }
