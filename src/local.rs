@@ -1,7 +1,8 @@
 //! In-process generation: one engine, its block pool and the tokenizer in
-//! this process, driven one sequence at a time. `heterospec generate` and the
-//! forward benchmark use it; the served path goes through router and engine
-//! processes instead.
+//! this process, driven one sequence at a time through the scheduling core
+//! (`heterospec_kv::schedule`, the one the router drives too).
+//! `heterospec generate` and the forward benchmark use it; the served path
+//! goes through router and engine processes instead.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -12,9 +13,10 @@ use heterospec_engine::runner::SpecStats;
 use heterospec_engine::spec::head::checkpoint_files;
 use heterospec_engine::spec::{DraftHead, SpecMode, SpecPolicy};
 use heterospec_engine::{
-    Device, DrafterKind, Engine, EngineConfig, Model, SamplingParams, SeqId, SeqStep, SpecSetup, WeightFormat,
+    Device, DrafterKind, Engine, EngineConfig, Model, SamplingParams, SeqStep, SpecSetup, WeightFormat,
 };
-use heterospec_kv::{BlockPool, BlockPoolConfig, BlockTable};
+use heterospec_kv::schedule::{CommittedRun, NewSequence, ScheduleConfig, Scheduler, Verdict};
+use heterospec_kv::{BlockPool, BlockPoolConfig};
 use heterospec_router::{FinishReason, OutputStream, StopCriteria, TextTokenizer};
 
 /// Where `heterospec train-draft` writes, and where the default model's
@@ -299,82 +301,117 @@ impl LocalEngine {
             bail!("max_new_tokens must be at least 1");
         }
         sampling.validate().map_err(anyhow::Error::msg)?;
-        let seq_id = SeqId(self.next_seq);
-        self.next_seq += 1;
-        let mut table = BlockTable::new();
-        let result = self.run(
-            seq_id,
-            &mut table,
-            prompt_ids,
-            sampling,
-            speculation,
-            criteria,
-            &mut on_text,
-        );
-        self.pool.free_table(&mut table);
-        let _ = self.engine.release(seq_id);
+        // One sequence through the scheduling core, on a fresh pool of the
+        // engine's shape: the whole prompt in one step, then decode steps.
+        let config = ScheduleConfig {
+            max_batch_tokens: usize::MAX,
+            max_running: 1,
+            max_prefill_chunk: usize::MAX,
+            max_lookahead: self.engine.max_lookahead(),
+        };
+        let mut core = Scheduler::new(config, BlockPool::new(self.pool.config()), self.next_seq);
+        let seq = NewSequence {
+            prompt_token_ids: prompt_ids.clone(),
+            max_new_tokens: criteria.max_new_tokens,
+            speculate: speculation != SpecMode::Off,
+            cache_salt: None,
+        };
+        let output = OutputStream::new(criteria);
+        core.add(seq, output)?;
+        let result = self.run(&mut core, prompt_ids, sampling, speculation, &mut on_text);
+        for seq in core.drain() {
+            let _ = self.engine.release(seq.seq_id());
+        }
+        for seq_id in core.take_released() {
+            let _ = self.engine.release(seq_id);
+        }
         result
     }
 
     fn run(
         &mut self,
-        seq_id: SeqId,
-        table: &mut BlockTable,
+        core: &mut Scheduler<OutputStream>,
         prompt_ids: Vec<u32>,
         sampling: SamplingParams,
         speculation: SpecMode,
-        criteria: StopCriteria,
         on_text: &mut impl FnMut(&str),
     ) -> Result<Generation> {
-        let criteria_max_new = criteria.max_new_tokens;
-        let mut output = OutputStream::new(criteria);
         let mut token_ids = Vec::new();
         let mut text = String::new();
-        let mut num_computed = 0;
-        let mut next = prompt_ids.clone();
-        let mut sampling = Some(sampling);
         let start = Instant::now();
         let mut first_token_at = None;
         let mut stats = SpecStats::default();
-        let max_lookahead = self.engine.max_lookahead();
-        let max_new = criteria_max_new;
-        let finish_reason = 'outer: loop {
-            let lookahead = if speculation == SpecMode::Off {
-                0
-            } else {
-                max_lookahead.min(max_new - token_ids.len() - 1)
-            };
-            self.pool
-                .allocate_slots(table, num_computed + next.len() + lookahead)
-                .context("the KV cache is too small for this request (raise --kv-cache-memory)")?;
-            let step = SeqStep {
-                seq_id,
-                new_token_ids: next.clone(),
-                num_computed,
-                block_table: table.block_ids().to_vec(),
-                sampling: sampling.take(),
-                cached_token_ids: Vec::new(),
-                sample: true,
-                speculation,
-                lookahead,
-            };
-            let result = self.engine.step(std::slice::from_ref(&step))?.remove(0);
-            num_computed += next.len() + result.tokens.len() - 1;
-            self.pool.truncate(table, num_computed);
-            first_token_at.get_or_insert_with(Instant::now);
-            stats.record(&result.spec);
-            for t in &result.tokens {
-                token_ids.push(t.token_id);
-                let delta = output.push(&self.tokenizer, t.token_id)?;
-                if !delta.text.is_empty() {
-                    on_text(&delta.text);
-                    text.push_str(&delta.text);
-                }
-                if let Some(reason) = delta.finish_reason {
-                    break 'outer reason;
-                }
+        let finish_reason = loop {
+            let plan = core.schedule();
+            if !plan.rejected.is_empty() {
+                bail!("the KV cache is too small for this request (raise --kv-cache-memory)");
             }
-            next = vec![*token_ids.last().expect("a step commits a token")];
+            for seq_id in core.take_released() {
+                self.engine.release(seq_id)?;
+            }
+            let steps: Vec<SeqStep> = plan
+                .runs
+                .into_iter()
+                .map(|run| SeqStep {
+                    seq_id: run.seq_id,
+                    new_token_ids: run.new_token_ids,
+                    num_computed: run.num_computed,
+                    block_table: run.block_table,
+                    sampling: run.first_run.then(|| sampling.clone()),
+                    cached_token_ids: run.cached_token_ids,
+                    sample: run.sample,
+                    speculation,
+                    lookahead: run.lookahead,
+                })
+                .collect();
+            if let Some(last) = steps.last() {
+                self.next_seq = self.next_seq.max(last.seq_id.0 + 1);
+            }
+            let results = self.engine.step(&steps)?;
+            first_token_at.get_or_insert_with(Instant::now);
+            let committed = results
+                .iter()
+                .map(|r| CommittedRun {
+                    seq_id: r.seq_id,
+                    token_ids: r.tokens.iter().map(|t| t.token_id).collect(),
+                })
+                .collect();
+            let spec = results.first().map(|r| r.spec).unwrap_or_default();
+            let mut detok_error = None;
+            let tokenizer = &self.tokenizer;
+            let finished = core.update(committed, |seq, tokens| {
+                stats.record(&spec);
+                for (i, &t) in tokens.iter().enumerate() {
+                    token_ids.push(t);
+                    let delta = match seq.payload.push(tokenizer, t) {
+                        Ok(delta) => delta,
+                        Err(e) => {
+                            detok_error = Some(e);
+                            return Verdict {
+                                keep: i + 1,
+                                finish: Some(FinishReason::Cancelled),
+                            };
+                        }
+                    };
+                    if !delta.text.is_empty() {
+                        on_text(&delta.text);
+                        text.push_str(&delta.text);
+                    }
+                    if delta.finish_reason.is_some() {
+                        return Verdict {
+                            keep: i + 1,
+                            finish: delta.finish_reason,
+                        };
+                    }
+                }
+                Verdict::keep_all(tokens.len())
+            })?;
+            if let Some(e) = detok_error {
+                return Err(e.into());
+            }
+            if let Some(f) = finished.into_iter().next() {
+                break f.reason;
+            }
         };
         let first = first_token_at.expect("at least one token");
         Ok(Generation {

@@ -20,6 +20,8 @@ pub mod runner;
 pub mod sampler;
 pub mod server;
 pub mod spec;
+pub mod step;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use batch::{RaggedBatch, SeqRun};

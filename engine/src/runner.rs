@@ -1,18 +1,19 @@
-//! In-process continuous batching at the token level: admits requests up to
-//! a batch size, chunks prompts, reserves lookahead slots for speculation
-//! and gives back what a step did not commit. The router does the same over
-//! gRPC with text, stop strings and the prefix cache; this runner is what
-//! tests, calibration and the speculation benchmark drive directly.
+//! In-process continuous batching at the token level: the scheduling core
+//! (`heterospec_kv::schedule`, the same one the router drives) admits
+//! requests up to a batch size, chunks prompts, reserves lookahead slots
+//! for speculation and gives back what a step did not commit; this runner
+//! only moves its plans to `Engine::step` and the results back. Tests,
+//! calibration, draft training and the speculation benchmark drive it.
 
-use std::collections::VecDeque;
+use std::collections::HashMap;
 
-use heterospec_kv::{BlockPool, BlockPoolConfig, BlockTable};
+use heterospec_kv::schedule::{CommittedRun, NewSequence, ScheduleConfig, Scheduler, Verdict};
+use heterospec_kv::{BlockPool, BlockPoolConfig};
 
-use crate::engine::{Engine, SeqId, SeqStep};
+use crate::engine::{Engine, SeqResult, SeqStep};
 use crate::error::{EngineError, Result};
 use crate::sampler::SamplingParams;
 use crate::spec::{SpecMode, SpecOutcome};
-
 /// One generation request, in tokens.
 #[derive(Debug, Clone)]
 pub struct TokenRequest {
@@ -77,125 +78,116 @@ pub struct TokenOutput {
     pub stats: SpecStats,
 }
 
-struct Running {
+/// What the runner keeps per request inside the scheduling core.
+struct Slot {
     index: usize,
-    seq_id: SeqId,
-    tokens: Vec<u32>,
-    num_prompt: usize,
-    num_computed: usize,
-    table: BlockTable,
-    started: bool,
     out: TokenOutput,
 }
 
 /// Drives an engine with its own block pool.
 pub struct Runner<'e> {
     pub engine: &'e mut Engine,
-    pool: BlockPool,
     next_seq: u64,
 }
 
 impl<'e> Runner<'e> {
     pub fn new(engine: &'e mut Engine) -> Self {
-        let layout = engine.kv_layout();
-        Runner {
-            engine,
-            pool: BlockPool::new(BlockPoolConfig {
-                num_blocks: layout.num_blocks,
-                block_size: layout.block_size,
-            }),
-            next_seq: 0,
-        }
+        Runner { engine, next_seq: 0 }
     }
 
     /// Runs every request to completion, at most `max_batch` at a time,
     /// prompts in chunks of at most `chunk` tokens per step. Outputs are in
     /// request order.
     pub fn run(&mut self, requests: &[TokenRequest], max_batch: usize, chunk: usize) -> Result<Vec<TokenOutput>> {
+        let layout = self.engine.kv_layout();
+        let pool = BlockPool::new(BlockPoolConfig {
+            num_blocks: layout.num_blocks,
+            block_size: layout.block_size,
+        });
+        let config = ScheduleConfig {
+            max_batch_tokens: max_batch.max(1).saturating_mul(chunk.max(1)),
+            max_running: max_batch.max(1),
+            max_prefill_chunk: chunk.max(1),
+            max_lookahead: self.engine.max_lookahead(),
+        };
+        config.validate()?;
+        let mut core: Scheduler<Slot> = Scheduler::new(config, pool, self.next_seq);
+        for (index, r) in requests.iter().enumerate() {
+            let seq = NewSequence {
+                prompt_token_ids: r.prompt.clone(),
+                max_new_tokens: r.max_new_tokens,
+                speculate: r.speculation != SpecMode::Off,
+                cache_salt: None,
+            };
+            let slot = Slot {
+                index,
+                out: TokenOutput::default(),
+            };
+            core.add(seq, slot)
+                .map_err(|e| EngineError::Config(format!("request {index}: {e}")))?;
+        }
         let mut outputs = vec![TokenOutput::default(); requests.len()];
-        let mut waiting: VecDeque<usize> = (0..requests.len()).collect();
-        let mut running: Vec<Running> = Vec::new();
-        let max_lookahead = self.engine.max_lookahead();
-        while !waiting.is_empty() || !running.is_empty() {
-            while running.len() < max_batch.max(1) {
-                let Some(index) = waiting.pop_front() else { break };
-                let r = &requests[index];
-                if r.prompt.is_empty() || r.max_new_tokens == 0 {
-                    return Err(EngineError::Config(format!(
-                        "request {index}: empty prompt or max_new_tokens 0"
-                    )));
-                }
-                running.push(Running {
-                    index,
-                    seq_id: SeqId(self.next_seq),
-                    tokens: r.prompt.clone(),
-                    num_prompt: r.prompt.len(),
-                    num_computed: 0,
-                    table: BlockTable::new(),
-                    started: false,
-                    out: TokenOutput::default(),
-                });
-                self.next_seq += 1;
+        while !core.is_idle() {
+            let plan = core.schedule();
+            if !plan.rejected.is_empty() {
+                return Err(EngineError::Config("the KV cache is too small for this batch".into()));
             }
-            let mut steps = Vec::with_capacity(running.len());
-            for seq in &mut running {
-                let r = &requests[seq.index];
-                let n = (seq.tokens.len() - seq.num_computed).min(chunk.max(1));
-                let sample = seq.num_computed + n == seq.tokens.len();
-                let remaining = r.max_new_tokens - seq.out.token_ids.len();
-                let lookahead = if sample && r.speculation != SpecMode::Off {
-                    max_lookahead.min(remaining - 1)
-                } else {
-                    0
-                };
-                self.pool
-                    .allocate_slots(&mut seq.table, seq.num_computed + n + lookahead)
-                    .ok_or_else(|| EngineError::Config("the KV cache is too small for this batch".into()))?;
-                steps.push(SeqStep {
-                    seq_id: seq.seq_id,
-                    new_token_ids: seq.tokens[seq.num_computed..seq.num_computed + n].to_vec(),
-                    num_computed: seq.num_computed,
-                    block_table: seq.table.block_ids().to_vec(),
-                    sampling: (!seq.started).then(|| r.sampling.clone()),
-                    cached_token_ids: Vec::new(),
-                    sample,
-                    speculation: r.speculation,
-                    lookahead,
-                });
-                seq.started = true;
+            for seq_id in core.take_released() {
+                self.engine.release(seq_id)?;
             }
+            let steps: Vec<SeqStep> = plan
+                .runs
+                .into_iter()
+                .map(|run| {
+                    let r = &requests[core.get(run.seq_id).expect("scheduled").payload.index];
+                    SeqStep {
+                        seq_id: run.seq_id,
+                        new_token_ids: run.new_token_ids,
+                        num_computed: run.num_computed,
+                        block_table: run.block_table,
+                        sampling: run.first_run.then(|| r.sampling.clone()),
+                        cached_token_ids: run.cached_token_ids,
+                        sample: run.sample,
+                        speculation: r.speculation,
+                        lookahead: run.lookahead,
+                    }
+                })
+                .collect();
+            self.next_seq = self
+                .next_seq
+                .max(steps.iter().map(|s| s.seq_id.0 + 1).max().unwrap_or(0));
             let results = self.engine.step(&steps)?;
-            let mut done = Vec::new();
-            for (i, (seq, result)) in running.iter_mut().zip(results).enumerate() {
-                let r = &requests[seq.index];
-                let n = steps[i].new_token_ids.len();
-                seq.num_computed += n + result.tokens.len().saturating_sub(1);
-                if result.tokens.is_empty() {
-                    continue;
-                }
-                seq.out.stats.record(&result.spec);
-                let mut finished = false;
-                for t in &result.tokens {
-                    seq.out.token_ids.push(t.token_id);
-                    seq.out.logprobs.push(t.logprob);
-                    seq.tokens.push(t.token_id);
-                    if seq.out.token_ids.len() >= r.max_new_tokens || r.stop_token_ids.contains(&t.token_id) {
-                        finished = true;
-                        break;
+            let committed = results
+                .iter()
+                .map(|r| CommittedRun {
+                    seq_id: r.seq_id,
+                    token_ids: r.tokens.iter().map(|t| t.token_id).collect(),
+                })
+                .collect();
+            let by_id: HashMap<_, &SeqResult> = results.iter().map(|r| (r.seq_id, r)).collect();
+            let finished = core.update(committed, |seq, tokens| {
+                let result = by_id[&seq.seq_id()];
+                let r = &requests[seq.payload.index];
+                let out = &mut seq.payload.out;
+                out.stats.record(&result.spec);
+                for (i, t) in result.tokens.iter().enumerate() {
+                    out.token_ids.push(t.token_id);
+                    out.logprobs.push(t.logprob);
+                    if out.token_ids.len() >= r.max_new_tokens || r.stop_token_ids.contains(&t.token_id) {
+                        return Verdict {
+                            keep: i + 1,
+                            finish: Some(()),
+                        };
                     }
                 }
-                if finished {
-                    done.push(i);
-                } else {
-                    self.pool.truncate(&mut seq.table, seq.num_computed);
-                }
-                debug_assert!(seq.tokens.len() >= seq.num_prompt);
+                Verdict::keep_all(tokens.len())
+            })?;
+            for f in finished {
+                let slot = f.sequence.payload;
+                outputs[slot.index] = slot.out;
             }
-            for i in done.into_iter().rev() {
-                let mut seq = running.remove(i);
-                self.pool.free_table(&mut seq.table);
-                self.engine.release(seq.seq_id)?;
-                outputs[seq.index] = seq.out;
+            for seq_id in core.take_released() {
+                self.engine.release(seq_id)?;
             }
         }
         Ok(outputs)

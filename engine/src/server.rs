@@ -203,9 +203,10 @@ fn seq_result_to_proto(r: SeqResult) -> pb::SeqResult {
 impl From<EngineError> for Status {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::BadSequence { .. } | EngineError::Config(_) | EngineError::ContextOverflow { .. } => {
-                Status::invalid_argument(e.to_string())
-            }
+            EngineError::BadSequence { .. }
+            | EngineError::BadStep(_)
+            | EngineError::Config(_)
+            | EngineError::ContextOverflow { .. } => Status::invalid_argument(e.to_string()),
             _ => Status::internal(e.to_string()),
         }
     }

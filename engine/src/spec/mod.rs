@@ -9,8 +9,10 @@
 pub mod budget;
 pub mod calibrate;
 pub mod drafter;
+pub mod estimates;
 pub mod head;
 pub mod policy;
+pub mod setup;
 pub mod train;
 pub mod tree;
 pub mod verify;

@@ -34,6 +34,7 @@ pub enum AcceptRule {
     Exact,
     /// Also accepts the first verified child the target gives any
     /// probability: biased towards drafts.
+    #[cfg(any(test, feature = "testing"))]
     BiasedForTests,
 }
 
@@ -64,6 +65,7 @@ pub fn accept<'a>(
         if out.nodes.len() < max_accept {
             next = match rule {
                 AcceptRule::Exact => children.into_iter().find(|&c| tree.nodes[c].token == drawn.token_id),
+                #[cfg(any(test, feature = "testing"))]
                 AcceptRule::BiasedForTests => {
                     let support = sampler.distribution(row, &hist);
                     children

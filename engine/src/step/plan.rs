@@ -1,0 +1,157 @@
+//! Stage 2: which sequences draft this step, and their draft trees (DESIGN
+//! §2 steps 2–5): the drafter grows every tree to the base depth, the
+//! policy bins each tree's path entropy into a tier, and low-entropy
+//! HeteroSpec trees grow deeper.
+//!
+//! Reads target logits never (any tree is lossless); writes only the
+//! drafter's own state and the target's scratch KV slots.
+
+use crate::error::Result;
+use crate::kv::KvStorage;
+use crate::model::Model;
+use crate::spec::drafter::{DraftInput, TargetView};
+use crate::spec::setup::{Speculation, MAX_VERIFY_NODES};
+use crate::spec::tree::{grow, DraftTree};
+use crate::spec::SpecMode;
+use crate::step::{SeqStep, Staged};
+
+/// One speculating sequence's plan for this step.
+pub(crate) struct Plan {
+    /// Index into the step's sequences.
+    pub seq: usize,
+    pub tree: DraftTree,
+    /// A fixed tree (`SpecMode::Fixed`) rather than the budget rule's.
+    pub fixed: bool,
+    pub tier: Option<usize>,
+    pub entropy: f32,
+    /// Most draft tokens acceptable (lookahead, context and table room).
+    pub max_accept: usize,
+    /// The tier's cap on verified nodes.
+    pub max_nodes: usize,
+    /// Nodes chosen for verification (by `choose`), ancestor-closed.
+    pub nodes: Vec<usize>,
+}
+
+/// Grows the draft trees of speculating sequences: base depth for all,
+/// then deeper for low-entropy tiers (HeteroSpec sequences). Empty when
+/// nothing drafts (including when the budget rule says drafting does not
+/// pay this step).
+pub(crate) fn plan_drafts(
+    spec: &mut Speculation,
+    seqs: &[SeqStep],
+    staged: &[Staged],
+    model: &Model,
+    kv: &mut KvStorage,
+) -> Result<Vec<Plan>> {
+    let max_context = model.config().max_context;
+    let layout = kv.layout();
+    let block_size = layout.block_size;
+    // Under the budget rule, draft only if a sure draft token could pay
+    // for its share of this step's forward (a large batch already fills
+    // the machine), and if what drafting recently gained per sequence
+    // pays for the drafting time and the extra verified tokens, against
+    // not drafting at all.
+    let base_tokens: usize = seqs.iter().map(|s| s.new_token_ids.len()).sum();
+    let sampling = seqs.iter().filter(|s| s.sample).count();
+    let candidates = seqs
+        .iter()
+        .filter(|s| s.sample && s.speculation != SpecMode::Off && s.speculation != SpecMode::Fixed)
+        .count();
+    let mut rate = spec.estimates.rate_model(&spec.curve, base_tokens, sampling);
+    rate.overhead_secs = spec.estimates.draft_secs_per_seq() * candidates as f64;
+    let (gain, nodes) = spec.estimates.budget_gain();
+    let budget_may_pay = rate.may_pay() && rate.drafting_pays(candidates, gain, nodes);
+    if candidates > 0 && !budget_may_pay {
+        spec.estimates.fade_budget_gain();
+    }
+    let policy = &spec.policy;
+    let mut plans = Vec::new();
+    for (i, s) in seqs.iter().enumerate() {
+        if !s.sample || s.speculation == SpecMode::Off || s.lookahead == 0 {
+            continue;
+        }
+        // The budget rule drafts on decode steps only: at the end of a
+        // prompt chunk the drafts' estimates are least reliable (n-gram
+        // matches against the chat template) while the chunk makes extra
+        // tokens look free.
+        if s.speculation != SpecMode::Fixed && (!budget_may_pay || s.new_token_ids.len() > 1) {
+            continue;
+        }
+        let total = s.num_computed + s.new_token_ids.len();
+        let max_accept = s
+            .lookahead
+            .min(policy.max_depth())
+            .min(max_context.saturating_sub(total + 1))
+            .min(s.block_table.len() * block_size - total);
+        if max_accept == 0 {
+            continue;
+        }
+        plans.push(Plan {
+            seq: i,
+            tree: DraftTree::new(*s.new_token_ids.last().expect("non-empty")),
+            fixed: s.speculation == SpecMode::Fixed,
+            tier: None,
+            entropy: 0.0,
+            max_accept,
+            max_nodes: policy.num_nodes,
+            nodes: Vec::new(),
+        });
+    }
+    if plans.is_empty() {
+        return Ok(plans);
+    }
+    let inputs: Vec<DraftInput<'_>> = plans
+        .iter()
+        .map(|p| {
+            let s = &seqs[p.seq];
+            DraftInput {
+                seq_id: s.seq_id,
+                tokens: &staged[p.seq].history,
+                num_computed: s.num_computed,
+                block_table: &s.block_table,
+            }
+        })
+        .collect();
+    let mut target = TargetView {
+        model,
+        kv,
+        scratch: MAX_VERIFY_NODES..layout.scratch_slots,
+    };
+    let mut trees: Vec<DraftTree> = plans.iter().map(|p| p.tree.clone()).collect();
+    let base: Vec<usize> = plans.iter().map(|p| policy.depth.min(p.max_accept)).collect();
+    grow(
+        spec.drafter.as_mut(),
+        &mut target,
+        &inputs,
+        &mut trees,
+        &base,
+        policy.top_k,
+    )?;
+    let mut deeper = base.clone();
+    for (p, plan) in plans.iter_mut().enumerate() {
+        plan.entropy = trees[p].path_entropy();
+        if !plan.fixed {
+            let tier = policy.tier(plan.entropy);
+            let shape = policy.shape(tier);
+            plan.tier = Some(tier);
+            plan.max_nodes = shape.max_nodes;
+            deeper[p] = shape.depth.min(plan.max_accept);
+        }
+    }
+    if deeper != base {
+        grow(
+            spec.drafter.as_mut(),
+            &mut target,
+            &inputs,
+            &mut trees,
+            &deeper,
+            policy.top_k,
+        )?;
+    }
+    for (plan, tree) in plans.iter_mut().zip(trees) {
+        plan.tree = tree;
+    }
+    // A drafter with nothing to propose leaves a plain decoding step.
+    plans.retain(|p| p.tree.len() > 1);
+    Ok(plans)
+}
