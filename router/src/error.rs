@@ -1,11 +1,38 @@
-//! The router's one error type.
+//! The router's one error type and its one mapping to gRPC status codes.
+//!
+//! Every status the router sends is built here: a bad field is
+//! `INVALID_ARGUMENT` naming it, capacity is `RESOURCE_EXHAUSTED`, a lost or
+//! absent engine (or a draining server) is `UNAVAILABLE`, and our own broken
+//! invariants are `INTERNAL`. `error_type()` is the stable label the
+//! `heterospec_requests_total{outcome}` metric uses.
 
-#[derive(Debug, thiserror::Error)]
+use tonic::Status;
+
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum RouterError {
     #[error("invalid {field}: {reason}")]
     InvalidArgument { field: &'static str, reason: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// More requests in flight than `--max-concurrent-requests`.
+    #[error("the server is at its limit of {max} concurrent requests")]
+    TooManyRequests { max: usize },
+    /// A request that needs more KV blocks than its engine has at all.
+    #[error("the request needs more KV blocks than the engine has")]
+    KvExhausted,
+    /// The engine's submission queue is full.
+    #[error("the engine's queue is full")]
+    QueueFull,
+    /// No engine to serve, or the request's engine was lost.
+    #[error("{0}")]
+    EngineUnavailable(String),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// The engine refused a step or broke the step contract.
+    #[error("{0}")]
+    EngineContract(String),
+    #[error("detokenizing the output failed: {0}")]
+    Detokenize(String),
 }
 
 impl RouterError {
@@ -14,6 +41,27 @@ impl RouterError {
         match self {
             RouterError::InvalidArgument { .. } => "invalid_argument",
             RouterError::Tokenizer(_) => "tokenizer",
+            RouterError::TooManyRequests { .. } => "resource_exhausted",
+            RouterError::KvExhausted => "kv_exhausted",
+            RouterError::QueueFull | RouterError::EngineUnavailable(_) | RouterError::ShuttingDown => "unavailable",
+            RouterError::EngineContract(_) => "internal",
+            RouterError::Detokenize(_) => "detokenize",
+        }
+    }
+}
+
+impl From<RouterError> for Status {
+    fn from(e: RouterError) -> Self {
+        let message = e.to_string();
+        match e {
+            RouterError::InvalidArgument { .. } => Status::invalid_argument(message),
+            RouterError::TooManyRequests { .. } | RouterError::KvExhausted => Status::resource_exhausted(message),
+            RouterError::QueueFull | RouterError::EngineUnavailable(_) | RouterError::ShuttingDown => {
+                Status::unavailable(message)
+            }
+            RouterError::Tokenizer(_) | RouterError::EngineContract(_) | RouterError::Detokenize(_) => {
+                Status::internal(message)
+            }
         }
     }
 }

@@ -16,14 +16,14 @@ use std::time::{Duration, Instant};
 use heterospec_proto::v1 as pb;
 use heterospec_proto::v1::generation_server::{Generation, GenerationServer};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
 use crate::discovery::{reconcile, EngineDiscovery};
 use crate::error::RouterError;
-use crate::scheduler::{RequestPermit, Scheduler, SchedulerConfig, SchedulerHandle, Submission};
+use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerHandle, Submission};
 use crate::tokenizer::TextTokenizer;
 use crate::validate::{validate, ModelLimits, DEFAULT_MAX_NEW_TOKENS, MAX_STOP_STRINGS};
 
@@ -65,20 +65,12 @@ impl RouterConfig {
     }
 }
 
-impl From<RouterError> for Status {
-    fn from(e: RouterError) -> Self {
-        match e {
-            RouterError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
-            RouterError::Tokenizer(_) => Status::internal(e.to_string()),
-        }
-    }
-}
-
 struct State {
     tokenizer: Arc<TextTokenizer>,
     limits: ModelLimits,
     engines: RwLock<Vec<SchedulerHandle>>,
-    active: Arc<AtomicUsize>,
+    /// One permit per request in flight (`--max-concurrent-requests`).
+    active: Arc<Semaphore>,
     max_concurrent: usize,
     draining: AtomicBool,
     model_name: String,
@@ -116,26 +108,25 @@ impl Generation for RouterService {
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let arrival = Instant::now();
         let state = &self.state;
+        let refuse = |e: RouterError| -> Status {
+            metrics::counter!(crate::metrics::REQUESTS_TOTAL, "outcome" => e.error_type()).increment(1);
+            e.into()
+        };
         if state.draining.load(Ordering::Acquire) {
-            return Err(Status::unavailable("the server is shutting down"));
+            return Err(RouterError::ShuttingDown.into());
         }
-        let mut validated = validate(request.into_inner(), &state.tokenizer, state.limits).inspect_err(|_| {
-            metrics::counter!(crate::metrics::REQUESTS_TOTAL, "outcome" => "invalid_argument").increment(1);
-        })?;
+        let mut validated = validate(request.into_inner(), &state.tokenizer, state.limits).map_err(refuse)?;
         if validated.request_id.is_empty() {
             validated.request_id = format!("req-{}", state.next_request_id.fetch_add(1, Ordering::Relaxed));
         }
-        let permit = RequestPermit::try_acquire(&state.active, state.max_concurrent).ok_or_else(|| {
-            metrics::counter!(crate::metrics::REQUESTS_TOTAL, "outcome" => "resource_exhausted").increment(1);
-            Status::resource_exhausted(format!(
-                "the server is at its limit of {} concurrent requests",
-                state.max_concurrent
-            ))
+        let permit = state.active.clone().try_acquire_owned().map_err(|_| {
+            refuse(RouterError::TooManyRequests {
+                max: state.max_concurrent,
+            })
         })?;
-        let engine = state.pick_engine().ok_or_else(|| {
-            metrics::counter!(crate::metrics::REQUESTS_TOTAL, "outcome" => "unavailable").increment(1);
-            Status::unavailable("no engine is available")
-        })?;
+        let engine = state
+            .pick_engine()
+            .ok_or_else(|| refuse(RouterError::EngineUnavailable("no engine is available".into())))?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         engine.shared.load.fetch_add(1, Ordering::AcqRel);
         let submission = Submission {
@@ -146,7 +137,7 @@ impl Generation for RouterService {
         };
         if engine.submit.try_send(submission).is_err() {
             engine.shared.load.fetch_sub(1, Ordering::AcqRel);
-            return Err(Status::unavailable("the engine's queue is full"));
+            return Err(RouterError::QueueFull.into());
         }
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -211,7 +202,7 @@ pub async fn serve(
         tokenizer,
         limits,
         engines: RwLock::new(engines),
-        active: Arc::new(AtomicUsize::new(0)),
+        active: Arc::new(Semaphore::new(config.max_concurrent_requests)),
         max_concurrent: config.max_concurrent_requests,
         draining: AtomicBool::new(false),
         model_name: config.model_name.clone(),
@@ -265,10 +256,9 @@ pub async fn serve(
         shutdown.await;
         drain_state.draining.store(true, Ordering::Release);
         tracing::info!("shutting down: draining in-flight requests");
-        let deadline = Instant::now() + drain_timeout;
-        while drain_state.active.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // Every permit back means every request has ended.
+        let all = drain_state.max_concurrent as u32;
+        let _ = tokio::time::timeout(drain_timeout, drain_state.active.acquire_many(all)).await;
         // Let the last responses leave before connections close.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let _ = drained_tx.send(());

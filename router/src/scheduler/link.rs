@@ -1,0 +1,188 @@
+//! One scheduler's connection to its engine: the engine's shape (`Info`),
+//! this router's KV lease (`Attach`), and the step, release and probe
+//! calls, each bounded by a deadline and mapped to a `RouterError`.
+//!
+//! Invariant: a link exists only while the engine instance it was made for
+//! answers; any failure drops it, and a new link re-attaches (the engine
+//! then releases whatever it still held for this router's old lease).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use heterospec_kv::{BlockPool, BlockPoolConfig};
+use heterospec_proto::engine::v1 as epb;
+use heterospec_proto::engine::v1::engine_client::EngineClient;
+use rand::Rng;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::RouterError;
+
+/// Deadline of the small control calls (Info, Attach).
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest engine message either way (a step of a big batch with logprobs).
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// First pause between reconnection attempts, and the most it grows to.
+const RECONNECT_MIN: Duration = Duration::from_millis(250);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// The id under which scheduler `index` of this router process leases KV
+/// on its engine: random per start, distinct per scheduler, so two
+/// schedulers never replace each other's lease on one engine.
+fn router_id(index: usize) -> u64 {
+    static BASE: OnceLock<u64> = OnceLock::new();
+    BASE.get_or_init(rand::random).wrapping_add(index as u64)
+}
+
+/// `host:pid`, for the engine's logs.
+fn router_name() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "router".into());
+    format!("{host}:{}", std::process::id())
+}
+
+/// Exponential backoff with full jitter between reconnection attempts.
+#[derive(Debug, Default)]
+pub(crate) struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    /// The pause before the next attempt: uniform in `[min, min·2^n]`,
+    /// capped at `RECONNECT_MAX`.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = RECONNECT_MIN
+            .saturating_mul(1 << self.failures.min(8))
+            .min(RECONNECT_MAX);
+        self.failures = self.failures.saturating_add(1);
+        rand::rng().random_range(RECONNECT_MIN..=ceiling)
+    }
+
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// A connected engine and this router's lease on it.
+pub(crate) struct EngineLink {
+    client: EngineClient<Channel>,
+    pub instance_id: u64,
+    pub lease_id: u64,
+    /// Most draft tokens the engine accepts per step.
+    pub max_lookahead: usize,
+    pub block_size: usize,
+    /// This router's partition of the engine's blocks, as a fresh pool.
+    pub num_kv_blocks: usize,
+}
+
+/// Why a connection attempt failed.
+pub(crate) enum ConnectError {
+    /// The engine does not answer (yet).
+    Unreachable,
+    /// The engine answers but refuses a lease (all partitions taken).
+    LeaseRefused(String),
+    /// The engine leased too few blocks to serve anything.
+    TooSmall(u32),
+}
+
+impl EngineLink {
+    /// Asks the engine for its shape and leases a KV partition.
+    pub async fn connect(endpoint: &Endpoint, index: usize) -> Result<(EngineLink, epb::InfoResponse), ConnectError> {
+        let mut client = EngineClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let info = match tokio::time::timeout(CONTROL_TIMEOUT, client.info(epb::InfoRequest::default())).await {
+            Ok(Ok(info)) => info.into_inner(),
+            _ => return Err(ConnectError::Unreachable),
+        };
+        let attach = epb::AttachRequest {
+            router_id: router_id(index),
+            router_name: router_name(),
+        };
+        let lease = match tokio::time::timeout(CONTROL_TIMEOUT, client.attach(attach)).await {
+            Ok(Ok(lease)) => lease.into_inner(),
+            Ok(Err(s)) => return Err(ConnectError::LeaseRefused(s.message().to_string())),
+            Err(_) => return Err(ConnectError::Unreachable),
+        };
+        if lease.num_kv_blocks < 2 {
+            return Err(ConnectError::TooSmall(lease.num_kv_blocks));
+        }
+        let link = EngineLink {
+            client,
+            instance_id: info.instance_id,
+            lease_id: lease.lease_id,
+            max_lookahead: info.max_lookahead as usize,
+            block_size: info.block_size as usize,
+            num_kv_blocks: lease.num_kv_blocks as usize,
+        };
+        tracing::info!(
+            engine = index,
+            model = %info.model,
+            blocks = lease.num_kv_blocks,
+            partition = lease.partition,
+            partitions = lease.num_partitions,
+            instance = info.instance_id,
+            "connected to engine"
+        );
+        Ok((link, info))
+    }
+
+    /// A fresh block pool for this link's partition.
+    pub fn new_pool(&self) -> BlockPool {
+        BlockPool::new(BlockPoolConfig {
+            num_blocks: self.num_kv_blocks,
+            block_size: self.block_size,
+        })
+    }
+
+    /// Runs one step, within `timeout`.
+    pub async fn step(&mut self, seqs: Vec<epb::SeqStep>, timeout: Duration) -> Result<epb::StepResponse, RouterError> {
+        let request = epb::StepRequest {
+            seqs,
+            instance_id: self.instance_id,
+            lease_id: self.lease_id,
+        };
+        let response = tokio::time::timeout(timeout, self.client.step(request))
+            .await
+            .map_err(|_| RouterError::EngineUnavailable("engine step timed out".into()))?
+            .map_err(|s| match s.code() {
+                tonic::Code::FailedPrecondition => {
+                    RouterError::EngineUnavailable(format!("engine restarted or KV lease lost: {}", s.message()))
+                }
+                // A contract violation is our bug, but the engine's state for
+                // these sequences is unknown: treat as a failure.
+                tonic::Code::InvalidArgument => {
+                    RouterError::EngineContract(format!("engine refused the step: {}", s.message()))
+                }
+                _ => RouterError::EngineUnavailable(format!("engine failed: {}", s.message())),
+            })?;
+        Ok(response.into_inner())
+    }
+
+    /// Checks that the engine answers and is the instance we planned for.
+    pub async fn probe(&mut self) -> Result<(), RouterError> {
+        let request = epb::InfoRequest {
+            lease_id: self.lease_id,
+        };
+        let info = tokio::time::timeout(CONTROL_TIMEOUT, self.client.info(request))
+            .await
+            .map_err(|_| RouterError::EngineUnavailable("engine does not answer".into()))?
+            .map_err(|s| RouterError::EngineUnavailable(format!("engine failed: {}", s.message())))?
+            .into_inner();
+        if info.instance_id != self.instance_id {
+            return Err(RouterError::EngineUnavailable("engine restarted".into()));
+        }
+        Ok(())
+    }
+
+    /// Tells the engine to forget `seq_ids`.
+    pub async fn release(&mut self, seq_ids: Vec<u64>, timeout: Duration) -> Result<(), RouterError> {
+        let request = epb::ReleaseRequest {
+            seq_ids,
+            lease_id: self.lease_id,
+        };
+        tokio::time::timeout(timeout, self.client.release(request))
+            .await
+            .map_err(|_| RouterError::EngineUnavailable("engine release timed out".into()))?
+            .map_err(|s| RouterError::EngineUnavailable(format!("engine failed: {}", s.message())))?;
+        Ok(())
+    }
+}

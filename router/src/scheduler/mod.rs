@@ -1,0 +1,440 @@
+//! One scheduler per engine: an actor task that owns the engine's
+//! connection and drives the scheduling core (`heterospec_kv::schedule`:
+//! waiting queue, running set, KV blocks, preemption, lookahead, the commit
+//! rule) over it. This file only moves messages: submissions in, the core's
+//! plan to the engine as a `Step`, the engine's results back into the core,
+//! responses out to the clients; `request` holds what each request carries.
+//!
+//! A request is never lost: it ends with a finish reason, a cancellation
+//! (client gone), or an error status. If the engine fails, every request on
+//! it ends with `UNAVAILABLE`, the core is dropped with its accounting, and
+//! the scheduler reconnects in the background (backoff with jitter); a
+//! restarted engine starts with empty KV, and so does the new core.
+
+mod link;
+mod request;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use heterospec_kv::schedule::{CommittedRun, NewSequence, ScheduleConfig, Scheduler as Core, Sequence};
+use heterospec_kv::SeqId;
+use heterospec_proto::engine::v1 as epb;
+use heterospec_proto::v1 as pb;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tonic::transport::Endpoint;
+
+use crate::error::RouterError;
+use crate::metrics as m;
+use crate::output::FinishReason;
+use crate::tokenizer::TextTokenizer;
+use crate::validate::ValidatedRequest;
+use link::{Backoff, ConnectError, EngineLink};
+pub use request::ResponseSender;
+use request::{commit_tokens, results_by_id, Outcome, Request};
+
+/// Scheduling knobs.
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerConfig {
+    /// Tokens (prompt chunks + decode tokens) per engine step.
+    pub max_batch_tokens: usize,
+    /// Sequences per engine step.
+    pub max_running: usize,
+    /// Deadline for one engine step before the engine counts as failed.
+    pub step_timeout: Duration,
+}
+
+/// A request handed to a scheduler.
+pub struct Submission {
+    pub request: ValidatedRequest,
+    pub responses: ResponseSender,
+    /// The router-wide in-flight slot; dropping it gives the slot back.
+    pub permit: OwnedSemaphorePermit,
+    pub arrival: Instant,
+}
+
+/// State shared between a scheduler and the dispatcher.
+#[derive(Debug, Default)]
+pub struct EngineShared {
+    pub healthy: AtomicBool,
+    /// Found by discovery and gone from it: gets no new requests.
+    pub retired: AtomicBool,
+    /// Requests assigned and not finished.
+    pub load: AtomicUsize,
+    pub num_kv_blocks: AtomicUsize,
+    pub block_size: AtomicUsize,
+}
+
+/// The dispatcher's handle on one scheduler.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    pub url: String,
+    pub submit: mpsc::Sender<Submission>,
+    pub shared: Arc<EngineShared>,
+}
+
+/// Capacity of the submission queue of one scheduler.
+const SUBMIT_QUEUE: usize = 1024;
+/// How often an idle scheduler checks that its engine is still the same.
+const IDLE_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The connected state: the engine link and the core planning for it.
+struct Connected {
+    link: EngineLink,
+    core: Core<Request>,
+}
+
+pub struct Scheduler {
+    index: usize,
+    label: String,
+    config: SchedulerConfig,
+    endpoint: Endpoint,
+    conn: Option<Connected>,
+    backoff: Backoff,
+    tokenizer: Arc<TextTokenizer>,
+    /// Engine ids to release before the next step.
+    to_release: Vec<u64>,
+    /// A refused lease was logged (until one is granted).
+    lease_refused: bool,
+    submissions: mpsc::Receiver<Submission>,
+    shared: Arc<EngineShared>,
+}
+
+impl Scheduler {
+    /// Starts the scheduler task for the engine at `url`.
+    pub fn spawn(
+        index: usize,
+        url: String,
+        config: SchedulerConfig,
+        tokenizer: Arc<TextTokenizer>,
+    ) -> Result<SchedulerHandle, String> {
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| format!("bad engine URL {url}: {e}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true);
+        let (tx, rx) = mpsc::channel(SUBMIT_QUEUE);
+        let shared = Arc::new(EngineShared::default());
+        let scheduler = Scheduler {
+            index,
+            label: index.to_string(),
+            config,
+            endpoint,
+            conn: None,
+            backoff: Backoff::default(),
+            tokenizer,
+            to_release: Vec::new(),
+            lease_refused: false,
+            submissions: rx,
+            shared: shared.clone(),
+        };
+        tokio::spawn(scheduler.run());
+        Ok(SchedulerHandle {
+            url,
+            submit: tx,
+            shared,
+        })
+    }
+
+    async fn run(mut self) {
+        loop {
+            if self.conn.is_none() && !self.connect().await {
+                // Requests that reached us while the engine is down.
+                loop {
+                    match self.submissions.try_recv() {
+                        Ok(sub) => self.reject(sub, RouterError::EngineUnavailable("engine unavailable".into())),
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        // Dropped by discovery and nothing left to do.
+                        Err(mpsc::error::TryRecvError::Disconnected) => return,
+                    }
+                }
+                tokio::time::sleep(self.backoff.next_delay()).await;
+                continue;
+            }
+            if self.core().is_idle() {
+                self.update_gauges();
+                if let Err(e) = self.release_pending().await {
+                    self.fail_engine(e);
+                    continue;
+                }
+                tokio::select! {
+                    sub = self.submissions.recv() => match sub {
+                        Some(sub) => self.enqueue(sub),
+                        None => return,
+                    },
+                    _ = tokio::time::sleep(IDLE_PROBE_INTERVAL) => {
+                        // An idle engine may have died or restarted.
+                        let probe = self.conn.as_mut().expect("connected").link.probe().await;
+                        if let Err(e) = probe {
+                            self.fail_engine(e);
+                        }
+                        continue;
+                    }
+                }
+            }
+            while let Ok(sub) = self.submissions.try_recv() {
+                self.enqueue(sub);
+            }
+            self.drop_cancelled();
+            if let Err(e) = self.step().await {
+                self.fail_engine(e);
+            }
+            self.update_gauges();
+        }
+    }
+
+    fn core(&mut self) -> &mut Core<Request> {
+        &mut self.conn.as_mut().expect("connected").core
+    }
+
+    /// Connects and leases KV; on success a fresh core plans for it.
+    async fn connect(&mut self) -> bool {
+        let link = match EngineLink::connect(&self.endpoint, self.index).await {
+            Ok((link, _)) => link,
+            Err(ConnectError::Unreachable) => return false,
+            Err(ConnectError::LeaseRefused(message)) => {
+                if !self.lease_refused {
+                    tracing::warn!(engine = self.index, error = %message, "engine refused a KV lease; retrying");
+                    self.lease_refused = true;
+                }
+                return false;
+            }
+            Err(ConnectError::TooSmall(blocks)) => {
+                tracing::error!(engine = self.index, "engine leased {blocks} KV blocks");
+                return false;
+            }
+        };
+        let config = ScheduleConfig {
+            max_batch_tokens: self.config.max_batch_tokens,
+            max_running: self.config.max_running,
+            max_prefill_chunk: usize::MAX,
+            max_lookahead: link.max_lookahead,
+        };
+        let pool = link.new_pool();
+        self.shared
+            .num_kv_blocks
+            .store(pool.num_usable_blocks(), Ordering::Release);
+        self.shared.block_size.store(link.block_size, Ordering::Release);
+        // Ids from a random base (below the engine's 2^48 limit, with room
+        // to count), so a restarted router never reuses the ids of
+        // sequences a surviving engine still holds.
+        let first_seq_id = rand::random::<u64>() >> 18;
+        self.conn = Some(Connected {
+            core: Core::new(config, pool, first_seq_id),
+            link,
+        });
+        self.lease_refused = false;
+        self.backoff.reset();
+        self.to_release.clear();
+        self.shared.healthy.store(true, Ordering::Release);
+        metrics::gauge!(m::ENGINE_UP, "engine" => self.label.clone()).set(1.0);
+        true
+    }
+
+    fn reject(&self, sub: Submission, error: RouterError) {
+        self.shared.load.fetch_sub(1, Ordering::AcqRel);
+        metrics::counter!(m::REQUESTS_TOTAL, "outcome" => error.error_type()).increment(1);
+        let _ = sub.responses.try_send(Err(error.into()));
+    }
+
+    fn enqueue(&mut self, sub: Submission) {
+        let request = &sub.request;
+        let seq = NewSequence {
+            prompt_token_ids: request.prompt_token_ids.clone(),
+            max_new_tokens: request.criteria.max_new_tokens,
+            speculate: request.speculation != pb::SpeculationMode::Off,
+            cache_salt: request.cache_salt.clone(),
+        };
+        let payload = Request::new(sub.request, sub.responses, sub.permit, sub.arrival);
+        if let Err(e) = self.core().add(seq, payload) {
+            // Validation already refuses what the core refuses.
+            tracing::error!(engine = self.index, error = %e, "the scheduling core refused a validated request");
+        }
+    }
+
+    /// Ends requests whose client went away (or whose pending response can
+    /// no longer be delivered); the core frees their blocks.
+    fn drop_cancelled(&mut self) {
+        let gone = self
+            .core()
+            .cancel(|s| s.payload.responses.is_closed() || !s.payload.flush_pending());
+        for seq in gone {
+            self.finish(seq, Outcome::Finished(FinishReason::Cancelled));
+        }
+    }
+
+    /// Builds and runs one step.
+    async fn step(&mut self) -> Result<(), RouterError> {
+        let plan = self.core().schedule();
+        metrics::counter!(m::PREEMPTIONS_TOTAL).increment(plan.num_preempted as u64);
+        for seq in plan.rejected {
+            self.finish(seq, Outcome::Error(RouterError::KvExhausted));
+        }
+        let now = Instant::now();
+        for a in &plan.admitted {
+            metrics::counter!(m::PREFIX_CACHE_QUERIES_TOTAL).increment(a.num_queried_tokens as u64);
+            metrics::counter!(m::PREFIX_CACHE_HITS_TOTAL).increment(a.num_cached_tokens as u64);
+            let seq = self.core().get_mut(a.seq_id).expect("admitted");
+            if a.first_admission {
+                let r = &mut seq.payload;
+                r.admitted_at = Some(now);
+                metrics::histogram!(m::QUEUE_DURATION_SECONDS).record((now - r.arrival).as_secs_f64());
+                metrics::counter!(m::PROMPT_TOKENS_TOTAL).increment(r.request.prompt_token_ids.len() as u64);
+            }
+        }
+        if plan.runs.is_empty() {
+            // Only when every remaining request was just ended above.
+            return Ok(());
+        }
+        let core = self.core();
+        let steps: Vec<epb::SeqStep> = plan
+            .runs
+            .into_iter()
+            .map(|run| {
+                let request = &core.get(run.seq_id).expect("scheduled").payload.request;
+                epb::SeqStep {
+                    seq_id: run.seq_id.0,
+                    new_token_ids: run.new_token_ids,
+                    num_computed: run.num_computed as u32,
+                    block_table: run.block_table.iter().map(|b| b.0).collect(),
+                    sampling: run.first_run.then_some(request.sampling),
+                    cached_token_ids: run.cached_token_ids,
+                    sample: run.sample,
+                    speculation: request.speculation as i32,
+                    lookahead: run.lookahead as u32,
+                }
+            })
+            .collect();
+        self.release_pending().await?;
+        let timeout = self.config.step_timeout;
+        let response = self.conn.as_mut().expect("connected").link.step(steps, timeout).await?;
+        self.apply_results(response)
+    }
+
+    /// Sends the engine the ids it should forget.
+    async fn release_pending(&mut self) -> Result<(), RouterError> {
+        let released = self.core().take_released();
+        self.to_release.extend(released.iter().map(|id| id.0));
+        if self.to_release.is_empty() {
+            return Ok(());
+        }
+        let ids = std::mem::take(&mut self.to_release);
+        let timeout = self.config.step_timeout;
+        self.conn.as_mut().expect("connected").link.release(ids, timeout).await
+    }
+
+    /// Applies what the engine committed, then sends each request's
+    /// response. `Err` when the engine broke the step contract.
+    fn apply_results(&mut self, response: epb::StepResponse) -> Result<(), RouterError> {
+        let results = results_by_id(response);
+        let committed = results
+            .values()
+            .map(|r| CommittedRun {
+                seq_id: SeqId(r.seq_id),
+                token_ids: r.tokens.iter().map(|t| t.token_id).collect(),
+            })
+            .collect();
+        let now = Instant::now();
+        let tokenizer = self.tokenizer.clone();
+        let finished = self
+            .core()
+            .update(committed, |seq, _| {
+                commit_tokens(seq, &results[&seq.seq_id()], &tokenizer, now)
+            })
+            .map_err(|e| RouterError::EngineContract(e.to_string()))?;
+        for f in finished {
+            let mut seq = f.sequence;
+            match f.reason {
+                Outcome::Finished(reason) => {
+                    let resp = seq
+                        .payload
+                        .step_response
+                        .take()
+                        .expect("a finishing step has a response");
+                    seq.payload.emit(resp);
+                    self.release_and_record(seq, reason.as_str());
+                }
+                error => self.finish(seq, error),
+            }
+        }
+        let mut gone = HashSet::new();
+        for seq in self.core().sequences_mut() {
+            if let Some(resp) = seq.payload.step_response.take() {
+                if !seq.payload.emit(resp) {
+                    gone.insert(seq.seq_id());
+                }
+            }
+        }
+        if !gone.is_empty() {
+            for seq in self.core().cancel(|s| gone.contains(&s.seq_id())) {
+                self.finish(seq, Outcome::Finished(FinishReason::Cancelled));
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a sequence the core has let go of (its blocks are freed): sends
+    /// its final message or error.
+    fn finish(&mut self, mut seq: Sequence<Request>, outcome: Outcome) {
+        match outcome {
+            Outcome::Finished(reason) => {
+                let delta = seq.payload.output.finish(&self.tokenizer, reason).unwrap_or_default();
+                let resp = seq
+                    .payload
+                    .final_response(reason, seq.num_cached_prompt_tokens(), delta.text);
+                seq.payload.emit(resp);
+                self.release_and_record(seq, reason.as_str());
+            }
+            Outcome::Error(error) => {
+                let label = error.error_type();
+                seq.payload.send_last(Some(Err(error.into())));
+                self.release_and_record(seq, label);
+            }
+        }
+    }
+
+    fn release_and_record(&mut self, mut seq: Sequence<Request>, outcome: &'static str) {
+        // A final message that did not fit the stream is delivered in order
+        // by a task, so a slow client never blocks the scheduler.
+        seq.payload.send_last(None);
+        self.shared.load.fetch_sub(1, Ordering::AcqRel);
+        metrics::counter!(m::REQUESTS_TOTAL, "outcome" => outcome).increment(1);
+        metrics::histogram!(m::REQUEST_DURATION_SECONDS).record(seq.payload.arrival.elapsed().as_secs_f64());
+        tracing::debug!(
+            engine = self.index,
+            request = %seq.payload.request.request_id,
+            outcome,
+            generated = seq.num_generated(),
+            "request finished"
+        );
+    }
+
+    /// The engine is gone: every request on it fails, accounting resets.
+    fn fail_engine(&mut self, error: RouterError) {
+        tracing::warn!(engine = self.index, error = %error, "engine failed; ending its requests");
+        self.shared.healthy.store(false, Ordering::Release);
+        metrics::gauge!(m::ENGINE_UP, "engine" => self.label.clone()).set(0.0);
+        let Some(mut conn) = self.conn.take() else { return };
+        for seq in conn.core.drain() {
+            self.finish(seq, Outcome::Error(error.clone()));
+        }
+        // Attaching again makes the engine release what it still holds.
+        self.to_release.clear();
+    }
+
+    fn update_gauges(&mut self) {
+        let label = self.label.clone();
+        let Some(conn) = &self.conn else {
+            metrics::gauge!(m::REQUESTS_RUNNING, "engine" => label.clone()).set(0.0);
+            metrics::gauge!(m::REQUESTS_WAITING, "engine" => label).set(0.0);
+            return;
+        };
+        let core = &conn.core;
+        metrics::gauge!(m::REQUESTS_RUNNING, "engine" => label.clone()).set(core.num_running() as f64);
+        metrics::gauge!(m::REQUESTS_WAITING, "engine" => label.clone()).set(core.num_waiting() as f64);
+        let pool = core.pool();
+        metrics::gauge!(m::KV_BLOCKS, "engine" => label.clone(), "state" => "used").set(pool.num_used_blocks() as f64);
+        metrics::gauge!(m::KV_BLOCKS, "engine" => label, "state" => "free").set(pool.num_free_blocks() as f64);
+    }
+}
