@@ -101,10 +101,8 @@ impl From<&SpecStats> for SpecJson {
     }
 }
 
-pub fn run(mut args: GenerateArgs) -> Result<()> {
-    if let Some(server) = args.server.take() {
-        return crate::client::run(args, server);
-    }
+/// Generates in this process (`main` sends `--server` runs to `client`).
+pub fn run(args: GenerateArgs) -> Result<()> {
     let mut local = LocalEngine::load(&args.model, &args.engine)
         .with_context(|| format!("cannot load model {}", args.model.display()))?;
     let text = if args.chat {

@@ -89,7 +89,10 @@ fn main() -> Result<()> {
         Command::Serve(args) => serve::run_serve(args),
         Command::Engine(args) => serve::run_engine(args),
         Command::Router(args) => serve::run_router(args),
-        Command::Generate(args) => generate::run(args),
+        Command::Generate(mut args) => match args.server.take() {
+            Some(server) => client::run(args, server),
+            None => generate::run(args),
+        },
         Command::Quantize(args) => quantize::run(args),
         Command::Calibrate(args) => calibrate::run(args),
         Command::TrainDraft(args) => train_draft::run(args),

@@ -122,7 +122,8 @@ fn greedy_speculation_equals_plain_decoding_on_the_default_model() {
     // A curve where verifying is cheap, so every mode drafts and verifies
     // (the measured curve of a 2-core machine often says it does not pay).
     let curve = CostCurve::new(vec![(1, 1.0), (64, 1.5), (256, 8.0)]);
-    let drafters: Vec<(&str, Box<dyn Fn() -> DrafterKind>)> = vec![
+    type MakeDrafter<'a> = Box<dyn Fn() -> DrafterKind + 'a>;
+    let drafters: Vec<(&str, MakeDrafter<'_>)> = vec![
         ("ngram", Box::new(|| DrafterKind::Ngram)),
         (
             "model",

@@ -283,7 +283,7 @@ mod tests {
         // All three together, prompts in chunks of 5 mixed with decodes.
         let (mut e, mut pool) = engine();
         let mut tables: Vec<BlockTable> = prompts.iter().map(|_| BlockTable::new()).collect();
-        let mut computed = vec![0usize; 3];
+        let mut computed = [0usize; 3];
         let mut pending: Vec<Vec<u32>> = prompts.clone();
         let mut got: Vec<Vec<u32>> = vec![vec![]; 3];
         while got.iter().any(|g| g.len() < 8) {

@@ -10,8 +10,10 @@
 //!   slot s = block * block_size + offset  ->  &data[s * kv_size .. (s + 1) * kv_size]
 //! ```
 //! Block 0 is reserved and acts as a harmless write target for padding.
-//! With the `cuda` feature the storage of a GPU model lives in device memory
-//! (`crate::cuda::DeviceKv`), same layout; [`crate::Model::new_kv`] picks.
+//! A GPU backend keeps its storage in device memory behind [`DeviceStorage`],
+//! same layout; [`crate::Model::new_kv`] asks the model's backend.
+
+use std::any::Any;
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
@@ -66,13 +68,21 @@ impl KvLayout {
     }
 }
 
-/// K and V values of every layer at every slot.
+/// KV storage in a device's memory, owned by the backend that made it.
+pub trait DeviceStorage: Send {
+    /// Copies the K/V of `src` slots to `dst` slots in every layer.
+    fn copy_slots(&mut self, src: &[usize], dst: &[usize]) -> Result<()>;
+    /// The backend's own type (its forward downcasts to it).
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// K and V values of every layer at every slot: in host memory, or in a
+/// device's.
 pub struct KvStorage {
     layout: KvLayout,
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
-    #[cfg(feature = "cuda")]
-    device: Option<crate::cuda::DeviceStorage>,
+    device: Option<Box<dyn DeviceStorage>>,
 }
 
 impl KvStorage {
@@ -83,14 +93,12 @@ impl KvStorage {
             layout,
             keys: (0..layout.num_layers).map(|_| vec![0.0; per_layer]).collect(),
             values: (0..layout.num_layers).map(|_| vec![0.0; per_layer]).collect(),
-            #[cfg(feature = "cuda")]
             device: None,
         }
     }
 
     /// Storage in device memory (nothing on the host).
-    #[cfg(feature = "cuda")]
-    pub fn on_device(layout: KvLayout, device: crate::cuda::DeviceStorage) -> Self {
+    pub fn on_device(layout: KvLayout, device: Box<dyn DeviceStorage>) -> Self {
         KvStorage {
             layout,
             keys: Vec::new(),
@@ -100,16 +108,12 @@ impl KvStorage {
     }
 
     /// The device storage, when this is one.
-    #[cfg(feature = "cuda")]
-    pub fn device_mut(&mut self) -> Option<&mut crate::cuda::DeviceStorage> {
-        self.device.as_mut()
+    pub fn device_mut(&mut self) -> Option<&mut (dyn DeviceStorage + 'static)> {
+        self.device.as_deref_mut()
     }
 
     pub fn is_on_device(&self) -> bool {
-        #[cfg(feature = "cuda")]
-        return self.device.is_some();
-        #[cfg(not(feature = "cuda"))]
-        false
+        self.device.is_some()
     }
 
     pub fn layout(&self) -> KvLayout {
@@ -138,7 +142,6 @@ impl KvStorage {
     /// accepted draft path into its final positions; no slot is both a
     /// source and a destination).
     pub fn copy_slots(&mut self, src: &[usize], dst: &[usize]) -> crate::Result<()> {
-        #[cfg(feature = "cuda")]
         if let Some(device) = &mut self.device {
             return device.copy_slots(src, dst);
         }

@@ -2,15 +2,19 @@
 //! trees and their verification. It never sees text.
 
 pub mod attention;
+pub mod backend;
 pub mod batch;
 pub mod config;
+pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
 pub mod engine;
 pub mod error;
 pub mod kv;
+pub(crate) mod layer;
 pub mod lease;
+pub mod linear;
 pub mod metrics;
 pub mod model;
 pub mod ops;
@@ -23,12 +27,14 @@ pub mod spec;
 pub mod step;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod weights;
 
+pub use backend::{FeatureTap, ModelBackend};
 pub use batch::{RaggedBatch, SeqRun};
 pub use config::ModelConfig;
 pub use device::Device;
 pub use engine::{DrafterKind, Engine, EngineConfig, SeqId, SeqResult, SeqStep, SpecSetup};
 pub use error::{EngineError, Result};
 pub use kv::{KvLayout, KvStorage};
-pub use model::{FeatureTap, Model, ModelTensors, WeightFormat};
+pub use model::{Model, ModelTensors, WeightFormat};
 pub use sampler::{SampledToken, Sampler, SamplingParams};

@@ -1,282 +1,29 @@
-//! The llama-architecture model: weights from GGUF and the ragged forward.
+//! The target model: its configuration, its token embeddings (on the host:
+//! drafters read them) and the backend that runs its forward on a device
+//! (`backend::ModelBackend`: `cpu::CpuModel`, or the GPU's `cuda::GpuModel`
+//! with feature `cuda`). Immutable after load: all mutable state lives in
+//! [`KvStorage`].
 //!
-//! Linear layers run through candle's quantized matmul on all tokens of the
-//! batch at once; norms, RoPE and the SiLU gate run on flat rows; attention
-//! reads paged KV in place (see `attention`). Only the rows that need logits
-//! go through the output layer (a fifth of the default model's weights).
-//! A model loaded for a CUDA device (feature `cuda`) runs the same forward
-//! on the GPU (`crate::cuda`) over device KV storage from [`Model::new_kv`].
+//! Invariant: every forward goes through the one backend chosen at load;
+//! this type never asks which device it is on.
 
-use std::cell::OnceCell;
-use std::collections::HashMap;
-use std::fs::File;
-use std::io::BufReader;
 use std::path::Path;
-use std::str::FromStr;
 
-use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Tensor};
-
-use crate::attention::{paged_attention, HeadShape};
+use crate::backend::{FeatureTap, ModelBackend};
 use crate::batch::RaggedBatch;
 use crate::config::ModelConfig;
+use crate::cpu::CpuModel;
 use crate::error::{EngineError, Result};
 use crate::kv::{KvLayout, KvStorage};
-use crate::ops::{rms_norm_rows, silu_mul, RopeTable};
-use crate::qgemm::{self, Q4Matrix, Q8Matrix, Q8Rows};
+pub use crate::linear::WeightFormat;
+pub use crate::weights::ModelTensors;
 
-/// How linear-layer weights are held in memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum WeightFormat {
-    /// Requantize to 8-bit blocks at load (about 1 s) and multiply with our
-    /// batched GEMM (`qgemm`), which reuses each weight block across the
-    /// tokens of a batch. Any GGUF weight type loads this way.
-    Q8_0,
-    /// Our batched GEMM with 4-bit GGUF weights (Q4_0, Q4_1) kept at 4 bits
-    /// (half the memory traffic per token, the file's exact values) and every
-    /// other type at 8 bits. The default: fastest single-token decoding.
-    #[default]
-    Native,
-    /// Requantize to Q8_0 and multiply with candle's quantized matmul (one
-    /// dot product per token row): the comparison point for `q8_0`.
-    CandleQ8_0,
-    /// Keep the file's quantization.
-    AsShipped,
-    /// Dequantize to f32 (matmuls through candle's f32 GEMM).
-    F32,
-}
-
-impl WeightFormat {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Q8_0 => "q8_0",
-            Self::Native => "native",
-            Self::CandleQ8_0 => "candle-q8_0",
-            Self::AsShipped => "as-shipped",
-            Self::F32 => "f32",
-        }
-    }
-}
-
-impl FromStr for WeightFormat {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "q8_0" => Ok(Self::Q8_0),
-            "native" => Ok(Self::Native),
-            "candle-q8_0" => Ok(Self::CandleQ8_0),
-            "as-shipped" => Ok(Self::AsShipped),
-            "f32" => Ok(Self::F32),
-            other => Err(format!(
-                "unknown weight format `{other}` (q8_0, native, candle-q8_0, as-shipped, f32)"
-            )),
-        }
-    }
-}
-
-enum LinearWeight {
-    Candle(QMatMul),
-    Q8(Q8Matrix),
-    Q4(Q4Matrix),
-}
-
-/// A matrix `(out, in)` applied to rows.
-pub(crate) struct Linear {
-    weight: LinearWeight,
-    out_features: usize,
-}
-
-impl Linear {
-    pub(crate) fn new(tensor: QTensor, format: WeightFormat) -> Result<Self> {
-        let out_features = tensor.shape().dims()[0];
-        let in_features = tensor.shape().dims()[1];
-        if format == WeightFormat::Native {
-            if let Some(w) = Q4Matrix::from_ggml(tensor.dtype(), &tensor.data()?, out_features, in_features) {
-                return Ok(Linear {
-                    weight: LinearWeight::Q4(w),
-                    out_features,
-                });
-            }
-        }
-        let ours = matches!(format, WeightFormat::Q8_0 | WeightFormat::Native);
-        if ours && in_features % qgemm::BLOCK == 0 {
-            let w = tensor.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
-            return Ok(Linear {
-                weight: LinearWeight::Q8(Q8Matrix::from_f32(&w, out_features, in_features)),
-                out_features,
-            });
-        }
-        let tensor = match format {
-            WeightFormat::Q8_0 | WeightFormat::Native | WeightFormat::CandleQ8_0
-                if tensor.dtype() != GgmlDType::Q8_0 && in_features % GgmlDType::Q8_0.block_size() == 0 =>
-            {
-                QTensor::quantize(&tensor.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?
-            }
-            WeightFormat::F32 if tensor.dtype() != GgmlDType::F32 => {
-                QTensor::quantize(&tensor.dequantize(&Device::Cpu)?, GgmlDType::F32)?
-            }
-            _ => tensor,
-        };
-        Ok(Linear {
-            weight: LinearWeight::Candle(QMatMul::from_qtensor(tensor)?),
-            out_features,
-        })
-    }
-
-    /// `x (rows, in) -> (rows, out)`.
-    pub(crate) fn apply(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        self.forward(&LinearInput::new(x, rows))
-    }
-
-    fn forward(&self, input: &LinearInput<'_>) -> Result<Vec<f32>> {
-        let (x, rows) = (input.x, input.rows);
-        match &self.weight {
-            LinearWeight::Q8(w) => {
-                let mut out = vec![0.0; rows * self.out_features];
-                w.matmul_q8(input.quantized(), &mut out, qgemm::kernel_kind());
-                Ok(out)
-            }
-            LinearWeight::Q4(w) => {
-                let mut out = vec![0.0; rows * self.out_features];
-                w.matmul_q8(input.quantized(), &mut out, qgemm::kernel_kind());
-                Ok(out)
-            }
-            LinearWeight::Candle(w) => {
-                let input = Tensor::from_slice(x, (rows, x.len() / rows), &Device::Cpu)?;
-                let out = input.apply(w)?; // (rows, out_features)
-                Ok(out.flatten_all()?.to_vec1::<f32>()?)
-            }
-        }
-    }
-}
-
-/// The input of one or more linear layers, `(rows, in)`: quantized to 8-bit
-/// blocks at most once however many layers read it (q, k and v share one;
-/// gate and up another).
-struct LinearInput<'a> {
-    x: &'a [f32],
-    rows: usize,
-    quantized: OnceCell<Q8Rows>,
-}
-
-impl<'a> LinearInput<'a> {
-    fn new(x: &'a [f32], rows: usize) -> Self {
-        LinearInput {
-            x,
-            rows,
-            quantized: OnceCell::new(),
-        }
-    }
-
-    fn quantized(&self) -> &Q8Rows {
-        self.quantized.get_or_init(|| Q8Rows::quantize(self.x, self.rows))
-    }
-}
-
-/// One decoder layer.
-pub(crate) struct Layer {
-    /// `None`: the layer reads its input unnormalised (an EAGLE head's
-    /// first layer, whose input is already a projected feature).
-    attn_norm: Option<Vec<f32>>,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
-    wo: Linear,
-    ffn_norm: Vec<f32>,
-    w_gate: Linear,
-    w_up: Linear,
-    w_down: Linear,
-}
-
-/// Which target hidden states a draft head reads.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FeatureTap {
-    /// The final hidden state after the output norm (EAGLE, EAGLE-2).
-    Final,
-    /// The hidden states entering each listed layer, concatenated in order
-    /// (EAGLE-3's low, middle and high layers); index `num_layers` is the
-    /// last layer's output before the output norm.
-    Layers(Vec<usize>),
-}
-
-impl FeatureTap {
-    /// Floats per token.
-    pub fn width(&self, hidden: usize) -> usize {
-        match self {
-            FeatureTap::Final => hidden,
-            FeatureTap::Layers(l) => l.len() * hidden,
-        }
-    }
-
-    /// EAGLE-3's default layers for a target of `num_layers`: 2, the
-    /// middle one and the third from last (clamped for tiny models).
-    pub fn eagle3_default(num_layers: usize) -> Self {
-        let mut layers = vec![2.min(num_layers), num_layers / 2, num_layers.saturating_sub(3)];
-        layers.sort_unstable();
-        FeatureTap::Layers(layers)
-    }
-}
-
-/// A loaded model, immutable after load: all mutable state lives in
-/// [`KvStorage`].
+/// A loaded model.
 pub struct Model {
     config: ModelConfig,
     /// (vocab, hidden)
     embeddings: Vec<f32>,
-    layers: Vec<Layer>,
-    output_norm: Vec<f32>,
-    lm_head: Linear,
-    /// The forward's device copy, when loaded for a GPU.
-    #[cfg(feature = "cuda")]
-    gpu: Option<crate::cuda::DeviceModel>,
-}
-
-/// Tensors by GGUF name plus the hyperparameters.
-pub struct ModelTensors {
-    pub config: ModelConfig,
-    pub tensors: HashMap<String, QTensor>,
-}
-
-impl ModelTensors {
-    /// Reads a GGUF file; checks architecture and metadata, not yet tensors.
-    pub fn read_gguf(path: &Path) -> Result<(Self, gguf_file::Content)> {
-        if !path.exists() {
-            return Err(EngineError::ModelNotFound {
-                path: path.to_path_buf(),
-            });
-        }
-        let file = File::open(path).map_err(|source| EngineError::ModelRead {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let invalid = |e: candle_core::Error| EngineError::InvalidGguf {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        };
-        let mut reader = BufReader::new(file);
-        let content = gguf_file::Content::read(&mut reader).map_err(invalid)?;
-        let config = ModelConfig::from_gguf(&content)?;
-        let file_len = std::fs::metadata(path)
-            .map_err(|source| EngineError::ModelRead {
-                path: path.to_path_buf(),
-                source,
-            })?
-            .len();
-        let mut tensors = HashMap::new();
-        for (name, info) in &content.tensor_infos {
-            let size = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-            let end = content.tensor_data_offset + info.offset + size as u64;
-            if end > file_len {
-                return Err(EngineError::InvalidGguf {
-                    path: path.to_path_buf(),
-                    reason: format!("file is truncated: tensor `{name}` ends at byte {end} of {file_len}"),
-                });
-            }
-            let tensor = content.tensor(&mut reader, name, &Device::Cpu).map_err(invalid)?;
-            tensors.insert(name.clone(), tensor);
-        }
-        Ok((ModelTensors { config, tensors }, content))
-    }
+    backend: Box<dyn ModelBackend>,
 }
 
 impl Model {
@@ -290,18 +37,16 @@ impl Model {
         Self::from_tensors_on(tensors, format, device)
     }
 
-    /// [`Model::from_tensors`] whose forward runs on `device`. On a GPU the
-    /// CPU weights stay too (a draft head reads the embeddings).
+    /// [`Model::from_tensors`] whose forward runs on `device` (`format`
+    /// applies to the CPU backend).
     pub fn from_tensors_on(t: ModelTensors, format: WeightFormat, device: crate::Device) -> Result<Self> {
         match device {
             crate::Device::Cpu => Self::from_tensors(t, format),
             #[cfg(feature = "cuda")]
             crate::Device::Cuda(ordinal) => {
                 t.config.validate()?;
-                let gpu = crate::cuda::GpuModel::new(crate::cuda::Gpu::open(ordinal)?, &t)?;
-                let mut model = Self::from_tensors(t, format)?;
-                model.gpu = Some(crate::cuda::DeviceModel::Cuda(gpu));
-                Ok(model)
+                let backend = crate::cuda::open_model(ordinal, &t)?;
+                Self::with_backend(&t, backend)
             }
             #[cfg(not(feature = "cuda"))]
             crate::Device::Cuda(_) => Err(EngineError::Device(
@@ -310,89 +55,38 @@ impl Model {
         }
     }
 
+    /// A model on the CPU backend.
+    pub fn from_tensors(mut t: ModelTensors, format: WeightFormat) -> Result<Self> {
+        t.config.validate()?;
+        let embeddings = t.embeddings()?;
+        let backend = Box::new(CpuModel::new(&mut t, format)?);
+        Ok(Model {
+            config: t.config,
+            embeddings,
+            backend,
+        })
+    }
+
+    /// A model of `t`'s shape and embeddings whose forward runs on `backend`
+    /// (loaded from the same tensors).
+    pub fn with_backend(t: &ModelTensors, backend: Box<dyn ModelBackend>) -> Result<Self> {
+        t.config.validate()?;
+        Ok(Model {
+            config: t.config.clone(),
+            embeddings: t.embeddings()?,
+            backend,
+        })
+    }
+
     /// Where the forward runs.
     pub fn device(&self) -> crate::Device {
-        #[cfg(feature = "cuda")]
-        if let Some(g) = &self.gpu {
-            return g.device();
-        }
-        crate::Device::Cpu
+        self.backend.device()
     }
 
-    /// Empty KV storage for this model's forward: in device memory for a
-    /// GPU model.
+    /// Empty KV storage for this model's forward (in device memory for a
+    /// GPU model).
     pub fn new_kv(&self, layout: KvLayout) -> Result<KvStorage> {
-        #[cfg(feature = "cuda")]
-        if let Some(g) = &self.gpu {
-            return Ok(KvStorage::on_device(layout, g.new_kv(layout)?));
-        }
-        Ok(KvStorage::new(layout))
-    }
-
-    /// [`Model::from_tensors`] whose forward runs the GPU kernels under
-    /// the tests' CPU emulation of CUDA.
-    #[cfg(all(test, feature = "cuda"))]
-    pub(crate) fn from_tensors_emulated(t: ModelTensors, format: WeightFormat) -> Result<Self> {
-        let gpu = crate::cuda::GpuModel::new(std::sync::Arc::new(crate::cuda::Emulator), &t)?;
-        let mut model = Self::from_tensors(t, format)?;
-        model.gpu = Some(crate::cuda::DeviceModel::Emulated(gpu));
-        Ok(model)
-    }
-
-    pub fn from_tensors(mut t: ModelTensors, format: WeightFormat) -> Result<Self> {
-        let config = t.config.clone();
-        config.validate()?;
-        let h = config.hidden_size;
-        let tied_output = !t.tensors.contains_key("output.weight");
-        let mut take = |name: &str, shape: &[usize]| -> Result<QTensor> {
-            let tensor = t.tensors.remove(name).ok_or_else(|| EngineError::BadTensor {
-                name: name.to_string(),
-                reason: "missing".into(),
-            })?;
-            if tensor.shape().dims() != shape {
-                return Err(EngineError::BadTensor {
-                    name: name.to_string(),
-                    reason: format!("shape {:?}, expected {shape:?}", tensor.shape().dims()),
-                });
-            }
-            Ok(tensor)
-        };
-        let vector = |q: QTensor| -> Result<Vec<f32>> { Ok(q.dequantize(&Device::Cpu)?.to_vec1::<f32>()?) };
-
-        let embd = take("token_embd.weight", &[config.vocab_size, h])?;
-        let embeddings = embd.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut layers = Vec::with_capacity(config.num_layers);
-        for i in 0..config.num_layers {
-            let p = |n: &str| format!("blk.{i}.{n}.weight");
-            let (q, kv, ff) = (config.q_size(), config.kv_size(), config.intermediate_size);
-            layers.push(Layer {
-                attn_norm: Some(vector(take(&p("attn_norm"), &[h])?)?),
-                wq: Linear::new(take(&p("attn_q"), &[q, h])?, format)?,
-                wk: Linear::new(take(&p("attn_k"), &[kv, h])?, format)?,
-                wv: Linear::new(take(&p("attn_v"), &[kv, h])?, format)?,
-                wo: Linear::new(take(&p("attn_output"), &[h, q])?, format)?,
-                ffn_norm: vector(take(&p("ffn_norm"), &[h])?)?,
-                w_gate: Linear::new(take(&p("ffn_gate"), &[ff, h])?, format)?,
-                w_up: Linear::new(take(&p("ffn_up"), &[ff, h])?, format)?,
-                w_down: Linear::new(take(&p("ffn_down"), &[h, ff])?, format)?,
-            });
-        }
-        let output_norm = vector(take("output_norm.weight", &[h])?)?;
-        // Tied embeddings: without `output.weight` the embedding matrix is reused.
-        let lm_head = if tied_output {
-            embd
-        } else {
-            take("output.weight", &[config.vocab_size, h])?
-        };
-        Ok(Model {
-            lm_head: Linear::new(lm_head, format)?,
-            config,
-            embeddings,
-            layers,
-            output_norm,
-            #[cfg(feature = "cuda")]
-            gpu: None,
-        })
+        self.backend.new_kv(layout)
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -403,7 +97,7 @@ impl Model {
     /// slots and returns the logits rows asked for, `(rows, vocab)` flat, in
     /// batch order.
     pub fn forward(&self, batch: &RaggedBatch, kv: &mut KvStorage) -> Result<Vec<f32>> {
-        Ok(self.forward_impl(batch, kv, self.layers.len(), None)?.0)
+        Ok(self.forward_impl(batch, kv, self.config.num_layers, None)?.0)
     }
 
     /// [`Model::forward`] that also returns every new token's features of
@@ -415,15 +109,15 @@ impl Model {
         kv: &mut KvStorage,
         tap: &FeatureTap,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let num_layers = self.config.num_layers;
         if let FeatureTap::Layers(l) = tap {
-            if let Some(&bad) = l.iter().find(|&&i| i > self.layers.len()) {
+            if let Some(&bad) = l.iter().find(|&&i| i > num_layers) {
                 return Err(EngineError::Config(format!(
-                    "feature layer {bad}, the model has {} layers",
-                    self.layers.len()
+                    "feature layer {bad}, the model has {num_layers} layers"
                 )));
             }
         }
-        self.forward_impl(batch, kv, self.layers.len(), Some(tap))
+        self.forward_impl(batch, kv, num_layers, Some(tap))
     }
 
     /// [`Model::forward`] through the first `num_layers` layers only, then
@@ -445,15 +139,10 @@ impl Model {
 
     /// The output layer on rows that are already normed, `(rows, vocab)`.
     pub fn logits_from_features(&self, features: &[f32]) -> Result<Vec<f32>> {
-        let rows = features.len() / self.config.hidden_size;
-        if rows == 0 {
+        if features.len() < self.config.hidden_size {
             return Ok(Vec::new());
         }
-        #[cfg(feature = "cuda")]
-        if let Some(g) = &self.gpu {
-            return g.logits_from_features(features);
-        }
-        self.lm_head.forward(&LinearInput::new(features, rows))
+        self.backend.logits_from_features(features)
     }
 
     fn forward_impl(
@@ -468,196 +157,11 @@ impl Model {
         for seq in &batch.seqs {
             seq.validate(layout.block_size, layout.num_slots(), c.vocab_size)?;
         }
-        let n = batch.num_tokens();
-        if n == 0 {
+        if batch.num_tokens() == 0 {
             return Ok((Vec::new(), Vec::new()));
         }
-        let h = c.hidden_size;
-        let mut x = self.embed(batch.seqs.iter().flat_map(|s| s.token_ids.iter().copied()));
-        #[cfg(feature = "cuda")]
-        if let Some(g) = &self.gpu {
-            let kv = kv.device_mut().ok_or_else(|| {
-                EngineError::Config("a GPU model needs KV storage in device memory (Model::new_kv)".into())
-            })?;
-            let rows: Vec<usize> = batch.logits_token_rows().collect();
-            return g.forward(&x, batch, kv, num_layers, tap, &rows);
-        }
-        if kv.is_on_device() {
-            return Err(EngineError::Config(
-                "a CPU model cannot use KV storage in device memory".into(),
-            ));
-        }
-        let ctx = ForwardContext::new(batch, c, layout.block_size);
-        // Layer taps: each token's states entering the listed layers.
-        let taps: &[usize] = match tap {
-            Some(FeatureTap::Layers(l)) => l,
-            _ => &[],
-        };
-        let mut tapped = vec![0.0; if taps.is_empty() { 0 } else { n * taps.len() * h }];
-        for (li, layer) in self.layers.iter().take(num_layers).enumerate() {
-            copy_layer_taps(&mut tapped, taps, &x, li, h);
-            layer.forward(&mut x, &ctx, batch, kv, li)?;
-        }
-        copy_layer_taps(&mut tapped, taps, &x, num_layers, h);
-
-        let mut rows = Vec::with_capacity(batch.num_logits_rows() * h);
-        let features = if tap == Some(&FeatureTap::Final) {
-            let mut all = vec![0.0; n * h];
-            rms_norm_rows(&x, &self.output_norm, c.rms_norm_eps, &mut all);
-            for r in batch.logits_token_rows() {
-                rows.extend_from_slice(&all[r * h..(r + 1) * h]);
-            }
-            all
-        } else {
-            let mut selected = Vec::with_capacity(rows.capacity());
-            for r in batch.logits_token_rows() {
-                selected.extend_from_slice(&x[r * h..(r + 1) * h]);
-            }
-            rows.resize(selected.len(), 0.0);
-            rms_norm_rows(&selected, &self.output_norm, c.rms_norm_eps, &mut rows);
-            tapped // empty without layer taps
-        };
-        debug_assert_eq!(self.lm_head.out_features, c.vocab_size);
-        Ok((self.logits_from_features(&rows)?, features)) // (rows, vocab)
-    }
-}
-
-/// Copies the states `x (tokens, hidden)` entering layer `at` into their
-/// places in `tapped (tokens, taps, hidden)`, for each tap that names `at`.
-pub(crate) fn copy_layer_taps(tapped: &mut [f32], taps: &[usize], x: &[f32], at: usize, h: usize) {
-    for (j, _) in taps.iter().enumerate().filter(|(_, &l)| l == at) {
-        for (t, row) in x.chunks_exact(h).enumerate() {
-            let dst = (t * taps.len() + j) * h;
-            tapped[dst..dst + h].copy_from_slice(row);
-        }
-    }
-}
-
-/// What every layer of one forward shares: token owners, KV slots, RoPE.
-pub(crate) struct ForwardContext {
-    n: usize,
-    token_owner: Vec<(usize, usize)>,
-    slots: Vec<usize>,
-    rope: RopeTable,
-    shape: HeadShape,
-    eps: f32,
-    /// Per-forward buffers every layer reuses: normed input `(tokens,
-    /// hidden)` and attention output `(tokens, heads * head_dim)`.
-    buffers: std::cell::RefCell<(Vec<f32>, Vec<f32>)>,
-}
-
-impl ForwardContext {
-    pub(crate) fn new(batch: &RaggedBatch, c: &ModelConfig, block_size: usize) -> Self {
-        ForwardContext {
-            n: batch.num_tokens(),
-            token_owner: batch.token_owners(),
-            slots: batch.seqs.iter().flat_map(|s| s.slots.iter().copied()).collect(),
-            rope: RopeTable::new(
-                batch.seqs.iter().flat_map(|s| s.positions.iter().copied()),
-                c.head_dim,
-                c.rope_theta,
-            ),
-            shape: HeadShape {
-                num_heads: c.num_heads,
-                num_kv_heads: c.num_kv_heads,
-                head_dim: c.head_dim,
-                block_size,
-            },
-            eps: c.rms_norm_eps,
-            buffers: std::cell::RefCell::new((
-                vec![0.0; batch.num_tokens() * c.hidden_size],
-                vec![0.0; batch.num_tokens() * c.q_size()],
-            )),
-        }
-    }
-}
-
-impl Layer {
-    /// Weights `[q, k, v, o, gate, up, down]` (out, in) and norms.
-    pub(crate) fn from_parts(
-        attn_norm: Option<Vec<f32>>,
-        ffn_norm: Vec<f32>,
-        [wq, wk, wv, wo, w_gate, w_up, w_down]: [QTensor; 7],
-        format: WeightFormat,
-    ) -> Result<Self> {
-        Ok(Layer {
-            attn_norm,
-            wq: Linear::new(wq, format)?,
-            wk: Linear::new(wk, format)?,
-            wv: Linear::new(wv, format)?,
-            wo: Linear::new(wo, format)?,
-            ffn_norm,
-            w_gate: Linear::new(w_gate, format)?,
-            w_up: Linear::new(w_up, format)?,
-            w_down: Linear::new(w_down, format)?,
-        })
-    }
-
-    /// Attention (writing this layer's K/V at the context's slots into
-    /// `kv` layer `kv_layer`) and the gated MLP, both residual, on `x`
-    /// `(tokens, hidden)`.
-    pub(crate) fn forward(
-        &self,
-        x: &mut [f32],
-        ctx: &ForwardContext,
-        batch: &RaggedBatch,
-        kv: &mut KvStorage,
-        kv_layer: usize,
-    ) -> Result<()> {
-        self.forward_from(x, None, ctx, batch, kv, kv_layer)
-    }
-
-    /// [`Layer::forward`] whose attention projections read `attn_input`
-    /// `(tokens, in)` instead of the (normed) residual stream: EAGLE-3's
-    /// layer attends over `[embedding | feature]` of width `2 * hidden`.
-    pub(crate) fn forward_from(
-        &self,
-        x: &mut [f32],
-        attn_input: Option<&[f32]>,
-        ctx: &ForwardContext,
-        batch: &RaggedBatch,
-        kv: &mut KvStorage,
-        kv_layer: usize,
-    ) -> Result<()> {
-        let (n, shape) = (ctx.n, ctx.shape);
-        let kvs = shape.num_kv_heads * shape.head_dim;
-        let mut buffers = ctx.buffers.borrow_mut();
-        let (normed, attn) = &mut *buffers;
-        let input = match (attn_input, &self.attn_norm) {
-            (Some(a), _) => LinearInput::new(a, n),
-            (None, Some(w)) => {
-                rms_norm_rows(x, w, ctx.eps, normed);
-                LinearInput::new(normed, n)
-            }
-            (None, None) => LinearInput::new(x, n),
-        };
-        let mut q = self.wq.forward(&input)?; // (tokens, heads, head_dim)
-        let mut k = self.wk.forward(&input)?; // (tokens, kv_heads, head_dim)
-        let v = self.wv.forward(&input)?;
-        drop(input);
-        ctx.rope.apply(&mut q, shape.num_heads);
-        ctx.rope.apply(&mut k, shape.num_kv_heads);
-        for (t, &slot) in ctx.slots.iter().enumerate() {
-            kv.write(kv_layer, slot, &k[t * kvs..(t + 1) * kvs], &v[t * kvs..(t + 1) * kvs]);
-        }
-        paged_attention(&q, batch, &ctx.token_owner, kv.layer(kv_layer), shape, attn);
-        let o = self.wo.forward(&LinearInput::new(attn, n))?;
-        add_into(x, &o);
-
-        rms_norm_rows(x, &self.ffn_norm, ctx.eps, normed);
-        let input = LinearInput::new(normed, n);
-        let mut gate = self.w_gate.forward(&input)?; // (tokens, intermediate)
-        let up = self.w_up.forward(&input)?;
-        silu_mul(&mut gate, &up);
-        let down = self.w_down.forward(&LinearInput::new(&gate, n))?;
-        add_into(x, &down);
-        Ok(())
-    }
-}
-
-fn add_into(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
+        let x = self.embed(batch.seqs.iter().flat_map(|s| s.token_ids.iter().copied()));
+        self.backend.forward(x, batch, kv, num_layers, tap)
     }
 }
 
@@ -843,6 +347,8 @@ mod weight_type_tests {
     use crate::batch::SeqRun;
     use crate::kv::KvLayout;
     use crate::testing::random_tensors;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::Device;
     use heterospec_kv::BlockId;
 
     /// Shapes that every GGUF block size divides (K-quants need 256).

@@ -48,7 +48,10 @@ fn spec_engine(drafter: DrafterKind) -> Engine {
     .unwrap()
 }
 
-fn drafters() -> Vec<(&'static str, fn() -> DrafterKind)> {
+/// A drafter's name and how to build a fresh one.
+type NamedDrafter = (&'static str, fn() -> DrafterKind);
+
+fn drafters() -> Vec<NamedDrafter> {
     vec![
         ("ngram", || DrafterKind::Ngram),
         ("self", || DrafterKind::SelfDraft { num_layers: 1 }),

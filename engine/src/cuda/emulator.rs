@@ -72,6 +72,10 @@ macro_rules! emulate {
 }
 
 impl Backend for Emulator {
+    fn device(&self) -> crate::Device {
+        crate::Device::Cuda(0)
+    }
+
     type Floats = Vec<f32>;
     type Ints = Vec<i32>;
 

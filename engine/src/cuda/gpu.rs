@@ -224,6 +224,10 @@ macro_rules! launch {
 }
 
 impl Backend for Gpu {
+    fn device(&self) -> crate::Device {
+        crate::Device::Cuda(self.ordinal())
+    }
+
     type Floats = CudaSlice<f32>;
     type Ints = CudaSlice<i32>;
 

@@ -12,14 +12,15 @@ use std::collections::HashMap;
 
 use heterospec_kv::BlockId;
 
+use crate::backend::FeatureTap;
 use crate::batch::{RaggedBatch, SeqRun};
-use crate::engine::SeqId;
 use crate::error::{EngineError, Result};
 use crate::kv::{KvLayout, KvStorage};
-use crate::model::{FeatureTap, Model};
+use crate::model::Model;
 use crate::ops::log_sum_exp;
 use crate::spec::head::DraftHead;
 use crate::spec::tree::{top_k_entropy, DraftTree};
+use heterospec_kv::SeqId;
 
 /// One sequence as a drafter sees it this step.
 #[derive(Debug, Clone, Copy)]

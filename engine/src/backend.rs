@@ -1,0 +1,80 @@
+//! The device boundary, at the model level: what a device must do to run
+//! the target (build its KV storage, run a ragged forward over it, apply the
+//! output layer to features). `cpu::CpuModel` implements it with our GEMM
+//! and paged attention, `cuda::GpuModel` with the GPU kernels (under CUDA,
+//! or under the tests' CPU emulation of CUDA). Each is loaded from the one
+//! weights description in `weights`.
+//!
+//! Invariant: nothing above this trait knows which device runs; nothing
+//! below it imports `Model`. A token's logits are the same bits alone and
+//! in any batch on every implementation (DESIGN §8).
+
+use crate::batch::RaggedBatch;
+use crate::error::Result;
+use crate::kv::{KvLayout, KvStorage};
+
+/// A device that runs the target model's forward.
+pub trait ModelBackend: Send + Sync {
+    /// Where the forward runs.
+    fn device(&self) -> crate::Device;
+
+    /// Empty KV storage this backend's forward reads and writes.
+    fn new_kv(&self, layout: KvLayout) -> Result<KvStorage>;
+
+    /// Runs the first `num_layers` layers over `x`, the batch's new tokens'
+    /// embeddings `(tokens, hidden)`, writing their K/V into `kv` at their
+    /// slots; then the output norm and layer on the batch's logits rows.
+    /// Returns logits `(rows, vocab)` and every token's features of `tap`
+    /// (empty without a tap).
+    fn forward(
+        &self,
+        x: Vec<f32>,
+        batch: &RaggedBatch,
+        kv: &mut KvStorage,
+        num_layers: usize,
+        tap: Option<&FeatureTap>,
+    ) -> Result<(Vec<f32>, Vec<f32>)>;
+
+    /// The output layer on rows that are already normed, `(rows, vocab)`.
+    fn logits_from_features(&self, features: &[f32]) -> Result<Vec<f32>>;
+}
+
+/// Which target hidden states a draft head reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeatureTap {
+    /// The final hidden state after the output norm (EAGLE, EAGLE-2).
+    Final,
+    /// The hidden states entering each listed layer, concatenated in order
+    /// (EAGLE-3's low, middle and high layers); index `num_layers` is the
+    /// last layer's output before the output norm.
+    Layers(Vec<usize>),
+}
+
+impl FeatureTap {
+    /// Floats per token.
+    pub fn width(&self, hidden: usize) -> usize {
+        match self {
+            FeatureTap::Final => hidden,
+            FeatureTap::Layers(l) => l.len() * hidden,
+        }
+    }
+
+    /// EAGLE-3's default layers for a target of `num_layers`: 2, the
+    /// middle one and the third from last (clamped for tiny models).
+    pub fn eagle3_default(num_layers: usize) -> Self {
+        let mut layers = vec![2.min(num_layers), num_layers / 2, num_layers.saturating_sub(3)];
+        layers.sort_unstable();
+        FeatureTap::Layers(layers)
+    }
+}
+
+/// Copies the states `x (tokens, hidden)` entering layer `at` into their
+/// places in `tapped (tokens, taps, hidden)`, for each tap that names `at`.
+pub(crate) fn copy_layer_taps(tapped: &mut [f32], taps: &[usize], x: &[f32], at: usize, h: usize) {
+    for (j, _) in taps.iter().enumerate().filter(|(_, &l)| l == at) {
+        for (t, row) in x.chunks_exact(h).enumerate() {
+            let dst = (t * taps.len() + j) * h;
+            tapped[dst..dst + h].copy_from_slice(row);
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! One llama decoder layer on the CPU: RMSNorm, q/k/v projections, RoPE,
+//! paged attention over KV storage, the output projection and the gated
+//! MLP, each residual. The target's layers and a draft head's share it.
+//!
+//! Invariant: the layer writes the K/V of exactly the context's slots and
+//! reads KV only through the batch's block tables and masks.
+
+use crate::attention::{paged_attention, HeadShape};
+use crate::batch::RaggedBatch;
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::kv::KvStorage;
+use crate::linear::{Linear, LinearInput, WeightFormat};
+use crate::ops::{rms_norm_rows, silu_mul, RopeTable};
+use candle_core::quantized::QTensor;
+
+/// One decoder layer.
+pub(crate) struct Layer {
+    /// `None`: the layer reads its input unnormalised (an EAGLE head's
+    /// first layer, whose input is already a projected feature).
+    attn_norm: Option<Vec<f32>>,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    ffn_norm: Vec<f32>,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
+}
+
+/// What every layer of one forward shares: token owners, KV slots, RoPE.
+pub(crate) struct ForwardContext {
+    n: usize,
+    token_owner: Vec<(usize, usize)>,
+    slots: Vec<usize>,
+    rope: RopeTable,
+    shape: HeadShape,
+    eps: f32,
+    /// Per-forward buffers every layer reuses: normed input `(tokens,
+    /// hidden)` and attention output `(tokens, heads * head_dim)`.
+    buffers: std::cell::RefCell<(Vec<f32>, Vec<f32>)>,
+}
+
+impl ForwardContext {
+    pub(crate) fn new(batch: &RaggedBatch, c: &ModelConfig, block_size: usize) -> Self {
+        ForwardContext {
+            n: batch.num_tokens(),
+            token_owner: batch.token_owners(),
+            slots: batch.seqs.iter().flat_map(|s| s.slots.iter().copied()).collect(),
+            rope: RopeTable::new(
+                batch.seqs.iter().flat_map(|s| s.positions.iter().copied()),
+                c.head_dim,
+                c.rope_theta,
+            ),
+            shape: HeadShape {
+                num_heads: c.num_heads,
+                num_kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+                block_size,
+            },
+            eps: c.rms_norm_eps,
+            buffers: std::cell::RefCell::new((
+                vec![0.0; batch.num_tokens() * c.hidden_size],
+                vec![0.0; batch.num_tokens() * c.q_size()],
+            )),
+        }
+    }
+}
+
+impl Layer {
+    /// Weights `[q, k, v, o, gate, up, down]` (out, in) and norms.
+    pub(crate) fn from_parts(
+        attn_norm: Option<Vec<f32>>,
+        ffn_norm: Vec<f32>,
+        [wq, wk, wv, wo, w_gate, w_up, w_down]: [QTensor; 7],
+        format: WeightFormat,
+    ) -> Result<Self> {
+        Ok(Layer {
+            attn_norm,
+            wq: Linear::new(wq, format)?,
+            wk: Linear::new(wk, format)?,
+            wv: Linear::new(wv, format)?,
+            wo: Linear::new(wo, format)?,
+            ffn_norm,
+            w_gate: Linear::new(w_gate, format)?,
+            w_up: Linear::new(w_up, format)?,
+            w_down: Linear::new(w_down, format)?,
+        })
+    }
+
+    /// Attention (writing this layer's K/V at the context's slots into
+    /// `kv` layer `kv_layer`) and the gated MLP, both residual, on `x`
+    /// `(tokens, hidden)`.
+    pub(crate) fn forward(
+        &self,
+        x: &mut [f32],
+        ctx: &ForwardContext,
+        batch: &RaggedBatch,
+        kv: &mut KvStorage,
+        kv_layer: usize,
+    ) -> Result<()> {
+        self.forward_from(x, None, ctx, batch, kv, kv_layer)
+    }
+
+    /// [`Layer::forward`] whose attention projections read `attn_input`
+    /// `(tokens, in)` instead of the (normed) residual stream: EAGLE-3's
+    /// layer attends over `[embedding | feature]` of width `2 * hidden`.
+    pub(crate) fn forward_from(
+        &self,
+        x: &mut [f32],
+        attn_input: Option<&[f32]>,
+        ctx: &ForwardContext,
+        batch: &RaggedBatch,
+        kv: &mut KvStorage,
+        kv_layer: usize,
+    ) -> Result<()> {
+        let (n, shape) = (ctx.n, ctx.shape);
+        let kvs = shape.num_kv_heads * shape.head_dim;
+        let mut buffers = ctx.buffers.borrow_mut();
+        let (normed, attn) = &mut *buffers;
+        let input = match (attn_input, &self.attn_norm) {
+            (Some(a), _) => LinearInput::new(a, n),
+            (None, Some(w)) => {
+                rms_norm_rows(x, w, ctx.eps, normed);
+                LinearInput::new(normed, n)
+            }
+            (None, None) => LinearInput::new(x, n),
+        };
+        let mut q = self.wq.forward(&input)?; // (tokens, heads, head_dim)
+        let mut k = self.wk.forward(&input)?; // (tokens, kv_heads, head_dim)
+        let v = self.wv.forward(&input)?;
+        drop(input);
+        ctx.rope.apply(&mut q, shape.num_heads);
+        ctx.rope.apply(&mut k, shape.num_kv_heads);
+        for (t, &slot) in ctx.slots.iter().enumerate() {
+            kv.write(kv_layer, slot, &k[t * kvs..(t + 1) * kvs], &v[t * kvs..(t + 1) * kvs]);
+        }
+        paged_attention(&q, batch, &ctx.token_owner, kv.layer(kv_layer), shape, attn);
+        let o = self.wo.forward(&LinearInput::new(attn, n))?;
+        add_into(x, &o);
+
+        rms_norm_rows(x, &self.ffn_norm, ctx.eps, normed);
+        let input = LinearInput::new(normed, n);
+        let mut gate = self.w_gate.forward(&input)?; // (tokens, intermediate)
+        let up = self.w_up.forward(&input)?;
+        silu_mul(&mut gate, &up);
+        let down = self.w_down.forward(&LinearInput::new(&gate, n))?;
+        add_into(x, &down);
+        Ok(())
+    }
+}
+
+fn add_into(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}

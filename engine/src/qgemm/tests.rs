@@ -1,0 +1,144 @@
+use super::*;
+use crate::testing::Lcg;
+
+/// Plain f32 matmul of the dequantized operands: the reference.
+fn reference(w: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum::<f64>() as f32;
+        }
+    }
+    out
+}
+
+/// Every kernel equals the f32 product of the same quantized operands
+/// (only float summation order differs: relative 1e-5), for odd shapes.
+#[test]
+fn kernels_equal_dequantized_reference_on_odd_shapes() {
+    let mut rng = Lcg(11);
+    for &(m, n, k) in &[
+        (1, 1, 32),
+        (1, 70, 64),
+        (3, 5, 96),
+        (4, 2, 32),
+        (5, 33, 576),
+        (16, 67, 160),
+        (70, 9, 64),
+        (17, 31, 1536),
+    ] {
+        let w: Vec<f32> = (0..n * k).map(|_| rng.f()).collect();
+        let x: Vec<f32> = (0..m * k).map(|_| rng.f() * 3.0).collect();
+        let wq = Q8Matrix::from_f32(&w, n, k);
+        let xq = Q8Rows::quantize(&x, m);
+        let want = reference(&wq.dequantize(), &xq.dequantize(), m, n, k);
+        for kind in available_kernels() {
+            let mut out = vec![0.0; m * n];
+            wq.matmul_q8(&xq, &mut out, kind);
+            for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()) * (k as f32).sqrt(),
+                    "{kind:?} m{m} n{n} k{k} at {i}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
+/// Against the exact f32 product, the error is the 8-bit rounding of
+/// both operands: bounded relative to the magnitude of the terms.
+#[test]
+fn quantized_product_is_close_to_exact_f32() {
+    let mut rng = Lcg(5);
+    let (m, n, k) = (7, 13, 576);
+    let w: Vec<f32> = (0..n * k).map(|_| rng.f()).collect();
+    let x: Vec<f32> = (0..m * k).map(|_| rng.f()).collect();
+    let exact = reference(&w, &x, m, n, k);
+    let got = Q8Matrix::from_f32(&w, n, k).matmul(&x, m);
+    // sum |x||w| ~ k/4; each term errs by ~1/127 relative on each side.
+    let bound = (k as f32 / 4.0) * 2.0 / 127.0;
+    for (a, b) in got.iter().zip(&exact) {
+        assert!((a - b).abs() < bound, "{a} vs {b} (bound {bound})");
+    }
+}
+
+/// The AMX kernel runs 8 or more token rows on tiles and fewer on AVX-512
+/// VNNI: a row's result must be the same bits either way, or a token's
+/// logits would depend on its batch.
+#[test]
+fn amx_results_do_not_depend_on_the_batch() {
+    if !available_kernels().contains(&KernelKind::Amx) {
+        println!("no AMX on this CPU: nothing to check");
+        return;
+    }
+    let mut rng = Lcg(21);
+    for &(m, n, k) in &[(8, 16, 32), (9, 33, 576), (17, 70, 96), (40, 19, 1536), (3, 31, 64)] {
+        let w: Vec<f32> = (0..n * k).map(|_| rng.f()).collect();
+        let x: Vec<f32> = (0..m * k).map(|_| rng.f() * 3.0).collect();
+        let q8 = Q8Matrix::from_f32(&w, n, k);
+        let nb = n * k / BLOCK;
+        let q4 = Q4Matrix::from_parts(
+            n,
+            k,
+            (0..nb).map(|_| rng.f().abs() * 0.1 + 0.01).collect(),
+            (0..nb).map(|_| rng.f() * 0.5).collect(),
+            &(0..n * k).map(|_| (rng.next_u32() % 16) as u8).collect::<Vec<_>>(),
+        );
+        type Product<'a> = &'a dyn Fn(&Q8Rows, &mut [f32]);
+        let products: [Product<'_>; 2] = [&|xq, out| q8.matmul_q8(xq, out, KernelKind::Amx), &|xq, out| {
+            q4.matmul_q8(xq, out, KernelKind::Amx)
+        }];
+        for (which, product) in products.iter().enumerate() {
+            let mut together = vec![0.0; m * n];
+            product(&Q8Rows::quantize(&x, m), &mut together);
+            for row in 0..m {
+                let mut alone = vec![0.0; n];
+                product(&Q8Rows::quantize(&x[row * k..(row + 1) * k], 1), &mut alone);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&alone),
+                    bits(&together[row * n..(row + 1) * n]),
+                    "{} weights, m{m} n{n} k{k}, row {row}",
+                    ["8-bit", "4-bit"][which]
+                );
+            }
+        }
+    }
+}
+
+/// The SIMD paths this CPU has are the ones tested above; say which.
+#[test]
+fn reports_available_kernels() {
+    let kernels = available_kernels();
+    assert_eq!(kernels[0], KernelKind::Scalar);
+    assert!(kernels.contains(&kernel_kind()));
+    println!("kernels on this CPU: {kernels:?}");
+}
+
+/// Activation rows quantize to `round(v / d)`, `d = max|v| / 127`, with
+/// `scaled_sums = d * sum(q)`, whichever path this CPU takes (random
+/// values: no exact ties, where the AVX2 path rounds to even).
+#[test]
+fn activations_quantize_to_the_nearest_step() {
+    let mut rng = Lcg(4);
+    let x: Vec<f32> = (0..7 * 96).map(|_| rng.f() * 5.0).collect();
+    let q = Q8Rows::quantize(&x, 7);
+    for (b, block) in x.chunks_exact(BLOCK).enumerate() {
+        let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        assert_eq!(q.scales[b].to_bits(), d.to_bits());
+        let want: Vec<i8> = block.iter().map(|v| (v * (1.0 / d)).round() as i8).collect();
+        assert_eq!(&q.quants[b * BLOCK..(b + 1) * BLOCK], &want[..], "block {b}");
+        let sum: i32 = want.iter().map(|&v| v as i32).sum();
+        assert_eq!(q.scaled_sums[b], d * sum as f32);
+    }
+    let big = Q8Rows::quantize(&[1e30, -1e30, 3.0, 0.0].repeat(8), 1);
+    assert_eq!((big.quants[0], big.quants[1], big.quants[2]), (127, -127, 0));
+}
+
+#[test]
+fn zero_blocks_quantize_to_zero_without_nan() {
+    let w = vec![0.0f32; 64];
+    let q = Q8Matrix::from_f32(&w, 1, 64);
+    assert_eq!(q.matmul(&[1.0; 64], 1), vec![0.0]);
+}

@@ -1,0 +1,432 @@
+//! A draft head's checkpoint: its `config.json` (`HeadConfig`), the two
+//! layouts it may come in (`HeadKind`: EAGLE `layers.0.*`, EAGLE-3
+//! `midlayer.*`), the tensor names of each, and its weights as read from
+//! safetensors (`HeadWeights`), checked against the target before use.
+//!
+//! Invariant: a `HeadWeights` that passed `check` has every tensor the
+//! engine's head reads, with the shapes the target implies.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::FeatureTap;
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+
+/// `config.json` of a head (Hugging Face names; unknown keys ignored).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeadConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    /// The target's vocabulary size.
+    pub vocab_size: usize,
+    /// Rows of `lm_head.weight` (absent: the target's output layer).
+    #[serde(default)]
+    pub draft_vocab_size: Option<usize>,
+    /// How the file was made; informational.
+    #[serde(default)]
+    pub provenance: String,
+    /// EAGLE-3: which target layers' input states are fused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eagle_config: Option<EagleConfig>,
+    /// The same, where some checkpoints put it (read when `eagle_config`
+    /// has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eagle_aux_hidden_state_layer_ids: Option<Vec<usize>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub architectures: Vec<String>,
+    /// Variants of the EAGLE-3 layer this engine does not run (refused
+    /// when set rather than computed wrongly).
+    #[serde(default, skip_serializing)]
+    pub norm_before_residual: bool,
+    #[serde(default, skip_serializing)]
+    pub norm_before_fc: bool,
+}
+
+/// The `eagle_config` block of EAGLE-3 checkpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EagleConfig {
+    #[serde(default)]
+    pub eagle_aux_hidden_state_layer_ids: Option<Vec<usize>>,
+}
+
+/// The two head designs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadKind {
+    /// EAGLE / EAGLE-2: the final feature, `fc([embed | feature])`.
+    Eagle,
+    /// EAGLE-3: low, middle and high-layer states fused by `fc`; the
+    /// layer's attention reads `[embed | x]`.
+    Eagle3,
+}
+
+impl HeadKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HeadKind::Eagle => "eagle",
+            HeadKind::Eagle3 => "eagle3",
+        }
+    }
+
+    /// Tensor names of the decoder layer's matrices, in [`Layer::from_parts`] order.
+    pub fn layer_matrices(self) -> [&'static str; 7] {
+        match self {
+            HeadKind::Eagle => LAYER_MATRICES,
+            HeadKind::Eagle3 => EAGLE3_LAYER_MATRICES,
+        }
+    }
+
+    /// The target states a new head of this kind reads, for a target of
+    /// `num_layers` (EAGLE-3: layers 2, L/2 and L-3).
+    pub fn default_tap(self, num_layers: usize) -> FeatureTap {
+        match self {
+            HeadKind::Eagle => FeatureTap::Final,
+            HeadKind::Eagle3 => FeatureTap::eagle3_default(num_layers),
+        }
+    }
+
+    pub fn post_norm(self) -> &'static str {
+        match self {
+            HeadKind::Eagle => POST_NORM,
+            HeadKind::Eagle3 => EAGLE3_POST_NORM,
+        }
+    }
+}
+
+impl std::str::FromStr for HeadKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "eagle" => Ok(HeadKind::Eagle),
+            "eagle3" => Ok(HeadKind::Eagle3),
+            other => Err(format!("unknown head kind `{other}` (eagle, eagle3)")),
+        }
+    }
+}
+
+impl HeadConfig {
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// The head as a one-layer model config over the target's vocabulary.
+    pub fn layer_config(&self, target: &ModelConfig) -> ModelConfig {
+        ModelConfig {
+            num_layers: 1,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_heads: self.num_attention_heads,
+            num_kv_heads: self.num_key_value_heads,
+            head_dim: self.head_dim(),
+            vocab_size: target.vocab_size,
+            max_context: target.max_context,
+            rope_theta: self.rope_theta,
+            rms_norm_eps: self.rms_norm_eps,
+        }
+    }
+}
+
+/// Tensor names of the decoder layer's matrices, in [`Layer::from_parts`] order.
+pub const LAYER_MATRICES: [&str; 7] = [
+    "layers.0.self_attn.q_proj.weight",
+    "layers.0.self_attn.k_proj.weight",
+    "layers.0.self_attn.v_proj.weight",
+    "layers.0.self_attn.o_proj.weight",
+    "layers.0.mlp.gate_proj.weight",
+    "layers.0.mlp.up_proj.weight",
+    "layers.0.mlp.down_proj.weight",
+];
+/// EAGLE-3's names for the same matrices.
+pub const EAGLE3_LAYER_MATRICES: [&str; 7] = [
+    "midlayer.self_attn.q_proj.weight",
+    "midlayer.self_attn.k_proj.weight",
+    "midlayer.self_attn.v_proj.weight",
+    "midlayer.self_attn.o_proj.weight",
+    "midlayer.mlp.gate_proj.weight",
+    "midlayer.mlp.up_proj.weight",
+    "midlayer.mlp.down_proj.weight",
+];
+pub const EAGLE3_INPUT_NORM: &str = "midlayer.input_layernorm.weight";
+pub const EAGLE3_HIDDEN_NORM: &str = "midlayer.hidden_norm.weight";
+pub const EAGLE3_POST_NORM: &str = "midlayer.post_attention_layernorm.weight";
+pub const FC: &str = "fc.weight";
+pub const FC_BIAS: &str = "fc.bias";
+pub const INPUT_NORM: &str = "layers.0.input_layernorm.weight";
+pub const POST_NORM: &str = "layers.0.post_attention_layernorm.weight";
+pub const OUTPUT_NORM: &str = "norm.weight";
+pub const LM_HEAD: &str = "lm_head.weight";
+pub const D2T: &str = "d2t";
+
+/// A head's tensors (f32, Hugging Face layout and names) and config.
+#[derive(Debug, Clone)]
+pub struct HeadWeights {
+    pub config: HeadConfig,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+/// The checkpoint files for `path`: a directory with `model.safetensors`
+/// and `config.json`, or a `.safetensors` file with `config.json` beside it.
+pub fn checkpoint_files(path: &Path) -> (PathBuf, PathBuf) {
+    if path.is_dir() {
+        (path.join("model.safetensors"), path.join("config.json"))
+    } else {
+        (path.to_path_buf(), path.with_file_name("config.json"))
+    }
+}
+
+impl HeadWeights {
+    /// Reads a checkpoint and checks every shape against its config and
+    /// the target (hidden size, vocabulary).
+    pub fn load(path: &Path, target: &ModelConfig) -> Result<Self> {
+        let (weights_path, config_path) = checkpoint_files(path);
+        let bad = |reason: String| EngineError::Config(format!("draft head {}: {reason}", path.display()));
+        let text = std::fs::read_to_string(&config_path)
+            .map_err(|e| bad(format!("cannot read {}: {e}", config_path.display())))?;
+        let config: HeadConfig =
+            serde_json::from_str(&text).map_err(|e| bad(format!("{}: {e}", config_path.display())))?;
+        let bytes =
+            std::fs::read(&weights_path).map_err(|e| bad(format!("cannot read {}: {e}", weights_path.display())))?;
+        let file = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(format!("{}: {e}", weights_path.display())))?;
+        let mut tensors = HashMap::new();
+        for (name, view) in file.tensors() {
+            if name == "t2d" {
+                continue; // EAGLE-3's boolean target-to-draft map: not needed
+            }
+            use candle_core::safetensors::Load;
+            let t = view
+                .load(&Device::Cpu)
+                .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+            let t = if name == D2T {
+                t.to_dtype(DType::I64)?
+            } else {
+                t.to_dtype(DType::F32)?
+            };
+            tensors.insert(name, t);
+        }
+        let weights = HeadWeights { config, tensors };
+        weights.check(target).map_err(bad)?;
+        Ok(weights)
+    }
+
+    /// Writes `model.safetensors` (matrices as f16, `d2t` as i64) and
+    /// `config.json` into directory `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| EngineError::Config(format!("cannot create {}: {e}", dir.display())))?;
+        let mut out = HashMap::new();
+        for (name, t) in &self.tensors {
+            let t = if name == D2T {
+                t.clone()
+            } else {
+                t.to_dtype(DType::F16)?
+            };
+            out.insert(name.clone(), t);
+        }
+        candle_core::safetensors::save(&out, dir.join("model.safetensors"))?;
+        let json = serde_json::to_string_pretty(&self.config).expect("a head config serialises");
+        std::fs::write(dir.join("config.json"), json + "\n")
+            .map_err(|e| EngineError::Config(format!("cannot write {}: {e}", dir.display())))?;
+        Ok(())
+    }
+
+    fn dims(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensors.get(name).map(|t| t.dims().to_vec())
+    }
+
+    /// EAGLE-3 when the file has `midlayer.*` tensors.
+    pub fn kind(&self) -> HeadKind {
+        if self.tensors.keys().any(|k| k.starts_with("midlayer.")) {
+            HeadKind::Eagle3
+        } else {
+            HeadKind::Eagle
+        }
+    }
+
+    /// The target states the head reads, for a target of `num_layers`.
+    pub fn feature_tap(&self, num_layers: usize) -> FeatureTap {
+        let kind = self.kind();
+        // EAGLE-3 layer ids as vLLM reads them: the states entering layer
+        // i, gathered in ascending layer order.
+        let ids = self
+            .config
+            .eagle_config
+            .as_ref()
+            .and_then(|e| e.eagle_aux_hidden_state_layer_ids.clone())
+            .or_else(|| self.config.eagle_aux_hidden_state_layer_ids.clone());
+        match ids {
+            Some(mut ids) if kind == HeadKind::Eagle3 => {
+                ids.sort_unstable();
+                FeatureTap::Layers(ids)
+            }
+            _ => kind.default_tap(num_layers),
+        }
+    }
+
+    /// Every expected tensor is present with the expected shape.
+    pub fn check(&self, target: &ModelConfig) -> std::result::Result<(), String> {
+        let c = &self.config;
+        let kind = self.kind();
+        let h = c.hidden_size;
+        if h != target.hidden_size {
+            return Err(format!(
+                "hidden size {h}, the target's is {} (a head for another model)",
+                target.hidden_size
+            ));
+        }
+        if c.vocab_size != target.vocab_size {
+            return Err(format!(
+                "vocabulary of {} tokens, the target's has {} (a head for another model)",
+                c.vocab_size, target.vocab_size
+            ));
+        }
+        if c.num_attention_heads == 0
+            || c.num_key_value_heads == 0
+            || c.num_attention_heads % c.num_key_value_heads != 0
+        {
+            return Err(format!(
+                "{} attention heads over {} key/value heads",
+                c.num_attention_heads, c.num_key_value_heads
+            ));
+        }
+        let (q, kv, ff) = (
+            c.num_attention_heads * c.head_dim(),
+            c.num_key_value_heads * c.head_dim(),
+            c.intermediate_size,
+        );
+        let tap = self.feature_tap(target.num_layers);
+        let taps = match &tap {
+            FeatureTap::Final => 1,
+            FeatureTap::Layers(l) => {
+                if l.is_empty() || l.iter().any(|&i| i > target.num_layers) {
+                    return Err(format!(
+                        "feature layers {l:?}, the target has {} layers",
+                        target.num_layers
+                    ));
+                }
+                l.len()
+            }
+        };
+        let (fc_in, attn_in) = match kind {
+            HeadKind::Eagle => (2 * h, h),
+            HeadKind::Eagle3 => (taps * h, 2 * h),
+        };
+        let m = kind.layer_matrices();
+        let mut expected: Vec<(&str, Vec<usize>)> = vec![
+            (FC, vec![h, fc_in]),
+            (m[0], vec![q, attn_in]),
+            (m[1], vec![kv, attn_in]),
+            (m[2], vec![kv, attn_in]),
+            (m[3], vec![h, q]),
+            (m[4], vec![ff, h]),
+            (m[5], vec![ff, h]),
+            (m[6], vec![h, ff]),
+            (kind.post_norm(), vec![h]),
+        ];
+        if kind == HeadKind::Eagle3 {
+            if c.norm_before_residual || c.norm_before_fc {
+                return Err("an EAGLE-3 variant with `norm_before_residual` or `norm_before_fc`, \
+                            which this engine does not run"
+                    .into());
+            }
+            expected.push((EAGLE3_INPUT_NORM, vec![h]));
+            expected.push((EAGLE3_HIDDEN_NORM, vec![h]));
+            expected.push((OUTPUT_NORM, vec![h]));
+        }
+        for optional in [FC_BIAS, INPUT_NORM, OUTPUT_NORM] {
+            if self.tensors.contains_key(optional) {
+                expected.push((optional, vec![h]));
+            }
+        }
+        if let Some(dims) = self.dims("embed_tokens.weight") {
+            if dims.first() != Some(&target.vocab_size) {
+                return Err(format!(
+                    "`embed_tokens.weight` has {} rows, the target's vocabulary {} (a head for another model)",
+                    dims.first().copied().unwrap_or(0),
+                    target.vocab_size
+                ));
+            }
+        }
+        // An output layer over a sub-vocabulary needs `d2t`; one over the
+        // whole vocabulary does not.
+        let dv = c.draft_vocab_size.unwrap_or(c.vocab_size);
+        match self.dims(LM_HEAD) {
+            Some(_) => {
+                expected.push((LM_HEAD, vec![dv, h]));
+                if dv != c.vocab_size || self.tensors.contains_key(D2T) {
+                    expected.push((D2T, vec![dv]));
+                }
+            }
+            None if kind == HeadKind::Eagle3 => expected.push((LM_HEAD, vec![dv, h])),
+            None if c.draft_vocab_size.is_some() => {
+                return Err("`draft_vocab_size` in config.json but no `lm_head.weight`".into())
+            }
+            None => {}
+        }
+        for (name, shape) in expected {
+            match self.dims(name) {
+                None => return Err(format!("tensor `{name}` is missing")),
+                Some(d) if d != shape => return Err(format!("tensor `{name}` has shape {d:?}, expected {shape:?}")),
+                Some(_) => {}
+            }
+        }
+        let map = self.draft_to_target().map_err(|e| e.to_string())?;
+        if let Some(&t) = map.iter().find(|&&t| t as usize >= target.vocab_size) {
+            return Err(format!(
+                "`d2t` maps a draft token to id {t}, outside the target's vocabulary of {}",
+                target.vocab_size
+            ));
+        }
+        Ok(())
+    }
+
+    /// Target id of each draft id (empty: the full vocabulary).
+    pub fn draft_to_target(&self) -> Result<Vec<u32>> {
+        let Some(d2t) = self.tensors.get(D2T) else {
+            return Ok(Vec::new());
+        };
+        Ok(d2t
+            .to_vec1::<i64>()?
+            .iter()
+            .enumerate()
+            .map(|(i, &off)| (i as i64 + off).clamp(0, u32::MAX as i64) as u32)
+            .collect())
+    }
+
+    /// `d2t` offsets for a sub-vocabulary given as target ids.
+    pub fn d2t_tensor(sub_vocab: &[u32]) -> Result<Tensor> {
+        let offsets: Vec<i64> = sub_vocab
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| t as i64 - i as i64)
+            .collect();
+        Ok(Tensor::new(offsets, &Device::Cpu)?)
+    }
+}
+
+/// Rows of a `(heads * head_dim, in)` matrix from Hugging Face's half-split
+/// RoPE order to adjacent pairs: row `2i` of a head is row `i`, row `2i+1`
+/// is row `head_dim/2 + i` (the GGUF converter's permutation).
+pub fn half_split_to_interleaved(w: &[f32], num_heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut out = vec![0.0; w.len()];
+    for h in 0..num_heads {
+        for i in 0..half {
+            for (dst, src) in [(2 * i, i), (2 * i + 1, half + i)] {
+                let (d, s) = ((h * head_dim + dst) * cols, (h * head_dim + src) * cols);
+                out[d..d + cols].copy_from_slice(&w[s..s + cols]);
+            }
+        }
+    }
+    out
+}

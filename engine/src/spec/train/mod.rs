@@ -1,0 +1,479 @@
+//! Training a draft head on the target's own features, with candle's
+//! autograd on the CPU.
+//!
+//! Each training sequence is a prompt and the target's greedy answer, with
+//! the target's states of the head's tap at every position.
+//!
+//! EAGLE: row `q` of the head reads `embed(token_q)` and the final
+//! `feature_{q-1}` (plus uniform noise, as EAGLE does, so it tolerates its
+//! own guesses when drafting deeper) and is trained to output `feature_q`
+//! (smooth L1) and to rank `token_{q+1}` first over the sub-vocabulary
+//! (cross-entropy), on the answer's positions.
+//!
+//! EAGLE-3: cross-entropy only, with training-time test: step 0 reads the
+//! fused target states; step `j` feeds row `q` the head's own step-`j-1`
+//! output of row `q - 1`, and row `q` attends to step-0 rows up to `q - j`
+//! and to its own diagonal of steps `1..=j` — exactly what a depth-`j` draft
+//! node sees when drafting. Step `j`'s loss is weighted `0.8^j`.
+//!
+//! The graphs here are the same computation as
+//! [`DraftHead::forward`](super::head::DraftHead::forward), in Hugging
+//! Face's RoPE order (tests check they agree, for every TTT step).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+use crate::backend::FeatureTap;
+use crate::batch::{RaggedBatch, SeqRun};
+use crate::error::{EngineError, Result};
+use crate::kv::KvLayout;
+use crate::model::Model;
+mod graph;
+pub use graph::{forward, loss};
+use graph::{hf_rope_tables, scalar};
+
+use crate::spec::head::{
+    EagleConfig, HeadConfig, HeadKind, HeadWeights, D2T, EAGLE3_HIDDEN_NORM, EAGLE3_INPUT_NORM, FC, FC_BIAS, LM_HEAD,
+    OUTPUT_NORM,
+};
+
+/// A prompt and the target's answer, with the target's features.
+#[derive(Debug, Clone)]
+pub struct TrainSequence {
+    pub tokens: Vec<u32>,
+    /// `(tokens, tap width)`: the target's states of the head's tap at
+    /// each position.
+    pub features: Vec<f32>,
+    /// First position of the answer: rows predicting tokens from here on
+    /// carry the loss.
+    pub answer_start: usize,
+}
+
+/// The target's states of `tap` at every position of `tokens`.
+pub fn target_features(model: &Model, tokens: &[u32], chunk: usize, tap: &FeatureTap) -> Result<Vec<f32>> {
+    let c = model.config();
+    let block_size = 16;
+    let layout = KvLayout {
+        num_blocks: tokens.len().div_ceil(block_size).max(1),
+        block_size,
+        num_layers: c.num_layers,
+        kv_size: c.kv_size(),
+        scratch_slots: 0,
+    };
+    let mut kv = model.new_kv(layout)?;
+    let table: Vec<_> = (0..layout.num_blocks as u32).map(heterospec_kv::BlockId).collect();
+    let mut out = Vec::with_capacity(tokens.len() * tap.width(c.hidden_size));
+    for start in (0..tokens.len()).step_by(chunk.max(1)) {
+        let end = (start + chunk.max(1)).min(tokens.len());
+        let run = SeqRun::causal(tokens[start..end].to_vec(), start, &table, block_size)?;
+        let (_, features) = model.forward_with_features(&RaggedBatch { seqs: vec![run] }, &mut kv, tap)?;
+        out.extend(features);
+    }
+    Ok(out)
+}
+
+/// The `size` most frequent answer tokens (ties by id), then the lowest
+/// unused ids up to `size` (BPE numbers its merges roughly by frequency, and
+/// the output rows start as the target's, so unseen tokens still rank
+/// sensibly); and the share of answer tokens covered.
+pub fn frequent_tokens(data: &[TrainSequence], size: usize, vocab_size: usize) -> (Vec<u32>, f64) {
+    let mut counts: HashMap<u32, usize> = HashMap::new();
+    let mut total = 0;
+    for s in data {
+        for &t in &s.tokens[s.answer_start.max(1)..] {
+            *counts.entry(t).or_default() += 1;
+            total += 1;
+        }
+    }
+    let mut ranked: Vec<(u32, usize)> = counts.into_iter().collect();
+    ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let size = size.min(vocab_size);
+    ranked.truncate(size);
+    let covered: usize = ranked.iter().map(|r| r.1).sum();
+    let mut ids: Vec<u32> = ranked.iter().map(|r| r.0).collect();
+    let mut taken: std::collections::HashSet<u32> = ids.iter().copied().collect();
+    let mut next = 0u32;
+    while ids.len() < size {
+        if taken.insert(next) {
+            ids.push(next);
+        }
+        next += 1;
+    }
+    (ids, covered as f64 / total.max(1) as f64)
+}
+
+/// Training settings.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub sub_vocab: usize,
+    /// Longest sequence trained on (longer ones are cut).
+    pub max_len: usize,
+    /// Sequences per optimizer step.
+    pub batch_size: usize,
+    pub epochs: usize,
+    pub learning_rate: f64,
+    pub warmup_steps: usize,
+    /// Weight of the cross-entropy term (the feature term has weight 1).
+    pub cls_weight: f64,
+    /// Uniform noise on input features, as a fraction of their RMS (EAGLE).
+    pub noise: f32,
+    /// Training-time-test steps (EAGLE-3).
+    pub ttt_steps: usize,
+    /// Share of sequences trained without their prompt's states (EAGLE-3).
+    pub prompt_dropout: f32,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            sub_vocab: 4096,
+            max_len: 384,
+            batch_size: 8,
+            epochs: 4,
+            learning_rate: 1e-3,
+            warmup_steps: 30,
+            cls_weight: 0.1,
+            noise: 0.2,
+            ttt_steps: 3,
+            prompt_dropout: 0.1,
+            seed: 0,
+        }
+    }
+}
+
+/// Trainable tensors by checkpoint name.
+pub struct HeadParams {
+    pub config: HeadConfig,
+    pub kind: HeadKind,
+    /// The target states the head reads.
+    pub tap: FeatureTap,
+    pub vars: Vec<(String, Var)>,
+    pub d2t: Tensor,
+    pub sub_vocab: Vec<u32>,
+}
+
+impl HeadParams {
+    /// A new head of `kind` for `target`: random matrices (seeded), unit
+    /// norms, the output layer initialised from the target's embedding rows
+    /// of the sub-vocabulary (its output layer when tied, as for the default
+    /// model). It reads `kind.default_tap`.
+    pub fn init(target: &Model, sub_vocab: Vec<u32>, seed: u64, dtype: DType, kind: HeadKind) -> Result<Self> {
+        let c = target.config();
+        let tap = kind.default_tap(c.num_layers);
+        let config = HeadConfig {
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_attention_heads: c.num_heads,
+            num_key_value_heads: c.num_kv_heads,
+            head_dim: Some(c.head_dim),
+            rms_norm_eps: c.rms_norm_eps,
+            rope_theta: c.rope_theta,
+            vocab_size: c.vocab_size,
+            draft_vocab_size: Some(sub_vocab.len()),
+            provenance: String::new(),
+            eagle_config: match &tap {
+                FeatureTap::Layers(l) => Some(EagleConfig {
+                    eagle_aux_hidden_state_layer_ids: Some(l.clone()),
+                }),
+                FeatureTap::Final => None,
+            },
+            eagle_aux_hidden_state_layer_ids: None,
+            norm_before_residual: false,
+            norm_before_fc: false,
+            architectures: match kind {
+                HeadKind::Eagle => vec![],
+                HeadKind::Eagle3 => vec!["LlamaForCausalLMEagle3".into()],
+            },
+        };
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (h, q, kv, ff) = (c.hidden_size, c.q_size(), c.kv_size(), c.intermediate_size);
+        let mut random = |shape: (usize, usize)| -> Result<Var> {
+            let std = 1.0 / (shape.1 as f32).sqrt();
+            let data: Vec<f32> = (0..shape.0 * shape.1)
+                .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * std * 3f32.sqrt())
+                .collect();
+            Ok(Var::from_tensor(
+                &Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)?,
+            )?)
+        };
+        let (fc_in, attn_in) = match kind {
+            HeadKind::Eagle => (2 * h, h),
+            HeadKind::Eagle3 => (tap.width(h), 2 * h),
+        };
+        let mut vars = vec![(FC.to_string(), random((h, fc_in))?)];
+        for (name, shape) in kind.layer_matrices().iter().zip([
+            (q, attn_in),
+            (kv, attn_in),
+            (kv, attn_in),
+            (h, q),
+            (ff, h),
+            (ff, h),
+            (h, ff),
+        ]) {
+            vars.push((name.to_string(), random(shape)?));
+        }
+        let ones = || Var::ones(h, dtype, &Device::Cpu);
+        match kind {
+            HeadKind::Eagle => vars.push((FC_BIAS.to_string(), Var::zeros(h, dtype, &Device::Cpu)?)),
+            HeadKind::Eagle3 => {
+                for name in [EAGLE3_INPUT_NORM, EAGLE3_HIDDEN_NORM, OUTPUT_NORM] {
+                    vars.push((name.to_string(), ones()?));
+                }
+            }
+        }
+        vars.push((kind.post_norm().to_string(), ones()?));
+        let rows = target.embed(sub_vocab.iter().copied());
+        let lm = Tensor::from_vec(rows, (sub_vocab.len(), h), &Device::Cpu)?.to_dtype(dtype)?;
+        vars.push((LM_HEAD.to_string(), Var::from_tensor(&lm)?));
+        Ok(HeadParams {
+            config,
+            kind,
+            tap,
+            vars,
+            d2t: HeadWeights::d2t_tensor(&sub_vocab)?,
+            sub_vocab,
+        })
+    }
+
+    fn get(&self, name: &str) -> &Tensor {
+        self.vars
+            .iter()
+            .find(|v| v.0 == name)
+            .map(|v| v.1.as_tensor())
+            .expect("every head tensor is a parameter")
+    }
+
+    /// The checkpoint of the current values (f32).
+    pub fn weights(&self) -> Result<HeadWeights> {
+        let mut tensors = HashMap::new();
+        for (name, var) in &self.vars {
+            tensors.insert(name.clone(), var.as_tensor().to_dtype(DType::F32)?);
+        }
+        tensors.insert(D2T.to_string(), self.d2t.clone());
+        Ok(HeadWeights {
+            config: self.config.clone(),
+            tensors,
+        })
+    }
+}
+
+/// One padded batch: inputs and targets as tensors.
+pub struct Batch {
+    /// `(b, t, h)` target embeddings of each row's token.
+    pub embeds: Tensor,
+    /// `(b, t, tap width)` input features (those of the previous position).
+    pub features_in: Tensor,
+    /// `(b*t, h)` the feature each row should output (EAGLE).
+    pub features_out: Option<Tensor>,
+    /// `(b*t,)` sub-vocabulary index of the next token (0 where masked).
+    pub next: Tensor,
+    /// `(b*t,)` 1 where the feature term counts.
+    pub feature_mask: Tensor,
+    /// `(b*t,)` 1 where the cross-entropy term counts (next token in the
+    /// sub-vocabulary).
+    pub token_mask: Tensor,
+    /// `(b, 1, t, head_dim)` RoPE tables, Hugging Face order.
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+/// Builds a batch of `seqs` (cut to `max_len`), with input-feature noise
+/// of amplitude `noise_amp` drawn from `rng`; with probability
+/// `prompt_dropout` a sequence's prompt states are left out (zeros), as when
+/// the head drafts in the same step that computes the prompt.
+#[allow(clippy::too_many_arguments)] // one call site, in `train`
+pub fn make_batch(
+    target: &Model,
+    params: &HeadParams,
+    seqs: &[&TrainSequence],
+    sub_index: &HashMap<u32, u32>,
+    max_len: usize,
+    noise_amp: f32,
+    prompt_dropout: f32,
+    rng: &mut StdRng,
+    dtype: DType,
+) -> Result<Batch> {
+    let head = &params.config;
+    let h = head.hidden_size;
+    let fw = params.tap.width(h);
+    let with_out = params.kind == HeadKind::Eagle;
+    let t_len = seqs.iter().map(|s| s.tokens.len().min(max_len)).max().unwrap_or(0);
+    let b = seqs.len();
+    let (mut emb, mut fin, mut fout) = (
+        vec![0f32; b * t_len * h],
+        vec![0f32; b * t_len * fw],
+        vec![0f32; if with_out { b * t_len * h } else { 0 }],
+    );
+    let (mut next, mut fmask, mut tmask) = (vec![0u32; b * t_len], vec![0f32; b * t_len], vec![0f32; b * t_len]);
+    for (i, s) in seqs.iter().enumerate() {
+        let len = s.tokens.len().min(max_len);
+        let e = target.embed(s.tokens[..len].iter().copied());
+        let base = i * t_len;
+        emb[base * h..(base + len) * h].copy_from_slice(&e);
+        let blind = prompt_dropout > 0.0 && rng.random::<f32>() < prompt_dropout;
+        for q in 0..len {
+            let row = base + q;
+            if q > 0 && !(blind && q < s.answer_start) {
+                for (d, &f) in fin[row * fw..(row + 1) * fw]
+                    .iter_mut()
+                    .zip(&s.features[(q - 1) * fw..q * fw])
+                {
+                    *d = f + if noise_amp > 0.0 {
+                        (rng.random::<f32>() * 2.0 - 1.0) * noise_amp
+                    } else {
+                        0.0
+                    };
+                }
+            }
+            if with_out {
+                fout[row * h..(row + 1) * h].copy_from_slice(&s.features[q * h..(q + 1) * h]);
+            }
+            if q + 1 >= s.answer_start.max(1) {
+                fmask[row] = 1.0;
+                if q + 1 < len {
+                    if let Some(&k) = sub_index.get(&s.tokens[q + 1]) {
+                        next[row] = k;
+                        tmask[row] = 1.0;
+                    }
+                }
+            }
+        }
+    }
+    let dev = Device::Cpu;
+    let (cos, sin) = hf_rope_tables(head, seqs.len(), t_len)?;
+    let f = |v: Vec<f32>, shape: &[usize]| -> Result<Tensor> { Ok(Tensor::from_vec(v, shape, &dev)?.to_dtype(dtype)?) };
+    Ok(Batch {
+        embeds: f(emb, &[b, t_len, h])?,
+        features_in: f(fin, &[b, t_len, fw])?,
+        features_out: if with_out {
+            Some(f(fout, &[b * t_len, h])?)
+        } else {
+            None
+        },
+        next: Tensor::from_vec(next, b * t_len, &dev)?,
+        feature_mask: f(fmask, &[b * t_len])?,
+        token_mask: f(tmask, &[b * t_len])?,
+        cos: cos.to_dtype(dtype)?,
+        sin: sin.to_dtype(dtype)?,
+    })
+}
+
+/// Per-epoch means of the loss terms.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EpochStats {
+    pub loss: f64,
+    pub feature_loss: f64,
+    pub token_loss: f64,
+    pub top1: f64,
+}
+
+/// RMS of all features (the scale the input noise is relative to).
+pub fn feature_rms(data: &[TrainSequence]) -> f32 {
+    let (mut sum, mut n) = (0f64, 0usize);
+    for s in data {
+        sum += s.features.iter().map(|&f| (f as f64) * (f as f64)).sum::<f64>();
+        n += s.features.len();
+    }
+    (sum / n.max(1) as f64).sqrt() as f32
+}
+
+/// Trains `params` on `data`; `progress(step, steps, stats of the step)`
+/// after each optimizer step. Returns per-epoch means.
+pub fn train(
+    target: &Model,
+    params: &mut HeadParams,
+    data: &[TrainSequence],
+    cfg: &TrainConfig,
+    mut progress: impl FnMut(usize, usize, &EpochStats),
+) -> Result<Vec<EpochStats>> {
+    if data.is_empty() {
+        return Err(EngineError::Config("no training sequences".into()));
+    }
+    let dtype = params.vars[0].1.dtype();
+    let sub_index: HashMap<u32, u32> = params
+        .sub_vocab
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| (t, i as u32))
+        .collect();
+    let (noise_amp, prompt_dropout) = match params.kind {
+        HeadKind::Eagle => (cfg.noise * feature_rms(data), 0.0),
+        HeadKind::Eagle3 => (0.0, cfg.prompt_dropout), // training-time test instead of noise
+    };
+    let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x5EED);
+    // Batches of similar lengths (little padding), visited in a new random
+    // order each epoch.
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    order.sort_by_key(|&i| (data[i].tokens.len(), i));
+    let batches: Vec<Vec<usize>> = order.chunks(cfg.batch_size.max(1)).map(|c| c.to_vec()).collect();
+    let steps = batches.len() * cfg.epochs;
+    let mut opt = AdamW::new(
+        params.vars.iter().map(|v| v.1.clone()).collect(),
+        ParamsAdamW {
+            lr: cfg.learning_rate,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+    )?;
+    let mut epochs = Vec::new();
+    let mut step = 0;
+    for _ in 0..cfg.epochs {
+        let mut visit: Vec<usize> = (0..batches.len()).collect();
+        visit.shuffle(&mut rng);
+        let mut sum = EpochStats::default();
+        for &bi in &visit {
+            let lr = if step < cfg.warmup_steps {
+                cfg.learning_rate * (step + 1) as f64 / cfg.warmup_steps as f64
+            } else {
+                let done = (step - cfg.warmup_steps) as f64 / (steps - cfg.warmup_steps).max(1) as f64;
+                cfg.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * done).cos()))
+            };
+            opt.set_learning_rate(lr);
+            let seqs: Vec<&TrainSequence> = batches[bi].iter().map(|&i| &data[i]).collect();
+            let batch = make_batch(
+                target,
+                params,
+                &seqs,
+                &sub_index,
+                cfg.max_len,
+                noise_amp,
+                prompt_dropout,
+                &mut rng,
+                dtype,
+            )?;
+            let (total, reg, ce, acc) = loss(params, &batch, cfg.cls_weight, cfg.ttt_steps)?;
+            opt.backward_step(&total)?;
+            let stats = EpochStats {
+                loss: scalar(&total)?,
+                feature_loss: reg,
+                token_loss: ce,
+                top1: acc,
+            };
+            sum.loss += stats.loss;
+            sum.feature_loss += reg;
+            sum.token_loss += ce;
+            sum.top1 += acc;
+            step += 1;
+            progress(step, steps, &stats);
+        }
+        let n = batches.len() as f64;
+        epochs.push(EpochStats {
+            loss: sum.loss / n,
+            feature_loss: sum.feature_loss / n,
+            token_loss: sum.token_loss / n,
+            top1: sum.top1 / n,
+        });
+    }
+    Ok(epochs)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,180 @@
+//! One description of a llama-architecture model's weights, shared by every
+//! device that loads them: the tensors read from a GGUF file, each layer
+//! tensor's GGUF name and shape, and the tied-output rule.
+//!
+//! Invariant: a backend loads a model only through these names and shapes,
+//! so the CPU and the GPU can never disagree about which tensor is which.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use candle_core::quantized::{gguf_file, QTensor};
+use candle_core::Device;
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+
+/// The token embedding matrix `(vocab, hidden)`.
+pub const EMBEDDINGS: &str = "token_embd.weight";
+/// The final norm `(hidden)`.
+pub const OUTPUT_NORM: &str = "output_norm.weight";
+/// The output layer `(vocab, hidden)`; absent when tied to the embeddings.
+pub const OUTPUT: &str = "output.weight";
+
+/// The tensors of one decoder layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerTensor {
+    AttnNorm,
+    Q,
+    K,
+    V,
+    O,
+    FfnNorm,
+    Gate,
+    Up,
+    Down,
+}
+
+impl LayerTensor {
+    /// The matrices in the order `Layer::from_parts` takes them.
+    pub const MATRICES: [LayerTensor; 7] = [
+        LayerTensor::Q,
+        LayerTensor::K,
+        LayerTensor::V,
+        LayerTensor::O,
+        LayerTensor::Gate,
+        LayerTensor::Up,
+        LayerTensor::Down,
+    ];
+
+    /// Its GGUF name in layer `layer`.
+    pub fn name(self, layer: usize) -> String {
+        let part = match self {
+            LayerTensor::AttnNorm => "attn_norm",
+            LayerTensor::Q => "attn_q",
+            LayerTensor::K => "attn_k",
+            LayerTensor::V => "attn_v",
+            LayerTensor::O => "attn_output",
+            LayerTensor::FfnNorm => "ffn_norm",
+            LayerTensor::Gate => "ffn_gate",
+            LayerTensor::Up => "ffn_up",
+            LayerTensor::Down => "ffn_down",
+        };
+        format!("blk.{layer}.{part}.weight")
+    }
+
+    /// Its shape, `(out, in)` for matrices.
+    pub fn shape(self, c: &ModelConfig) -> Vec<usize> {
+        let (h, q, kv, ff) = (c.hidden_size, c.q_size(), c.kv_size(), c.intermediate_size);
+        match self {
+            LayerTensor::AttnNorm | LayerTensor::FfnNorm => vec![h],
+            LayerTensor::Q => vec![q, h],
+            LayerTensor::K | LayerTensor::V => vec![kv, h],
+            LayerTensor::O => vec![h, q],
+            LayerTensor::Gate | LayerTensor::Up => vec![ff, h],
+            LayerTensor::Down => vec![h, ff],
+        }
+    }
+}
+
+/// Tensors by GGUF name plus the hyperparameters.
+pub struct ModelTensors {
+    pub config: ModelConfig,
+    pub tensors: HashMap<String, QTensor>,
+}
+
+impl ModelTensors {
+    /// Reads a GGUF file; checks architecture and metadata, not yet tensors.
+    pub fn read_gguf(path: &Path) -> Result<(Self, gguf_file::Content)> {
+        if !path.exists() {
+            return Err(EngineError::ModelNotFound {
+                path: path.to_path_buf(),
+            });
+        }
+        let file = File::open(path).map_err(|source| EngineError::ModelRead {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let invalid = |e: candle_core::Error| EngineError::InvalidGguf {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let mut reader = BufReader::new(file);
+        let content = gguf_file::Content::read(&mut reader).map_err(invalid)?;
+        let config = ModelConfig::from_gguf(&content)?;
+        let file_len = std::fs::metadata(path)
+            .map_err(|source| EngineError::ModelRead {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len();
+        let mut tensors = HashMap::new();
+        for (name, info) in &content.tensor_infos {
+            let size = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            let end = content.tensor_data_offset + info.offset + size as u64;
+            if end > file_len {
+                return Err(EngineError::InvalidGguf {
+                    path: path.to_path_buf(),
+                    reason: format!("file is truncated: tensor `{name}` ends at byte {end} of {file_len}"),
+                });
+            }
+            let tensor = content.tensor(&mut reader, name, &Device::Cpu).map_err(invalid)?;
+            tensors.insert(name.clone(), tensor);
+        }
+        Ok((ModelTensors { config, tensors }, content))
+    }
+}
+
+impl ModelTensors {
+    /// Whether the output layer is the embedding matrix (no `output.weight`).
+    pub fn tied_output(&self) -> bool {
+        !self.tensors.contains_key(OUTPUT)
+    }
+
+    /// The name of the tensor the output layer uses (the tying rule).
+    pub fn output_name(&self) -> &'static str {
+        if self.tied_output() {
+            EMBEDDINGS
+        } else {
+            OUTPUT
+        }
+    }
+
+    /// The tensor `name`, checked to have `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<&QTensor> {
+        let tensor = self.tensors.get(name).ok_or_else(|| EngineError::BadTensor {
+            name: name.to_string(),
+            reason: "missing".into(),
+        })?;
+        if tensor.shape().dims() != shape {
+            return Err(EngineError::BadTensor {
+                name: name.to_string(),
+                reason: format!("shape {:?}, expected {shape:?}", tensor.shape().dims()),
+            });
+        }
+        Ok(tensor)
+    }
+
+    /// Removes the tensor `name`, checked to have `shape` (a loader that
+    /// keeps its own copy takes it).
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<QTensor> {
+        self.get(name, shape)?;
+        Ok(self.tensors.remove(name).expect("checked above"))
+    }
+
+    /// [`ModelTensors::get`], dequantized to f32 (flat).
+    pub fn get_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        Ok(self
+            .get(name, shape)?
+            .dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    }
+
+    /// The embedding matrix as f32 `(vocab, hidden)`.
+    pub fn embeddings(&self) -> Result<Vec<f32>> {
+        self.get_f32(EMBEDDINGS, &[self.config.vocab_size, self.config.hidden_size])
+    }
+}
