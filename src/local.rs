@@ -13,9 +13,9 @@ use heterospec_engine::runner::SpecStats;
 use heterospec_engine::spec::head::checkpoint_files;
 use heterospec_engine::spec::{DraftHead, SpecMode, SpecPolicy};
 use heterospec_engine::{
-    Device, DrafterKind, Engine, EngineConfig, Model, SamplingParams, SeqStep, SpecSetup, WeightFormat,
+    Device, DrafterKind, Engine, EngineConfig, Model, SamplingParams, SeqResult, SeqStep, SpecSetup, WeightFormat,
 };
-use heterospec_kv::schedule::{CommittedRun, NewSequence, ScheduleConfig, Scheduler, Verdict};
+use heterospec_kv::schedule::{NewSequence, ScheduleConfig, Scheduler, Verdict};
 use heterospec_kv::{BlockPool, BlockPoolConfig};
 use heterospec_router::{FinishReason, OutputStream, StopCriteria, TextTokenizer};
 
@@ -352,30 +352,14 @@ impl LocalEngine {
             let steps: Vec<SeqStep> = plan
                 .runs
                 .into_iter()
-                .map(|run| SeqStep {
-                    seq_id: run.seq_id,
-                    new_token_ids: run.new_token_ids,
-                    num_computed: run.num_computed,
-                    block_table: run.block_table,
-                    sampling: run.first_run.then(|| sampling.clone()),
-                    cached_token_ids: run.cached_token_ids,
-                    sample: run.sample,
-                    speculation,
-                    lookahead: run.lookahead,
-                })
+                .map(|run| SeqStep::scheduled(run, &sampling, speculation))
                 .collect();
             if let Some(last) = steps.last() {
                 self.next_seq = self.next_seq.max(last.seq_id.0 + 1);
             }
             let results = self.engine.step(&steps)?;
             first_token_at.get_or_insert_with(Instant::now);
-            let committed = results
-                .iter()
-                .map(|r| CommittedRun {
-                    seq_id: r.seq_id,
-                    token_ids: r.tokens.iter().map(|t| t.token_id).collect(),
-                })
-                .collect();
+            let committed = results.iter().map(SeqResult::committed).collect();
             let spec = results.first().map(|r| r.spec).unwrap_or_default();
             let mut detok_error = None;
             let tokenizer = &self.tokenizer;

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use heterospec_kv::schedule::{CommittedRun, NewSequence, ScheduleConfig, Scheduler, Verdict};
+use heterospec_kv::schedule::{NewSequence, ScheduleConfig, Scheduler, Verdict};
 use heterospec_kv::{BlockPool, BlockPoolConfig};
 
 use crate::engine::{Engine, SeqResult, SeqStep};
@@ -140,30 +140,14 @@ impl<'e> Runner<'e> {
                 .into_iter()
                 .map(|run| {
                     let r = &requests[core.get(run.seq_id).expect("scheduled").payload.index];
-                    SeqStep {
-                        seq_id: run.seq_id,
-                        new_token_ids: run.new_token_ids,
-                        num_computed: run.num_computed,
-                        block_table: run.block_table,
-                        sampling: run.first_run.then(|| r.sampling.clone()),
-                        cached_token_ids: run.cached_token_ids,
-                        sample: run.sample,
-                        speculation: r.speculation,
-                        lookahead: run.lookahead,
-                    }
+                    SeqStep::scheduled(run, &r.sampling, r.speculation)
                 })
                 .collect();
             self.next_seq = self
                 .next_seq
                 .max(steps.iter().map(|s| s.seq_id.0 + 1).max().unwrap_or(0));
             let results = self.engine.step(&steps)?;
-            let committed = results
-                .iter()
-                .map(|r| CommittedRun {
-                    seq_id: r.seq_id,
-                    token_ids: r.tokens.iter().map(|t| t.token_id).collect(),
-                })
-                .collect();
+            let committed = results.iter().map(SeqResult::committed).collect();
             let by_id: HashMap<_, &SeqResult> = results.iter().map(|r| (r.seq_id, r)).collect();
             let finished = core.update(committed, |seq, tokens| {
                 let result = by_id[&seq.seq_id()];

@@ -34,6 +34,8 @@ mod free_list;
 mod pool;
 pub mod schedule;
 mod table;
+#[cfg(test)]
+mod test_util;
 
 pub use block::{hash_block, BlockHash, BlockId, Slot, DEFAULT_BLOCK_SIZE};
 pub use pool::{BlockPool, BlockPoolConfig, PrefixHit};

@@ -306,14 +306,7 @@ impl BlockPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pool(num_blocks: usize, block_size: usize) -> BlockPool {
-        BlockPool::new(BlockPoolConfig { num_blocks, block_size })
-    }
-
-    fn ids(v: &[u32]) -> Vec<BlockId> {
-        v.iter().map(|&i| BlockId(i)).collect()
-    }
+    use crate::test_util::{ids, pool, Rng};
 
     #[test]
     fn block_zero_is_never_handed_out() {
@@ -439,20 +432,6 @@ mod tests {
         let b = p.allocate().unwrap();
         p.free(b);
         p.free(b);
-    }
-
-    /// xorshift64*: a seeded generator so the randomized test is reproducible.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
     }
 
     #[test]

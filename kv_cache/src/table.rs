@@ -53,15 +53,7 @@ impl BlockTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::{BlockPool, BlockPoolConfig};
-
-    fn pool(num_blocks: usize, block_size: usize) -> BlockPool {
-        BlockPool::new(BlockPoolConfig { num_blocks, block_size })
-    }
-
-    fn ids(v: &[u32]) -> Vec<BlockId> {
-        v.iter().map(|&i| BlockId(i)).collect()
-    }
+    use crate::test_util::{ids, pool};
 
     #[test]
     fn slot_mapping_follows_the_block_table() {

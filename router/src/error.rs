@@ -44,7 +44,8 @@ impl RouterError {
             RouterError::TooManyRequests { .. } => "resource_exhausted",
             RouterError::KvExhausted => "kv_exhausted",
             RouterError::QueueFull | RouterError::EngineUnavailable(_) | RouterError::ShuttingDown => "unavailable",
-            RouterError::EngineContract(_) => "internal",
+            // The engine is failed for it, as for a lost one.
+            RouterError::EngineContract(_) => "unavailable",
             RouterError::Detokenize(_) => "detokenize",
         }
     }

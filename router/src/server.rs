@@ -30,6 +30,9 @@ use crate::validate::{validate, ModelLimits, DEFAULT_MAX_NEW_TOKENS, MAX_STOP_ST
 /// Responses buffered per stream before a slow client's responses are
 /// coalesced (backpressure without blocking the scheduler).
 const STREAM_BUFFER: usize = 32;
+/// Most requests in flight one router admits (the drain acquires every
+/// permit of the in-flight semaphore in one call, which takes a `u32`).
+const MAX_CONCURRENT_REQUESTS: usize = 1 << 20;
 /// How long clients get to close their connections after the drain.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// How often health status follows engine availability.
@@ -54,6 +57,12 @@ impl RouterConfig {
         }
         if self.max_concurrent_requests == 0 {
             return Err("--max-concurrent-requests must be at least 1".into());
+        }
+        // One semaphore permit per request; the drain takes them all at once.
+        if self.max_concurrent_requests > MAX_CONCURRENT_REQUESTS {
+            return Err(format!(
+                "--max-concurrent-requests must be at most {MAX_CONCURRENT_REQUESTS}"
+            ));
         }
         if self.scheduler.max_batch_tokens == 0 {
             return Err("--max-batch-tokens must be at least 1".into());
@@ -115,7 +124,11 @@ impl Generation for RouterService {
         if state.draining.load(Ordering::Acquire) {
             return Err(RouterError::ShuttingDown.into());
         }
-        let mut validated = validate(request.into_inner(), &state.tokenizer, state.limits).map_err(refuse)?;
+        let mut validated = validate(request.into_inner(), &state.tokenizer, state.limits).map_err(|e| {
+            // Whatever validation refuses counts as a bad request.
+            metrics::counter!(crate::metrics::REQUESTS_TOTAL, "outcome" => "invalid_argument").increment(1);
+            Status::from(e)
+        })?;
         if validated.request_id.is_empty() {
             validated.request_id = format!("req-{}", state.next_request_id.fetch_add(1, Ordering::Relaxed));
         }

@@ -101,6 +101,9 @@ pub fn validate(req: pb::GenerateRequest, tokenizer: &TextTokenizer, limits: Mod
             tokenizer.encode(&tokenizer.apply_chat_template(&messages)?)?
         }
     };
+    if prompt_token_ids.is_empty() {
+        return Err(invalid("prompt", "encodes to no tokens"));
+    }
     if prompt_token_ids.len() >= limits.max_context {
         return Err(invalid(
             "prompt",

@@ -20,6 +20,7 @@ pub mod layout;
 pub mod plan;
 pub mod validate;
 
+use heterospec_kv::schedule::{CommittedRun, ScheduledRun};
 use heterospec_kv::BlockId;
 
 use crate::sampler::{SampledToken, Sampler, SamplingParams};
@@ -51,6 +52,24 @@ pub struct SeqStep {
     pub lookahead: usize,
 }
 
+impl SeqStep {
+    /// The scheduling core's run of a request that samples with `sampling`
+    /// and speculates with `speculation` (sent on its first run only).
+    pub fn scheduled(run: ScheduledRun, sampling: &SamplingParams, speculation: SpecMode) -> Self {
+        SeqStep {
+            seq_id: run.seq_id,
+            new_token_ids: run.new_token_ids,
+            num_computed: run.num_computed,
+            block_table: run.block_table,
+            sampling: run.first_run.then(|| sampling.clone()),
+            cached_token_ids: run.cached_token_ids,
+            sample: run.sample,
+            speculation,
+            lookahead: run.lookahead,
+        }
+    }
+}
+
 /// What a step committed for one sequence (empty for a mid-prompt chunk).
 /// KV now holds the new tokens and every committed token but the last.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,6 +77,16 @@ pub struct SeqResult {
     pub seq_id: SeqId,
     pub tokens: Vec<SampledToken>,
     pub spec: SpecOutcome,
+}
+
+impl SeqResult {
+    /// The committed token ids, as the scheduling core takes them.
+    pub fn committed(&self) -> CommittedRun {
+        CommittedRun {
+            seq_id: self.seq_id,
+            token_ids: self.tokens.iter().map(|t| t.token_id).collect(),
+        }
+    }
 }
 
 /// What the engine keeps per live sequence: only what sampling needs.

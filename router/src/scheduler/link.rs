@@ -23,7 +23,7 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// First pause between reconnection attempts, and the most it grows to.
 const RECONNECT_MIN: Duration = Duration::from_millis(250);
-const RECONNECT_MAX: Duration = Duration::from_secs(5);
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
 
 /// The id under which scheduler `index` of this router process leases KV
 /// on its engine: random per start, distinct per scheduler, so two

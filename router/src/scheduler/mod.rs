@@ -140,16 +140,20 @@ impl Scheduler {
     async fn run(mut self) {
         loop {
             if self.conn.is_none() && !self.connect().await {
-                // Requests that reached us while the engine is down.
+                // Requests that reach us while the engine is down are
+                // refused at once, also while waiting to reconnect.
+                let pause = tokio::time::sleep(self.backoff.next_delay());
+                tokio::pin!(pause);
                 loop {
-                    match self.submissions.try_recv() {
-                        Ok(sub) => self.reject(sub, RouterError::EngineUnavailable("engine unavailable".into())),
-                        Err(mpsc::error::TryRecvError::Empty) => break,
-                        // Dropped by discovery and nothing left to do.
-                        Err(mpsc::error::TryRecvError::Disconnected) => return,
+                    tokio::select! {
+                        _ = &mut pause => break,
+                        sub = self.submissions.recv() => match sub {
+                            Some(sub) => self.reject(sub, RouterError::EngineUnavailable("engine unavailable".into())),
+                            // Dropped by discovery and nothing left to do.
+                            None => return,
+                        },
                     }
                 }
-                tokio::time::sleep(self.backoff.next_delay()).await;
                 continue;
             }
             if self.core().is_idle() {
@@ -246,11 +250,18 @@ impl Scheduler {
             speculate: request.speculation != pb::SpeculationMode::Off,
             cache_salt: request.cache_salt.clone(),
         };
-        let payload = Request::new(sub.request, sub.responses, sub.permit, sub.arrival);
-        if let Err(e) = self.core().add(seq, payload) {
-            // Validation already refuses what the core refuses.
-            tracing::error!(engine = self.index, error = %e, "the scheduling core refused a validated request");
+        if let Err(e) = seq.validate() {
+            // Validation refuses these first; never lose one all the same.
+            let field = match e {
+                heterospec_kv::schedule::ScheduleError::InvalidRequest { field, .. } => field,
+                _ => "request",
+            };
+            let reason = e.to_string();
+            self.reject(sub, RouterError::InvalidArgument { field, reason });
+            return;
         }
+        let payload = Request::new(sub.request, sub.responses, sub.permit, sub.arrival);
+        self.core().add(seq, payload).expect("validated above");
     }
 
     /// Ends requests whose client went away (or whose pending response can

@@ -5,22 +5,7 @@
 use std::collections::HashMap;
 
 use super::*;
-
-/// xorshift64*: a seeded generator so the test is reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
+use crate::test_util::Rng;
 
 /// How one request ended.
 #[derive(Debug)]
