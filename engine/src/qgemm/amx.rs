@@ -1,6 +1,7 @@
-//! Intel AMX tiles for the batched GEMM (Sapphire Rapids and later), with
-//! an AVX-512 VNNI kernel for one to three token rows that gives the same
-//! bits, so the two can share every batch.
+//! Intel AMX tiles for the batched GEMM (Sapphire Rapids and later), and an
+//! AVX-512 VNNI kernel over the same weight layout that gives the same bits:
+//! the AMX kernel's path below 8 token rows, and on CPUs with VNNI but no
+//! AMX (AMD Zen 4/5) the path for every row count (`matmul_vnni`).
 //!
 //! Weights are re-laid out once in **strips** of 16 rows, 4 values of a row
 //! side by side (the tile unit's layout for its second operand):
@@ -47,8 +48,7 @@ pub const MIN_TILE_ROWS: usize = 8;
 pub fn available() -> bool {
     static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OK.get_or_init(|| {
-        use std::arch::is_x86_feature_detected as has;
-        if !(has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vnni") && has!("fma")) {
+        if !vnni_available() {
             return false;
         }
         let leaf7 = __cpuid_count(7, 0);
@@ -61,6 +61,13 @@ pub fn available() -> bool {
         // SAFETY: a plain syscall with integer arguments.
         unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
     })
+}
+
+/// Whether this CPU runs the strip kernel on AVX-512 VNNI (every row
+/// count: the `Vnni` kernel; few rows of the `Amx` one).
+pub fn vnni_available() -> bool {
+    use std::arch::is_x86_feature_detected as has;
+    has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vnni") && has!("fma")
 }
 
 /// A weight matrix in strips (see the module docs).
@@ -196,6 +203,29 @@ pub fn matmul(w: &Strips, x: &Q8Rows, out: &mut [f32]) {
     });
 }
 
+/// `out = x · wᵀ` with the strip kernel `kind` (`Amx` or `Vnni`).
+pub fn strips_matmul(w: &Strips, x: &Q8Rows, out: &mut [f32], kind: super::KernelKind) {
+    match kind {
+        super::KernelKind::Amx => matmul(w, x, out),
+        _ => matmul_vnni(w, x, out),
+    }
+}
+
+/// `out (x.rows, w.rows) = x · wᵀ` on AVX-512 VNNI alone, for every row
+/// count (CPUs without AMX): the same bits as [`matmul`].
+pub fn matmul_vnni(w: &Strips, x: &Q8Rows, out: &mut [f32]) {
+    assert!(vnni_available(), "VNNI kernel chosen on a CPU without AVX-512 VNNI");
+    assert_eq!(x.cols, w.cols, "inner dimensions differ");
+    assert_eq!(out.len(), x.rows * w.rows);
+    let shared = crate::par::SharedOut::new(out);
+    (0..w.strips()).into_par_iter().with_min_len(2).for_each(|s| {
+        // SAFETY: each strip writes only its own columns of `out`, which
+        // outlives the loop; `vnni_available()` checked the CPU.
+        let out = unsafe { shared.slice() };
+        unsafe { strip_rows(w, s, x, out) };
+    });
+}
+
 /// One block's scales applied to its integer sums (16 weight rows, one per
 /// lane, for one token row): the single place both kernels do this, so that
 /// they round identically.
@@ -223,40 +253,79 @@ unsafe fn store_lanes(dst: *mut f32, v: __m512, valid: usize) {
     _mm512_mask_storeu_ps(dst, ((1u32 << valid) - 1) as u16, v);
 }
 
-/// Strip `s` against a few token rows: per block, eight `vpdpbusd` of the
-/// strip's bytes with the token row's 4-value groups broadcast.
+/// Strip `s` against token rows, [`ROW_GROUP`] at a time: per block, each
+/// of the eight 4-value groups of the strip is loaded once and fed to one
+/// `vpdpbusd` per token row of the group (the row's 4 values broadcast).
+/// A row's integer sums and scale updates are the same instructions in the
+/// same order whatever rows share its group, so its result is the same bits
+/// alone and in any batch (and the same as the tile unit's).
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,fma")]
 unsafe fn strip_rows(w: &Strips, s: usize, x: &Q8Rows, out: &mut [f32]) {
+    let mut row = 0;
+    while row < x.rows {
+        let left = x.rows - row;
+        match left {
+            1 => strip_row_group::<1>(w, s, x, row, out),
+            2 => strip_row_group::<2>(w, s, x, row, out),
+            3 => strip_row_group::<3>(w, s, x, row, out),
+            _ => strip_row_group::<ROW_GROUP>(w, s, x, row, out),
+        }
+        row += left.min(ROW_GROUP);
+    }
+}
+
+/// Token rows that share each weight load of [`strip_rows`] (their sums
+/// and accumulators stay in registers: 2 x 4 of the 32 zmm).
+const ROW_GROUP: usize = 4;
+
+/// Values `4j..4j + 4` of block `b` of a token row, in every 32-bit lane.
+#[inline(always)]
+unsafe fn group_of(row: *const u8, b: usize, j: usize) -> __m512i {
+    _mm512_set1_epi32((row.add(b * BLOCK + 4 * j) as *const i32).read_unaligned())
+}
+
+/// Token rows `row0..row0 + R` against strip `s`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,fma")]
+unsafe fn strip_row_group<const R: usize>(w: &Strips, s: usize, x: &Q8Rows, row0: usize, out: &mut [f32]) {
     let (k, nb, n) = (w.cols, w.nblocks(), w.rows);
     let valid = TILE.min(n - s * TILE);
     let base = w.data.as_ptr().add(s * w.strip_bytes());
-    for xr in 0..x.rows {
-        let xq = x.quants.as_ptr().add(xr * k);
-        let mut acc = _mm512_setzero_ps();
-        for b in 0..nb {
-            let mut sums = _mm512_setzero_si512();
-            if w.four_bit {
-                for j in 0..8 {
-                    let xb = _mm512_set1_epi32((xq.add(b * BLOCK + 4 * j) as *const i32).read_unaligned());
-                    sums = _mm512_dpbusd_epi32(sums, four_bit_group(base, b, j), xb);
-                }
-            } else {
-                let unit = base.add(b * STRIP_BLOCK);
-                let zero = _mm512_setzero_si512();
-                for j in 0..8 {
-                    let v = _mm512_loadu_si512(unit.add(j * 64) as *const _);
-                    let xb = _mm512_set1_epi32((xq.add(b * BLOCK + 4 * j) as *const i32).read_unaligned());
-                    // |w| (unsigned) times x with w's sign.
-                    let sx = _mm512_mask_sub_epi8(xb, _mm512_movepi8_mask(v), zero, xb);
-                    sums = _mm512_dpbusd_epi32(sums, _mm512_abs_epi8(v), sx);
+    let xq: [*const u8; R] = std::array::from_fn(|r| x.quants.as_ptr().add((row0 + r) * k) as *const u8);
+    let zero = _mm512_setzero_si512();
+    let mut acc = [_mm512_setzero_ps(); R];
+    for b in 0..nb {
+        let mut sums = [zero; R];
+        if w.four_bit {
+            for j in 0..8 {
+                let v = four_bit_group(base, b, j);
+                for r in 0..R {
+                    sums[r] = _mm512_dpbusd_epi32(sums[r], v, group_of(xq[r], b, j));
                 }
             }
-            let at = (s * nb + b) * TILE;
-            let dw = _mm512_loadu_ps(w.d.as_ptr().add(at));
-            let offsets = (w.four_bit).then(|| (x.scaled_sums[xr * nb + b], _mm512_loadu_ps(w.m.as_ptr().add(at))));
-            acc = block_update(acc, sums, dw, x.scales[xr * nb + b], offsets);
+        } else {
+            let unit = base.add(b * STRIP_BLOCK);
+            for j in 0..8 {
+                let v = _mm512_loadu_si512(unit.add(j * 64) as *const _);
+                // |w| (unsigned) times x with w's sign.
+                let (magnitude, negative) = (_mm512_abs_epi8(v), _mm512_movepi8_mask(v));
+                for r in 0..R {
+                    let xb = group_of(xq[r], b, j);
+                    let sx = _mm512_mask_sub_epi8(xb, negative, zero, xb);
+                    sums[r] = _mm512_dpbusd_epi32(sums[r], magnitude, sx);
+                }
+            }
         }
-        store_lanes(out.as_mut_ptr().add(xr * n + s * TILE), acc, valid);
+        let at = (s * nb + b) * TILE;
+        let dw = _mm512_loadu_ps(w.d.as_ptr().add(at));
+        let mw = w.four_bit.then(|| _mm512_loadu_ps(w.m.as_ptr().add(at)));
+        for r in 0..R {
+            let xr = row0 + r;
+            let offsets = mw.map(|mw| (x.scaled_sums[xr * nb + b], mw));
+            acc[r] = block_update(acc[r], sums[r], dw, x.scales[xr * nb + b], offsets);
+        }
+    }
+    for (r, &a) in acc.iter().enumerate() {
+        store_lanes(out.as_mut_ptr().add((row0 + r) * n + s * TILE), a, valid);
     }
 }
 

@@ -14,11 +14,12 @@
 //!   x row m..m+MR (quantized once per call)
 //! ```
 //!
-//! Paths, chosen at run time: AVX-512 (BW, two blocks per instruction) and
-//! AVX2 (+FMA), both with `maddubs` int8 products, a portable scalar
-//! fallback used everywhere else, and Intel AMX tiles (`amx.rs`; weights in
-//! strips of 16 rows, built on first use). Threads: the output
-//! columns are split across the rayon pool.
+//! Paths, chosen at run time: Intel AMX tiles and the AVX-512 VNNI strip
+//! kernel (`amx.rs`; weights in strips of 16 rows, built on first use; the
+//! same bits as each other), AVX-512 (BW, two blocks per instruction) and
+//! AVX2 (+FMA), both with `maddubs` int8 products, and a portable scalar
+//! fallback used everywhere else. Threads: the output columns are split
+//! across the rayon pool.
 
 use rayon::prelude::*;
 
@@ -263,11 +264,11 @@ impl Q8Matrix {
     /// `out (m, rows)` from already-quantized rows, with a chosen kernel.
     pub fn matmul_q8(&self, x: &Q8Rows, out: &mut [f32], kind: KernelKind) {
         #[cfg(target_arch = "x86_64")]
-        if kind == KernelKind::Amx {
+        if matches!(kind, KernelKind::Amx | KernelKind::Vnni) {
             let strips = self
                 .strips
                 .get_or_init(|| amx::Strips::from_q8(self.rows, self.cols, &self.quants, &self.scales));
-            return amx::matmul(strips, x, out);
+            return amx::strips_matmul(strips, x, out, kind);
         }
         run_tiles(self, x, out, kind);
     }
@@ -348,6 +349,9 @@ pub enum KernelKind {
     Scalar,
     Avx2,
     Avx512,
+    /// AVX-512 VNNI over 16-row weight strips, for every row count (the
+    /// same bits as `Amx`): the fast path of CPUs without AMX.
+    Vnni,
     /// Intel AMX tiles from 8 token rows, AVX-512 VNNI below (same bits).
     Amx,
 }
@@ -367,8 +371,9 @@ pub fn set_kernel_override(kind: Option<KernelKind>) {
 /// in its own order, so mixing kernels by batch size would make a token's
 /// logits depend on the batch it ran in (and speculative decoding would no
 /// longer equal plain decoding). The fastest this CPU supports (AMX, whose
-/// few-row AVX-512 VNNI companion gives the same bits), unless
-/// `HETEROSPEC_QGEMM_KERNEL` (scalar, avx2, avx512, amx) or
+/// few-row AVX-512 VNNI companion gives the same bits; else the VNNI strip
+/// kernel), unless `HETEROSPEC_QGEMM_KERNEL` (scalar, avx2, avx512, vnni,
+/// amx) or
 /// [`set_kernel_override`] picks another one.
 pub fn kernel_kind() -> KernelKind {
     if let Some(k) = OVERRIDE.with(|o| o.get()).filter(|k| available_kernels().contains(k)) {
@@ -387,6 +392,7 @@ fn default_kernel_kind() -> KernelKind {
                 "scalar" => Some(KernelKind::Scalar),
                 "avx2" => Some(KernelKind::Avx2),
                 "avx512" => Some(KernelKind::Avx512),
+                "vnni" => Some(KernelKind::Vnni),
                 "amx" => Some(KernelKind::Amx),
                 _ => None,
             });
@@ -407,6 +413,9 @@ pub fn available_kernels() -> Vec<KernelKind> {
             v.push(KernelKind::Avx2);
             if has!("avx512f") && has!("avx512bw") && has!("avx512dq") {
                 v.push(KernelKind::Avx512);
+                if amx::vnni_available() {
+                    v.push(KernelKind::Vnni);
+                }
                 if amx::available() {
                     v.push(KernelKind::Amx);
                 }

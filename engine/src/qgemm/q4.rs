@@ -131,13 +131,13 @@ impl Q4Matrix {
 
     pub fn matmul_q8(&self, x: &Q8Rows, out: &mut [f32], kind: KernelKind) {
         #[cfg(target_arch = "x86_64")]
-        if kind == KernelKind::Amx {
+        if matches!(kind, KernelKind::Amx | KernelKind::Vnni) {
             let strips = self.strips.get_or_init(|| {
                 super::amx::Strips::from_q4(self.rows, self.cols, &self.d, &self.m, |r, c| {
                     self.value(r, c / BLOCK, c % BLOCK)
                 })
             });
-            return super::amx::matmul(strips, x, out);
+            return super::amx::strips_matmul(strips, x, out, kind);
         }
         run_tiles(self, x, out, kind);
     }

@@ -62,15 +62,38 @@ fn quantized_product_is_close_to_exact_f32() {
     }
 }
 
-/// The AMX kernel runs 8 or more token rows on tiles and fewer on AVX-512
-/// VNNI: a row's result must be the same bits either way, or a token's
-/// logits would depend on its batch.
+/// The strip kernels: AMX runs 8 or more token rows on tiles and fewer on
+/// AVX-512 VNNI, and the VNNI kernel runs rows in groups of 4: a row's
+/// result must be the same bits alone and in any batch, or a token's logits
+/// would depend on its batch; and both kernels give the same bits.
 #[test]
-fn amx_results_do_not_depend_on_the_batch() {
-    if !available_kernels().contains(&KernelKind::Amx) {
-        println!("no AMX on this CPU: nothing to check");
+fn strip_kernel_results_do_not_depend_on_the_batch() {
+    let kinds: Vec<KernelKind> = [KernelKind::Vnni, KernelKind::Amx]
+        .into_iter()
+        .filter(|k| available_kernels().contains(k))
+        .collect();
+    if kinds.is_empty() {
+        println!("no AVX-512 VNNI on this CPU: nothing to check");
         return;
     }
+    for kind in kinds {
+        strip_kernel_is_batch_invariant(kind);
+    }
+    if available_kernels().contains(&KernelKind::Amx) {
+        let mut rng = Lcg(22);
+        let (m, n, k) = (19, 37, 576);
+        let w: Vec<f32> = (0..n * k).map(|_| rng.f()).collect();
+        let x = Q8Rows::quantize(&(0..m * k).map(|_| rng.f() * 3.0).collect::<Vec<_>>(), m);
+        let q8 = Q8Matrix::from_f32(&w, n, k);
+        let (mut amx, mut vnni) = (vec![0.0; m * n], vec![0.0; m * n]);
+        q8.matmul_q8(&x, &mut amx, KernelKind::Amx);
+        q8.matmul_q8(&x, &mut vnni, KernelKind::Vnni);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&amx), bits(&vnni), "AMX and VNNI strip kernels differ");
+    }
+}
+
+fn strip_kernel_is_batch_invariant(kind: KernelKind) {
     let mut rng = Lcg(21);
     for &(m, n, k) in &[(8, 16, 32), (9, 33, 576), (17, 70, 96), (40, 19, 1536), (3, 31, 64)] {
         let w: Vec<f32> = (0..n * k).map(|_| rng.f()).collect();
@@ -85,8 +108,8 @@ fn amx_results_do_not_depend_on_the_batch() {
             &(0..n * k).map(|_| (rng.next_u32() % 16) as u8).collect::<Vec<_>>(),
         );
         type Product<'a> = &'a dyn Fn(&Q8Rows, &mut [f32]);
-        let products: [Product<'_>; 2] = [&|xq, out| q8.matmul_q8(xq, out, KernelKind::Amx), &|xq, out| {
-            q4.matmul_q8(xq, out, KernelKind::Amx)
+        let products: [Product<'_>; 2] = [&|xq, out| q8.matmul_q8(xq, out, kind), &|xq, out| {
+            q4.matmul_q8(xq, out, kind)
         }];
         for (which, product) in products.iter().enumerate() {
             let mut together = vec![0.0; m * n];
@@ -98,7 +121,7 @@ fn amx_results_do_not_depend_on_the_batch() {
                 assert_eq!(
                     bits(&alone),
                     bits(&together[row * n..(row + 1) * n]),
-                    "{} weights, m{m} n{n} k{k}, row {row}",
+                    "{kind:?}, {} weights, m{m} n{n} k{k}, row {row}",
                     ["8-bit", "4-bit"][which]
                 );
             }
