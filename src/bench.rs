@@ -77,6 +77,54 @@ struct ForwardReport {
     forward_ms: BTreeMap<String, f64>,
 }
 
+/// What the machine allows and what the default forward reaches of it.
+#[derive(Debug, Serialize, Clone)]
+struct Roofline {
+    /// Int8 multiply-adds per second of a tight dot-product loop, all threads.
+    int8_macs_per_second: Option<f64>,
+    /// Bytes per second all threads stream from memory.
+    stream_bytes_per_second: f64,
+    /// Multiply-adds of the linear layers in a forward of one token.
+    macs_per_token: f64,
+    /// The GGUF's size: the weights one forward reads.
+    weight_bytes: f64,
+}
+
+impl Roofline {
+    fn measure(config: &heterospec_engine::ModelConfig, model: &Path) -> Result<Self> {
+        let (h, q, kv, ff) = (
+            config.hidden_size as f64,
+            config.q_size() as f64,
+            config.kv_size() as f64,
+            config.intermediate_size as f64,
+        );
+        let per_layer = h * q + 2.0 * h * kv + q * h + 3.0 * h * ff;
+        Ok(Roofline {
+            int8_macs_per_second: heterospec_engine::qgemm::peak::int8_macs_per_second(),
+            stream_bytes_per_second: heterospec_engine::qgemm::peak::stream_bytes_per_second(),
+            macs_per_token: config.num_layers as f64 * per_layer + config.vocab_size as f64 * h,
+            weight_bytes: std::fs::metadata(model)?.len() as f64,
+        })
+    }
+
+    /// One forward of `t` tokens taking `ms`: its int8 rate and share of
+    /// the peak, and its weight-read rate and share of the stream.
+    fn line(&self, t: usize, ms: f64) -> String {
+        let secs = ms / 1e3;
+        let macs = self.macs_per_token * t as f64 / secs;
+        let bytes = self.weight_bytes / secs;
+        let int8 = match self.int8_macs_per_second {
+            Some(peak) => format!("{:.0} GMAC/s ({:.0}% of int8 peak)", macs / 1e9, 100.0 * macs / peak),
+            None => format!("{:.0} GMAC/s", macs / 1e9),
+        };
+        format!(
+            "T={t}: {int8}, weights read at {:.1} GB/s ({:.0}% of stream)",
+            bytes / 1e9,
+            100.0 * bytes / self.stream_bytes_per_second
+        )
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct BenchOutput {
     threads: usize,
@@ -86,6 +134,7 @@ struct BenchOutput {
     variants: BTreeMap<String, ForwardReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     llama_cpp: Option<ForwardReport>,
+    roofline: Roofline,
     #[serde(flatten)]
     headline: ForwardReport,
 }
@@ -127,6 +176,7 @@ fn forward(mut args: ForwardArgs) -> Result<()> {
     )])?;
     let decode_prompt_ids = local.tokenizer.encode(&chat)?;
 
+    let roofline = Roofline::measure(local.engine.model().config(), &args.model)?;
     let ours = measure(&mut local, &bench_ids, &context_ids, &decode_prompt_ids, args.repeats)?;
     drop(local);
     let mut variants = BTreeMap::new();
@@ -161,6 +211,7 @@ fn forward(mut args: ForwardArgs) -> Result<()> {
         heterospec: ours.clone(),
         variants,
         llama_cpp: theirs.clone(),
+        roofline,
         headline: ours,
     };
     if let Some(png) = &args.plot {
@@ -227,6 +278,17 @@ fn print_table(out: &BenchOutput) {
         println!(" {:.1}x |", r.forward_ms["16"] / r.forward_ms["1"]);
     }
     let ours = &out.heterospec;
+    let r = &out.roofline;
+    println!(
+        "roofline: int8 peak {}, memory stream {:.1} GB/s ({} threads)",
+        r.int8_macs_per_second
+            .map_or("n/a".to_string(), |p| format!("{:.0} GMAC/s", p / 1e9)),
+        r.stream_bytes_per_second / 1e9,
+        out.threads
+    );
+    for t in [1, 16] {
+        println!("{main} {}", r.line(t, ours.forward_ms[&t.to_string()]));
+    }
     for (name, other) in variants
         .iter()
         .map(|(k, r)| (k.as_str(), *r))
