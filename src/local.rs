@@ -319,10 +319,12 @@ impl LocalEngine {
         let output = OutputStream::new(criteria);
         core.add(seq, output)?;
         let result = self.run(&mut core, prompt_ids, sampling, speculation, &mut on_text);
-        for seq in core.drain() {
-            let _ = self.engine.release(seq.seq_id());
-        }
-        for seq_id in core.take_released() {
+        // The engine forgets the sequence: released by the core when it
+        // finished (take them before `drain`, which drops that list), or
+        // still held after an error.
+        let released = core.take_released();
+        let held = core.drain().into_iter().map(|seq| seq.seq_id());
+        for seq_id in released.into_iter().chain(held) {
             let _ = self.engine.release(seq_id);
         }
         result
@@ -336,12 +338,11 @@ impl LocalEngine {
         speculation: SpecMode,
         on_text: &mut impl FnMut(&str),
     ) -> Result<Generation> {
-        let mut token_ids = Vec::new();
         let mut text = String::new();
         let start = Instant::now();
         let mut first_token_at = None;
         let mut stats = SpecStats::default();
-        let finish_reason = loop {
+        let (token_ids, finish_reason) = loop {
             let plan = core.schedule();
             if !plan.rejected.is_empty() {
                 bail!("the KV cache is too small for this request (raise --kv-cache-memory)");
@@ -366,7 +367,6 @@ impl LocalEngine {
             let finished = core.update(committed, |seq, tokens| {
                 stats.record(&spec);
                 for (i, &t) in tokens.iter().enumerate() {
-                    token_ids.push(t);
                     let delta = match seq.payload.push(tokenizer, t) {
                         Ok(delta) => delta,
                         Err(e) => {
@@ -394,7 +394,7 @@ impl LocalEngine {
                 return Err(e.into());
             }
             if let Some(f) = finished.into_iter().next() {
-                break f.reason;
+                break (f.sequence.generated_token_ids().to_vec(), f.reason);
             }
         };
         let first = first_token_at.expect("at least one token");

@@ -16,6 +16,7 @@ use crate::schedule::{
     Admission, CommittedRun, Finished, NewSequence, Schedule, ScheduleConfig, ScheduleError, ScheduledRun, SeqId,
     Sequence, Verdict,
 };
+use crate::table::BlockTable;
 
 /// The scheduling state machine of one engine. `R` is the caller's payload.
 #[derive(Debug)]
@@ -47,6 +48,16 @@ fn lookahead_for<R>(config: &ScheduleConfig, seq: &Sequence<R>, n: usize) -> usi
     }
     let remaining = seq.max_new_tokens.saturating_sub(seq.num_generated());
     config.max_lookahead.min(remaining.saturating_sub(1))
+}
+
+/// Grows `table` to `need` slots plus `lookahead` if they fit, else to
+/// `need` alone (plain decoding this step): the lookahead reserved, or
+/// `None` (and no change) when not even `need` fits.
+fn reserve(pool: &mut BlockPool, table: &mut BlockTable, need: usize, lookahead: usize) -> Option<usize> {
+    if pool.allocate_slots(table, need + lookahead).is_some() {
+        return Some(lookahead);
+    }
+    pool.allocate_slots(table, need).map(|()| 0)
 }
 
 impl<R> Scheduler<R> {
@@ -138,13 +149,7 @@ impl<R> Scheduler<R> {
             let n = run_length(&self.config, seq, budget);
             let need = seq.num_computed + n;
             let lookahead = lookahead_for(&self.config, seq, n);
-            // Lookahead slots if they fit, else plain decoding this step.
-            let got = if self.pool.allocate_slots(&mut seq.table, need + lookahead).is_some() {
-                Some(lookahead)
-            } else {
-                self.pool.allocate_slots(&mut seq.table, need).map(|()| 0)
-            };
-            if let Some(lookahead) = got {
+            if let Some(lookahead) = reserve(&mut self.pool, &mut seq.table, need, lookahead) {
                 seq.num_scheduled = n;
                 seq.lookahead = lookahead;
                 budget -= n;
@@ -182,15 +187,9 @@ impl<R> Scheduler<R> {
             let n = run_length(&self.config, &seq, budget);
             let need = seq.num_computed + n;
             let lookahead = lookahead_for(&self.config, &seq, n);
-            seq.lookahead = if self.pool.allocate_slots(&mut seq.table, need + lookahead).is_some() {
-                lookahead
-            } else {
-                0
-            };
-            if self.pool.allocate_slots(&mut seq.table, need).is_none() {
+            let Some(lookahead) = reserve(&mut self.pool, &mut seq.table, need, lookahead) else {
                 self.pool.free_table(&mut seq.table);
                 seq.num_computed = 0;
-                seq.lookahead = 0;
                 if self.running.is_empty() {
                     // Every block is free and it still does not fit.
                     rejected.push(self.retire(seq));
@@ -198,7 +197,8 @@ impl<R> Scheduler<R> {
                 }
                 self.waiting.push_front(seq);
                 break;
-            }
+            };
+            seq.lookahead = lookahead;
             let first_admission = !seq.admitted;
             if first_admission {
                 seq.admitted = true;
@@ -444,16 +444,9 @@ impl<R> Scheduler<R> {
     /// Frees the newest running sequence's blocks and requeues it first,
     /// under a new id (its generated tokens are recomputed as prompt).
     fn preempt_newest(&mut self) {
-        let mut seq = self.running.pop().expect("a running sequence to preempt");
-        self.pool.free_table(&mut seq.table);
-        if seq.engine_knows {
-            self.to_release.push(seq.seq_id);
-        }
+        let seq = self.running.pop().expect("a running sequence to preempt");
+        let mut seq = self.retire(seq);
         seq.seq_id = self.new_seq_id();
-        seq.engine_knows = false;
-        seq.num_computed = 0;
-        seq.num_scheduled = 0;
-        seq.lookahead = 0;
         self.waiting.push_front(seq);
     }
 
