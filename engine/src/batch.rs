@@ -85,7 +85,8 @@ impl SeqRun {
         self
     }
 
-    /// The KV slot of cached position `pos` (below `num_cached`).
+    /// The KV slot of position `pos` through the block table (a cached
+    /// position, or one a step commits an accepted draft token into).
     #[inline]
     pub fn cached_slot(&self, pos: usize, block_size: usize) -> usize {
         self.block_table[pos / block_size].index() * block_size + pos % block_size

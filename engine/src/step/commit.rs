@@ -72,9 +72,9 @@ impl Committer<'_> {
             let root_pos = s.num_computed + m - 1;
             for (d, v) in a.accepted_nodes.iter().enumerate() {
                 let row = m + node_rows[p][v] - 1;
-                let pos = root_pos + d + 1;
-                let dst = s.block_table[pos / block_size].index() * block_size + pos % block_size;
-                moves.push((batch.seqs[i].slots[row], dst, token_start[i] + row));
+                let run = &batch.seqs[i];
+                let dst = run.cached_slot(root_pos + d + 1, block_size);
+                moves.push((run.slots[row], dst, token_start[i] + row));
             }
         }
         let src: Vec<usize> = moves.iter().map(|m| m.0).collect();

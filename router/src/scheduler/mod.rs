@@ -14,7 +14,6 @@
 mod link;
 mod request;
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -369,18 +368,14 @@ impl Scheduler {
                 error => self.finish(seq, error),
             }
         }
-        let mut gone = HashSet::new();
-        for seq in self.core().sequences_mut() {
-            if let Some(resp) = seq.payload.step_response.take() {
-                if !seq.payload.emit(resp) {
-                    gone.insert(seq.seq_id());
-                }
-            }
-        }
-        if !gone.is_empty() {
-            for seq in self.core().cancel(|s| gone.contains(&s.seq_id())) {
-                self.finish(seq, Outcome::Finished(FinishReason::Cancelled));
-            }
+        // Every other sequence's response of this step; a client gone by
+        // now cancels its request.
+        let gone = self.core().cancel(|s| match s.payload.step_response.take() {
+            Some(resp) => !s.payload.emit(resp),
+            None => false,
+        });
+        for seq in gone {
+            self.finish(seq, Outcome::Finished(FinishReason::Cancelled));
         }
         Ok(())
     }
