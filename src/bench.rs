@@ -65,6 +65,10 @@ pub struct ForwardArgs {
     /// ("" for none).
     #[arg(long, value_delimiter = ',', default_value = "q8_0,candle-q8_0")]
     compare: Vec<String>,
+    /// Only time forwards of this many new tokens after the context,
+    /// `--repeats` times, and print the median (for profiling one shape).
+    #[arg(long)]
+    only_t: Option<usize>,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -176,8 +180,13 @@ fn forward(mut args: ForwardArgs) -> Result<()> {
     )])?;
     let decode_prompt_ids = local.tokenizer.encode(&chat)?;
 
+    if let Some(t) = args.only_t {
+        let ms = forward_ms(&mut local, &bench_ids, t, args.repeats)?;
+        println!("T={t}: {ms:.2} ms per forward (median of {})", args.repeats);
+        return Ok(());
+    }
     let roofline = Roofline::measure(local.engine.model().config(), &args.model)?;
-    let ours = measure(&mut local, &bench_ids, &context_ids, &decode_prompt_ids, args.repeats)?;
+    let ours = measure(&mut local, &bench_ids, &decode_prompt_ids, args.repeats)?;
     drop(local);
     let mut variants = BTreeMap::new();
     for name in args.compare.iter().filter(|n| !n.is_empty()) {
@@ -187,7 +196,7 @@ fn forward(mut args: ForwardArgs) -> Result<()> {
             ..args.engine.clone()
         };
         let mut local = LocalEngine::load(&args.model, &engine)?;
-        let report = measure(&mut local, &bench_ids, &context_ids, &decode_prompt_ids, args.repeats)?;
+        let report = measure(&mut local, &bench_ids, &decode_prompt_ids, args.repeats)?;
         variants.insert(format.as_str().to_string(), report);
     }
     let theirs = match llama_python(args.llama_python.as_deref()) {
@@ -303,55 +312,68 @@ fn print_table(out: &BenchOutput) {
     }
 }
 
-fn measure(
+/// Seconds of one forward of `ids` after `num_cached` tokens of `table`;
+/// `all_logits` as a verify forward (prefill wants the last row's only).
+fn time_forward(
     local: &mut LocalEngine,
-    bench_ids: &[u32],
-    context_ids: &[u32],
-    decode_prompt_ids: &[u32],
-    repeats: usize,
-) -> Result<ForwardReport> {
-    let bs = local.pool.block_size();
+    table: &BlockTable,
+    ids: &[u32],
+    num_cached: usize,
+    all_logits: bool,
+) -> Result<f64> {
+    let mut run = SeqRun::causal_from_table(ids.to_vec(), num_cached, table, local.pool.block_size())?;
+    if all_logits {
+        run = run.with_all_logits();
+    }
+    let batch = RaggedBatch { seqs: vec![run] };
+    let start = Instant::now();
+    local.engine.forward(&batch)?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Median ms of `repeats` forwards of `t` new tokens (all logits) after
+/// the context (a fresh block table of its own).
+fn forward_ms(local: &mut LocalEngine, bench_ids: &[u32], t: usize, repeats: usize) -> Result<f64> {
     let mut table = BlockTable::new();
     local
         .pool
-        .allocate_slots(
-            &mut table,
-            PREFILL_TOKENS + FORWARD_TS[FORWARD_TS.len() - 1] + CONTEXT_TOKENS,
-        )
+        .allocate_slots(&mut table, CONTEXT_TOKENS + t)
         .context("KV cache too small for the benchmark")?;
-    // Prefill wants the last row's logits; a verify forward wants them all.
-    let time_forward = |local: &mut LocalEngine, ids: &[u32], num_cached: usize, all_logits: bool| -> Result<f64> {
-        let mut run = SeqRun::causal_from_table(ids.to_vec(), num_cached, &table, bs)?;
-        if all_logits {
-            run = run.with_all_logits();
-        }
-        let batch = RaggedBatch { seqs: vec![run] };
-        let start = Instant::now();
-        local.engine.forward(&batch)?;
-        Ok(start.elapsed().as_secs_f64())
-    };
-
-    time_forward(local, bench_ids, 0, false)?; // warm-up
-    let prefill = median(
+    let ids = &bench_ids[CONTEXT_TOKENS..CONTEXT_TOKENS + t];
+    let timed = (|| {
+        time_forward(local, &table, &bench_ids[..CONTEXT_TOKENS], 0, false)?;
+        time_forward(local, &table, ids, CONTEXT_TOKENS, true)?; // warm-up
         (0..repeats)
-            .map(|_| time_forward(local, bench_ids, 0, false))
-            .collect::<Result<_>>()?,
-    );
-
-    time_forward(local, context_ids, 0, false)?;
-    let mut forward_ms = BTreeMap::new();
-    for t in FORWARD_TS {
-        let ids = &bench_ids[CONTEXT_TOKENS..CONTEXT_TOKENS + t];
-        time_forward(local, ids, CONTEXT_TOKENS, true)?;
-        let ms = 1000.0
-            * median(
-                (0..repeats)
-                    .map(|_| time_forward(local, ids, CONTEXT_TOKENS, true))
-                    .collect::<Result<_>>()?,
-            );
-        forward_ms.insert(t.to_string(), ms);
-    }
+            .map(|_| time_forward(local, &table, ids, CONTEXT_TOKENS, true))
+            .collect::<Result<Vec<_>>>()
+    })();
     local.pool.free_table(&mut table);
+    Ok(1000.0 * median(timed?))
+}
+
+fn measure(
+    local: &mut LocalEngine,
+    bench_ids: &[u32],
+    decode_prompt_ids: &[u32],
+    repeats: usize,
+) -> Result<ForwardReport> {
+    let mut table = BlockTable::new();
+    local
+        .pool
+        .allocate_slots(&mut table, PREFILL_TOKENS)
+        .context("KV cache too small for the benchmark")?;
+    let prefill = (|| {
+        time_forward(local, &table, bench_ids, 0, false)?; // warm-up
+        (0..repeats)
+            .map(|_| time_forward(local, &table, bench_ids, 0, false))
+            .collect::<Result<Vec<_>>>()
+    })();
+    local.pool.free_table(&mut table);
+    let prefill = median(prefill?);
+    let mut forward_ms_by_t = BTreeMap::new();
+    for t in FORWARD_TS {
+        forward_ms_by_t.insert(t.to_string(), forward_ms(local, bench_ids, t, repeats)?);
+    }
 
     let generation = local.generate(
         decode_prompt_ids.to_vec(),
@@ -367,7 +389,7 @@ fn measure(
     Ok(ForwardReport {
         decode_tokens_per_second: generation.decode_tokens_per_second(),
         prefill_tokens_per_second: PREFILL_TOKENS as f64 / prefill,
-        forward_ms,
+        forward_ms: forward_ms_by_t,
     })
 }
 
