@@ -96,13 +96,21 @@ impl<'a, const HD: usize> OnlineSoftmax<'a, HD> {
             }
             // SAFETY: AVX2 present; `q` and every key hold `hd` values.
             unsafe { simd::dots(self.q.as_ptr(), &keys[..n], hd, &mut scores[..n]) };
-            for s in &mut scores[..n] {
-                *s *= self.scale;
-            }
         } else {
             for (s, &slot) in scores.iter_mut().zip(&self.slots[..n]) {
-                *s = self.scale * dot(&self.q[..hd], self.kv.key(slot, self.kv_head, hd));
+                *s = dot(&self.q[..hd], self.kv.key(slot, self.kv_head, hd));
             }
+        }
+        self.weights_from_dots(n, scores)
+    }
+
+    /// The softmax weights of a chunk of `n` keys from their dot products
+    /// with `q` (moving the running maximum and denominator).
+    #[inline(always)]
+    fn weights_from_dots(&mut self, n: usize, mut scores: [f32; CHUNK]) -> (usize, [f32; CHUNK]) {
+        let hd = self.head_dim();
+        for s in &mut scores[..n] {
+            *s *= self.scale;
         }
         // Whole-chunk loops over 8 lanes (they vectorize): padding scores
         // are -inf for the maximum and 0 for the sum.
@@ -215,10 +223,21 @@ fn grouped_chunks<const HD: usize>(rows: &mut [OnlineSoftmax<'_, HD>], seq: &Seq
         for (j, slot) in slots.iter_mut().enumerate() {
             *slot = seq.cached_slot(start + j, block_size);
         }
-        for (row, w) in rows.iter_mut().zip(weights.iter_mut()) {
-            row.slots = slots;
-            row.pending = CHUNK;
-            *w = row.take_weights().1;
+        let mut keys = [std::ptr::null::<f32>(); CHUNK];
+        for (k, &slot) in keys.iter_mut().zip(&slots) {
+            *k = kv.key(slot, kv_head, hd).as_ptr();
+        }
+        for (rows, w) in rows.chunks_mut(simd::DOT_ROWS).zip(weights.chunks_mut(simd::DOT_ROWS)) {
+            let mut qs = [std::ptr::null::<f32>(); simd::DOT_ROWS];
+            for (q, row) in qs.iter_mut().zip(rows.iter()) {
+                *q = row.q.as_ptr();
+            }
+            // SAFETY: only called on the AVX2 path; every query and key
+            // holds `hd` values, a multiple of 8.
+            unsafe { simd::grouped_dots(&qs[..rows.len()], &keys, hd, w) };
+            for (row, w) in rows.iter_mut().zip(w.iter_mut()) {
+                *w = row.weights_from_dots(CHUNK, *w).1;
+            }
         }
         let mut values = [std::ptr::null::<f32>(); CHUNK];
         for (v, &slot) in values.iter_mut().zip(&slots) {
@@ -417,6 +436,59 @@ mod simd {
         }
     }
 
+    /// Query rows per pass of [`grouped_dots`]: 4 keys x 2 rows of sums,
+    /// the 4 keys and a query in registers.
+    pub const DOT_ROWS: usize = 2;
+
+    /// For each query row `r`: `out[r][j] = qs[r] · keys[j]` over a whole
+    /// chunk, each key loaded once for all rows; per row, the same
+    /// operations in the same order as [`dots`] (same bits).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn grouped_dots(
+        qs: &[*const f32],
+        keys: &[*const f32; super::CHUNK],
+        hd: usize,
+        out: &mut [[f32; super::CHUNK]],
+    ) {
+        match qs.len() {
+            1 => dots(qs[0], keys, hd, &mut out[0]),
+            2 => grouped_dots_fixed::<2>(qs, keys, hd, out),
+            _ => unreachable!("at most {DOT_ROWS} rows per pass"),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn grouped_dots_fixed<const R: usize>(
+        qs: &[*const f32],
+        keys: &[*const f32; super::CHUNK],
+        hd: usize,
+        out: &mut [[f32; super::CHUNK]],
+    ) {
+        let qs: [*const f32; R] = std::array::from_fn(|r| qs[r]);
+        for j in (0..super::CHUNK).step_by(4) {
+            let mut s = [[_mm256_setzero_ps(); 4]; R];
+            let mut i = 0;
+            while i < hd {
+                let k: [__m256; 4] = std::array::from_fn(|l| _mm256_loadu_ps(keys[j + l].add(i)));
+                for r in 0..R {
+                    let qv = _mm256_loadu_ps(qs[r].add(i));
+                    for l in 0..4 {
+                        s[r][l] = _mm256_fmadd_ps(qv, k[l], s[r][l]);
+                    }
+                }
+                i += 8;
+            }
+            for (s, out) in s.iter().zip(out.iter_mut()) {
+                let h01 = _mm256_hadd_ps(s[0], s[1]);
+                let h23 = _mm256_hadd_ps(s[2], s[3]);
+                let h = _mm256_hadd_ps(h01, h23);
+                let four = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+                _mm_storeu_ps(out.as_mut_ptr().add(j), four);
+            }
+        }
+    }
+
     /// Rows per pass of [`grouped_sum`] (their sums stay in registers).
     pub const GROUP_ROWS: usize = 12;
 
@@ -444,20 +516,21 @@ mod simd {
         values: &[*const f32],
         hd: usize,
     ) {
+        // Fixed-length views, so that the row loops unroll and the sums
+        // stay in registers.
+        let accs: [*mut f32; R] = std::array::from_fn(|r| accs[r]);
+        let w: [&[f32; super::CHUNK]; R] = std::array::from_fn(|r| &w[r]);
         let mut c = 0;
         while c < hd {
-            let mut regs = [_mm256_setzero_ps(); R];
-            for (reg, acc) in regs.iter_mut().zip(accs) {
-                *reg = _mm256_loadu_ps(acc.add(c));
-            }
+            let mut regs: [__m256; R] = std::array::from_fn(|r| _mm256_loadu_ps(accs[r].add(c)));
             for (j, v) in values.iter().enumerate() {
                 let v = _mm256_loadu_ps(v.add(c));
-                for (reg, wr) in regs.iter_mut().zip(w) {
-                    *reg = _mm256_fmadd_ps(_mm256_set1_ps(wr[j]), v, *reg);
+                for r in 0..R {
+                    regs[r] = _mm256_fmadd_ps(_mm256_set1_ps(w[r][j]), v, regs[r]);
                 }
             }
-            for (reg, acc) in regs.iter().zip(accs) {
-                _mm256_storeu_ps(acc.add(c), *reg);
+            for r in 0..R {
+                _mm256_storeu_ps(accs[r].add(c), regs[r]);
             }
             c += 8;
         }
@@ -473,6 +546,15 @@ mod simd {
         unreachable!("AVX2 only on x86-64")
     }
     pub const GROUP_ROWS: usize = 12;
+    pub const DOT_ROWS: usize = 2;
+    pub unsafe fn grouped_dots(
+        _: &[*const f32],
+        _: &[*const f32; super::CHUNK],
+        _: usize,
+        _: &mut [[f32; super::CHUNK]],
+    ) {
+        unreachable!("AVX2 only on x86-64")
+    }
 }
 
 #[cfg(test)]

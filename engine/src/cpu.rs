@@ -73,7 +73,7 @@ impl ModelBackend for CpuModel {
 
     fn forward(
         &self,
-        mut x: Vec<f32>,
+        x: Vec<f32>,
         batch: &RaggedBatch,
         kv: &mut KvStorage,
         num_layers: usize,
@@ -84,6 +84,19 @@ impl ModelBackend for CpuModel {
                 "a CPU model cannot use KV storage in device memory".into(),
             ));
         }
+        crate::par::on_pool(|| self.forward_on_pool(x, batch, kv, num_layers, tap))
+    }
+}
+
+impl CpuModel {
+    fn forward_on_pool(
+        &self,
+        mut x: Vec<f32>,
+        batch: &RaggedBatch,
+        kv: &mut KvStorage,
+        num_layers: usize,
+        tap: Option<&FeatureTap>,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
         let c = &self.config;
         let (n, h) = (batch.num_tokens(), c.hidden_size);
         let ctx = ForwardContext::new(batch, c, kv.layout().block_size);

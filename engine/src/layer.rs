@@ -10,7 +10,7 @@ use crate::batch::RaggedBatch;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::kv::KvStorage;
-use crate::linear::{Linear, LinearInput, WeightFormat};
+use crate::linear::{forward_many, Linear, LinearInput, WeightFormat};
 use crate::ops::{rms_norm_rows, silu_mul, RopeTable};
 use candle_core::quantized::QTensor;
 
@@ -127,9 +127,8 @@ impl Layer {
             }
             (None, None) => LinearInput::new(x, n),
         };
-        let mut q = self.wq.forward(&input)?; // (tokens, heads, head_dim)
-        let mut k = self.wk.forward(&input)?; // (tokens, kv_heads, head_dim)
-        let v = self.wv.forward(&input)?;
+        // q (tokens, heads, head_dim); k, v (tokens, kv_heads, head_dim)
+        let [mut q, mut k, v] = forward_many(&input, [&self.wq, &self.wk, &self.wv])?;
         drop(input);
         ctx.rope.apply(&mut q, shape.num_heads);
         ctx.rope.apply(&mut k, shape.num_kv_heads);
@@ -142,8 +141,7 @@ impl Layer {
 
         rms_norm_rows(x, &self.ffn_norm, ctx.eps, normed);
         let input = LinearInput::new(normed, n);
-        let mut gate = self.w_gate.forward(&input)?; // (tokens, intermediate)
-        let up = self.w_up.forward(&input)?;
+        let [mut gate, up] = forward_many(&input, [&self.w_gate, &self.w_up])?; // (tokens, intermediate)
         silu_mul(&mut gate, &up);
         let down = self.w_down.forward(&LinearInput::new(&gate, n))?;
         add_into(x, &down);

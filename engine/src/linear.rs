@@ -139,6 +139,31 @@ impl Linear {
     }
 }
 
+/// `x · wᵀ` for each of `linears`, which share their input (q, k and v;
+/// gate and up): one parallel stage for all of them where our GEMM holds
+/// every weight, else one layer after another. The same values either way.
+pub(crate) fn forward_many<const N: usize>(input: &LinearInput<'_>, linears: [&Linear; N]) -> Result<[Vec<f32>; N]> {
+    let weights: Vec<qgemm::QWeight<'_>> = linears
+        .iter()
+        .filter_map(|l| match &l.weight {
+            LinearWeight::Q8(w) => Some(qgemm::QWeight::Q8(w)),
+            LinearWeight::Q4(w) => Some(qgemm::QWeight::Q4(w)),
+            LinearWeight::Candle(_) => None,
+        })
+        .collect();
+    if weights.len() < N {
+        let mut outs = Vec::with_capacity(N);
+        for l in linears {
+            outs.push(l.forward(input)?);
+        }
+        return Ok(outs.try_into().unwrap_or_else(|_| unreachable!("one output per layer")));
+    }
+    let mut outs: [Vec<f32>; N] = std::array::from_fn(|i| vec![0.0; input.rows * weights[i].rows()]);
+    let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+    qgemm::matmul_many(&weights, input.quantized(), &mut views, qgemm::kernel_kind());
+    Ok(outs)
+}
+
 /// The input of one or more linear layers, `(rows, in)`: quantized to 8-bit
 /// blocks at most once however many layers read it (q, k and v share one;
 /// gate and up another).

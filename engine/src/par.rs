@@ -1,5 +1,10 @@
-//! An output buffer shared by parallel tasks that write disjoint parts of it
-//! (columns of a GEMM, rows of attention), without a lock.
+//! Running a forward on the thread pool, and an output buffer shared by
+//! parallel tasks that write disjoint parts of it (columns of a GEMM, rows
+//! of attention), without a lock.
+//!
+//! Invariant: a forward's parallel stages start from a pool thread, so the
+//! stages of one forward hand work to the other threads without the caller
+//! sleeping and waking between them.
 
 use std::marker::PhantomData;
 
@@ -31,4 +36,15 @@ impl<'a> SharedOut<'a> {
     pub(crate) unsafe fn slice(self) -> &'a mut [f32] {
         std::slice::from_raw_parts_mut(self.ptr, self.len)
     }
+}
+
+/// Runs `f` on a thread of the global pool (in place when already on one).
+///
+/// A parallel loop started from a thread outside the pool hands its work
+/// over and sleeps until it is done, so a forward of ~250 parallel stages
+/// started from the engine thread would pay two thread wake-ups per stage;
+/// from inside the pool the caller works on its share and the next stage
+/// starts at once.
+pub(crate) fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
 }

@@ -183,46 +183,39 @@ impl AmxRows {
     }
 }
 
-/// `out (x.rows, w.rows) = x · wᵀ`: tiles from [`MIN_TILE_ROWS`] token rows
-/// on, the AVX-512 VNNI kernel below that; the same bits either way.
-pub fn matmul(w: &Strips, x: &Q8Rows, out: &mut [f32]) {
-    assert!(available(), "AMX kernel chosen on a CPU without AMX");
-    assert_eq!(x.cols, w.cols, "inner dimensions differ");
-    assert_eq!(out.len(), x.rows * w.rows);
-    let shared = crate::par::SharedOut::new(out);
-    let tiles = x.rows >= MIN_TILE_ROWS;
-    let xa = if tiles { Some(x.amx()) } else { None };
-    (0..w.strips()).into_par_iter().with_min_len(2).for_each(|s| {
-        // SAFETY: each strip writes only its own columns of `out`, which
-        // outlives the loop; `available()` checked the CPU and the kernel.
-        let out = unsafe { shared.slice() };
+/// `outs[i] (x.rows, ws[i].rows) = x · ws[i]ᵀ` for every product, as one
+/// parallel stage over all their strips, with the strip kernel `kind`:
+/// `Amx` (tiles from [`MIN_TILE_ROWS`] token rows on, AVX-512 VNNI below)
+/// or `Vnni` (AVX-512 VNNI for every row count, CPUs without AMX). The same
+/// bits either way, and the same as each product alone.
+pub fn strips_matmul(ws: &[&Strips], x: &Q8Rows, outs: &mut [&mut [f32]], kind: super::KernelKind) {
+    let amx = kind == super::KernelKind::Amx;
+    if amx {
+        assert!(available(), "AMX kernel chosen on a CPU without AMX");
+    } else {
+        assert!(vnni_available(), "VNNI kernel chosen on a CPU without AVX-512 VNNI");
+    }
+    assert_eq!(ws.len(), outs.len());
+    let mut starts = Vec::with_capacity(ws.len() + 1);
+    starts.push(0);
+    for (w, out) in ws.iter().zip(outs.iter()) {
+        assert_eq!(x.cols, w.cols, "inner dimensions differ");
+        assert_eq!(out.len(), x.rows * w.rows);
+        starts.push(starts.last().copied().unwrap_or(0) + w.strips());
+    }
+    let shared: Vec<_> = outs.iter_mut().map(|o| crate::par::SharedOut::new(o)).collect();
+    let xa = (amx && x.rows >= MIN_TILE_ROWS).then(|| x.amx());
+    let total = starts[ws.len()];
+    (0..total).into_par_iter().with_min_len(2).for_each(|i| {
+        let p = starts.partition_point(|&start| start <= i) - 1;
+        let (w, s) = (ws[p], i - starts[p]);
+        // SAFETY: each strip writes only its own columns of its product's
+        // output, which outlives the loop; the CPU was checked above.
+        let out = unsafe { shared[p].slice() };
         match xa {
             Some(xa) => UNPACKED.with(|buf| unsafe { strip_tiles(w, s, x, xa, out, &mut buf.borrow_mut()) }),
             None => unsafe { strip_rows(w, s, x, out) },
         }
-    });
-}
-
-/// `out = x · wᵀ` with the strip kernel `kind` (`Amx` or `Vnni`).
-pub fn strips_matmul(w: &Strips, x: &Q8Rows, out: &mut [f32], kind: super::KernelKind) {
-    match kind {
-        super::KernelKind::Amx => matmul(w, x, out),
-        _ => matmul_vnni(w, x, out),
-    }
-}
-
-/// `out (x.rows, w.rows) = x · wᵀ` on AVX-512 VNNI alone, for every row
-/// count (CPUs without AMX): the same bits as [`matmul`].
-pub fn matmul_vnni(w: &Strips, x: &Q8Rows, out: &mut [f32]) {
-    assert!(vnni_available(), "VNNI kernel chosen on a CPU without AVX-512 VNNI");
-    assert_eq!(x.cols, w.cols, "inner dimensions differ");
-    assert_eq!(out.len(), x.rows * w.rows);
-    let shared = crate::par::SharedOut::new(out);
-    (0..w.strips()).into_par_iter().with_min_len(2).for_each(|s| {
-        // SAFETY: each strip writes only its own columns of `out`, which
-        // outlives the loop; `vnni_available()` checked the CPU.
-        let out = unsafe { shared.slice() };
-        unsafe { strip_rows(w, s, x, out) };
     });
 }
 
@@ -259,19 +252,63 @@ unsafe fn store_lanes(dst: *mut f32, v: __m512, valid: usize) {
 /// A row's integer sums and scale updates are the same instructions in the
 /// same order whatever rows share its group, so its result is the same bits
 /// alone and in any batch (and the same as the tile unit's).
+///
+/// A 4-bit strip read by more than one group is unpacked to bytes once per
+/// product (the integer sums are the same, so the bits are too).
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,fma")]
 unsafe fn strip_rows(w: &Strips, s: usize, x: &Q8Rows, out: &mut [f32]) {
+    if w.four_bit && x.rows > ROW_GROUP {
+        UNPACKED.with(|buf| {
+            let unpacked = unpack_strip(w, s, &mut buf.borrow_mut());
+            strip_row_groups(w, s, x, out, Some(unpacked))
+        })
+    } else {
+        strip_row_groups(w, s, x, out, None)
+    }
+}
+
+/// [`strip_rows`] over the strip's own bytes or its `unpacked` copy.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,fma")]
+unsafe fn strip_row_groups(w: &Strips, s: usize, x: &Q8Rows, out: &mut [f32], unpacked: Option<*const u8>) {
     let mut row = 0;
     while row < x.rows {
         let left = x.rows - row;
         match left {
-            1 => strip_row_group::<1>(w, s, x, row, out),
-            2 => strip_row_group::<2>(w, s, x, row, out),
-            3 => strip_row_group::<3>(w, s, x, row, out),
-            _ => strip_row_group::<ROW_GROUP>(w, s, x, row, out),
+            1 => strip_row_group::<1>(w, s, x, row, out, unpacked),
+            2 => strip_row_group::<2>(w, s, x, row, out, unpacked),
+            3 => strip_row_group::<3>(w, s, x, row, out, unpacked),
+            _ => strip_row_group::<ROW_GROUP>(w, s, x, row, out, unpacked),
         }
         row += left.min(ROW_GROUP);
     }
+}
+
+/// Strip `s`'s 4-bit blocks as bytes `(blocks, 8, 64)` in `buf`, each
+/// pair of blocks loaded once.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,fma")]
+unsafe fn unpack_strip(w: &Strips, s: usize, buf: &mut Vec<u8>) -> *const u8 {
+    let nb = w.nblocks();
+    let base = w.data.as_ptr().add(s * w.strip_bytes());
+    // Every byte of the first `nb` blocks is written below.
+    if buf.len() < nb * STRIP_BLOCK {
+        buf.resize(nb * STRIP_BLOCK, 0);
+    }
+    let low = _mm512_set1_epi8(0x0F);
+    let dst = buf.as_mut_ptr();
+    for p in 0..nb.div_ceil(2) {
+        for j in 0..8 {
+            let v = _mm512_loadu_si512(base.add(p * STRIP_BLOCK + j * 64) as *const _);
+            _mm512_storeu_si512(
+                dst.add(2 * p * STRIP_BLOCK + j * 64) as *mut _,
+                _mm512_and_si512(v, low),
+            );
+            if 2 * p + 1 < nb {
+                let high = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                _mm512_storeu_si512(dst.add((2 * p + 1) * STRIP_BLOCK + j * 64) as *mut _, high);
+            }
+        }
+    }
+    buf.as_ptr()
 }
 
 /// Token rows that share each weight load of [`strip_rows`] (their sums
@@ -284,9 +321,17 @@ unsafe fn group_of(row: *const u8, b: usize, j: usize) -> __m512i {
     _mm512_set1_epi32((row.add(b * BLOCK + 4 * j) as *const i32).read_unaligned())
 }
 
-/// Token rows `row0..row0 + R` against strip `s`.
+/// Token rows `row0..row0 + R` against strip `s` (4-bit values read from
+/// `unpacked` bytes when given).
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,fma")]
-unsafe fn strip_row_group<const R: usize>(w: &Strips, s: usize, x: &Q8Rows, row0: usize, out: &mut [f32]) {
+unsafe fn strip_row_group<const R: usize>(
+    w: &Strips,
+    s: usize,
+    x: &Q8Rows,
+    row0: usize,
+    out: &mut [f32],
+    unpacked: Option<*const u8>,
+) {
     let (k, nb, n) = (w.cols, w.nblocks(), w.rows);
     let valid = TILE.min(n - s * TILE);
     let base = w.data.as_ptr().add(s * w.strip_bytes());
@@ -295,7 +340,15 @@ unsafe fn strip_row_group<const R: usize>(w: &Strips, s: usize, x: &Q8Rows, row0
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..nb {
         let mut sums = [zero; R];
-        if w.four_bit {
+        if let Some(bytes) = unpacked {
+            let unit = bytes.add(b * STRIP_BLOCK);
+            for j in 0..8 {
+                let v = _mm512_loadu_si512(unit.add(j * 64) as *const _);
+                for r in 0..R {
+                    sums[r] = _mm512_dpbusd_epi32(sums[r], v, group_of(xq[r], b, j));
+                }
+            }
+        } else if w.four_bit {
             for j in 0..8 {
                 let v = four_bit_group(base, b, j);
                 for r in 0..R {
@@ -364,21 +417,7 @@ unsafe fn strip_tiles(w: &Strips, s: usize, x: &Q8Rows, xa: &AmxRows, out: &mut 
     let valid = TILE.min(n - s * TILE);
     let base = w.data.as_ptr().add(s * w.strip_bytes());
     // The strip's blocks as 8 x 64 bytes each.
-    let blocks: *const u8 = if w.four_bit {
-        // Every byte of the first `nb` blocks is written below.
-        if buf.len() < nb * STRIP_BLOCK {
-            buf.resize(nb * STRIP_BLOCK, 0);
-        }
-        for b in 0..nb {
-            for j in 0..8 {
-                let q = four_bit_group(base, b, j);
-                _mm512_storeu_si512(buf.as_mut_ptr().add(b * STRIP_BLOCK + j * 64) as *mut _, q);
-            }
-        }
-        buf.as_ptr()
-    } else {
-        base
-    };
+    let blocks: *const u8 = if w.four_bit { unpack_strip(w, s, buf) } else { base };
     let config = TileConfig::new();
     asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack));
     // Two buffers: the sums of blocks b, b+1 are stored while those of the

@@ -266,12 +266,60 @@ impl Q8Matrix {
     pub fn matmul_q8(&self, x: &Q8Rows, out: &mut [f32], kind: KernelKind) {
         #[cfg(target_arch = "x86_64")]
         if matches!(kind, KernelKind::Amx | KernelKind::Vnni) {
-            let strips = self
-                .strips
-                .get_or_init(|| amx::Strips::from_q8(self.rows, self.cols, &self.quants, &self.scales));
-            return amx::strips_matmul(strips, x, out, kind);
+            return amx::strips_matmul(&[self.strips()], x, &mut [out], kind);
         }
         run_tiles(self, x, out, kind);
+    }
+
+    /// The strip layout of the strip kernels, built on first use.
+    #[cfg(target_arch = "x86_64")]
+    fn strips(&self) -> &amx::Strips {
+        self.strips
+            .get_or_init(|| amx::Strips::from_q8(self.rows, self.cols, &self.quants, &self.scales))
+    }
+}
+
+/// A weight matrix of our GEMM, either width.
+#[derive(Clone, Copy)]
+pub(crate) enum QWeight<'a> {
+    Q8(&'a Q8Matrix),
+    Q4(&'a Q4Matrix),
+}
+
+impl QWeight<'_> {
+    pub(crate) fn rows(self) -> usize {
+        match self {
+            QWeight::Q8(w) => w.rows,
+            QWeight::Q4(w) => w.rows(),
+        }
+    }
+
+    fn matmul_q8(self, x: &Q8Rows, out: &mut [f32], kind: KernelKind) {
+        match self {
+            QWeight::Q8(w) => w.matmul_q8(x, out, kind),
+            QWeight::Q4(w) => w.matmul_q8(x, out, kind),
+        }
+    }
+}
+
+/// `outs[i] = x · ws[i]ᵀ` for products that share their input: one
+/// parallel stage for all of them on the strip kernels (fewer hand-offs
+/// between threads than one stage each), one after another otherwise. Each
+/// output is the same bits as its product alone.
+pub(crate) fn matmul_many(ws: &[QWeight<'_>], x: &Q8Rows, outs: &mut [&mut [f32]], kind: KernelKind) {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(kind, KernelKind::Amx | KernelKind::Vnni) {
+        let strips: Vec<&amx::Strips> = ws
+            .iter()
+            .map(|w| match w {
+                QWeight::Q8(w) => w.strips(),
+                QWeight::Q4(w) => w.strips(),
+            })
+            .collect();
+        return amx::strips_matmul(&strips, x, outs, kind);
+    }
+    for (w, out) in ws.iter().zip(outs.iter_mut()) {
+        w.matmul_q8(x, out, kind);
     }
 }
 

@@ -132,14 +132,19 @@ impl Q4Matrix {
     pub fn matmul_q8(&self, x: &Q8Rows, out: &mut [f32], kind: KernelKind) {
         #[cfg(target_arch = "x86_64")]
         if matches!(kind, KernelKind::Amx | KernelKind::Vnni) {
-            let strips = self.strips.get_or_init(|| {
-                super::amx::Strips::from_q4(self.rows, self.cols, &self.d, &self.m, |r, c| {
-                    self.value(r, c / BLOCK, c % BLOCK)
-                })
-            });
-            return super::amx::strips_matmul(strips, x, out, kind);
+            return super::amx::strips_matmul(&[self.strips()], x, &mut [out], kind);
         }
         run_tiles(self, x, out, kind);
+    }
+
+    /// The strip layout of the strip kernels, built on first use.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn strips(&self) -> &super::amx::Strips {
+        self.strips.get_or_init(|| {
+            super::amx::Strips::from_q4(self.rows, self.cols, &self.d, &self.m, |r, c| {
+                self.value(r, c / BLOCK, c % BLOCK)
+            })
+        })
     }
 }
 

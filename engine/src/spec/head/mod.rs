@@ -232,6 +232,16 @@ impl DraftHead {
         features: &[f32],
         kv: &mut KvStorage,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
+        crate::par::on_pool(|| self.forward_on_pool(target, batch, features, kv))
+    }
+
+    fn forward_on_pool(
+        &self,
+        target: &Model,
+        batch: &RaggedBatch,
+        features: &[f32],
+        kv: &mut KvStorage,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
         let layout = kv.layout();
         for seq in &batch.seqs {
             seq.validate(layout.block_size, layout.num_slots(), self.layer_config.vocab_size)?;
