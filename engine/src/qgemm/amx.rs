@@ -9,7 +9,8 @@
 //! ```text
 //!   strip s, block b, group j (0..8):  64 bytes = [row 0: 4 values][row 1] ... [row 15]
 //!   values 4j..4j+4 of block b; 4-bit weights: block 2p in the low nibbles,
-//!   block 2p+1 in the high nibbles of pair p's groups
+//!   block 2p+1 in the high nibbles of pair p's groups; 8-bit weights signed
+//!   where the tile unit reads them, else stored as q + 128 (unsigned)
 //! ```
 //!
 //! so that a block's product for 16 weight rows comes out with one weight
@@ -74,8 +75,14 @@ pub fn vnni_available() -> bool {
 pub struct Strips {
     rows: usize,
     cols: usize,
-    /// 4-bit values (unsigned, two blocks per group byte) or 8-bit signed.
+    /// 4-bit values (unsigned, two blocks per group byte) or 8-bit.
     four_bit: bool,
+    /// 8-bit values stored as `q + 128` (unsigned): `vpdpbusd` takes them
+    /// as they are and each block's sum loses `128 * sum(x)` (exact
+    /// integers, so the same sums as signed values), where the signed
+    /// layout needs a sign trick per group and row. Signed where the tile
+    /// unit reads the strips.
+    offset: bool,
     /// Q4: (strips, pairs, 8, 64); Q8: (strips, blocks, 8, 64).
     data: Vec<u8>,
     /// (strips, blocks, 16): block scales, zero for padding rows.
@@ -103,9 +110,18 @@ impl Strips {
         }
     }
 
-    /// From 8-bit values `q (rows, cols)` and scales `(rows, blocks)`.
+    /// From 8-bit values `q (rows, cols)` and scales `(rows, blocks)`;
+    /// stored as `q + 128` on CPUs without the tile unit.
     pub fn from_q8(rows: usize, cols: usize, q: &[i8], scales: &[f32]) -> Self {
-        Self::build(rows, cols, false, scales, None, |r, c| q[r * cols + c] as u8)
+        Self::from_q8_as(rows, cols, q, scales, !available())
+    }
+
+    /// [`Strips::from_q8`], `offset` or signed whatever the CPU.
+    pub(crate) fn from_q8_as(rows: usize, cols: usize, q: &[i8], scales: &[f32], offset: bool) -> Self {
+        let flip = if offset { 0x80 } else { 0 };
+        let mut out = Self::build(rows, cols, false, scales, None, |r, c| (q[r * cols + c] as u8) ^ flip);
+        out.offset = offset;
+        out
     }
 
     /// From 4-bit values (`q(row, col)` in 0..16), scales and offsets.
@@ -126,6 +142,7 @@ impl Strips {
             rows,
             cols,
             four_bit,
+            offset: false,
             data: Vec::new(),
             d: vec![0.0; rows.div_ceil(TILE) * nb * TILE],
             m: if m.is_some() {
@@ -340,12 +357,23 @@ unsafe fn strip_row_group<const R: usize>(
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..nb {
         let mut sums = [zero; R];
-        if let Some(bytes) = unpacked {
-            let unit = bytes.add(b * STRIP_BLOCK);
+        // Unsigned bytes: unpacked 4-bit values or offset 8-bit ones.
+        let bytes = match unpacked {
+            Some(u) => Some(u.add(b * STRIP_BLOCK)),
+            None if w.offset => Some(base.add(b * STRIP_BLOCK)),
+            None => None,
+        };
+        if let Some(unit) = bytes {
             for j in 0..8 {
                 let v = _mm512_loadu_si512(unit.add(j * 64) as *const _);
                 for r in 0..R {
                     sums[r] = _mm512_dpbusd_epi32(sums[r], v, group_of(xq[r], b, j));
+                }
+            }
+            if w.offset {
+                for r in 0..R {
+                    let offset = _mm512_set1_epi32(128 * x.sums[(row0 + r) * nb + b]);
+                    sums[r] = _mm512_sub_epi32(sums[r], offset);
                 }
             }
         } else if w.four_bit {

@@ -99,6 +99,9 @@ pub struct Q8Rows {
     pub quants: Vec<i8>,
     /// Per block: `scale * sum(quants)` (the offset term of 4-bit weights).
     pub scaled_sums: Vec<f32>,
+    /// Per block: `sum(quants)` (the offset term of 8-bit weights stored
+    /// as unsigned bytes).
+    pub sums: Vec<i32>,
     /// The rows padded to whole AMX tiles, built on first use.
     #[cfg(target_arch = "x86_64")]
     amx: std::sync::OnceLock<amx::AmxRows>,
@@ -110,7 +113,7 @@ pub struct Q8Rows {
 /// (one machine always takes the same one).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_avx2(x: &[f32], scales: &mut [f32], quants: &mut [i8], scaled_sums: &mut [f32]) {
+unsafe fn quantize_avx2(x: &[f32], scales: &mut [f32], quants: &mut [i8], sums: &mut [i32]) {
     use std::arch::x86_64::*;
     let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
     let ones = _mm256_set1_epi16(1);
@@ -148,7 +151,7 @@ unsafe fn quantize_avx2(x: &[f32], scales: &mut [f32], quants: &mut [i8], scaled
         let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
         let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
         scales[b] = d;
-        scaled_sums[b] = d * _mm_cvtsi128_si32(s) as f32;
+        sums[b] = _mm_cvtsi128_si32(s);
     }
 }
 
@@ -186,27 +189,29 @@ impl Q8Rows {
         let nblocks = x.len() / BLOCK;
         let mut scales = vec![0.0; nblocks];
         let mut quants = vec![0i8; x.len()];
-        let mut scaled_sums = vec![0.0; nblocks];
+        let mut sums = vec![0; nblocks];
         #[cfg(target_arch = "x86_64")]
         if crate::ops::has_avx2() {
             // SAFETY: the CPU has AVX2 and FMA; the buffers match `x`.
-            unsafe { quantize_avx2(x, &mut scales, &mut quants, &mut scaled_sums) };
-            return Self::from_parts(rows, cols, scales, quants, scaled_sums);
+            unsafe { quantize_avx2(x, &mut scales, &mut quants, &mut sums) };
+            return Self::from_parts(rows, cols, scales, quants, sums);
         }
         quantize_blocks(x, &mut scales, &mut quants);
-        for ((ss, &d), q) in scaled_sums.iter_mut().zip(&scales).zip(quants.chunks_exact(BLOCK)) {
-            *ss = d * q.iter().map(|&v| v as i32).sum::<i32>() as f32;
+        for (sum, q) in sums.iter_mut().zip(quants.chunks_exact(BLOCK)) {
+            *sum = q.iter().map(|&v| v as i32).sum::<i32>();
         }
-        Self::from_parts(rows, cols, scales, quants, scaled_sums)
+        Self::from_parts(rows, cols, scales, quants, sums)
     }
 
-    fn from_parts(rows: usize, cols: usize, scales: Vec<f32>, quants: Vec<i8>, scaled_sums: Vec<f32>) -> Self {
+    fn from_parts(rows: usize, cols: usize, scales: Vec<f32>, quants: Vec<i8>, sums: Vec<i32>) -> Self {
+        let scaled_sums = scales.iter().zip(&sums).map(|(&d, &sum)| d * sum as f32).collect();
         Q8Rows {
             rows,
             cols,
             scales,
             quants,
             scaled_sums,
+            sums,
             #[cfg(target_arch = "x86_64")]
             amx: std::sync::OnceLock::new(),
         }

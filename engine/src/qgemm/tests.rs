@@ -129,6 +129,30 @@ fn strip_kernel_is_batch_invariant(kind: KernelKind) {
     }
 }
 
+/// 8-bit strips stored as `q + 128` (CPUs without AMX) give the same bits
+/// as signed ones: the kernel takes `128 * sum(x)` off each block's sum.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn offset_and_signed_8bit_strips_give_the_same_bits() {
+    if !available_kernels().contains(&KernelKind::Vnni) {
+        println!("no AVX-512 VNNI on this CPU: nothing to check");
+        return;
+    }
+    let mut rng = Lcg(23);
+    for &(m, n, k) in &[(1, 16, 32), (5, 33, 576), (17, 70, 96)] {
+        let w: Vec<f32> = (0..n * k).map(|_| rng.f()).collect();
+        let x = Q8Rows::quantize(&(0..m * k).map(|_| rng.f() * 3.0).collect::<Vec<_>>(), m);
+        let q8 = Q8Matrix::from_f32(&w, n, k);
+        let bits = |offset: bool| {
+            let strips = super::amx::Strips::from_q8_as(n, k, &q8.quants, &q8.scales, offset);
+            let mut out = vec![0.0; m * n];
+            super::amx::strips_matmul(&[&strips], &x, &mut [&mut out], KernelKind::Vnni);
+            out.iter().map(|f| f.to_bits()).collect::<Vec<_>>()
+        };
+        assert_eq!(bits(true), bits(false), "m{m} n{n} k{k}");
+    }
+}
+
 /// The SIMD paths this CPU has are the ones tested above; say which.
 #[test]
 fn reports_available_kernels() {
