@@ -8,12 +8,17 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use heterospec_engine::health::EngineHealth;
+use heterospec_engine::loading::EngineSlot;
 use heterospec_engine::server::{EngineHandle, EngineInfo};
+use heterospec_proto::engine::v1::engine_server::EngineServer;
 use heterospec_router::discovery::EngineDiscovery;
+use heterospec_router::limits::RequestLimits;
 use heterospec_router::scheduler::SchedulerConfig;
 use heterospec_router::server::RouterConfig;
 use heterospec_router::TextTokenizer;
@@ -42,6 +47,14 @@ pub struct EngineProcessArgs {
     /// another router (routers renew theirs every second).
     #[arg(long, env = "HETEROSPEC_LEASE_TIMEOUT", default_value_t = 10)]
     pub lease_timeout_secs: u64,
+    /// Seconds a step may run before the engine reports NOT_SERVING (also
+    /// to its liveness probe: a wedged engine gets restarted).
+    #[arg(long, env = "HETEROSPEC_ENGINE_STEP_TIMEOUT", default_value_t = 120)]
+    pub step_timeout_secs: u64,
+    /// Tests only: panic on the engine thread in step N (1 = the first), to
+    /// prove that a panic turns into UNAVAILABLE, NOT_SERVING and an exit.
+    #[arg(long, hide = true)]
+    pub test_panic_at_step: Option<u64>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -64,6 +77,65 @@ pub struct RouterArgs {
     /// Seconds one engine step may take before the engine counts as failed.
     #[arg(long, default_value_t = 120)]
     pub step_timeout_secs: u64,
+    /// Largest prompt in bytes (`prompt`, or all chat messages together),
+    /// refused before tokenizing.
+    #[arg(long, env = "HETEROSPEC_MAX_PROMPT_BYTES", default_value_t = 1 << 20)]
+    pub max_prompt_bytes: usize,
+    /// Most chat messages per request.
+    #[arg(long, env = "HETEROSPEC_MAX_MESSAGES", default_value_t = 256)]
+    pub max_messages: usize,
+    /// Largest encoded request in bytes (refused by the gRPC server before
+    /// it is read).
+    #[arg(long, env = "HETEROSPEC_MAX_REQUEST_BYTES", default_value_t = 4 << 20)]
+    pub max_request_bytes: usize,
+    /// Prompt bytes being tokenized at once, all requests together; beyond
+    /// it new requests are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "HETEROSPEC_MAX_INFLIGHT_PROMPT_BYTES", default_value_t = 64 << 20)]
+    pub max_inflight_prompt_bytes: usize,
+    /// Threads tokenizing prompts at once (off the request threads).
+    #[arg(long, env = "HETEROSPEC_TOKENIZER_THREADS", default_value_t = 2)]
+    pub tokenizer_threads: usize,
+    /// Prompt plus output tokens per request (default: the model's context).
+    #[arg(long, env = "HETEROSPEC_MAX_TOTAL_TOKENS")]
+    pub max_total_tokens: Option<usize>,
+}
+
+impl RouterArgs {
+    /// The same settings as `router` flags (for the processes `serve` starts).
+    fn to_cli_args(&self) -> Vec<String> {
+        let mut args: Vec<String> = [
+            ("--max-concurrent-requests", self.max_concurrent_requests.to_string()),
+            ("--max-batch-tokens", self.max_batch_tokens.to_string()),
+            ("--max-running", self.max_running.to_string()),
+            ("--drain-timeout-secs", self.drain_timeout_secs.to_string()),
+            ("--step-timeout-secs", self.step_timeout_secs.to_string()),
+            ("--max-prompt-bytes", self.max_prompt_bytes.to_string()),
+            ("--max-messages", self.max_messages.to_string()),
+            ("--max-request-bytes", self.max_request_bytes.to_string()),
+            (
+                "--max-inflight-prompt-bytes",
+                self.max_inflight_prompt_bytes.to_string(),
+            ),
+            ("--tokenizer-threads", self.tokenizer_threads.to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_string(), value])
+        .collect();
+        if let Some(n) = self.max_total_tokens {
+            args.extend(["--max-total-tokens".to_string(), n.to_string()]);
+        }
+        args
+    }
+
+    pub fn request_limits(&self) -> RequestLimits {
+        RequestLimits {
+            max_prompt_bytes: self.max_prompt_bytes,
+            max_messages: self.max_messages,
+            max_request_bytes: self.max_request_bytes,
+            max_inflight_prompt_bytes: self.max_inflight_prompt_bytes,
+            tokenizer_threads: self.tokenizer_threads,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -144,36 +216,49 @@ fn announce(role: &str, addr: SocketAddr) {
 pub fn run_engine(args: EngineProcessArgs) -> Result<()> {
     init_threads(args.engine.threads);
     crate::fetch::ensure_default_model(&args.model)?;
-    let engine = args.engine.build_engine(&args.model)?;
+    if args.step_timeout_secs == 0 {
+        bail!("--step-timeout-secs must be at least 1");
+    }
     let info = EngineInfo {
         model: model_name(&args.model),
         instance_id: instance_id(),
         max_routers: args.max_routers,
         lease_timeout: Duration::from_secs(args.lease_timeout_secs),
+        panic_at_step: args.test_panic_at_step,
     };
+    let health = Arc::new(EngineHealth::new(Duration::from_secs(args.step_timeout_secs)));
     // The forward runs on its own thread pool; the runtime only does I/O.
     runtime(1)?.block_on(async move {
         if let Some(addr) = args.metrics_listen {
             crate::metrics::install(addr)?;
         }
         heterospec_engine::metrics::describe();
-        let handle = EngineHandle::spawn(engine, info).map_err(anyhow::Error::msg)?;
-        let (reporter, health) = tonic_health::server::health_reporter();
-        reporter
-            .set_service_status("", tonic_health::ServingStatus::Serving)
-            .await;
+        // The port opens first: probes see NOT_SERVING while the model
+        // loads, then the engine's real state (crate `health`).
         let listener = TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
-        announce("engine", listener.local_addr()?);
-        tonic::transport::Server::builder()
-            .add_service(health)
-            .add_service(handle.into_service())
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                termination(),
-            )
-            .await?;
+        let addr = listener.local_addr()?;
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let service_name = <EngineServer<EngineSlot> as tonic::server::NamedService>::NAME;
+        let reporting = health.clone();
+        tokio::spawn(async move { reporting.report(reporter, service_name).await });
+        let slot = EngineSlot::default();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(slot.clone().into_service())
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    termination(),
+                ),
+        );
+        let (engine_args, model) = (args.engine.clone(), args.model.clone());
+        let engine = tokio::task::spawn_blocking(move || engine_args.build_engine(&model)).await??;
+        slot.fill(EngineHandle::spawn(engine, info, health.clone()).map_err(anyhow::Error::msg)?);
+        health.set_loaded();
+        announce("engine", addr);
+        server.await??;
         Ok(())
     })
 }
@@ -201,6 +286,8 @@ pub fn run_router(args: RouterProcessArgs) -> Result<()> {
             step_timeout: Duration::from_secs(args.router.step_timeout_secs),
         },
         drain_timeout: Duration::from_secs(args.router.drain_timeout_secs),
+        limits: args.router.request_limits(),
+        max_total_tokens: args.router.max_total_tokens,
     };
     config.validate().map_err(anyhow::Error::msg)?;
     runtime(2)?.block_on(async move {
@@ -325,17 +412,10 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
             model.clone(),
             "--engine".into(),
             urls.join(","),
-            "--max-concurrent-requests".into(),
-            r.max_concurrent_requests.to_string(),
-            "--max-batch-tokens".into(),
-            r.max_batch_tokens.to_string(),
-            "--max-running".into(),
-            r.max_running.to_string(),
-            "--drain-timeout-secs".into(),
-            r.drain_timeout_secs.to_string(),
-            "--step-timeout-secs".into(),
-            r.step_timeout_secs.to_string(),
-        ];
+        ]
+        .into_iter()
+        .chain(r.to_cli_args())
+        .collect();
         let (mut router, addr) = spawn_child(&router_args).await?;
         announce("serve", addr);
         eprintln!(

@@ -34,6 +34,9 @@ pub enum EngineError {
     Device(String),
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
+    /// The engine thread panicked; the process is exiting (crash-only).
+    #[error("the engine failed ({0}) and is restarting")]
+    Panicked(String),
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

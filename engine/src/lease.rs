@@ -149,6 +149,15 @@ impl Leases {
         }
     }
 
+    /// Ends `lease_id` (its router gave it back): the partition is free
+    /// and the sequences left in it are returned, to release; `None` when
+    /// the lease is not held.
+    pub fn detach(&mut self, lease_id: u64) -> Option<Vec<u64>> {
+        let (partition, _) = self.find(lease_id)?;
+        let lease = self.partitions[partition].take()?;
+        Some(lease.seqs.into_iter().collect())
+    }
+
     /// Records engine sequence ids run (`ran`) and released under a lease.
     pub fn track(&mut self, lease_id: u64, ran: &[u64], released: &[u64]) {
         if let Some((_, lease)) = self.find(lease_id) {
@@ -236,6 +245,21 @@ mod tests {
         assert_eq!(a2.stale, vec![sa]);
         assert!(!leases.renew(a.lease_id, late));
         assert!(leases.renew(a2.lease_id, late));
+    }
+
+    #[test]
+    fn a_detached_lease_frees_its_partition_at_once() {
+        let t0 = Instant::now();
+        let mut leases = Leases::new(1 + 2 * 10, 1, Duration::from_secs(60)).unwrap();
+        let a = leases.attach(1, t0).unwrap();
+        let seq = Leases::engine_seq(a.partition, 3).unwrap();
+        leases.track(a.lease_id, &[seq], &[]);
+        assert!(leases.attach(2, t0).is_none(), "the one partition is held");
+        assert_eq!(leases.detach(a.lease_id), Some(vec![seq]));
+        assert!(leases.detach(a.lease_id).is_none(), "already given back");
+        let b = leases.attach(2, t0).expect("free at once, no timeout");
+        assert_eq!(b.partition, a.partition);
+        assert!(b.stale.is_empty(), "detach handed the sequences over already");
     }
 
     #[test]

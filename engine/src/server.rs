@@ -3,19 +3,23 @@
 //! The model runs on one dedicated OS thread that owns the [`Engine`]
 //! (an actor): gRPC handlers send it commands over a channel and await a
 //! `oneshot` reply, so the async runtime never blocks on a forward pass and
-//! the forward's own thread pool is not oversubscribed.
+//! the forward's own thread pool is not oversubscribed. A panic on that
+//! thread answers the step and every queued command with `UNAVAILABLE` and
+//! ends the thread (see [`crate::health`] for what follows).
 
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use heterospec_kv::BlockId;
 use heterospec_proto::engine::v1 as pb;
-use heterospec_proto::engine::v1::engine_server::{Engine as EngineService, EngineServer};
+use heterospec_proto::engine::v1::engine_server::Engine as EngineService;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
 use crate::engine::{Engine, SeqId, SeqResult, SeqStep};
 use crate::error::EngineError;
+use crate::health::EngineHealth;
 use crate::lease::Leases;
 use crate::metrics;
 use crate::sampler::SamplingParams;
@@ -37,6 +41,9 @@ pub struct EngineInfo {
     pub max_routers: usize,
     /// Silence after which a router's partition may go to another router.
     pub lease_timeout: Duration,
+    /// Tests only: the engine thread panics in its step with this number
+    /// (1 = the first), to prove what a panic does.
+    pub panic_at_step: Option<u64>,
 }
 
 /// Cheap handle to the engine thread; the gRPC service.
@@ -45,40 +52,79 @@ pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     info: pb::InfoResponse,
     leases: Arc<Mutex<Leases>>,
+    health: Arc<EngineHealth>,
 }
 
 impl EngineHandle {
     /// Moves `engine` onto its own thread and returns the handle; an error
     /// when its KV blocks cannot be split between `max_routers`.
-    pub fn spawn(engine: Engine, info: EngineInfo) -> Result<Self, String> {
+    pub fn spawn(engine: Engine, info: EngineInfo, health: Arc<EngineHealth>) -> Result<Self, String> {
         let layout = engine.kv_layout();
         let leases = Leases::new(layout.num_blocks, info.max_routers, info.lease_timeout)?;
         let config = engine.model().config().clone();
         let max_lookahead = engine.max_lookahead();
         let (tx, mut rx) = mpsc::channel::<Command>(64);
+        let panic_at_step = info.panic_at_step;
+        let thread_health = health.clone();
         std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
                 let mut engine = engine;
+                let mut steps = 0u64;
                 while let Some(cmd) = rx.blocking_recv() {
-                    match cmd {
+                    let panicked = match cmd {
                         Command::Step(seqs, reply) => {
+                            steps += 1;
                             let start = Instant::now();
                             let num_tokens: usize = seqs.iter().map(|s| s.new_token_ids.len()).sum();
-                            let result = engine.step(&seqs);
+                            thread_health.step_started();
+                            let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                                if panic_at_step == Some(steps) {
+                                    panic!("fault injected at step {steps} (--test-panic-at-step)");
+                                }
+                                engine.step(&seqs)
+                            }));
+                            thread_health.step_ended();
                             metrics::record_step(start.elapsed(), seqs.len(), num_tokens);
-                            let _ = reply.send(result);
+                            match result {
+                                Ok(result) => {
+                                    let _ = reply.send(result);
+                                    None
+                                }
+                                Err(panic) => {
+                                    let message = panic_message(&*panic);
+                                    let _ = reply.send(Err(EngineError::Panicked(message.clone())));
+                                    Some(message)
+                                }
+                            }
                         }
                         Command::Release(ids, reply) => {
-                            for id in ids {
-                                // Releasing an unknown sequence is harmless here:
-                                // the router may release one that never ran.
-                                let _ = engine.release(id);
-                            }
+                            let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                                for id in ids {
+                                    // Releasing an unknown sequence is harmless here:
+                                    // the router may release one that never ran.
+                                    let _ = engine.release(id);
+                                }
+                            }));
                             let _ = reply.send(());
+                            result.err().map(|panic| panic_message(&*panic))
                         }
+                    };
+                    if let Some(message) = panicked {
+                        tracing::error!(panic = %message, "the engine thread panicked");
+                        thread_health.set_dead();
+                        // Answer what is queued; dropping a release's reply
+                        // reads as "engine thread stopped".
+                        rx.close();
+                        while let Ok(cmd) = rx.try_recv() {
+                            if let Command::Step(_, reply) = cmd {
+                                let _ = reply.send(Err(EngineError::Panicked(message.clone())));
+                            }
+                        }
+                        return;
                     }
                 }
+                thread_health.set_dead();
             })
             .expect("spawning the engine thread");
         Ok(EngineHandle {
@@ -93,6 +139,7 @@ impl EngineHandle {
                 max_lookahead: max_lookahead as u32,
             },
             leases: Arc::new(Mutex::new(leases)),
+            health,
         })
     }
 
@@ -113,12 +160,6 @@ impl EngineHandle {
         })
     }
 
-    pub fn into_service(self) -> EngineServer<Self> {
-        EngineServer::new(self)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20)
-    }
-
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
         let (tx, rx) = oneshot::channel();
         self.commands
@@ -127,6 +168,15 @@ impl EngineHandle {
             .map_err(|_| Status::unavailable("engine thread stopped"))?;
         rx.await.map_err(|_| Status::unavailable("engine thread stopped"))
     }
+}
+
+/// The text a panic carried.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
 }
 
 fn lease_lost(lease_id: u64) -> Status {
@@ -207,6 +257,7 @@ impl From<EngineError> for Status {
             | EngineError::BadStep(_)
             | EngineError::Config(_)
             | EngineError::ContextOverflow { .. } => Status::invalid_argument(e.to_string()),
+            EngineError::Panicked(_) => Status::unavailable(e.to_string()),
             _ => Status::internal(e.to_string()),
         }
     }
@@ -298,9 +349,20 @@ impl EngineService for EngineHandle {
         Ok(Response::new(pb::ReleaseResponse {}))
     }
 
+    async fn detach(&self, request: Request<pb::DetachRequest>) -> Result<Response<pb::DetachResponse>, Status> {
+        let lease_id = request.into_inner().lease_id;
+        let seqs = self.leases().detach(lease_id).ok_or_else(|| lease_lost(lease_id))?;
+        tracing::info!(lease = lease_id, released = seqs.len(), "router detached");
+        if !seqs.is_empty() {
+            self.call(|reply| Command::Release(seqs.into_iter().map(SeqId).collect(), reply))
+                .await?;
+        }
+        Ok(Response::new(pb::DetachResponse {}))
+    }
+
     async fn health(&self, _: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
         Ok(Response::new(pb::HealthResponse {
-            serving: !self.commands.is_closed(),
+            serving: !self.commands.is_closed() && self.health.ready(),
         }))
     }
 }

@@ -17,6 +17,9 @@ pub enum RouterError {
     /// More requests in flight than `--max-concurrent-requests`.
     #[error("the server is at its limit of {max} concurrent requests")]
     TooManyRequests { max: usize },
+    /// Prompts being tokenized already hold `--max-inflight-prompt-bytes`.
+    #[error("prompts being tokenized already hold the limit of {max} bytes (--max-inflight-prompt-bytes)")]
+    PromptBytesExhausted { max: usize },
     /// A request that needs more KV blocks than its engine has at all.
     #[error("the request needs more KV blocks than the engine has")]
     KvExhausted,
@@ -41,7 +44,7 @@ impl RouterError {
         match self {
             RouterError::InvalidArgument { .. } => "invalid_argument",
             RouterError::Tokenizer(_) => "tokenizer",
-            RouterError::TooManyRequests { .. } => "resource_exhausted",
+            RouterError::TooManyRequests { .. } | RouterError::PromptBytesExhausted { .. } => "resource_exhausted",
             RouterError::KvExhausted => "kv_exhausted",
             RouterError::QueueFull | RouterError::EngineUnavailable(_) | RouterError::ShuttingDown => "unavailable",
             // The engine is failed for it, as for a lost one.
@@ -56,7 +59,9 @@ impl From<RouterError> for Status {
         let message = e.to_string();
         match e {
             RouterError::InvalidArgument { .. } => Status::invalid_argument(message),
-            RouterError::TooManyRequests { .. } | RouterError::KvExhausted => Status::resource_exhausted(message),
+            RouterError::TooManyRequests { .. }
+            | RouterError::PromptBytesExhausted { .. }
+            | RouterError::KvExhausted => Status::resource_exhausted(message),
             RouterError::QueueFull | RouterError::EngineUnavailable(_) | RouterError::ShuttingDown => {
                 Status::unavailable(message)
             }

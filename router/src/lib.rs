@@ -4,6 +4,7 @@
 
 pub mod discovery;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod output;
 pub mod scheduler;

@@ -5,7 +5,8 @@
 //!
 //! Shutdown (the `shutdown` future resolves, e.g. on SIGTERM): health turns
 //! `NOT_SERVING`, new requests get `UNAVAILABLE`, in-flight streams finish
-//! (bounded by the drain timeout), then the server stops.
+//! (bounded by the drain timeout), every engine gets its KV lease back
+//! (`Detach`), then the server stops.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -23,6 +24,7 @@ use tonic_health::ServingStatus;
 
 use crate::discovery::{reconcile, EngineDiscovery};
 use crate::error::RouterError;
+use crate::limits::{RequestLimits, TokenizerPool};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerHandle, Submission};
 use crate::tokenizer::TextTokenizer;
 use crate::validate::{validate, ModelLimits, DEFAULT_MAX_NEW_TOKENS, MAX_STOP_STRINGS};
@@ -48,6 +50,9 @@ pub struct RouterConfig {
     pub max_concurrent_requests: usize,
     pub scheduler: SchedulerConfig,
     pub drain_timeout: Duration,
+    pub limits: RequestLimits,
+    /// Prompt plus output tokens per request, below the model's context.
+    pub max_total_tokens: Option<usize>,
 }
 
 impl RouterConfig {
@@ -70,13 +75,18 @@ impl RouterConfig {
         if self.scheduler.max_running == 0 {
             return Err("--max-running must be at least 1".into());
         }
-        Ok(())
+        if self.max_total_tokens.is_some_and(|n| n < 2) {
+            return Err("--max-total-tokens must be at least 2".into());
+        }
+        self.limits.validate()
     }
 }
 
 struct State {
     tokenizer: Arc<TextTokenizer>,
     limits: ModelLimits,
+    request_limits: RequestLimits,
+    tokenizing: TokenizerPool,
     engines: RwLock<Vec<SchedulerHandle>>,
     /// One permit per request in flight (`--max-concurrent-requests`).
     active: Arc<Semaphore>,
@@ -124,11 +134,22 @@ impl Generation for RouterService {
         if state.draining.load(Ordering::Acquire) {
             return Err(RouterError::ShuttingDown.into());
         }
-        let mut validated = validate(request.into_inner(), &state.tokenizer, state.limits).map_err(|e| {
-            // Whatever validation refuses counts as a bad request.
+        // Whatever validation refuses counts as a bad request.
+        let invalid = |e: RouterError| -> Status {
             metrics::counter!(crate::metrics::REQUESTS_TOTAL, "outcome" => "invalid_argument").increment(1);
-            Status::from(e)
-        })?;
+            e.into()
+        };
+        let request = request.into_inner();
+        let bytes = state.request_limits.precheck(&request).map_err(invalid)?;
+        let (tokenizer, limits) = (state.tokenizer.clone(), state.limits);
+        let mut validated = state
+            .tokenizing
+            .run(bytes, move || validate(request, &tokenizer, limits))
+            .await
+            .map_err(|e| match e {
+                RouterError::PromptBytesExhausted { .. } => refuse(e),
+                e => invalid(e),
+            })?;
         if validated.request_id.is_empty() {
             validated.request_id = format!("req-{}", state.next_request_id.fetch_add(1, Ordering::Relaxed));
         }
@@ -200,10 +221,7 @@ pub async fn serve(
     config.validate()?;
     crate::metrics::describe();
     let tokenizer = Arc::new(tokenizer);
-    let limits = ModelLimits {
-        max_context,
-        vocab_size: tokenizer.vocab_size(),
-    };
+    let limits = ModelLimits::new(max_context, tokenizer.vocab_size(), config.max_total_tokens);
     let engines = config
         .engines
         .iter()
@@ -214,6 +232,8 @@ pub async fn serve(
     let state = Arc::new(State {
         tokenizer,
         limits,
+        request_limits: config.limits,
+        tokenizing: TokenizerPool::new(&config.limits),
         engines: RwLock::new(engines),
         active: Arc::new(Semaphore::new(config.max_concurrent_requests)),
         max_concurrent: config.max_concurrent_requests,
@@ -272,6 +292,11 @@ pub async fn serve(
         // Every permit back means every request has ended.
         let all = drain_state.max_concurrent as u32;
         let _ = tokio::time::timeout(drain_timeout, drain_state.active.acquire_many(all)).await;
+        // Give every KV lease back, so a router started next serves at once.
+        let engines = drain_state.engines().clone();
+        for engine in &engines {
+            engine.detach().await;
+        }
         // Let the last responses leave before connections close.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let _ = drained_tx.send(());
@@ -281,7 +306,7 @@ pub async fn serve(
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(GenerationServer::new(service))
+        .add_service(GenerationServer::new(service).max_decoding_message_size(config.limits.max_request_bytes))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             stop,

@@ -20,8 +20,39 @@ pub const MAX_ID_BYTES: usize = 256;
 /// Limits that depend on the model.
 #[derive(Debug, Clone, Copy)]
 pub struct ModelLimits {
+    /// Tokens of prompt plus output per request: the model's context, or
+    /// less when `--max-total-tokens` says so.
     pub max_context: usize,
     pub vocab_size: usize,
+    /// `max_context` comes from `--max-total-tokens`.
+    pub capped: bool,
+}
+
+impl ModelLimits {
+    /// The model's context, or `max_total_tokens` where that is smaller.
+    pub fn new(model_context: usize, vocab_size: usize, max_total_tokens: Option<usize>) -> Self {
+        match max_total_tokens {
+            Some(cap) if cap < model_context => ModelLimits {
+                max_context: cap,
+                vocab_size,
+                capped: true,
+            },
+            _ => ModelLimits {
+                max_context: model_context,
+                vocab_size,
+                capped: false,
+            },
+        }
+    }
+
+    /// What bounds a request's tokens, for error messages.
+    fn context(&self) -> String {
+        if self.capped {
+            format!("the limit of {} tokens (--max-total-tokens)", self.max_context)
+        } else {
+            format!("the model's context of {} tokens", self.max_context)
+        }
+    }
 }
 
 /// A request that passed validation, ready to schedule.
@@ -108,9 +139,9 @@ pub fn validate(req: pb::GenerateRequest, tokenizer: &TextTokenizer, limits: Mod
         return Err(invalid(
             "prompt",
             format!(
-                "{} tokens leave no room in the model's context of {} tokens",
+                "{} tokens leave no room in {}",
                 prompt_token_ids.len(),
-                limits.max_context
+                limits.context()
             ),
         ));
     }
@@ -148,9 +179,9 @@ pub fn validate(req: pb::GenerateRequest, tokenizer: &TextTokenizer, limits: Mod
             return Err(invalid(
                 "max_new_tokens",
                 format!(
-                    "{n} plus the prompt's {} tokens exceeds the model's context of {} tokens",
+                    "{n} plus the prompt's {} tokens exceeds {}",
                     prompt_token_ids.len(),
-                    limits.max_context
+                    limits.context()
                 ),
             ))
         }

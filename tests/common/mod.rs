@@ -236,6 +236,11 @@ pub async fn run_stream(
 }
 
 pub async fn health_status(url: &str) -> i32 {
+    service_health(url, "").await
+}
+
+/// The `grpc.health.v1` status of `service` (-1: no answer).
+pub async fn service_health(url: &str, service: &str) -> i32 {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
     let Ok(channel) = tonic::transport::Endpoint::from_shared(url.to_string())
@@ -246,7 +251,12 @@ pub async fn health_status(url: &str) -> i32 {
         return -1;
     };
     let mut client = HealthClient::new(channel);
-    match client.check(HealthCheckRequest { service: String::new() }).await {
+    match client
+        .check(HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await
+    {
         Ok(r) => r.into_inner().status,
         Err(_) => -1,
     }
@@ -266,4 +276,15 @@ pub async fn wait_health(url: &str, want: i32, timeout: Duration) {
         assert!(Instant::now() < deadline, "health of {url} is {got}, waited for {want}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Resident memory of process `pid` in bytes (Linux).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kb * 1024
 }

@@ -173,6 +173,18 @@ impl EngineLink {
         Ok(())
     }
 
+    /// Gives this link's lease back to the engine.
+    pub async fn detach(&mut self) -> Result<(), RouterError> {
+        let request = epb::DetachRequest {
+            lease_id: self.lease_id,
+        };
+        tokio::time::timeout(CONTROL_TIMEOUT, self.client.detach(request))
+            .await
+            .map_err(|_| RouterError::EngineUnavailable("engine detach timed out".into()))?
+            .map_err(|s| RouterError::EngineUnavailable(format!("engine failed: {}", s.message())))?;
+        Ok(())
+    }
+
     /// Tells the engine to forget `seq_ids`.
     pub async fn release(&mut self, seq_ids: Vec<u64>, timeout: Duration) -> Result<(), RouterError> {
         let request = epb::ReleaseRequest {

@@ -22,7 +22,7 @@ use heterospec_kv::schedule::{CommittedRun, NewSequence, ScheduleConfig, Schedul
 use heterospec_kv::SeqId;
 use heterospec_proto::engine::v1 as epb;
 use heterospec_proto::v1 as pb;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tonic::transport::Endpoint;
 
 use crate::error::RouterError;
@@ -72,7 +72,24 @@ pub struct SchedulerHandle {
     pub url: String,
     pub submit: mpsc::Sender<Submission>,
     pub shared: Arc<EngineShared>,
+    detach: mpsc::Sender<oneshot::Sender<()>>,
 }
+
+impl SchedulerHandle {
+    /// Stops the scheduler for a clean shutdown: requests still running
+    /// end `UNAVAILABLE` and its KV lease goes back to the engine
+    /// (`Detach`), so a router started next leases it at once. Bounded in
+    /// time; a scheduler already gone is a no-op.
+    pub async fn detach(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.detach.send(tx).await.is_ok() {
+            let _ = tokio::time::timeout(DETACH_TIMEOUT, rx).await;
+        }
+    }
+}
+
+/// How long a clean shutdown waits for one scheduler to give its lease back.
+const DETACH_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Capacity of the submission queue of one scheduler.
 const SUBMIT_QUEUE: usize = 1024;
@@ -99,6 +116,8 @@ pub struct Scheduler {
     lease_refused: bool,
     submissions: mpsc::Receiver<Submission>,
     shared: Arc<EngineShared>,
+    /// Shutdown: stop and give the lease back, then answer.
+    detach: mpsc::Receiver<oneshot::Sender<()>>,
 }
 
 impl Scheduler {
@@ -114,6 +133,7 @@ impl Scheduler {
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true);
         let (tx, rx) = mpsc::channel(SUBMIT_QUEUE);
+        let (detach_tx, detach_rx) = mpsc::channel(1);
         let shared = Arc::new(EngineShared::default());
         let scheduler = Scheduler {
             index,
@@ -127,12 +147,14 @@ impl Scheduler {
             lease_refused: false,
             submissions: rx,
             shared: shared.clone(),
+            detach: detach_rx,
         };
         tokio::spawn(scheduler.run());
         Ok(SchedulerHandle {
             url,
             submit: tx,
             shared,
+            detach: detach_tx,
         })
     }
 
@@ -151,9 +173,13 @@ impl Scheduler {
                             // Dropped by discovery and nothing left to do.
                             None => return,
                         },
+                        Some(done) = self.detach.recv() => return self.stop(done).await,
                     }
                 }
                 continue;
+            }
+            if let Ok(done) = self.detach.try_recv() {
+                return self.stop(done).await;
             }
             if self.core().is_idle() {
                 self.update_gauges();
@@ -166,6 +192,7 @@ impl Scheduler {
                         Some(sub) => self.enqueue(sub),
                         None => return,
                     },
+                    Some(done) = self.detach.recv() => return self.stop(done).await,
                     _ = tokio::time::sleep(IDLE_PROBE_INTERVAL) => {
                         // An idle engine may have died or restarted.
                         let probe = self.conn.as_mut().expect("connected").link.probe().await;
@@ -417,6 +444,22 @@ impl Scheduler {
     }
 
     /// The engine is gone: every request on it fails, accounting resets.
+    /// Ends the scheduler (see [`SchedulerHandle::detach`]), then answers
+    /// `done`.
+    async fn stop(&mut self, done: oneshot::Sender<()>) {
+        self.shared.healthy.store(false, Ordering::Release);
+        if let Some(mut conn) = self.conn.take() {
+            for seq in conn.core.drain() {
+                self.finish(seq, Outcome::Error(RouterError::ShuttingDown));
+            }
+            match conn.link.detach().await {
+                Ok(()) => tracing::info!(engine = self.index, "KV lease given back"),
+                Err(e) => tracing::warn!(engine = self.index, error = %e, "could not give the KV lease back"),
+            }
+        }
+        let _ = done.send(());
+    }
+
     fn fail_engine(&mut self, error: RouterError) {
         tracing::warn!(engine = self.index, error = %error, "engine failed; ending its requests");
         self.shared.healthy.store(false, Ordering::Release);

@@ -1,0 +1,186 @@
+//! What an operator meets on a real cluster, with real processes on
+//! loopback: an engine that panics, a router restarted while its engine
+//! lives, an engine still loading, and prompts far too large.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use heterospec_proto::v1 as pb;
+
+fn text_request(prompt: String) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::Prompt(prompt)),
+        stopping: Some(pb::StoppingCriteria {
+            max_new_tokens: Some(4),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_engine_ends_its_streams_unavailable_reports_not_serving_and_exits_nonzero() {
+    // Engine 0 panics in its 20th step; engine 1 is healthy.
+    let mut bad = Proc::start(&engine_args("127.0.0.1:0", &["--test-panic-at-step", "20"]));
+    let good = Proc::start(&engine_args("127.0.0.1:0", &[]));
+    let metrics_port = free_port();
+    let router = Proc::start(&router_args(&[bad.url(), good.url()], metrics_port, &[]));
+    wait_health(&router.url(), SERVING, Duration::from_secs(60)).await;
+    wait_health(&bad.url(), SERVING, Duration::from_secs(60)).await;
+    assert_eq!(service_health(&bad.url(), "liveness").await, SERVING);
+    let mut client = connect(&router.url()).await;
+    let solo = run_stream(&mut client, chat_request("Name three colors.", 12))
+        .await
+        .unwrap();
+
+    // Idle engines tie and the first one gets each request, until one
+    // runs into the 20th step, which panics: that stream ends UNAVAILABLE.
+    let mut failed = None;
+    for _ in 0..6 {
+        match run_stream(&mut client, chat_request("Name three colors.", 12)).await {
+            Ok(out) => assert_eq!(out.token_ids, solo.token_ids),
+            Err(status) => {
+                failed = Some(status);
+                break;
+            }
+        }
+    }
+    let status = failed.expect("a request reached the panicking engine");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+
+    // Crash-only: NOT_SERVING (readiness and liveness), then a non-zero exit.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut saw_not_serving = false;
+    while Instant::now() < deadline && bad.child.try_wait().unwrap().is_none() {
+        if health_status(&bad.url()).await == NOT_SERVING && service_health(&bad.url(), "liveness").await == NOT_SERVING
+        {
+            saw_not_serving = true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(saw_not_serving, "the engine reported NOT_SERVING before it exited");
+    let exit = bad.wait_timeout(Duration::from_secs(10)).expect("the engine exits");
+    assert_eq!(exit.code(), Some(70), "{exit:?}");
+
+    // The router keeps serving on the other engine, with the same output.
+    wait_health(&router.url(), SERVING, Duration::from_secs(10)).await;
+    for _ in 0..3 {
+        let out = run_stream(&mut client, chat_request("Name three colors.", 12))
+            .await
+            .unwrap();
+        assert_eq!(out.token_ids, solo.token_ids);
+    }
+    drop(good);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_is_not_serving_while_it_loads() {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_heterospec"))
+        .args(engine_args(&format!("127.0.0.1:{port}"), &[]))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The first answer comes while loading and warming, the last when ready.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        let status = health_status(&url).await;
+        if status != -1 && seen.last() != Some(&status) {
+            seen.push(status);
+        }
+        if status == SERVING {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(seen, vec![NOT_SERVING, SERVING], "health while loading, then loaded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_router_serves_at_once_because_the_old_one_gave_its_lease_back() {
+    // One partition, and a lease timeout longer than the test: without
+    // Detach a second router could not lease any KV for a minute.
+    let engine = Proc::start(&engine_args("127.0.0.1:0", &["--lease-timeout-secs", "60"]));
+    let mut first = Proc::start(&router_args(&[engine.url()], free_port(), &[]));
+    wait_health(&first.url(), SERVING, Duration::from_secs(60)).await;
+    let mut client = connect(&first.url()).await;
+    let solo = run_stream(&mut client, chat_request("Say hello.", 8)).await.unwrap();
+    first.signal(libc::SIGTERM);
+    let exit = first.wait_timeout(Duration::from_secs(30)).expect("the router exits");
+    assert!(exit.success(), "{exit:?}");
+
+    let second = Proc::start(&router_args(&[engine.url()], free_port(), &[]));
+    // Far less than the lease timeout: the lease was given back.
+    wait_health(&second.url(), SERVING, Duration::from_secs(20)).await;
+    let mut client = connect(&second.url()).await;
+    let out = run_stream(&mut client, chat_request("Say hello.", 8)).await.unwrap();
+    assert_eq!(out.token_ids, solo.token_ids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_prompts_are_refused_before_tokenizing_and_router_memory_stays_bounded() {
+    let cluster = Cluster::start(&[], &[]);
+    let mut client = cluster.client().await;
+    let pid = cluster.router.child.id();
+    let before = rss_bytes(pid);
+
+    // 2 MB: over --max-prompt-bytes (1 MiB), refused naming the field and
+    // the flag; several at once.
+    let two_mb = "lorem ipsum ".repeat(2 << 20).chars().take(2 << 20).collect::<String>();
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let mut client = client.clone();
+        let prompt = two_mb.clone();
+        tasks.push(tokio::spawn(async move {
+            run_stream(&mut client, text_request(prompt)).await
+        }));
+    }
+    for task in tasks {
+        let status = task.await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("prompt") && status.message().contains("--max-prompt-bytes"),
+            "{status:?}"
+        );
+    }
+    // 64 MB: over --max-request-bytes (4 MiB), refused before it is read.
+    let huge = "x".repeat(64 << 20);
+    let status = run_stream(&mut client, text_request(huge)).await.unwrap_err();
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted | tonic::Code::InvalidArgument
+        ),
+        "{status:?}"
+    );
+    let after = rss_bytes(pid);
+    assert!(
+        after < before + (200 << 20),
+        "router RSS grew from {before} to {after} bytes"
+    );
+
+    // Too many messages, named with its flag; then serving goes on.
+    let many = pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::Messages(pb::ChatMessages {
+            messages: (0..300)
+                .map(|_| pb::ChatMessage {
+                    role: "user".into(),
+                    content: "hi".into(),
+                })
+                .collect(),
+        })),
+        ..Default::default()
+    };
+    let status = run_stream(&mut client, many).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("--max-messages"), "{status:?}");
+    let out = run_stream(&mut client, chat_request("Say hello.", 4)).await.unwrap();
+    assert_eq!(out.token_ids.len(), 4);
+}
