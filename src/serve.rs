@@ -55,6 +55,10 @@ pub struct EngineProcessArgs {
     /// prove that a panic turns into UNAVAILABLE, NOT_SERVING and an exit.
     #[arg(long, hide = true)]
     pub test_panic_at_step: Option<u64>,
+    /// Tests only: a sequence whose new tokens hold this id fails on its
+    /// own, to prove that the others of its step run on.
+    #[arg(long, hide = true)]
+    pub test_poison_token: Option<u32>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -254,7 +258,8 @@ pub fn run_engine(args: EngineProcessArgs) -> Result<()> {
                 ),
         );
         let (engine_args, model) = (args.engine.clone(), args.model.clone());
-        let engine = tokio::task::spawn_blocking(move || engine_args.build_engine(&model)).await??;
+        let mut engine = tokio::task::spawn_blocking(move || engine_args.build_engine(&model)).await??;
+        engine.set_poison_token(args.test_poison_token);
         slot.fill(EngineHandle::spawn(engine, info, health.clone()).map_err(anyhow::Error::msg)?);
         health.set_loaded();
         announce("engine", addr);

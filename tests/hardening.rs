@@ -184,3 +184,55 @@ async fn huge_prompts_are_refused_before_tokenizing_and_router_memory_stays_boun
     let out = run_stream(&mut client, chat_request("Say hello.", 4)).await.unwrap();
     assert_eq!(out.token_ids.len(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failing_sequence_fails_its_request_and_the_rest_of_its_step_runs_on() {
+    // The engine fails any sequence holding token 49000 on its own.
+    let cluster = Cluster::start(&["--test-poison-token", "49000"], &[]);
+    let mut client = cluster.client().await;
+    let prompts = [
+        "Name three colors.",
+        "What is two plus two?",
+        "Say hello in French.",
+        "List three fruits.",
+        "What is the capital of Italy?",
+        "Count to five.",
+        "Name a large animal.",
+    ];
+    let mut solo = Vec::new();
+    for p in prompts {
+        solo.push(run_stream(&mut client, chat_request(p, 16)).await.unwrap().token_ids);
+    }
+    let poisoned = pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::PromptTokenIds(pb::TokenIds {
+            ids: vec![1, 2, 49000, 3],
+        })),
+        stopping: Some(pb::StoppingCriteria {
+            max_new_tokens: Some(16),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut tasks = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let mut client = client.clone();
+        let request = chat_request(p, 16);
+        tasks.push(tokio::spawn(async move { (i, run_stream(&mut client, request).await) }));
+    }
+    let mut bad_client = client.clone();
+    let bad = tokio::spawn(async move { run_stream(&mut bad_client, poisoned).await });
+    for task in tasks {
+        let (i, out) = task.await.unwrap();
+        assert_eq!(out.unwrap().token_ids, solo[i], "prompt {i}");
+    }
+    let status = bad.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+    assert!(status.message().contains("poisoned"), "{status:?}");
+    // The engine still serves.
+    let again = run_stream(&mut client, chat_request(prompts[0], 16)).await.unwrap();
+    assert_eq!(again.token_ids, solo[0]);
+    assert_eq!(
+        metric(&cluster.metrics(), "heterospec_requests_total", &["sequence_failed"]),
+        1.0
+    );
+}

@@ -45,6 +45,10 @@ impl Default for EngineConfig {
 }
 
 /// Model + KV storage + live sequences (+ speculation).
+/// A step's results, and the sequences it failed for on their own (with
+/// the reason), from [`Engine::step_isolated`].
+pub type StepOutcome = (Vec<SeqResult>, Vec<(SeqId, String)>);
+
 pub struct Engine {
     model: Model,
     kv: KvStorage,
@@ -52,6 +56,8 @@ pub struct Engine {
     spec: Option<Speculation>,
     /// When set, every fixed-tree verification logs `(H, rank label)`.
     calibration_log: Option<Vec<(f32, f32)>>,
+    /// Tests only: a sequence whose new tokens hold this id fails on its own.
+    poison_token: Option<u32>,
 }
 
 impl Engine {
@@ -76,7 +82,15 @@ impl Engine {
             seqs: HashMap::new(),
             spec,
             calibration_log: None,
+            poison_token: None,
         })
+    }
+
+    /// Tests only: makes any sequence whose new tokens hold `token` fail on
+    /// its own in [`Engine::step`] (to prove that one bad sequence fails
+    /// one request and no other).
+    pub fn set_poison_token(&mut self, token: Option<u32>) {
+        self.poison_token = token;
     }
 
     pub fn model(&self) -> &Model {
@@ -137,6 +151,15 @@ impl Engine {
     /// commit. A step that fails leaves every sequence as it was.
     pub fn step(&mut self, seqs: &[SeqStep]) -> Result<Vec<SeqResult>> {
         let layout = self.kv.layout();
+        if let Some(poisoned) = self
+            .poison_token
+            .and_then(|t| seqs.iter().find(|s| s.new_token_ids.contains(&t)))
+        {
+            return Err(EngineError::BadSequence {
+                seq_id: poisoned.seq_id.0,
+                reason: "poisoned token (--test-poison-token)".into(),
+            });
+        }
         let Validated { mut batch, mut staged } = validate(seqs, &self.seqs, layout, self.model.config())?;
 
         let draft_start = Instant::now();
@@ -195,6 +218,33 @@ impl Engine {
     }
 
     /// Forgets a sequence. Its KV blocks belong to the caller's pool.
+    /// [`Engine::step`], leaving out each sequence the step fails for on
+    /// its own (a [`EngineError::BadSequence`]: a bad token id, a block
+    /// table that does not fit, accounting that disagrees): such a sequence
+    /// is forgotten and returned with the reason, and the others run. A
+    /// refused step changes nothing, so running it again without that
+    /// sequence is the step the others would have had. Other errors fail
+    /// the whole step.
+    pub fn step_isolated(&mut self, seqs: &[SeqStep]) -> Result<StepOutcome> {
+        let mut seqs = seqs.to_vec();
+        let mut failed = Vec::new();
+        loop {
+            match self.step(&seqs) {
+                Ok(results) => return Ok((results, failed)),
+                Err(EngineError::BadSequence { seq_id, reason }) if seqs.iter().any(|s| s.seq_id.0 == seq_id) => {
+                    tracing::warn!(seq = seq_id, %reason, "a sequence failed alone; the step runs without it");
+                    seqs.retain(|s| s.seq_id.0 != seq_id);
+                    let _ = self.release(SeqId(seq_id));
+                    failed.push((SeqId(seq_id), reason));
+                    if seqs.is_empty() {
+                        return Ok((Vec::new(), failed));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     pub fn release(&mut self, seq_id: SeqId) -> Result<()> {
         if let Some(spec) = &mut self.spec {
             spec.drafter.release(seq_id);
@@ -341,5 +391,56 @@ mod tests {
         let err = e.step(&[step(1, vec![3], 2, &t, None)]).unwrap_err();
         assert!(err.to_string().contains("unknown sequence"), "{err}");
         assert_eq!(e.num_live_sequences(), 0);
+    }
+
+    #[test]
+    fn a_sequence_that_fails_alone_is_left_out_and_the_others_match_their_solo_step() {
+        let (mut e, mut pool) = engine();
+        let tables: Vec<BlockTable> = (0..3)
+            .map(|_| {
+                let mut t = BlockTable::new();
+                pool.allocate_slots(&mut t, 8).unwrap();
+                t
+            })
+            .collect();
+        let greedy = Some(SamplingParams::greedy());
+        let prompts = [vec![1, 2, 3], vec![4, 5], vec![6, 7, 8]];
+        let solo: Vec<u32> = [0, 2]
+            .iter()
+            .map(|&i| {
+                let (mut alone, _) = engine();
+                alone
+                    .step(&[step(
+                        i,
+                        prompts[i as usize].clone(),
+                        0,
+                        &tables[i as usize],
+                        greedy.clone(),
+                    )])
+                    .unwrap()[0]
+                    .tokens[0]
+                    .token_id
+            })
+            .collect();
+        // Sequence 1 claims tokens the engine never saw: it fails alone.
+        let steps: Vec<SeqStep> = (0..3u64)
+            .map(|i| {
+                let computed = if i == 1 { 4 } else { 0 };
+                step(
+                    i,
+                    prompts[i as usize].clone(),
+                    computed,
+                    &tables[i as usize],
+                    greedy.clone(),
+                )
+            })
+            .collect();
+        let (results, failed) = e.step_isolated(&steps).unwrap();
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].0, SeqId(1));
+        assert!(failed[0].1.contains("4 computed tokens"), "{}", failed[0].1);
+        let got: Vec<(u64, u32)> = results.iter().map(|r| (r.seq_id.0, r.tokens[0].token_id)).collect();
+        assert_eq!(got, vec![(0, solo[0]), (2, solo[1])]);
+        assert_eq!(e.num_live_sequences(), 2, "the failed sequence is forgotten");
     }
 }

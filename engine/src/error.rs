@@ -26,8 +26,6 @@ pub enum EngineError {
     BadStep(String),
     #[error("sequence {seq_id}: {reason}")]
     BadSequence { seq_id: u64, reason: String },
-    #[error("prompt of {num_tokens} tokens does not fit the context of {max_context} tokens")]
-    ContextOverflow { num_tokens: usize, max_context: usize },
     #[error(transparent)]
     Schedule(#[from] heterospec_kv::schedule::ScheduleError),
     #[error("GPU: {0}")]

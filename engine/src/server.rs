@@ -17,7 +17,7 @@ use heterospec_proto::engine::v1::engine_server::Engine as EngineService;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
-use crate::engine::{Engine, SeqId, SeqResult, SeqStep};
+use crate::engine::{Engine, SeqId, SeqResult, SeqStep, StepOutcome};
 use crate::error::EngineError;
 use crate::health::EngineHealth;
 use crate::lease::Leases;
@@ -27,7 +27,7 @@ use crate::spec::SpecMode;
 
 /// Commands for the engine thread.
 enum Command {
-    Step(Vec<SeqStep>, oneshot::Sender<Result<Vec<SeqResult>, EngineError>>),
+    Step(Vec<SeqStep>, oneshot::Sender<Result<StepOutcome, EngineError>>),
     Release(Vec<SeqId>, oneshot::Sender<()>),
 }
 
@@ -82,7 +82,7 @@ impl EngineHandle {
                                 if panic_at_step == Some(steps) {
                                     panic!("fault injected at step {steps} (--test-panic-at-step)");
                                 }
-                                engine.step(&seqs)
+                                engine.step_isolated(&seqs)
                             }));
                             thread_health.step_ended();
                             metrics::record_step(start.elapsed(), seqs.len(), num_tokens);
@@ -253,10 +253,9 @@ fn seq_result_to_proto(r: SeqResult) -> pb::SeqResult {
 impl From<EngineError> for Status {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::BadSequence { .. }
-            | EngineError::BadStep(_)
-            | EngineError::Config(_)
-            | EngineError::ContextOverflow { .. } => Status::invalid_argument(e.to_string()),
+            EngineError::BadSequence { .. } | EngineError::BadStep(_) | EngineError::Config(_) => {
+                Status::invalid_argument(e.to_string())
+            }
             EngineError::Panicked(_) => Status::unavailable(e.to_string()),
             _ => Status::internal(e.to_string()),
         }
@@ -328,9 +327,25 @@ impl EngineService for EngineHandle {
             leases.track(call.lease_id, &ran, &[]);
             seqs
         };
-        let results = self.call(|reply| Command::Step(seqs, reply)).await??;
+        let (results, failed) = self.call(|reply| Command::Step(seqs, reply)).await??;
+        let failures: Vec<pb::SeqFailure> = failed
+            .into_iter()
+            .map(|(id, reason)| pb::SeqFailure {
+                seq_id: Leases::router_seq(id.0),
+                reason,
+            })
+            .collect();
+        if !failures.is_empty() {
+            let ids: Vec<u64> = failures
+                .iter()
+                .map(|f| Leases::engine_seq(call.partition, f.seq_id))
+                .collect::<Result<_, String>>()
+                .map_err(Status::internal)?;
+            self.leases().track(call.lease_id, &[], &ids);
+        }
         Ok(Response::new(pb::StepResponse {
             seqs: results.into_iter().map(seq_result_to_proto).collect(),
+            failures,
         }))
     }
 

@@ -36,6 +36,10 @@ pub enum RouterError {
     EngineContract(String),
     #[error("detokenizing the output failed: {0}")]
     Detokenize(String),
+    /// The engine failed this request's sequence alone (the others of its
+    /// step ran on).
+    #[error("the engine failed this request: {0}")]
+    SequenceFailed(String),
 }
 
 impl RouterError {
@@ -50,6 +54,7 @@ impl RouterError {
             // The engine is failed for it, as for a lost one.
             RouterError::EngineContract(_) => "unavailable",
             RouterError::Detokenize(_) => "detokenize",
+            RouterError::SequenceFailed(_) => "sequence_failed",
         }
     }
 }
@@ -65,9 +70,10 @@ impl From<RouterError> for Status {
             RouterError::QueueFull | RouterError::EngineUnavailable(_) | RouterError::ShuttingDown => {
                 Status::unavailable(message)
             }
-            RouterError::Tokenizer(_) | RouterError::EngineContract(_) | RouterError::Detokenize(_) => {
-                Status::internal(message)
-            }
+            RouterError::Tokenizer(_)
+            | RouterError::EngineContract(_)
+            | RouterError::Detokenize(_)
+            | RouterError::SequenceFailed(_) => Status::internal(message),
         }
     }
 }

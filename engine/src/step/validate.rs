@@ -65,10 +65,9 @@ pub(crate) fn validate(
         }
         let total = s.num_computed + s.new_token_ids.len();
         if total > max_context {
-            return Err(EngineError::ContextOverflow {
-                num_tokens: total,
-                max_context,
-            });
+            return Err(bad(format!(
+                "{total} tokens do not fit the context of {max_context} tokens"
+            )));
         }
         if s.block_table.len() * block_size < total + s.lookahead {
             return Err(bad(format!(

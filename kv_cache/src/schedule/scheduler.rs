@@ -367,6 +367,17 @@ impl<R> Scheduler<R> {
         removed
     }
 
+    /// Ends a running sequence whose run of the last schedule the engine
+    /// failed on its own (the other runs went on): removed with its blocks
+    /// freed and its id released (whether or not the engine knew it). Call
+    /// between `schedule` and `update`; `None` when it is not running.
+    pub fn fail(&mut self, seq_id: SeqId) -> Option<Sequence<R>> {
+        let i = self.running.iter().position(|s| s.seq_id == seq_id)?;
+        let mut seq = self.running.remove(i);
+        seq.engine_knows = true;
+        Some(self.retire(seq))
+    }
+
     /// Engine ids the engine should forget (finished, cancelled, rejected
     /// and preempted sequences it had seen). Drains.
     pub fn take_released(&mut self) -> Vec<SeqId> {

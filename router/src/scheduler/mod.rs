@@ -345,7 +345,13 @@ impl Scheduler {
             .collect();
         self.release_pending().await?;
         let timeout = self.config.step_timeout;
-        let response = self.conn.as_mut().expect("connected").link.step(steps, timeout).await?;
+        let mut response = self.conn.as_mut().expect("connected").link.step(steps, timeout).await?;
+        for failure in std::mem::take(&mut response.failures) {
+            tracing::warn!(engine = self.index, seq = failure.seq_id, reason = %failure.reason, "the engine failed one sequence");
+            if let Some(seq) = self.core().fail(SeqId(failure.seq_id)) {
+                self.finish(seq, Outcome::Error(RouterError::SequenceFailed(failure.reason)));
+            }
+        }
         self.apply_results(response)
     }
 
