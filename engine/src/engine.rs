@@ -44,11 +44,11 @@ impl Default for EngineConfig {
     }
 }
 
-/// Model + KV storage + live sequences (+ speculation).
 /// A step's results, and the sequences it failed for on their own (with
 /// the reason), from [`Engine::step_isolated`].
 pub type StepOutcome = (Vec<SeqResult>, Vec<(SeqId, String)>);
 
+/// Model + KV storage + live sequences (+ speculation).
 pub struct Engine {
     model: Model,
     kv: KvStorage,
