@@ -36,19 +36,12 @@ async fn a_panicking_engine_ends_its_streams_unavailable_reports_not_serving_and
         .await
         .unwrap();
 
-    // Idle engines tie and the first one gets each request, until one
-    // runs into the 20th step, which panics: that stream ends UNAVAILABLE.
-    let mut failed = None;
-    for _ in 0..6 {
-        match run_stream(&mut client, chat_request("Name three colors.", 12)).await {
-            Ok(out) => assert_eq!(out.token_ids, solo.token_ids),
-            Err(status) => {
-                failed = Some(status);
-                break;
-            }
-        }
-    }
-    let status = failed.expect("a request reached the panicking engine");
+    // Idle engines tie and the first one gets each request: this one starts
+    // by step 13 and still runs at step 20, which panics after it streamed
+    // tokens: it ends UNAVAILABLE (a retry could repeat what was sent).
+    let status = run_stream(&mut client, chat_request("Write a long story about a ship.", 60))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
 
     // Crash-only: NOT_SERVING (readiness and liveness), then a non-zero exit.
@@ -235,4 +228,29 @@ async fn one_failing_sequence_fails_its_request_and_the_rest_of_its_step_runs_on
         metric(&cluster.metrics(), "heterospec_requests_total", &["sequence_failed"]),
         1.0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_engine_dies_before_its_first_token_is_retried_on_another() {
+    // Engine 0 panics in its first step: the first request's prompt.
+    let bad = Proc::start(&engine_args("127.0.0.1:0", &["--test-panic-at-step", "1"]));
+    let good = Proc::start(&engine_args("127.0.0.1:0", &[]));
+    let metrics_port = free_port();
+    let router = Proc::start(&router_args(&[bad.url(), good.url()], metrics_port, &[]));
+    wait_health(&router.url(), SERVING, Duration::from_secs(60)).await;
+    wait_health(&bad.url(), SERVING, Duration::from_secs(60)).await;
+    wait_health(&good.url(), SERVING, Duration::from_secs(60)).await;
+    let mut client = connect(&router.url()).await;
+    let retried = run_stream(&mut client, chat_request("Name three colors.", 12))
+        .await
+        .expect("retried on the healthy engine");
+    // Engine 0 is gone now: this one runs on engine 1 from the start.
+    let solo = run_stream(&mut client, chat_request("Name three colors.", 12))
+        .await
+        .unwrap();
+    assert_eq!(retried.token_ids, solo.token_ids);
+    assert_eq!(retried.token_ids.len(), 12);
+    let text = scrape(metrics_port);
+    assert_eq!(metric(&text, "heterospec_requests_retried_total", &[]), 1.0, "{text}");
+    drop((bad, good));
 }

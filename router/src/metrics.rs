@@ -16,6 +16,7 @@ pub const PREEMPTIONS_TOTAL: &str = "heterospec_preemptions_total";
 pub const PREFIX_CACHE_QUERIES_TOTAL: &str = "heterospec_prefix_cache_queries_total";
 pub const PREFIX_CACHE_HITS_TOTAL: &str = "heterospec_prefix_cache_hits_total";
 pub const ENGINE_UP: &str = "heterospec_engine_up";
+pub const REQUESTS_RETRIED_TOTAL: &str = "heterospec_requests_retried_total";
 
 /// Histograms with time buckets (seconds).
 pub const LATENCY_HISTOGRAMS: &[&str] = &[
@@ -70,6 +71,10 @@ pub fn describe() {
     );
     describe_counter!(PREFIX_CACHE_HITS_TOTAL, "Prompt tokens found in the prefix cache.");
     describe_gauge!(ENGINE_UP, "1 when the router is connected to the engine, else 0.");
+    describe_counter!(
+        REQUESTS_RETRIED_TOTAL,
+        "Requests moved to another engine after theirs failed before their first token."
+    );
     // Counters that may stay at zero for a long time still get a series, so
     // dashboards and alerts see 0 rather than no data.
     for name in [
@@ -78,6 +83,7 @@ pub fn describe() {
         GENERATED_TOKENS_TOTAL,
         PREFIX_CACHE_QUERIES_TOTAL,
         PREFIX_CACHE_HITS_TOTAL,
+        REQUESTS_RETRIED_TOTAL,
     ] {
         metrics::counter!(name).increment(0);
     }

@@ -25,7 +25,7 @@ use tonic_health::ServingStatus;
 use crate::discovery::{reconcile, EngineDiscovery};
 use crate::error::RouterError;
 use crate::limits::{RequestLimits, TokenizerPool};
-use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerHandle, Submission};
+use crate::scheduler::{Retry, Scheduler, SchedulerConfig, SchedulerHandle, Submission};
 use crate::tokenizer::TextTokenizer;
 use crate::validate::{validate, ModelLimits, DEFAULT_MAX_NEW_TOKENS, MAX_STOP_STRINGS};
 
@@ -94,6 +94,8 @@ struct State {
     draining: AtomicBool,
     model_name: String,
     next_request_id: AtomicUsize,
+    /// Given to every scheduler: requests to run on another engine.
+    retries: mpsc::UnboundedSender<Retry>,
 }
 
 impl State {
@@ -105,13 +107,49 @@ impl State {
         self.engines().iter().any(|e| e.shared.healthy.load(Ordering::Acquire))
     }
 
-    /// The healthy, not retired engine with the fewest requests.
-    fn pick_engine(&self) -> Option<SchedulerHandle> {
+    /// The healthy, not retired engine with the fewest requests (other
+    /// than engine `except`).
+    fn pick_engine(&self, except: Option<usize>) -> Option<SchedulerHandle> {
         self.engines()
             .iter()
             .filter(|e| e.shared.healthy.load(Ordering::Acquire) && !e.shared.retired.load(Ordering::Acquire))
+            .filter(|e| Some(e.index) != except)
             .min_by_key(|e| e.shared.load.load(Ordering::Acquire))
             .cloned()
+    }
+
+    /// Hands `submission` to `engine`'s scheduler; gives it back when the
+    /// queue is full.
+    fn submit(&self, engine: &SchedulerHandle, submission: Submission) -> Result<(), Box<Submission>> {
+        engine.shared.load.fetch_add(1, Ordering::AcqRel);
+        engine.submit.try_send(submission).map_err(|e| {
+            engine.shared.load.fetch_sub(1, Ordering::AcqRel);
+            match e {
+                mpsc::error::TrySendError::Full(s) | mpsc::error::TrySendError::Closed(s) => Box::new(s),
+            }
+        })
+    }
+
+    /// A request whose engine died before its first token: once more on
+    /// another engine, or `UNAVAILABLE` when there is none.
+    fn retry(&self, retry: Retry) {
+        let refuse = |submission: Submission, e: RouterError| {
+            metrics::counter!(crate::metrics::REQUESTS_TOTAL, "outcome" => e.error_type()).increment(1);
+            let _ = submission.responses.try_send(Err(e.into()));
+        };
+        match self.pick_engine(Some(retry.from)) {
+            Some(engine) => {
+                tracing::info!(from = retry.from, to = engine.index, "request moved to another engine");
+                metrics::counter!(crate::metrics::REQUESTS_RETRIED_TOTAL).increment(1);
+                if let Err(submission) = self.submit(&engine, retry.submission) {
+                    refuse(*submission, RouterError::QueueFull);
+                }
+            }
+            None => refuse(
+                retry.submission,
+                RouterError::EngineUnavailable("the request's engine failed and no other engine is available".into()),
+            ),
+        }
     }
 }
 
@@ -159,18 +197,17 @@ impl Generation for RouterService {
             })
         })?;
         let engine = state
-            .pick_engine()
+            .pick_engine(None)
             .ok_or_else(|| refuse(RouterError::EngineUnavailable("no engine is available".into())))?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        engine.shared.load.fetch_add(1, Ordering::AcqRel);
         let submission = Submission {
             request: validated,
             responses: tx,
             permit,
             arrival,
+            retried: false,
         };
-        if engine.submit.try_send(submission).is_err() {
-            engine.shared.load.fetch_sub(1, Ordering::AcqRel);
+        if state.submit(&engine, submission).is_err() {
             return Err(RouterError::QueueFull.into());
         }
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -222,11 +259,12 @@ pub async fn serve(
     crate::metrics::describe();
     let tokenizer = Arc::new(tokenizer);
     let limits = ModelLimits::new(max_context, tokenizer.vocab_size(), config.max_total_tokens);
+    let (retries, mut retried) = mpsc::unbounded_channel();
     let engines = config
         .engines
         .iter()
         .enumerate()
-        .map(|(i, url)| Scheduler::spawn(i, url.clone(), config.scheduler, tokenizer.clone()))
+        .map(|(i, url)| Scheduler::spawn(i, url.clone(), config.scheduler, tokenizer.clone(), retries.clone()))
         .collect::<Result<Vec<_>, _>>()?;
     let num_static = engines.len();
     let state = Arc::new(State {
@@ -240,6 +278,13 @@ pub async fn serve(
         draining: AtomicBool::new(false),
         model_name: config.model_name.clone(),
         next_request_id: AtomicUsize::new(1),
+        retries,
+    });
+    let retry_state = state.clone();
+    tokio::spawn(async move {
+        while let Some(retry) = retried.recv().await {
+            retry_state.retry(retry);
+        }
     });
 
     if let Some(discovery) = config.discovery.clone() {
@@ -340,7 +385,13 @@ async fn follow_dns(discovery: EngineDiscovery, state: Arc<State>, mut next_inde
                     if let Some(e) = engines.iter().find(|e| e.url == url) {
                         e.shared.retired.store(false, Ordering::Release);
                     } else {
-                        match Scheduler::spawn(next_index, url.clone(), config, state.tokenizer.clone()) {
+                        match Scheduler::spawn(
+                            next_index,
+                            url.clone(),
+                            config,
+                            state.tokenizer.clone(),
+                            state.retries.clone(),
+                        ) {
                             Ok(handle) => {
                                 next_index += 1;
                                 engines.push(handle);

@@ -52,6 +52,15 @@ pub struct Submission {
     /// The router-wide in-flight slot; dropping it gives the slot back.
     pub permit: OwnedSemaphorePermit,
     pub arrival: Instant,
+    /// Already moved once from an engine that died before its first token.
+    pub retried: bool,
+}
+
+/// A request handed back by the scheduler of engine `from`, which died
+/// before the request streamed a token: the dispatcher tries another.
+pub struct Retry {
+    pub from: usize,
+    pub submission: Submission,
 }
 
 /// State shared between a scheduler and the dispatcher.
@@ -69,6 +78,7 @@ pub struct EngineShared {
 /// The dispatcher's handle on one scheduler.
 #[derive(Clone)]
 pub struct SchedulerHandle {
+    pub index: usize,
     pub url: String,
     pub submit: mpsc::Sender<Submission>,
     pub shared: Arc<EngineShared>,
@@ -116,6 +126,8 @@ pub struct Scheduler {
     lease_refused: bool,
     submissions: mpsc::Receiver<Submission>,
     shared: Arc<EngineShared>,
+    /// Requests to run elsewhere (see [`Retry`]).
+    retries: mpsc::UnboundedSender<Retry>,
     /// Shutdown: stop and give the lease back, then answer.
     detach: mpsc::Receiver<oneshot::Sender<()>>,
 }
@@ -127,6 +139,7 @@ impl Scheduler {
         url: String,
         config: SchedulerConfig,
         tokenizer: Arc<TextTokenizer>,
+        retries: mpsc::UnboundedSender<Retry>,
     ) -> Result<SchedulerHandle, String> {
         let endpoint = Endpoint::from_shared(url.clone())
             .map_err(|e| format!("bad engine URL {url}: {e}"))?
@@ -147,10 +160,12 @@ impl Scheduler {
             lease_refused: false,
             submissions: rx,
             shared: shared.clone(),
+            retries,
             detach: detach_rx,
         };
         tokio::spawn(scheduler.run());
         Ok(SchedulerHandle {
+            index,
             url,
             submit: tx,
             shared,
@@ -286,7 +301,8 @@ impl Scheduler {
             self.reject(sub, RouterError::InvalidArgument { field, reason });
             return;
         }
-        let payload = Request::new(sub.request, sub.responses, sub.permit, sub.arrival);
+        let mut payload = Request::new(sub.request, sub.responses, sub.permit, sub.arrival);
+        payload.retried = sub.retried;
         self.core().add(seq, payload).expect("validated above");
     }
 
@@ -449,7 +465,6 @@ impl Scheduler {
         );
     }
 
-    /// The engine is gone: every request on it fails, accounting resets.
     /// Ends the scheduler (see [`SchedulerHandle::detach`]), then answers
     /// `done`.
     async fn stop(&mut self, done: oneshot::Sender<()>) {
@@ -466,12 +481,33 @@ impl Scheduler {
         let _ = done.send(());
     }
 
+    /// The engine is gone: every request on it fails, accounting resets.
+    /// A request that has streamed no token yet goes back to the
+    /// dispatcher once, for another engine (engine-wide failures only).
     fn fail_engine(&mut self, error: RouterError) {
         tracing::warn!(engine = self.index, error = %error, "engine failed; ending its requests");
         self.shared.healthy.store(false, Ordering::Release);
         metrics::gauge!(m::ENGINE_UP, "engine" => self.label.clone()).set(0.0);
         let Some(mut conn) = self.conn.take() else { return };
+        let engine_wide = matches!(error, RouterError::EngineUnavailable(_));
         for seq in conn.core.drain() {
+            let p = &seq.payload;
+            if engine_wide && !p.retried && p.last_token_at.is_none() && !p.responses.is_closed() {
+                self.shared.load.fetch_sub(1, Ordering::AcqRel);
+                let p = seq.payload;
+                let submission = Submission {
+                    request: p.request,
+                    responses: p.responses,
+                    permit: p._permit,
+                    arrival: p.arrival,
+                    retried: true,
+                };
+                let _ = self.retries.send(Retry {
+                    from: self.index,
+                    submission,
+                });
+                continue;
+            }
             self.finish(seq, Outcome::Error(error.clone()));
         }
         // Attaching again makes the engine release what it still holds.

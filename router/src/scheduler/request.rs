@@ -51,6 +51,8 @@ pub(crate) struct Request {
     pending: Option<pb::GenerateResponse>,
     /// This step's response, built while committing, sent after it.
     pub step_response: Option<pb::GenerateResponse>,
+    /// Moved here from an engine that died before its first token.
+    pub retried: bool,
 }
 
 impl Request {
@@ -71,6 +73,7 @@ impl Request {
             last_token_at: None,
             pending: None,
             step_response: None,
+            retried: false,
         }
     }
 
