@@ -20,6 +20,7 @@ use heterospec_proto::engine::v1::engine_server::EngineServer;
 use heterospec_router::discovery::EngineDiscovery;
 use heterospec_router::limits::RequestLimits;
 use heterospec_router::scheduler::SchedulerConfig;
+use heterospec_router::security::{client_tls, AuthTokens, TlsFiles};
 use heterospec_router::server::RouterConfig;
 use heterospec_router::TextTokenizer;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -59,6 +60,16 @@ pub struct EngineProcessArgs {
     /// own, to prove that the others of its step run on.
     #[arg(long, hide = true)]
     pub test_poison_token: Option<u32>,
+    /// TLS certificate (PEM) of the engine port; with --tls-key.
+    #[arg(long, env = "HETEROSPEC_ENGINE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) of the engine port.
+    #[arg(long, env = "HETEROSPEC_ENGINE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) routers' client certificates must chain to (mutual TLS:
+    /// only routers holding such a certificate may call the engine).
+    #[arg(long, env = "HETEROSPEC_ENGINE_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -102,6 +113,20 @@ pub struct RouterArgs {
     /// Prompt plus output tokens per request (default: the model's context).
     #[arg(long, env = "HETEROSPEC_MAX_TOTAL_TOKENS")]
     pub max_total_tokens: Option<usize>,
+    /// TLS certificate (PEM) of the public port; with --tls-key.
+    #[arg(long, env = "HETEROSPEC_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) of the public port.
+    #[arg(long, env = "HETEROSPEC_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) client certificates must chain to: mutual TLS on the
+    /// public port.
+    #[arg(long, env = "HETEROSPEC_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Bearer tokens Generate and ModelInfo require, one per line
+    /// (`authorization: Bearer <token>`); health and reflection stay open.
+    #[arg(long, env = "HETEROSPEC_AUTH_TOKENS_FILE")]
+    pub auth_tokens_file: Option<PathBuf>,
 }
 
 impl RouterArgs {
@@ -128,7 +153,35 @@ impl RouterArgs {
         if let Some(n) = self.max_total_tokens {
             args.extend(["--max-total-tokens".to_string(), n.to_string()]);
         }
+        for (flag, path) in [
+            ("--tls-cert", &self.tls_cert),
+            ("--tls-key", &self.tls_key),
+            ("--tls-client-ca", &self.tls_client_ca),
+            ("--auth-tokens-file", &self.auth_tokens_file),
+        ] {
+            if let Some(path) = path {
+                args.extend([flag.to_string(), path.display().to_string()]);
+            }
+        }
         args
+    }
+
+    /// TLS of the public port and the bearer tokens, from the flags.
+    fn security(&self) -> Result<(Option<TlsFiles>, Option<AuthTokens>)> {
+        let tls = TlsFiles::from_flags(
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+            self.tls_client_ca.clone(),
+            "",
+        )
+        .map_err(anyhow::Error::msg)?;
+        let auth = self
+            .auth_tokens_file
+            .as_deref()
+            .map(AuthTokens::from_file)
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        Ok((tls, auth))
     }
 
     pub fn request_limits(&self) -> RequestLimits {
@@ -168,6 +221,16 @@ pub struct RouterProcessArgs {
     /// The model file (the router reads its tokenizer and chat template).
     #[arg(long, env = "HETEROSPEC_MODEL", default_value_os_t = crate::fetch::default_model_path())]
     pub model: PathBuf,
+    /// CA (PEM) the engines' certificates chain to: TLS to engines (their
+    /// URLs then start with https://).
+    #[arg(long, env = "HETEROSPEC_ENGINE_TLS_CA")]
+    pub engine_tls_ca: Option<PathBuf>,
+    /// This router's client certificate (PEM) for engines that require
+    /// mutual TLS; with --engine-tls-key.
+    #[arg(long, env = "HETEROSPEC_ENGINE_TLS_CERT")]
+    pub engine_tls_cert: Option<PathBuf>,
+    #[arg(long, env = "HETEROSPEC_ENGINE_TLS_KEY")]
+    pub engine_tls_key: Option<PathBuf>,
     #[command(flatten)]
     pub router: RouterArgs,
 }
@@ -231,6 +294,13 @@ pub fn run_engine(args: EngineProcessArgs) -> Result<()> {
         panic_at_step: args.test_panic_at_step,
     };
     let health = Arc::new(EngineHealth::new(Duration::from_secs(args.step_timeout_secs)));
+    let tls = TlsFiles::from_flags(
+        args.tls_cert.clone(),
+        args.tls_key.clone(),
+        args.tls_client_ca.clone(),
+        "",
+    )
+    .map_err(anyhow::Error::msg)?;
     // The forward runs on its own thread pool; the runtime only does I/O.
     runtime(1)?.block_on(async move {
         if let Some(addr) = args.metrics_listen {
@@ -248,8 +318,12 @@ pub fn run_engine(args: EngineProcessArgs) -> Result<()> {
         let reporting = health.clone();
         tokio::spawn(async move { reporting.report(reporter, service_name).await });
         let slot = EngineSlot::default();
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &tls {
+            builder = builder.tls_config(tls.server_config().map_err(anyhow::Error::msg)?)?;
+        }
         let server = tokio::spawn(
-            tonic::transport::Server::builder()
+            builder
                 .add_service(health_service)
                 .add_service(slot.clone().into_service())
                 .serve_with_incoming_shutdown(
@@ -280,6 +354,19 @@ pub fn run_router(args: RouterProcessArgs) -> Result<()> {
         .map(|spec| EngineDiscovery::parse(spec, Duration::from_secs(args.engine_dns_interval_secs.max(1))))
         .transpose()
         .map_err(anyhow::Error::msg)?;
+    let (tls, auth) = args.router.security()?;
+    let engine_tls = match (&args.engine_tls_ca, &args.engine_tls_cert, &args.engine_tls_key) {
+        (None, None, None) => None,
+        (Some(ca), cert, key) => {
+            let identity = match (cert, key) {
+                (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+                (None, None) => None,
+                _ => bail!("--engine-tls-cert and --engine-tls-key go together"),
+            };
+            Some(client_tls(ca, identity).map_err(anyhow::Error::msg)?)
+        }
+        _ => bail!("--engine-tls-cert and --engine-tls-key need --engine-tls-ca"),
+    };
     let config = RouterConfig {
         engines: args.engines.clone(),
         discovery,
@@ -293,6 +380,9 @@ pub fn run_router(args: RouterProcessArgs) -> Result<()> {
         drain_timeout: Duration::from_secs(args.router.drain_timeout_secs),
         limits: args.router.request_limits(),
         max_total_tokens: args.router.max_total_tokens,
+        tls,
+        engine_tls,
+        auth,
     };
     config.validate().map_err(anyhow::Error::msg)?;
     runtime(2)?.block_on(async move {

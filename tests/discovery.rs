@@ -84,6 +84,9 @@ async fn engines_added_and_removed_behind_a_name_are_followed_without_losing_req
         drain_timeout: Duration::from_secs(5),
         limits: Default::default(),
         max_total_tokens: None,
+        tls: None,
+        engine_tls: None,
+        auth: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

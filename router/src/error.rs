@@ -31,6 +31,9 @@ pub enum RouterError {
     EngineUnavailable(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// No valid bearer token (the message never says which part failed).
+    #[error("a valid bearer token is required (authorization: Bearer <token>)")]
+    Unauthenticated,
     /// The engine refused a step or broke the step contract.
     #[error("{0}")]
     EngineContract(String),
@@ -55,6 +58,7 @@ impl RouterError {
             RouterError::EngineContract(_) => "unavailable",
             RouterError::Detokenize(_) => "detokenize",
             RouterError::SequenceFailed(_) => "sequence_failed",
+            RouterError::Unauthenticated => "unauthenticated",
         }
     }
 }
@@ -64,6 +68,7 @@ impl From<RouterError> for Status {
         let message = e.to_string();
         match e {
             RouterError::InvalidArgument { .. } => Status::invalid_argument(message),
+            RouterError::Unauthenticated => Status::unauthenticated(message),
             RouterError::TooManyRequests { .. }
             | RouterError::PromptBytesExhausted { .. }
             | RouterError::KvExhausted => Status::resource_exhausted(message),

@@ -8,6 +8,7 @@ pub mod limits;
 pub mod metrics;
 pub mod output;
 pub mod scheduler;
+pub mod security;
 pub mod server;
 pub mod tokenizer;
 pub mod validate;

@@ -26,6 +26,7 @@ use crate::discovery::{reconcile, EngineDiscovery};
 use crate::error::RouterError;
 use crate::limits::{RequestLimits, TokenizerPool};
 use crate::scheduler::{Retry, Scheduler, SchedulerConfig, SchedulerHandle, Submission};
+use crate::security::{AuthTokens, TlsFiles};
 use crate::tokenizer::TextTokenizer;
 use crate::validate::{validate, ModelLimits, DEFAULT_MAX_NEW_TOKENS, MAX_STOP_STRINGS};
 
@@ -53,6 +54,13 @@ pub struct RouterConfig {
     pub limits: RequestLimits,
     /// Prompt plus output tokens per request, below the model's context.
     pub max_total_tokens: Option<usize>,
+    /// TLS on the public port (optionally requiring client certificates).
+    pub tls: Option<TlsFiles>,
+    /// TLS to the engines (their URLs then start with https://).
+    pub engine_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Bearer tokens `Generate` and `ModelInfo` require; health and
+    /// reflection stay open (probes carry no token).
+    pub auth: Option<AuthTokens>,
 }
 
 impl RouterConfig {
@@ -96,6 +104,7 @@ struct State {
     next_request_id: AtomicUsize,
     /// Given to every scheduler: requests to run on another engine.
     retries: mpsc::UnboundedSender<Retry>,
+    engine_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl State {
@@ -264,7 +273,16 @@ pub async fn serve(
         .engines
         .iter()
         .enumerate()
-        .map(|(i, url)| Scheduler::spawn(i, url.clone(), config.scheduler, tokenizer.clone(), retries.clone()))
+        .map(|(i, url)| {
+            Scheduler::spawn(
+                i,
+                url.clone(),
+                config.scheduler,
+                tokenizer.clone(),
+                retries.clone(),
+                config.engine_tls.clone(),
+            )
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let num_static = engines.len();
     let state = Arc::new(State {
@@ -279,6 +297,7 @@ pub async fn serve(
         model_name: config.model_name.clone(),
         next_request_id: AtomicUsize::new(1),
         retries,
+        engine_tls: config.engine_tls.clone(),
     });
     let retry_state = state.clone();
     tokio::spawn(async move {
@@ -348,10 +367,20 @@ pub async fn serve(
     };
 
     let service = RouterService { state };
-    let server = tonic::transport::Server::builder()
+    let generation = GenerationServer::new(service).max_decoding_message_size(config.limits.max_request_bytes);
+    let auth = config.auth.clone();
+    let generation = tonic::service::interceptor::InterceptedService::new(generation, move |request| match &auth {
+        Some(tokens) => tokens.check(request),
+        None => Ok(request),
+    });
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(tls.server_config()?)?;
+    }
+    let server = builder
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(GenerationServer::new(service).max_decoding_message_size(config.limits.max_request_bytes))
+        .add_service(generation)
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             stop,
@@ -391,6 +420,7 @@ async fn follow_dns(discovery: EngineDiscovery, state: Arc<State>, mut next_inde
                             config,
                             state.tokenizer.clone(),
                             state.retries.clone(),
+                            state.engine_tls.clone(),
                         ) {
                             Ok(handle) => {
                                 next_index += 1;

@@ -23,7 +23,7 @@ use heterospec_kv::SeqId;
 use heterospec_proto::engine::v1 as epb;
 use heterospec_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
-use tonic::transport::Endpoint;
+use tonic::transport::{ClientTlsConfig, Endpoint};
 
 use crate::error::RouterError;
 use crate::metrics as m;
@@ -140,11 +140,17 @@ impl Scheduler {
         config: SchedulerConfig,
         tokenizer: Arc<TextTokenizer>,
         retries: mpsc::UnboundedSender<Retry>,
+        tls: Option<ClientTlsConfig>,
     ) -> Result<SchedulerHandle, String> {
-        let endpoint = Endpoint::from_shared(url.clone())
+        let mut endpoint = Endpoint::from_shared(url.clone())
             .map_err(|e| format!("bad engine URL {url}: {e}"))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true);
+        if let Some(tls) = tls {
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| format!("engine TLS for {url}: {e}"))?;
+        }
         let (tx, rx) = mpsc::channel(SUBMIT_QUEUE);
         let (detach_tx, detach_rx) = mpsc::channel(1);
         let shared = Arc::new(EngineShared::default());
