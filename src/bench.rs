@@ -41,6 +41,8 @@ pub enum BenchCommand {
     Serve(crate::bench_serve::ServeBenchArgs),
     /// Speculation: plain, chain, fixed tree and HeteroSpec side by side.
     Spec(crate::bench_spec::SpecBenchArgs),
+    /// Many concurrent streams for a while, some cancelled: nothing lost.
+    Soak(crate::bench_soak::SoakArgs),
 }
 
 #[derive(Debug, Args)]
@@ -148,6 +150,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Forward(args) => forward(args),
         BenchCommand::Serve(args) => crate::bench_serve::run(args),
         BenchCommand::Spec(args) => crate::bench_spec::run(args),
+        BenchCommand::Soak(args) => crate::bench_soak::run(args),
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_serve;
+mod bench_soak;
 mod bench_spec;
 mod calibrate;
 mod client;
