@@ -71,7 +71,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     let value: f64 = number
         .parse()
         .map_err(|_| format!("`{s}` is not a duration (e.g. 120s, 2m)"))?;
-    if !(value > 0.0) {
+    if !value.is_finite() || value <= 0.0 {
         return Err("the duration must be positive".into());
     }
     Ok(Duration::from_secs_f64(value * unit))
