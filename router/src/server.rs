@@ -370,7 +370,10 @@ pub async fn serve(
     let generation = GenerationServer::new(service).max_decoding_message_size(config.limits.max_request_bytes);
     let auth = config.auth.clone();
     let generation = tonic::service::interceptor::InterceptedService::new(generation, move |request| match &auth {
-        Some(tokens) => tokens.check(request),
+        Some(tokens) => tokens.check(request).inspect_err(|_| {
+            metrics::counter!(crate::metrics::REQUESTS_TOTAL, "outcome" => RouterError::Unauthenticated.error_type())
+                .increment(1);
+        }),
         None => Ok(request),
     });
     let mut builder = tonic::transport::Server::builder();
@@ -408,6 +411,14 @@ async fn follow_dns(discovery: EngineDiscovery, state: Arc<State>, mut next_inde
     loop {
         match discovery.lookup().await {
             Ok(resolved) => {
+                // Engines behind TLS are reached at https:// URLs.
+                let resolved: BTreeSet<String> = match state.engine_tls {
+                    Some(_) => resolved
+                        .into_iter()
+                        .map(|u| u.replacen("http://", "https://", 1))
+                        .collect(),
+                    None => resolved,
+                };
                 let (add, retire) = reconcile(&known, &resolved);
                 let mut engines = state.engines.write().unwrap_or_else(|e| e.into_inner());
                 for url in add {
