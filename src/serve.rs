@@ -231,6 +231,10 @@ pub struct RouterProcessArgs {
     pub engine_tls_cert: Option<PathBuf>,
     #[arg(long, env = "HETEROSPEC_ENGINE_TLS_KEY")]
     pub engine_tls_key: Option<PathBuf>,
+    /// Name the engines' certificates carry (default: the host of each
+    /// engine URL; engines found by --engine-dns are dialled by IP).
+    #[arg(long, env = "HETEROSPEC_ENGINE_TLS_SERVER_NAME")]
+    pub engine_tls_server_name: Option<String>,
     #[command(flatten)]
     pub router: RouterArgs,
 }
@@ -363,7 +367,7 @@ pub fn run_router(args: RouterProcessArgs) -> Result<()> {
                 (None, None) => None,
                 _ => bail!("--engine-tls-cert and --engine-tls-key go together"),
             };
-            Some(client_tls(ca, identity).map_err(anyhow::Error::msg)?)
+            Some(client_tls(ca, identity, args.engine_tls_server_name.as_deref()).map_err(anyhow::Error::msg)?)
         }
         _ => bail!("--engine-tls-cert and --engine-tls-key need --engine-tls-ca"),
     };

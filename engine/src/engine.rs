@@ -217,7 +217,6 @@ impl Engine {
         Ok(results)
     }
 
-    /// Forgets a sequence. Its KV blocks belong to the caller's pool.
     /// [`Engine::step`], leaving out each sequence the step fails for on
     /// its own (a [`EngineError::BadSequence`]: a bad token id, a block
     /// table that does not fit, accounting that disagrees): such a sequence
@@ -226,25 +225,30 @@ impl Engine {
     /// sequence is the step the others would have had. Other errors fail
     /// the whole step.
     pub fn step_isolated(&mut self, seqs: &[SeqStep]) -> Result<StepOutcome> {
-        let mut seqs = seqs.to_vec();
+        // A copy only once something failed.
+        let mut rest: Option<Vec<SeqStep>> = None;
         let mut failed = Vec::new();
         loop {
-            match self.step(&seqs) {
+            let current = rest.as_deref().unwrap_or(seqs);
+            match self.step(current) {
                 Ok(results) => return Ok((results, failed)),
-                Err(EngineError::BadSequence { seq_id, reason }) if seqs.iter().any(|s| s.seq_id.0 == seq_id) => {
+                Err(EngineError::BadSequence { seq_id, reason }) if current.iter().any(|s| s.seq_id.0 == seq_id) => {
                     tracing::warn!(seq = seq_id, %reason, "a sequence failed alone; the step runs without it");
-                    seqs.retain(|s| s.seq_id.0 != seq_id);
+                    let mut left = rest.take().unwrap_or_else(|| seqs.to_vec());
+                    left.retain(|s| s.seq_id.0 != seq_id);
                     let _ = self.release(SeqId(seq_id));
                     failed.push((SeqId(seq_id), reason));
-                    if seqs.is_empty() {
+                    if left.is_empty() {
                         return Ok((Vec::new(), failed));
                     }
+                    rest = Some(left);
                 }
                 Err(e) => return Err(e),
             }
         }
     }
 
+    /// Forgets a sequence. Its KV blocks belong to the caller's pool.
     pub fn release(&mut self, seq_id: SeqId) -> Result<()> {
         if let Some(spec) = &mut self.spec {
             spec.drafter.release(seq_id);

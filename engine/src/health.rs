@@ -8,6 +8,9 @@
 //! thread is crash-only: the thread answers what it holds with an error,
 //! the probes turn NOT_SERVING, and the process exits non-zero so that the
 //! orchestrator restarts it.
+//!
+//! Invariant: readiness implies liveness, and neither is reported
+//! SERVING once the engine thread has ended.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};

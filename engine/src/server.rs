@@ -256,7 +256,8 @@ impl From<EngineError> for Status {
             EngineError::BadSequence { .. } | EngineError::BadStep(_) | EngineError::Config(_) => {
                 Status::invalid_argument(e.to_string())
             }
-            EngineError::Panicked(_) => Status::unavailable(e.to_string()),
+            // Details stay in the engine's log.
+            EngineError::Panicked(_) => Status::unavailable("the engine failed and is restarting"),
             _ => Status::internal(e.to_string()),
         }
     }

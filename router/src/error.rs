@@ -2,9 +2,10 @@
 //!
 //! Every status the router sends is built here: a bad field is
 //! `INVALID_ARGUMENT` naming it, capacity is `RESOURCE_EXHAUSTED`, a lost or
-//! absent engine (or a draining server) is `UNAVAILABLE`, and our own broken
-//! invariants are `INTERNAL`. `error_type()` is the stable label the
-//! `heterospec_requests_total{outcome}` metric uses.
+//! absent engine (or a draining server) is `UNAVAILABLE`, a missing or wrong
+//! bearer token is `UNAUTHENTICATED`, and our own broken invariants (and a
+//! sequence the engine failed on its own) are `INTERNAL`. `error_type()` is
+//! the stable label the `heterospec_requests_total{outcome}` metric uses.
 
 use tonic::Status;
 

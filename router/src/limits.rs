@@ -123,27 +123,33 @@ impl TokenizerPool {
     }
 
     /// Runs `work` (tokenizing a prompt of `bytes`) on a blocking thread,
-    /// holding `bytes` of the budget meanwhile; refused at once when the
+    /// holding `bytes` of the budget and a thread permit until the work
+    /// ends (even when the caller stops waiting); refused at once when the
     /// budget is spent rather than queued.
     pub async fn run<T: Send + 'static>(
         &self,
         bytes: usize,
         work: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let _budget = self
+        let budget = self
             .bytes
             .clone()
             .try_acquire_many_owned(bytes as u32)
             .map_err(|_| RouterError::PromptBytesExhausted { max: self.max_inflight })?;
-        let _thread = self
+        let thread = self
             .threads
             .clone()
             .acquire_owned()
             .await
             .map_err(|_| RouterError::ShuttingDown)?;
-        tokio::task::spawn_blocking(work)
-            .await
-            .map_err(|e| RouterError::Tokenizer(format!("tokenization did not finish: {e}")))?
+        // The permits go with the work: a client that hangs up mid-way
+        // drops this future, not the thread, which holds them to the end.
+        tokio::task::spawn_blocking(move || {
+            let _held = (budget, thread);
+            work()
+        })
+        .await
+        .map_err(|e| RouterError::Tokenizer(format!("tokenization did not finish: {e}")))?
     }
 }
 

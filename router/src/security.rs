@@ -59,8 +59,17 @@ impl TlsFiles {
 
 /// TLS for connections to engines: the CA their certificates chain to and,
 /// for mutual TLS, this router's certificate and key.
-pub fn client_tls(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<ClientTlsConfig, String> {
+/// `server_name`: the name engines' certificates carry, when it is not the
+/// host of their URLs (engines found by DNS are dialled by IP address).
+pub fn client_tls(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+    server_name: Option<&str>,
+) -> Result<ClientTlsConfig, String> {
     let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca, "engine CA")?));
+    if let Some(name) = server_name {
+        config = config.domain_name(name);
+    }
     if let Some((cert, key)) = identity {
         config = config.identity(Identity::from_pem(
             read(cert, "engine client certificate")?,
@@ -112,8 +121,9 @@ impl AuthTokens {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(|t| digest(t.trim().as_bytes()));
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| digest(t.trim().as_bytes()));
         let Some(presented) = presented else {
             return Err(RouterError::Unauthenticated.into());
         };
@@ -150,6 +160,10 @@ mod tests {
         let tokens = AuthTokens::from_file(&path).unwrap();
         assert!(tokens.check(with_auth(Some("Bearer alpha-123"))).is_ok());
         assert!(tokens.check(with_auth(Some("Bearer beta-456"))).is_ok());
+        assert!(
+            tokens.check(with_auth(Some("bearer alpha-123"))).is_ok(),
+            "the scheme is case-insensitive"
+        );
         for bad in [
             None,
             Some("Bearer alpha-12"),

@@ -83,6 +83,13 @@ impl RouterConfig {
         if self.scheduler.max_running == 0 {
             return Err("--max-running must be at least 1".into());
         }
+        if self.engine_tls.is_some() {
+            if let Some(url) = self.engines.iter().find(|u| !u.starts_with("https://")) {
+                return Err(format!(
+                    "engine URL {url} is not https:// but --engine-tls-ca asks for TLS to engines"
+                ));
+            }
+        }
         if self.max_total_tokens.is_some_and(|n| n < 2) {
             return Err("--max-total-tokens must be at least 2".into());
         }
@@ -181,9 +188,9 @@ impl Generation for RouterService {
         if state.draining.load(Ordering::Acquire) {
             return Err(RouterError::ShuttingDown.into());
         }
-        // Whatever validation refuses counts as a bad request.
+        // Whatever validation refuses counts under its own error type.
         let invalid = |e: RouterError| -> Status {
-            metrics::counter!(crate::metrics::REQUESTS_TOTAL, "outcome" => "invalid_argument").increment(1);
+            metrics::counter!(crate::metrics::REQUESTS_TOTAL, "outcome" => e.error_type()).increment(1);
             e.into()
         };
         let request = request.into_inner();
@@ -197,6 +204,10 @@ impl Generation for RouterService {
                 RouterError::PromptBytesExhausted { .. } => refuse(e),
                 e => invalid(e),
             })?;
+        // Shutdown may have begun while the prompt was tokenized.
+        if state.draining.load(Ordering::Acquire) {
+            return Err(refuse(RouterError::ShuttingDown));
+        }
         if validated.request_id.is_empty() {
             validated.request_id = format!("req-{}", state.next_request_id.fetch_add(1, Ordering::Relaxed));
         }
@@ -355,11 +366,17 @@ pub async fn serve(
         tracing::info!("shutting down: draining in-flight requests");
         // Every permit back means every request has ended.
         let all = drain_state.max_concurrent as u32;
-        let _ = tokio::time::timeout(drain_timeout, drain_state.active.acquire_many(all)).await;
-        // Give every KV lease back, so a router started next serves at once.
+        // The permits stay taken: nothing is admitted from here on.
+        let _drained = tokio::time::timeout(drain_timeout, drain_state.active.acquire_many(all)).await;
+        // Give every KV lease back (all engines at once, each bounded), so
+        // a router started next serves at once.
         let engines = drain_state.engines().clone();
-        for engine in &engines {
-            engine.detach().await;
+        let detaching: Vec<_> = engines
+            .into_iter()
+            .map(|engine| tokio::spawn(async move { engine.detach().await }))
+            .collect();
+        for d in detaching {
+            let _ = d.await;
         }
         // Let the last responses leave before connections close.
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -471,10 +471,16 @@ impl Scheduler {
         );
     }
 
-    /// Ends the scheduler (see [`SchedulerHandle::detach`]), then answers
-    /// `done`.
+    /// Ends the scheduler (see [`SchedulerHandle::detach`]): queued
+    /// submissions and running requests end `UNAVAILABLE`, the lease goes
+    /// back; then answers `done`.
     async fn stop(&mut self, done: oneshot::Sender<()>) {
         self.shared.healthy.store(false, Ordering::Release);
+        // Nothing new gets in; what already did is refused, not dropped.
+        self.submissions.close();
+        while let Ok(sub) = self.submissions.try_recv() {
+            self.reject(sub, RouterError::ShuttingDown);
+        }
         if let Some(mut conn) = self.conn.take() {
             for seq in conn.core.drain() {
                 self.finish(seq, Outcome::Error(RouterError::ShuttingDown));
