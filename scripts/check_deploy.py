@@ -1,7 +1,9 @@
 """Checks the deployment files in deploy/ (run by tests/deploy.rs).
 
-- every built-in Kubernetes manifest of the base and of the CPU overlay (its
-  JSON patches applied here) validates with `kubernetes-validate --strict`;
+- every built-in Kubernetes manifest of the base and of the CPU and TLS
+  overlays (their JSON patches applied here) validates with
+  `kubernetes-validate --strict`; the TLS overlay mounts its Secret and
+  moves every probe to the plaintext health-only port;
 - the Prometheus Operator resources (ServiceMonitor, PodMonitor) have the
   fields the operator requires, and their ports exist;
 - the kustomizations list exactly the files that exist;
@@ -25,6 +27,7 @@ import yaml
 
 BASE = "deploy/k8s/base"
 OVERLAY = "deploy/k8s/overlays/cpu"
+TLS_OVERLAY = "deploy/k8s/overlays/tls"
 K8S_VERSION = "1.30.0"
 CRD_KINDS = {"ServiceMonitor", "PodMonitor"}
 failures = []
@@ -237,6 +240,41 @@ def main():
     if f"{name}:{tag}" != "heterospec:cpu":
         fail(f"the CPU overlay's engines run {name}:{tag}, not the CPU image")
 
+    # TLS overlay: patches apply, result validates; every workload mounts
+    # the Secret, takes TLS flags, and probes a plaintext health-only port
+    # that is one of its container ports and its --health-listen.
+    tls_over = load(f"{TLS_OVERLAY}/kustomization.yaml")[0]
+    if tls_over["resources"] != ["../../base"]:
+        fail("the TLS overlay must build on ../../base")
+    tls_patched = []
+    for d in builtin:
+        for p in tls_over.get("patches", []):
+            t = p["target"]
+            if d["kind"] == t["kind"] and d["metadata"]["name"] == t["name"]:
+                d = json_pointer_apply(d, yaml.safe_load(p["patch"]))
+        tls_patched.append(d)
+    validate(tls_patched, "tls overlay")
+    for d in tls_patched:
+        if d["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        spec = d["spec"]["template"]["spec"]
+        c = spec["containers"][0]
+        name = d["metadata"]["name"]
+        if not any(v.get("secret", {}).get("secretName") == "heterospec-tls" for v in spec.get("volumes", [])):
+            fail(f"TLS overlay: {name} does not mount the heterospec-tls Secret")
+        if not any(a.startswith("--tls-cert=") for a in c["args"]):
+            fail(f"TLS overlay: {name} serves without --tls-cert")
+        listen = [a.split(":")[-1] for a in c["args"] if a.startswith("--health-listen=")]
+        ports = {p["containerPort"] for p in c["ports"]}
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if probe in c:
+                port = c[probe]["grpc"]["port"]
+                if port not in ports or [str(port)] != listen:
+                    fail(f"TLS overlay: {name} {probe} port {port} is not its --health-listen container port")
+    router = next(d for d in tls_patched if d["kind"] == "Deployment")
+    if not any(a.startswith("--engine-tls-ca=") for a in router["spec"]["template"]["spec"]["containers"][0]["args"]):
+        fail("TLS overlay: the router does not talk TLS to engines")
+
     # Grafana dashboard.
     with open("deploy/grafana/heterospec-dashboard.json") as f:
         dash = json.load(f)
@@ -247,7 +285,7 @@ def main():
     if failures:
         print("\n".join(failures))
         sys.exit(1)
-    print(f"deploy files OK: {len(docs)} base manifests, CPU overlay, dashboard with {len(dash['panels'])} panels")
+    print(f"deploy files OK: {len(docs)} base manifests, CPU and TLS overlays, dashboard with {len(dash['panels'])} panels")
 
 
 if __name__ == "__main__":

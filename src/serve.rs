@@ -70,6 +70,10 @@ pub struct EngineProcessArgs {
     /// only routers holding such a certificate may call the engine).
     #[arg(long, env = "HETEROSPEC_ENGINE_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Also serve grpc.health.v1 alone, in plaintext, on this address (for
+    /// Kubernetes' gRPC probes when the engine port takes TLS).
+    #[arg(long, env = "HETEROSPEC_ENGINE_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -127,6 +131,10 @@ pub struct RouterArgs {
     /// (`authorization: Bearer <token>`); health and reflection stay open.
     #[arg(long, env = "HETEROSPEC_AUTH_TOKENS_FILE")]
     pub auth_tokens_file: Option<PathBuf>,
+    /// Also serve grpc.health.v1 alone, in plaintext, on this address (for
+    /// Kubernetes' gRPC probes when the public port takes TLS).
+    #[arg(long, env = "HETEROSPEC_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
 }
 
 impl RouterArgs {
@@ -152,6 +160,9 @@ impl RouterArgs {
         .collect();
         if let Some(n) = self.max_total_tokens {
             args.extend(["--max-total-tokens".to_string(), n.to_string()]);
+        }
+        if let Some(addr) = self.health_listen {
+            args.extend(["--health-listen".to_string(), addr.to_string()]);
         }
         for (flag, path) in [
             ("--tls-cert", &self.tls_cert),
@@ -321,6 +332,11 @@ pub fn run_engine(args: EngineProcessArgs) -> Result<()> {
         let service_name = <EngineServer<EngineSlot> as tonic::server::NamedService>::NAME;
         let reporting = health.clone();
         tokio::spawn(async move { reporting.report(reporter, service_name).await });
+        if let Some(addr) = args.health_listen {
+            heterospec_router::server::serve_health_only(addr, health_service.clone())
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+        }
         let slot = EngineSlot::default();
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = &tls {
@@ -387,6 +403,7 @@ pub fn run_router(args: RouterProcessArgs) -> Result<()> {
         tls,
         engine_tls,
         auth,
+        health_listen: args.router.health_listen,
     };
     config.validate().map_err(anyhow::Error::msg)?;
     runtime(2)?.block_on(async move {

@@ -87,6 +87,7 @@ async fn engines_added_and_removed_behind_a_name_are_followed_without_losing_req
         tls: None,
         engine_tls: None,
         auth: None,
+        health_listen: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

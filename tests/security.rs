@@ -104,9 +104,13 @@ async fn generate(
 async fn tls_tokens_and_mutual_tls_to_the_engine() {
     let dir: PathBuf = std::env::temp_dir().join(format!("heterospec-pki-{}", std::process::id()));
     write_pki(&dir);
+    // Plaintext health-only ports, for probes that cannot speak TLS.
+    let (engine_health, router_health) = (free_port(), free_port());
     let engine = Proc::start(&engine_args(
         "127.0.0.1:0",
         &[
+            "--health-listen",
+            &format!("127.0.0.1:{engine_health}"),
             "--tls-cert",
             &path(&dir, "server.pem"),
             "--tls-key",
@@ -120,6 +124,8 @@ async fn tls_tokens_and_mutual_tls_to_the_engine() {
         std::slice::from_ref(&engine_url),
         free_port(),
         &[
+            "--health-listen",
+            &format!("127.0.0.1:{router_health}"),
             "--engine-tls-ca",
             &path(&dir, "ca.pem"),
             "--engine-tls-cert",
@@ -142,6 +148,20 @@ async fn tls_tokens_and_mutual_tls_to_the_engine() {
         assert!(Instant::now() < deadline, "the router did not become SERVING over TLS");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // The same status on the plaintext health ports.
+    assert_eq!(
+        health_status(&format!("http://127.0.0.1:{router_health}")).await,
+        SERVING
+    );
+    assert_eq!(
+        health_status(&format!("http://127.0.0.1:{engine_health}")).await,
+        SERVING
+    );
+    assert_eq!(
+        service_health(&format!("http://127.0.0.1:{engine_health}"), "liveness").await,
+        SERVING
+    );
 
     let mut client = GenerationClient::new(tls_channel(&url, &dir, false).await.unwrap());
     let solo = generate(&mut client, Some("secret-token-1"), "Name three colors.")

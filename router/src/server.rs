@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::ServingStatus;
 
 use crate::discovery::{reconcile, EngineDiscovery};
@@ -61,6 +62,9 @@ pub struct RouterConfig {
     /// Bearer tokens `Generate` and `ModelInfo` require; health and
     /// reflection stay open (probes carry no token).
     pub auth: Option<AuthTokens>,
+    /// Also serve `grpc.health.v1` alone, in plaintext, here (for probes
+    /// that cannot speak TLS).
+    pub health_listen: Option<std::net::SocketAddr>,
 }
 
 impl RouterConfig {
@@ -351,6 +355,10 @@ pub async fn serve(
         }
     });
 
+    if let Some(addr) = config.health_listen {
+        serve_health_only(addr, health_service.clone()).await?;
+    }
+
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(heterospec_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
@@ -417,6 +425,19 @@ pub async fn serve(
             }
         } => tracing::warn!("connections still open after the drain; closing them"),
     }
+    Ok(())
+}
+
+/// Serves `health` (a `grpc.health.v1` service) alone, in plaintext, on
+/// `addr` until the process ends: the port Kubernetes' gRPC probes use when
+/// the main port takes TLS.
+pub async fn serve_health_only<T: Health>(addr: std::net::SocketAddr, health: HealthServer<T>) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
     Ok(())
 }
 
