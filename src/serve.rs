@@ -60,6 +60,10 @@ pub struct EngineProcessArgs {
     /// own, to prove that the others of its step run on.
     #[arg(long, hide = true)]
     pub test_poison_token: Option<u32>,
+    /// Tests only: drafting fails in a step whose new tokens hold this id,
+    /// to prove that the step then decodes plainly and loses nothing.
+    #[arg(long, hide = true)]
+    pub test_poison_draft_token: Option<u32>,
     /// TLS certificate (PEM) of the engine port; with --tls-key.
     #[arg(long, env = "HETEROSPEC_ENGINE_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -354,6 +358,7 @@ pub fn run_engine(args: EngineProcessArgs) -> Result<()> {
         let (engine_args, model) = (args.engine.clone(), args.model.clone());
         let mut engine = tokio::task::spawn_blocking(move || engine_args.build_engine(&model)).await??;
         engine.set_poison_token(args.test_poison_token);
+        engine.set_poison_draft_token(args.test_poison_draft_token);
         slot.fill(EngineHandle::spawn(engine, info, health.clone()).map_err(anyhow::Error::msg)?);
         health.set_loaded();
         announce("engine", addr);

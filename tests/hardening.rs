@@ -254,3 +254,53 @@ async fn a_request_whose_engine_dies_before_its_first_token_is_retried_on_anothe
     assert_eq!(metric(&text, "heterospec_requests_retried_total", &[]), 1.0, "{text}");
     drop((bad, good));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drafter_failure_decodes_its_step_plainly_and_loses_nothing() {
+    // Drafting fails in any step holding token 49001 (the poisoned
+    // request's prompt); the engine drafts with its default head.
+    let metrics_port = free_port();
+    let cluster = Cluster::start(
+        &[
+            "--test-poison-draft-token",
+            "49001",
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics_port}"),
+        ],
+        &[],
+    );
+    let mut client = cluster.client().await;
+    let prompts = ["Name three colors.", "Count to five.", "Say hello in French."];
+    let mut solo = Vec::new();
+    for p in prompts {
+        solo.push(run_stream(&mut client, chat_request(p, 16)).await.unwrap().token_ids);
+    }
+    let poisoned = pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::PromptTokenIds(pb::TokenIds {
+            ids: vec![1, 2, 49001, 3],
+        })),
+        stopping: Some(pb::StoppingCriteria {
+            max_new_tokens: Some(16),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut tasks = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let mut client = client.clone();
+        let request = chat_request(p, 16);
+        tasks.push(tokio::spawn(async move { (i, run_stream(&mut client, request).await) }));
+    }
+    let mut bad_client = client.clone();
+    let bad = tokio::spawn(async move { run_stream(&mut bad_client, poisoned).await });
+    for task in tasks {
+        let (i, out) = task.await.unwrap();
+        assert_eq!(out.unwrap().token_ids, solo[i], "prompt {i}");
+    }
+    assert_eq!(bad.await.unwrap().unwrap().token_ids.len(), 16);
+    let text = scrape(metrics_port);
+    assert!(
+        metric(&text, "heterospec_spec_draft_failures_total", &[]) >= 1.0,
+        "no drafting failure recorded"
+    );
+}

@@ -58,6 +58,8 @@ pub struct Engine {
     calibration_log: Option<Vec<(f32, f32)>>,
     /// Tests only: a sequence whose new tokens hold this id fails on its own.
     poison_token: Option<u32>,
+    /// Tests only: drafting fails in a step whose new tokens hold this id.
+    poison_draft_token: Option<u32>,
 }
 
 impl Engine {
@@ -83,6 +85,7 @@ impl Engine {
             spec,
             calibration_log: None,
             poison_token: None,
+            poison_draft_token: None,
         })
     }
 
@@ -91,6 +94,12 @@ impl Engine {
     /// one request and no other).
     pub fn set_poison_token(&mut self, token: Option<u32>) {
         self.poison_token = token;
+    }
+
+    /// Tests only: makes drafting fail in any step where a sequence's new
+    /// tokens hold `token` (to prove that a drafter failure loses nothing).
+    pub fn set_poison_draft_token(&mut self, token: Option<u32>) {
+        self.poison_draft_token = token;
     }
 
     pub fn model(&self) -> &Model {
@@ -163,8 +172,32 @@ impl Engine {
         let Validated { mut batch, mut staged } = validate(seqs, &self.seqs, layout, self.model.config())?;
 
         let draft_start = Instant::now();
+        let poisoned_draft = self
+            .poison_draft_token
+            .is_some_and(|t| seqs.iter().any(|s| s.new_token_ids.contains(&t)));
         let mut plans = match &mut self.spec {
-            Some(spec) => plan_drafts(spec, seqs, &staged, &self.model, &mut self.kv)?,
+            Some(spec) => {
+                let drafted = if poisoned_draft {
+                    Err(EngineError::Config("drafter fault (--test-poison-draft-token)".into()))
+                } else {
+                    plan_drafts(spec, seqs, &staged, &self.model, &mut self.kv)
+                };
+                match drafted {
+                    Ok(plans) => plans,
+                    // Drafts only ever propose: without them the step is
+                    // plain decoding, with the same output. The drafter
+                    // forgets these sequences (it catches up from their
+                    // history next time), so no half-done state is reused.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "drafting failed: this step verifies no drafts");
+                        metrics::record_draft_failure();
+                        for s in seqs {
+                            spec.drafter.release(s.seq_id);
+                        }
+                        Vec::new()
+                    }
+                }
+            }
             None => Vec::new(),
         };
         let draft_secs = draft_start.elapsed().as_secs_f64();

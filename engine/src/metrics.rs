@@ -13,6 +13,7 @@ pub const SPEC_VERIFIED_TOKENS_TOTAL: &str = "heterospec_spec_verified_tokens_to
 pub const SPEC_ACCEPTED_TOKENS_TOTAL: &str = "heterospec_spec_accepted_tokens_total";
 pub const SPEC_ACCEPTANCE_LENGTH: &str = "heterospec_spec_acceptance_length";
 pub const SPEC_BUDGET_TOKENS: &str = "heterospec_spec_budget_tokens";
+pub const SPEC_DRAFT_FAILURES_TOTAL: &str = "heterospec_spec_draft_failures_total";
 
 /// The `tier` label: `B0`..`B7` under HeteroSpec, `fixed` for the fixed tree.
 pub fn tier_label(tier: Option<usize>) -> &'static str {
@@ -51,6 +52,16 @@ pub fn describe() {
         SPEC_BUDGET_TOKENS,
         "Tree tokens (roots and draft nodes) verified per engine step: the global budget spent."
     );
+    metrics::describe_counter!(
+        SPEC_DRAFT_FAILURES_TOTAL,
+        "Steps whose drafting failed and that decoded without drafts instead (same output)."
+    );
+    metrics::counter!(SPEC_DRAFT_FAILURES_TOTAL).increment(0);
+}
+
+/// Drafting failed for a step, which then decoded plainly.
+pub fn record_draft_failure() {
+    metrics::counter!(SPEC_DRAFT_FAILURES_TOTAL).increment(1);
 }
 
 /// One sequence's verification in one step.
