@@ -89,6 +89,18 @@ def json_pointer_apply(doc, ops):
     return doc
 
 
+def apply_overlay(over, docs):
+    """`docs` with the overlay's JSON patches applied to their targets."""
+    patched = []
+    for d in docs:
+        for p in over.get("patches", []):
+            t = p["target"]
+            if d["kind"] == t["kind"] and d["metadata"]["name"] == t["name"]:
+                d = json_pointer_apply(d, yaml.safe_load(p["patch"]))
+        patched.append(d)
+    return patched
+
+
 def main():
     kust = load(f"{BASE}/kustomization.yaml")[0]
     listed = set(kust["resources"])
@@ -217,13 +229,7 @@ def main():
     over = load(f"{OVERLAY}/kustomization.yaml")[0]
     if over["resources"] != ["../../base"]:
         fail("the CPU overlay must build on ../../base")
-    patched = []
-    for d in builtin:
-        for p in over.get("patches", []):
-            t = p["target"]
-            if d["kind"] == t["kind"] and d["metadata"]["name"] == t["name"]:
-                d = json_pointer_apply(d, yaml.safe_load(p["patch"]))
-        patched.append(d)
+    patched = apply_overlay(over, builtin)
     validate(patched, "cpu overlay")
     cpu_sts = next(d for d in patched if d["kind"] == "StatefulSet")
     c = cpu_sts["spec"]["template"]["spec"]["containers"][0]
@@ -246,13 +252,7 @@ def main():
     tls_over = load(f"{TLS_OVERLAY}/kustomization.yaml")[0]
     if tls_over["resources"] != ["../../base"]:
         fail("the TLS overlay must build on ../../base")
-    tls_patched = []
-    for d in builtin:
-        for p in tls_over.get("patches", []):
-            t = p["target"]
-            if d["kind"] == t["kind"] and d["metadata"]["name"] == t["name"]:
-                d = json_pointer_apply(d, yaml.safe_load(p["patch"]))
-        tls_patched.append(d)
+    tls_patched = apply_overlay(tls_over, builtin)
     validate(tls_patched, "tls overlay")
     for d in tls_patched:
         if d["kind"] not in ("Deployment", "StatefulSet"):

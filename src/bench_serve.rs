@@ -260,25 +260,31 @@ fn in_process(prompts: &[PromptRecord], args: &ServeBenchArgs) -> Result<f64> {
     Ok(tokens as f64 / start.elapsed().as_secs_f64())
 }
 
-/// Starts `heterospec serve` on free ports; returns it and its URL.
-async fn launch_server(args: &ServeBenchArgs) -> Result<(tokio::process::Child, String)> {
-    let port = |()| -> Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
+/// `heterospec serve` started on free ports with `extra` flags: the child
+/// (killed when dropped), its public address and its metrics address.
+pub async fn launch_serve(
+    model: &Path,
+    threads: usize,
+    extra: &[std::ffi::OsString],
+) -> Result<(tokio::process::Child, String, String)> {
+    let port = || -> Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
+    let metrics = format!("127.0.0.1:{}", port()?);
     let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
-    cmd.args(["serve", "--listen", &format!("127.0.0.1:{}", port(())?)])
-        .args(["--metrics-listen", &format!("127.0.0.1:{}", port(())?)])
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{}", port()?)])
+        .args(["--metrics-listen", &metrics])
         .arg("--model")
-        .arg(&args.model)
-        .args(["--threads", &args.engine.threads.to_string()])
-        .args(["--max-concurrent-requests", "1024"])
+        .arg(model)
+        .args(["--threads", &threads.to_string()])
+        .args(extra)
         .stdout(Stdio::piped())
         .kill_on_drop(true);
     let mut child = cmd.spawn()?;
     let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
     while let Some(line) = lines.next_line().await? {
         if let Some(addr) = line.split(" listening on ").nth(1) {
-            let url = format!("http://{}", addr.trim());
+            let addr = addr.trim().to_string();
             tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            return Ok((child, url));
+            return Ok((child, addr, metrics));
         }
     }
     bail!("heterospec serve exited before listening")
@@ -302,8 +308,9 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
         let (mut server, url) = match &args.server {
             Some(url) => (None, url.clone()),
             None => {
-                let (child, url) = launch_server(&args).await?;
-                (Some(child), url)
+                let extra = ["--max-concurrent-requests", "1024"].map(Into::into);
+                let (child, addr, _) = launch_serve(&args.model, args.engine.threads, &extra).await?;
+                (Some(child), format!("http://{addr}"))
             }
         };
         // One untimed request warms the served path too (retried until the

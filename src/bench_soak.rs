@@ -7,7 +7,6 @@
 //! reason, or a leaked block.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,10 +16,9 @@ use clap::Args;
 use heterospec_proto::v1 as pb;
 use heterospec_proto::v1::generation_client::GenerationClient;
 use rand::Rng;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
-use crate::bench_serve::read_prompts;
+use crate::bench_serve::{launch_serve, read_prompts};
 
 #[derive(Debug, Clone, Args)]
 pub struct SoakArgs {
@@ -95,47 +93,23 @@ struct Launched {
 }
 
 async fn launch(args: &SoakArgs) -> Result<Launched> {
-    let port = || -> Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
-    let metrics = format!("127.0.0.1:{}", port()?);
-    let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
-    cmd.args([
-        "serve",
-        "--listen",
-        &format!("127.0.0.1:{}", port()?),
-        "--metrics-listen",
-        &metrics,
-    ])
-    .arg("--model")
-    .arg(&args.model)
-    .args([
-        "--threads",
-        &args.threads.to_string(),
-        "--max-concurrent-requests",
-        "4096",
-    ]);
+    let mut extra: Vec<std::ffi::OsString> = vec!["--max-concurrent-requests".into(), "4096".into()];
     for (flag, path) in [
         ("--tls-cert", &args.tls_cert),
         ("--tls-key", &args.tls_key),
         ("--auth-tokens-file", &args.auth_tokens_file),
     ] {
         if let Some(p) = path {
-            cmd.arg(flag).arg(p);
+            extra.extend([flag.into(), p.into()]);
         }
     }
-    let mut child = cmd.stdout(Stdio::piped()).kill_on_drop(true).spawn()?;
-    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
-    while let Some(line) = lines.next_line().await? {
-        if let Some(addr) = line.split(" listening on ").nth(1) {
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            let scheme = if args.tls_ca.is_some() { "https" } else { "http" };
-            return Ok(Launched {
-                child,
-                url: format!("{scheme}://{}", addr.trim()),
-                metrics_url: format!("http://{metrics}/metrics"),
-            });
-        }
-    }
-    bail!("heterospec serve exited before listening")
+    let (child, addr, metrics) = launch_serve(&args.model, args.threads, &extra).await?;
+    let scheme = if args.tls_ca.is_some() { "https" } else { "http" };
+    Ok(Launched {
+        child,
+        url: format!("{scheme}://{addr}"),
+        metrics_url: format!("http://{metrics}/metrics"),
+    })
 }
 
 /// The router process under `serve` (its child whose command is `router`).

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use heterospec_proto::v1 as pb;
+use heterospec_proto::v1::generation_client::GenerationClient;
+use tonic::transport::Channel;
 
 fn text_request(prompt: String) -> pb::GenerateRequest {
     pb::GenerateRequest {
@@ -178,6 +180,44 @@ async fn huge_prompts_are_refused_before_tokenizing_and_router_memory_stays_boun
     assert_eq!(out.token_ids.len(), 4);
 }
 
+/// Each of `prompts` alone (16 greedy tokens), then all of them at once
+/// with a request whose prompt holds `token`: asserts that each prompt's
+/// tokens equal its solo ones, and returns the solo tokens and what the
+/// request holding `token` got.
+async fn solo_then_together_with(
+    client: &mut GenerationClient<Channel>,
+    prompts: &[&'static str],
+    token: u32,
+) -> (Vec<Vec<u32>>, Result<Streamed, tonic::Status>) {
+    let mut solo = Vec::new();
+    for p in prompts {
+        solo.push(run_stream(client, chat_request(p, 16)).await.unwrap().token_ids);
+    }
+    let marked = pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::PromptTokenIds(pb::TokenIds {
+            ids: vec![1, 2, token, 3],
+        })),
+        stopping: Some(pb::StoppingCriteria {
+            max_new_tokens: Some(16),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let tasks: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (mut client, request) = (client.clone(), chat_request(p, 16));
+            tokio::spawn(async move { run_stream(&mut client, request).await })
+        })
+        .collect();
+    let mut marked_client = client.clone();
+    let marked = tokio::spawn(async move { run_stream(&mut marked_client, marked).await });
+    for (i, task) in tasks.into_iter().enumerate() {
+        assert_eq!(task.await.unwrap().unwrap().token_ids, solo[i], "prompt {i}");
+    }
+    (solo, marked.await.unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_failing_sequence_fails_its_request_and_the_rest_of_its_step_runs_on() {
     // The engine fails any sequence holding token 49000 on its own.
@@ -192,33 +232,8 @@ async fn one_failing_sequence_fails_its_request_and_the_rest_of_its_step_runs_on
         "Count to five.",
         "Name a large animal.",
     ];
-    let mut solo = Vec::new();
-    for p in prompts {
-        solo.push(run_stream(&mut client, chat_request(p, 16)).await.unwrap().token_ids);
-    }
-    let poisoned = pb::GenerateRequest {
-        input: Some(pb::generate_request::Input::PromptTokenIds(pb::TokenIds {
-            ids: vec![1, 2, 49000, 3],
-        })),
-        stopping: Some(pb::StoppingCriteria {
-            max_new_tokens: Some(16),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let mut tasks = Vec::new();
-    for (i, p) in prompts.iter().enumerate() {
-        let mut client = client.clone();
-        let request = chat_request(p, 16);
-        tasks.push(tokio::spawn(async move { (i, run_stream(&mut client, request).await) }));
-    }
-    let mut bad_client = client.clone();
-    let bad = tokio::spawn(async move { run_stream(&mut bad_client, poisoned).await });
-    for task in tasks {
-        let (i, out) = task.await.unwrap();
-        assert_eq!(out.unwrap().token_ids, solo[i], "prompt {i}");
-    }
-    let status = bad.await.unwrap().unwrap_err();
+    let (solo, bad) = solo_then_together_with(&mut client, &prompts, 49000).await;
+    let status = bad.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
     assert!(status.message().contains("poisoned"), "{status:?}");
     // The engine still serves.
@@ -271,33 +286,8 @@ async fn a_drafter_failure_decodes_its_step_plainly_and_loses_nothing() {
     );
     let mut client = cluster.client().await;
     let prompts = ["Name three colors.", "Count to five.", "Say hello in French."];
-    let mut solo = Vec::new();
-    for p in prompts {
-        solo.push(run_stream(&mut client, chat_request(p, 16)).await.unwrap().token_ids);
-    }
-    let poisoned = pb::GenerateRequest {
-        input: Some(pb::generate_request::Input::PromptTokenIds(pb::TokenIds {
-            ids: vec![1, 2, 49001, 3],
-        })),
-        stopping: Some(pb::StoppingCriteria {
-            max_new_tokens: Some(16),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let mut tasks = Vec::new();
-    for (i, p) in prompts.iter().enumerate() {
-        let mut client = client.clone();
-        let request = chat_request(p, 16);
-        tasks.push(tokio::spawn(async move { (i, run_stream(&mut client, request).await) }));
-    }
-    let mut bad_client = client.clone();
-    let bad = tokio::spawn(async move { run_stream(&mut bad_client, poisoned).await });
-    for task in tasks {
-        let (i, out) = task.await.unwrap();
-        assert_eq!(out.unwrap().token_ids, solo[i], "prompt {i}");
-    }
-    assert_eq!(bad.await.unwrap().unwrap().token_ids.len(), 16);
+    let (_, bad) = solo_then_together_with(&mut client, &prompts, 49001).await;
+    assert_eq!(bad.unwrap().token_ids.len(), 16);
     let text = scrape(metrics_port);
     assert!(
         metric(&text, "heterospec_spec_draft_failures_total", &[]) >= 1.0,

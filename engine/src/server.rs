@@ -329,21 +329,18 @@ impl EngineService for EngineHandle {
             seqs
         };
         let (results, failed) = self.call(|reply| Command::Step(seqs, reply)).await??;
-        let failures: Vec<pb::SeqFailure> = failed
+        if !failed.is_empty() {
+            // The engine forgot them: so does the lease.
+            let ids: Vec<u64> = failed.iter().map(|(id, _)| id.0).collect();
+            self.leases().track(call.lease_id, &[], &ids);
+        }
+        let failures = failed
             .into_iter()
             .map(|(id, reason)| pb::SeqFailure {
                 seq_id: Leases::router_seq(id.0),
                 reason,
             })
             .collect();
-        if !failures.is_empty() {
-            let ids: Vec<u64> = failures
-                .iter()
-                .map(|f| Leases::engine_seq(call.partition, f.seq_id))
-                .collect::<Result<_, String>>()
-                .map_err(Status::internal)?;
-            self.leases().track(call.lease_id, &[], &ids);
-        }
         Ok(Response::new(pb::StepResponse {
             seqs: results.into_iter().map(seq_result_to_proto).collect(),
             failures,

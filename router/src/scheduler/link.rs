@@ -162,10 +162,8 @@ impl EngineLink {
         let request = epb::InfoRequest {
             lease_id: self.lease_id,
         };
-        let info = tokio::time::timeout(CONTROL_TIMEOUT, self.client.info(request))
-            .await
-            .map_err(|_| RouterError::EngineUnavailable("engine does not answer".into()))?
-            .map_err(|s| RouterError::EngineUnavailable(format!("engine failed: {}", s.message())))?
+        let info = within(CONTROL_TIMEOUT, "does not answer", self.client.info(request))
+            .await?
             .into_inner();
         if info.instance_id != self.instance_id {
             return Err(RouterError::EngineUnavailable("engine restarted".into()));
@@ -178,10 +176,7 @@ impl EngineLink {
         let request = epb::DetachRequest {
             lease_id: self.lease_id,
         };
-        tokio::time::timeout(CONTROL_TIMEOUT, self.client.detach(request))
-            .await
-            .map_err(|_| RouterError::EngineUnavailable("engine detach timed out".into()))?
-            .map_err(|s| RouterError::EngineUnavailable(format!("engine failed: {}", s.message())))?;
+        within(CONTROL_TIMEOUT, "detach timed out", self.client.detach(request)).await?;
         Ok(())
     }
 
@@ -191,10 +186,20 @@ impl EngineLink {
             seq_ids,
             lease_id: self.lease_id,
         };
-        tokio::time::timeout(timeout, self.client.release(request))
-            .await
-            .map_err(|_| RouterError::EngineUnavailable("engine release timed out".into()))?
-            .map_err(|s| RouterError::EngineUnavailable(format!("engine failed: {}", s.message())))?;
+        within(timeout, "release timed out", self.client.release(request)).await?;
         Ok(())
     }
+}
+
+/// A control call bounded by `timeout`: a deadline passed (`engine
+/// {late}`) or a failed call makes the engine unavailable.
+async fn within<T>(
+    timeout: Duration,
+    late: &str,
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, RouterError> {
+    tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| RouterError::EngineUnavailable(format!("engine {late}")))?
+        .map_err(|s| RouterError::EngineUnavailable(format!("engine failed: {}", s.message())))
 }
