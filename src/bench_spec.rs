@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use heterospec_engine::runner::{Runner, SpecStats, TokenRequest};
 use heterospec_engine::spec::{SpecMode, SpecPolicy};
-use heterospec_engine::SamplingParams;
+use heterospec_engine::{SamplingParams, StepTimes};
 use heterospec_router::{ChatMessage, TextTokenizer};
 use serde::Serialize;
 
@@ -39,6 +39,14 @@ pub struct SpecBenchArgs {
     /// another draft head (shown as `head:<dir name>`).
     #[arg(long, value_delimiter = ',')]
     compare_drafters: Vec<String>,
+    /// Variants to run (`plain` always runs: it is the reference):
+    /// plain, chain, fixed, hetero (what the default AUTO mode does).
+    #[arg(long, value_delimiter = ',', default_value = "plain,chain,fixed,hetero")]
+    variants: Vec<String>,
+    /// Rounds over every category and variant (the order reversed every
+    /// other round); figures sum over rounds, so machine noise averages out.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
@@ -60,14 +68,46 @@ struct Row {
     speedup: f64,
     mean_acceptance_length: f64,
     verified_per_committed: f64,
+    /// Speculative steps whose first draft token was accepted.
+    first_draft_acceptance: f64,
+    /// Milliseconds per step spent drafting and in the forward.
+    draft_ms_per_step: f64,
+    forward_ms_per_step: f64,
     /// Share of speculative steps per tier B0..B7.
     tier_share: Vec<f64>,
 }
 
 const VARIANTS: [&str; 4] = ["plain", "chain", "fixed", "hetero"];
 
-fn row(concurrency: usize, variant: &str, category: &str, tokens: usize, seconds: f64, s: &SpecStats) -> Row {
+/// What one variant did over some runs.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally {
+    stats: SpecStats,
+    tokens: usize,
+    seconds: f64,
+    times: StepTimes,
+}
+
+impl Tally {
+    fn add(&mut self, other: &Tally) {
+        self.stats.add(&other.stats);
+        self.tokens += other.tokens;
+        self.seconds += other.seconds;
+        self.times.steps += other.times.steps;
+        self.times.draft_secs += other.times.draft_secs;
+        self.times.forward_secs += other.times.forward_secs;
+    }
+}
+
+fn row(concurrency: usize, variant: &str, category: &str, t: &Tally) -> Row {
+    let Tally {
+        stats: s,
+        tokens,
+        seconds,
+        times,
+    } = *t;
     let spec_steps = s.spec_steps.max(1) as f64;
+    let steps = times.steps.max(1) as f64;
     Row {
         concurrency,
         variant: variant.to_string(),
@@ -79,6 +119,9 @@ fn row(concurrency: usize, variant: &str, category: &str, tokens: usize, seconds
         mean_acceptance_length: s.mean_acceptance_length(),
         // Every step runs the root; speculative steps also their draft nodes.
         verified_per_committed: (s.steps + s.draft_tokens) as f64 / tokens.max(1) as f64,
+        first_draft_acceptance: s.first_accepted as f64 / spec_steps,
+        draft_ms_per_step: times.draft_secs * 1e3 / steps,
+        forward_ms_per_step: times.forward_secs * 1e3 / steps,
         tier_share: s.tier_steps[..8].iter().map(|&n| n as f64 / spec_steps).collect(),
     }
 }
@@ -116,8 +159,17 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
     let chain_engine = args.engine.build_engine_with_policy(&args.model, Some(chain_policy))?;
     let curve = engine.cost_curve().cloned().expect("a drafter implies a cost curve");
     let mut engines = vec![engine, chain_engine];
+    for v in &args.variants {
+        if !VARIANTS.contains(&v.as_str()) {
+            bail!("--variants: unknown variant `{v}` (plain, chain, fixed, hetero)");
+        }
+    }
+    if args.repeat == 0 {
+        bail!("--repeat must be at least 1");
+    }
     let mut variants: Vec<(String, usize, SpecMode)> = VARIANTS
         .iter()
+        .filter(|&&v| v == "plain" || args.variants.iter().any(|w| w == v))
         .map(|&v| {
             let (e, mode) = match v {
                 "plain" => (0, SpecMode::Off),
@@ -152,50 +204,77 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
                 .with_context(|| format!("--compare-drafters {d}"))?,
         );
         for (suffix, mode) in [("fixed", SpecMode::Fixed), ("hetero", SpecMode::Hetero)] {
+            if !args.variants.iter().any(|v| v == suffix) {
+                continue;
+            }
             variants.push((format!("{label}-{suffix}"), engines.len() - 1, mode));
         }
     }
 
     // Variants run back to back per category (not one variant over all
-    // categories, then the next), so a slow drift of the machine's speed
-    // touches them alike.
+    // categories, then the next), in reversed order every other round, so
+    // a slow drift of the machine's speed touches them alike.
     let mut rows = Vec::new();
     for &c in &args.concurrency {
-        let mut totals: BTreeMap<&str, (SpecStats, usize, f64)> = BTreeMap::new();
-        for (category, reqs) in &by_category {
-            let mut reference: Option<Vec<Vec<u32>>> = None;
-            for (variant, e, mode) in &variants {
-                let reqs: Vec<TokenRequest> = reqs
-                    .iter()
-                    .map(|r| TokenRequest {
-                        speculation: *mode,
-                        ..r.clone()
-                    })
-                    .collect();
-                let start = Instant::now();
-                let out = Runner::new(&mut engines[*e]).run(&reqs, c, 512)?;
-                let secs = start.elapsed().as_secs_f64();
-                let mut stats = SpecStats::default();
-                let n: usize = out.iter().map(|o| o.token_ids.len()).sum();
-                for o in &out {
-                    stats.add(&o.stats);
+        let mut tallies: BTreeMap<(String, String), Tally> = BTreeMap::new();
+        for round in 0..args.repeat {
+            for (category, reqs) in &by_category {
+                let mut reference: Option<Vec<Vec<u32>>> = None;
+                let mut order: Vec<&(String, usize, SpecMode)> = variants.iter().collect();
+                if round % 2 == 1 {
+                    order.reverse();
                 }
-                let ids: Vec<Vec<u32>> = out.into_iter().map(|o| o.token_ids).collect();
-                match &reference {
-                    None => reference = Some(ids),
-                    Some(want) if *want != ids => bail!("{variant} at c={c} changed the greedy output of {category}"),
-                    Some(_) => {}
+                for (variant, e, mode) in order {
+                    let reqs: Vec<TokenRequest> = reqs
+                        .iter()
+                        .map(|r| TokenRequest {
+                            speculation: *mode,
+                            ..r.clone()
+                        })
+                        .collect();
+                    let before = engines[*e].step_times();
+                    let start = Instant::now();
+                    let out = Runner::new(&mut engines[*e]).run(&reqs, c, 512)?;
+                    let seconds = start.elapsed().as_secs_f64();
+                    let after = engines[*e].step_times();
+                    let mut t = Tally {
+                        seconds,
+                        tokens: out.iter().map(|o| o.token_ids.len()).sum(),
+                        times: StepTimes {
+                            steps: after.steps - before.steps,
+                            draft_secs: after.draft_secs - before.draft_secs,
+                            forward_secs: after.forward_secs - before.forward_secs,
+                        },
+                        ..Tally::default()
+                    };
+                    for o in &out {
+                        t.stats.add(&o.stats);
+                    }
+                    let ids: Vec<Vec<u32>> = out.into_iter().map(|o| o.token_ids).collect();
+                    match &reference {
+                        None => reference = Some(ids),
+                        Some(want) if *want != ids => {
+                            bail!("{variant} at c={c} changed the greedy output of {category}")
+                        }
+                        Some(_) => {}
+                    }
+                    tallies.entry((category.clone(), variant.clone())).or_default().add(&t);
                 }
-                rows.push(row(c, variant, category, n, secs, &stats));
-                let total = totals.entry(variant.as_str()).or_default();
-                total.0.add(&stats);
-                total.1 += n;
-                total.2 += secs;
+            }
+        }
+        for category in by_category.keys() {
+            for (variant, ..) in &variants {
+                rows.push(row(c, variant, category, &tallies[&(category.clone(), variant.clone())]));
             }
         }
         for (variant, ..) in &variants {
-            let (stats, tokens, seconds) = &totals[variant.as_str()];
-            rows.push(row(c, variant, "overall", *tokens, *seconds, stats));
+            let mut total = Tally::default();
+            for ((_, v), t) in &tallies {
+                if v == variant {
+                    total.add(t);
+                }
+            }
+            rows.push(row(c, variant, "overall", &total));
         }
     }
     let plain: BTreeMap<(usize, String), f64> = rows
@@ -246,13 +325,13 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
         drafter, policy.depth, policy.top_k, policy.num_nodes, report.cost_curve_ms
     );
     println!(
-        "{:>3} {:<13} {:<14} {:>7} {:>8} {:>8} {:>6} {:>9}  tiers B0..B7 (% of spec steps)",
-        "c", "variant", "category", "tokens", "tok/s", "speedup", "τ", "verif/tok"
+        "{:>3} {:<13} {:<14} {:>7} {:>8} {:>8} {:>6} {:>9} {:>6} {:>8} {:>8}  tiers B0..B7 (% of spec steps)",
+        "c", "variant", "category", "tokens", "tok/s", "speedup", "τ", "verif/tok", "1st", "draft ms", "fwd ms"
     );
     for r in &rows {
         let tiers: Vec<String> = r.tier_share.iter().map(|s| format!("{:.0}", s * 100.0)).collect();
         println!(
-            "{:>3} {:<13} {:<14} {:>7} {:>8.1} {:>7.2}x {:>6.2} {:>9.2}  {}",
+            "{:>3} {:<13} {:<14} {:>7} {:>8.1} {:>7.2}x {:>6.2} {:>9.2} {:>5.0}% {:>8.2} {:>8.2}  {}",
             r.concurrency,
             r.variant,
             r.category,
@@ -261,6 +340,9 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
             r.speedup,
             r.mean_acceptance_length,
             r.verified_per_committed,
+            r.first_draft_acceptance * 100.0,
+            r.draft_ms_per_step,
+            r.forward_ms_per_step,
             if r.variant.ends_with("hetero") {
                 tiers.join("/")
             } else {

@@ -23,7 +23,7 @@ use crate::step::accept::accept_step;
 use crate::step::choose::choose_nodes;
 use crate::step::commit::{Committer, Forwarded};
 use crate::step::layout::lay_out_trees;
-use crate::step::plan::plan_drafts;
+use crate::step::plan::{is_decode_step, plan_drafts};
 use crate::step::validate::{validate, Validated};
 use crate::step::SeqState;
 pub use crate::step::{SeqId, SeqResult, SeqStep};
@@ -48,6 +48,17 @@ impl Default for EngineConfig {
 /// the reason), from [`Engine::step_isolated`].
 pub type StepOutcome = (Vec<SeqResult>, Vec<(SeqId, String)>);
 
+/// Where the engine's steps spent their time, since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepTimes {
+    /// Steps that ran a forward.
+    pub steps: usize,
+    /// Seconds spent choosing and growing draft trees.
+    pub draft_secs: f64,
+    /// Seconds spent in the forward pass.
+    pub forward_secs: f64,
+}
+
 /// Model + KV storage + live sequences (+ speculation).
 pub struct Engine {
     model: Model,
@@ -60,6 +71,7 @@ pub struct Engine {
     poison_token: Option<u32>,
     /// Tests only: drafting fails in a step whose new tokens hold this id.
     poison_draft_token: Option<u32>,
+    times: StepTimes,
 }
 
 impl Engine {
@@ -86,6 +98,7 @@ impl Engine {
             calibration_log: None,
             poison_token: None,
             poison_draft_token: None,
+            times: StepTimes::default(),
         })
     }
 
@@ -125,6 +138,11 @@ impl Engine {
 
     pub fn cost_curve(&self) -> Option<&CostCurve> {
         self.spec.as_ref().map(|s| &s.curve)
+    }
+
+    /// Time spent drafting and in forwards since the engine started.
+    pub fn step_times(&self) -> StepTimes {
+        self.times
     }
 
     pub fn drafter_name(&self) -> Option<&'static str> {
@@ -204,6 +222,7 @@ impl Engine {
         if let Some(spec) = &self.spec {
             choose_nodes(spec, seqs, &mut plans, batch.num_tokens());
         }
+        let plain_tokens = batch.num_tokens();
         let node_rows = lay_out_trees(&mut batch, &plans, layout);
 
         let forward_start = Instant::now();
@@ -247,6 +266,23 @@ impl Engine {
             draft_secs,
         })?;
         metrics::record_forward(forward_secs);
+        if let Some(spec) = self.spec.as_mut().filter(|s| s.adaptive) {
+            if is_decode_step(seqs) {
+                spec.curve.observe(batch.num_tokens(), forward_secs);
+            }
+            if is_decode_step(seqs) && !plans.iter().any(|p| p.fixed) {
+                spec.rates.record(
+                    seqs.len(),
+                    !plans.is_empty(),
+                    results.iter().map(|r| r.tokens.len()).sum(),
+                    draft_secs + forward_secs,
+                    spec.curve.cost(plain_tokens),
+                );
+            }
+        }
+        self.times.steps += 1;
+        self.times.draft_secs += draft_secs;
+        self.times.forward_secs += forward_secs;
         Ok(results)
     }
 
@@ -285,6 +321,7 @@ impl Engine {
     pub fn release(&mut self, seq_id: SeqId) -> Result<()> {
         if let Some(spec) = &mut self.spec {
             spec.drafter.release(seq_id);
+            spec.seq_gains.release(seq_id);
         }
         self.seqs
             .remove(&seq_id)

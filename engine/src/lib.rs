@@ -35,7 +35,7 @@ pub use backend::{FeatureTap, ModelBackend};
 pub use batch::{RaggedBatch, SeqRun};
 pub use config::ModelConfig;
 pub use device::Device;
-pub use engine::{DrafterKind, Engine, EngineConfig, SeqId, SeqResult, SeqStep, SpecSetup};
+pub use engine::{DrafterKind, Engine, EngineConfig, SeqId, SeqResult, SeqStep, SpecSetup, StepTimes};
 pub use error::{EngineError, Result};
 pub use kv::{KvLayout, KvStorage};
 pub use model::{Model, ModelTensors, WeightFormat};

@@ -35,6 +35,8 @@ pub struct SpecStats {
     /// Draft tokens verified.
     pub draft_tokens: usize,
     pub accepted_tokens: usize,
+    /// Speculative steps whose first draft token was accepted.
+    pub first_accepted: usize,
     /// Steps per tier (`B0..B7`) and, last, fixed-tree steps.
     pub tier_steps: [usize; 9],
 }
@@ -56,6 +58,7 @@ impl SpecStats {
             self.spec_steps += 1;
             self.draft_tokens += spec.num_draft_tokens;
             self.accepted_tokens += spec.num_accepted_tokens;
+            self.first_accepted += usize::from(spec.num_accepted_tokens > 0);
             self.tier_steps[spec.tier.unwrap_or(8).min(8)] += 1;
         }
     }
@@ -65,6 +68,7 @@ impl SpecStats {
         self.spec_steps += other.spec_steps;
         self.draft_tokens += other.draft_tokens;
         self.accepted_tokens += other.accepted_tokens;
+        self.first_accepted += other.first_accepted;
         for (a, b) in self.tier_steps.iter_mut().zip(other.tier_steps) {
             *a += b;
         }

@@ -47,6 +47,43 @@ impl CostCurve {
     }
 }
 
+/// Weight of one observed forward in [`CostCurve::observe`]: about the
+/// last twenty forwards of a size shape its point.
+const OBSERVE_RATE: f64 = 0.05;
+
+impl CostCurve {
+    /// Folds in a forward of `t` tokens that took `secs` (the engine's own
+    /// decode steps): the points on either side of `t` move towards it in
+    /// proportion to how much `t` reads each, one observation being off by
+    /// at most half the curve's price (a stall of the machine is not a
+    /// price); the curve stays non-decreasing. Sizes beyond the last point
+    /// are not observed.
+    pub fn observe(&mut self, t: usize, secs: f64) {
+        let p = &mut self.points;
+        if t == 0 || t > p.last().expect("non-empty").0 || !secs.is_finite() {
+            return;
+        }
+        let predicted = self.cost(t);
+        let err = (secs - predicted).clamp(-0.5 * predicted, 0.5 * predicted) * OBSERVE_RATE;
+        let p = &mut self.points;
+        let i = p.partition_point(|q| q.0 < t);
+        if p[i].0 == t || i == 0 {
+            p[i].1 += err;
+        } else {
+            let (a, b) = (p[i - 1].0, p[i].0);
+            let wb = (t - a) as f64 / (b - a) as f64;
+            p[i - 1].1 += err * (1.0 - wb);
+            p[i].1 += err * wb;
+        }
+        for j in 1..p.len() {
+            p[j].1 = p[j].1.max(p[j - 1].1);
+        }
+        for q in p.iter_mut() {
+            q.1 = q.1.max(1e-6);
+        }
+    }
+}
+
 /// One sequence's candidates.
 #[derive(Debug, Clone, Copy)]
 pub struct SeqCandidates<'a> {
@@ -298,6 +335,31 @@ mod tests {
         assert!(select(&seqs, 64, Some(humbled)).nodes[0].is_empty());
         assert!((linear.cost(32) - 32.0).abs() < 1e-9);
         assert!((curve.cost(128) - (100.0 + 64.0 * 97.0 / 59.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn observed_forwards_move_the_curve_towards_them_and_keep_it_rising() {
+        let mut c = CostCurve::new(vec![(1, 0.010), (2, 0.011), (4, 0.012), (8, 0.020)]);
+        // Plain steps measure 6 ms, not 10: T=1 follows, T=2 stays above it.
+        for _ in 0..200 {
+            c.observe(1, 0.006);
+        }
+        assert!((c.cost(1) - 0.006).abs() < 1e-4, "{}", c.cost(1));
+        assert!((c.cost(2) - 0.011).abs() < 1e-9);
+        // A 6-token forward moves its two neighbours (4 and 8) half each.
+        for _ in 0..400 {
+            c.observe(6, 0.030);
+        }
+        assert!((c.cost(6) - 0.030).abs() < 1e-3, "{}", c.cost(6));
+        let p = c.points();
+        assert!(p.windows(2).all(|w| w[0].1 <= w[1].1), "{p:?}");
+        // One stall moves a point by at most a fortieth of its price.
+        let before = c.cost(2);
+        c.observe(2, 10.0);
+        assert!(c.cost(2) <= before * 1.026);
+        c.observe(64, 1.0);
+        c.observe(0, 1.0);
+        assert_eq!(c.points().len(), 4);
     }
 
     #[test]

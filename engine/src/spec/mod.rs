@@ -10,6 +10,7 @@ pub mod budget;
 pub mod calibrate;
 pub mod drafter;
 pub mod estimates;
+pub mod gate;
 pub mod head;
 pub mod policy;
 pub mod setup;

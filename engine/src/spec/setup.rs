@@ -2,8 +2,9 @@
 //! (tiers, tree shapes), the forward-cost curve and the verification budget
 //! it implies, and the budget rule's running estimates.
 //!
-//! Built once at start-up; the cost curve is measured then (a few forwards
-//! of 1..64 tokens after a 128-token context) unless one is given.
+//! Built once at start-up; the cost curve is measured then (warm, in rounds
+//! of forwards of 1..64 tokens after a 128-token context, the median)
+//! unless one is given, and refined from the engine's decode steps after.
 
 use std::time::Instant;
 
@@ -16,6 +17,7 @@ use crate::model::Model;
 use crate::spec::budget::CostCurve;
 use crate::spec::drafter::{Drafter, ModelDrafter, NgramDrafter};
 use crate::spec::estimates::AcceptanceEstimates;
+use crate::spec::gate::{MeasuredRates, SeqGains};
 use crate::spec::head::DraftHead;
 use crate::spec::policy::SpecPolicy;
 use crate::spec::verify::AcceptRule;
@@ -67,7 +69,10 @@ pub struct SpecSetup {
     /// Cap on tree tokens (roots and nodes) per step; `None`: the largest
     /// size of the cost curve.
     pub verify_budget: Option<usize>,
-    /// `None`: measured at start-up.
+    /// `None`: measured at start-up, then refined from the engine's steps,
+    /// and drafting guarded by the measured rates. A given curve is taken
+    /// as is (neither refined nor overruled by measured rates): the caller
+    /// decides what a forward costs (tests pin drafting on this way).
     pub cost_curve: Option<CostCurve>,
 }
 
@@ -80,6 +85,13 @@ pub struct Speculation {
     pub verify_budget: usize,
     pub rule: AcceptRule,
     pub estimates: AcceptanceEstimates,
+    /// What drafting recently gained each sequence.
+    pub seq_gains: SeqGains,
+    /// Measured rates of steps with and without drafts.
+    pub rates: MeasuredRates,
+    /// The cost curve was measured here: it is refined from the engine's
+    /// decode steps, and the measured rates may stop drafting.
+    pub adaptive: bool,
 }
 
 impl Speculation {
@@ -119,6 +131,7 @@ impl Speculation {
                 Box::new(ModelDrafter::with_head(*h, layout, DRAFT_SCRATCH_SLOTS).with_entropy_top_k(k))
             }
         };
+        let adaptive = setup.cost_curve.is_none();
         let curve = match setup.cost_curve {
             Some(c) => c,
             None => measure_cost_curve(target, kv)?,
@@ -137,6 +150,9 @@ impl Speculation {
             verify_budget,
             rule: AcceptRule::Exact,
             estimates: AcceptanceEstimates::default(),
+            seq_gains: SeqGains::default(),
+            rates: MeasuredRates::default(),
+            adaptive,
         })
     }
 }
@@ -160,10 +176,14 @@ pub fn target_layout(
     Ok(layout)
 }
 
-/// Seconds per forward of `T` tokens after a 128-token context (best of two
-/// runs), for `T` in [`COST_CURVE_TOKENS`]. Runs before any sequence exists,
-/// so it may write anywhere in KV.
+/// Seconds per forward of `T` tokens after a 128-token context, for `T`
+/// in [`COST_CURVE_TOKENS`], measured the way steady decoding runs: after
+/// warm-up forwards, in rounds over every size (so a drift of the
+/// machine's speed touches them alike), the median of the rounds. Runs
+/// before any sequence exists, so it may write anywhere in KV.
 pub fn measure_cost_curve(model: &Model, kv: &mut KvStorage) -> Result<CostCurve> {
+    const WARM_UP: usize = 3;
+    const ROUNDS: usize = 5;
     let layout = kv.layout();
     let bs = layout.block_size;
     let max_t = *COST_CURVE_TOKENS.last().expect("non-empty");
@@ -171,17 +191,31 @@ pub fn measure_cost_curve(model: &Model, kv: &mut KvStorage) -> Result<CostCurve
     let context = 128.min((blocks_available * bs).saturating_sub(max_t));
     let num_blocks = (context + max_t).div_ceil(bs).min(blocks_available);
     let table: Vec<BlockId> = (1..=num_blocks as u32).map(BlockId).collect();
-    let mut points = Vec::new();
+    let mut batches = Vec::new();
     for &t in COST_CURVE_TOKENS.iter().filter(|&&t| context + t <= num_blocks * bs) {
         let run = SeqRun::causal(vec![1; t], context, &table, bs)?.with_all_logits();
-        let batch = RaggedBatch { seqs: vec![run] };
-        let mut best = f64::INFINITY;
-        for _ in 0..2 {
-            let start = Instant::now();
-            model.forward(&batch, kv)?;
-            best = best.min(start.elapsed().as_secs_f64());
-        }
-        points.push((t, best));
+        batches.push((t, RaggedBatch { seqs: vec![run] }));
     }
+    for (i, (_, batch)) in batches.iter().enumerate() {
+        for _ in 0..if i == 0 { WARM_UP } else { 1 } {
+            model.forward(batch, kv)?;
+        }
+    }
+    let mut samples = vec![Vec::with_capacity(ROUNDS); batches.len()];
+    for _ in 0..ROUNDS {
+        for (i, (_, batch)) in batches.iter().enumerate() {
+            let start = Instant::now();
+            model.forward(batch, kv)?;
+            samples[i].push(start.elapsed().as_secs_f64());
+        }
+    }
+    let points = batches
+        .iter()
+        .zip(&mut samples)
+        .map(|((t, _), s)| {
+            s.sort_by(f64::total_cmp);
+            (*t, s[s.len() / 2])
+        })
+        .collect();
     Ok(CostCurve::new(points))
 }

@@ -120,6 +120,9 @@ impl Committer<'_> {
                     .sum::<f64>();
                 tally.num_accepted += n_acc;
                 if !plan.fixed {
+                    if let Some(spec) = spec.as_deref_mut() {
+                        spec.seq_gains.record(s.seq_id, n_acc, plan.nodes.len());
+                    }
                     tally.num_budget_drafted += 1;
                     tally.num_budget_accepted += n_acc;
                     tally.num_budget_nodes += plan.nodes.len();

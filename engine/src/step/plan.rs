@@ -9,6 +9,7 @@
 use crate::error::Result;
 use crate::kv::KvStorage;
 use crate::model::Model;
+use crate::spec::budget::RateModel;
 use crate::spec::drafter::{DraftInput, TargetView};
 use crate::spec::setup::{Speculation, MAX_VERIFY_NODES};
 use crate::spec::tree::{grow, DraftTree};
@@ -32,6 +33,12 @@ pub(crate) struct Plan {
     pub nodes: Vec<usize>,
 }
 
+/// A step of decodes only (one new token per sequence): the steps the
+/// measured guards compare.
+pub(crate) fn is_decode_step(seqs: &[SeqStep]) -> bool {
+    seqs.iter().all(|s| s.new_token_ids.len() == 1 && s.sample)
+}
+
 /// Grows the draft trees of speculating sequences: base depth for all,
 /// then deeper for low-entropy tiers (HeteroSpec sequences). Empty when
 /// nothing drafts (including when the budget rule says drafting does not
@@ -50,7 +57,9 @@ pub(crate) fn plan_drafts(
     // for its share of this step's forward (a large batch already fills
     // the machine), and if what drafting recently gained per sequence
     // pays for the drafting time and the extra verified tokens, against
-    // not drafting at all.
+    // not drafting at all. Then the measured guards (`spec::gate`): no
+    // drafting at a batch size where drafted steps measure slower than
+    // plain ones, and none for a sequence whose recent drafts did not pay.
     let base_tokens: usize = seqs.iter().map(|s| s.new_token_ids.len()).sum();
     let sampling = seqs.iter().filter(|s| s.sample).count();
     let candidates = seqs
@@ -60,10 +69,17 @@ pub(crate) fn plan_drafts(
     let mut rate = spec.estimates.rate_model(&spec.curve, base_tokens, sampling);
     rate.overhead_secs = spec.estimates.draft_secs_per_seq() * candidates as f64;
     let (gain, nodes) = spec.estimates.budget_gain();
-    let budget_may_pay = rate.may_pay() && rate.drafting_pays(candidates, gain, nodes);
+    let mut budget_may_pay = rate.may_pay() && rate.drafting_pays(candidates, gain, nodes);
     if candidates > 0 && !budget_may_pay {
         spec.estimates.fade_budget_gain();
     }
+    if budget_may_pay && spec.adaptive && is_decode_step(seqs) {
+        budget_may_pay = spec.rates.allows_drafting(seqs.len());
+    }
+    let one_seq = RateModel {
+        overhead_secs: spec.estimates.draft_secs_per_seq(),
+        ..rate
+    };
     let policy = &spec.policy;
     let mut plans = Vec::new();
     for (i, s) in seqs.iter().enumerate() {
@@ -74,8 +90,15 @@ pub(crate) fn plan_drafts(
         // prompt chunk the drafts' estimates are least reliable (n-gram
         // matches against the chat template) while the chunk makes extra
         // tokens look free.
-        if s.speculation != SpecMode::Fixed && (!budget_may_pay || s.new_token_ids.len() > 1) {
-            continue;
+        if s.speculation != SpecMode::Fixed {
+            if !budget_may_pay || s.new_token_ids.len() > 1 {
+                continue;
+            }
+            let (seq_gain, seq_nodes) = spec.seq_gains.gain(s.seq_id, (gain, nodes));
+            if !one_seq.drafting_pays(1, seq_gain, seq_nodes) {
+                spec.seq_gains.skip(s.seq_id);
+                continue;
+            }
         }
         let total = s.num_computed + s.new_token_ids.len();
         let max_accept = s
