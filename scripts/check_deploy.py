@@ -10,7 +10,7 @@
 - cross references hold: Service selectors match pod labels, probes and
   service ports name container ports, the router finds engines through the
   engines' headless Service, grace periods cover the router's drain;
-- the calibration ConfigMap equals engine/calibration/smollm2-135m-head.json;
+- the calibration ConfigMap equals engine/calibration/smollm2-135m-hybrid.json;
 - the Grafana dashboard is valid JSON whose panels all have expressions.
 
 usage: python3 scripts/check_deploy.py   (from the repository root)
@@ -221,9 +221,9 @@ def main():
 
     # Calibration ConfigMap == committed calibration file.
     cm = next(d for d in by_kind["ConfigMap"] if d["metadata"]["name"] == "heterospec-calibration")
-    with open("engine/calibration/smollm2-135m-head.json") as f:
+    with open("engine/calibration/smollm2-135m-hybrid.json") as f:
         if json.loads(cm["data"]["calibration.json"]) != json.load(f):
-            fail("the calibration ConfigMap differs from engine/calibration/smollm2-135m-head.json")
+            fail("the calibration ConfigMap differs from engine/calibration/smollm2-135m-hybrid.json")
 
     # CPU overlay: patches apply, result validates, no GPU left.
     over = load(f"{OVERLAY}/kustomization.yaml")[0]

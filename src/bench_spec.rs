@@ -264,7 +264,12 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
         }
         for category in by_category.keys() {
             for (variant, ..) in &variants {
-                rows.push(row(c, variant, category, &tallies[&(category.clone(), variant.clone())]));
+                rows.push(row(
+                    c,
+                    variant,
+                    category,
+                    &tallies[&(category.clone(), variant.clone())],
+                ));
             }
         }
         for (variant, ..) in &variants {

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use heterospec_engine::runner::Runner;
-use heterospec_engine::spec::calibrate::fit_thresholds;
-use heterospec_engine::spec::{SpecMode, SpecPolicy};
+use heterospec_engine::runner::{Runner, TokenRequest};
+use heterospec_engine::spec::calibrate::{fit_ngram_acceptance, fit_thresholds};
+use heterospec_engine::spec::{NgramDrafter, SpecMode, SpecPolicy};
 use heterospec_router::TextTokenizer;
 
 use crate::local::{init_threads, EngineArgs};
@@ -58,10 +58,32 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     base.validate().map_err(anyhow::Error::msg)?;
     let mut engine = args.engine.build_engine_with_policy(&args.model, Some(base.clone()))?;
     let Some(drafter) = engine.drafter_name() else {
-        bail!("calibration needs a drafter (--drafter ngram, model or self)");
+        bail!("calibration needs a drafter (--drafter ngram, hybrid, head, model or self)");
     };
     let tokenizer = TextTokenizer::from_gguf_file(&args.model)?;
     let requests = crate::bench_serve::chat_requests(&tokenizer, &args.prompts, args.max_new_tokens, SpecMode::Fixed)?;
+    let mut base = base;
+    if drafter == "hybrid" {
+        // The n-gram scale first, from plain greedy answers (what a match
+        // is worth), then the entropy tiers with the drafter that uses it.
+        let plain: Vec<TokenRequest> = requests
+            .iter()
+            .map(|r| TokenRequest {
+                speculation: SpecMode::Off,
+                ..r.clone()
+            })
+            .collect();
+        let answers = Runner::new(&mut engine).run(&plain, args.concurrency, 512)?;
+        let sequences: Vec<(usize, Vec<u32>)> = plain
+            .iter()
+            .zip(answers)
+            .map(|(r, a)| (r.prompt.len(), [r.prompt.clone(), a.token_ids].concat()))
+            .collect();
+        base.ngram_acceptance = fit_ngram_acceptance(&NgramDrafter::default(), &sequences);
+        eprintln!("n-gram acceptance by match length: {:?}", base.ngram_acceptance);
+        drop(engine);
+        engine = args.engine.build_engine_with_policy(&args.model, Some(base.clone()))?;
+    }
     engine.log_calibration_samples();
     Runner::new(&mut engine).run(&requests, args.concurrency, 512)?;
     let samples = engine.take_calibration_samples();
@@ -80,7 +102,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         drafter: drafter.to_string(),
         thresholds,
         provenance: format!(
-            "heterospec calibrate --prompts {} --max-new-tokens {} --concurrency {} --depth {} --top-k {} --num-nodes {} --drafter {} ({} prompts, {} verifications, greedy, fixed tree)",
+            "heterospec calibrate --prompts {} --max-new-tokens {} --concurrency {} --depth {} --top-k {} --num-nodes {} --drafter {} ({} prompts, {} verifications, greedy, fixed tree{})",
             args.prompts.display(),
             args.max_new_tokens,
             args.concurrency,
@@ -89,7 +111,12 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
             args.num_nodes,
             drafter,
             requests.len(),
-            samples.len()
+            samples.len(),
+            if base.ngram_acceptance.is_empty() {
+                ""
+            } else {
+                "; n-gram acceptance from the plain greedy answers"
+            }
         ),
         ..base
     };

@@ -47,11 +47,12 @@ pub struct EngineArgs {
     /// i on cuda:K+i.
     #[arg(long, env = "HETEROSPEC_DEVICE", default_value = "cpu")]
     pub device: Device,
-    /// Drafter for speculative decoding: head (an EAGLE-style draft head,
-    /// --draft-head), ngram (prompt lookup), model (a GGUF with the same
-    /// vocabulary, --draft-model), self (the target's first
-    /// --self-draft-layers layers), none, or auto: head when --draft-head is
-    /// given or the default model's head is present, else ngram.
+    /// Drafter for speculative decoding: hybrid (a draft head and prompt
+    /// lookup in one tree), head (an EAGLE-style draft head, --draft-head),
+    /// ngram (prompt lookup), model (a GGUF with the same vocabulary,
+    /// --draft-model), self (the target's first --self-draft-layers
+    /// layers), none, or auto: hybrid when --draft-head is given or the
+    /// default model's head is present, else ngram.
     #[arg(long, env = "HETEROSPEC_DRAFTER", default_value = "auto")]
     pub drafter: String,
     /// Draft head (a directory with `model.safetensors` and `config.json`,
@@ -97,10 +98,10 @@ impl EngineArgs {
         };
         let drafter = match self.resolved_drafter(model_path).as_str() {
             "none" => return Ok(Engine::new(model, config)?),
-            "head" => {
-                let path = self
-                    .head_path(model_path)
-                    .context("--drafter head needs --draft-head PATH (train one with `heterospec train-draft`)")?;
+            name @ ("head" | "hybrid") => {
+                let path = self.head_path(model_path).with_context(|| {
+                    format!("--drafter {name} needs --draft-head PATH (train one with `heterospec train-draft`)")
+                })?;
                 let format = match self.draft_head_bits {
                     4 => WeightFormat::Native,
                     8 => WeightFormat::Q8_0,
@@ -108,7 +109,11 @@ impl EngineArgs {
                 };
                 let head = DraftHead::load(&path, model.config(), format)
                     .with_context(|| format!("cannot load draft head {}", path.display()))?;
-                DrafterKind::Head(Box::new(head))
+                if name == "head" {
+                    DrafterKind::Head(Box::new(head))
+                } else {
+                    DrafterKind::Hybrid(Box::new(head))
+                }
             }
             "ngram" => DrafterKind::Ngram,
             "self" => DrafterKind::SelfDraft {
@@ -123,7 +128,7 @@ impl EngineArgs {
                     .with_context(|| format!("cannot load draft model {}", path.display()))?;
                 DrafterKind::Model(Box::new(draft))
             }
-            other => bail!("unknown drafter `{other}` (auto, head, ngram, model, self, none)"),
+            other => bail!("unknown drafter `{other}` (auto, hybrid, head, ngram, model, self, none)"),
         };
         let policy = match (policy, self.calibration_path(model_path)) {
             (Some(p), _) => p,
@@ -146,23 +151,26 @@ impl EngineArgs {
     /// The drafter `--drafter` names for this model (`auto` resolved).
     pub fn resolved_drafter(&self, model_path: &Path) -> String {
         match self.drafter.as_str() {
-            "auto" if self.head_path(model_path).is_some() => "head".into(),
+            "auto" if self.head_path(model_path).is_some() => "hybrid".into(),
             "auto" => "ngram".into(),
             other => other.into(),
         }
     }
 
-    /// `--calibration`, else a head's own `calibration.json` (entropy
-    /// thresholds differ per drafter, and so per head) when it has one.
+    /// `--calibration`, else a head's own calibration when it has one
+    /// (entropy thresholds differ per drafter, and so per head):
+    /// `calibration.json` for `head`, `calibration-hybrid.json` for `hybrid`.
     fn calibration_path(&self, model_path: &Path) -> Option<PathBuf> {
         if self.calibration.is_some() {
             return self.calibration.clone();
         }
-        if self.resolved_drafter(model_path) != "head" {
-            return None;
-        }
+        let file = match self.resolved_drafter(model_path).as_str() {
+            "head" => "calibration.json",
+            "hybrid" => "calibration-hybrid.json",
+            _ => return None,
+        };
         let (_, config) = checkpoint_files(&self.head_path(model_path)?);
-        Some(config.with_file_name("calibration.json")).filter(|p| p.exists())
+        Some(config.with_file_name(file)).filter(|p| p.exists())
     }
 
     /// `--draft-head`, or the default model's committed head if present.

@@ -1,7 +1,8 @@
 //! The draft head end to end on the default model: `heterospec train-draft`
 //! trains a head that `generate --drafter head` loads and drafts with (the
-//! output stays the plain output); the committed head is the default drafter
-//! and says how it was made; its training prompts are not benchmark prompts.
+//! output stays the plain output), alone and with prompt lookup (`--drafter
+//! hybrid`); the committed head, with lookup, is the default drafter and
+//! says how it was made; its training prompts are not benchmark prompts.
 
 mod common;
 
@@ -134,6 +135,16 @@ fn train_draft_writes_a_head_that_generate_drafts_with() {
     ]);
     assert_eq!(head["token_ids"], plain["token_ids"]);
     assert!(head["speculation"]["verified_tokens"].as_u64().unwrap() > 0, "{head}");
+    let hybrid = generate(&[
+        "--drafter",
+        "hybrid",
+        "--draft-head",
+        out_dir.to_str().unwrap(),
+        "--speculation",
+        "fixed",
+    ]);
+    assert_eq!(hybrid["token_ids"], plain["token_ids"]);
+    assert!(hybrid["speculation"]["verified_tokens"].as_u64().unwrap() > 0, "{hybrid}");
 
     // An EAGLE-3 head from the same cache: the answers stand, the target's
     // low/middle/high-layer states are taken for them.
@@ -179,14 +190,15 @@ fn train_draft_writes_a_head_that_generate_drafts_with() {
 }
 
 #[test]
-fn the_committed_head_is_the_default_drafter_and_says_how_it_was_made() {
+fn the_committed_head_with_prompt_lookup_is_the_default_drafter_and_the_head_says_how_it_was_made() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let config: Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("engine/heads/smollm2-135m/config.json")).unwrap())
             .unwrap();
     let provenance = config["provenance"].as_str().unwrap();
     assert!(provenance.starts_with("heterospec train-draft"), "{provenance}");
-    // Run from the repository root, the default model drafts with its head.
+    // Run from the repository root, the default model drafts with its head
+    // and prompt lookup.
     let out = Command::new(env!("CARGO_BIN_EXE_heterospec"))
         .current_dir(root)
         .args([
@@ -209,5 +221,5 @@ fn the_committed_head_is_the_default_drafter_and_says_how_it_was_made() {
         .lines()
         .find(|l| l.contains("speculation ready"))
         .unwrap_or_default();
-    assert!(ready.contains("\"head\""), "{log}");
+    assert!(ready.contains("\"hybrid\""), "{log}");
 }

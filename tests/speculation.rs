@@ -1,6 +1,7 @@
 //! Speculative decoding on the default model: greedy output is token for
 //! token the plain output for every drafter (n-gram, a draft model made by
-//! `heterospec quantize`, layer-skip self-draft, the committed draft head),
+//! `heterospec quantize`, layer-skip self-draft, the committed draft head,
+//! the head with prompt lookup),
 //! every mode and batch sizes 1 and 8 with prefill and decode mixed; and
 //! through the router, with modes mixed in one batch, per-response stats and
 //! per-tier engine metrics.
@@ -76,12 +77,17 @@ fn run(engine: &mut Engine, reqs: &[TokenRequest], batch: usize) -> Vec<TokenOut
 
 fn spec_engine(drafter: DrafterKind, curve: &CostCurve) -> Engine {
     let model = Model::load(&model(), WeightFormat::Native).unwrap();
+    // The hybrid drafter's committed calibration holds its n-gram scale.
+    let policy = match drafter {
+        DrafterKind::Hybrid(_) => SpecPolicy::default_for("hybrid"),
+        _ => SpecPolicy::default_ngram(),
+    };
     Engine::with_speculation(
         model,
         config(),
         Some(SpecSetup {
             drafter,
-            policy: SpecPolicy::default_ngram(),
+            policy,
             verify_budget: None,
             cost_curve: Some(curve.clone()),
         }),
@@ -140,6 +146,16 @@ fn greedy_speculation_equals_plain_decoding_on_the_default_model() {
                 ))
             }),
         ),
+        (
+            "hybrid",
+            Box::new(|| {
+                let target = Model::load(&model(), WeightFormat::Native).unwrap();
+                let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("engine/heads/smollm2-135m");
+                DrafterKind::Hybrid(Box::new(
+                    DraftHead::load(&path, target.config(), WeightFormat::Q8_0).unwrap(),
+                ))
+            }),
+        ),
     ];
     for (name, make) in &drafters {
         for mode in [SpecMode::Fixed, SpecMode::Hetero, SpecMode::Auto] {
@@ -161,7 +177,7 @@ fn greedy_speculation_equals_plain_decoding_on_the_default_model() {
                 }
                 let steps: usize = out.iter().map(|o| o.stats.spec_steps).sum();
                 eprintln!("{name} {mode:?} batch {batch}: {accepted} draft tokens accepted in {steps} verifications");
-                if *name == "head" && mode == SpecMode::Fixed {
+                if (*name == "head" || *name == "hybrid") && mode == SpecMode::Fixed {
                     // The head reads the right features (a misaligned or
                     // missing feature leaves it guessing from the token alone).
                     let tau = 1.0 + accepted as f64 / steps.max(1) as f64;

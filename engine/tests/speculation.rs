@@ -65,6 +65,9 @@ fn drafters() -> Vec<NamedDrafter> {
         ("head-eagle3", || {
             DrafterKind::Head(Box::new(tiny_head(TARGET_SEED, HeadKind::Eagle3).unwrap()))
         }),
+        ("hybrid", || {
+            DrafterKind::Hybrid(Box::new(tiny_head(TARGET_SEED, HeadKind::Eagle).unwrap()))
+        }),
     ]
 }
 
@@ -134,7 +137,7 @@ fn greedy_speculation_equals_plain_decoding_for_every_drafter_mode_and_batch_siz
                         "{name} {mode:?}: {accepted} accepted in {drafted} steps"
                     );
                 }
-                if name == "ngram" || name == "self" || name.starts_with("head") {
+                if name == "ngram" || name == "self" || name.starts_with("head") || name == "hybrid" {
                     assert!(accepted > 0, "{name} {mode:?} batch {batch}: nothing accepted");
                 }
             }
@@ -300,6 +303,7 @@ fn sampling_with_speculation_follows_the_target_distribution_and_a_biased_rule_i
         (drafters()[2].0, drafters()[2].1, n / 4),
         (drafters()[4].0, drafters()[4].1, n / 20),
         (drafters()[5].0, drafters()[5].1, n / 20),
+        (drafters()[6].0, drafters()[6].1, n / 20),
     ] {
         let mut engine = spec_engine(make());
         let (c1, c2) = sampled_first_two(&mut engine, &prompt, &sampling, n, min_accepted);

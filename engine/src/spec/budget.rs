@@ -121,6 +121,21 @@ impl RateModel<'_> {
         self.rate(1, 1.0) > self.rate(0, 0.0)
     }
 
+    /// The least estimated acceptance (`exp(score)`, before the gain
+    /// scale) a draft node needs for [`select`] to verify it: below it, a
+    /// node costs more forward time than it can gain even on the cheapest
+    /// stretch of the curve within `max_extra` more tokens. Scores only
+    /// fall along a path, so no descendant of such a node is verified
+    /// either: a tree need not grow below it.
+    pub fn least_paying_acceptance(&self, max_extra: usize) -> f64 {
+        let base = self.base_tokens;
+        let cheapest = (base..base + max_extra.max(1))
+            .map(|t| self.curve.cost(t + 1) - self.curve.cost(t))
+            .fold(f64::INFINITY, f64::min)
+            .max(0.0);
+        self.base_committed * cheapest / (self.curve.cost(base) + self.overhead_secs) / self.gain_scale.max(1e-9)
+    }
+
     /// Whether drafting for `n` sequences beats not drafting at all, when
     /// each drafted sequence recently gained `accepted` tokens for `nodes`
     /// more verified tokens, and drafting takes `overhead_secs` (which not
@@ -360,6 +375,32 @@ mod tests {
         c.observe(64, 1.0);
         c.observe(0, 1.0);
         assert_eq!(c.points().len(), 4);
+    }
+
+    #[test]
+    fn no_node_below_the_least_paying_acceptance_is_selected() {
+        let curve = CostCurve::new(vec![(1, 0.005), (2, 0.006), (4, 0.008), (64, 0.068)]);
+        let rate = RateModel {
+            curve: &curve,
+            base_tokens: 1,
+            overhead_secs: 0.0,
+            base_committed: 1.0,
+            gain_scale: 0.5,
+        };
+        // The cheapest token costs 1 ms on a 5 ms step: 0.2 tokens, 0.4 before the scale.
+        let least = rate.least_paying_acceptance(64);
+        assert!((least - 0.4).abs() < 1e-9, "{least}");
+        for lp in [-0.5f32, -0.9, -1.2, -3.0] {
+            let tree = chain(6, lp);
+            let seqs = [SeqCandidates {
+                tree: &tree,
+                max_nodes: 8,
+            }];
+            let sel = select(&seqs, 64, Some(rate));
+            for &v in &sel.nodes[0] {
+                assert!((tree.nodes[v].score as f64).exp() >= least, "lp {lp}: node {v}");
+            }
+        }
     }
 
     #[test]

@@ -5,7 +5,30 @@
 //! of that side's mean squared error. Its 7 split points, ascending, are the
 //! thresholds of bins B0..B7.
 
+use crate::spec::drafter::NgramDrafter;
 use crate::spec::policy::NUM_THRESHOLDS;
+
+/// How often the most frequent follower of the longest earlier match was
+/// the next token, by match length (index `n - 1`), over every answer
+/// position of `sequences` (`(prompt length, prompt and answer tokens)`,
+/// answers greedy): the hybrid drafter's n-gram scale. Laplace-smoothed,
+/// so a length never seen reads one half.
+pub fn fit_ngram_acceptance(ngram: &NgramDrafter, sequences: &[(usize, Vec<u32>)]) -> Vec<f32> {
+    let mut hits = vec![0u32; ngram.max_ngram];
+    let mut seen = vec![0u32; ngram.max_ngram];
+    for (prompt_len, seq) in sequences {
+        for j in (*prompt_len).max(1)..seq.len() {
+            if let Some((n, followers)) = ngram.followers(&seq[..j]) {
+                seen[n - 1] += 1;
+                hits[n - 1] += u32::from(followers[0].0 == seq[j]);
+            }
+        }
+    }
+    hits.iter()
+        .zip(&seen)
+        .map(|(&h, &n)| (h as f32 + 1.0) / (n as f32 + 2.0))
+        .collect()
+}
 
 /// The 7 ascending thresholds of a depth-3 regression tree on `samples`.
 /// A node that cannot be split (too few samples or one distinct `H`)
@@ -78,6 +101,21 @@ pub fn rank_label(scores_of_verified: &[f32], accepted_final_score: Option<f32>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ngram_acceptance_counts_hits_by_match_length() {
+        let ngram = NgramDrafter {
+            max_ngram: 2,
+            entropy_top_k: 8,
+        };
+        // After prompt "1 2 3", answer "1 2 1 2": predicting the 2 at
+        // index 4, "1" (n = 1) was followed by 2 (hit); the 1 at index 5,
+        // "1 2" (n = 2) was followed by 3 (miss); the 2 at index 6, "1"
+        // (n = 1) was followed by 2 twice (hit). Index 3 has no match.
+        let fitted = fit_ngram_acceptance(&ngram, &[(3, vec![1, 2, 3, 1, 2, 1, 2])]);
+        assert_eq!(fitted, vec![3.0 / 4.0, 1.0 / 3.0]);
+        assert_eq!(fit_ngram_acceptance(&ngram, &[]), vec![0.5, 0.5]);
+    }
     use crate::testing::Lcg;
 
     #[test]

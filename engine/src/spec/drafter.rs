@@ -32,6 +32,10 @@ pub struct DraftInput<'a> {
     /// by this step's verify forward).
     pub num_computed: usize,
     pub block_table: &'a [BlockId],
+    /// Draft only with candidates that cost no model forward (see
+    /// [`Drafter::drafts_for_free`]): the budget rule found this
+    /// sequence's full drafts not paying lately.
+    pub free_only: bool,
 }
 
 /// A drafter's guess for a node's next token.
@@ -65,6 +69,13 @@ pub trait Drafter: Send {
         requests: &[(usize, usize)],
         k: usize,
     ) -> Result<Vec<Proposal>>;
+
+    /// Whether the drafter has candidates that cost no model forward (for
+    /// inputs with `free_only`); a drafter without them is not asked for
+    /// such inputs.
+    fn drafts_for_free(&self) -> bool {
+        false
+    }
 
     /// Forgets a sequence.
     fn release(&mut self, _seq_id: SeqId) {}
@@ -104,8 +115,10 @@ impl Default for NgramDrafter {
 }
 
 impl NgramDrafter {
-    /// The proposal for the token after `seq`.
-    pub fn propose(&self, seq: &[u32], k: usize) -> Proposal {
+    /// The longest suffix of `seq` (at most `max_ngram` tokens) that
+    /// occurred earlier: its length, and the tokens that followed it with
+    /// their counts, most frequent first.
+    pub fn followers(&self, seq: &[u32]) -> Option<(usize, Vec<(u32, u32)>)> {
         let len = seq.len();
         for n in (1..=self.max_ngram.min(len.saturating_sub(1))).rev() {
             let suffix = &seq[len - n..];
@@ -119,27 +132,37 @@ impl NgramDrafter {
                     }
                 }
             }
-            if counts.is_empty() {
-                continue;
+            if !counts.is_empty() {
+                counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+                return Some((n, counts));
             }
-            counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-            let unknown = (self.max_ngram - n + 1) as f32;
-            let total = counts.iter().map(|c| c.1 as f32).sum::<f32>() + unknown;
-            // The unknown mass is spread over the rest of the top-K: a lone
-            // short match reads as uncertain, a long repeated one as sure.
-            let mut probs: Vec<f32> = counts.iter().map(|c| c.1 as f32 / total).collect();
-            let others = self.entropy_top_k.saturating_sub(counts.len()).max(1);
-            probs.extend(std::iter::repeat_n(unknown / total / others as f32, others));
-            return Proposal {
-                candidates: counts
-                    .iter()
-                    .take(k)
-                    .map(|&(t, c)| (t, (c as f32 / total).ln()))
-                    .collect(),
-                entropy: top_k_entropy(&mut probs, self.entropy_top_k),
-            };
         }
-        Proposal::default()
+        None
+    }
+
+    /// The proposal for the token after `seq`.
+    pub fn propose(&self, seq: &[u32], k: usize) -> Proposal {
+        let Some((n, counts)) = self.followers(seq) else {
+            return Proposal::default();
+        };
+        let unknown = (self.max_ngram - n + 1) as f32;
+        let total = counts.iter().map(|c| c.1 as f32).sum::<f32>() + unknown;
+        let probs: Vec<(u32, f32)> = counts.iter().map(|&(t, c)| (t, c as f32 / total)).collect();
+        self.proposal(&probs, k)
+    }
+
+    /// A proposal from follower probabilities (most likely first); the
+    /// mass they leave is spread evenly over the rest of the top-K, so a
+    /// lone short match reads as uncertain and a long repeated one as sure.
+    pub fn proposal(&self, probs: &[(u32, f32)], k: usize) -> Proposal {
+        let mut all: Vec<f32> = probs.iter().map(|p| p.1).collect();
+        let left = (1.0 - all.iter().sum::<f32>()).max(0.0);
+        let others = self.entropy_top_k.saturating_sub(probs.len()).max(1);
+        all.extend(std::iter::repeat_n(left / others as f32, others));
+        Proposal {
+            candidates: probs.iter().take(k).map(|&(t, p)| (t, p.ln())).collect(),
+            entropy: top_k_entropy(&mut all, self.entropy_top_k),
+        }
     }
 }
 

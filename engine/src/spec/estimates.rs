@@ -31,6 +31,9 @@ pub struct StepTally {
     pub num_budget_drafted: usize,
     pub num_budget_accepted: usize,
     pub num_budget_nodes: usize,
+    /// Of `num_drafted`, those drafted with free candidates only (their
+    /// drafting time is nil, and their gain is not what full drafts gain).
+    pub num_free_only: usize,
     /// Seconds spent drafting this step.
     pub draft_secs: f64,
 }
@@ -92,8 +95,11 @@ impl AcceptanceEstimates {
             self.budget_accepted += tally.num_budget_accepted as f64;
             self.budget_nodes += tally.num_budget_nodes as f64;
         }
-        let per_seq = tally.draft_secs / tally.num_drafted as f64;
-        self.draft_secs_per_seq = (1.0 - DRAFT_TIME_WEIGHT) * self.draft_secs_per_seq + DRAFT_TIME_WEIGHT * per_seq;
+        let full = tally.num_drafted - tally.num_free_only;
+        if full > 0 {
+            let per_seq = tally.draft_secs / full as f64;
+            self.draft_secs_per_seq = (1.0 - DRAFT_TIME_WEIGHT) * self.draft_secs_per_seq + DRAFT_TIME_WEIGHT * per_seq;
+        }
     }
 
     /// The rate model of a step whose forward runs `base_tokens` anyway and

@@ -12,6 +12,7 @@ pub mod drafter;
 pub mod estimates;
 pub mod gate;
 pub mod head;
+pub mod hybrid;
 pub mod policy;
 pub mod setup;
 pub mod train;
@@ -23,6 +24,7 @@ use std::str::FromStr;
 pub use budget::{CostCurve, Selection};
 pub use drafter::{DraftInput, Drafter, ModelDrafter, NgramDrafter, Proposal};
 pub use head::{DraftHead, HeadConfig, HeadWeights};
+pub use hybrid::HybridDrafter;
 pub use policy::{SpecPolicy, TierShape};
 pub use tree::{DraftTree, Node};
 

@@ -30,6 +30,12 @@ pub struct SpecPolicy {
     pub thresholds: Vec<f32>,
     /// `γ` of B0..B2.
     pub gammas: Vec<f32>,
+    /// The hybrid drafter's n-gram scale: how often the most frequent
+    /// follower of a context match of length `n` (index `n - 1`) was the
+    /// target's greedy token, measured by `heterospec calibrate`. Empty:
+    /// the lookup's own count-based estimate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ngram_acceptance: Vec<f32>,
     /// How the file was made (command, prompts, samples); informational.
     #[serde(default)]
     pub provenance: String,
@@ -54,6 +60,7 @@ impl Default for SpecPolicy {
             entropy_top_k: 8,
             thresholds: (1..=NUM_THRESHOLDS).map(|i| i as f32 * 0.5).collect(),
             gammas: vec![0.3, 0.6, 1.0],
+            ngram_acceptance: Vec::new(),
             provenance: "built-in defaults (not calibrated)".into(),
         }
     }
@@ -67,10 +74,12 @@ impl SpecPolicy {
     }
 
     /// The committed calibration for the default model with `drafter`
-    /// (`head` or `ngram`; others use the n-gram's until calibrated).
+    /// (`head`, `hybrid` or `ngram`; others use the n-gram's until calibrated).
     pub fn default_for(drafter: &str) -> Self {
         match drafter {
             "head" => serde_json::from_str(include_str!("../../calibration/smollm2-135m-head.json"))
+                .expect("the committed calibration file parses"),
+            "hybrid" => serde_json::from_str(include_str!("../../calibration/smollm2-135m-hybrid.json"))
                 .expect("the committed calibration file parses"),
             _ => Self::default_ngram(),
         }
@@ -109,6 +118,9 @@ impl SpecPolicy {
         }
         if self.gammas.len() != NUM_ADAPTED_TIERS || self.gammas.iter().any(|g| !(*g > 0.0 && *g <= 4.0)) {
             return Err(format!("gammas: expected {NUM_ADAPTED_TIERS} values in (0, 4]"));
+        }
+        if self.ngram_acceptance.iter().any(|a| !(*a > 0.0 && *a <= 1.0)) {
+            return Err("ngram_acceptance: values must be in (0, 1]".into());
         }
         Ok(())
     }
@@ -194,6 +206,10 @@ mod tests {
 
     #[test]
     fn committed_calibration_is_valid() {
-        SpecPolicy::default_ngram().validate().unwrap();
+        for drafter in ["ngram", "head", "hybrid"] {
+            let p = SpecPolicy::default_for(drafter);
+            p.validate().unwrap();
+            assert_eq!(p.drafter, drafter);
+        }
     }
 }

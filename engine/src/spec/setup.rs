@@ -19,6 +19,7 @@ use crate::spec::drafter::{Drafter, ModelDrafter, NgramDrafter};
 use crate::spec::estimates::AcceptanceEstimates;
 use crate::spec::gate::{MeasuredRates, SeqGains};
 use crate::spec::head::DraftHead;
+use crate::spec::hybrid::HybridDrafter;
 use crate::spec::policy::SpecPolicy;
 use crate::spec::verify::AcceptRule;
 
@@ -40,6 +41,8 @@ pub enum DrafterKind {
     Model(Box<Model>),
     /// An EAGLE-style draft head on the target's features.
     Head(Box<DraftHead>),
+    /// A draft head and prompt lookup in one tree.
+    Hybrid(Box<DraftHead>),
 }
 
 impl DrafterKind {
@@ -47,7 +50,7 @@ impl DrafterKind {
     pub fn bytes_per_block(&self, block_size: usize) -> usize {
         match self {
             DrafterKind::Model(m) => ModelDrafter::bytes_per_block(m, block_size),
-            DrafterKind::Head(h) => h.bytes_per_block(block_size),
+            DrafterKind::Head(h) | DrafterKind::Hybrid(h) => h.bytes_per_block(block_size),
             _ => 0,
         }
     }
@@ -120,16 +123,15 @@ impl Speculation {
                 ModelDrafter::with_model(*m, layout, target_config.vocab_size, DRAFT_SCRATCH_SLOTS)?
                     .with_entropy_top_k(k),
             ),
-            DrafterKind::Head(h) => {
-                if h.hidden_size() != target_config.hidden_size {
-                    return Err(EngineError::Config(format!(
-                        "the draft head's hidden size is {}, the target's {}",
-                        h.hidden_size(),
-                        target_config.hidden_size
-                    )));
-                }
-                Box::new(ModelDrafter::with_head(*h, layout, DRAFT_SCRATCH_SLOTS).with_entropy_top_k(k))
-            }
+            DrafterKind::Head(h) => Box::new(head_drafter(*h, target_config.hidden_size, layout, k)?),
+            DrafterKind::Hybrid(h) => Box::new(HybridDrafter::new(
+                head_drafter(*h, target_config.hidden_size, layout, k)?,
+                NgramDrafter {
+                    entropy_top_k: k,
+                    ..NgramDrafter::default()
+                },
+                setup.policy.ngram_acceptance.clone(),
+            )),
         };
         let adaptive = setup.cost_curve.is_none();
         let curve = match setup.cost_curve {
@@ -155,6 +157,17 @@ impl Speculation {
             adaptive,
         })
     }
+}
+
+/// A draft head's drafter, once its width is checked against the target's.
+fn head_drafter(head: DraftHead, target_hidden: usize, layout: KvLayout, entropy_top_k: usize) -> Result<ModelDrafter> {
+    if head.hidden_size() != target_hidden {
+        return Err(EngineError::Config(format!(
+            "the draft head's hidden size is {}, the target's {target_hidden}",
+            head.hidden_size(),
+        )));
+    }
+    Ok(ModelDrafter::with_head(head, layout, DRAFT_SCRATCH_SLOTS).with_entropy_top_k(entropy_top_k))
 }
 
 /// The target's KV layout when it shares `kv_cache_bytes` with `drafter`'s

@@ -137,19 +137,28 @@ impl DraftTree {
 
 /// Grows every tree layer by layer (one batched `expand` per layer) until
 /// each reaches `target_depth[i]` or its drafter has nothing to propose.
+///
+/// A tree stops early once its best beam scores below `min_score[s]` (no
+/// descendant of a beam scores above it).
 pub fn grow(
     drafter: &mut dyn Drafter,
     target: &mut TargetView<'_>,
     inputs: &[DraftInput<'_>],
     trees: &mut [DraftTree],
     target_depth: &[usize],
+    min_score: &[f32],
     top_k: usize,
 ) -> Result<()> {
     loop {
         let mut requests = Vec::new();
         for (s, tree) in trees.iter().enumerate() {
             let layer_depth = tree.frontier.first().map(|&v| tree.nodes[v].depth);
-            if layer_depth.is_some_and(|d| d < target_depth[s]) {
+            let best = tree
+                .frontier
+                .iter()
+                .map(|&v| tree.nodes[v].score)
+                .fold(f32::NEG_INFINITY, f32::max);
+            if layer_depth.is_some_and(|d| d < target_depth[s]) && best >= min_score[s] {
                 requests.extend(tree.frontier.iter().map(|&v| (s, v)));
             }
         }

@@ -119,7 +119,9 @@ impl Committer<'_> {
                     .map(|&v| (plan.tree.nodes[v].score as f64).exp())
                     .sum::<f64>();
                 tally.num_accepted += n_acc;
-                if !plan.fixed {
+                if plan.free_only {
+                    tally.num_free_only += 1;
+                } else if !plan.fixed {
                     if let Some(spec) = spec.as_deref_mut() {
                         spec.seq_gains.record(s.seq_id, n_acc, plan.nodes.len());
                     }

@@ -31,6 +31,9 @@ pub(crate) struct Plan {
     pub max_nodes: usize,
     /// Nodes chosen for verification (by `choose`), ancestor-closed.
     pub nodes: Vec<usize>,
+    /// Drafted with free candidates only (its full drafts did not pay):
+    /// its outcome does not count towards what full drafts gain it.
+    pub free_only: bool,
 }
 
 /// A step of decodes only (one new token per sequence): the steps the
@@ -59,7 +62,8 @@ pub(crate) fn plan_drafts(
     // pays for the drafting time and the extra verified tokens, against
     // not drafting at all. Then the measured guards (`spec::gate`): no
     // drafting at a batch size where drafted steps measure slower than
-    // plain ones, and none for a sequence whose recent drafts did not pay.
+    // plain ones, and no full drafts for a sequence whose recent ones did
+    // not pay (free ones only, where the drafter has them).
     let base_tokens: usize = seqs.iter().map(|s| s.new_token_ids.len()).sum();
     let sampling = seqs.iter().filter(|s| s.sample).count();
     let candidates = seqs
@@ -69,10 +73,14 @@ pub(crate) fn plan_drafts(
     let mut rate = spec.estimates.rate_model(&spec.curve, base_tokens, sampling);
     rate.overhead_secs = spec.estimates.draft_secs_per_seq() * candidates as f64;
     let (gain, nodes) = spec.estimates.budget_gain();
-    let mut budget_may_pay = rate.may_pay() && rate.drafting_pays(candidates, gain, nodes);
-    if candidates > 0 && !budget_may_pay {
+    let full_drafts_pay = rate.may_pay() && rate.drafting_pays(candidates, gain, nodes);
+    if candidates > 0 && !full_drafts_pay {
         spec.estimates.fade_budget_gain();
     }
+    // A drafter with free candidates drafts with those alone where its
+    // full drafts do not pay.
+    let free_drafts = spec.drafter.drafts_for_free();
+    let mut budget_may_pay = rate.may_pay() && (full_drafts_pay || free_drafts);
     if budget_may_pay && spec.adaptive && is_decode_step(seqs) {
         budget_may_pay = spec.rates.allows_drafting(seqs.len());
     }
@@ -86,6 +94,7 @@ pub(crate) fn plan_drafts(
         if !s.sample || s.speculation == SpecMode::Off || s.lookahead == 0 {
             continue;
         }
+        let mut free_only = false;
         // The budget rule drafts on decode steps only: at the end of a
         // prompt chunk the drafts' estimates are least reliable (n-gram
         // matches against the chat template) while the chunk makes extra
@@ -95,9 +104,12 @@ pub(crate) fn plan_drafts(
                 continue;
             }
             let (seq_gain, seq_nodes) = spec.seq_gains.gain(s.seq_id, (gain, nodes));
-            if !one_seq.drafting_pays(1, seq_gain, seq_nodes) {
+            if !full_drafts_pay || !one_seq.drafting_pays(1, seq_gain, seq_nodes) {
                 spec.seq_gains.skip(s.seq_id);
-                continue;
+                if !free_drafts {
+                    continue;
+                }
+                free_only = true;
             }
         }
         let total = s.num_computed + s.new_token_ids.len();
@@ -118,6 +130,7 @@ pub(crate) fn plan_drafts(
             max_accept,
             max_nodes: policy.num_nodes,
             nodes: Vec::new(),
+            free_only,
         });
     }
     if plans.is_empty() {
@@ -132,6 +145,7 @@ pub(crate) fn plan_drafts(
                 tokens: &staged[p.seq].history,
                 num_computed: s.num_computed,
                 block_table: &s.block_table,
+                free_only: p.free_only,
             }
         })
         .collect();
@@ -142,12 +156,25 @@ pub(crate) fn plan_drafts(
     };
     let mut trees: Vec<DraftTree> = plans.iter().map(|p| p.tree.clone()).collect();
     let base: Vec<usize> = plans.iter().map(|p| policy.depth.min(p.max_accept)).collect();
+    // Budget-rule trees grow only while a beam could still be verified
+    // (the budget's own cut-off, on the cheapest stretch of the curve):
+    // drafting nodes no budget would pick is time lost.
+    let least = RateModel {
+        overhead_secs: 0.0,
+        ..rate
+    }
+    .least_paying_acceptance(spec.verify_budget);
+    let min_score: Vec<f32> = plans
+        .iter()
+        .map(|p| if p.fixed { f32::NEG_INFINITY } else { least.ln() as f32 })
+        .collect();
     grow(
         spec.drafter.as_mut(),
         &mut target,
         &inputs,
         &mut trees,
         &base,
+        &min_score,
         policy.top_k,
     )?;
     let mut deeper = base.clone();
@@ -168,6 +195,7 @@ pub(crate) fn plan_drafts(
             &inputs,
             &mut trees,
             &deeper,
+            &min_score,
             policy.top_k,
         )?;
     }
