@@ -69,8 +69,10 @@ pub struct EngineArgs {
     /// Layers of the target a self-draft runs.
     #[arg(long, default_value_t = 8)]
     pub self_draft_layers: usize,
-    /// Calibration file (tree shape, entropy thresholds); default: a draft
-    /// head's own `calibration.json`, else the one shipped for the drafter.
+    /// Calibration file (tree shape, entropy thresholds, the hybrid's
+    /// n-gram scale); default: a draft head's own `calibration.json`
+    /// (`calibration-hybrid.json` for `--drafter hybrid`), else the one
+    /// shipped for the drafter.
     #[arg(long, env = "HETEROSPEC_CALIBRATION")]
     pub calibration: Option<PathBuf>,
     /// Most tree tokens (roots and draft nodes) verified per step across the

@@ -144,7 +144,10 @@ fn train_draft_writes_a_head_that_generate_drafts_with() {
         "fixed",
     ]);
     assert_eq!(hybrid["token_ids"], plain["token_ids"]);
-    assert!(hybrid["speculation"]["verified_tokens"].as_u64().unwrap() > 0, "{hybrid}");
+    assert!(
+        hybrid["speculation"]["verified_tokens"].as_u64().unwrap() > 0,
+        "{hybrid}"
+    );
 
     // An EAGLE-3 head from the same cache: the answers stand, the target's
     // low/middle/high-layer states are taken for them.

@@ -18,12 +18,12 @@ use crate::metrics;
 use crate::model::Model;
 use crate::spec::setup::{measure_cost_curve, target_layout, Speculation};
 pub use crate::spec::setup::{DrafterKind, SpecSetup, COST_CURVE_TOKENS, DRAFT_SCRATCH_SLOTS, MAX_VERIFY_NODES};
-use crate::spec::{CostCurve, SpecPolicy};
+use crate::spec::{CostCurve, SpecMode, SpecPolicy};
 use crate::step::accept::accept_step;
 use crate::step::choose::choose_nodes;
 use crate::step::commit::{Committer, Forwarded};
 use crate::step::layout::lay_out_trees;
-use crate::step::plan::{is_decode_step, plan_drafts};
+use crate::step::plan::{budget_candidates, is_decode_step, plan_drafts};
 use crate::step::validate::{validate, Validated};
 use crate::step::SeqState;
 pub use crate::step::{SeqId, SeqResult, SeqStep};
@@ -190,6 +190,7 @@ impl Engine {
         let Validated { mut batch, mut staged } = validate(seqs, &self.seqs, layout, self.model.config())?;
 
         let draft_start = Instant::now();
+        let mut drafting_failed = false;
         let poisoned_draft = self
             .poison_draft_token
             .is_some_and(|t| seqs.iter().any(|s| s.new_token_ids.contains(&t)));
@@ -208,6 +209,7 @@ impl Engine {
                     // history next time), so no half-done state is reused.
                     Err(e) => {
                         tracing::warn!(error = %e, "drafting failed: this step verifies no drafts");
+                        drafting_failed = true;
                         metrics::record_draft_failure();
                         for s in seqs {
                             spec.drafter.release(s.seq_id);
@@ -270,7 +272,10 @@ impl Engine {
             if is_decode_step(seqs) {
                 spec.curve.observe(batch.num_tokens(), forward_secs);
             }
-            if is_decode_step(seqs) && !plans.iter().any(|p| p.fixed) {
+            // Steps the budget rule decided (a fixed tree is forced), and
+            // drafting that did not fail.
+            let ruled = budget_candidates(seqs) > 0 && seqs.iter().all(|s| s.speculation != SpecMode::Fixed);
+            if is_decode_step(seqs) && ruled && !drafting_failed {
                 spec.rates.record(
                     seqs.len(),
                     !plans.is_empty(),

@@ -35,7 +35,9 @@ pub struct SpecStats {
     /// Draft tokens verified.
     pub draft_tokens: usize,
     pub accepted_tokens: usize,
-    /// Speculative steps whose first draft token was accepted.
+    /// Speculative steps that verified at least one draft token, and those
+    /// whose first draft token was accepted.
+    pub verified_steps: usize,
     pub first_accepted: usize,
     /// Steps per tier (`B0..B7`) and, last, fixed-tree steps.
     pub tier_steps: [usize; 9],
@@ -58,6 +60,7 @@ impl SpecStats {
             self.spec_steps += 1;
             self.draft_tokens += spec.num_draft_tokens;
             self.accepted_tokens += spec.num_accepted_tokens;
+            self.verified_steps += usize::from(spec.num_draft_tokens > 0);
             self.first_accepted += usize::from(spec.num_accepted_tokens > 0);
             self.tier_steps[spec.tier.unwrap_or(8).min(8)] += 1;
         }
@@ -68,6 +71,7 @@ impl SpecStats {
         self.spec_steps += other.spec_steps;
         self.draft_tokens += other.draft_tokens;
         self.accepted_tokens += other.accepted_tokens;
+        self.verified_steps += other.verified_steps;
         self.first_accepted += other.first_accepted;
         for (a, b) in self.tier_steps.iter_mut().zip(other.tier_steps) {
             *a += b;

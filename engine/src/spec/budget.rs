@@ -56,8 +56,9 @@ impl CostCurve {
     /// decode steps): the points on either side of `t` move towards it in
     /// proportion to how much `t` reads each, one observation being off by
     /// at most half the curve's price (a stall of the machine is not a
-    /// price); the curve stays non-decreasing. Sizes beyond the last point
-    /// are not observed.
+    /// price), each kept between its neighbours (so the curve stays
+    /// non-decreasing without one noisy size dragging the others along).
+    /// Sizes beyond the last point are not observed.
     pub fn observe(&mut self, t: usize, secs: f64) {
         let p = &mut self.points;
         if t == 0 || t > p.last().expect("non-empty").0 || !secs.is_finite() {
@@ -67,19 +68,20 @@ impl CostCurve {
         let err = (secs - predicted).clamp(-0.5 * predicted, 0.5 * predicted) * OBSERVE_RATE;
         let p = &mut self.points;
         let i = p.partition_point(|q| q.0 < t);
-        if p[i].0 == t || i == 0 {
+        let touched = if p[i].0 == t || i == 0 {
             p[i].1 += err;
+            i..i + 1
         } else {
             let (a, b) = (p[i - 1].0, p[i].0);
             let wb = (t - a) as f64 / (b - a) as f64;
             p[i - 1].1 += err * (1.0 - wb);
             p[i].1 += err * wb;
-        }
-        for j in 1..p.len() {
-            p[j].1 = p[j].1.max(p[j - 1].1);
-        }
-        for q in p.iter_mut() {
-            q.1 = q.1.max(1e-6);
+            i - 1..i + 1
+        };
+        for j in touched {
+            let low = if j > 0 { p[j - 1].1 } else { 1e-6 };
+            let high = p.get(j + 1).map_or(f64::INFINITY, |q| q.1).max(low);
+            p[j].1 = p[j].1.max(low).min(high);
         }
     }
 }

@@ -112,9 +112,10 @@ impl Arms {
 }
 
 /// Measured committed tokens per second of decode steps with and without
-/// drafts, per batch-size bucket, each normalised by the cost curve's
-/// price of the step's plain forward (so batch sizes within a bucket
-/// compare).
+/// drafts, per batch-size bucket, each step's as its speedup over plain
+/// decoding by the cost curve: tokens committed per sequence, times the
+/// curve's price of the step's plain forward, over the step's time (about
+/// 1 for a plain step of any size, so batch sizes within a bucket compare).
 #[derive(Debug, Clone, Default)]
 pub struct MeasuredRates {
     buckets: [Arms; NUM_BUCKETS],
@@ -132,7 +133,7 @@ impl MeasuredRates {
     pub fn allows_drafting(&mut self, num_seqs: usize) -> bool {
         let arms = &mut self.buckets[bucket(num_seqs)];
         arms.asked += 1;
-        let probe = arms.asked.is_multiple_of(PROBE_EVERY);
+        let probe = arms.asked % PROBE_EVERY == 0;
         arms.drafting_leads() != probe
     }
 
@@ -144,7 +145,7 @@ impl MeasuredRates {
             return;
         }
         let arms = &mut self.buckets[bucket(num_seqs)];
-        let value = committed as f64 * plain_secs / secs;
+        let value = committed as f64 / num_seqs.max(1) as f64 * plain_secs / secs;
         if drafted {
             arms.drafted.add(value);
         } else {
@@ -193,8 +194,8 @@ mod tests {
         let allowed = (0..PROBE_EVERY).filter(|_| r.allows_drafting(4)).count() as u64;
         assert_eq!(allowed, PROBE_EVERY - 1);
         for _ in 0..20 {
-            r.record(4, true, 4, 0.010, 0.008); // 3.2 plain-step tokens
-            r.record(4, false, 4, 0.008, 0.008); // 4.0
+            r.record(4, true, 4, 0.010, 0.008); // 0.8 of plain
+            r.record(7, false, 7, 0.012, 0.012); // 1.0, another size in the bucket
         }
         assert!(r.drafted_over_plain(5).unwrap() < 0.9);
         let allowed = (0..PROBE_EVERY * 2).filter(|_| r.allows_drafting(5)).count() as u64;

@@ -6,8 +6,8 @@
 //! greedy choice is the candidate: the head's own probabilities, and for an
 //! n-gram follower the acceptance measured for matches of its length
 //! ([`SpecPolicy::ngram_acceptance`](crate::spec::SpecPolicy), fitted by
-//! `heterospec calibrate` from the target's greedy outputs) times the
-//! follower's share of the match's followers. A token both propose keeps
+//! `heterospec calibrate` from the target's greedy outputs) for the match's
+//! most frequent follower, and in proportion to their counts for the others. A token both propose keeps
 //! the higher score. The node's entropy is the lower of the two (a long,
 //! reliable match makes a step predictable whatever the head thinks).
 //!
@@ -59,10 +59,12 @@ impl HybridDrafter {
         let Some(&top) = self.acceptance.get(n - 1) else {
             return Some(self.ngram.propose(seq, k));
         };
-        let total: u32 = counts.iter().map(|c| c.1).sum();
+        // The measured figure is the most frequent follower's; the others
+        // in proportion to their counts.
+        let most = counts[0].1 as f32;
         let probs: Vec<(u32, f32)> = counts
             .iter()
-            .map(|&(t, c)| (t, (top * c as f32 / total as f32).clamp(1e-6, 1.0)))
+            .map(|&(t, c)| (t, (top * c as f32 / most).clamp(1e-6, 1.0)))
             .collect();
         Some(self.ngram.proposal(&probs, k))
     }
@@ -126,7 +128,12 @@ impl Drafter for HybridDrafter {
             })
             .collect();
         let for_head: Vec<(usize, usize)> = (0..requests.len()).filter(|&i| !sure[i]).map(|i| requests[i]).collect();
-        let mut from_head = self.head.expand(target, inputs, trees, &for_head, k)?.into_iter();
+        let from_head = if for_head.is_empty() {
+            Vec::new()
+        } else {
+            self.head.expand(target, inputs, trees, &for_head, k)?
+        };
+        let mut from_head = from_head.into_iter();
         Ok(lookups
             .into_iter()
             .enumerate()
@@ -193,9 +200,11 @@ mod tests {
         let p = h.lookup(&seq, 4).unwrap();
         assert_eq!(p.candidates.len(), 1);
         assert!((p.candidates[0].1 - 0.4f32.ln()).abs() < 1e-6);
-        // Two followers of "5" (2 twice, 1 once): shares of the 1-gram's 0.2.
+        // Two followers of "5" (2 twice, 1 once): the 1-gram's 0.2 for the
+        // most frequent, half that for the other.
         let p = h.lookup(&[5, 1, 5, 2, 5, 2, 7, 5], 4).unwrap();
-        assert!((p.candidates[0].1 - (0.2f32 * 2.0 / 3.0).ln()).abs() < 1e-6);
+        assert!((p.candidates[0].1 - 0.2f32.ln()).abs() < 1e-6);
+        assert!((p.candidates[1].1 - 0.1f32.ln()).abs() < 1e-6);
         assert!(h.lookup(&[1, 2, 3], 4).is_none());
         // Uncalibrated: the lookup's own estimate.
         let raw = HybridDrafter::new(ModelDrafter::self_draft(1), ngram.clone(), vec![]);

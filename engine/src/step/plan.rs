@@ -42,6 +42,13 @@ pub(crate) fn is_decode_step(seqs: &[SeqStep]) -> bool {
     seqs.iter().all(|s| s.new_token_ids.len() == 1 && s.sample)
 }
 
+/// Sequences the budget rule may draft for (sampling, AUTO or HETERO).
+pub(crate) fn budget_candidates(seqs: &[SeqStep]) -> usize {
+    seqs.iter()
+        .filter(|s| s.sample && s.speculation != SpecMode::Off && s.speculation != SpecMode::Fixed)
+        .count()
+}
+
 /// Grows the draft trees of speculating sequences: base depth for all,
 /// then deeper for low-entropy tiers (HeteroSpec sequences). Empty when
 /// nothing drafts (including when the budget rule says drafting does not
@@ -66,10 +73,7 @@ pub(crate) fn plan_drafts(
     // not pay (free ones only, where the drafter has them).
     let base_tokens: usize = seqs.iter().map(|s| s.new_token_ids.len()).sum();
     let sampling = seqs.iter().filter(|s| s.sample).count();
-    let candidates = seqs
-        .iter()
-        .filter(|s| s.sample && s.speculation != SpecMode::Off && s.speculation != SpecMode::Fixed)
-        .count();
+    let candidates = budget_candidates(seqs);
     let mut rate = spec.estimates.rate_model(&spec.curve, base_tokens, sampling);
     rate.overhead_secs = spec.estimates.draft_secs_per_seq() * candidates as f64;
     let (gain, nodes) = spec.estimates.budget_gain();
@@ -81,7 +85,7 @@ pub(crate) fn plan_drafts(
     // full drafts do not pay.
     let free_drafts = spec.drafter.drafts_for_free();
     let mut budget_may_pay = rate.may_pay() && (full_drafts_pay || free_drafts);
-    if budget_may_pay && spec.adaptive && is_decode_step(seqs) {
+    if budget_may_pay && candidates > 0 && spec.adaptive && is_decode_step(seqs) {
         budget_may_pay = spec.rates.allows_drafting(seqs.len());
     }
     let one_seq = RateModel {
