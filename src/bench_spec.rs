@@ -305,6 +305,12 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
         rows: &rows,
     };
     let json = serde_json::to_string_pretty(&report)?;
+    if args.json {
+        println!("{json}");
+    } else {
+        print_tables(drafter, &policy, &report.cost_curve_ms, &rows);
+    }
+    // The figures are out before the chart is drawn.
     if let Some(path) = &args.plot {
         let tmp = std::env::temp_dir().join(format!("heterospec-bench-spec-{}.json", std::process::id()));
         std::fs::write(&tmp, &json)?;
@@ -319,19 +325,19 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
             bail!("scripts/plot_spec.py failed");
         }
     }
-    if args.json {
-        println!("{json}");
-        return Ok(());
-    }
+    Ok(())
+}
+
+fn print_tables(drafter: &str, policy: &SpecPolicy, cost_curve_ms: &BTreeMap<usize, f64>, rows: &[Row]) {
     println!(
         "drafter {}; policy d={} k={} N={}; cost curve (ms) {:?}",
-        drafter, policy.depth, policy.top_k, policy.num_nodes, report.cost_curve_ms
+        drafter, policy.depth, policy.top_k, policy.num_nodes, cost_curve_ms
     );
     println!(
         "{:>3} {:<13} {:<14} {:>7} {:>8} {:>8} {:>6} {:>9} {:>6} {:>8} {:>8}  tiers B0..B7 (% of spec steps)",
         "c", "variant", "category", "tokens", "tok/s", "speedup", "τ", "verif/tok", "1st", "draft ms", "fwd ms"
     );
-    for r in &rows {
+    for r in rows {
         let tiers: Vec<String> = r.tier_share.iter().map(|s| format!("{:.0}", s * 100.0)).collect();
         println!(
             "{:>3} {:<13} {:<14} {:>7} {:>8.1} {:>7.2}x {:>6.2} {:>9.2} {:>5.0}% {:>8.2} {:>8.2}  {}",
@@ -353,5 +359,4 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
             }
         );
     }
-    Ok(())
 }
