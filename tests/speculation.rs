@@ -95,6 +95,13 @@ fn spec_engine(drafter: DrafterKind, curve: &CostCurve) -> Engine {
     .unwrap()
 }
 
+/// The default model's committed draft head, 8-bit as the CLI loads it.
+fn committed_head() -> Box<DraftHead> {
+    let target = Model::load(&model(), WeightFormat::Native).unwrap();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("engine/heads/smollm2-135m");
+    Box::new(DraftHead::load(&path, target.config(), WeightFormat::Q8_0).unwrap())
+}
+
 fn quantized_draft(dir: &Path) -> std::path::PathBuf {
     let out = dir.join("draft-q4_0.gguf");
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_heterospec"))
@@ -136,26 +143,8 @@ fn greedy_speculation_equals_plain_decoding_on_the_default_model() {
             Box::new(|| DrafterKind::Model(Box::new(Model::load(&draft_path, WeightFormat::Native).unwrap()))),
         ),
         ("self", Box::new(|| DrafterKind::SelfDraft { num_layers: 8 })),
-        (
-            "head",
-            Box::new(|| {
-                let target = Model::load(&model(), WeightFormat::Native).unwrap();
-                let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("engine/heads/smollm2-135m");
-                DrafterKind::Head(Box::new(
-                    DraftHead::load(&path, target.config(), WeightFormat::Q8_0).unwrap(),
-                ))
-            }),
-        ),
-        (
-            "hybrid",
-            Box::new(|| {
-                let target = Model::load(&model(), WeightFormat::Native).unwrap();
-                let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("engine/heads/smollm2-135m");
-                DrafterKind::Hybrid(Box::new(
-                    DraftHead::load(&path, target.config(), WeightFormat::Q8_0).unwrap(),
-                ))
-            }),
-        ),
+        ("head", Box::new(|| DrafterKind::Head(committed_head()))),
+        ("hybrid", Box::new(|| DrafterKind::Hybrid(committed_head()))),
     ];
     for (name, make) in &drafters {
         for mode in [SpecMode::Fixed, SpecMode::Hetero, SpecMode::Auto] {

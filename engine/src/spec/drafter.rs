@@ -181,13 +181,17 @@ impl Drafter for NgramDrafter {
     ) -> Result<Vec<Proposal>> {
         Ok(requests
             .iter()
-            .map(|&(s, node)| {
-                let mut seq = inputs[s].tokens.to_vec();
-                seq.extend(trees[s].path_tokens(node));
-                self.propose(&seq, k)
-            })
+            .map(|&(s, node)| self.propose(&node_context(&inputs[s], &trees[s], node), k))
             .collect())
     }
+}
+
+/// The tokens a drafter continues at `node` of a sequence's tree: the
+/// sequence through its root, then the path down to the node.
+pub fn node_context(input: &DraftInput<'_>, tree: &DraftTree, node: usize) -> Vec<u32> {
+    let mut seq = input.tokens.to_vec();
+    seq.extend(tree.path_tokens(node));
+    seq
 }
 
 /// Where a [`ModelDrafter`]'s model and KV live.

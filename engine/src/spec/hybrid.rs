@@ -29,7 +29,7 @@ use heterospec_kv::SeqId;
 
 use crate::backend::FeatureTap;
 use crate::error::Result;
-use crate::spec::drafter::{DraftInput, Drafter, ModelDrafter, NgramDrafter, Proposal, TargetView};
+use crate::spec::drafter::{node_context, DraftInput, Drafter, ModelDrafter, NgramDrafter, Proposal, TargetView};
 use crate::spec::tree::DraftTree;
 
 /// A lookup candidate at least this likely extends its node without the
@@ -107,11 +107,7 @@ impl Drafter for HybridDrafter {
     ) -> Result<Vec<Proposal>> {
         let lookups: Vec<Option<Proposal>> = requests
             .iter()
-            .map(|&(s, node)| {
-                let mut seq = inputs[s].tokens.to_vec();
-                seq.extend(trees[s].path_tokens(node));
-                self.lookup(&seq, k)
-            })
+            .map(|&(s, node)| self.lookup(&node_context(&inputs[s], &trees[s], node), k))
             .collect();
         // Where the lookup is sure, its candidates alone extend the node:
         // the head's forward is the drafting time, and a copied run needs
