@@ -268,14 +268,12 @@ impl Engine {
             draft_secs,
         })?;
         metrics::record_forward(forward_secs);
-        if let Some(spec) = self.spec.as_mut().filter(|s| s.adaptive) {
-            if is_decode_step(seqs) {
-                spec.curve.observe(batch.num_tokens(), forward_secs);
-            }
+        if let Some(spec) = self.spec.as_mut().filter(|s| s.adaptive && is_decode_step(seqs)) {
+            spec.curve.observe(batch.num_tokens(), forward_secs);
             // Steps the budget rule decided (a fixed tree is forced), and
             // drafting that did not fail.
             let ruled = budget_candidates(seqs) > 0 && seqs.iter().all(|s| s.speculation != SpecMode::Fixed);
-            if is_decode_step(seqs) && ruled && !drafting_failed {
+            if ruled && !drafting_failed {
                 spec.rates.record(
                     seqs.len(),
                     !plans.is_empty(),
