@@ -7,10 +7,13 @@ mod bench_soak;
 mod bench_spec;
 mod calibrate;
 mod client;
+mod dataset;
+mod draft_data;
 mod fetch;
 mod generate;
 mod local;
 mod metrics;
+mod progress;
 mod quantize;
 mod serve;
 mod train_draft;
@@ -61,8 +64,11 @@ enum Command {
     /// Write a GGUF with its matrices in another block type (a draft model
     /// for `--drafter model`).
     Quantize(quantize::QuantizeArgs),
-    /// Train an EAGLE-style draft head for the target (`--drafter head`):
-    /// answers a prompt set with the target, then trains on its features.
+    /// Grow the draft head's training set: the target answers prompts
+    /// (greedy and sampled) and the answers are added as token ids.
+    DraftData(draft_data::DraftDataArgs),
+    /// Train an EAGLE-style draft head for the target (`--drafter head`) on
+    /// a training set from `draft-data`, with the target's features.
     TrainDraft(train_draft::TrainDraftArgs),
     /// Benchmarks.
     #[command(subcommand)]
@@ -96,6 +102,7 @@ fn main() -> Result<()> {
         },
         Command::Quantize(args) => quantize::run(args),
         Command::Calibrate(args) => calibrate::run(args),
+        Command::DraftData(args) => draft_data::run(args),
         Command::TrainDraft(args) => train_draft::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }

@@ -1,44 +1,46 @@
-//! `heterospec train-draft`: answers a prompt set with the target (greedy,
-//! our engine), takes the target's features of every answer, and trains an
-//! EAGLE-style draft head on them with candle's autograd on the CPU.
+//! `heterospec train-draft`: trains an EAGLE-style draft head with candle's
+//! autograd on the CPU, on a training set from `heterospec draft-data` (the
+//! target's answers as token ids) and the target's states of every
+//! position, taken again from the ids by packed prefill.
+//!
+//! Invariants: held-out groups (5%, see `dataset`) are never trained on and
+//! are measured after every epoch; each epoch ends in a checkpoint from
+//! which `--resume` continues.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use heterospec_engine::runner::{Runner, TokenRequest};
 use heterospec_engine::spec::head::HeadKind;
-use heterospec_engine::spec::train::{frequent_tokens, target_features, train, HeadParams, TrainConfig, TrainSequence};
-use heterospec_engine::spec::SpecMode;
-use heterospec_engine::{Engine, EngineConfig, FeatureTap, Model, WeightFormat};
-use heterospec_router::TextTokenizer;
-use indicatif::{ProgressBar, ProgressStyle};
+use heterospec_engine::spec::train::{
+    evaluate, frequent_tokens, target_features_packed, train, HeadParams, HeldOutStats, TrainConfig, TrainSequence,
+};
+use heterospec_engine::{FeatureTap, Model, WeightFormat};
+use serde::{Deserialize, Serialize};
 
+use crate::dataset::{DraftDataset, DraftRecord};
 use crate::local::init_threads;
+use crate::progress::{bar, tick};
 
 #[derive(Debug, Args)]
 pub struct TrainDraftArgs {
     #[arg(long, env = "HETEROSPEC_MODEL", default_value_os_t = crate::fetch::default_model_path())]
     pub model: PathBuf,
-    /// JSON lines with `category` and `prompt` (never the benchmark's).
-    #[arg(long, default_value = "bench/draft_train_prompts.jsonl")]
-    pub prompts: PathBuf,
+    /// The training set (`heterospec draft-data` writes it).
+    #[arg(long, default_value = crate::draft_data::DEFAULT_DATASET)]
+    pub dataset: PathBuf,
     /// Output directory (`model.safetensors`, `config.json`).
     #[arg(long, default_value = crate::local::DEFAULT_DRAFT_HEAD)]
     pub out: PathBuf,
-    /// Cache of the generated data (answers and features): what it holds
-    /// is read, answers to prompts beyond it are generated and added.
+    /// Written after every epoch (f32 weights, sub-vocabulary, epochs done).
+    #[arg(long, default_value = "target/draft-head-checkpoint.safetensors")]
+    pub checkpoint: PathBuf,
+    /// Continue from `--checkpoint` (the schedule goes on where it stopped;
+    /// the optimizer's moments start again).
     #[arg(long)]
-    pub data: Option<PathBuf>,
-    /// Greedy tokens per answer.
-    #[arg(long, default_value_t = 192)]
-    pub max_new_tokens: usize,
-    /// Answers generated at once.
-    #[arg(long, default_value_t = 32)]
-    pub concurrency: usize,
+    pub resume: bool,
     /// `eagle`: the final feature, feature regression plus cross-entropy,
     /// noisy inputs. `eagle3`: low, middle and high-layer states fused,
     /// cross-entropy with training-time test.
@@ -50,13 +52,19 @@ pub struct TrainDraftArgs {
     /// Output rows: the most frequent answer tokens.
     #[arg(long, default_value_t = 4096)]
     pub sub_vocab: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 3)]
     pub epochs: usize,
     /// Sequences per optimizer step.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
     #[arg(long, default_value_t = 1e-3)]
     pub learning_rate: f64,
+    /// Longest sequence trained on (prompt and answer; longer ones are cut).
+    #[arg(long, default_value_t = 768)]
+    pub max_len: usize,
+    /// Use only the first N records of the dataset (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub limit: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Worker threads (0: one per core).
@@ -64,193 +72,124 @@ pub struct TrainDraftArgs {
     pub threads: usize,
 }
 
-/// A progress bar on a terminal; otherwise (logs, CI) a line per tenth.
-fn bar(len: usize, what: &str) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        let bar = ProgressBar::hidden();
-        bar.set_length(len as u64);
-        bar.set_prefix(what.to_string());
-        return bar;
-    }
-    let bar = ProgressBar::new(len as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {elapsed_precise} (eta {eta}) {msg}")
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_prefix(what.to_string());
-    bar
+/// What a checkpoint holds besides the weights.
+#[derive(Debug, Serialize, Deserialize)]
+struct CheckpointState {
+    kind: String,
+    /// What the run trained on and how; a resumed run must match.
+    records: usize,
+    batch_size: usize,
+    max_len: usize,
+    epochs_done: usize,
+    /// Per-epoch lines so far (the provenance).
+    curve: Vec<String>,
 }
 
-/// Advances `bar`; when it is hidden, prints a line at each tenth.
-fn tick(bar: &ProgressBar, n: u64) {
-    let len = bar.length().unwrap_or(1).max(1);
-    let before = bar.position() * 10 / len;
-    bar.inc(n);
-    if bar.is_hidden() && bar.position() * 10 / len > before {
-        eprintln!(
-            "{}: {}/{len} ({:.0} s) {}",
-            bar.prefix(),
-            bar.position(),
-            bar.elapsed().as_secs_f64(),
-            bar.message()
-        );
-    }
-}
-
-/// Greedy answers to `requests` and their features.
-fn generate_data(
-    model_path: &Path,
-    requests: &[TokenRequest],
-    concurrency: usize,
+/// Each record cut to `max_len`, with the target's states of `tap`
+/// (records whose prompt fills `max_len` are left out).
+fn with_features(
+    model: &Model,
+    records: &[&DraftRecord],
+    max_len: usize,
     tap: &FeatureTap,
 ) -> Result<Vec<TrainSequence>> {
-    let model = Model::load(model_path, WeightFormat::Native)?;
-    let mut engine = Engine::new(model, EngineConfig::default())?;
-    let progress = bar(requests.len(), "answers");
-    let mut answers = Vec::new();
-    for chunk in requests.chunks(concurrency.max(1) * 2) {
-        let out = Runner::new(&mut engine).run(chunk, concurrency.max(1), 256)?;
-        answers.extend(out.into_iter().map(|o| o.token_ids));
-        tick(&progress, chunk.len() as u64);
-    }
-    progress.finish();
-    let mut data: Vec<TrainSequence> = requests
+    let seqs: Vec<Vec<u32>> = records
         .iter()
-        .zip(answers)
-        .map(|(r, answer)| TrainSequence {
-            tokens: [&r.prompt[..], &answer].concat(),
-            features: Vec::new(),
-            answer_start: r.prompt.len(),
-        })
+        .filter(|r| r.prompt.len() + 1 < max_len && !r.answer.is_empty())
+        .map(|r| [&r.prompt[..], &r.answer].concat().into_iter().take(max_len).collect())
         .collect();
-    add_features(engine.model(), &mut data, tap)?;
-    Ok(data)
+    let starts: Vec<usize> = records
+        .iter()
+        .filter(|r| r.prompt.len() + 1 < max_len && !r.answer.is_empty())
+        .map(|r| r.prompt.len())
+        .collect();
+    let progress = bar(seqs.len(), "features");
+    let refs: Vec<&[u32]> = seqs.iter().map(|s| &s[..]).collect();
+    let features = target_features_packed(model, &refs, 1024, tap, |n| tick(&progress, n as u64))?;
+    progress.finish();
+    Ok(seqs
+        .into_iter()
+        .zip(features)
+        .zip(starts)
+        .map(|((tokens, features), answer_start)| TrainSequence {
+            tokens,
+            features,
+            answer_start,
+        })
+        .collect())
 }
 
-/// The target's states of `tap` for every sequence (one prefill each).
-fn add_features(model: &Model, data: &mut [TrainSequence], tap: &FeatureTap) -> Result<()> {
-    let progress = bar(data.len(), "features");
-    for seq in data.iter_mut() {
-        seq.features = target_features(model, &seq.tokens, 512, tap)?;
-        tick(&progress, 1);
+fn save_checkpoint(path: &Path, params: &HeadParams, state: &CheckpointState) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
     }
-    progress.finish();
+    let mut tensors: std::collections::HashMap<String, Tensor> = params
+        .vars
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(DType::F32)?)))
+        .collect::<Result<_>>()?;
+    tensors.insert("sub_vocab".into(), Tensor::new(params.sub_vocab.clone(), &Device::Cpu)?);
+    // Each file whole or not at all; the state (which says what the weights
+    // are) last.
+    let tmp = path.with_extension("tmp");
+    candle_core::safetensors::save(&tensors, &tmp)?;
+    std::fs::rename(&tmp, path)?;
+    let json = path.with_extension("json");
+    std::fs::write(
+        json.with_extension("json.tmp"),
+        serde_json::to_string_pretty(state)? + "\n",
+    )?;
+    std::fs::rename(json.with_extension("json.tmp"), &json)?;
     Ok(())
 }
 
-/// Cache tensor naming the tap: empty for the final feature, else the layers.
-fn tap_layers(tap: &FeatureTap) -> Vec<u32> {
-    match tap {
-        FeatureTap::Final => Vec::new(),
-        FeatureTap::Layers(l) => l.iter().map(|&i| i as u32 + 1).collect(),
-    }
-}
-
-/// The data for `requests`: from the cache where it has them (greedy answers
-/// do not depend on the batch, so a cache of a prompt file's first lines
-/// holds exactly what generating them again would give), the rest generated
-/// and the cache rewritten.
-fn training_data(
+/// The head of a checkpoint (its weights and sub-vocabulary) and its state.
+fn load_checkpoint(
+    path: &Path,
     target: &Model,
-    model_path: &Path,
     args: &TrainDraftArgs,
-    tap: &FeatureTap,
-) -> Result<Vec<TrainSequence>> {
-    let tokenizer = TextTokenizer::from_gguf_file(model_path)?;
-    let requests = crate::bench_serve::chat_requests(&tokenizer, &args.prompts, args.max_new_tokens, SpecMode::Off)?;
-    let (mut data, cached_tap) = match &args.data {
-        Some(p) if p.exists() => load_data(p)?,
-        _ => (Vec::new(), tap_layers(tap)),
-    };
-    if data.len() > requests.len() {
-        bail!(
-            "the data cache holds {} sequences, the prompt file has {} prompts",
-            data.len(),
-            requests.len()
-        );
+    records: usize,
+) -> Result<(HeadParams, CheckpointState)> {
+    let state: CheckpointState = serde_json::from_str(
+        &std::fs::read_to_string(path.with_extension("json"))
+            .with_context(|| format!("--resume: no checkpoint at {}", path.display()))?,
+    )?;
+    if state.kind != args.kind.as_str() {
+        bail!("--resume: the checkpoint is of a --kind {} head", state.kind);
     }
-    for (i, (seq, req)) in data.iter().zip(&requests).enumerate() {
-        if seq.tokens[..seq.answer_start] != req.prompt[..] {
-            bail!("the data cache was made from other prompts (prompt {} differs)", i + 1);
+    for (flag, was, now) in [
+        ("--batch-size", state.batch_size, args.batch_size),
+        ("--max-len", state.max_len, args.max_len),
+        ("the dataset's records (--dataset, --limit)", state.records, records),
+    ] {
+        if was != now {
+            bail!("--resume: the checkpoint was made with {flag} {was}, this run has {now}");
         }
     }
-    let mut changed = false;
-    if cached_tap != tap_layers(tap) && !data.is_empty() {
-        // The answers stand; only the states are taken again.
-        eprintln!(
-            "taking the target's states of {tap:?} for the {} cached answers",
-            data.len()
-        );
-        add_features(target, &mut data, tap)?;
-        changed = true;
-    }
-    if data.len() < requests.len() {
-        eprintln!("generating answers to {} prompts", requests.len() - data.len());
-        data.extend(generate_data(
-            model_path,
-            &requests[data.len()..],
-            args.concurrency,
-            tap,
-        )?);
-        changed = true;
-    }
-    if let (true, Some(p)) = (changed, &args.data) {
-        save_data(p, &data, tap)?;
-    }
-    Ok(data)
-}
-
-fn save_data(path: &Path, data: &[TrainSequence], tap: &FeatureTap) -> Result<()> {
-    let cpu = Device::Cpu;
-    let tokens: Vec<u32> = data.iter().flat_map(|s| s.tokens.iter().copied()).collect();
-    let features: Vec<f32> = data.iter().flat_map(|s| s.features.iter().copied()).collect();
-    let lens: Vec<u32> = data.iter().map(|s| s.tokens.len() as u32).collect();
-    let starts: Vec<u32> = data.iter().map(|s| s.answer_start as u32).collect();
-    let n = tokens.len();
-    let tensors = [
-        ("tokens", Tensor::from_vec(tokens, n, &cpu)?),
-        (
-            "features",
-            Tensor::from_vec(features, (n, data[0].features.len() / data[0].tokens.len()), &cpu)?,
-        ),
-        ("lengths", Tensor::new(lens, &cpu)?),
-        ("answer_starts", Tensor::new(starts, &cpu)?),
-        // Layer taps + 1 (empty: the final feature); a zero pads an empty list.
-        ("tap", Tensor::new([tap_layers(tap), vec![0]].concat(), &cpu)?),
-    ];
-    candle_core::safetensors::save(&tensors.into_iter().map(|(k, v)| (k.to_string(), v)).collect(), path)?;
-    Ok(())
-}
-
-/// The cached sequences and the tap their features are of.
-fn load_data(path: &Path) -> Result<(Vec<TrainSequence>, Vec<u32>)> {
     let t = candle_core::safetensors::load(path, &Device::Cpu)?;
-    let get = |k: &str| t.get(k).with_context(|| format!("{}: no `{k}`", path.display()));
-    let tokens = get("tokens")?.to_vec1::<u32>()?;
-    let features = get("features")?.to_dtype(DType::F32)?;
-    let h = features.dim(1)?;
-    let features = features.flatten_all()?.to_vec1::<f32>()?;
-    let mut at = 0;
-    let mut out = Vec::new();
-    for (len, start) in get("lengths")?
-        .to_vec1::<u32>()?
-        .into_iter()
-        .zip(get("answer_starts")?.to_vec1::<u32>()?)
-    {
-        let len = len as usize;
-        out.push(TrainSequence {
-            tokens: tokens[at..at + len].to_vec(),
-            features: features[at * h..(at + len) * h].to_vec(),
-            answer_start: start as usize,
-        });
-        at += len;
+    let sub_vocab = t
+        .get("sub_vocab")
+        .context("checkpoint without sub_vocab")?
+        .to_vec1::<u32>()?;
+    let params = HeadParams::init(target, sub_vocab, args.seed, DType::F32, args.kind)?;
+    for (name, var) in &params.vars {
+        let v = t.get(name).with_context(|| format!("checkpoint without `{name}`"))?;
+        if v.dims() != var.dims() {
+            bail!("checkpoint `{name}` is {:?}, the head needs {:?}", v.dims(), var.dims());
+        }
+        var.set(v)?;
     }
-    let tap = match t.get("tap") {
-        Some(t) => t.to_vec1::<u32>()?.into_iter().filter(|&l| l > 0).collect(),
-        None => Vec::new(), // caches from before taps: the final feature
-    };
-    Ok((out, tap))
+    Ok((params, state))
+}
+
+fn held_out_line(s: &HeldOutStats) -> String {
+    let depths: Vec<String> = s.top1.iter().map(|a| format!("{a:.3}")).collect();
+    format!(
+        "held-out top-1 {} (by depth), token loss {:.3}, tau estimate {:.2}",
+        depths.join("/"),
+        s.token_loss,
+        s.tau_estimate(4)
+    )
 }
 
 pub fn run(args: TrainDraftArgs) -> Result<()> {
@@ -258,22 +197,35 @@ pub fn run(args: TrainDraftArgs) -> Result<()> {
     crate::fetch::ensure_default_model(&args.model)?;
     let started = Instant::now();
     let target = Model::load(&args.model, WeightFormat::Native)?;
+    let data = DraftDataset::load(&args.dataset).context("make a training set with `heterospec draft-data` first")?;
+    if data.vocab_size != target.config().vocab_size {
+        bail!(
+            "{} holds ids of a {}-token vocabulary, the model has {}",
+            args.dataset.display(),
+            data.vocab_size,
+            target.config().vocab_size
+        );
+    }
+    let records: Vec<&DraftRecord> = data
+        .records
+        .iter()
+        .take(if args.limit == 0 { usize::MAX } else { args.limit })
+        .collect();
+    let (held, trained): (Vec<&DraftRecord>, Vec<&DraftRecord>) = records.iter().partition(|r| r.held_out());
+    // τ is measured on greedy answers: what greedy decoding verifies.
+    let held: Vec<&DraftRecord> = held.into_iter().filter(|r| r.temperature == 0.0).collect();
     let tap = args.kind.default_tap(target.config().num_layers);
-    let data = training_data(&target, &args.model, &args, &tap)?;
-    if data.is_empty() {
-        bail!("no training data");
+    let train_data = with_features(&target, &trained, args.max_len, &tap)?;
+    let held_data = with_features(&target, &held, args.max_len, &tap)?;
+    if train_data.is_empty() {
+        bail!("no training sequences in {}", args.dataset.display());
     }
     let data_secs = started.elapsed().as_secs_f64();
-    let answer_tokens: usize = data.iter().map(|s| s.tokens.len() - s.answer_start).sum();
-    let (sub_vocab, coverage) = frequent_tokens(&data, args.sub_vocab, target.config().vocab_size);
-    eprintln!(
-        "{} sequences, {answer_tokens} answer tokens; the {} most frequent cover {:.1}% of them",
-        data.len(),
-        sub_vocab.len(),
-        100.0 * coverage
-    );
+    let answer_tokens: usize = train_data.iter().map(|s| s.tokens.len() - s.answer_start).sum();
+    let all_tokens: usize = train_data.iter().map(|s| s.tokens.len()).sum();
     let cfg = TrainConfig {
         sub_vocab: args.sub_vocab,
+        max_len: args.max_len,
         batch_size: args.batch_size,
         epochs: args.epochs,
         learning_rate: args.learning_rate,
@@ -281,63 +233,119 @@ pub fn run(args: TrainDraftArgs) -> Result<()> {
         seed: args.seed,
         ..TrainConfig::default()
     };
-    let mut params = HeadParams::init(&target, sub_vocab, args.seed, DType::F32, args.kind)?;
-    let steps = data.len().div_ceil(cfg.batch_size.max(1)) * cfg.epochs;
-    let progress = bar(steps, "training");
+    let (mut params, mut state, coverage) = if args.resume {
+        let (p, s) = load_checkpoint(&args.checkpoint, &target, &args, records.len())?;
+        eprintln!(
+            "resuming after epoch {} from {}",
+            s.epochs_done,
+            args.checkpoint.display()
+        );
+        let sub: std::collections::HashSet<u32> = p.sub_vocab.iter().copied().collect();
+        let covered = train_data
+            .iter()
+            .flat_map(|s| &s.tokens[s.answer_start..])
+            .filter(|t| sub.contains(t))
+            .count();
+        (p, s, covered as f64 / answer_tokens.max(1) as f64)
+    } else {
+        let (sub_vocab, coverage) = frequent_tokens(&train_data, args.sub_vocab, target.config().vocab_size);
+        let state = CheckpointState {
+            kind: args.kind.as_str().to_string(),
+            records: records.len(),
+            batch_size: args.batch_size,
+            max_len: args.max_len,
+            epochs_done: 0,
+            curve: Vec::new(),
+        };
+        (
+            HeadParams::init(&target, sub_vocab, args.seed, DType::F32, args.kind)?,
+            state,
+            coverage,
+        )
+    };
+    eprintln!(
+        "{} sequences, {answer_tokens} answer tokens ({all_tokens} with prompts); {} held-out sequences; \
+         the {} most frequent cover {:.1}% of the answers",
+        train_data.len(),
+        held_data.len(),
+        params.sub_vocab.len(),
+        100.0 * coverage
+    );
+    if !held_data.is_empty() && state.epochs_done == 0 {
+        eprintln!(
+            "before training: {}",
+            held_out_line(&evaluate(&target, &params, &held_data, &cfg)?)
+        );
+    }
+    let cfg = TrainConfig {
+        start_epoch: state.epochs_done,
+        ..cfg
+    };
+    let batches = train_data.len().div_ceil(cfg.batch_size.max(1));
+    let progress = bar(batches * cfg.epochs.saturating_sub(cfg.start_epoch), "training");
     let train_start = Instant::now();
     let mut recent: Vec<(f64, f64)> = Vec::new();
-    let epochs = train(&target, &mut params, &data, &cfg, |_, _, s| {
-        recent.push((s.loss, s.top1));
-        if recent.len() > 20 {
-            recent.remove(0);
-        }
-        let n = recent.len() as f64;
-        progress.set_message(format!(
-            "loss {:.4} top-1 {:.3}",
-            recent.iter().map(|r| r.0).sum::<f64>() / n,
-            recent.iter().map(|r| r.1).sum::<f64>() / n
-        ));
-        tick(&progress, 1);
-    })?;
+    train(
+        &target,
+        &mut params,
+        &train_data,
+        &cfg,
+        |_, _, s| {
+            recent.push((s.loss, s.top1));
+            if recent.len() > 20 {
+                recent.remove(0);
+            }
+            let n = recent.len() as f64;
+            progress.set_message(format!(
+                "loss {:.4} top-1 {:.3}",
+                recent.iter().map(|r| r.0).sum::<f64>() / n,
+                recent.iter().map(|r| r.1).sum::<f64>() / n
+            ));
+            tick(&progress, 1);
+        },
+        |epoch, params, e| {
+            let mut line = format!(
+                "epoch {epoch}: loss {:.4} (feature {:.4}, token {:.3}), top-1 {:.3}",
+                e.loss, e.feature_loss, e.token_loss, e.top1
+            );
+            if !held_data.is_empty() {
+                line += &format!("; {}", held_out_line(&evaluate(&target, params, &held_data, &cfg)?));
+            }
+            line += &format!(
+                " ({:.0} training tok/s)",
+                all_tokens as f64 * (epoch - cfg.start_epoch) as f64 / train_start.elapsed().as_secs_f64()
+            );
+            eprintln!("{line}");
+            state.curve.push(line);
+            state.epochs_done = epoch;
+            save_checkpoint(&args.checkpoint, params, &state)
+                .map_err(|e| heterospec_engine::EngineError::Config(format!("checkpoint: {e:#}")))
+        },
+    )?;
     progress.finish();
     let train_secs = train_start.elapsed().as_secs_f64();
-    let curve: Vec<String> = epochs
-        .iter()
-        .enumerate()
-        .map(|(i, e)| {
-            format!(
-                "epoch {}: loss {:.4} (feature {:.4}, token {:.3}), top-1 {:.3}",
-                i + 1,
-                e.loss,
-                e.feature_loss,
-                e.token_loss,
-                e.top1
-            )
-        })
-        .collect();
-    for line in &curve {
-        eprintln!("{line}");
-    }
     let mut weights = params.weights()?;
     weights.config.provenance = format!(
-        "heterospec train-draft --kind {}{} --prompts {} --max-new-tokens {} --sub-vocab {} --epochs {} \
-         --batch-size {} --learning-rate {} --seed {} ({} sequences, {answer_tokens} answer tokens, sub-vocabulary coverage {:.1}%; \
-         data {data_secs:.0} s, training {train_secs:.0} s; {})",
+        "heterospec train-draft --kind {}{} --dataset {} --sub-vocab {} --epochs {} --batch-size {} \
+         --learning-rate {} --max-len {} --seed {} ({} records, {} sequences trained on, {answer_tokens} answer tokens, \
+         {} held out; data {data_secs:.0} s, training {train_secs:.0} s{}; {})",
         args.kind.as_str(),
         match args.kind {
             HeadKind::Eagle => String::new(),
             HeadKind::Eagle3 => format!(" --ttt-steps {}", args.ttt_steps),
         },
-        args.prompts.display(),
-        args.max_new_tokens,
-        args.sub_vocab,
+        args.dataset.display(),
+        params.sub_vocab.len(),
         args.epochs,
         args.batch_size,
         args.learning_rate,
+        args.max_len,
         args.seed,
-        data.len(),
-        100.0 * coverage,
-        curve.join("; ")
+        records.len(),
+        train_data.len(),
+        held_data.len(),
+        if args.resume { ", resumed" } else { "" },
+        state.curve.join("; ")
     );
     weights.save(&args.out)?;
     eprintln!("wrote {}", args.out.display());

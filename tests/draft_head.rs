@@ -1,8 +1,11 @@
-//! The draft head end to end on the default model: `heterospec train-draft`
-//! trains a head that `generate --drafter head` loads and drafts with (the
-//! output stays the plain output), alone and with prompt lookup (`--drafter
-//! hybrid`); the committed head, with lookup, is the default drafter and
-//! says how it was made; its training prompts are not benchmark prompts.
+//! The draft head end to end on the default model: `heterospec draft-data`
+//! grows a training set of the target's answers (greedy, sampled, follow-up
+//! turns; a rerun adds nothing), `heterospec train-draft` trains a head on
+//! it (and resumes from its checkpoint) that `generate --drafter head` loads
+//! and drafts with (the output stays the plain output), alone and with
+//! prompt lookup (`--drafter hybrid`); the committed head, with lookup, is
+//! the default drafter and says how it was made; the committed training set
+//! is varied and holds no benchmark prompt.
 
 mod common;
 
@@ -60,54 +63,162 @@ fn training_prompts_cover_five_categories_and_no_benchmark_prompt() {
     assert!(train.len() > 1000, "{} training prompts", train.len());
 }
 
+/// What the committed training set holds at least (it only grows).
+const MIN_PROMPTS: u64 = 2_500;
+const MIN_ANSWER_TOKENS: u64 = 800_000;
+
 #[test]
-fn train_draft_writes_a_head_that_generate_drafts_with() {
+fn the_committed_training_set_is_varied_greedy_and_sampled_and_holds_no_benchmark_prompt() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // `--stats` fails when a record's prompt holds a benchmark prompt.
+    let out = Command::new(env!("CARGO_BIN_EXE_heterospec"))
+        .current_dir(root)
+        .args(["draft-data", "--model", model().to_str().unwrap(), "--stats"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for category in [
+        "chat",
+        "code",
+        "math",
+        "instructions",
+        "summarization",
+        "self",
+        "code-source",
+        "long-context",
+        "chat-multiturn",
+    ] {
+        let c = &stats["categories"][category];
+        assert!(
+            c["greedy"].as_u64() > Some(0) && c["sampled"].as_u64() > Some(0),
+            "{category}: {stats}"
+        );
+    }
+    let held_out: u64 = stats["categories"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|c| c["held_out"].as_u64().unwrap())
+        .sum();
+    assert!(held_out > 0, "{stats}");
+    assert!(stats["prompts"].as_u64() > Some(MIN_PROMPTS), "{stats}");
+    assert!(stats["answer_tokens"].as_u64() > Some(MIN_ANSWER_TOKENS), "{stats}");
+}
+
+#[test]
+fn draft_data_grows_a_training_set_and_train_draft_writes_a_head_that_generate_drafts_with() {
     let dir = std::env::temp_dir().join(format!("heterospec-train-draft-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let prompts_path = dir.join("prompts.jsonl");
     std::fs::write(
         &prompts_path,
-        "{\"category\": \"chat\", \"prompt\": \"Name three colors.\"}\n\
+        "{\"category\": \"chat\", \"prompt\": \"Name three colors.\", \"followup\": \"Why those?\"}\n\
          {\"category\": \"math\", \"prompt\": \"What is 3 plus 4?\"}\n",
     )
     .unwrap();
-    let out_dir = dir.join("head");
     let model = model();
     let model = model.to_str().unwrap();
-    // `train-draft` on the two prompts into `out` from cache `data`.
-    let train = |data: &Path, out: &Path, extra: &[&str]| {
+    let dataset = dir.join("data.hsd");
+    let dataset = dataset.to_str().unwrap();
+    let draft_data = |prompts: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_heterospec"))
+            .args([
+                "draft-data",
+                "--model",
+                model,
+                "--dataset",
+                dataset,
+                "--max-new-tokens",
+                "24",
+            ])
+            .args(["--prompts", prompts.to_str().unwrap(), "--temperatures", "0,0.7"])
+            .env("HETEROSPEC_THREADS", "2")
+            .output()
+            .unwrap()
+    };
+    // Two prompts at two temperatures, then the follow-up on the greedy
+    // answer at both; a second run has nothing to add.
+    let log = String::from_utf8_lossy(&draft_data(&prompts_path).stderr).to_string();
+    assert!(log.contains("6 records (6 new)"), "{log}");
+    let log = String::from_utf8_lossy(&draft_data(&prompts_path).stderr).to_string();
+    assert!(log.contains("6 records (0 new)"), "{log}");
+    let stats: Value =
+        serde_json::from_slice(&heterospec(&["draft-data", "--model", model, "--dataset", dataset, "--stats"]).stdout)
+            .unwrap();
+    for category in ["chat", "math", "chat-multiturn"] {
+        let c = &stats["categories"][category];
+        assert_eq!(
+            (c["greedy"].as_u64(), c["sampled"].as_u64()),
+            (Some(1), Some(1)),
+            "{stats}"
+        );
+    }
+    assert_eq!(stats["conversations"], 2, "{stats}");
+    // A benchmark prompt is refused, naming it.
+    let bench_prompt = &prompts("bench/prompts.jsonl")[0].1;
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        serde_json::json!({"category": "chat", "prompt": bench_prompt}).to_string(),
+    )
+    .unwrap();
+    let out = draft_data(&bad);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("benchmark or calibration prompt"),
+        "{err}"
+    );
+
+    let out_dir = dir.join("head");
+    // `train-draft` on the training set into `out`.
+    let train_epochs = |out: &Path, epochs: &str, extra: &[&str]| {
+        let checkpoint = out.with_extension("checkpoint.safetensors");
         let mut args = vec![
             "train-draft",
             "--model",
             model,
-            "--prompts",
-            prompts_path.to_str().unwrap(),
+            "--dataset",
+            dataset,
             "--out",
             out.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--max-new-tokens",
-            "24",
+            "--checkpoint",
+            checkpoint.to_str().unwrap(),
             "--sub-vocab",
             "512",
             "--epochs",
-            "2",
+            epochs,
             "--batch-size",
             "2",
         ];
         args.extend_from_slice(extra);
         heterospec(&args)
     };
-    let data = dir.join("data.safetensors");
-    let log = String::from_utf8_lossy(&train(&data, &out_dir, &[]).stderr).to_string();
-    assert!(log.contains("2 sequences"), "{log}");
+    let train = |out: &Path, extra: &[&str]| train_epochs(out, "2", extra);
+    let log = String::from_utf8_lossy(&train(&out_dir, &[]).stderr).to_string();
+    assert!(log.contains("sequences") && log.contains("epoch 2: loss"), "{log}");
     let first = std::fs::read(out_dir.join("model.safetensors")).unwrap();
-    // From the cached data: the same file again (seeded).
-    train(&data, &out_dir, &[]);
+    // Seeded: the same file again.
+    train(&out_dir, &[]);
     assert_eq!(std::fs::read(out_dir.join("model.safetensors")).unwrap(), first);
     let config: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["draft_vocab_size"], 512);
     assert!(config["provenance"].as_str().unwrap().contains("epoch 2: loss"));
+    // One epoch, then a resumed run does the second from the checkpoint.
+    let resumed_dir = dir.join("resumed");
+    train_epochs(&resumed_dir, "1", &[]);
+    let log = String::from_utf8_lossy(&train(&resumed_dir, &["--resume"]).stderr).to_string();
+    assert!(
+        log.contains("resuming after epoch 1") && !log.contains("epoch 1: loss"),
+        "{log}"
+    );
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(resumed_dir.join("config.json")).unwrap()).unwrap();
+    let provenance = config["provenance"].as_str().unwrap();
+    assert!(
+        provenance.contains("resumed") && provenance.contains("epoch 1: loss") && provenance.contains("epoch 2: loss"),
+        "{provenance}"
+    );
 
     let generate = |extra: &[&str]| -> Value {
         let mut args = vec![
@@ -149,16 +260,10 @@ fn train_draft_writes_a_head_that_generate_drafts_with() {
         "{hybrid}"
     );
 
-    // An EAGLE-3 head from the same cache: the answers stand, the target's
-    // low/middle/high-layer states are taken for them.
+    // An EAGLE-3 head from the same training set (the target's low, middle
+    // and high-layer states).
     let eagle3_dir = dir.join("head3");
-    let out = train(&data, &eagle3_dir, &["--kind", "eagle3"]);
-    let log = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        log.contains("taking the target's states of Layers([2, 15, 27])"),
-        "{log}"
-    );
-    assert!(!log.contains("generating answers"), "{log}");
+    train(&eagle3_dir, &["--kind", "eagle3"]);
     let config: Value =
         serde_json::from_str(&std::fs::read_to_string(eagle3_dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["architectures"][0], "LlamaForCausalLMEagle3");

@@ -109,7 +109,7 @@ impl Sampler {
         let token_id = if self.params.is_greedy() {
             argmax(&processed)
         } else {
-            self.fill_candidates(&processed);
+            self.fill_candidates(&processed, false);
             gumbel_max(&self.candidates, self.seed, history.len())
         };
         SampledToken {
@@ -127,41 +127,65 @@ impl Sampler {
         if self.params.is_greedy() {
             return vec![(argmax(&processed), 1.0)];
         }
-        self.fill_candidates(&processed);
+        self.fill_candidates(&processed, true);
         self.candidates.clone()
     }
 
-    fn fill_candidates(&mut self, processed: &[f32]) {
+    /// The (token, probability) pairs `sample` draws from, in
+    /// `self.candidates`; most probable first when `sorted` or when top-k or
+    /// top-p cut the vocabulary (ties by id). Only what the cuts need is
+    /// sorted: top-k selects its `k` first, top-p sorts a growing head until
+    /// it holds the nucleus. The sums are taken in an order that does not
+    /// depend on `sorted`, so `sample` and `distribution` agree exactly.
+    fn fill_candidates(&mut self, processed: &[f32], sorted: bool) {
         let t = self.params.temperature;
         let max = processed.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        self.candidates.clear();
-        self.candidates.extend(
+        let by_probability = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let c = &mut self.candidates;
+        c.clear();
+        c.extend(
             processed
                 .iter()
                 .enumerate()
                 .map(|(i, &l)| (i as u32, ((l - max) / t).exp())),
         );
-        self.candidates
-            .sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if self.params.top_k > 0 && self.params.top_k < self.candidates.len() {
-            self.candidates.truncate(self.params.top_k);
+        let mut cut = false;
+        if self.params.top_k > 0 && self.params.top_k < c.len() {
+            c.select_nth_unstable_by(self.params.top_k - 1, by_probability);
+            c.truncate(self.params.top_k);
+            c.sort_unstable_by(by_probability);
+            cut = true;
         }
-        let total: f32 = self.candidates.iter().map(|c| c.1).sum();
+        let total: f32 = c.iter().map(|c| c.1).sum();
         if self.params.top_p < 1.0 {
-            let mut cum = 0.0;
-            let mut keep = self.candidates.len();
-            for (i, c) in self.candidates.iter().enumerate() {
-                cum += c.1 / total;
-                if cum >= self.params.top_p {
-                    keep = i + 1;
+            let mut head = 64.min(c.len());
+            loop {
+                if head < c.len() {
+                    c.select_nth_unstable_by(head - 1, by_probability);
+                }
+                c[..head].sort_unstable_by(by_probability);
+                let mut cum = 0.0;
+                let keep = c[..head].iter().position(|x| {
+                    cum += x.1 / total;
+                    cum >= self.params.top_p
+                });
+                if let Some(i) = keep {
+                    c.truncate(i + 1);
                     break;
                 }
+                if head == c.len() {
+                    break;
+                }
+                head = (head * 4).min(c.len());
             }
-            self.candidates.truncate(keep);
+            cut = true;
         }
-        let total: f32 = self.candidates.iter().map(|c| c.1).sum();
-        for c in &mut self.candidates {
-            c.1 /= total;
+        if sorted && !cut {
+            c.sort_unstable_by(by_probability);
+        }
+        let total = if cut { c.iter().map(|c| c.1).sum() } else { total };
+        for x in c.iter_mut() {
+            x.1 /= total;
         }
     }
 }
@@ -288,6 +312,82 @@ mod tests {
         for i in 0..100 {
             let t = s.sample(&logits(), &vec![0; i]).token_id;
             assert!(t == 1 || t == 4);
+        }
+    }
+
+    /// The nucleus and top-k of a full sort, as the partial sorts must give.
+    fn reference(logits: &[f32], p: &SamplingParams) -> Vec<u32> {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut c: Vec<(u32, f64)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, (((l - max) / p.temperature) as f64).exp()))
+            .collect();
+        c.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if p.top_k > 0 {
+            c.truncate(p.top_k);
+        }
+        let total: f64 = c.iter().map(|x| x.1).sum();
+        let mut cum = 0.0;
+        let keep = c
+            .iter()
+            .position(|x| {
+                cum += x.1 / total;
+                cum >= p.top_p as f64 - 1e-6
+            })
+            .map_or(c.len(), |i| i + 1);
+        c.truncate(if p.top_p < 1.0 { keep } else { c.len() });
+        c.into_iter().map(|x| x.0).collect()
+    }
+
+    #[test]
+    fn partial_sorts_keep_the_full_sorts_support_and_sample_inside_it() {
+        let n = 5000;
+        let mut z = 0x1234_5678u64;
+        let logits: Vec<f32> = (0..n)
+            .map(|_| {
+                z = z.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((z >> 33) as f32 / (1u64 << 31) as f32) * 12.0 - 6.0
+            })
+            .collect();
+        for (top_k, top_p) in [
+            (0, 1.0),
+            (0, 0.9),
+            (0, 0.999),
+            (0, 0.05),
+            (50, 1.0),
+            (300, 0.8),
+            (4999, 0.95),
+        ] {
+            let params = SamplingParams {
+                temperature: 0.8,
+                top_k,
+                top_p,
+                seed: Some(3),
+                ..Default::default()
+            };
+            let mut s = Sampler::new(params.clone());
+            let d = s.distribution(&logits, &[]);
+            let ids: Vec<u32> = d.iter().map(|c| c.0).collect();
+            let want = reference(&logits, &params);
+            // Rounding may move the nucleus's edge by one token.
+            assert!(
+                ids.len().abs_diff(want.len()) <= 1,
+                "k {top_k} p {top_p}: {} vs {}",
+                ids.len(),
+                want.len()
+            );
+            let common = ids.len().min(want.len());
+            assert_eq!(ids[..common], want[..common], "k {top_k} p {top_p}");
+            assert!(d.windows(2).all(|w| w[0].1 >= w[1].1), "most probable first");
+            assert!((d.iter().map(|c| c.1).sum::<f32>() - 1.0).abs() < 1e-4);
+            let support: std::collections::HashSet<u32> = ids.iter().copied().collect();
+            for pos in 0..200 {
+                let t = s.sample(&logits, &vec![0; pos]).token_id;
+                assert!(support.contains(&t), "k {top_k} p {top_p}: {t} outside the support");
+                // The same draw as Gumbel-max over the distribution.
+                assert_eq!(t, gumbel_max(&d, 3, pos), "k {top_k} p {top_p} at {pos}");
+            }
         }
     }
 

@@ -169,6 +169,6 @@ pub fn tiny_head(seed: u64, kind: crate::spec::head::HeadKind) -> Result<crate::
         warmup_steps: 5,
         ..TrainConfig::default()
     };
-    train(&target, &mut params, &data, &cfg, |_, _, _| {})?;
+    train(&target, &mut params, &data, &cfg, |_, _, _| {}, |_, _, _| Ok(()))?;
     crate::spec::DraftHead::new(&params.weights()?, target.config(), WeightFormat::AsShipped)
 }

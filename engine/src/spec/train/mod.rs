@@ -1,8 +1,8 @@
 //! Training a draft head on the target's own features, with candle's
 //! autograd on the CPU.
 //!
-//! Each training sequence is a prompt and the target's greedy answer, with
-//! the target's states of the head's tap at every position.
+//! Each training sequence is a prompt and the target's answer (greedy or
+//! sampled), with the target's states of the head's tap at every position.
 //!
 //! EAGLE: row `q` of the head reads `embed(token_q)` and the final
 //! `feature_{q-1}` (plus uniform noise, as EAGLE does, so it tolerates its
@@ -29,11 +29,11 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use crate::backend::FeatureTap;
-use crate::batch::{RaggedBatch, SeqRun};
 use crate::error::{EngineError, Result};
-use crate::kv::KvLayout;
 use crate::model::Model;
+mod features;
 mod graph;
+pub use features::{feature_rms, frequent_tokens, target_features, target_features_packed};
 pub use graph::{forward, loss};
 use graph::{hf_rope_tables, scalar};
 
@@ -52,59 +52,6 @@ pub struct TrainSequence {
     /// First position of the answer: rows predicting tokens from here on
     /// carry the loss.
     pub answer_start: usize,
-}
-
-/// The target's states of `tap` at every position of `tokens`.
-pub fn target_features(model: &Model, tokens: &[u32], chunk: usize, tap: &FeatureTap) -> Result<Vec<f32>> {
-    let c = model.config();
-    let block_size = 16;
-    let layout = KvLayout {
-        num_blocks: tokens.len().div_ceil(block_size).max(1),
-        block_size,
-        num_layers: c.num_layers,
-        kv_size: c.kv_size(),
-        scratch_slots: 0,
-    };
-    let mut kv = model.new_kv(layout)?;
-    let table: Vec<_> = (0..layout.num_blocks as u32).map(heterospec_kv::BlockId).collect();
-    let mut out = Vec::with_capacity(tokens.len() * tap.width(c.hidden_size));
-    for start in (0..tokens.len()).step_by(chunk.max(1)) {
-        let end = (start + chunk.max(1)).min(tokens.len());
-        let run = SeqRun::causal(tokens[start..end].to_vec(), start, &table, block_size)?;
-        let (_, features) = model.forward_with_features(&RaggedBatch { seqs: vec![run] }, &mut kv, tap)?;
-        out.extend(features);
-    }
-    Ok(out)
-}
-
-/// The `size` most frequent answer tokens (ties by id), then the lowest
-/// unused ids up to `size` (BPE numbers its merges roughly by frequency, and
-/// the output rows start as the target's, so unseen tokens still rank
-/// sensibly); and the share of answer tokens covered.
-pub fn frequent_tokens(data: &[TrainSequence], size: usize, vocab_size: usize) -> (Vec<u32>, f64) {
-    let mut counts: HashMap<u32, usize> = HashMap::new();
-    let mut total = 0;
-    for s in data {
-        for &t in &s.tokens[s.answer_start.max(1)..] {
-            *counts.entry(t).or_default() += 1;
-            total += 1;
-        }
-    }
-    let mut ranked: Vec<(u32, usize)> = counts.into_iter().collect();
-    ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    let size = size.min(vocab_size);
-    ranked.truncate(size);
-    let covered: usize = ranked.iter().map(|r| r.1).sum();
-    let mut ids: Vec<u32> = ranked.iter().map(|r| r.0).collect();
-    let mut taken: std::collections::HashSet<u32> = ids.iter().copied().collect();
-    let mut next = 0u32;
-    while ids.len() < size {
-        if taken.insert(next) {
-            ids.push(next);
-        }
-        next += 1;
-    }
-    (ids, covered as f64 / total.max(1) as f64)
 }
 
 /// Training settings.
@@ -127,6 +74,8 @@ pub struct TrainConfig {
     /// Share of sequences trained without their prompt's states (EAGLE-3).
     pub prompt_dropout: f32,
     pub seed: u64,
+    /// Epochs already done (a resumed run continues the schedule there).
+    pub start_epoch: usize,
 }
 
 impl Default for TrainConfig {
@@ -143,6 +92,7 @@ impl Default for TrainConfig {
             ttt_steps: 3,
             prompt_dropout: 0.1,
             seed: 0,
+            start_epoch: 0,
         }
     }
 }
@@ -373,24 +323,17 @@ pub struct EpochStats {
     pub top1: f64,
 }
 
-/// RMS of all features (the scale the input noise is relative to).
-pub fn feature_rms(data: &[TrainSequence]) -> f32 {
-    let (mut sum, mut n) = (0f64, 0usize);
-    for s in data {
-        sum += s.features.iter().map(|&f| (f as f64) * (f as f64)).sum::<f64>();
-        n += s.features.len();
-    }
-    (sum / n.max(1) as f64).sqrt() as f32
-}
-
-/// Trains `params` on `data`; `progress(step, steps, stats of the step)`
-/// after each optimizer step. Returns per-epoch means.
+/// Trains `params` on `data` from epoch `cfg.start_epoch` on;
+/// `progress(step, steps, stats of the step)` after each optimizer step,
+/// `epoch_done(epoch, params, epoch means)` after each epoch (to evaluate
+/// and checkpoint). Returns the per-epoch means of the epochs it ran.
 pub fn train(
     target: &Model,
     params: &mut HeadParams,
     data: &[TrainSequence],
     cfg: &TrainConfig,
     mut progress: impl FnMut(usize, usize, &EpochStats),
+    mut epoch_done: impl FnMut(usize, &HeadParams, &EpochStats) -> Result<()>,
 ) -> Result<Vec<EpochStats>> {
     if data.is_empty() {
         return Err(EngineError::Config("no training sequences".into()));
@@ -406,7 +349,10 @@ pub fn train(
         HeadKind::Eagle => (cfg.noise * feature_rms(data), 0.0),
         HeadKind::Eagle3 => (0.0, cfg.prompt_dropout), // training-time test instead of noise
     };
-    let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x5EED);
+    // Visiting orders come from one stream, noise and dropout from one
+    // stream per epoch, so a resumed run draws what an uninterrupted one
+    // would.
+    let mut order_rng = StdRng::seed_from_u64(cfg.seed ^ 0x5EED);
     // Batches of similar lengths (little padding), visited in a new random
     // order each epoch.
     let mut order: Vec<usize> = (0..data.len()).collect();
@@ -424,17 +370,29 @@ pub fn train(
         },
     )?;
     let mut epochs = Vec::new();
-    let mut step = 0;
-    for _ in 0..cfg.epochs {
+    let mut step = cfg.start_epoch.min(cfg.epochs) * batches.len();
+    let first_step = step;
+    for epoch in 0..cfg.epochs {
         let mut visit: Vec<usize> = (0..batches.len()).collect();
-        visit.shuffle(&mut rng);
+        visit.shuffle(&mut order_rng);
+        if epoch < cfg.start_epoch {
+            continue;
+        }
+        let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x5EED ^ ((epoch as u64 + 1) << 32));
         let mut sum = EpochStats::default();
         for &bi in &visit {
             let lr = if step < cfg.warmup_steps {
                 cfg.learning_rate * (step + 1) as f64 / cfg.warmup_steps as f64
             } else {
                 let done = (step - cfg.warmup_steps) as f64 / (steps - cfg.warmup_steps).max(1) as f64;
-                cfg.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * done).cos()))
+                // A resumed run's optimizer starts without moments: it warms
+                // up again, into the schedule.
+                let ramp = if first_step > 0 {
+                    ((step - first_step + 1) as f64 / cfg.warmup_steps.max(1) as f64).min(1.0)
+                } else {
+                    1.0
+                };
+                ramp * cfg.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * done).cos()))
             };
             opt.set_learning_rate(lr);
             let seqs: Vec<&TrainSequence> = batches[bi].iter().map(|&i| &data[i]).collect();
@@ -465,14 +423,119 @@ pub fn train(
             progress(step, steps, &stats);
         }
         let n = batches.len() as f64;
-        epochs.push(EpochStats {
+        let means = EpochStats {
             loss: sum.loss / n,
             feature_loss: sum.feature_loss / n,
             token_loss: sum.token_loss / n,
             top1: sum.top1 / n,
-        });
+        };
+        epoch_done(epoch + 1, params, &means)?;
+        epochs.push(means);
     }
     Ok(epochs)
+}
+
+/// How well the head predicts sequences it was not trained on.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HeldOutStats {
+    /// Cross-entropy of the first draft position (over answer tokens in the
+    /// sub-vocabulary).
+    pub token_loss: f64,
+    /// Top-1 agreement with the answer's next token at each draft depth
+    /// (depth `j` reads the head's own outputs of depths `< j`; EAGLE
+    /// heads are measured at the first depth only); a token outside the
+    /// sub-vocabulary is a miss.
+    pub top1: Vec<f64>,
+}
+
+impl HeldOutStats {
+    /// Estimated mean acceptance length of a chain of `depth` drafts, when
+    /// each depth is right with its measured top-1 independently (depths
+    /// past the measured ones as the last measured).
+    pub fn tau_estimate(&self, depth: usize) -> f64 {
+        let (mut tau, mut p) = (1.0, 1.0);
+        for d in 0..depth {
+            p *= self.top1.get(d).or(self.top1.last()).copied().unwrap_or(0.0);
+            tau += p;
+        }
+        tau
+    }
+}
+
+/// The head's held-out figures on `data` (no noise, no dropout, no
+/// update), token-weighted over batches.
+pub fn evaluate(
+    target: &Model,
+    params: &HeadParams,
+    data: &[TrainSequence],
+    cfg: &TrainConfig,
+) -> Result<HeldOutStats> {
+    let dtype = params.vars[0].1.dtype();
+    let sub_index: HashMap<u32, u32> = params
+        .sub_vocab
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| (t, i as u32))
+        .collect();
+    let steps = match params.kind {
+        HeadKind::Eagle => 1,
+        HeadKind::Eagle3 => cfg.ttt_steps.max(1),
+    };
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    order.sort_by_key(|&i| (data[i].tokens.len(), i));
+    let mut rng = StdRng::seed_from_u64(0);
+    let (mut loss_sum, mut loss_rows, mut hits, mut counted) = (0f64, 0f64, vec![0f64; steps], vec![0f64; steps]);
+    for chunk in order.chunks(cfg.batch_size.max(1)) {
+        let seqs: Vec<&TrainSequence> = chunk.iter().map(|&i| &data[i]).collect();
+        let batch = make_batch(
+            target,
+            params,
+            &seqs,
+            &sub_index,
+            cfg.max_len,
+            0.0,
+            0.0,
+            &mut rng,
+            dtype,
+        )?;
+        let outs = forward(params, &batch, steps)?;
+        let (_, t, _) = batch.embeds.dims3()?;
+        let mask = batch.token_mask.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let next = batch.next.to_vec1::<u32>()?;
+        // Rows that predict an answer token: those whose next token is
+        // outside the sub-vocabulary count as misses.
+        let mut predicts = vec![false; mask.len()];
+        for (i, s) in seqs.iter().enumerate() {
+            let len = s.tokens.len().min(cfg.max_len);
+            for q in s.answer_start.max(1) - 1..len.saturating_sub(1) {
+                predicts[i * t + q] = true;
+            }
+        }
+        for (j, (_, logits)) in outs.iter().enumerate() {
+            let logits = logits.to_dtype(DType::F32)?;
+            let best = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+            if j == 0 {
+                let logp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?.to_vec2::<f32>()?;
+                for (r, row) in logp.iter().enumerate() {
+                    if mask[r] > 0.0 {
+                        loss_sum -= row[next[r] as usize] as f64;
+                        loss_rows += 1.0;
+                    }
+                }
+            }
+            for r in 0..mask.len() {
+                // Depth j needs j earlier rows of the same sequence.
+                if predicts[r] && r % t >= j {
+                    counted[j] += 1.0;
+                    hits[j] += (mask[r] > 0.0 && best[r] == next[r]) as u8 as f64;
+                }
+            }
+        }
+    }
+    Ok(HeldOutStats {
+        token_loss: loss_sum / loss_rows.max(1.0),
+        top1: hits.iter().zip(&counted).map(|(h, c)| h / c.max(1.0)).collect(),
+    })
 }
 
 #[cfg(test)]

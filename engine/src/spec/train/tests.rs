@@ -1,5 +1,6 @@
 use super::*;
-use crate::kv::KvStorage;
+use crate::batch::{RaggedBatch, SeqRun};
+use crate::kv::{KvLayout, KvStorage};
 use crate::model::WeightFormat;
 use crate::spec::head::DraftHead;
 use crate::testing::{tiny_model, tiny_training_data};
@@ -166,7 +167,7 @@ fn gradients_match_finite_differences_and_training_lowers_the_loss() {
         };
         let before = loss(&p, &batch, 0.1, cfg.ttt_steps).unwrap();
         let mut steps = 0;
-        let epochs = train(&target, &mut p, &data, &cfg, |_, _, _| steps += 1).unwrap();
+        let epochs = train(&target, &mut p, &data, &cfg, |_, _, _| steps += 1, |_, _, _| Ok(())).unwrap();
         assert_eq!(steps, 15 * data.len().div_ceil(8));
         let after = loss(&p, &batch, 0.1, cfg.ttt_steps).unwrap();
         let total = |l: &(Tensor, f64, f64, f64)| scalar(&l.0).unwrap();
@@ -198,4 +199,105 @@ fn frequent_tokens_rank_answers_and_fill_up() {
     let (ids, coverage) = frequent_tokens(&data, 1, 10);
     assert_eq!(ids, vec![5]);
     assert!((coverage - 0.6).abs() < 1e-9);
+}
+
+#[test]
+fn packed_features_equal_one_sequence_at_a_time() {
+    let target = tiny_model(5).unwrap();
+    let data = tiny_training_data(5, &FeatureTap::Final).unwrap();
+    let seqs: Vec<&[u32]> = data.iter().map(|s| &s.tokens[..]).collect();
+    for tap in [FeatureTap::Final, FeatureTap::Layers(vec![0, 1])] {
+        let mut forwards = 0;
+        let packed = target_features_packed(&target, &seqs, 100, &tap, |_| forwards += 1).unwrap();
+        assert!(
+            forwards < seqs.len(),
+            "{forwards} forwards for {} sequences",
+            seqs.len()
+        );
+        for (s, p) in seqs.iter().zip(&packed) {
+            let alone = target_features(&target, s, 512, &tap).unwrap();
+            assert_eq!(alone.len(), p.len());
+            let worst = alone.iter().zip(p).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-4, "{tap:?}: {worst}");
+        }
+    }
+}
+
+#[test]
+fn held_out_figures_agree_with_the_loss_and_rise_with_training_and_a_resumed_run_does_the_rest() {
+    for kind in KINDS {
+        let (target, p, data) = setup(kind, DType::F32);
+        // A sub-vocabulary that leaves some answer tokens out.
+        let mut p = HeadParams::init(&target, p.sub_vocab[..3].to_vec(), 3, DType::F32, kind).unwrap();
+        let cfg = TrainConfig {
+            max_len: 64,
+            epochs: 12,
+            learning_rate: 3e-3,
+            warmup_steps: 5,
+            batch_size: 32,
+            ..TrainConfig::default()
+        };
+        let before = evaluate(&target, &p, &data, &cfg).unwrap();
+        assert_eq!(
+            before.top1.len(),
+            if kind == HeadKind::Eagle { 1 } else { cfg.ttt_steps }
+        );
+        // One batch holds all: the first depth's figures are the loss's,
+        // with answer tokens outside the sub-vocabulary counted as misses.
+        let (_, _, ce, acc) = loss(&p, &no_noise_batch(&target, &p, &data, DType::F32), 0.1, cfg.ttt_steps).unwrap();
+        let next: Vec<u32> = data
+            .iter()
+            .flat_map(|s| s.tokens[s.answer_start.max(1)..s.tokens.len().min(64)].iter().copied())
+            .collect();
+        let inside = next.iter().filter(|t| p.sub_vocab.contains(t)).count() as f64;
+        assert!(
+            inside < next.len() as f64,
+            "the tiny sub-vocabulary leaves some answer tokens out"
+        );
+        let expected = acc * inside / next.len() as f64;
+        assert!(
+            (before.top1[0] - expected).abs() < 1e-9,
+            "{kind:?}: {} vs {expected}",
+            before.top1[0]
+        );
+        assert!(
+            (before.token_loss - ce).abs() < 1e-4 * ce.max(1.0),
+            "{kind:?}: {} vs {ce}",
+            before.token_loss
+        );
+        // A resumed run runs only the epochs left, and reports each.
+        let mut seen = Vec::new();
+        let resumed = TrainConfig {
+            start_epoch: 9,
+            ..cfg.clone()
+        };
+        train(&target, &mut p, &data, &cfg, |_, _, _| {}, |_, _, _| Ok(())).unwrap();
+        let after = evaluate(&target, &p, &data, &cfg).unwrap();
+        assert!(after.top1[0] > before.top1[0], "{kind:?}: {before:?} -> {after:?}");
+        assert!(after.tau_estimate(4) > before.tau_estimate(4));
+        let epochs = train(
+            &target,
+            &mut p,
+            &data,
+            &resumed,
+            |_, _, _| {},
+            |e, _, _| {
+                seen.push(e);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!((epochs.len(), seen), (3, vec![10, 11, 12]));
+    }
+}
+
+#[test]
+fn the_tau_estimate_chains_the_depths() {
+    let s = HeldOutStats {
+        token_loss: 0.0,
+        top1: vec![0.5, 0.4],
+    };
+    // 1 + .5 + .5*.4 + .5*.4*.4
+    assert!((s.tau_estimate(3) - 1.78).abs() < 1e-9);
+    assert_eq!(HeldOutStats::default().tau_estimate(4), 1.0);
 }
