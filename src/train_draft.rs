@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use heterospec_engine::spec::head::HeadKind;
+use heterospec_engine::spec::head::{HeadKind, HeadWeights};
 use heterospec_engine::spec::train::{
     evaluate, frequent_tokens, target_features_packed, train, HeadParams, HeldOutStats, TrainConfig, TrainSequence,
 };
@@ -62,6 +62,10 @@ pub struct TrainDraftArgs {
     /// Longest sequence trained on (prompt and answer; longer ones are cut).
     #[arg(long, default_value_t = 768)]
     pub max_len: usize,
+    /// Train nothing: report the held-out figures of the head in DIR (of
+    /// `--kind`), to compare heads on one split.
+    #[arg(long, value_name = "DIR")]
+    pub evaluate: Option<PathBuf>,
     /// Use only the first N records of the dataset (0: all).
     #[arg(long, default_value_t = 0)]
     pub limit: usize,
@@ -215,6 +219,35 @@ pub fn run(args: TrainDraftArgs) -> Result<()> {
     // τ is measured on greedy answers: what greedy decoding verifies.
     let held: Vec<&DraftRecord> = held.into_iter().filter(|r| r.temperature == 0.0).collect();
     let tap = args.kind.default_tap(target.config().num_layers);
+    if let Some(dir) = &args.evaluate {
+        let weights = HeadWeights::load(dir, target.config())?;
+        if weights.kind() != args.kind {
+            bail!("{} is a --kind {} head", dir.display(), weights.kind().as_str());
+        }
+        let params = HeadParams::init(&target, weights.draft_to_target()?, 0, DType::F32, args.kind)?;
+        for (name, var) in &params.vars {
+            var.set(
+                weights
+                    .tensors
+                    .get(name)
+                    .with_context(|| format!("{}: no `{name}`", dir.display()))?,
+            )?;
+        }
+        let held_data = with_features(&target, &held, args.max_len, &tap)?;
+        let cfg = TrainConfig {
+            max_len: args.max_len,
+            batch_size: args.batch_size,
+            ttt_steps: args.ttt_steps,
+            ..TrainConfig::default()
+        };
+        println!(
+            "{}: {} held-out sequences: {}",
+            dir.display(),
+            held_data.len(),
+            held_out_line(&evaluate(&target, &params, &held_data, &cfg)?)
+        );
+        return Ok(());
+    }
     let train_data = with_features(&target, &trained, args.max_len, &tap)?;
     let held_data = with_features(&target, &held, args.max_len, &tap)?;
     if train_data.is_empty() {
