@@ -231,6 +231,26 @@ fn answer(
     Ok(added)
 }
 
+/// `prompt` at each temperature the data has no answer at yet.
+fn add_jobs(
+    jobs: &mut Vec<Job>,
+    data: &DraftDataset,
+    (category, group, prompt): (&str, u64, &[u32]),
+    tok: &TextTokenizer,
+    args: &DraftDataArgs,
+) {
+    for &t in &args.temperatures {
+        if !data.contains(prompt, t) {
+            jobs.push(Job {
+                category: category.to_string(),
+                group,
+                temperature: t,
+                request: request(prompt.to_vec(), t, group, args, tok),
+            });
+        }
+    }
+}
+
 /// The prompts' first turns at each temperature, those not yet answered.
 fn first_turn_jobs(
     data: &DraftDataset,
@@ -241,17 +261,7 @@ fn first_turn_jobs(
     let mut jobs = Vec::new();
     for p in prompts {
         let ids = tok.encode(&tok.apply_chat_template(&[ChatMessage::new("user", p.prompt.clone())])?)?;
-        let group = group_of(&ids);
-        for &t in &args.temperatures {
-            if !data.contains(&ids, t) {
-                jobs.push(Job {
-                    category: p.category.clone(),
-                    group,
-                    temperature: t,
-                    request: request(ids.clone(), t, group, args, tok),
-                });
-            }
-        }
+        add_jobs(&mut jobs, data, (&p.category, group_of(&ids), &ids), tok, args);
     }
     Ok(jobs)
 }
@@ -286,17 +296,8 @@ fn followup_jobs(
             ChatMessage::new("user", followup.clone()),
         ];
         let ids2 = tok.encode(&tok.apply_chat_template(&turns)?)?;
-        let group = group_of(&ids);
-        for &t in &args.temperatures {
-            if !data.contains(&ids2, t) {
-                jobs.push(Job {
-                    category: format!("{}-multiturn", p.category),
-                    group,
-                    temperature: t,
-                    request: request(ids2.clone(), t, group, args, tok),
-                });
-            }
-        }
+        let category = format!("{}-multiturn", p.category);
+        add_jobs(&mut jobs, data, (&category, group_of(&ids), &ids2), tok, args);
     }
     if asked > 0 {
         eprintln!(

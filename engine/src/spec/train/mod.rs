@@ -191,6 +191,11 @@ impl HeadParams {
         })
     }
 
+    /// Target id -> row of the sub-vocabulary.
+    pub fn sub_index(&self) -> HashMap<u32, u32> {
+        self.sub_vocab.iter().enumerate().map(|(i, &t)| (t, i as u32)).collect()
+    }
+
     fn get(&self, name: &str) -> &Tensor {
         self.vars
             .iter()
@@ -339,12 +344,7 @@ pub fn train(
         return Err(EngineError::Config("no training sequences".into()));
     }
     let dtype = params.vars[0].1.dtype();
-    let sub_index: HashMap<u32, u32> = params
-        .sub_vocab
-        .iter()
-        .enumerate()
-        .map(|(i, &t)| (t, i as u32))
-        .collect();
+    let sub_index = params.sub_index();
     let (noise_amp, prompt_dropout) = match params.kind {
         HeadKind::Eagle => (cfg.noise * feature_rms(data), 0.0),
         HeadKind::Eagle3 => (0.0, cfg.prompt_dropout), // training-time test instead of noise
@@ -471,12 +471,7 @@ pub fn evaluate(
     cfg: &TrainConfig,
 ) -> Result<HeldOutStats> {
     let dtype = params.vars[0].1.dtype();
-    let sub_index: HashMap<u32, u32> = params
-        .sub_vocab
-        .iter()
-        .enumerate()
-        .map(|(i, &t)| (t, i as u32))
-        .collect();
+    let sub_index = params.sub_index();
     let steps = match params.kind {
         HeadKind::Eagle => 1,
         HeadKind::Eagle3 => cfg.ttt_steps.max(1),
