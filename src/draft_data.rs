@@ -447,8 +447,11 @@ pub fn run(args: DraftDataArgs) -> Result<()> {
         } else {
             followup_jobs(&data, &prompts, &tok, &args)?
         };
-        // In a shuffled order (by group), so a run cut short covers every
-        // source.
+        // Each (prompt, temperature) once, though two files may hold the
+        // same prompt; in a shuffled order (by group), so a run cut short
+        // covers every source.
+        let mut queued = HashSet::new();
+        jobs.retain(|j| queued.insert((j.request.prompt.clone(), j.temperature.to_bits())));
         jobs.sort_by_key(|j| (j.group, (j.temperature * 1000.0) as u32));
         jobs.truncate(budget(added));
         added += answer(&mut engine, &mut data, jobs, &args, what, run_started)?;

@@ -119,6 +119,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         top_p: args.top_p,
         repetition_penalty: args.repetition_penalty,
         seed: args.seed,
+        top_logprobs: 0,
     };
     let criteria = StopCriteria {
         max_new_tokens: args.max_new_tokens,

@@ -9,6 +9,7 @@ mod calibrate;
 mod client;
 mod dataset;
 mod draft_data;
+mod feature_cache;
 mod fetch;
 mod generate;
 mod local;

@@ -21,7 +21,7 @@ use heterospec_router::discovery::EngineDiscovery;
 use heterospec_router::limits::RequestLimits;
 use heterospec_router::scheduler::SchedulerConfig;
 use heterospec_router::security::{client_tls, AuthTokens, TlsFiles};
-use heterospec_router::server::RouterConfig;
+use heterospec_router::server::{Listeners, RouterConfig};
 use heterospec_router::TextTokenizer;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
@@ -139,6 +139,10 @@ pub struct RouterArgs {
     /// Kubernetes' gRPC probes when the public port takes TLS).
     #[arg(long, env = "HETEROSPEC_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
+    /// Also serve the OpenAI-compatible HTTP API here (plaintext):
+    /// `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`.
+    #[arg(long, env = "HETEROSPEC_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
 }
 
 impl RouterArgs {
@@ -167,6 +171,9 @@ impl RouterArgs {
         }
         if let Some(addr) = self.health_listen {
             args.extend(["--health-listen".to_string(), addr.to_string()]);
+        }
+        if let Some(addr) = self.http_listen {
+            args.extend(["--http-listen".to_string(), addr.to_string()]);
         }
         for (flag, path) in [
             ("--tls-cert", &self.tls_cert),
@@ -419,7 +426,18 @@ pub fn run_router(args: RouterProcessArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         announce("router", listener.local_addr()?);
-        heterospec_router::server::serve(config, tokenizer, max_context, listener, termination())
+        let http = match args.router.http_listen {
+            Some(addr) => {
+                let http = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (--http-listen)"))?;
+                announce("router (OpenAI HTTP)", http.local_addr()?);
+                Some(http)
+            }
+            None => None,
+        };
+        let listeners = Listeners { grpc: listener, http };
+        heterospec_router::server::serve(config, tokenizer, max_context, listeners, termination())
             .await
             .map_err(|e| anyhow::anyhow!(e))?;
         tracing::info!("router stopped");

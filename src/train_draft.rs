@@ -21,6 +21,7 @@ use heterospec_engine::{FeatureTap, Model, WeightFormat};
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::{DraftDataset, DraftRecord};
+use crate::feature_cache;
 use crate::local::init_threads;
 use crate::progress::{bar, tick};
 
@@ -66,6 +67,13 @@ pub struct TrainDraftArgs {
     /// `--kind`), to compare heads on one split.
     #[arg(long, value_name = "DIR")]
     pub evaluate: Option<PathBuf>,
+    /// Keep the target's states of the training and held-out sequences in
+    /// DIR (exact f32, keyed by the model file, the tap and the tokens; about
+    /// 2.3 kB per token for `eagle`, three times that for `eagle3`), so a
+    /// resumed run, `--evaluate` or another head on the same set skips the
+    /// prefill. `--features-cache none`: recompute every time.
+    #[arg(long, default_value = "target/draft-features")]
+    pub features_cache: PathBuf,
     /// Use only the first N records of the dataset (0: all).
     #[arg(long, default_value_t = 0)]
     pub limit: usize,
@@ -94,23 +102,46 @@ struct CheckpointState {
 fn with_features(
     model: &Model,
     records: &[&DraftRecord],
-    max_len: usize,
+    args: &TrainDraftArgs,
     tap: &FeatureTap,
 ) -> Result<Vec<TrainSequence>> {
-    let seqs: Vec<Vec<u32>> = records
+    let max_len = args.max_len;
+    let kept: Vec<&&DraftRecord> = records
         .iter()
         .filter(|r| r.prompt.len() + 1 < max_len && !r.answer.is_empty())
+        .collect();
+    let seqs: Vec<Vec<u32>> = kept
+        .iter()
         .map(|r| [&r.prompt[..], &r.answer].concat().into_iter().take(max_len).collect())
         .collect();
-    let starts: Vec<usize> = records
-        .iter()
-        .filter(|r| r.prompt.len() + 1 < max_len && !r.answer.is_empty())
-        .map(|r| r.prompt.len())
-        .collect();
-    let progress = bar(seqs.len(), "features");
-    let refs: Vec<&[u32]> = seqs.iter().map(|s| &s[..]).collect();
-    let features = target_features_packed(model, &refs, 1024, tap, |n| tick(&progress, n as u64))?;
-    progress.finish();
+    let starts: Vec<usize> = kept.iter().map(|r| r.prompt.len()).collect();
+    let width = tap.width(model.config().hidden_size);
+    let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
+    let cache_dir = Some(&args.features_cache).filter(|d| d.as_os_str() != "none");
+    let cached = match cache_dir {
+        Some(dir) if !seqs.is_empty() => {
+            let path = feature_cache::cache_path(dir, &args.model, tap, &seqs)?;
+            Some((feature_cache::load(&path, &lens, width)?, path))
+        }
+        _ => None,
+    };
+    let features = match cached {
+        Some((Some(features), path)) => {
+            eprintln!("features of {} sequences from {}", seqs.len(), path.display());
+            features
+        }
+        cached => {
+            let progress = bar(seqs.len(), "features");
+            let refs: Vec<&[u32]> = seqs.iter().map(|s| &s[..]).collect();
+            let features = target_features_packed(model, &refs, 1024, tap, |n| tick(&progress, n as u64))?;
+            progress.finish();
+            if let Some((_, path)) = cached {
+                feature_cache::save(&path, &features, width)?;
+                eprintln!("features kept in {}", path.display());
+            }
+            features
+        }
+    };
     Ok(seqs
         .into_iter()
         .zip(features)
@@ -233,7 +264,7 @@ pub fn run(args: TrainDraftArgs) -> Result<()> {
                     .with_context(|| format!("{}: no `{name}`", dir.display()))?,
             )?;
         }
-        let held_data = with_features(&target, &held, args.max_len, &tap)?;
+        let held_data = with_features(&target, &held, &args, &tap)?;
         let cfg = TrainConfig {
             max_len: args.max_len,
             batch_size: args.batch_size,
@@ -248,8 +279,8 @@ pub fn run(args: TrainDraftArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let train_data = with_features(&target, &trained, args.max_len, &tap)?;
-    let held_data = with_features(&target, &held, args.max_len, &tap)?;
+    let train_data = with_features(&target, &trained, &args, &tap)?;
+    let held_data = with_features(&target, &held, &args, &tap)?;
     if train_data.is_empty() {
         bail!("no training sequences in {}", args.dataset.display());
     }

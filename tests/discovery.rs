@@ -14,7 +14,7 @@ use common::*;
 use heterospec_proto::v1 as pb;
 use heterospec_router::discovery::{EngineDiscovery, Resolver};
 use heterospec_router::scheduler::SchedulerConfig;
-use heterospec_router::server::{serve, RouterConfig};
+use heterospec_router::server::{serve, Listeners, RouterConfig};
 use heterospec_router::TextTokenizer;
 
 /// Answers with whatever the test put in last.
@@ -91,7 +91,11 @@ async fn engines_added_and_removed_behind_a_name_are_followed_without_losing_req
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(serve(config, tokenizer, max_context, listener, std::future::pending()));
+    let listeners = Listeners {
+        grpc: listener,
+        http: None,
+    };
+    tokio::spawn(serve(config, tokenizer, max_context, listeners, std::future::pending()));
     wait_health(&url, SERVING, Duration::from_secs(30)).await;
     let mut client = connect(&url).await;
     assert_eq!(num_engines(&mut client).await, 1);

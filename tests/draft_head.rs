@@ -172,6 +172,7 @@ fn draft_data_grows_a_training_set_and_train_draft_writes_a_head_that_generate_d
 
     let out_dir = dir.join("head");
     // `train-draft` on the training set into `out`.
+    let features = dir.join("features");
     let train_epochs = |out: &Path, epochs: &str, extra: &[&str]| {
         let checkpoint = out.with_extension("checkpoint.safetensors");
         let mut args = vec![
@@ -191,15 +192,26 @@ fn draft_data_grows_a_training_set_and_train_draft_writes_a_head_that_generate_d
             "--batch-size",
             "2",
         ];
+        if !extra.contains(&"--features-cache") {
+            args.extend(["--features-cache", features.to_str().unwrap()]);
+        }
         args.extend_from_slice(extra);
         heterospec(&args)
     };
     let train = |out: &Path, extra: &[&str]| train_epochs(out, "2", extra);
     let log = String::from_utf8_lossy(&train(&out_dir, &[]).stderr).to_string();
     assert!(log.contains("sequences") && log.contains("epoch 2: loss"), "{log}");
+    assert!(log.contains("features kept in"), "{log}");
     let first = std::fs::read(out_dir.join("model.safetensors")).unwrap();
-    // Seeded: the same file again.
-    train(&out_dir, &[]);
+    // Seeded: the same file again, from the kept features as from the
+    // prefill.
+    let log = String::from_utf8_lossy(&train(&out_dir, &[]).stderr).to_string();
+    assert!(
+        log.contains("features of") && !log.contains("features kept in"),
+        "{log}"
+    );
+    assert_eq!(std::fs::read(out_dir.join("model.safetensors")).unwrap(), first);
+    train(&out_dir, &["--features-cache", "none"]);
     assert_eq!(std::fs::read(out_dir.join("model.safetensors")).unwrap(), first);
     let config: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["draft_vocab_size"], 512);

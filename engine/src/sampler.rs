@@ -28,6 +28,9 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     /// `None`: seeded from the OS.
     pub seed: Option<u64>,
+    /// Alternatives reported with each chosen token (the most probable
+    /// tokens of the raw distribution, with their logprobs); 0: none.
+    pub top_logprobs: usize,
 }
 
 impl Default for SamplingParams {
@@ -38,6 +41,7 @@ impl Default for SamplingParams {
             top_p: 1.0,
             repetition_penalty: 1.0,
             seed: None,
+            top_logprobs: 0,
         }
     }
 }
@@ -73,10 +77,39 @@ impl SamplingParams {
 }
 
 /// A chosen token and its log-probability under the raw model distribution.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SampledToken {
     pub token_id: u32,
     pub logprob: f32,
+    /// The `top_logprobs` most probable tokens of the raw distribution and
+    /// their logprobs, most probable first (empty unless asked for).
+    pub top: Vec<(u32, f32)>,
+}
+
+impl SampledToken {
+    /// `token_id` chosen from the raw logits `row`, with the `top` most
+    /// probable alternatives.
+    pub fn from_row(row: &[f32], token_id: u32, top: usize) -> Self {
+        let z = log_sum_exp(row);
+        let top = if top == 0 {
+            Vec::new()
+        } else {
+            let mut ids: Vec<u32> = (0..row.len() as u32).collect();
+            let k = top.min(ids.len());
+            let by_logit = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+            if k < ids.len() {
+                ids.select_nth_unstable_by(k - 1, by_logit);
+                ids.truncate(k);
+            }
+            ids.sort_unstable_by(by_logit);
+            ids.into_iter().map(|t| (t, row[t as usize] - z)).collect()
+        };
+        SampledToken {
+            token_id,
+            logprob: row[token_id as usize] - z,
+            top,
+        }
+    }
 }
 
 /// A sequence's sampler: its settings and its random stream.
@@ -112,10 +145,7 @@ impl Sampler {
             self.fill_candidates(&processed, false);
             gumbel_max(&self.candidates, self.seed, history.len())
         };
-        SampledToken {
-            token_id,
-            logprob: logits[token_id as usize] - log_sum_exp(logits),
-        }
+        SampledToken::from_row(logits, token_id, self.params.top_logprobs)
     }
 
     /// The distribution `sample` draws from (after penalty, temperature,
@@ -263,6 +293,28 @@ mod tests {
         assert_eq!(out.token_id, 1);
         let z: f32 = logits().iter().map(|l| l.exp()).sum();
         assert!((out.logprob - (3.0 - z.ln())).abs() < 1e-5);
+    }
+
+    #[test]
+    fn top_logprobs_are_the_most_probable_raw_tokens_in_order() {
+        let mut s = Sampler::new(SamplingParams {
+            top_logprobs: 3,
+            ..SamplingParams::greedy()
+        });
+        let out = s.sample(&logits(), &[]);
+        let z = log_sum_exp(&logits());
+        let ids: Vec<u32> = out.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![1, 4, 2]);
+        for (t, lp) in &out.top {
+            assert!((lp - (logits()[*t as usize] - z)).abs() < 1e-6);
+        }
+        assert_eq!(out.top[0].1, out.logprob);
+        // More than the vocabulary: all of it.
+        assert_eq!(SampledToken::from_row(&logits(), 0, 50).top.len(), 6);
+        assert!(Sampler::new(SamplingParams::greedy())
+            .sample(&logits(), &[])
+            .top
+            .is_empty());
     }
 
     #[test]

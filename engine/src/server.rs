@@ -198,6 +198,9 @@ impl Drop for LeaseCall<'_> {
     }
 }
 
+/// Most alternatives a sequence may ask for with each token.
+const MAX_TOP_LOGPROBS: usize = 20;
+
 /// A router's step in engine terms: its partition's sequence and block ids.
 fn seq_step_from_proto(s: pb::SeqStep, partition: usize, leases: &Leases) -> Result<SeqStep, Status> {
     let seq_id = Leases::engine_seq(partition, s.seq_id).map_err(Status::invalid_argument)?;
@@ -224,6 +227,7 @@ fn seq_step_from_proto(s: pb::SeqStep, partition: usize, leases: &Leases) -> Res
             top_p: p.top_p,
             repetition_penalty: p.repetition_penalty,
             seed: p.seed,
+            top_logprobs: (p.top_logprobs as usize).min(MAX_TOP_LOGPROBS),
         }),
         cached_token_ids: s.cached_token_ids,
         sample: s.sample,
@@ -241,6 +245,8 @@ fn seq_result_to_proto(r: SeqResult) -> pb::SeqResult {
             .map(|t| pb::CommittedToken {
                 token_id: t.token_id,
                 logprob: t.logprob,
+                top_token_ids: t.top.iter().map(|a| a.0).collect(),
+                top_logprobs: t.top.iter().map(|a| a.1).collect(),
             })
             .collect(),
         tier: r.spec.tier.map_or(0, |t| t as u32 + 1),

@@ -293,6 +293,7 @@ fn sampling_with_speculation_follows_the_target_distribution_and_a_biased_rule_i
         top_p: 0.95,
         repetition_penalty: 1.1,
         seed: None,
+        top_logprobs: 0,
     };
     let (p1, p2) = exact_first_two(&prompt, &sampling);
     let n = 3000;
@@ -335,6 +336,8 @@ fn seeded_sampling_with_speculation_repeats_plain_sampling_token_for_token() {
         top_p: 0.95,
         repetition_penalty: 1.1,
         seed: Some(42),
+        // Alternatives are reported on the verify path as on the plain one.
+        top_logprobs: 2,
     };
     let mut plain_engine = Engine::new(tiny_target(TARGET_SEED).unwrap(), config()).unwrap();
     let plain: Vec<Vec<u32>> = run(&mut plain_engine, &requests(SpecMode::Off, &sampling, 24), 1)

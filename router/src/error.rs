@@ -6,8 +6,10 @@
 //! bearer token is `UNAUTHENTICATED`, and our own broken invariants (and a
 //! sequence the engine failed on its own) are `INTERNAL`. `error_type()` is
 //! the stable label the `heterospec_requests_total{outcome}` metric uses.
+//! `http_status` gives the OpenAI-compatible front the HTTP code and error
+//! type of each gRPC status.
 
-use tonic::Status;
+use tonic::{Code, Status};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RouterError {
@@ -15,6 +17,9 @@ pub enum RouterError {
     InvalidArgument { field: &'static str, reason: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// An OpenAI-style request names a model this router does not serve.
+    #[error("the model `{asked}` does not exist here (this router serves `{served}`)")]
+    ModelNotFound { asked: String, served: String },
     /// More requests in flight than `--max-concurrent-requests`.
     #[error("the server is at its limit of {max} concurrent requests")]
     TooManyRequests { max: usize },
@@ -52,6 +57,7 @@ impl RouterError {
         match self {
             RouterError::InvalidArgument { .. } => "invalid_argument",
             RouterError::Tokenizer(_) => "tokenizer",
+            RouterError::ModelNotFound { .. } => "model_not_found",
             RouterError::TooManyRequests { .. } | RouterError::PromptBytesExhausted { .. } => "resource_exhausted",
             RouterError::KvExhausted => "kv_exhausted",
             RouterError::QueueFull | RouterError::EngineUnavailable(_) | RouterError::ShuttingDown => "unavailable",
@@ -70,6 +76,7 @@ impl From<RouterError> for Status {
         match e {
             RouterError::InvalidArgument { .. } => Status::invalid_argument(message),
             RouterError::Unauthenticated => Status::unauthenticated(message),
+            RouterError::ModelNotFound { .. } => Status::not_found(message),
             RouterError::TooManyRequests { .. }
             | RouterError::PromptBytesExhausted { .. }
             | RouterError::KvExhausted => Status::resource_exhausted(message),
@@ -81,6 +88,20 @@ impl From<RouterError> for Status {
             | RouterError::Detokenize(_)
             | RouterError::SequenceFailed(_) => Status::internal(message),
         }
+    }
+}
+
+/// The HTTP code and OpenAI error type that stand for a gRPC status code.
+pub fn http_status(code: Code) -> (u16, &'static str) {
+    match code {
+        Code::InvalidArgument | Code::OutOfRange => (400, "invalid_request_error"),
+        Code::Unauthenticated => (401, "authentication_error"),
+        Code::PermissionDenied => (403, "permission_error"),
+        Code::NotFound => (404, "not_found_error"),
+        Code::ResourceExhausted => (429, "rate_limit_error"),
+        Code::Unavailable => (503, "service_unavailable_error"),
+        Code::DeadlineExceeded => (504, "timeout_error"),
+        _ => (500, "internal_error"),
     }
 }
 

@@ -6,6 +6,7 @@ pub mod discovery;
 pub mod error;
 pub mod limits;
 pub mod metrics;
+pub mod openai;
 pub mod output;
 pub mod scheduler;
 pub mod security;

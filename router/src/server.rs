@@ -67,6 +67,13 @@ pub struct RouterConfig {
     pub health_listen: Option<std::net::SocketAddr>,
 }
 
+/// Where the router listens.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    /// The OpenAI-compatible HTTP API (`crate::openai`), plaintext.
+    pub http: Option<TcpListener>,
+}
+
 impl RouterConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.engines.is_empty() && self.discovery.is_none() {
@@ -178,6 +185,26 @@ pub struct RouterService {
     state: Arc<State>,
 }
 
+impl RouterService {
+    pub(crate) fn tokenizer(&self) -> &Arc<TextTokenizer> {
+        &self.state.tokenizer
+    }
+
+    pub(crate) fn model_name(&self) -> &str {
+        &self.state.model_name
+    }
+
+    /// Prompt plus output tokens per request.
+    pub(crate) fn max_context(&self) -> usize {
+        self.state.limits.max_context
+    }
+
+    /// Not draining, and an engine is healthy.
+    pub(crate) fn serving(&self) -> bool {
+        !self.state.draining.load(Ordering::Acquire) && self.state.any_engine_healthy()
+    }
+}
+
 #[tonic::async_trait]
 impl Generation for RouterService {
     type GenerateStream = ReceiverStream<Result<pb::GenerateResponse, Status>>;
@@ -276,9 +303,10 @@ pub async fn serve(
     config: RouterConfig,
     tokenizer: TextTokenizer,
     max_context: usize,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let listener = listeners.grpc;
     config.validate()?;
     crate::metrics::describe();
     let tokenizer = Arc::new(tokenizer);
@@ -392,6 +420,14 @@ pub async fn serve(
     };
 
     let service = RouterService { state };
+    if let Some(http) = listeners.http {
+        let (service, auth, max_body) = (service.clone(), config.auth.clone(), config.limits.max_request_bytes);
+        tokio::spawn(async move {
+            if let Err(e) = crate::openai::serve_http(http, service, auth, max_body).await {
+                tracing::error!(error = %e, "the OpenAI-compatible HTTP front stopped");
+            }
+        });
+    }
     let generation = GenerationServer::new(service).max_decoding_message_size(config.limits.max_request_bytes);
     let auth = config.auth.clone();
     let generation = tonic::service::interceptor::InterceptedService::new(generation, move |request| match &auth {

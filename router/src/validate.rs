@@ -14,6 +14,8 @@ pub const DEFAULT_MAX_NEW_TOKENS: usize = 128;
 pub const MAX_STOP_STRINGS: usize = 16;
 /// Longest stop string, in bytes (it bounds the text held back).
 pub const MAX_STOP_STRING_BYTES: usize = 256;
+/// Most alternatives per token `top_logprobs` may ask for.
+pub const MAX_TOP_LOGPROBS: u32 = 20;
 /// Longest request id / cache salt, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
 
@@ -170,6 +172,16 @@ pub fn validate(req: pb::GenerateRequest, tokenizer: &TextTokenizer, limits: Mod
         ));
     }
 
+    if req.top_logprobs > 0 && !req.logprobs {
+        return Err(invalid("top_logprobs", "needs logprobs"));
+    }
+    if req.top_logprobs > MAX_TOP_LOGPROBS {
+        return Err(invalid(
+            "top_logprobs",
+            format!("must be at most {MAX_TOP_LOGPROBS}, got {}", req.top_logprobs),
+        ));
+    }
+
     let stopping = req.stopping.unwrap_or_default();
     let room = limits.max_context - prompt_token_ids.len();
     let max_new_tokens = match stopping.max_new_tokens {
@@ -212,6 +224,7 @@ pub fn validate(req: pb::GenerateRequest, tokenizer: &TextTokenizer, limits: Mod
             top_p,
             repetition_penalty,
             seed: s.seed,
+            top_logprobs: req.top_logprobs,
         },
         criteria: StopCriteria {
             max_new_tokens,

@@ -14,7 +14,6 @@
 //! tokens are those plain decoding with the same seed would produce, for any
 //! tree. Greedy is the case where the draw is the argmax.
 
-use crate::ops::log_sum_exp;
 use crate::sampler::{SampledToken, Sampler};
 use crate::spec::tree::DraftTree;
 
@@ -78,10 +77,8 @@ pub fn accept<'a>(
             Some(c) => {
                 let token = tree.nodes[c].token;
                 out.nodes.push(c);
-                out.tokens.push(SampledToken {
-                    token_id: token,
-                    logprob: row[token as usize] - log_sum_exp(row),
-                });
+                out.tokens
+                    .push(SampledToken::from_row(row, token, sampler.params().top_logprobs));
                 hist.push(token);
                 v = c;
             }

@@ -86,6 +86,7 @@ impl Request {
                 p.token_ids.extend(resp.token_ids);
                 p.text.push_str(&resp.text);
                 p.logprobs.extend(resp.logprobs);
+                p.top_logprobs.extend(resp.top_logprobs);
                 p.finish_reason = resp.finish_reason;
                 p.usage = resp.usage.or(p.usage);
                 p.speculation = resp.speculation.or(p.speculation);
@@ -223,6 +224,12 @@ pub(crate) fn commit_tokens(
         resp.token_ids.push(t.token_id);
         if r.request.logprobs {
             resp.logprobs.push(t.logprob);
+            if r.request.sampling.top_logprobs > 0 {
+                resp.top_logprobs.push(pb::TopLogprobs {
+                    token_ids: t.top_token_ids.clone(),
+                    logprobs: t.top_logprobs.clone(),
+                });
+            }
         }
         match r.output.push(tokenizer, t.token_id) {
             Ok(delta) => {
