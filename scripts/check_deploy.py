@@ -67,7 +67,11 @@ def json_pointer_apply(doc, ops):
         for p in parts[:-1]:
             parent = parent[int(p)] if isinstance(parent, list) else parent[p]
         last = parts[-1]
-        if op["op"] == "remove":
+        if op["op"] == "test":
+            value = parent[int(last)] if isinstance(parent, list) else parent.get(last)
+            if value != op["value"]:
+                fail(f"overlay patch test failed at {op['path']}: {value!r} is not {op['value']!r}")
+        elif op["op"] == "remove":
             if isinstance(parent, list):
                 parent.pop(int(last))
             elif last in parent:
@@ -264,6 +268,8 @@ def main():
             fail(f"TLS overlay: {name} does not mount the heterospec-tls Secret")
         if not any(a.startswith("--tls-cert=") for a in c["args"]):
             fail(f"TLS overlay: {name} serves without --tls-cert")
+        if any(a.startswith("--http-listen") for a in c["args"]) or any(p.get("name") == "http" for p in c["ports"]):
+            fail(f"TLS overlay: {name} still serves plaintext HTTP (--http-listen)")
         listen = [a.split(":")[-1] for a in c["args"] if a.startswith("--health-listen=")]
         ports = {p["containerPort"] for p in c["ports"]}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -271,6 +277,12 @@ def main():
                 port = c[probe]["grpc"]["port"]
                 if port not in ports or [str(port)] != listen:
                     fail(f"TLS overlay: {name} {probe} port {port} is not its --health-listen container port")
+    for d in tls_patched:
+        ports = d["spec"].get("ports", []) if d["kind"] == "Service" else [
+            p for rule in d["spec"].get("ingress", []) for p in rule.get("ports", [])
+        ] if d["kind"] == "NetworkPolicy" else []
+        if any(p.get("port") == 8000 or p.get("name") == "http" for p in ports):
+            fail(f"TLS overlay: {d['kind']} {d['metadata']['name']} still opens the plaintext HTTP port")
     router = next(d for d in tls_patched if d["kind"] == "Deployment")
     if not any(a.startswith("--engine-tls-ca=") for a in router["spec"]["template"]["spec"]["containers"][0]["args"]):
         fail("TLS overlay: the router does not talk TLS to engines")

@@ -70,6 +70,7 @@ pub fn request_from_args(args: &GenerateArgs) -> pb::GenerateRequest {
             max_new_tokens: Some(args.max_new_tokens as i32),
             stop: args.stop.clone(),
             ignore_eos: args.ignore_eos,
+            ..Default::default()
         }),
         echo_prompt_token_ids: true,
         speculation: speculation_to_proto(args.speculation) as i32,

@@ -4,10 +4,12 @@
 //! run: about as long as an epoch).
 //!
 //! Invariant: a cache file is used only when its key matches: the SHA-256
-//! of the model file, the tap, and every sequence's tokens (cut to
-//! `max_len`); the floats are the exact f32 values the prefill gave, so a
-//! run from the cache trains the same bytes as one without. Files are
-//! written whole or not at all (temporary name, then rename).
+//! of the model file, the tap, every sequence's tokens (cut to `max_len`)
+//! and this build's version and `FORMAT` (bumped when the forward or the
+//! taps change what they give); the floats are the exact f32 values the
+//! prefill gave, so a run from the cache trains the same bytes as one
+//! without. Files are written whole or not at all (a temporary name of
+//! their own, then rename).
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -18,6 +20,9 @@ use heterospec_engine::FeatureTap;
 use sha2::{Digest, Sha256};
 
 const MAGIC: &[u8; 8] = b"HSFEAT01";
+/// Part of every key: bump it when the target's forward or its feature
+/// taps change what they give, so older files are never read.
+const FORMAT: u32 = 1;
 
 /// Where the features of `seqs` live in `dir`: the file name is their key.
 pub fn cache_path(dir: &Path, model: &Path, tap: &FeatureTap, seqs: &[Vec<u32>]) -> Result<PathBuf> {
@@ -31,7 +36,7 @@ pub fn cache_path(dir: &Path, model: &Path, tap: &FeatureTap, seqs: &[Vec<u32>])
         }
         h.update(&buf[..n]);
     }
-    h.update(format!("{tap:?}").as_bytes());
+    h.update(format!("{tap:?} {FORMAT} {}", env!("CARGO_PKG_VERSION")).as_bytes());
     h.update((seqs.len() as u64).to_le_bytes());
     for s in seqs {
         h.update((s.len() as u64).to_le_bytes());
@@ -80,7 +85,7 @@ pub fn save(path: &Path, features: &[Vec<f32>], width: usize) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension("tmp");
+    let tmp = path.with_extension(format!("tmp{}-{:x}", std::process::id(), rand::random::<u32>()));
     let mut w = BufWriter::with_capacity(1 << 22, File::create(&tmp)?);
     w.write_all(MAGIC)?;
     w.write_all(&(features.len() as u64).to_le_bytes())?;

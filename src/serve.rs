@@ -418,6 +418,12 @@ pub fn run_router(args: RouterProcessArgs) -> Result<()> {
         health_listen: args.router.health_listen,
     };
     config.validate().map_err(anyhow::Error::msg)?;
+    if args.router.http_listen.is_some() && config.tls.is_some() {
+        bail!(
+            "--http-listen serves plaintext and the public port takes TLS (--tls-cert): terminate TLS in front \
+             of the HTTP port, or leave --http-listen off"
+        );
+    }
     runtime(2)?.block_on(async move {
         if let Some(addr) = args.metrics_listen {
             crate::metrics::install(addr)?;

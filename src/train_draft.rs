@@ -121,7 +121,12 @@ fn with_features(
     let cached = match cache_dir {
         Some(dir) if !seqs.is_empty() => {
             let path = feature_cache::cache_path(dir, &args.model, tap, &seqs)?;
-            Some((feature_cache::load(&path, &lens, width)?, path))
+            // A damaged file is recomputed (and replaced), not fatal.
+            let features = feature_cache::load(&path, &lens, width).unwrap_or_else(|e| {
+                eprintln!("{}: {e:#}; computing the features again", path.display());
+                None
+            });
+            Some((features, path))
         }
         _ => None,
     };
@@ -136,8 +141,10 @@ fn with_features(
             let features = target_features_packed(model, &refs, 1024, tap, |n| tick(&progress, n as u64))?;
             progress.finish();
             if let Some((_, path)) = cached {
-                feature_cache::save(&path, &features, width)?;
-                eprintln!("features kept in {}", path.display());
+                match feature_cache::save(&path, &features, width) {
+                    Ok(()) => eprintln!("features kept in {}", path.display()),
+                    Err(e) => eprintln!("cannot keep the features in {}: {e:#}", path.display()),
+                }
             }
             features
         }

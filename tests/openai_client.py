@@ -8,11 +8,14 @@ Scenarios:
   main    models, chat and completions (whole and streamed, greedy and
           seeded sampling, logprobs, stop) and refused requests
   cancel  starts a long stream, reads three chunks and hangs up
+  fill    a chat request without max_tokens (it runs to the context's end)
   busy    holds one long stream open while a second request is made
   one     one short chat request (its error, if any)
 """
 import json
 import sys
+import urllib.error
+import urllib.request
 
 import openai
 
@@ -85,13 +88,19 @@ def main(model):
         "top_logprobs": error(lambda: chat(model=model, messages=MESSAGES, logprobs=True, top_logprobs=21)),
         "messages": error(lambda: chat(model=model, messages=[])),
         "body": error(lambda: chat(model=model, messages=MESSAGES, extra_body={"temperature": "hot"})),
+        "too_big": error(lambda: chat(model=model, messages=[{"role": "user", "content": "x" * (5 << 20)}])),
     }
+    try:
+        urllib.request.urlopen(base + "/v1/nowhere")
+    except urllib.error.HTTPError as e:
+        out["errors"]["route"] = {"status": e.code, "error": json.load(e)["error"]}
     return out
 
 
 def cancel(model):
+    # No max_tokens: up to the end of the context.
     stream = client.chat.completions.create(model=model, messages=[
-        {"role": "user", "content": "Tell me a long story about a dragon."}], temperature=0, max_tokens=400,
+        {"role": "user", "content": "Tell me a long story about a dragon."}], temperature=0,
         stream=True, extra_body={"ignore_eos": True})
     got = 0
     for _ in stream:
@@ -100,6 +109,12 @@ def cancel(model):
             break
     stream.close()
     return {"chunks": got}
+
+
+def fill(model):
+    r = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    return {"usage": r.usage.model_dump(), "finish": r.choices[0].finish_reason}
 
 
 def busy(model):
@@ -122,4 +137,4 @@ if __name__ == "__main__":
         model = client.models.list().data[0].id
     except openai.APIStatusError:
         model = "unlisted"
-    print(json.dumps({"main": main, "cancel": cancel, "busy": busy, "one": one}[scenario](model)))
+    print(json.dumps({"main": main, "cancel": cancel, "fill": fill, "busy": busy, "one": one}[scenario](model)))

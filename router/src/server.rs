@@ -396,6 +396,7 @@ pub async fn serve(
     let drain_state = state.clone();
     let drain_timeout = config.drain_timeout;
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let (http_stop_tx, http_stop_rx) = tokio::sync::watch::channel(false);
     let stop = async move {
         shutdown.await;
         drain_state.draining.store(true, Ordering::Release);
@@ -416,18 +417,25 @@ pub async fn serve(
         }
         // Let the last responses leave before connections close.
         tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = http_stop_tx.send(true);
         let _ = drained_tx.send(());
     };
 
     let service = RouterService { state };
-    if let Some(http) = listeners.http {
+    // The HTTP front stops with the drain: it accepts nothing more and its
+    // open connections finish.
+    let http = listeners.http.map(|listener| {
         let (service, auth, max_body) = (service.clone(), config.auth.clone(), config.limits.max_request_bytes);
+        let mut stop = http_stop_rx.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::openai::serve_http(http, service, auth, max_body).await {
+            let stopped = async move {
+                let _ = stop.wait_for(|&s| s).await;
+            };
+            if let Err(e) = crate::openai::serve_http(listener, service, auth, max_body, stopped).await {
                 tracing::error!(error = %e, "the OpenAI-compatible HTTP front stopped");
             }
-        });
-    }
+        })
+    });
     let generation = GenerationServer::new(service).max_decoding_message_size(config.limits.max_request_bytes);
     let auth = config.auth.clone();
     let generation = tonic::service::interceptor::InterceptedService::new(generation, move |request| match &auth {
@@ -460,6 +468,11 @@ pub async fn serve(
                 std::future::pending::<()>().await;
             }
         } => tracing::warn!("connections still open after the drain; closing them"),
+    }
+    if let Some(http) = http {
+        if tokio::time::timeout(CLOSE_GRACE, http).await.is_err() {
+            tracing::warn!("HTTP connections still open after the drain; closing them");
+        }
     }
     Ok(())
 }

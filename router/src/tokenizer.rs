@@ -40,6 +40,25 @@ pub struct TextTokenizer {
     add_bos: Option<u32>,
     chat_template: Option<String>,
     max_context: Option<usize>,
+    /// Byte-level BPE (GGUF `tokenizer.ggml.model` = `gpt2`): each piece's
+    /// characters stand for bytes.
+    byte_level: bool,
+}
+
+/// The byte a character of a byte-level BPE piece stands for (GPT-2's
+/// table: printable Latin-1 bytes are themselves, the other 68 bytes are
+/// U+0100 onwards in order).
+fn byte_of_piece_char(c: char) -> Option<u8> {
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let c = c as u32;
+    if printable(c) {
+        return Some(c as u8);
+    }
+    let n = c.checked_sub(0x100)?;
+    (0u32..=0xff)
+        .filter(|&b| !printable(b))
+        .nth(n as usize)
+        .map(|b| b as u8)
 }
 
 impl TextTokenizer {
@@ -107,6 +126,7 @@ impl TextTokenizer {
             max_context: meta_str("general.architecture")
                 .and_then(|arch| meta_u32(&format!("{arch}.context_length")))
                 .map(|n| n as usize),
+            byte_level: meta_str("tokenizer.ggml.model").as_deref() == Some("gpt2"),
         })
     }
 
@@ -150,6 +170,29 @@ impl TextTokenizer {
         self.inner
             .decode(ids, true)
             .map_err(|e| RouterError::Tokenizer(e.to_string()))
+    }
+
+    /// The bytes token `id` stands for: a byte-level piece's bytes, a
+    /// byte-fallback token's (`<0xE2>`) byte, a SentencePiece piece with
+    /// `▁` as a space, a special token's text (for logprobs, where a token
+    /// may be part of a character).
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(piece) = self.inner.id_to_token(id) else {
+            return Vec::new();
+        };
+        if let Some(b) = piece
+            .strip_prefix("<0x")
+            .and_then(|h| h.strip_suffix('>'))
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            return vec![b];
+        }
+        if self.byte_level {
+            if let Some(bytes) = piece.chars().map(byte_of_piece_char).collect::<Option<Vec<u8>>>() {
+                return bytes;
+            }
+        }
+        piece.replace('\u{2581}', " ").into_bytes()
     }
 
     /// Renders messages with the model's chat template and a trailing

@@ -185,6 +185,7 @@ pub fn validate(req: pb::GenerateRequest, tokenizer: &TextTokenizer, limits: Mod
     let stopping = req.stopping.unwrap_or_default();
     let room = limits.max_context - prompt_token_ids.len();
     let max_new_tokens = match stopping.max_new_tokens {
+        None if stopping.fill_context => room,
         None => DEFAULT_MAX_NEW_TOKENS.min(room),
         Some(n) if n < 1 => return Err(invalid("max_new_tokens", format!("must be >= 1, got {n}"))),
         Some(n) if n as usize > room => {

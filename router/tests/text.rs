@@ -199,3 +199,21 @@ fn length_and_eos_finish_the_stream() {
     );
     assert_eq!((reason, used), (FinishReason::Cancelled, 3));
 }
+
+#[test]
+fn token_bytes_concatenate_to_the_text_even_inside_a_character() {
+    let tok = tokenizer();
+    for text in ["Hello, world! 123", "naïve café — 東京 🚀", "  two  spaces\n\ttab"] {
+        let ids = tok.encode(text).unwrap();
+        let bytes: Vec<u8> = ids.iter().flat_map(|&id| tok.token_bytes(id)).collect();
+        assert_eq!(String::from_utf8(bytes).unwrap(), tok.decode(&ids).unwrap(), "{text:?}");
+    }
+    // A token that is part of a character holds the raw bytes, not U+FFFD.
+    let ids = tok.encode("🚀").unwrap();
+    assert!(ids.len() > 1, "{ids:?}");
+    assert!(ids.iter().all(|&id| !tok.token_bytes(id).is_empty()));
+    assert_ne!(tok.token_bytes(ids[0]), "\u{fffd}".as_bytes());
+    // A special token reads as its text.
+    let eos = tok.eos_token_ids()[0];
+    assert!(String::from_utf8(tok.token_bytes(eos)).unwrap().starts_with("<|"));
+}

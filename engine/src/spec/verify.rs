@@ -77,8 +77,11 @@ pub fn accept<'a>(
             Some(c) => {
                 let token = tree.nodes[c].token;
                 out.nodes.push(c);
-                out.tokens
-                    .push(SampledToken::from_row(row, token, sampler.params().top_logprobs));
+                out.tokens.push(if token == drawn.token_id {
+                    drawn
+                } else {
+                    SampledToken::from_row(row, token, sampler.params().top_logprobs)
+                });
                 hist.push(token);
                 v = c;
             }

@@ -13,15 +13,18 @@ mod reply;
 mod wire;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use heterospec_proto::v1::generation_server::Generation;
 use serde::de::DeserializeOwned;
@@ -39,6 +42,8 @@ use crate::server::RouterService;
 pub use reply::{Kind, Reply};
 pub use wire::{ChatRequest, Common, CompletionRequest, ReplyOptions};
 
+type GenerateStream = ReceiverStream<Result<heterospec_proto::v1::GenerateResponse, Status>>;
+
 struct Front {
     service: RouterService,
     auth: Option<AuthTokens>,
@@ -49,13 +54,15 @@ fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Serves the OpenAI-compatible API on `listener` until the process ends
-/// (a draining router answers 503, as its gRPC port answers UNAVAILABLE).
+/// Serves the OpenAI-compatible API on `listener` until `shutdown`
+/// resolves and open connections finish (a draining router answers 503,
+/// as its gRPC port answers UNAVAILABLE).
 pub async fn serve_http(
     listener: TcpListener,
     service: RouterService,
     auth: Option<AuthTokens>,
     max_body_bytes: usize,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let front = Arc::new(Front {
         service,
@@ -67,14 +74,41 @@ pub async fn serve_http(
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .fallback(|| async { error_response(404, "not_found_error", "not_found", "no such endpoint", None) })
+        .method_not_allowed_fallback(|| async {
+            error_response(
+                405,
+                "invalid_request_error",
+                "method_not_allowed",
+                "method not allowed",
+                None,
+            )
+        })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(front);
-    axum::serve(listener, app).await
+    // Token chunks leave at once (as on the gRPC port).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
-/// OpenAI's error object, with the HTTP code of `status`.
-fn error_response(status: &Status) -> Response {
-    let (code, kind) = http_status(status.code());
+/// OpenAI's error object: `{"error": {"message", "type", "param", "code"}}`.
+fn error_body(kind: &str, code: &str, message: &str, param: Option<&str>) -> Value {
+    json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
+}
+
+fn error_response(status: u16, kind: &str, code: &str, message: &str, param: Option<&str>) -> Response {
+    json_response(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        &error_body(kind, code, message, param),
+    )
+}
+
+/// The error object of a gRPC status (`code`: the status code's name) and
+/// its HTTP code.
+fn status_error(status: &Status) -> (u16, Value) {
+    let (http, kind) = http_status(status.code());
     // Validation messages read "invalid <field>: <reason>".
     let param = status
         .message()
@@ -84,14 +118,25 @@ fn error_response(status: &Status) -> Response {
             "max_new_tokens" => "max_tokens",
             f => f,
         });
-    let body = json!({"error": {
-        "message": status.message(),
-        "type": kind,
-        "param": param,
-        "code": code,
-    }});
+    let code = format!("{:?}", status.code());
+    let code: String = code
+        .chars()
+        .enumerate()
+        .flat_map(|(i, c)| {
+            let lower = c.to_ascii_lowercase();
+            (c.is_ascii_uppercase() && i > 0)
+                .then_some('_')
+                .into_iter()
+                .chain([lower])
+        })
+        .collect();
+    (http, error_body(kind, &code, status.message(), param))
+}
+
+fn error_from_status(status: &Status) -> Response {
+    let (http, body) = status_error(status);
     json_response(
-        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        StatusCode::from_u16(http).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         &body,
     )
 }
@@ -103,7 +148,7 @@ fn json_response(code: StatusCode, body: &Value) -> Response {
 /// A refusal made here (before `Generate`) counts like one made there.
 fn refuse(e: RouterError) -> Response {
     metrics::counter!(crate::metrics::REQUESTS_TOTAL, "outcome" => e.error_type()).increment(1);
-    error_response(&e.into())
+    error_from_status(&e.into())
 }
 
 fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, RouterError> {
@@ -140,10 +185,23 @@ impl Front {
         })
     }
 
-    async fn complete(&self, kind: Kind, headers: HeaderMap, body: Bytes) -> Response {
+    async fn complete(&self, kind: Kind, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
         if let Err(status) = self.authorize(&headers) {
-            return error_response(&status);
+            return error_from_status(&status);
         }
+        let body = match body {
+            Ok(b) => b,
+            Err(e) => {
+                let message = format!("{} (the limit is --max-request-bytes)", e.body_text());
+                return error_response(
+                    e.status().as_u16(),
+                    "invalid_request_error",
+                    "body",
+                    &message,
+                    Some("body"),
+                );
+            }
+        };
         let model = self.service.model_name().to_string();
         let parsed = parse::<Common>(&body).and_then(|common| match kind {
             Kind::Chat => parse::<ChatRequest>(&body).and_then(|r| r.into_generate(common, &model)),
@@ -161,7 +219,7 @@ impl Front {
         request.request_id = id.clone();
         let stream = match self.service.generate(tonic::Request::new(request)).await {
             Ok(r) => r.into_inner(),
-            Err(status) => return error_response(&status),
+            Err(status) => return error_from_status(&status),
         };
         let reply = Reply {
             kind,
@@ -186,7 +244,7 @@ impl Front {
         while let Some(item) = stream.next().await {
             match item {
                 Ok(r) => responses.push(r),
-                Err(status) => return error_response(&status),
+                Err(status) => return error_from_status(&status),
             }
         }
         json_response(StatusCode::OK, &reply.whole(self.service.tokenizer(), &responses))
@@ -194,36 +252,31 @@ impl Front {
 
     /// Server-sent events: a chunk per response, then `[DONE]`; an error
     /// after the first chunk is one `{"error": ...}` event before `[DONE]`.
-    fn stream(
-        &self,
-        reply: Reply,
-        mut stream: ReceiverStream<Result<heterospec_proto::v1::GenerateResponse, Status>>,
-    ) -> Response {
+    /// A client that goes away, even before the first token, drops
+    /// `stream`, which cancels the request.
+    fn stream(&self, reply: Reply, mut stream: GenerateStream) -> Response {
         let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(16);
         let tokenizer = self.service.tokenizer().clone();
         tokio::spawn(async move {
-            let send = |v: Value| {
-                let tx = tx.clone();
-                async move { tx.send(Ok(Event::default().data(v.to_string()))).await.is_ok() }
-            };
+            let event = |v: &Value| Ok(Event::default().data(v.to_string()));
             if let Some(first) = reply.role_chunk() {
-                if !send(first).await {
+                if tx.send(event(&first)).await.is_err() {
                     return;
                 }
             }
             let mut offset = 0;
-            while let Some(item) = stream.next().await {
+            loop {
+                let item = tokio::select! {
+                    _ = tx.closed() => return,
+                    item = stream.next() => item,
+                };
+                let Some(item) = item else { break };
                 let chunks = match item {
                     Ok(r) => reply.chunks(&tokenizer, &r, &mut offset),
-                    Err(status) => {
-                        let (code, kind) = http_status(status.code());
-                        vec![json!({"error": {"message": status.message(), "type": kind, "param": null, "code": code}})]
-                    }
+                    Err(status) => vec![status_error(&status).1],
                 };
-                for c in chunks {
-                    // The client is gone: dropping `stream` cancels the
-                    // request.
-                    if !send(c).await {
+                for c in &chunks {
+                    if tx.send(event(c)).await.is_err() {
                         return;
                     }
                 }
@@ -236,17 +289,21 @@ impl Front {
     }
 }
 
-async fn chat(State(front): State<Arc<Front>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn chat(State(front): State<Arc<Front>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
     front.complete(Kind::Chat, headers, body).await
 }
 
-async fn completions(State(front): State<Arc<Front>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn completions(
+    State(front): State<Arc<Front>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     front.complete(Kind::Completion, headers, body).await
 }
 
 async fn models(State(front): State<Arc<Front>>, headers: HeaderMap) -> Response {
     if let Err(status) = front.authorize(&headers) {
-        return error_response(&status);
+        return error_from_status(&status);
     }
     json_response(
         StatusCode::OK,

@@ -58,12 +58,11 @@ pub fn speculation(s: &pb::SpeculationStats) -> Value {
     })
 }
 
-/// One token's text (lossy where a token is part of a character) and its
-/// UTF-8 bytes.
+/// One token's bytes, and its text (lossy where the token is part of a
+/// character).
 fn token_text(tok: &TextTokenizer, id: u32) -> (String, Vec<u8>) {
-    let text = tok.decode(&[id]).unwrap_or_default();
-    let bytes = text.as_bytes().to_vec();
-    (text, bytes)
+    let bytes = tok.token_bytes(id);
+    (String::from_utf8_lossy(&bytes).into_owned(), bytes)
 }
 
 impl Reply {

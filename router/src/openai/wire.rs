@@ -4,8 +4,10 @@
 //! Invariant: every OpenAI field is honoured or, when set to something this
 //! server cannot do (`n` > 1, tools, penalties, `logit_bias`, ...), refused
 //! with a message naming it; fields OpenAI does not define are ignored (as
-//! vLLM does). Defaults are OpenAI's where they differ from the gRPC API's:
-//! `temperature` 1 when absent.
+//! vLLM does), and `null` means absent. Defaults are OpenAI's where they
+//! differ from the gRPC API's: `temperature` 1, and without `max_tokens` a
+//! chat reply may run to the end of the context (`/v1/completions`: 16
+//! tokens).
 
 use std::collections::HashMap;
 
@@ -48,8 +50,7 @@ pub struct Common {
     pub stop: Option<Stop>,
     pub seed: Option<i64>,
     pub n: Option<u32>,
-    #[serde(default)]
-    pub stream: bool,
+    pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
@@ -60,8 +61,7 @@ pub struct Common {
     /// `fixed`, `hetero`).
     pub top_k: Option<i32>,
     pub repetition_penalty: Option<f32>,
-    #[serde(default)]
-    pub ignore_eos: bool,
+    pub ignore_eos: Option<bool>,
     pub speculation: Option<String>,
 }
 
@@ -89,8 +89,7 @@ pub struct Message {
 pub struct ChatRequest {
     pub messages: Vec<Message>,
     pub max_completion_tokens: Option<i64>,
-    #[serde(default)]
-    pub logprobs: bool,
+    pub logprobs: Option<bool>,
     pub top_logprobs: Option<u32>,
     pub tools: Option<Vec<Value>>,
     pub tool_choice: Option<Value>,
@@ -112,8 +111,7 @@ pub struct CompletionRequest {
     pub prompt: Prompt,
     /// The number of alternatives per token (0: the chosen token's only).
     pub logprobs: Option<u32>,
-    #[serde(default)]
-    pub echo: bool,
+    pub echo: Option<bool>,
     pub suffix: Option<String>,
     pub best_of: Option<u32>,
 }
@@ -173,7 +171,8 @@ impl Common {
         if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
             return Err(invalid("logit_bias", "is not supported"));
         }
-        if self.stream_options.is_some() && !self.stream {
+        let stream = self.stream.unwrap_or(false);
+        if self.stream_options.is_some() && !stream {
             return Err(invalid("stream_options", "is only allowed with stream = true"));
         }
         let max_new_tokens = match max_tokens {
@@ -197,11 +196,13 @@ impl Common {
                 Some(Stop::One(s)) => vec![s],
                 Some(Stop::Many(v)) => v,
             },
-            ignore_eos: self.ignore_eos,
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+            // OpenAI's default: up to the context's end.
+            fill_context: max_new_tokens.is_none(),
         });
         req.speculation = speculation(self.speculation.as_deref())? as i32;
         Ok(ReplyOptions {
-            stream: self.stream,
+            stream,
             include_usage: self.stream_options.is_some_and(|o| o.include_usage),
             logprobs: None,
         })
@@ -235,7 +236,8 @@ impl ChatRequest {
                 return Err(invalid("response_format", "only {\"type\": \"text\"} is supported"));
             }
         }
-        if self.top_logprobs.is_some() && !self.logprobs {
+        let logprobs = self.logprobs.unwrap_or(false);
+        if self.top_logprobs.is_some_and(|n| n > 0) && !logprobs {
             return Err(invalid("top_logprobs", "needs logprobs = true"));
         }
         let mut messages = Vec::with_capacity(self.messages.len());
@@ -273,12 +275,12 @@ impl ChatRequest {
         }
         let mut req = pb::GenerateRequest {
             input: Some(pb::generate_request::Input::Messages(pb::ChatMessages { messages })),
-            logprobs: self.logprobs,
+            logprobs,
             ..Default::default()
         };
         let max_tokens = self.max_completion_tokens.or(common.max_tokens);
         let mut options = common.apply(served_model, max_tokens, &mut req)?;
-        if self.logprobs {
+        if logprobs {
             let n = top_count("top_logprobs", self.top_logprobs.unwrap_or(0))?;
             req.top_logprobs = n;
             options.logprobs = Some(n);
@@ -293,7 +295,7 @@ impl CompletionRequest {
         common: Common,
         served_model: &str,
     ) -> Result<(pb::GenerateRequest, ReplyOptions), RouterError> {
-        if self.echo {
+        if self.echo == Some(true) {
             return Err(invalid("echo", "is not supported"));
         }
         if self.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
@@ -375,6 +377,7 @@ mod tests {
         assert_eq!((s.temperature, s.top_p, s.seed), (Some(0.0), Some(0.5), Some(3)));
         let stop = req.stopping.unwrap();
         assert_eq!((stop.max_new_tokens, stop.stop), (Some(7), vec!["\n".to_string()]));
+        assert!(!stop.fill_context);
         assert_eq!(req.speculation, pb::SpeculationMode::Off as i32);
         assert!(req.logprobs && req.top_logprobs == 2);
         assert!(opts.stream && opts.include_usage && opts.logprobs == Some(2));
@@ -384,7 +387,8 @@ mod tests {
     fn openai_defaults_apply_when_fields_are_absent() {
         let (req, opts) = chat(serde_json::json!({"messages": [{"role": "user", "content": "x"}]})).unwrap();
         assert_eq!(req.sampling.unwrap().temperature, Some(1.0));
-        assert_eq!(req.stopping.unwrap().max_new_tokens, None);
+        let stopping = req.stopping.unwrap();
+        assert_eq!((stopping.max_new_tokens, stopping.fill_context), (None, true));
         assert_eq!(req.speculation, pb::SpeculationMode::Auto as i32);
         assert!(!opts.stream && opts.logprobs.is_none() && !req.logprobs);
         let (req, _) = completion(serde_json::json!({"prompt": "x"})).unwrap();
@@ -410,6 +414,10 @@ mod tests {
         assert_eq!(field(with("max_tokens", 0.into())), "max_tokens");
         assert_eq!(field(with("stream_options", serde_json::json!({}))), "stream_options");
         assert_eq!(field(with("top_logprobs", 2.into())), "top_logprobs");
+        // `null` is absent.
+        for k in ["stream", "logprobs", "top_logprobs", "ignore_eos", "max_tokens", "stop"] {
+            assert!(with(k, Value::Null).is_ok(), "{k}: null");
+        }
         assert_eq!(field(with("speculation", "sometimes".into())), "speculation");
         assert_eq!(
             field(with("response_format", serde_json::json!({"type": "json_object"}))),
