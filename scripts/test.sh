@@ -6,7 +6,7 @@
 #
 # - PyPI, into target/pydeps: kubernetes-validate (deployment tests), NVRTC
 #   (the GPU kernels compile in a test, no GPU needed), the openai client
-#   (tests/openai.rs);
+#   (tests/openai.rs), gguf and numpy (tests/archs.rs writes tiny models);
 # - npm, into target/npm: buf (tests/protos.rs installs it);
 # - Debian, when missing (as root; otherwise it says what to install):
 #   prometheus (promtool and a real Prometheus for the deployment tests),
@@ -29,7 +29,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 PYDEPS="$PWD/target/pydeps"
-REQUIREMENTS="kubernetes-validate==1.37.0 nvidia-cuda-nvrtc-cu12==12.8.93 openai==3.57.0"
+REQUIREMENTS="kubernetes-validate==1.37.0 nvidia-cuda-nvrtc-cu12==12.8.93 openai==3.57.0 gguf==0.17.1 numpy==2.4.6"
 stamp="$PYDEPS/.installed-$(echo "$REQUIREMENTS" | sha256sum | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
   # shellcheck disable=SC2086

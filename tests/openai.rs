@@ -16,38 +16,9 @@ use common::*;
 use heterospec_proto::v1 as pb;
 use serde_json::Value;
 
-/// The version of the `openai` package the tests use.
-const OPENAI_VERSION: &str = "3.57.0";
-
-/// A directory where `import openai` finds the pinned client; pip installs
-/// it there when missing.
+/// The pinned `openai` client, in `target/pydeps`.
 fn pydeps() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pydeps");
-    let has = |dir: &Path| {
-        Command::new("python3")
-            .args([
-                "-c",
-                &format!("import openai, sys; sys.exit(openai.__version__ != '{OPENAI_VERSION}')"),
-            ])
-            .env("PYTHONPATH", dir)
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !has(&dir) {
-        let out = Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--upgrade", "--target"])
-            .arg(&dir)
-            .arg(format!("openai=={OPENAI_VERSION}"))
-            .output()
-            .expect("python3 runs");
-        assert!(
-            has(&dir),
-            "cannot install openai=={OPENAI_VERSION} into {}: {}",
-            dir.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    dir
+    python_packages(&[("openai", "3.57.0")])
 }
 
 /// Runs a scenario of `tests/openai_client.py` against `base`.

@@ -1,10 +1,56 @@
-//! Model hyperparameters, read from GGUF metadata (`<arch>.*` keys).
+//! Model hyperparameters, read from GGUF metadata (`<arch>.*` keys), and
+//! what each supported architecture changes in the llama block, as data
+//! ([`BlockSpec`]) the one layer implementation reads.
+//!
+//! Invariant: a file is accepted only when every key and tensor it sets
+//! that changes the forward is one the engine runs exactly; anything else
+//! is refused with an error naming it.
 
 use candle_core::quantized::gguf_file;
 
 use crate::error::{EngineError, Result};
 
-/// Shape of a llama-architecture decoder.
+/// What an architecture changes in the llama block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BlockSpec {
+    /// Biases on the q, k and v projections (`blk.N.attn_{q,k,v}.bias`):
+    /// Qwen2.
+    pub qkv_bias: bool,
+    /// RMSNorm over each head of q and k before RoPE
+    /// (`blk.N.attn_{q,k}_norm.weight`): Qwen3.
+    pub qk_norm: bool,
+    /// RoPE rotates a head's two halves against each other (NeoX) rather
+    /// than adjacent pairs (llama's GGUF order).
+    pub rope_neox: bool,
+}
+
+impl BlockSpec {
+    /// The block of `general.architecture` = `arch`; `None` when the
+    /// engine does not run it.
+    pub fn of(arch: &str) -> Option<Self> {
+        match arch {
+            "llama" => Some(Self::default()),
+            "qwen2" => Some(Self {
+                qkv_bias: true,
+                rope_neox: true,
+                ..Self::default()
+            }),
+            "qwen3" => Some(Self {
+                qk_norm: true,
+                rope_neox: true,
+                ..Self::default()
+            }),
+            _ => None,
+        }
+    }
+
+    /// The plain llama block (what the GPU path runs).
+    pub fn is_llama(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Shape of a llama-family decoder.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub num_layers: usize,
@@ -17,10 +63,20 @@ pub struct ModelConfig {
     pub max_context: usize,
     pub rope_theta: f32,
     pub rms_norm_eps: f32,
+    pub block: BlockSpec,
+    /// Per-frequency RoPE divisors (`rope_freqs.weight`, `head_dim / 2`):
+    /// Llama 3.1+'s long-context scaling.
+    pub rope_freq_factors: Option<Vec<f32>>,
 }
 
-/// Architectures whose tensors and forward match ours.
-const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
+/// Keys that change the forward in ways the engine does not run.
+const UNSUPPORTED_KEYS: &[&str] = &[
+    "rope.scaling.type",
+    "rope.scaling.factor",
+    "attention.sliding_window",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+];
 
 /// Largest head dimension the attention kernel's stack accumulator holds.
 pub const MAX_HEAD_DIM: usize = 256;
@@ -28,8 +84,20 @@ pub const MAX_HEAD_DIM: usize = 256;
 impl ModelConfig {
     pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
         let arch = meta_str(content, "general.architecture")?;
-        if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
+        let Some(block) = BlockSpec::of(&arch) else {
             return Err(EngineError::UnsupportedArchitecture { architecture: arch });
+        };
+        for key in UNSUPPORTED_KEYS.iter().map(|k| format!("{arch}.{k}")) {
+            let harmless = match content.metadata.get(&key) {
+                None => true,
+                // `none` scaling, or a factor of 1, changes nothing.
+                Some(v) => v.to_string().is_ok_and(|s| s == "none") || v.to_f32().is_ok_and(|f| f == 1.0),
+            };
+            if !harmless {
+                return Err(EngineError::Config(format!(
+                    "the model sets `{key}`, which this engine does not run (it would give wrong logits)"
+                )));
+            }
         }
         let get = |key: &str| meta_usize(content, &format!("{arch}.{key}"));
         let hidden_size = get("embedding_length")?;
@@ -56,6 +124,9 @@ impl ModelConfig {
             max_context: get("context_length")?,
             rope_theta: meta_f32(content, &format!("{arch}.rope.freq_base")).unwrap_or(10_000.0),
             rms_norm_eps: meta_f32(content, &format!("{arch}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+            block,
+            // Read with the tensors (`ModelTensors::read_gguf`).
+            rope_freq_factors: None,
         };
         config.validate()?;
         Ok(config)

@@ -38,10 +38,22 @@ impl CpuModel {
             };
             let attn_norm = vector(LayerTensor::AttnNorm)?;
             let ffn_norm = vector(LayerTensor::FfnNorm)?;
+            let qkv_bias = match config.block.qkv_bias {
+                true => Some([
+                    vector(LayerTensor::QBias)?,
+                    vector(LayerTensor::KBias)?,
+                    vector(LayerTensor::VBias)?,
+                ]),
+                false => None,
+            };
+            let qk_norm = match config.block.qk_norm {
+                true => Some([vector(LayerTensor::QNorm)?, vector(LayerTensor::KNorm)?]),
+                false => None,
+            };
             let [q, k, v, o, gate, up, down] =
                 LayerTensor::MATRICES.map(|part| t.take(&part.name(i), &part.shape(&config)));
             let matrices = [q?, k?, v?, o?, gate?, up?, down?];
-            layers.push(Layer::from_parts(Some(attn_norm), ffn_norm, matrices, format)?);
+            layers.push(Layer::from_parts(Some(attn_norm), ffn_norm, matrices, format)?.with_block(qkv_bias, qk_norm));
         }
         let output_norm = t.get_f32(OUTPUT_NORM, &[h])?;
         let lm_head = t.take(t.output_name(), &[config.vocab_size, h])?;

@@ -14,7 +14,7 @@ pub enum EngineError {
     },
     #[error("{path} is not a valid GGUF file: {reason}")]
     InvalidGguf { path: PathBuf, reason: String },
-    #[error("unsupported model architecture `{architecture}` (supported: llama)")]
+    #[error("unsupported model architecture `{architecture}` (supported: llama, qwen2, qwen3)")]
     UnsupportedArchitecture { architecture: String },
     #[error("GGUF metadata key `{key}` is missing or has the wrong type")]
     MissingMetadata { key: String },

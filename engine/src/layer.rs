@@ -1,6 +1,8 @@
-//! One llama decoder layer on the CPU: RMSNorm, q/k/v projections, RoPE,
-//! paged attention over KV storage, the output projection and the gated
-//! MLP, each residual. The target's layers and a draft head's share it.
+//! One llama-family decoder layer on the CPU: RMSNorm, q/k/v projections
+//! (with the architecture's biases and per-head q/k norms, see
+//! `config::BlockSpec`), RoPE, paged attention over KV storage, the output
+//! projection and the gated MLP, each residual. The target's layers and a
+//! draft head's share it.
 //!
 //! Invariant: the layer writes the K/V of exactly the context's slots and
 //! reads KV only through the batch's block tables and masks.
@@ -27,6 +29,10 @@ pub(crate) struct Layer {
     w_gate: Linear,
     w_up: Linear,
     w_down: Linear,
+    /// Biases of q, k and v (Qwen2).
+    qkv_bias: Option<[Vec<f32>; 3]>,
+    /// RMSNorm weights over each head of q and of k (Qwen3).
+    qk_norm: Option<[Vec<f32>; 2]>,
 }
 
 /// What every layer of one forward shares: token owners, KV slots, RoPE.
@@ -35,6 +41,7 @@ pub(crate) struct ForwardContext {
     token_owner: Vec<(usize, usize)>,
     slots: Vec<usize>,
     rope: RopeTable,
+    rope_neox: bool,
     shape: HeadShape,
     eps: f32,
     /// Per-forward buffers every layer reuses: normed input `(tokens,
@@ -48,11 +55,13 @@ impl ForwardContext {
             n: batch.num_tokens(),
             token_owner: batch.token_owners(),
             slots: batch.seqs.iter().flat_map(|s| s.slots.iter().copied()).collect(),
-            rope: RopeTable::new(
+            rope: RopeTable::with_factors(
                 batch.seqs.iter().flat_map(|s| s.positions.iter().copied()),
                 c.head_dim,
                 c.rope_theta,
+                c.rope_freq_factors.as_deref(),
             ),
+            rope_neox: c.block.rope_neox,
             shape: HeadShape {
                 num_heads: c.num_heads,
                 num_kv_heads: c.num_kv_heads,
@@ -86,7 +95,16 @@ impl Layer {
             w_gate: Linear::new(w_gate, format)?,
             w_up: Linear::new(w_up, format)?,
             w_down: Linear::new(w_down, format)?,
+            qkv_bias: None,
+            qk_norm: None,
         })
+    }
+
+    /// The layer with its architecture's q/k/v biases and q/k norms.
+    pub(crate) fn with_block(mut self, qkv_bias: Option<[Vec<f32>; 3]>, qk_norm: Option<[Vec<f32>; 2]>) -> Self {
+        self.qkv_bias = qkv_bias;
+        self.qk_norm = qk_norm;
+        self
     }
 
     /// Attention (writing this layer's K/V at the context's slots into
@@ -128,10 +146,32 @@ impl Layer {
             (None, None) => LinearInput::new(x, n),
         };
         // q (tokens, heads, head_dim); k, v (tokens, kv_heads, head_dim)
-        let [mut q, mut k, v] = forward_many(&input, [&self.wq, &self.wk, &self.wv])?;
+        let [mut q, mut k, mut v] = forward_many(&input, [&self.wq, &self.wk, &self.wv])?;
         drop(input);
-        ctx.rope.apply(&mut q, shape.num_heads);
-        ctx.rope.apply(&mut k, shape.num_kv_heads);
+        if let Some(biases) = &self.qkv_bias {
+            for (x, b) in [&mut q, &mut k, &mut v].into_iter().zip(biases) {
+                for row in x.chunks_exact_mut(b.len()) {
+                    add_into(row, b);
+                }
+            }
+        }
+        if let Some([q_norm, k_norm]) = &self.qk_norm {
+            for (x, w) in [(&mut q, q_norm), (&mut k, k_norm)] {
+                let normed = {
+                    let mut out = vec![0.0; x.len()];
+                    rms_norm_rows(x, w, ctx.eps, &mut out);
+                    out
+                };
+                *x = normed;
+            }
+        }
+        if ctx.rope_neox {
+            ctx.rope.apply_neox(&mut q, shape.num_heads);
+            ctx.rope.apply_neox(&mut k, shape.num_kv_heads);
+        } else {
+            ctx.rope.apply(&mut q, shape.num_heads);
+            ctx.rope.apply(&mut k, shape.num_kv_heads);
+        }
         for (t, &slot) in ctx.slots.iter().enumerate() {
             kv.write(kv_layer, slot, &k[t * kvs..(t + 1) * kvs], &v[t * kvs..(t + 1) * kvs]);
         }

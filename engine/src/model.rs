@@ -364,6 +364,8 @@ mod weight_type_tests {
             max_context: 64,
             rope_theta: 10_000.0,
             rms_norm_eps: 1e-5,
+            block: Default::default(),
+            rope_freq_factors: None,
         }
     }
 

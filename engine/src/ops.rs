@@ -15,7 +15,8 @@ pub fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 /// Per-token rotation tables: `cos[t * half + i]`, `sin[t * half + i]` with
-/// `half = head_dim / 2`, frequency `theta^(-2i / head_dim)`.
+/// `half = head_dim / 2`, frequency `theta^(-2i / head_dim)` (divided by
+/// `factors[i]` where the model has RoPE frequency factors: Llama 3.1+).
 pub struct RopeTable {
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
@@ -24,9 +25,22 @@ pub struct RopeTable {
 
 impl RopeTable {
     pub fn new(positions: impl Iterator<Item = usize>, head_dim: usize, theta: f32) -> Self {
+        Self::with_factors(positions, head_dim, theta, None)
+    }
+
+    /// [`RopeTable::new`] with frequency `i` divided by `factors[i]`.
+    pub fn with_factors(
+        positions: impl Iterator<Item = usize>,
+        head_dim: usize,
+        theta: f32,
+        factors: Option<&[f32]>,
+    ) -> Self {
         let half = head_dim / 2;
         let inv_freq: Vec<f64> = (0..half)
-            .map(|i| 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64))
+            .map(|i| {
+                let f = 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64);
+                f / factors.map_or(1.0, |k| k[i] as f64)
+            })
             .collect();
         let mut cos = Vec::new();
         let mut sin = Vec::new();
@@ -52,6 +66,24 @@ impl RopeTable {
                     let (a, b) = (pair[0], pair[1]);
                     pair[0] = a * cos[i] - b * sin[i];
                     pair[1] = a * sin[i] + b * cos[i];
+                }
+            }
+        }
+    }
+
+    /// [`RopeTable::apply`] in the NeoX layout: pairs `(x[i], x[i + half])`
+    /// (Qwen's GGUFs keep Hugging Face's order).
+    pub fn apply_neox(&self, x: &mut [f32], num_heads: usize) {
+        let half = self.half;
+        for (t, token) in x.chunks_exact_mut(num_heads * 2 * half).enumerate() {
+            let cos = &self.cos[t * half..(t + 1) * half];
+            let sin = &self.sin[t * half..(t + 1) * half];
+            for head in token.chunks_exact_mut(2 * half) {
+                let (lo, hi) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (lo[i], hi[i]);
+                    lo[i] = a * cos[i] - b * sin[i];
+                    hi[i] = a * sin[i] + b * cos[i];
                 }
             }
         }

@@ -41,6 +41,8 @@ pub fn tiny_config() -> ModelConfig {
         max_context: 256,
         rope_theta: 10_000.0,
         rms_norm_eps: 1e-5,
+        block: Default::default(),
+        rope_freq_factors: None,
     }
 }
 

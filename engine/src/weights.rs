@@ -1,6 +1,7 @@
-//! One description of a llama-architecture model's weights, shared by every
+//! One description of a llama-family model's weights, shared by every
 //! device that loads them: the tensors read from a GGUF file, each layer
-//! tensor's GGUF name and shape, and the tied-output rule.
+//! tensor's GGUF name and shape (with the architecture's extra biases and
+//! norms), the RoPE frequency factors, and the tied-output rule.
 //!
 //! Invariant: a backend loads a model only through these names and shapes,
 //! so the CPU and the GPU can never disagree about which tensor is which.
@@ -22,6 +23,8 @@ pub const EMBEDDINGS: &str = "token_embd.weight";
 pub const OUTPUT_NORM: &str = "output_norm.weight";
 /// The output layer `(vocab, hidden)`; absent when tied to the embeddings.
 pub const OUTPUT: &str = "output.weight";
+/// RoPE frequency factors `(head_dim / 2)`, where the model has them.
+pub const ROPE_FREQS: &str = "rope_freqs.weight";
 
 /// The tensors of one decoder layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +38,13 @@ pub enum LayerTensor {
     Gate,
     Up,
     Down,
+    /// `BlockSpec::qkv_bias`.
+    QBias,
+    KBias,
+    VBias,
+    /// `BlockSpec::qk_norm`.
+    QNorm,
+    KNorm,
 }
 
 impl LayerTensor {
@@ -61,6 +71,11 @@ impl LayerTensor {
             LayerTensor::Gate => "ffn_gate",
             LayerTensor::Up => "ffn_up",
             LayerTensor::Down => "ffn_down",
+            LayerTensor::QBias => return format!("blk.{layer}.attn_q.bias"),
+            LayerTensor::KBias => return format!("blk.{layer}.attn_k.bias"),
+            LayerTensor::VBias => return format!("blk.{layer}.attn_v.bias"),
+            LayerTensor::QNorm => "attn_q_norm",
+            LayerTensor::KNorm => "attn_k_norm",
         };
         format!("blk.{layer}.{part}.weight")
     }
@@ -75,6 +90,9 @@ impl LayerTensor {
             LayerTensor::O => vec![h, q],
             LayerTensor::Gate | LayerTensor::Up => vec![ff, h],
             LayerTensor::Down => vec![h, ff],
+            LayerTensor::QBias => vec![q],
+            LayerTensor::KBias | LayerTensor::VBias => vec![kv],
+            LayerTensor::QNorm | LayerTensor::KNorm => vec![c.head_dim],
         }
     }
 }
@@ -123,7 +141,11 @@ impl ModelTensors {
             let tensor = content.tensor(&mut reader, name, &Device::Cpu).map_err(invalid)?;
             tensors.insert(name.clone(), tensor);
         }
-        Ok((ModelTensors { config, tensors }, content))
+        let mut t = ModelTensors { config, tensors };
+        if t.tensors.contains_key(ROPE_FREQS) {
+            t.config.rope_freq_factors = Some(t.get_f32(ROPE_FREQS, &[t.config.head_dim / 2])?);
+        }
+        Ok((t, content))
     }
 }
 

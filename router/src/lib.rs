@@ -11,6 +11,7 @@ pub mod output;
 pub mod scheduler;
 pub mod security;
 pub mod server;
+pub mod service;
 pub mod tokenizer;
 pub mod validate;
 

@@ -25,6 +25,42 @@ pub fn model() -> PathBuf {
     path
 }
 
+/// `target/pydeps`, where `import` finds each `(package, version)`; pip
+/// installs what is missing or of another version there (the README's
+/// test command installs them all up front).
+pub fn python_packages(packages: &[(&str, &str)]) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pydeps");
+    let has = |(name, version): &(&str, &str)| {
+        let check = format!("import importlib.metadata as m, sys; sys.exit(m.version('{name}') != '{version}')");
+        Command::new("python3")
+            .args(["-c", &check])
+            .env("PYTHONPATH", &dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let missing: Vec<String> = packages
+        .iter()
+        .filter(|p| !has(p))
+        .map(|(n, v)| format!("{n}=={v}"))
+        .collect();
+    if !missing.is_empty() {
+        let out = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--upgrade", "--target"])
+            .arg(&dir)
+            .args(&missing)
+            .output()
+            .expect("python3 runs");
+        assert!(
+            packages.iter().all(has),
+            "cannot install {missing:?} into {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    dir
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -251,6 +251,19 @@ impl AttentionKeys {
 
 /// Opens CUDA device `ordinal` and loads `t`'s weights onto it.
 pub fn open_model(ordinal: usize, t: &ModelTensors) -> Result<Box<dyn ModelBackend>> {
+    // The kernels run the plain llama block; say so instead of giving other
+    // blocks' logits wrong.
+    if !t.config.block.is_llama() || t.config.rope_freq_factors.is_some() {
+        return Err(EngineError::Device(format!(
+            "the GPU path runs llama blocks with plain RoPE; this model needs {:?}{}: run it with --device cpu",
+            t.config.block,
+            if t.config.rope_freq_factors.is_some() {
+                " and RoPE frequency factors"
+            } else {
+                ""
+            }
+        )));
+    }
     Ok(Box::new(GpuModel::new(Gpu::open(ordinal)?, t)?))
 }
 

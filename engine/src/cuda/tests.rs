@@ -109,6 +109,8 @@ fn gpu_config() -> ModelConfig {
         max_context: 1024,
         rope_theta: 10_000.0,
         rms_norm_eps: 1e-5,
+        block: Default::default(),
+        rope_freq_factors: None,
     }
 }
 

@@ -37,7 +37,7 @@ use tonic::Status;
 
 use crate::error::{http_status, RouterError};
 use crate::security::AuthTokens;
-use crate::server::RouterService;
+use crate::service::RouterService;
 
 pub use reply::{Kind, Reply};
 pub use wire::{ChatRequest, Common, CompletionRequest, ReplyOptions};

@@ -132,6 +132,8 @@ impl HeadConfig {
             max_context: target.max_context,
             rope_theta: self.rope_theta,
             rms_norm_eps: self.rms_norm_eps,
+            block: Default::default(),
+            rope_freq_factors: None,
         }
     }
 }

@@ -1,0 +1,170 @@
+//! Every architecture the engine loads, against llama.cpp: tiny random
+//! GGUFs of each (`scripts/arch_goldens.py write`, the same bytes on every
+//! machine: their SHA-256 is checked) give llama.cpp's logits
+//! (`tests/golden/archs_llamacpp.json`, from `scripts/arch_goldens.py
+//! record`) at every position; speculation on them gives plain greedy
+//! output; the GPU path refuses the blocks it does not run, by name.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use heterospec_engine::{KvLayout, KvStorage, Model, RaggedBatch, SeqRun, WeightFormat};
+use heterospec_kv::{BlockPool, BlockPoolConfig, BlockTable};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// The tiny models, written once per test process.
+fn tiny_models() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir = std::env::temp_dir().join(format!("heterospec-archs-{}", std::process::id()));
+        let pydeps = python_packages(&[("gguf", "0.17.1"), ("numpy", "2.4.6")]);
+        let out = Command::new("python3")
+            .arg(root.join("scripts/arch_goldens.py"))
+            .arg("write")
+            .arg(model())
+            .arg(&dir)
+            .env("PYTHONPATH", pydeps)
+            .output()
+            .expect("python3 runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        dir
+    })
+    .clone()
+}
+
+fn golden() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/archs_llamacpp.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Logits of every position of `tokens` (one sequence), `(tokens, vocab)`.
+fn logits(model: &Model, tokens: &[u32]) -> Vec<f32> {
+    let config = model.config().clone();
+    let block_size = 16;
+    let layout = KvLayout::for_budget(&config, block_size, 16 << 20).unwrap();
+    let mut kv = KvStorage::new(layout);
+    let mut pool = BlockPool::new(BlockPoolConfig {
+        num_blocks: layout.num_blocks,
+        block_size,
+    });
+    let mut table = BlockTable::new();
+    pool.allocate_slots(&mut table, tokens.len()).unwrap();
+    let mut run = SeqRun::causal_from_table(tokens.to_vec(), 0, &table, block_size).unwrap();
+    run.logits_rows = (0..tokens.len()).collect();
+    let batch = RaggedBatch { seqs: vec![run] };
+    model.forward(&batch, &mut kv).unwrap()
+}
+
+#[test]
+fn every_architecture_gives_llama_cpps_logits() {
+    let dir = tiny_models();
+    let golden = golden();
+    let tokens: Vec<u32> = golden["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    let archs = golden["architectures"].as_object().unwrap();
+    assert_eq!(
+        archs.keys().collect::<Vec<_>>(),
+        ["llama", "llama3", "qwen2", "qwen3"],
+        "every architecture has golden logits"
+    );
+    for (name, g) in archs {
+        let path = dir.join(format!("{name}.gguf"));
+        let digest: String = Sha256::digest(std::fs::read(&path).unwrap())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            digest,
+            g["sha256"].as_str().unwrap(),
+            "{name}: not the file llama.cpp ran"
+        );
+        let model = Model::load(&path, WeightFormat::F32).unwrap();
+        let vocab = model.config().vocab_size;
+        let ours = logits(&model, &tokens);
+        let (mut worst, mut clear) = (0f32, 0);
+        for (t, top) in g["top"].as_array().unwrap().iter().enumerate() {
+            let row = &ours[t * vocab..(t + 1) * vocab];
+            let top: Vec<(usize, f32)> = top
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p[0].as_u64().unwrap() as usize, p[1].as_f64().unwrap() as f32))
+                .collect();
+            for &(id, reference) in &top {
+                worst = worst.max((row[id] - reference).abs());
+            }
+            // The argmax, where llama.cpp's leads clearly.
+            if top[0].1 - top[1].1 > 0.01 {
+                let ours_top = (0..vocab).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
+                assert_eq!(ours_top, top[0].0, "{name}, position {t}");
+                clear += 1;
+            }
+        }
+        // f32 weights on both sides; llama.cpp keeps K/V in f16 (about
+        // 1e-3 relative), we keep them in f32.
+        assert!(worst < 0.02, "{name}: top-8 logits differ by up to {worst}");
+        assert!(clear >= tokens.len() / 2, "{name}: only {clear} clear positions");
+        eprintln!("{name}: top-8 logits within {worst:.1e} of llama.cpp, argmax equal at {clear} clear positions");
+    }
+}
+
+/// `heterospec generate` on a tiny model: its JSON, or its error.
+fn generate(model: &Path, extra: &[&str]) -> Result<Value, String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_heterospec"))
+        .args(["generate", "--json", "--model"])
+        .arg(model)
+        .args([
+            "--prompt",
+            "The tiny model says",
+            "--max-new-tokens",
+            "24",
+            "--ignore-eos",
+        ])
+        .args(extra)
+        .env("HETEROSPEC_THREADS", "2")
+        .output()
+        .unwrap();
+    match out.status.success() {
+        true => Ok(serde_json::from_slice(&out.stdout).unwrap()),
+        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
+}
+
+#[test]
+fn speculation_on_every_architecture_equals_plain_greedy_and_the_gpu_path_says_what_it_runs() {
+    let dir = tiny_models();
+    for name in ["llama", "llama3", "qwen2", "qwen3"] {
+        let path = dir.join(format!("{name}.gguf"));
+        let plain = generate(&path, &["--speculation", "off"]).unwrap();
+        for drafter in [
+            &["--drafter", "ngram"][..],
+            &["--drafter", "self", "--self-draft-layers", "1"],
+        ] {
+            let mut args = vec!["--speculation", "fixed"];
+            args.extend_from_slice(drafter);
+            let spec = generate(&path, &args).unwrap();
+            assert_eq!(spec["token_ids"], plain["token_ids"], "{name}, {drafter:?}");
+            // The self-draft always drafts (n-grams need repeats).
+            if drafter[1] == "self" {
+                assert!(
+                    spec["speculation"]["verified_tokens"].as_u64() > Some(0),
+                    "{name}: {spec}"
+                );
+            }
+        }
+        let gpu = generate(&path, &["--device", "cuda"]);
+        if name != "llama" {
+            let err = gpu.unwrap_err();
+            assert!(err.contains("GPU path runs llama blocks"), "{name}: {err}");
+        }
+    }
+}
