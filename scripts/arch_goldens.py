@@ -13,7 +13,8 @@ runs as its authors meant.
       also runs llama.cpp (llama-cpp-python 0.3.36, see
       scripts/golden_reference.py for the build) on each file and writes
       tests/golden/archs_llamacpp.json: per architecture the file's SHA-256,
-      the token ids, and the top 8 logits at every position.
+      the top 8 logits at every position of TOKENS, and how llama.cpp
+      tokenizes TEXTS with the file's pre-tokenizer.
 
 Needs `gguf==0.17.1` and numpy.
 """
@@ -31,10 +32,19 @@ HEAD_DIM = HIDDEN // HEADS
 # name: (general.architecture, what it adds to the llama block)
 ARCHS = {
     "llama": ("llama", {}),
-    "llama3": ("llama", {"rope_freqs": True, "output": True}),
-    "qwen2": ("qwen2", {"qkv_bias": True, "output": True}),
-    "qwen3": ("qwen3", {"qk_norm": True}),
+    "llama3": ("llama", {"rope_freqs": True, "output": True, "pre": "llama-bpe"}),
+    "qwen2": ("qwen2", {"qkv_bias": True, "output": True, "pre": "qwen2"}),
+    "qwen3": ("qwen3", {"qk_norm": True, "pre": "qwen2"}),
 }
+# Tokenized by llama.cpp with each file's pre-tokenizer (the default
+# model's vocabulary and merges under Llama 3's and Qwen2's splits).
+TEXTS = [
+    "Hello, world! I'm here; you're there, they'll go.",
+    "The year 2024 had 366 days and 12345678 seconds or so.",
+    "def f(x):\n    return x  +  1\n\n\nprint(f(41))",
+    "naïve café — 東京 🚀   trailing spaces   ",
+    "  leading\twhitespace\r\nand CRLF",
+]
 TOKENS = [504, 3458, 282, 4649, 314, 7042, 30, 378, 2365, 1056, 29, 3135, 28, 253, 1345, 43, 10, 4481, 2003, 325,
           1812, 5217, 18, 30, 217, 7, 4009, 19, 3391, 28, 4044, 17]
 TOP = 8
@@ -72,7 +82,7 @@ def write(tokenizer_path, out_dir, name):
     w.add_layer_norm_rms_eps(1e-6)
     w.add_file_type(0)
     w.add_tokenizer_model(field("tokenizer.ggml.model"))
-    w.add_tokenizer_pre(field("tokenizer.ggml.pre"))
+    w.add_tokenizer_pre(extra.get("pre", field("tokenizer.ggml.pre")))
     w.add_token_list(tokens)
     w.add_token_types(field("tokenizer.ggml.token_type"))
     w.add_token_merges(field("tokenizer.ggml.merges"))
@@ -131,7 +141,8 @@ def record(path):
     for row in scores:
         ids = np.argsort(-row, kind="stable")[:TOP]
         top.append([[int(i), float(row[i])] for i in ids])
-    return top
+    tokens = {t: llm.tokenize(t.encode(), add_bos=False, special=False) for t in TEXTS}
+    return top, tokens
 
 
 def main():
@@ -142,7 +153,8 @@ def main():
         path = write(tokenizer, out_dir, name)
         print(f"{path}: {sha256(path)}", file=sys.stderr)
         if mode == "record":
-            golden["architectures"][name] = {"sha256": sha256(path), "top": record(path)}
+            top, tokens = record(path)
+            golden["architectures"][name] = {"sha256": sha256(path), "top": top, "tokenized": tokens}
     if mode == "record":
         with open("tests/golden/archs_llamacpp.json", "w") as f:
             json.dump(golden, f, indent=1)

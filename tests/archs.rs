@@ -2,8 +2,10 @@
 //! GGUFs of each (`scripts/arch_goldens.py write`, the same bytes on every
 //! machine: their SHA-256 is checked) give llama.cpp's logits
 //! (`tests/golden/archs_llamacpp.json`, from `scripts/arch_goldens.py
-//! record`) at every position; speculation on them gives plain greedy
-//! output; the GPU path refuses the blocks it does not run, by name.
+//! record`) at every position, and their pre-tokenizers (the default
+//! model's, Llama 3's, Qwen2's) split text as llama.cpp does; speculation
+//! on them gives plain greedy output; the GPU path refuses the blocks it
+//! does not run, by name.
 
 mod common;
 
@@ -114,6 +116,23 @@ fn every_architecture_gives_llama_cpps_logits() {
         assert!(worst < 0.02, "{name}: top-8 logits differ by up to {worst}");
         assert!(clear >= tokens.len() / 2, "{name}: only {clear} clear positions");
         eprintln!("{name}: top-8 logits within {worst:.1e} of llama.cpp, argmax equal at {clear} clear positions");
+    }
+}
+
+#[test]
+fn every_architectures_pre_tokenizer_splits_text_as_llama_cpp_does() {
+    let dir = tiny_models();
+    for (name, g) in golden()["architectures"].as_object().unwrap() {
+        let tok = heterospec_router::TextTokenizer::from_gguf_file(&dir.join(format!("{name}.gguf"))).unwrap();
+        for (text, want) in g["tokenized"].as_object().unwrap() {
+            let want: Vec<u32> = want
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(tok.encode(text).unwrap(), want, "{name}: {text:?}");
+        }
     }
 }
 

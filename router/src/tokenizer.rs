@@ -11,7 +11,8 @@ use serde::Serialize;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::Tokenizer;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::{Result, RouterError};
 
@@ -87,7 +88,25 @@ impl TextTokenizer {
             Some("gpt2") | Some("default") | None => {
                 inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
             }
-            Some(_) => {}
+            // Llama 3's and Qwen2/3's splits (llama.cpp's `llama-bpe` and
+            // `qwen2`): digits in runs of up to three, or one by one.
+            Some(pre @ ("llama-bpe" | "llama3" | "qwen2")) => {
+                let digits = if pre == "qwen2" { r"\p{N}" } else { r"\p{N}{1,3}" };
+                let pattern = format!(
+                    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{{L}}\p{{N}}]?\p{{L}}+|{digits}| ?[^\s\p{{L}}\p{{N}}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+                );
+                let split = Split::new(SplitPattern::Regex(pattern), SplitDelimiterBehavior::Isolated, false)
+                    .map_err(|e| RouterError::Tokenizer(e.to_string()))?;
+                inner.with_pre_tokenizer(Some(Sequence::new(vec![
+                    split.into(),
+                    ByteLevel::new(false, true, false).into(),
+                ])));
+            }
+            Some(other) => {
+                return Err(RouterError::Tokenizer(format!(
+                    "tokenizer.ggml.pre `{other}` is not supported (smollm, gpt2, llama-bpe, qwen2)"
+                )))
+            }
         }
         let tokens = content
             .metadata
