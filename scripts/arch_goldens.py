@@ -34,8 +34,19 @@ ARCHS = {
     "llama": ("llama", {}),
     "llama3": ("llama", {"rope_freqs": True, "output": True, "pre": "llama-bpe"}),
     "qwen2": ("qwen2", {"qkv_bias": True, "output": True, "pre": "qwen2"}),
-    "qwen3": ("qwen3", {"qk_norm": True, "pre": "qwen2"}),
+    "qwen3": ("qwen3", {"qk_norm": True, "pre": "qwen2", "key_length": 2 * HIDDEN // HEADS, "template": "qwen3"}),
 }
+# The Python string methods Qwen3's chat template calls (`startswith`,
+# `split`, `lstrip`, `rstrip`), in its turn format.
+QWEN3_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' and message.content.startswith('<tool_response>') %}"
+    "{{- '<|im_start|>tool\\n' }}{%- else %}{{- '<|im_start|>' + message.role + '\\n' }}{%- endif %}"
+    "{%- set content = message.content.split('</think>')[-1].lstrip('\\n') %}"
+    "{{- content.rstrip() + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 # Tokenized by llama.cpp with each file's pre-tokenizer (the default
 # model's vocabulary and merges under Llama 3's and Qwen2's splits).
 TEXTS = [
@@ -80,6 +91,10 @@ def write(tokenizer_path, out_dir, name):
     w.add_head_count_kv(KV_HEADS)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-6)
+    if "key_length" in extra:
+        # Qwen3's smaller models: heads wider than hidden / heads.
+        w.add_key_length(extra["key_length"])
+        w.add_value_length(extra["key_length"])
     w.add_file_type(0)
     w.add_tokenizer_model(field("tokenizer.ggml.model"))
     w.add_tokenizer_pre(extra.get("pre", field("tokenizer.ggml.pre")))
@@ -89,7 +104,7 @@ def write(tokenizer_path, out_dir, name):
     w.add_bos_token_id(field("tokenizer.ggml.bos_token_id"))
     w.add_eos_token_id(field("tokenizer.ggml.eos_token_id"))
     w.add_add_bos_token(False)
-    w.add_chat_template(field("tokenizer.chat_template"))
+    w.add_chat_template(QWEN3_TEMPLATE if extra.get("template") == "qwen3" else field("tokenizer.chat_template"))
     seed = iter(range(1, 1000))
     mat = lambda rows, cols: noise(next(seed), (rows, cols), 1.5 / np.sqrt(cols))
     norm = lambda n: 1.0 + noise(next(seed), (n,), 0.3)
@@ -100,7 +115,8 @@ def write(tokenizer_path, out_dir, name):
     if extra.get("rope_freqs"):
         # Llama 3.1's shape: the low frequencies divided by up to 8.
         w.add_tensor("rope_freqs.weight", np.linspace(1.0, 8.0, HEAD_DIM // 2, dtype=np.float32))
-    q, kv = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+    head_dim = extra.get("key_length", HEAD_DIM)
+    q, kv = HEADS * head_dim, KV_HEADS * head_dim
     for i in range(LAYERS):
         b = f"blk.{i}."
         w.add_tensor(b + "attn_norm.weight", norm(HIDDEN))
@@ -112,8 +128,8 @@ def write(tokenizer_path, out_dir, name):
             w.add_tensor(b + "attn_k.bias", noise(next(seed), (kv,), 0.5))
             w.add_tensor(b + "attn_v.bias", noise(next(seed), (kv,), 0.5))
         if extra.get("qk_norm"):
-            w.add_tensor(b + "attn_q_norm.weight", norm(HEAD_DIM))
-            w.add_tensor(b + "attn_k_norm.weight", norm(HEAD_DIM))
+            w.add_tensor(b + "attn_q_norm.weight", norm(head_dim))
+            w.add_tensor(b + "attn_k_norm.weight", norm(head_dim))
         w.add_tensor(b + "attn_output.weight", mat(HIDDEN, q))
         w.add_tensor(b + "ffn_norm.weight", norm(HIDDEN))
         w.add_tensor(b + "ffn_gate.weight", mat(FF, HIDDEN))

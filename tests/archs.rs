@@ -136,6 +136,21 @@ fn every_architectures_pre_tokenizer_splits_text_as_llama_cpp_does() {
     }
 }
 
+#[test]
+fn a_chat_template_may_call_pythons_string_methods() {
+    // The qwen3 file carries a template in Qwen3's manner (`startswith`,
+    // `split`, `lstrip`, `rstrip`).
+    let tok = heterospec_router::TextTokenizer::from_gguf_file(&tiny_models().join("qwen3.gguf")).unwrap();
+    let messages = [
+        heterospec_router::ChatMessage::new("user", "<tool_response>42"),
+        heterospec_router::ChatMessage::new("assistant", "<think>hmm</think>\nIt is 42.  "),
+    ];
+    assert_eq!(
+        tok.apply_chat_template(&messages).unwrap(),
+        "<|im_start|>tool\n<tool_response>42<|im_end|>\n<|im_start|>assistant\nIt is 42.<|im_end|>\n<|im_start|>assistant\n"
+    );
+}
+
 /// `heterospec generate` on a tiny model: its JSON, or its error.
 fn generate(model: &Path, extra: &[&str]) -> Result<Value, String> {
     let out = Command::new(env!("CARGO_BIN_EXE_heterospec"))
@@ -180,9 +195,9 @@ fn speculation_on_every_architecture_equals_plain_greedy_and_the_gpu_path_says_w
                 );
             }
         }
-        let gpu = generate(&path, &["--device", "cuda"]);
-        if name != "llama" {
-            let err = gpu.unwrap_err();
+        // (Llama blocks, frequency factors included, run there.)
+        if name.starts_with("qwen") {
+            let err = generate(&path, &["--device", "cuda"]).unwrap_err();
             assert!(err.contains("GPU path runs llama blocks"), "{name}: {err}");
         }
     }

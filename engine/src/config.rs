@@ -73,6 +73,7 @@ pub struct ModelConfig {
 const UNSUPPORTED_KEYS: &[&str] = &[
     "rope.scaling.type",
     "rope.scaling.factor",
+    "rope.scale_linear",
     "attention.sliding_window",
     "attn_logit_softcapping",
     "final_logit_softcapping",
@@ -113,6 +114,16 @@ impl ModelConfig {
                 })
             }
         };
+        // Partial rotary embeddings, or values wider than keys, are not run.
+        for key in ["rope.dimension_count", "attention.value_length"] {
+            if let Ok(n) = get(key) {
+                if n != head_dim {
+                    return Err(EngineError::Config(format!(
+                        "the model sets `{arch}.{key}` = {n}, not the head dimension {head_dim}: not supported"
+                    )));
+                }
+            }
+        }
         let config = ModelConfig {
             num_layers: get("block_count")?,
             hidden_size,

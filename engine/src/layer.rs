@@ -13,7 +13,7 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::kv::KvStorage;
 use crate::linear::{forward_many, Linear, LinearInput, WeightFormat};
-use crate::ops::{rms_norm_rows, silu_mul, RopeTable};
+use crate::ops::{rms_norm_in_place, rms_norm_rows, silu_mul, RopeTable};
 use candle_core::quantized::QTensor;
 
 /// One decoder layer.
@@ -41,7 +41,6 @@ pub(crate) struct ForwardContext {
     token_owner: Vec<(usize, usize)>,
     slots: Vec<usize>,
     rope: RopeTable,
-    rope_neox: bool,
     shape: HeadShape,
     eps: f32,
     /// Per-forward buffers every layer reuses: normed input `(tokens,
@@ -55,13 +54,13 @@ impl ForwardContext {
             n: batch.num_tokens(),
             token_owner: batch.token_owners(),
             slots: batch.seqs.iter().flat_map(|s| s.slots.iter().copied()).collect(),
-            rope: RopeTable::with_factors(
+            rope: RopeTable::for_model(
                 batch.seqs.iter().flat_map(|s| s.positions.iter().copied()),
                 c.head_dim,
                 c.rope_theta,
                 c.rope_freq_factors.as_deref(),
+                c.block.rope_neox,
             ),
-            rope_neox: c.block.rope_neox,
             shape: HeadShape {
                 num_heads: c.num_heads,
                 num_kv_heads: c.num_kv_heads,
@@ -156,22 +155,11 @@ impl Layer {
             }
         }
         if let Some([q_norm, k_norm]) = &self.qk_norm {
-            for (x, w) in [(&mut q, q_norm), (&mut k, k_norm)] {
-                let normed = {
-                    let mut out = vec![0.0; x.len()];
-                    rms_norm_rows(x, w, ctx.eps, &mut out);
-                    out
-                };
-                *x = normed;
-            }
+            rms_norm_in_place(&mut q, q_norm, ctx.eps);
+            rms_norm_in_place(&mut k, k_norm, ctx.eps);
         }
-        if ctx.rope_neox {
-            ctx.rope.apply_neox(&mut q, shape.num_heads);
-            ctx.rope.apply_neox(&mut k, shape.num_kv_heads);
-        } else {
-            ctx.rope.apply(&mut q, shape.num_heads);
-            ctx.rope.apply(&mut k, shape.num_kv_heads);
-        }
+        ctx.rope.apply(&mut q, shape.num_heads);
+        ctx.rope.apply(&mut k, shape.num_kv_heads);
         for (t, &slot) in ctx.slots.iter().enumerate() {
             kv.write(kv_layer, slot, &k[t * kvs..(t + 1) * kvs], &v[t * kvs..(t + 1) * kvs]);
         }

@@ -14,26 +14,44 @@ pub fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// [`rms_norm_rows`] writing each row of width `weight.len()` over itself
+/// (a row's scale is taken before it is written).
+pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    let dim = weight.len();
+    for row in x.chunks_exact_mut(dim) {
+        let scale = 1.0 / (dot(row, row) / dim as f32 + eps).sqrt();
+        for (v, &w) in row.iter_mut().zip(weight) {
+            *v = *v * scale * w;
+        }
+    }
+}
+
 /// Per-token rotation tables: `cos[t * half + i]`, `sin[t * half + i]` with
 /// `half = head_dim / 2`, frequency `theta^(-2i / head_dim)` (divided by
-/// `factors[i]` where the model has RoPE frequency factors: Llama 3.1+).
+/// `factors[i]` where the model has RoPE frequency factors: Llama 3.1+),
+/// and which elements of a head each frequency rotates.
 pub struct RopeTable {
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
     half: usize,
+    /// Pairs `(x[i], x[i + half])` (NeoX: Qwen's GGUFs keep Hugging Face's
+    /// order) rather than `(x[2i], x[2i + 1])` (llama's GGUF order).
+    neox: bool,
 }
 
 impl RopeTable {
     pub fn new(positions: impl Iterator<Item = usize>, head_dim: usize, theta: f32) -> Self {
-        Self::with_factors(positions, head_dim, theta, None)
+        Self::for_model(positions, head_dim, theta, None, false)
     }
 
-    /// [`RopeTable::new`] with frequency `i` divided by `factors[i]`.
-    pub fn with_factors(
+    /// [`RopeTable::new`] with frequency `i` divided by `factors[i]`, in the
+    /// NeoX layout when `neox`.
+    pub fn for_model(
         positions: impl Iterator<Item = usize>,
         head_dim: usize,
         theta: f32,
         factors: Option<&[f32]>,
+        neox: bool,
     ) -> Self {
         let half = head_dim / 2;
         let inv_freq: Vec<f64> = (0..half)
@@ -51,39 +69,24 @@ impl RopeTable {
                 sin.push(angle.sin() as f32);
             }
         }
-        RopeTable { cos, sin, half }
+        RopeTable { cos, sin, half, neox }
     }
 
-    /// Rotates adjacent pairs `(x[2i], x[2i+1])` of every head of every token
-    /// in `x` laid out as `(tokens, heads, head_dim)` (GGUF llama convention).
+    /// Rotates every head of every token in `x`, laid out as `(tokens,
+    /// heads, head_dim)`.
     pub fn apply(&self, x: &mut [f32], num_heads: usize) {
-        let head_dim = 2 * self.half;
-        for (t, token) in x.chunks_exact_mut(num_heads * head_dim).enumerate() {
-            let cos = &self.cos[t * self.half..(t + 1) * self.half];
-            let sin = &self.sin[t * self.half..(t + 1) * self.half];
-            for head in token.chunks_exact_mut(head_dim) {
-                for (i, pair) in head.chunks_exact_mut(2).enumerate() {
-                    let (a, b) = (pair[0], pair[1]);
-                    pair[0] = a * cos[i] - b * sin[i];
-                    pair[1] = a * sin[i] + b * cos[i];
-                }
-            }
-        }
-    }
-
-    /// [`RopeTable::apply`] in the NeoX layout: pairs `(x[i], x[i + half])`
-    /// (Qwen's GGUFs keep Hugging Face's order).
-    pub fn apply_neox(&self, x: &mut [f32], num_heads: usize) {
         let half = self.half;
+        // Element pair `i` of a head: (i, i + half) or (2i, 2i + 1).
+        let (stride, offset) = if self.neox { (1, half) } else { (2, 1) };
         for (t, token) in x.chunks_exact_mut(num_heads * 2 * half).enumerate() {
             let cos = &self.cos[t * half..(t + 1) * half];
             let sin = &self.sin[t * half..(t + 1) * half];
             for head in token.chunks_exact_mut(2 * half) {
-                let (lo, hi) = head.split_at_mut(half);
                 for i in 0..half {
-                    let (a, b) = (lo[i], hi[i]);
-                    lo[i] = a * cos[i] - b * sin[i];
-                    hi[i] = a * sin[i] + b * cos[i];
+                    let (j, k) = (i * stride, i * stride + offset);
+                    let (a, b) = (head[j], head[k]);
+                    head[j] = a * cos[i] - b * sin[i];
+                    head[k] = a * sin[i] + b * cos[i];
                 }
             }
         }

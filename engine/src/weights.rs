@@ -6,7 +6,7 @@
 //! Invariant: a backend loads a model only through these names and shapes,
 //! so the CPU and the GPU can never disagree about which tensor is which.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
@@ -14,7 +14,7 @@ use std::path::Path;
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::Device;
 
-use crate::config::ModelConfig;
+use crate::config::{BlockSpec, ModelConfig};
 use crate::error::{EngineError, Result};
 
 /// The token embedding matrix `(vocab, hidden)`.
@@ -58,6 +58,33 @@ impl LayerTensor {
         LayerTensor::Up,
         LayerTensor::Down,
     ];
+
+    /// Every layer tensor some block has.
+    pub const ALL: [LayerTensor; 14] = [
+        LayerTensor::AttnNorm,
+        LayerTensor::Q,
+        LayerTensor::K,
+        LayerTensor::V,
+        LayerTensor::O,
+        LayerTensor::FfnNorm,
+        LayerTensor::Gate,
+        LayerTensor::Up,
+        LayerTensor::Down,
+        LayerTensor::QBias,
+        LayerTensor::KBias,
+        LayerTensor::VBias,
+        LayerTensor::QNorm,
+        LayerTensor::KNorm,
+    ];
+
+    /// Whether `block`'s layers have this tensor.
+    pub fn in_block(self, block: &BlockSpec) -> bool {
+        match self {
+            LayerTensor::QBias | LayerTensor::KBias | LayerTensor::VBias => block.qkv_bias,
+            LayerTensor::QNorm | LayerTensor::KNorm => block.qk_norm,
+            _ => true,
+        }
+    }
 
     /// Its GGUF name in layer `layer`.
     pub fn name(self, layer: usize) -> String {
@@ -142,6 +169,7 @@ impl ModelTensors {
             tensors.insert(name.clone(), tensor);
         }
         let mut t = ModelTensors { config, tensors };
+        t.check_all_read()?;
         if t.tensors.contains_key(ROPE_FREQS) {
             t.config.rope_freq_factors = Some(t.get_f32(ROPE_FREQS, &[t.config.head_dim / 2])?);
         }
@@ -150,6 +178,35 @@ impl ModelTensors {
 }
 
 impl ModelTensors {
+    /// Refuses a tensor the forward would not read (a bias or norm of
+    /// another block, RoPE factors outside a llama block): running without
+    /// it would give wrong logits.
+    pub fn check_all_read(&self) -> Result<()> {
+        let c = &self.config;
+        let mut read: HashSet<String> = [EMBEDDINGS, OUTPUT_NORM, OUTPUT].map(String::from).into();
+        if c.block.is_llama() {
+            read.insert(ROPE_FREQS.to_string());
+        }
+        for layer in 0..c.num_layers {
+            read.extend(
+                LayerTensor::ALL
+                    .iter()
+                    .filter(|p| p.in_block(&c.block))
+                    .map(|p| p.name(layer)),
+            );
+        }
+        match self.tensors.keys().filter(|k| !read.contains(*k)).min() {
+            None => Ok(()),
+            Some(name) => Err(EngineError::BadTensor {
+                name: name.clone(),
+                reason: format!(
+                    "not part of the block this engine runs for this architecture ({:?})",
+                    c.block
+                ),
+            }),
+        }
+    }
+
     /// Whether the output layer is the embedding matrix (no `output.weight`).
     pub fn tied_output(&self) -> bool {
         !self.tensors.contains_key(OUTPUT)

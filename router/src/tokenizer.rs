@@ -12,7 +12,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{SplitDelimiterBehavior, Tokenizer};
+use tokenizers::{ModelWrapper, NormalizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::{Result, RouterError};
 
@@ -31,6 +31,14 @@ impl ChatMessage {
         }
     }
 }
+
+/// `tokenizer.ggml.pre` of the Llama 3 family (its split, whole-word
+/// lookups, BOS by default).
+const LLAMA3_PRE: &[&str] = &["llama-bpe", "llama3", "llama-v3", "falcon3"];
+/// Qwen2's split.
+const QWEN2_PRE: &[&str] = &["qwen2", "deepseek-r1-qwen", "megrez"];
+/// Llama 3's split with plain merges.
+const OTHER_LLAMA3_SPLIT: &[&str] = &["smaug-bpe", "dbrx"];
 
 /// The model's tokenizer plus what generation needs to know about it.
 pub struct TextTokenizer {
@@ -85,13 +93,22 @@ impl TextTokenizer {
                     ByteLevel::new(false, true, true).into(),
                 ])));
             }
-            Some("gpt2") | Some("default") | None => {
+            Some("gpt2") | Some("gpt-2") | Some("default") | None => {
                 inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
             }
-            // Llama 3's and Qwen2/3's splits (llama.cpp's `llama-bpe` and
-            // `qwen2`): digits in runs of up to three, or one by one.
-            Some(pre @ ("llama-bpe" | "llama3" | "qwen2")) => {
-                let digits = if pre == "qwen2" { r"\p{N}" } else { r"\p{N}{1,3}" };
+            // Llama 3's and Qwen2/3's splits as llama.cpp names them: digits
+            // in runs of up to three, or one by one; no normalization; the
+            // Llama 3 family emits a word the vocabulary holds whole.
+            Some(pre)
+                if [LLAMA3_PRE, QWEN2_PRE, OTHER_LLAMA3_SPLIT]
+                    .iter()
+                    .any(|f| f.contains(&pre)) =>
+            {
+                let digits = if QWEN2_PRE.contains(&pre) {
+                    r"\p{N}"
+                } else {
+                    r"\p{N}{1,3}"
+                };
                 let pattern = format!(
                     r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{{L}}\p{{N}}]?\p{{L}}+|{digits}| ?[^\s\p{{L}}\p{{N}}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
                 );
@@ -101,10 +118,20 @@ impl TextTokenizer {
                     split.into(),
                     ByteLevel::new(false, true, false).into(),
                 ])));
+                inner
+                    .with_normalizer(None::<NormalizerWrapper>)
+                    .map_err(|e| RouterError::Tokenizer(e.to_string()))?;
+                if LLAMA3_PRE.contains(&pre) {
+                    if let ModelWrapper::BPE(bpe) = inner.get_model() {
+                        let mut bpe = bpe.clone();
+                        bpe.ignore_merges = true;
+                        inner.with_model(bpe);
+                    }
+                }
             }
             Some(other) => {
                 return Err(RouterError::Tokenizer(format!(
-                    "tokenizer.ggml.pre `{other}` is not supported (smollm, gpt2, llama-bpe, qwen2)"
+                    "tokenizer.ggml.pre `{other}` is not supported (smollm, gpt2, llama-bpe, qwen2 and their aliases)"
                 )))
             }
         }
@@ -126,11 +153,14 @@ impl TextTokenizer {
             }
         }
         let bos = meta_u32("tokenizer.ggml.bos_token_id");
+        // As llama.cpp: the Llama 3 family starts with BOS unless the file
+        // says otherwise.
+        let llama3 = meta_str("tokenizer.ggml.pre").is_some_and(|p| LLAMA3_PRE.contains(&p.as_str()));
         let add_bos = content
             .metadata
             .get("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
+            .unwrap_or(llama3);
         // `from_gguf` installs a BOS-adding post-processor when the file asks
         // for it; we add BOS ourselves so that chat templates which already
         // start with it do not get two.
@@ -225,6 +255,9 @@ impl TextTokenizer {
                 reason: "the model has no chat template".into(),
             })?;
         let mut env = minijinja::Environment::new();
+        // Python's string and list methods (`startswith`, `strip`, `split`,
+        // ...), which real chat templates (Qwen3's) call.
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, minijinja::Error> {

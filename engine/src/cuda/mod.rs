@@ -250,20 +250,30 @@ impl AttentionKeys {
 }
 
 /// Opens CUDA device `ordinal` and loads `t`'s weights onto it.
-pub fn open_model(ordinal: usize, t: &ModelTensors) -> Result<Box<dyn ModelBackend>> {
-    // The kernels run the plain llama block; say so instead of giving other
-    // blocks' logits wrong.
-    if !t.config.block.is_llama() || t.config.rope_freq_factors.is_some() {
-        return Err(EngineError::Device(format!(
-            "the GPU path runs llama blocks with plain RoPE; this model needs {:?}{}: run it with --device cpu",
-            t.config.block,
-            if t.config.rope_freq_factors.is_some() {
-                " and RoPE frequency factors"
-            } else {
-                ""
-            }
-        )));
+/// The kernels run the plain llama block (RoPE frequency factors included:
+/// the rotation table is built on the host); other blocks are refused
+/// rather than given wrong logits.
+fn refuse_other_blocks(c: &crate::config::ModelConfig) -> Result<()> {
+    let b = c.block;
+    let needs: Vec<&str> = [
+        (b.qkv_bias, "q/k/v biases"),
+        (b.qk_norm, "per-head q/k norms"),
+        (b.rope_neox, "NeoX RoPE"),
+    ]
+    .into_iter()
+    .filter_map(|(on, what)| on.then_some(what))
+    .collect();
+    if needs.is_empty() {
+        return Ok(());
     }
+    Err(EngineError::Device(format!(
+        "the GPU path runs llama blocks; this model needs {}: run it with --device cpu",
+        needs.join(", ")
+    )))
+}
+
+pub fn open_model(ordinal: usize, t: &ModelTensors) -> Result<Box<dyn ModelBackend>> {
+    refuse_other_blocks(&t.config)?;
     Ok(Box::new(GpuModel::new(Gpu::open(ordinal)?, t)?))
 }
 
@@ -363,6 +373,7 @@ impl<B: Backend> GpuModel<B> {
     /// tied output from the shared description in `crate::weights`).
     pub fn new(backend: Arc<B>, t: &ModelTensors) -> Result<Self> {
         let config = t.config.clone();
+        refuse_other_blocks(&config)?;
         if config.head_dim > BLOCK_THREADS as usize {
             return Err(EngineError::Config(format!(
                 "the GPU path supports head dimensions up to {BLOCK_THREADS}, the model has {}",
@@ -434,7 +445,13 @@ impl<B: Backend> GpuModel<B> {
         let (h, qs, kvs, ff) = (c.hidden_size, c.q_size(), c.kv_size(), c.intermediate_size);
         let eps = c.rms_norm_eps;
         let positions = batch.seqs.iter().flat_map(|s| s.positions.iter().copied());
-        let table = RopeTable::new(positions, c.head_dim, c.rope_theta);
+        let table = RopeTable::for_model(
+            positions,
+            c.head_dim,
+            c.rope_theta,
+            c.rope_freq_factors.as_deref(),
+            false,
+        );
         let (cos, sin, half) = (b.upload(&table.cos)?, b.upload(&table.sin)?, c.head_dim / 2);
         let slots: Vec<i32> = batch
             .seqs

@@ -96,7 +96,8 @@ fn attention_keys_list_what_the_cpu_attends_in_its_order() {
 }
 
 /// Shapes the GPU kernels meet on real models: head dimension 64,
-/// several GEMM tiles, more than one attention chunk of keys.
+/// several GEMM tiles, more than one attention chunk of keys; RoPE
+/// frequency factors as Llama 3.1's (the table is built on the host).
 fn gpu_config() -> ModelConfig {
     ModelConfig {
         num_layers: 3,
@@ -110,7 +111,7 @@ fn gpu_config() -> ModelConfig {
         rope_theta: 10_000.0,
         rms_norm_eps: 1e-5,
         block: Default::default(),
-        rope_freq_factors: None,
+        rope_freq_factors: Some((0..32).map(|i| 1.0 + i as f32 / 8.0).collect()),
     }
 }
 
