@@ -24,28 +24,38 @@ const MAGIC: &[u8; 8] = b"HSFEAT01";
 /// taps change what they give, so older files are never read.
 const FORMAT: u32 = 1;
 
-/// Where the features of `seqs` live in `dir`: the file name is their key.
-pub fn cache_path(dir: &Path, model: &Path, tap: &FeatureTap, seqs: &[Vec<u32>]) -> Result<PathBuf> {
-    let mut h = Sha256::new();
-    let mut f = File::open(model).with_context(|| format!("cannot read {}", model.display()))?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
+/// A directory of kept features for one model file, whose bytes start
+/// every key (read once: the hasher's state after them).
+pub struct FeatureCache {
+    dir: PathBuf,
+    model: Sha256,
+}
+
+impl FeatureCache {
+    pub fn open(dir: &Path, model: &Path) -> Result<Self> {
+        let mut h = Sha256::new();
+        let mut f = File::open(model).with_context(|| format!("cannot read {}", model.display()))?;
+        std::io::copy(&mut f, &mut h)?;
+        Ok(FeatureCache {
+            dir: dir.to_path_buf(),
+            model: h,
+        })
     }
-    h.update(format!("{tap:?} {FORMAT} {}", env!("CARGO_PKG_VERSION")).as_bytes());
-    h.update((seqs.len() as u64).to_le_bytes());
-    for s in seqs {
-        h.update((s.len() as u64).to_le_bytes());
-        for t in s {
-            h.update(t.to_le_bytes());
+
+    /// Where the features of `seqs` live: the file name is their key.
+    pub fn path(&self, tap: &FeatureTap, seqs: &[Vec<u32>]) -> PathBuf {
+        let mut h = self.model.clone();
+        h.update(format!("{tap:?} {FORMAT} {}", env!("CARGO_PKG_VERSION")).as_bytes());
+        h.update((seqs.len() as u64).to_le_bytes());
+        for s in seqs {
+            h.update((s.len() as u64).to_le_bytes());
+            for t in s {
+                h.update(t.to_le_bytes());
+            }
         }
+        let key: String = h.finalize()[..12].iter().map(|b| format!("{b:02x}")).collect();
+        self.dir.join(format!("{key}.f32"))
     }
-    let key: String = h.finalize()[..12].iter().map(|b| format!("{b:02x}")).collect();
-    Ok(dir.join(format!("{key}.f32")))
 }
 
 /// The cached features of sequences of these lengths, `width` floats per
@@ -124,28 +134,15 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let model = dir.join("model.bin");
         std::fs::write(&model, b"weights").unwrap();
-        let a = cache_path(&dir, &model, &FeatureTap::Final, &[vec![1, 2, 3]]).unwrap();
-        assert_eq!(
-            a,
-            cache_path(&dir, &model, &FeatureTap::Final, &[vec![1, 2, 3]]).unwrap()
-        );
-        assert_ne!(
-            a,
-            cache_path(&dir, &model, &FeatureTap::Final, &[vec![1, 2, 4]]).unwrap()
-        );
-        assert_ne!(
-            a,
-            cache_path(&dir, &model, &FeatureTap::Final, &[vec![1, 2], vec![3]]).unwrap()
-        );
-        assert_ne!(
-            a,
-            cache_path(&dir, &model, &FeatureTap::Layers(vec![1]), &[vec![1, 2, 3]]).unwrap()
-        );
+        let cache = FeatureCache::open(&dir, &model).unwrap();
+        let a = cache.path(&FeatureTap::Final, &[vec![1, 2, 3]]);
+        assert_eq!(a, cache.path(&FeatureTap::Final, &[vec![1, 2, 3]]));
+        assert_ne!(a, cache.path(&FeatureTap::Final, &[vec![1, 2, 4]]));
+        assert_ne!(a, cache.path(&FeatureTap::Final, &[vec![1, 2], vec![3]]));
+        assert_ne!(a, cache.path(&FeatureTap::Layers(vec![1]), &[vec![1, 2, 3]]));
         std::fs::write(&model, b"other weights").unwrap();
-        assert_ne!(
-            a,
-            cache_path(&dir, &model, &FeatureTap::Final, &[vec![1, 2, 3]]).unwrap()
-        );
+        let other = FeatureCache::open(&dir, &model).unwrap();
+        assert_ne!(a, other.path(&FeatureTap::Final, &[vec![1, 2, 3]]));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -21,7 +21,7 @@ use heterospec_engine::{FeatureTap, Model, WeightFormat};
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::{DraftDataset, DraftRecord};
-use crate::feature_cache;
+use crate::feature_cache::{self, FeatureCache};
 use crate::local::init_threads;
 use crate::progress::{bar, tick};
 
@@ -102,10 +102,10 @@ struct CheckpointState {
 fn with_features(
     model: &Model,
     records: &[&DraftRecord],
-    args: &TrainDraftArgs,
+    max_len: usize,
     tap: &FeatureTap,
+    cache: Option<&FeatureCache>,
 ) -> Result<Vec<TrainSequence>> {
-    let max_len = args.max_len;
     let kept: Vec<&&DraftRecord> = records
         .iter()
         .filter(|r| r.prompt.len() + 1 < max_len && !r.answer.is_empty())
@@ -117,33 +117,28 @@ fn with_features(
     let starts: Vec<usize> = kept.iter().map(|r| r.prompt.len()).collect();
     let width = tap.width(model.config().hidden_size);
     let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
-    let cache_dir = Some(&args.features_cache).filter(|d| d.as_os_str() != "none");
-    let cached = match cache_dir {
-        Some(dir) if !seqs.is_empty() => {
-            let path = feature_cache::cache_path(dir, &args.model, tap, &seqs)?;
-            // A damaged file is recomputed (and replaced), not fatal.
-            let features = feature_cache::load(&path, &lens, width).unwrap_or_else(|e| {
-                eprintln!("{}: {e:#}; computing the features again", path.display());
-                None
-            });
-            Some((features, path))
-        }
-        _ => None,
-    };
-    let features = match cached {
-        Some((Some(features), path)) => {
-            eprintln!("features of {} sequences from {}", seqs.len(), path.display());
+    let path = cache.filter(|_| !seqs.is_empty()).map(|c| c.path(tap, &seqs));
+    // A damaged file is recomputed (and replaced), not fatal.
+    let kept_features = path.as_ref().and_then(|p| {
+        feature_cache::load(p, &lens, width).unwrap_or_else(|e| {
+            eprintln!("{}: {e:#}; computing the features again", p.display());
+            None
+        })
+    });
+    let features = match (kept_features, &path) {
+        (Some(features), Some(p)) => {
+            eprintln!("features of {} sequences from {}", seqs.len(), p.display());
             features
         }
-        cached => {
+        _ => {
             let progress = bar(seqs.len(), "features");
             let refs: Vec<&[u32]> = seqs.iter().map(|s| &s[..]).collect();
             let features = target_features_packed(model, &refs, 1024, tap, |n| tick(&progress, n as u64))?;
             progress.finish();
-            if let Some((_, path)) = cached {
-                match feature_cache::save(&path, &features, width) {
-                    Ok(()) => eprintln!("features kept in {}", path.display()),
-                    Err(e) => eprintln!("cannot keep the features in {}: {e:#}", path.display()),
+            if let Some(p) = &path {
+                match feature_cache::save(p, &features, width) {
+                    Ok(()) => eprintln!("features kept in {}", p.display()),
+                    Err(e) => eprintln!("cannot keep the features in {}: {e:#}", p.display()),
                 }
             }
             features
@@ -257,6 +252,10 @@ pub fn run(args: TrainDraftArgs) -> Result<()> {
     // τ is measured on greedy answers: what greedy decoding verifies.
     let held: Vec<&DraftRecord> = held.into_iter().filter(|r| r.temperature == 0.0).collect();
     let tap = args.kind.default_tap(target.config().num_layers);
+    let cache = match args.features_cache.as_os_str() == "none" {
+        true => None,
+        false => Some(FeatureCache::open(&args.features_cache, &args.model)?),
+    };
     if let Some(dir) = &args.evaluate {
         let weights = HeadWeights::load(dir, target.config())?;
         if weights.kind() != args.kind {
@@ -271,7 +270,7 @@ pub fn run(args: TrainDraftArgs) -> Result<()> {
                     .with_context(|| format!("{}: no `{name}`", dir.display()))?,
             )?;
         }
-        let held_data = with_features(&target, &held, &args, &tap)?;
+        let held_data = with_features(&target, &held, args.max_len, &tap, cache.as_ref())?;
         let cfg = TrainConfig {
             max_len: args.max_len,
             batch_size: args.batch_size,
@@ -286,8 +285,8 @@ pub fn run(args: TrainDraftArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let train_data = with_features(&target, &trained, &args, &tap)?;
-    let held_data = with_features(&target, &held, &args, &tap)?;
+    let train_data = with_features(&target, &trained, args.max_len, &tap, cache.as_ref())?;
+    let held_data = with_features(&target, &held, args.max_len, &tap, cache.as_ref())?;
     if train_data.is_empty() {
         bail!("no training sequences in {}", args.dataset.display());
     }

@@ -86,7 +86,8 @@ impl TextTokenizer {
         let meta_u32 = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok());
         // Pre-tokenizers as llama.cpp applies them (its `tokenizer.ggml.pre`
         // names); without a leading-space insertion.
-        match meta_str("tokenizer.ggml.pre").as_deref() {
+        let pre = meta_str("tokenizer.ggml.pre");
+        match pre.as_deref() {
             Some("smollm") => {
                 inner.with_pre_tokenizer(Some(Sequence::new(vec![
                     Digits::new(true).into(),
@@ -155,7 +156,7 @@ impl TextTokenizer {
         let bos = meta_u32("tokenizer.ggml.bos_token_id");
         // As llama.cpp: the Llama 3 family starts with BOS unless the file
         // says otherwise.
-        let llama3 = meta_str("tokenizer.ggml.pre").is_some_and(|p| LLAMA3_PRE.contains(&p.as_str()));
+        let llama3 = pre.is_some_and(|p| LLAMA3_PRE.contains(&p.as_str()));
         let add_bos = content
             .metadata
             .get("tokenizer.ggml.add_bos_token")
