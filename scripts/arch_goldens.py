@@ -2,7 +2,8 @@
 """Tiny random GGUFs of every architecture the engine loads, and llama.cpp's
 logits on them: the proof, against an independent implementation, that each
 architecture's block (biases, q/k norms, RoPE layout and frequency factors)
-runs as its authors meant.
+runs as its authors meant (Gemma 3's: scaled embeddings, GELU, post-norms
+and sliding-window layers with their own RoPE base).
 
   scripts/arch_goldens.py write TOKENIZER_GGUF OUT_DIR
       writes OUT_DIR/<name>.gguf for every entry of ARCHS (2 layers, hidden
@@ -35,6 +36,10 @@ ARCHS = {
     "llama3": ("llama", {"rope_freqs": True, "output": True, "pre": "llama-bpe"}),
     "qwen2": ("qwen2", {"qkv_bias": True, "output": True, "pre": "qwen2"}),
     "qwen3": ("qwen3", {"qk_norm": True, "pre": "qwen2", "key_length": 2 * HIDDEN // HEADS, "template": "qwen3"}),
+    # Six layers: five in an 8-token sliding window (RoPE base 10,000), the
+    # sixth global (base 1,000,000); TOKENS is longer than the window.
+    "gemma3": ("gemma3", {"qk_norm": True, "post_norms": True, "key_length": 2 * HIDDEN // HEADS, "layers": 6,
+                          "sliding_window": 8, "rope_base": 1_000_000.0}),
 }
 # The Python string methods Qwen3's chat template calls (`startswith`,
 # `split`, `lstrip`, `rstrip`), in its turn format.
@@ -83,13 +88,16 @@ def write(tokenizer_path, out_dir, name):
     path = os.path.join(out_dir, f"{name}.gguf")
     w = gguf.GGUFWriter(path, arch)
     w.add_name(f"heterospec tiny {name}")
-    w.add_block_count(LAYERS)
+    layers = extra.get("layers", LAYERS)
+    w.add_block_count(layers)
     w.add_context_length(CONTEXT)
     w.add_embedding_length(HIDDEN)
     w.add_feed_forward_length(FF)
     w.add_head_count(HEADS)
     w.add_head_count_kv(KV_HEADS)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(extra.get("rope_base", 10000.0))
+    if "sliding_window" in extra:
+        w.add_sliding_window(extra["sliding_window"])
     w.add_layer_norm_rms_eps(1e-6)
     if "key_length" in extra:
         # Qwen3's smaller models: heads wider than hidden / heads.
@@ -117,7 +125,7 @@ def write(tokenizer_path, out_dir, name):
         w.add_tensor("rope_freqs.weight", np.linspace(1.0, 8.0, HEAD_DIM // 2, dtype=np.float32))
     head_dim = extra.get("key_length", HEAD_DIM)
     q, kv = HEADS * head_dim, KV_HEADS * head_dim
-    for i in range(LAYERS):
+    for i in range(layers):
         b = f"blk.{i}."
         w.add_tensor(b + "attn_norm.weight", norm(HIDDEN))
         w.add_tensor(b + "attn_q.weight", mat(q, HIDDEN))
@@ -135,6 +143,9 @@ def write(tokenizer_path, out_dir, name):
         w.add_tensor(b + "ffn_gate.weight", mat(FF, HIDDEN))
         w.add_tensor(b + "ffn_up.weight", mat(FF, HIDDEN))
         w.add_tensor(b + "ffn_down.weight", mat(HIDDEN, FF))
+        if extra.get("post_norms"):
+            w.add_tensor(b + "post_attention_norm.weight", norm(HIDDEN))
+            w.add_tensor(b + "post_ffw_norm.weight", norm(HIDDEN))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Produces tests/golden/smollm2_llamacpp.json: greedy continuations, top-5
-logits and tokenizations of fixed inputs by llama.cpp (llama-cpp-python), an
-implementation independent of ours, on the default GGUF.
+"""Produces tests/golden/smollm2_llamacpp.json (the default GGUF) and
+tests/golden/gemma3_llamacpp.json (`heterospec fetch-model gemma3-270m`):
+greedy continuations, top-5 logits and tokenizations of fixed inputs by
+llama.cpp (llama-cpp-python), an implementation independent of ours.
 
 Run once when the prompts change (not in CI; llama-cpp-python compiles for
 ~10 minutes):
@@ -10,6 +11,7 @@ Run once when the prompts change (not in CI; llama-cpp-python compiles for
   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON \
     -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" /tmp/llvenv/bin/pip install llama-cpp-python==0.3.36 numpy
   /tmp/llvenv/bin/python scripts/golden_reference.py models/SmolLM2-135M-Instruct.Q4_1.gguf
+  /tmp/llvenv/bin/python scripts/golden_reference.py models/gemma-3-270m-q4_k_m.gguf gemma3
 """
 import hashlib
 import json
@@ -42,6 +44,22 @@ PROMPTS = [
     chat("Translate 'good morning' into Spanish."),
 ]
 
+
+def gemma_chat(user):
+    return f"<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n"
+
+
+GEMMA_PROMPTS = [
+    gemma_chat("What is the capital of France?"),
+    gemma_chat("Write a Python function that returns the sum of a list."),
+    gemma_chat("Explain photosynthesis in two sentences."),
+    gemma_chat("Give me three tips for sleeping better."),
+    "The quick brown fox jumps over the lazy dog. The quick brown fox",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Once upon a time, in a small village by the sea,",
+    "1, 2, 3, 4, 5, 6,",
+]
+
 TOKENIZE = [
     "Hello, world!",
     "The year 2024 had 366 days; 3.14159 is pi.",
@@ -53,15 +71,25 @@ TOKENIZE = [
     "def f(x):\n    return x ** 2  # square",
     "<|im_start|>user\nhi<|im_end|>\n",
 ]
+# Gemma's user-defined pieces (runs of spaces and newlines, HTML tags) and
+# turn markup.
+GEMMA_TOKENIZE = TOKENIZE[:-1] + [
+    "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n",
+    "a  b   c\n\n\nd\t\te",
+    "<b>bold</b> and <i>italic</i>   ",
+    "Привет, мир! 1234567890 ½ x² ∑",
+]
 
 
 def main():
     path = sys.argv[1]
+    family = sys.argv[2] if len(sys.argv) > 2 else "smollm2"
+    prompts, texts = (GEMMA_PROMPTS, GEMMA_TOKENIZE) if family == "gemma3" else (PROMPTS, TOKENIZE)
     with open(path, "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
     llm = Llama(model_path=path, n_ctx=512, n_threads=2, n_batch=512, logits_all=True, verbose=False, seed=0)
     cases = []
-    for prompt in PROMPTS:
+    for prompt in prompts:
         ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
         llm.reset()
         llm.eval(ids)
@@ -76,7 +104,7 @@ def main():
         cases.append({"prompt": prompt, "prompt_token_ids": ids, "greedy_token_ids": generated, "top5": top5})
         print(repr(llm.detokenize(generated).decode("utf-8", "replace")), file=sys.stderr)
     tokenizations = [
-        {"text": t, "token_ids": llm.tokenize(t.encode("utf-8"), add_bos=False, special=True)} for t in TOKENIZE
+        {"text": t, "token_ids": llm.tokenize(t.encode("utf-8"), add_bos=False, special=True)} for t in texts
     ]
     out = {
         "reference": "llama-cpp-python 0.3.36, n_threads=2",
@@ -85,7 +113,7 @@ def main():
         "cases": cases,
         "tokenizations": tokenizations,
     }
-    with open("tests/golden/smollm2_llamacpp.json", "w") as f:
+    with open(f"tests/golden/{family}_llamacpp.json", "w") as f:
         json.dump(out, f, indent=1, ensure_ascii=False)
         f.write("\n")
 

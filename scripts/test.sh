@@ -41,4 +41,5 @@ export PATH="$PYDEPS/bin:$PATH"
 export LD_LIBRARY_PATH="$PYDEPS/nvidia/cuda_nvrtc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 cargo run --release -- fetch-model
+cargo run --release -- fetch-model gemma3-270m
 cargo test --release --workspace "$@"

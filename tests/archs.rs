@@ -2,8 +2,9 @@
 //! GGUFs of each (`scripts/arch_goldens.py write`, the same bytes on every
 //! machine: their SHA-256 is checked) give llama.cpp's logits
 //! (`tests/golden/archs_llamacpp.json`, from `scripts/arch_goldens.py
-//! record`) at every position, and their pre-tokenizers (the default
-//! model's, Llama 3's, Qwen2's) split text as llama.cpp does; speculation
+//! record`) at every position (Gemma 3's across its sliding window), and
+//! their pre-tokenizers (the default model's, Llama 3's, Qwen2's) split
+//! text as llama.cpp does; speculation
 //! on them gives plain greedy output; the GPU path refuses the blocks it
 //! does not run, by name.
 
@@ -75,7 +76,7 @@ fn every_architecture_gives_llama_cpps_logits() {
     let archs = golden["architectures"].as_object().unwrap();
     assert_eq!(
         archs.keys().collect::<Vec<_>>(),
-        ["llama", "llama3", "qwen2", "qwen3"],
+        ["gemma3", "llama", "llama3", "qwen2", "qwen3"],
         "every architecture has golden logits"
     );
     for (name, g) in archs {
@@ -176,7 +177,7 @@ fn generate(model: &Path, extra: &[&str]) -> Result<Value, String> {
 #[test]
 fn speculation_on_every_architecture_equals_plain_greedy_and_the_gpu_path_says_what_it_runs() {
     let dir = tiny_models();
-    for name in ["llama", "llama3", "qwen2", "qwen3"] {
+    for name in ["gemma3", "llama", "llama3", "qwen2", "qwen3"] {
         let path = dir.join(format!("{name}.gguf"));
         let plain = generate(&path, &["--speculation", "off"]).unwrap();
         for drafter in [
@@ -196,9 +197,15 @@ fn speculation_on_every_architecture_equals_plain_greedy_and_the_gpu_path_says_w
             }
         }
         // (Llama blocks, frequency factors included, run there.)
-        if name.starts_with("qwen") {
+        if !name.starts_with("llama") {
             let err = generate(&path, &["--device", "cuda"]).unwrap_err();
             assert!(err.contains("GPU path runs llama blocks"), "{name}: {err}");
+            if name == "gemma3" {
+                assert!(
+                    err.contains("sliding-window attention") && err.contains("GELU"),
+                    "{err}"
+                );
+            }
         }
     }
 }

@@ -1,7 +1,9 @@
 //! The `heterospec` binary end to end on the real default model: generation
 //! through the CLI, seeded sampling, stop strings, and clear errors for bad
-//! input, and the GPU device flag. The model must be present
-//! (`heterospec fetch-model`).
+//! input, and the GPU device flag; and a chat on Gemma 3 270M (a GGUF
+//! without a chat template) against llama.cpp, and `--chat-template`. The
+//! models must be present (`heterospec fetch-model`, `heterospec
+//! fetch-model gemma3-270m`).
 
 mod common;
 
@@ -38,6 +40,86 @@ fn token_ids(v: &Value) -> Vec<u64> {
         .iter()
         .map(|x| x.as_u64().unwrap())
         .collect()
+}
+
+#[test]
+fn gemma3_answers_a_chat_prompt_with_llama_cpps_greedy_tokens() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let gemma = root.join("models/gemma-3-270m-q4_k_m.gguf");
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("tests/golden/gemma3_llamacpp.json")).unwrap())
+            .unwrap();
+    let case = &golden["cases"][1];
+    let user = "Write a Python function that returns the sum of a list.";
+    for speculation in ["off", "auto"] {
+        let v = generate_json(
+            &gemma,
+            &[
+                "--prompt",
+                user,
+                "--chat",
+                "--max-new-tokens",
+                "32",
+                "--ignore-eos",
+                "--speculation",
+                speculation,
+            ],
+        );
+        // Gemma's family template (the file has none) and its tokenizer give
+        // llama.cpp's ids for the same chat.
+        assert_eq!(v["prompt_token_ids"], case["prompt_token_ids"]);
+        // The same greedy tokens up to llama.cpp's first near-tie.
+        let gaps: Vec<f64> = case["top5"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t[0][1].as_f64().unwrap() - t[1][1].as_f64().unwrap())
+            .collect();
+        let clear = gaps.iter().position(|&g| g < 0.5).unwrap_or(gaps.len());
+        assert!(clear >= 8, "only {clear} clear positions");
+        let want: Vec<u64> = case["greedy_token_ids"].as_array().unwrap()[..clear]
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        assert_eq!(token_ids(&v)[..clear], want[..], "{speculation}: {}", v["text"]);
+    }
+    // `--chat-template` replaces the template.
+    let dir = std::env::temp_dir().join(format!("heterospec-template-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("t.jinja");
+    std::fs::write(&file, "Q: {{ messages[-1].content }}\nA:").unwrap();
+    let v = generate_json(
+        &gemma,
+        &[
+            "--prompt",
+            "2+2?",
+            "--chat",
+            "--chat-template",
+            file.to_str().unwrap(),
+            "--max-new-tokens",
+            "1",
+        ],
+    );
+    let plain = generate_json(&gemma, &["--prompt", "Q: 2+2?\nA:", "--max-new-tokens", "1"]);
+    assert_eq!(v["prompt_token_ids"], plain["prompt_token_ids"]);
+    std::fs::write(&file, "{% for %}").unwrap();
+    let out = heterospec(&[
+        "generate",
+        "--model",
+        gemma.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--chat",
+        "--chat-template",
+        file.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not parse"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! Attention over paged KV for a ragged batch.
 //!
 //! Each (token, query head) row walks the keys its sequence may see (cached
-//! prefix through the block table, then the new tokens its mask allows),
+//! prefix through the block table, then the new tokens its mask allows;
+//! in a sliding-window layer, only those within the window),
 //! reading K/V in place from the paged storage, in chunks of [`CHUNK`] keys:
 //! the chunk's scores, one rescale of the running sum when the maximum
 //! grows, the chunk's exponentials (vectorized, no libm call), then the
@@ -28,6 +29,18 @@ pub struct HeadShape {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub block_size: usize,
+    /// Scores are `q . k * scale` (`1 / sqrt(head_dim)` in most models).
+    pub scale: f32,
+    /// A token sees only keys less than this many positions behind it
+    /// (itself included); `None`: the whole context.
+    pub window: Option<usize>,
+}
+
+impl HeadShape {
+    /// The first position a token at `position` sees.
+    fn first_visible(&self, position: usize) -> usize {
+        self.window.map_or(0, |w| (position + 1).saturating_sub(w))
+    }
 }
 
 /// The online softmax of one (token, head): running max, denominator and
@@ -179,12 +192,14 @@ impl<'a, const HD: usize> OnlineSoftmax<'a, HD> {
     }
 
     /// Feeds the keys after the first `skip` cached ones (those went through
-    /// [`grouped_chunks`]), then the token's extra slots and the new tokens
-    /// its mask allows, and writes the normalized result.
+    /// [`grouped_chunks`]) and its window's first, then the token's extra
+    /// slots and the new tokens its mask and window allow, and writes the
+    /// normalized result.
     #[inline(always)]
-    fn finish(mut self, seq: &SeqRun, i: usize, block_size: usize, skip: usize, out: &mut [f32]) {
-        for pos in skip..seq.num_cached {
-            self.push(seq.cached_slot(pos, block_size));
+    fn finish(mut self, seq: &SeqRun, i: usize, shape: &HeadShape, skip: usize, out: &mut [f32]) {
+        let first = shape.first_visible(seq.positions[i]);
+        for pos in skip.max(first)..seq.num_cached {
+            self.push(seq.cached_slot(pos, shape.block_size));
         }
         if let Some(extra) = seq.extra_slots.get(i) {
             for &slot in extra {
@@ -192,7 +207,7 @@ impl<'a, const HD: usize> OnlineSoftmax<'a, HD> {
             }
         }
         for j in 0..seq.len() {
-            if seq.attends(i, j) {
+            if seq.attends(i, j) && seq.positions[j] >= first {
                 self.push(seq.slots[j]);
             }
         }
@@ -353,11 +368,12 @@ impl Task<'_> {
             num_kv_heads,
             head_dim: hd,
             block_size,
+            scale,
+            ..
         } = self.shape;
         let group = num_heads / num_kv_heads;
         let heads = self.kv_head * group..(self.kv_head + 1) * group;
         let seq = &self.batch.seqs[self.token_owner[self.tokens.start].0];
-        let scale = 1.0 / (hd as f32).sqrt();
         let cells: Vec<(usize, usize)> = self
             .tokens
             .clone()
@@ -379,17 +395,26 @@ impl Task<'_> {
                 pending: 0,
             })
             .collect();
+        // The shared pass reads cached keys from position 0: only for rows
+        // whose window reaches back that far.
+        let whole_context = self
+            .tokens
+            .clone()
+            .all(|t| self.shape.first_visible(seq.positions[self.token_owner[t].1]) == 0);
         #[cfg(target_arch = "x86_64")]
-        let skip = if avx2 {
+        let skip = if avx2 && whole_context {
             grouped_chunks(&mut rows, seq, block_size)
         } else {
             0
         };
         #[cfg(not(target_arch = "x86_64"))]
-        let skip = 0;
+        let skip = {
+            let _ = (whole_context, block_size);
+            0
+        };
         for (row, cell) in rows.into_iter().zip(cells) {
             let i = self.token_owner[cell.0].1;
-            row.finish(seq, i, block_size, skip, &mut out[row_of(cell)]);
+            row.finish(seq, i, &self.shape, skip, &mut out[row_of(cell)]);
         }
     }
 }

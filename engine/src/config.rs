@@ -11,7 +11,7 @@ use candle_core::quantized::gguf_file;
 use crate::error::{EngineError, Result};
 
 /// What an architecture changes in the llama block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct BlockSpec {
     /// Biases on the q, k and v projections (`blk.N.attn_{q,k,v}.bias`):
     /// Qwen2.
@@ -22,6 +22,21 @@ pub struct BlockSpec {
     /// RoPE rotates a head's two halves against each other (NeoX) rather
     /// than adjacent pairs (llama's GGUF order).
     pub rope_neox: bool,
+    /// The embeddings are scaled by `sqrt(hidden)` on the way in: Gemma.
+    pub embed_scale: bool,
+    /// The MLP gates with GELU (tanh form) instead of SiLU: Gemma.
+    pub gelu: bool,
+    /// RMSNorms on the attention's and the MLP's outputs before each
+    /// residual add (`blk.N.post_attention_norm`, `blk.N.post_ffw_norm`):
+    /// Gemma 2/3.
+    pub post_norms: bool,
+    /// With a sliding window: every `global_every`-th layer (the last of
+    /// each group) attends to the whole context, the others to the window.
+    /// 0: every layer uses the window (Mistral).
+    pub global_every: usize,
+    /// RoPE base of the windowed layers, where it differs from
+    /// `rope.freq_base` (Gemma 3: 10,000 locally, 1,000,000 globally).
+    pub local_rope_theta: Option<f32>,
 }
 
 impl BlockSpec {
@@ -38,6 +53,16 @@ impl BlockSpec {
             "qwen3" => Some(Self {
                 qk_norm: true,
                 rope_neox: true,
+                ..Self::default()
+            }),
+            "gemma3" => Some(Self {
+                qk_norm: true,
+                rope_neox: true,
+                embed_scale: true,
+                gelu: true,
+                post_norms: true,
+                global_every: 6,
+                local_rope_theta: Some(10_000.0),
                 ..Self::default()
             }),
             _ => None,
@@ -67,6 +92,30 @@ pub struct ModelConfig {
     /// Per-frequency RoPE divisors (`rope_freqs.weight`, `head_dim / 2`):
     /// Llama 3.1+'s long-context scaling.
     pub rope_freq_factors: Option<Vec<f32>>,
+    /// Keys a windowed layer's token sees: those less than this many
+    /// positions behind it, itself included (`attention.sliding_window`);
+    /// which layers are windowed is `block.global_every`.
+    pub sliding_window: Option<usize>,
+    /// Attention scores are scaled by `1 / sqrt(attn_scale_dim)`: the head
+    /// dimension, except where the architecture says otherwise (Gemma 3
+    /// 27B: hidden / heads).
+    pub attn_scale_dim: usize,
+}
+
+impl ModelConfig {
+    /// The window of layer `layer`'s attention; `None`: the whole context.
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        let global = self.block.global_every > 0 && (layer + 1) % self.block.global_every == 0;
+        self.sliding_window.filter(|_| !global)
+    }
+
+    /// The RoPE base of layer `layer`.
+    pub fn layer_rope_theta(&self, layer: usize) -> f32 {
+        match (self.layer_window(layer), self.block.local_rope_theta) {
+            (Some(_), Some(local)) => local,
+            _ => self.rope_theta,
+        }
+    }
 }
 
 /// Keys that change the forward in ways the engine does not run.
@@ -74,7 +123,6 @@ const UNSUPPORTED_KEYS: &[&str] = &[
     "rope.scaling.type",
     "rope.scaling.factor",
     "rope.scale_linear",
-    "attention.sliding_window",
     "attn_logit_softcapping",
     "final_logit_softcapping",
 ];
@@ -124,8 +172,21 @@ impl ModelConfig {
                 }
             }
         }
+        let num_layers = get("block_count")?;
+        let sliding_window = get("attention.sliding_window").ok().filter(|&w| w > 0);
+        if sliding_window.is_none() && block.global_every > 0 {
+            return Err(EngineError::MissingMetadata {
+                key: format!("{arch}.attention.sliding_window"),
+            });
+        }
+        // As llama.cpp: Gemma 3 27B (62 layers) scales scores by its hidden
+        // size per head, the others by the head dimension.
+        let attn_scale_dim = match (arch.as_str(), num_layers) {
+            ("gemma3", 62) => hidden_size / num_heads.max(1),
+            _ => head_dim,
+        };
         let config = ModelConfig {
-            num_layers: get("block_count")?,
+            num_layers,
             hidden_size,
             intermediate_size: get("feed_forward_length")?,
             num_heads,
@@ -138,6 +199,8 @@ impl ModelConfig {
             block,
             // Read with the tensors (`ModelTensors::read_gguf`).
             rope_freq_factors: None,
+            sliding_window,
+            attn_scale_dim,
         };
         config.validate()?;
         Ok(config)
@@ -154,6 +217,9 @@ impl ModelConfig {
                 "{} heads are not a multiple of {} kv heads",
                 self.num_heads, self.num_kv_heads
             ));
+        }
+        if self.sliding_window == Some(0) || self.attn_scale_dim == 0 {
+            return fail(format!("degenerate attention window or scale in {self:?}"));
         }
         if self.head_dim % 2 != 0 || self.head_dim > MAX_HEAD_DIM {
             return fail(format!(
@@ -210,5 +276,29 @@ fn meta_f32(content: &gguf_file::Content, key: &str) -> Result<f32> {
         F32(v) => Ok(*v),
         F64(v) => Ok(*v as f32),
         _ => Err(EngineError::MissingMetadata { key: key.to_string() }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_and_rope_bases_follow_the_block() {
+        let mut c = crate::testing::tiny_config();
+        c.num_layers = 12;
+        assert!((0..12).all(|l| c.layer_window(l).is_none() && c.layer_rope_theta(l) == c.rope_theta));
+        // Mistral: a window on every layer, one RoPE base.
+        c.sliding_window = Some(4096);
+        assert!((0..12).all(|l| c.layer_window(l) == Some(4096) && c.layer_rope_theta(l) == c.rope_theta));
+        // Gemma 3: five windowed layers (base 10,000), then a global one.
+        c.block = BlockSpec::of("gemma3").unwrap();
+        c.rope_theta = 1e6;
+        c.sliding_window = Some(512);
+        let global: Vec<usize> = (0..12).filter(|&l| c.layer_window(l).is_none()).collect();
+        assert_eq!(global, [5, 11]);
+        assert_eq!(c.layer_rope_theta(0), 10_000.0);
+        assert_eq!(c.layer_rope_theta(5), 1e6);
+        assert!(!c.block.is_llama());
     }
 }

@@ -11,7 +11,7 @@ use crate::batch::RaggedBatch;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv::{KvLayout, KvStorage};
-use crate::layer::{ForwardContext, Layer};
+use crate::layer::{BlockParts, ForwardContext, Layer};
 use crate::linear::{Linear, LinearInput, WeightFormat};
 use crate::ops::rms_norm_rows;
 use crate::weights::{LayerTensor, ModelTensors, OUTPUT_NORM};
@@ -50,10 +50,22 @@ impl CpuModel {
                 true => Some([vector(LayerTensor::QNorm)?, vector(LayerTensor::KNorm)?]),
                 false => None,
             };
+            let post_norms = match config.block.post_norms {
+                true => Some([vector(LayerTensor::PostAttnNorm)?, vector(LayerTensor::PostFfnNorm)?]),
+                false => None,
+            };
+            let block = BlockParts {
+                qkv_bias,
+                qk_norm,
+                post_norms,
+                gelu: config.block.gelu,
+                window: config.layer_window(i),
+                local_rope: config.layer_rope_theta(i) != config.rope_theta,
+            };
             let [q, k, v, o, gate, up, down] =
                 LayerTensor::MATRICES.map(|part| t.take(&part.name(i), &part.shape(&config)));
             let matrices = [q?, k?, v?, o?, gate?, up?, down?];
-            layers.push(Layer::from_parts(Some(attn_norm), ffn_norm, matrices, format)?.with_block(qkv_bias, qk_norm));
+            layers.push(Layer::from_parts(Some(attn_norm), ffn_norm, matrices, format)?.with_block(block));
         }
         let output_norm = t.get_f32(OUTPUT_NORM, &[h])?;
         let lm_head = t.take(t.output_name(), &[config.vocab_size, h])?;

@@ -1,8 +1,9 @@
 //! One llama-family decoder layer on the CPU: RMSNorm, q/k/v projections
 //! (with the architecture's biases and per-head q/k norms, see
-//! `config::BlockSpec`), RoPE, paged attention over KV storage, the output
-//! projection and the gated MLP, each residual. The target's layers and a
-//! draft head's share it.
+//! `config::BlockSpec`), RoPE, paged attention over KV storage (within the
+//! layer's sliding window, if any), the output projection and the gated MLP
+//! (SiLU or GELU), each residual (with post-norms where the block has
+//! them). The target's layers and a draft head's share it.
 //!
 //! Invariant: the layer writes the K/V of exactly the context's slots and
 //! reads KV only through the batch's block tables and masks.
@@ -10,10 +11,10 @@
 use crate::attention::{paged_attention, HeadShape};
 use crate::batch::RaggedBatch;
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::kv::KvStorage;
 use crate::linear::{forward_many, Linear, LinearInput, WeightFormat};
-use crate::ops::{rms_norm_in_place, rms_norm_rows, silu_mul, RopeTable};
+use crate::ops::{gelu_mul, rms_norm_in_place, rms_norm_rows, silu_mul, RopeTable};
 use candle_core::quantized::QTensor;
 
 /// One decoder layer.
@@ -29,10 +30,26 @@ pub(crate) struct Layer {
     w_gate: Linear,
     w_up: Linear,
     w_down: Linear,
+    /// What the architecture adds to the llama block.
+    block: BlockParts,
+}
+
+/// A layer's share of what its architecture adds to the llama block (see
+/// `config::BlockSpec`).
+#[derive(Default)]
+pub(crate) struct BlockParts {
     /// Biases of q, k and v (Qwen2).
-    qkv_bias: Option<[Vec<f32>; 3]>,
-    /// RMSNorm weights over each head of q and of k (Qwen3).
-    qk_norm: Option<[Vec<f32>; 2]>,
+    pub(crate) qkv_bias: Option<[Vec<f32>; 3]>,
+    /// RMSNorm weights over each head of q and of k (Qwen3, Gemma 3).
+    pub(crate) qk_norm: Option<[Vec<f32>; 2]>,
+    /// RMSNorm weights of the attention's and the MLP's outputs (Gemma).
+    pub(crate) post_norms: Option<[Vec<f32>; 2]>,
+    /// GELU (tanh) gating instead of SiLU (Gemma).
+    pub(crate) gelu: bool,
+    /// The layer's sliding window, if it has one.
+    pub(crate) window: Option<usize>,
+    /// The layer rotates with the windowed layers' RoPE base.
+    pub(crate) local_rope: bool,
 }
 
 /// What every layer of one forward shares: token owners, KV slots, RoPE.
@@ -41,6 +58,8 @@ pub(crate) struct ForwardContext {
     token_owner: Vec<(usize, usize)>,
     slots: Vec<usize>,
     rope: RopeTable,
+    /// The windowed layers' RoPE, where their base differs.
+    local_rope: Option<RopeTable>,
     shape: HeadShape,
     eps: f32,
     /// Per-forward buffers every layer reuses: normed input `(tokens,
@@ -50,22 +69,32 @@ pub(crate) struct ForwardContext {
 
 impl ForwardContext {
     pub(crate) fn new(batch: &RaggedBatch, c: &ModelConfig, block_size: usize) -> Self {
+        let rope = |theta| {
+            RopeTable::for_model(
+                batch.seqs.iter().flat_map(|s| s.positions.iter().copied()),
+                c.head_dim,
+                theta,
+                c.rope_freq_factors.as_deref(),
+                c.block.rope_neox,
+            )
+        };
         ForwardContext {
             n: batch.num_tokens(),
             token_owner: batch.token_owners(),
             slots: batch.seqs.iter().flat_map(|s| s.slots.iter().copied()).collect(),
-            rope: RopeTable::for_model(
-                batch.seqs.iter().flat_map(|s| s.positions.iter().copied()),
-                c.head_dim,
-                c.rope_theta,
-                c.rope_freq_factors.as_deref(),
-                c.block.rope_neox,
-            ),
+            rope: rope(c.rope_theta),
+            local_rope: c
+                .block
+                .local_rope_theta
+                .filter(|_| c.sliding_window.is_some())
+                .map(rope),
             shape: HeadShape {
                 num_heads: c.num_heads,
                 num_kv_heads: c.num_kv_heads,
                 head_dim: c.head_dim,
                 block_size,
+                scale: 1.0 / (c.attn_scale_dim as f32).sqrt(),
+                window: None,
             },
             eps: c.rms_norm_eps,
             buffers: std::cell::RefCell::new((
@@ -94,15 +123,13 @@ impl Layer {
             w_gate: Linear::new(w_gate, format)?,
             w_up: Linear::new(w_up, format)?,
             w_down: Linear::new(w_down, format)?,
-            qkv_bias: None,
-            qk_norm: None,
+            block: BlockParts::default(),
         })
     }
 
-    /// The layer with its architecture's q/k/v biases and q/k norms.
-    pub(crate) fn with_block(mut self, qkv_bias: Option<[Vec<f32>; 3]>, qk_norm: Option<[Vec<f32>; 2]>) -> Self {
-        self.qkv_bias = qkv_bias;
-        self.qk_norm = qk_norm;
+    /// The layer with its architecture's additions to the llama block.
+    pub(crate) fn with_block(mut self, block: BlockParts) -> Self {
+        self.block = block;
         self
     }
 
@@ -132,7 +159,17 @@ impl Layer {
         kv: &mut KvStorage,
         kv_layer: usize,
     ) -> Result<()> {
-        let (n, shape) = (ctx.n, ctx.shape);
+        let n = ctx.n;
+        let block = &self.block;
+        let shape = HeadShape {
+            window: block.window,
+            ..ctx.shape
+        };
+        if block.window.is_some() && batch.seqs.iter().any(|s| s.extra_slots.iter().any(|e| !e.is_empty())) {
+            return Err(EngineError::Config(
+                "a sliding-window layer cannot read extra KV slots (their positions are unknown)".into(),
+            ));
+        }
         let kvs = shape.num_kv_heads * shape.head_dim;
         let mut buffers = ctx.buffers.borrow_mut();
         let (normed, attn) = &mut *buffers;
@@ -147,31 +184,45 @@ impl Layer {
         // q (tokens, heads, head_dim); k, v (tokens, kv_heads, head_dim)
         let [mut q, mut k, mut v] = forward_many(&input, [&self.wq, &self.wk, &self.wv])?;
         drop(input);
-        if let Some(biases) = &self.qkv_bias {
+        if let Some(biases) = &block.qkv_bias {
             for (x, b) in [&mut q, &mut k, &mut v].into_iter().zip(biases) {
                 for row in x.chunks_exact_mut(b.len()) {
                     add_into(row, b);
                 }
             }
         }
-        if let Some([q_norm, k_norm]) = &self.qk_norm {
+        if let Some([q_norm, k_norm]) = &block.qk_norm {
             rms_norm_in_place(&mut q, q_norm, ctx.eps);
             rms_norm_in_place(&mut k, k_norm, ctx.eps);
         }
-        ctx.rope.apply(&mut q, shape.num_heads);
-        ctx.rope.apply(&mut k, shape.num_kv_heads);
+        let rope = match (&ctx.local_rope, block.local_rope) {
+            (Some(local), true) => local,
+            _ => &ctx.rope,
+        };
+        rope.apply(&mut q, shape.num_heads);
+        rope.apply(&mut k, shape.num_kv_heads);
         for (t, &slot) in ctx.slots.iter().enumerate() {
             kv.write(kv_layer, slot, &k[t * kvs..(t + 1) * kvs], &v[t * kvs..(t + 1) * kvs]);
         }
         paged_attention(&q, batch, &ctx.token_owner, kv.layer(kv_layer), shape, attn);
-        let o = self.wo.forward(&LinearInput::new(attn, n))?;
+        let mut o = self.wo.forward(&LinearInput::new(attn, n))?;
+        if let Some([post_attn, _]) = &block.post_norms {
+            rms_norm_in_place(&mut o, post_attn, ctx.eps);
+        }
         add_into(x, &o);
 
         rms_norm_rows(x, &self.ffn_norm, ctx.eps, normed);
         let input = LinearInput::new(normed, n);
         let [mut gate, up] = forward_many(&input, [&self.w_gate, &self.w_up])?; // (tokens, intermediate)
-        silu_mul(&mut gate, &up);
-        let down = self.w_down.forward(&LinearInput::new(&gate, n))?;
+        if block.gelu {
+            gelu_mul(&mut gate, &up);
+        } else {
+            silu_mul(&mut gate, &up);
+        }
+        let mut down = self.w_down.forward(&LinearInput::new(&gate, n))?;
+        if let Some([_, post_ffn]) = &block.post_norms {
+            rms_norm_in_place(&mut down, post_ffn, ctx.eps);
+        }
         add_into(x, &down);
         Ok(())
     }

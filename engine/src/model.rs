@@ -366,6 +366,8 @@ mod weight_type_tests {
             rms_norm_eps: 1e-5,
             block: Default::default(),
             rope_freq_factors: None,
+            sliding_window: None,
+            attn_scale_dim: 64,
         }
     }
 

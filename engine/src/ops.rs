@@ -119,6 +119,35 @@ fn silu_mul_portable(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `gate <- gelu(gate) * up`, GELU in its tanh form (Gemma's
+/// `gelu_pytorch_tanh`).
+pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn gelu_mul_avx2(gate: &mut [f32], up: &[f32]) {
+            gelu_mul_portable(gate, up)
+        }
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { gelu_mul_avx2(gate, up) };
+    }
+    gelu_mul_portable(gate, up)
+}
+
+/// `0.5 x (1 + tanh(z)) u` with `z = sqrt(2 / pi) (x + 0.044715 x^3)`,
+/// written as `x sigmoid(2z) u` (the same identity, no libm call).
+#[inline(always)]
+fn gelu_mul_portable(gate: &mut [f32], up: &[f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        let z2 = 2.0 * SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x);
+        let e = exp_nonpositive(-z2.abs());
+        let sigmoid = if z2 >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
+        *g = x * sigmoid * u;
+    }
+}
+
 /// Dot product with 8 independent accumulators so it vectorises.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -243,6 +272,23 @@ mod tests {
         assert!((got - want).abs() < 1e-5 * want.abs(), "{got} vs {want}");
         assert_eq!(log_sum_exp(&[f32::NEG_INFINITY; 3]), f32::NEG_INFINITY);
         assert!((log_sum_exp(&[0.0]) - 0.0).abs() < 1e-7);
+    }
+
+    #[test]
+    fn gelu_matches_its_tanh_definition() {
+        let x: Vec<f32> = (0..203).map(|i| (i as f32 - 101.0) * 0.07).collect();
+        let up: Vec<f32> = (0..203).map(|i| 1.0 + (i % 5) as f32 * 0.1).collect();
+        let mut got = x.clone();
+        gelu_mul(&mut got, &up);
+        for ((g, &v), &u) in got.iter().zip(&x).zip(&up) {
+            let v = v as f64;
+            let z = (2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v);
+            let want = (0.5 * v * (1.0 + z.tanh()) * u as f64) as f32;
+            assert!(
+                (g - want).abs() <= 2e-6 * (1.0 + want.abs()),
+                "gelu({v}): {g} vs {want}"
+            );
+        }
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub fn tiny_config() -> ModelConfig {
         rms_norm_eps: 1e-5,
         block: Default::default(),
         rope_freq_factors: None,
+        sliding_window: None,
+        attn_scale_dim: 8,
     }
 }
 

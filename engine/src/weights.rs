@@ -45,6 +45,9 @@ pub enum LayerTensor {
     /// `BlockSpec::qk_norm`.
     QNorm,
     KNorm,
+    /// `BlockSpec::post_norms`.
+    PostAttnNorm,
+    PostFfnNorm,
 }
 
 impl LayerTensor {
@@ -60,7 +63,7 @@ impl LayerTensor {
     ];
 
     /// Every layer tensor some block has.
-    pub const ALL: [LayerTensor; 14] = [
+    pub const ALL: [LayerTensor; 16] = [
         LayerTensor::AttnNorm,
         LayerTensor::Q,
         LayerTensor::K,
@@ -75,6 +78,8 @@ impl LayerTensor {
         LayerTensor::VBias,
         LayerTensor::QNorm,
         LayerTensor::KNorm,
+        LayerTensor::PostAttnNorm,
+        LayerTensor::PostFfnNorm,
     ];
 
     /// Whether `block`'s layers have this tensor.
@@ -82,6 +87,7 @@ impl LayerTensor {
         match self {
             LayerTensor::QBias | LayerTensor::KBias | LayerTensor::VBias => block.qkv_bias,
             LayerTensor::QNorm | LayerTensor::KNorm => block.qk_norm,
+            LayerTensor::PostAttnNorm | LayerTensor::PostFfnNorm => block.post_norms,
             _ => true,
         }
     }
@@ -103,6 +109,8 @@ impl LayerTensor {
             LayerTensor::VBias => return format!("blk.{layer}.attn_v.bias"),
             LayerTensor::QNorm => "attn_q_norm",
             LayerTensor::KNorm => "attn_k_norm",
+            LayerTensor::PostAttnNorm => "post_attention_norm",
+            LayerTensor::PostFfnNorm => "post_ffw_norm",
         };
         format!("blk.{layer}.{part}.weight")
     }
@@ -111,7 +119,9 @@ impl LayerTensor {
     pub fn shape(self, c: &ModelConfig) -> Vec<usize> {
         let (h, q, kv, ff) = (c.hidden_size, c.q_size(), c.kv_size(), c.intermediate_size);
         match self {
-            LayerTensor::AttnNorm | LayerTensor::FfnNorm => vec![h],
+            LayerTensor::AttnNorm | LayerTensor::FfnNorm | LayerTensor::PostAttnNorm | LayerTensor::PostFfnNorm => {
+                vec![h]
+            }
             LayerTensor::Q => vec![q, h],
             LayerTensor::K | LayerTensor::V => vec![kv, h],
             LayerTensor::O => vec![h, q],
@@ -252,8 +262,16 @@ impl ModelTensors {
             .to_vec1::<f32>()?)
     }
 
-    /// The embedding matrix as f32 `(vocab, hidden)`.
+    /// The embedding matrix as f32 `(vocab, hidden)`, as the first layer
+    /// reads it (scaled by `sqrt(hidden)` where the block says so; the tied
+    /// output layer uses the file's matrix).
     pub fn embeddings(&self) -> Result<Vec<f32>> {
-        self.get_f32(EMBEDDINGS, &[self.config.vocab_size, self.config.hidden_size])
+        let c = &self.config;
+        let mut e = self.get_f32(EMBEDDINGS, &[c.vocab_size, c.hidden_size])?;
+        if c.block.embed_scale {
+            let scale = (c.hidden_size as f32).sqrt();
+            e.iter_mut().for_each(|x| *x *= scale);
+        }
+        Ok(e)
     }
 }

@@ -1,8 +1,9 @@
-//! Golden test: our forward on the default GGUF against llama.cpp's.
+//! Golden test: our forward on the default GGUF, and on Gemma 3 270M,
+//! against llama.cpp's.
 //!
-//! `tests/golden/smollm2_llamacpp.json` holds, for fixed prompts, llama.cpp's
-//! greedy continuation and its top-5 logits at every generated position
-//! (made by `scripts/golden_reference.py`). We feed the same tokens (teacher
+//! `tests/golden/smollm2_llamacpp.json` (and `gemma3_llamacpp.json`) holds,
+//! for fixed prompts, llama.cpp's greedy continuation and its top-5 logits
+//! at every generated position (made by `scripts/golden_reference.py`). We feed the same tokens (teacher
 //! forcing) through our model in one ragged forward and require:
 //! - the same top-1 token wherever llama.cpp's top-1 leads its top-2 by more
 //!   than `margin(format)` (a near-tie may flip under different rounding);
@@ -12,8 +13,8 @@
 //!   percentile, and the mean signed difference (a systematic error such as
 //!   a wrong RoPE or norm shows up there first).
 //!
-//! The model must be present (`heterospec fetch-model`); a missing model is a
-//! failure, not a skip.
+//! The models must be present (`heterospec fetch-model`, `heterospec
+//! fetch-model gemma3-270m`); a missing model is a failure, not a skip.
 
 use std::path::PathBuf;
 
@@ -78,17 +79,27 @@ pub fn model_path() -> PathBuf {
 }
 
 fn check_against_llama_cpp(format: WeightFormat) {
-    let path = model_path();
+    check_model(&model_path(), "smollm2", format, &tolerance(format), 150);
+}
+
+/// Gemma 3 270M (`fetch-model gemma3-270m`): Q4_K, Q5_0, Q6_K and Q8_0
+/// weights, all held at 8 bits by `native`.
+fn gemma_path() -> PathBuf {
+    repo_root().join("models/gemma-3-270m-q4_k_m.gguf")
+}
+
+fn check_model(path: &std::path::Path, family: &str, format: WeightFormat, tol: &Tolerance, min_clear: usize) {
     assert!(
         path.exists(),
         "{} is missing: run `heterospec fetch-model` first",
         path.display()
     );
     let golden: Value = serde_json::from_str(
-        &std::fs::read_to_string(repo_root().join("tests/golden/smollm2_llamacpp.json")).expect("golden file"),
+        &std::fs::read_to_string(repo_root().join(format!("tests/golden/{family}_llamacpp.json")))
+            .expect("golden file"),
     )
     .expect("golden JSON");
-    let model = Model::load(&path, format).expect("model loads");
+    let model = Model::load(path, format).expect("model loads");
     let config = model.config().clone();
     let block_size = 16;
     let layout = KvLayout::for_budget(&config, block_size, 64 << 20).unwrap();
@@ -154,9 +165,8 @@ fn check_against_llama_cpp(format: WeightFormat) {
     abs.sort_by(f32::total_cmp);
     let (p90, max) = (abs[abs.len() * 9 / 10], abs[abs.len() - 1]);
     println!(
-        "{format:?}: {checked_top1} clear top-1 positions agree; top-5 logit |diff| p90 {p90:.3} max {max:.3}, mean signed {mean_signed:.3}"
+        "{family} {format:?}: {checked_top1} clear top-1 positions agree; top-5 logit |diff| p90 {p90:.3} max {max:.3}, mean signed {mean_signed:.3}"
     );
-    let tol = tolerance(format);
     assert!(
         max < tol.max,
         "{format:?}: worst logit difference {max} exceeds {}",
@@ -172,7 +182,7 @@ fn check_against_llama_cpp(format: WeightFormat) {
         "{format:?}: systematic logit offset {mean_signed}"
     );
     assert!(
-        checked_top1 > 150,
+        checked_top1 > min_clear,
         "too few clear positions to mean anything: {checked_top1}"
     );
 }
@@ -210,4 +220,21 @@ fn shipped_q4_1_weights_match_llama_cpp() {
 #[test]
 fn f32_weights_match_llama_cpp() {
     check_against_llama_cpp(WeightFormat::F32);
+}
+
+/// Measured (printed by the test): native p90 0.67, max 2.62, mean signed
+/// -0.14; f32 p90 0.61, max 2.56, mean -0.08. Wider than the default
+/// model's: llama.cpp rounds GELU's input and output to f16 and its
+/// activations to 8 bits across Gemma's larger hidden states (embeddings
+/// scaled by 25); every clear top-1 agrees.
+#[test]
+fn gemma3_matches_llama_cpp() {
+    for format in [WeightFormat::Native, WeightFormat::F32] {
+        let tol = Tolerance {
+            max: 3.5,
+            p90: 1.0,
+            mean_signed: 0.3,
+        };
+        check_model(&gemma_path(), "gemma3", format, &tol, 100);
+    }
 }

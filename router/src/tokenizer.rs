@@ -1,5 +1,7 @@
-//! Text <-> token ids for a GGUF model: the byte-level BPE tokenizer, the
-//! special tokens and the chat template, all from the GGUF metadata.
+//! Text <-> token ids for a GGUF model: the byte-level BPE or
+//! SentencePiece-style tokenizer, the special tokens and the chat template,
+//! all from the GGUF metadata (the template from the model's family, or a
+//! file, where the GGUF has none).
 
 use std::fs::File;
 use std::io::BufReader;
@@ -7,7 +9,6 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file;
 use candle_core::quantized::tokenizer::TokenizerFromGguf;
-use serde::Serialize;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -16,21 +17,10 @@ use tokenizers::{ModelWrapper, NormalizerWrapper, SplitDelimiterBehavior, Tokeni
 
 use crate::error::{Result, RouterError};
 
-/// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
-}
+mod chat;
+mod spm;
 
-impl ChatMessage {
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
-    }
-}
+pub use chat::ChatMessage;
 
 /// `tokenizer.ggml.pre` of the Llama 3 family (its split, whole-word
 /// lookups, BOS by default).
@@ -81,13 +71,25 @@ impl TextTokenizer {
     }
 
     pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
-        let mut inner = Tokenizer::from_gguf(content).map_err(|e| RouterError::Tokenizer(e.to_string()))?;
         let meta_str = |key: &str| content.metadata.get(key).and_then(|v| v.to_string().ok()).cloned();
         let meta_u32 = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok());
+        let model = meta_str("tokenizer.ggml.model");
+        let spm = model.as_deref() == Some("llama");
+        let mut inner = match model.as_deref() {
+            Some("llama") => spm::from_gguf(content)?,
+            Some("gpt2") => Tokenizer::from_gguf(content).map_err(|e| RouterError::Tokenizer(e.to_string()))?,
+            other => {
+                return Err(RouterError::Tokenizer(format!(
+                    "tokenizer.ggml.model {other:?} is not supported (gpt2, llama)"
+                )))
+            }
+        };
         // Pre-tokenizers as llama.cpp applies them (its `tokenizer.ggml.pre`
-        // names); without a leading-space insertion.
+        // names); without a leading-space insertion. SentencePiece-style
+        // tokenizers split nothing before merging.
         let pre = meta_str("tokenizer.ggml.pre");
         match pre.as_deref() {
+            _ if spm => {}
             Some("smollm") => {
                 inner.with_pre_tokenizer(Some(Sequence::new(vec![
                     Digits::new(true).into(),
@@ -172,7 +174,12 @@ impl TextTokenizer {
             bos_token: bos.and_then(token_text),
             eos_token: eos.and_then(token_text),
             add_bos: if add_bos { bos } else { None },
-            chat_template: meta_str("tokenizer.chat_template"),
+            chat_template: meta_str("tokenizer.chat_template").or_else(|| {
+                let arch = meta_str("general.architecture").unwrap_or_default();
+                let (family, template) = chat::family_template(&arch)?;
+                tracing::info!(family, "the model has no chat template: using its family's");
+                Some(template.to_string())
+            }),
             max_context: meta_str("general.architecture")
                 .and_then(|arch| meta_u32(&format!("{arch}.context_length")))
                 .map(|n| n as usize),
@@ -253,32 +260,35 @@ impl TextTokenizer {
             .as_deref()
             .ok_or_else(|| RouterError::InvalidArgument {
                 field: "messages",
-                reason: "the model has no chat template".into(),
+                reason: "the model has no chat template (the server can be given one with --chat-template)".into(),
             })?;
-        let mut env = minijinja::Environment::new();
-        // Python's string and list methods (`startswith`, `strip`, `split`,
-        // ...), which real chat templates (Qwen3's) call.
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-            },
-        );
-        env.add_template("chat", template)
-            .map_err(|e| RouterError::Tokenizer(format!("chat template does not parse: {e}")))?;
-        env.get_template("chat")
-            .and_then(|t| {
-                t.render(minijinja::context! {
-                    messages => messages,
-                    add_generation_prompt => true,
-                    bos_token => self.bos_token.clone().unwrap_or_default(),
-                    eos_token => self.eos_token.clone().unwrap_or_default(),
-                })
-            })
-            .map_err(|e| RouterError::InvalidArgument {
-                field: "messages",
-                reason: format!("chat template failed: {e}"),
-            })
+        chat::render(
+            template,
+            messages,
+            self.bos_token.as_deref().unwrap_or_default(),
+            self.eos_token.as_deref().unwrap_or_default(),
+        )
+    }
+
+    /// Uses the Jinja template in `file` (as in `tokenizer.chat_template`)
+    /// instead of the model's own.
+    pub fn set_chat_template_file(&mut self, file: &Path) -> Result<()> {
+        let template = std::fs::read_to_string(file)
+            .map_err(|e| RouterError::Tokenizer(format!("--chat-template {}: {e}", file.display())))?;
+        chat::check(&template)
+            .map_err(|e| RouterError::Tokenizer(format!("--chat-template {}: {e}", file.display())))?;
+        tracing::info!(file = %file.display(), "chat template from --chat-template");
+        self.chat_template = Some(template);
+        Ok(())
+    }
+
+    /// [`TextTokenizer::from_gguf_file`] with the chat template read from
+    /// `chat_template` where given.
+    pub fn load(path: &Path, chat_template: Option<&Path>) -> Result<Self> {
+        let mut tokenizer = Self::from_gguf_file(path)?;
+        if let Some(file) = chat_template {
+            tokenizer.set_chat_template_file(file)?;
+        }
+        Ok(tokenizer)
     }
 }

@@ -1,6 +1,7 @@
 //! Tokenizer, chat template, incremental detokenizer and stop strings on the
-//! default model's real tokenizer (from its GGUF). The model must be present
-//! (`heterospec fetch-model`).
+//! default model's real tokenizer (from its GGUF), and Gemma 3's
+//! SentencePiece-style one. The models must be present (`heterospec
+//! fetch-model`, `heterospec fetch-model gemma3-270m`).
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -59,6 +60,59 @@ fn tokenization_matches_llama_cpp() {
             "prompt {text:?}"
         );
     }
+}
+
+fn gemma() -> &'static TextTokenizer {
+    static TOK: OnceLock<TextTokenizer> = OnceLock::new();
+    TOK.get_or_init(|| {
+        let path = repo_root().join("models/gemma-3-270m-q4_k_m.gguf");
+        assert!(
+            path.exists(),
+            "{} is missing: run `heterospec fetch-model gemma3-270m` first",
+            path.display()
+        );
+        TextTokenizer::from_gguf_file(&path).expect("tokenizer loads")
+    })
+}
+
+#[test]
+fn gemmas_tokenizer_and_family_template_match_llama_cpp() {
+    let g: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo_root().join("tests/golden/gemma3_llamacpp.json")).unwrap())
+            .unwrap();
+    let tok = gemma();
+    for case in g["tokenizations"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        // llama.cpp was asked without BOS; ours adds the file's BOS first.
+        let ours = tok.encode(text).unwrap();
+        assert_eq!(ours[0], 2, "BOS first");
+        assert_eq!(&ours[1..], ids(&case["token_ids"]), "text {text:?}");
+        let decoded = tok.decode(&ours).unwrap();
+        if !text.contains("<start_of_turn>") {
+            assert_eq!(decoded, text, "decoding {text:?}");
+        }
+    }
+    for case in g["cases"].as_array().unwrap() {
+        let text = case["prompt"].as_str().unwrap();
+        assert_eq!(
+            tok.encode(text).unwrap(),
+            ids(&case["prompt_token_ids"]),
+            "prompt {text:?}"
+        );
+    }
+    // The GGUF has no template: Gemma's turns, as the golden prompts write them.
+    let text = tok
+        .apply_chat_template(&[ChatMessage::new("user", "What is the capital of France?")])
+        .unwrap();
+    assert_eq!(text, g["cases"][0]["prompt"].as_str().unwrap());
+    let end_of_turn = tok.inner().token_to_id("<end_of_turn>").unwrap();
+    assert!(tok.eos_token_ids().contains(&end_of_turn) && tok.eos_token_ids().contains(&1));
+    // Pieces stream whole characters; `▁` reads as a space.
+    let ids = tok.encode("naïve café 東京").unwrap();
+    let mut dec = IncrementalDecoder::new();
+    let mut streamed: String = ids.iter().map(|&id| dec.push(tok, id).unwrap()).collect();
+    streamed.push_str(&dec.flush(tok).unwrap());
+    assert_eq!(streamed, "naïve café 東京");
 }
 
 #[test]

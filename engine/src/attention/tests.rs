@@ -44,6 +44,8 @@ fn paged_attention_equals_contiguous_reference() {
             num_kv_heads: 2,
             head_dim: 8,
             block_size,
+            scale: 1.0 / (8.0f32).sqrt(),
+            window: None,
         };
         let kv_size = shape.num_kv_heads * shape.head_dim;
         let layout = KvLayout {
@@ -107,6 +109,8 @@ fn a_tokens_result_does_not_depend_on_its_batch() {
             num_kv_heads,
             head_dim: 16,
             block_size: 16,
+            scale: 1.0 / (16.0f32).sqrt(),
+            window: None,
         };
         let kv_size = num_kv_heads * shape.head_dim;
         let layout = KvLayout {
@@ -160,6 +164,8 @@ fn tree_mask_limits_visible_new_tokens() {
         num_kv_heads: 1,
         head_dim: 4,
         block_size: 4,
+        scale: 1.0 / (4.0f32).sqrt(),
+        window: None,
     };
     let layout = KvLayout {
         num_blocks: 4,

@@ -259,6 +259,14 @@ fn refuse_other_blocks(c: &crate::config::ModelConfig) -> Result<()> {
         (b.qkv_bias, "q/k/v biases"),
         (b.qk_norm, "per-head q/k norms"),
         (b.rope_neox, "NeoX RoPE"),
+        (b.embed_scale, "scaled embeddings"),
+        (b.gelu, "GELU gating"),
+        (b.post_norms, "post-norms"),
+        (c.sliding_window.is_some(), "sliding-window attention"),
+        (
+            c.attn_scale_dim != c.head_dim,
+            "a score scale other than the head dimension's",
+        ),
     ]
     .into_iter()
     .filter_map(|(on, what)| on.then_some(what))

@@ -112,6 +112,8 @@ fn gpu_config() -> ModelConfig {
         rms_norm_eps: 1e-5,
         block: Default::default(),
         rope_freq_factors: Some((0..32).map(|i| 1.0 + i as f32 / 8.0).collect()),
+        sliding_window: None,
+        attn_scale_dim: 64,
     }
 }
 
@@ -290,6 +292,8 @@ fn emulated_attention_matches_the_cpu_attention() {
         num_kv_heads: kv_heads,
         head_dim: hd,
         block_size: bs,
+        scale: 1.0 / (hd as f32).sqrt(),
+        window: None,
     };
     let mut want = vec![0.0; n * heads * hd];
     crate::attention::paged_attention(&q, &batch, &owners, cpu_kv.layer(0), shape, &mut want);

@@ -134,6 +134,8 @@ impl HeadConfig {
             rms_norm_eps: self.rms_norm_eps,
             block: Default::default(),
             rope_freq_factors: None,
+            sliding_window: None,
+            attn_scale_dim: self.head_dim(),
         }
     }
 }
