@@ -12,6 +12,12 @@ Run once when the prompts change (not in CI; llama-cpp-python compiles for
     -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" /tmp/llvenv/bin/pip install llama-cpp-python==0.3.36 numpy
   /tmp/llvenv/bin/python scripts/golden_reference.py models/SmolLM2-135M-Instruct.Q4_1.gguf
   /tmp/llvenv/bin/python scripts/golden_reference.py models/gemma-3-270m-q4_k_m.gguf gemma3
+  heterospec quantize --dtype f16 --out /tmp/smollm2-f16.gguf
+  /tmp/llvenv/bin/python scripts/golden_reference.py /tmp/smollm2-f16.gguf smollm2_f16
+
+The last is the default model's weights in F16 (`heterospec quantize`
+writes the same bytes every time; the test makes the file again and checks
+its sha256): llama.cpp at the file's own precision.
 """
 import hashlib
 import json

@@ -35,8 +35,8 @@ pub struct EngineArgs {
     /// Tokens per KV block.
     #[arg(long, default_value_t = heterospec_kv::DEFAULT_BLOCK_SIZE)]
     pub block_size: usize,
-    /// How linear weights are held: native (our GEMM; 4-bit blocks stay
-    /// 4-bit, others 8-bit), q8_0 (our GEMM, everything 8-bit: cheaper
+    /// How linear weights are held: native (per weight type: 4-bit blocks
+    /// stay 4-bit, other quantized types 8-bit, float weights exact), q8_0 (our GEMM, everything 8-bit: cheaper
     /// many-token forwards), candle-q8_0, as-shipped or f32 (candle's matmuls).
     #[arg(long, default_value = "native")]
     pub weight_format: WeightFormat,

@@ -1,17 +1,15 @@
 //! `heterospec quantize`: rewrites a GGUF with its matrices in another
 //! block type (e.g. Q4_0 or Q2_K of the same weights), keeping metadata,
 //! tokenizer and 1-D tensors. The result is a real draft model for
-//! `--drafter model`: same vocabulary, high agreement, cheaper bits.
+//! `--drafter model` (same vocabulary, high agreement, cheaper bits), or a
+//! float file (`f16`) to measure formats on.
 
-use std::fs::File;
-use std::io::BufWriter;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::Device;
+use candle_core::quantized::GgmlDType;
 use clap::Args;
-use heterospec_engine::ModelTensors;
+use heterospec_engine::requantize::requantize_gguf;
 
 #[derive(Debug, Args)]
 pub struct QuantizeArgs {
@@ -21,7 +19,7 @@ pub struct QuantizeArgs {
     /// Destination GGUF.
     #[arg(long)]
     pub out: PathBuf,
-    /// Block type of the matrices: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k.
+    /// Block type of the matrices: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, f16, bf16, f32.
     #[arg(long, default_value = "q4_0")]
     pub dtype: String,
 }
@@ -38,6 +36,9 @@ fn parse_dtype(name: &str) -> Result<GgmlDType> {
         "q4_k" => GgmlDType::Q4K,
         "q5_k" => GgmlDType::Q5K,
         "q6_k" => GgmlDType::Q6K,
+        "f16" => GgmlDType::F16,
+        "bf16" => GgmlDType::BF16,
+        "f32" => GgmlDType::F32,
         other => bail!("unknown --dtype `{other}`"),
     })
 }
@@ -45,36 +46,14 @@ fn parse_dtype(name: &str) -> Result<GgmlDType> {
 pub fn run(args: QuantizeArgs) -> Result<()> {
     let dtype = parse_dtype(&args.dtype)?;
     crate::fetch::ensure_default_model(&args.model)?;
-    let (tensors, content) =
-        ModelTensors::read_gguf(&args.model).with_context(|| format!("cannot read {}", args.model.display()))?;
-    let mut names: Vec<&String> = tensors.tensors.keys().collect();
-    names.sort();
-    let mut out_tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
-    let mut converted = 0;
-    for name in names {
-        let t = &tensors.tensors[name];
-        let dims = t.shape().dims();
-        let row = *dims.last().unwrap_or(&0);
-        let q = if dims.len() == 2 && row % dtype.block_size() == 0 {
-            converted += 1;
-            QTensor::quantize(&t.dequantize(&Device::Cpu)?, dtype)?
-        } else {
-            QTensor::quantize(&t.dequantize(&Device::Cpu)?, GgmlDType::F32)?
-        };
-        out_tensors.push((name.clone(), q));
-    }
-    let metadata: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = out_tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let tmp = args.out.with_extension("gguf.partial");
-    let mut file = BufWriter::new(File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?);
-    gguf_file::write(&mut file, &metadata, &tensor_refs)?;
-    drop(file);
-    std::fs::rename(&tmp, &args.out)?;
+    let done = requantize_gguf(&args.model, &args.out, dtype)
+        .with_context(|| format!("cannot rewrite {}", args.model.display()))?;
     eprintln!(
-        "wrote {} ({converted} matrices as {}, {} other tensors as f32)",
+        "wrote {} ({} matrices as {}, {} other tensors as f32)",
         args.out.display(),
+        done.matrices,
         args.dtype,
-        out_tensors.len() - converted
+        done.others
     );
     Ok(())
 }

@@ -22,6 +22,7 @@ pub mod model;
 pub mod ops;
 mod par;
 pub mod qgemm;
+pub mod requantize;
 pub mod runner;
 pub mod sampler;
 pub mod server;

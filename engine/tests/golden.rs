@@ -68,6 +68,11 @@ fn tolerance(format: WeightFormat) -> Tolerance {
     }
 }
 
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -237,4 +242,49 @@ fn gemma3_matches_llama_cpp() {
         };
         check_model(&gemma_path(), "gemma3", format, &tol, 100);
     }
+}
+
+/// The default model's weights in F16 (`heterospec quantize --dtype f16`,
+/// made again here: the same bytes as the file llama.cpp ran), against
+/// llama.cpp at the file's own precision (F16 weights): what each weight
+/// format costs on a float file.
+#[test]
+fn f16_file_in_every_format_against_llama_cpp() {
+    let path = std::env::temp_dir().join(format!("heterospec-f16-{}.gguf", std::process::id()));
+    heterospec_engine::requantize::requantize_gguf(&model_path(), &path, candle_core::quantized::GgmlDType::F16)
+        .unwrap();
+    let golden: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("tests/golden/smollm2_f16_llamacpp.json")).unwrap(),
+    )
+    .unwrap();
+    let digest = sha256_hex(&std::fs::read(&path).unwrap());
+    assert_eq!(
+        digest,
+        golden["model_sha256"].as_str().unwrap(),
+        "not the file llama.cpp ran"
+    );
+    // Measured: f32, as-shipped and native (which keeps float weights
+    // exact) p90 0.012, max 0.051, mean signed 0.001; q8_0 (8-bit weights
+    // and activations) p90 0.47, max 1.06, mean signed 0.11.
+    for format in [
+        WeightFormat::Native,
+        WeightFormat::Q8_0,
+        WeightFormat::F32,
+        WeightFormat::AsShipped,
+    ] {
+        let tol = match format {
+            WeightFormat::Q8_0 => Tolerance {
+                max: 1.5,
+                p90: 0.7,
+                mean_signed: 0.2,
+            },
+            _ => Tolerance {
+                max: 0.1,
+                p90: 0.03,
+                mean_signed: 0.01,
+            },
+        };
+        check_model(&path, "smollm2_f16", format, &tol, 150);
+    }
+    let _ = std::fs::remove_file(&path);
 }
