@@ -147,8 +147,18 @@ impl TextTokenizer {
 
         let eos = meta_u32("tokenizer.ggml.eos_token_id");
         let mut eos_token_ids: Vec<u32> = eos.into_iter().collect();
-        // Chat models also end a turn with their end-of-turn token.
-        for name in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>"] {
+        // Chat models also end a turn with their end-of-turn token; these
+        // end generation in llama.cpp too (its end-of-generation tokens).
+        for name in [
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|eom_id|>",
+            "<|end_of_text|>",
+            "<|endoftext|>",
+            "<|end|>",
+            "<end_of_turn>",
+            "<EOT>",
+        ] {
             if let Some(id) = inner.token_to_id(name) {
                 if !eos_token_ids.contains(&id) {
                     eos_token_ids.push(id);

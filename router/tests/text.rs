@@ -132,9 +132,12 @@ fn chat_template_renders_the_model_format() {
 }
 
 #[test]
-fn im_end_ends_generation() {
-    let im_end = tokenizer().inner().token_to_id("<|im_end|>").unwrap();
-    assert!(tokenizer().eos_token_ids().contains(&im_end));
+fn im_end_and_endoftext_end_generation() {
+    // As llama.cpp's end-of-generation tokens for this vocabulary.
+    for name in ["<|im_end|>", "<|endoftext|>"] {
+        let id = tokenizer().inner().token_to_id(name).unwrap();
+        assert!(tokenizer().eos_token_ids().contains(&id), "{name}");
+    }
 }
 
 /// Streams `ids` through the incremental decoder one at a time.
