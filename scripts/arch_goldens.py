@@ -34,6 +34,9 @@ HEAD_DIM = HIDDEN // HEADS
 ARCHS = {
     "llama": ("llama", {}),
     "llama3": ("llama", {"rope_freqs": True, "output": True, "pre": "llama-bpe"}),
+    # The plain llama block with F16 matrices: what each weight format costs
+    # on a float file.
+    "llama_f16": ("llama", {"f16": True}),
     "qwen2": ("qwen2", {"qkv_bias": True, "output": True, "pre": "qwen2"}),
     "qwen3": ("qwen3", {"qk_norm": True, "pre": "qwen2", "key_length": 2 * HIDDEN // HEADS, "template": "qwen3"}),
     # Six layers: five in an 8-token sliding window (RoPE base 10,000), the
@@ -103,7 +106,7 @@ def write(tokenizer_path, out_dir, name):
         # Qwen3's smaller models: heads wider than hidden / heads.
         w.add_key_length(extra["key_length"])
         w.add_value_length(extra["key_length"])
-    w.add_file_type(0)
+    w.add_file_type(1 if extra.get("f16") else 0)
     w.add_tokenizer_model(field("tokenizer.ggml.model"))
     w.add_tokenizer_pre(extra.get("pre", field("tokenizer.ggml.pre")))
     w.add_token_list(tokens)
@@ -114,7 +117,8 @@ def write(tokenizer_path, out_dir, name):
     w.add_add_bos_token(False)
     w.add_chat_template(QWEN3_TEMPLATE if extra.get("template") == "qwen3" else field("tokenizer.chat_template"))
     seed = iter(range(1, 1000))
-    mat = lambda rows, cols: noise(next(seed), (rows, cols), 1.5 / np.sqrt(cols))
+    dtype = np.float16 if extra.get("f16") else np.float32
+    mat = lambda rows, cols: noise(next(seed), (rows, cols), 1.5 / np.sqrt(cols)).astype(dtype)
     norm = lambda n: 1.0 + noise(next(seed), (n,), 0.3)
     w.add_tensor("token_embd.weight", noise(next(seed), (vocab, HIDDEN), 1.0))
     w.add_tensor("output_norm.weight", norm(HIDDEN))

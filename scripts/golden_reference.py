@@ -87,6 +87,33 @@ GEMMA_TOKENIZE = TOKENIZE[:-1] + [
 ]
 
 
+# A conversation with system messages before and between turns.
+CHAT = [
+    ("system", " Be brief. "),
+    ("user", "Hi there\n"),
+    ("assistant", "Hello."),
+    ("system", "Use French."),
+    ("user", "Name a colour."),
+]
+
+
+def chat_by_llama_cpp(family):
+    """CHAT rendered by llama.cpp's built-in template of the family (Gemma's
+    GGUFs without a template of their own get it); None for the others."""
+    if family != "gemma3":
+        return None
+    import ctypes
+
+    import llama_cpp
+
+    msgs = (llama_cpp.llama_chat_message * len(CHAT))(
+        *[llama_cpp.llama_chat_message(role=r.encode(), content=c.encode()) for r, c in CHAT]
+    )
+    buf = ctypes.create_string_buffer(1 << 16)
+    n = llama_cpp.llama_chat_apply_template(b"gemma", msgs, len(CHAT), True, buf, len(buf))
+    return {"messages": [{"role": r, "content": c} for r, c in CHAT], "text": buf.raw[:n].decode()}
+
+
 def main():
     path = sys.argv[1]
     family = sys.argv[2] if len(sys.argv) > 2 else "smollm2"
@@ -114,6 +141,7 @@ def main():
     ]
     out = {
         "reference": "llama-cpp-python 0.3.36, n_threads=2",
+        "chat": chat_by_llama_cpp(family),
         "model_sha256": sha,
         "new_tokens": NEW_TOKENS,
         "cases": cases,

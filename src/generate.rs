@@ -27,8 +27,9 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub chat: bool,
     /// A Jinja chat template to use instead of the model's own (or of its
-    /// family's, for a GGUF without one).
-    #[arg(long, requires = "chat")]
+    /// family's, for a GGUF without one). With `--server`, the server's
+    /// router takes it (`router --chat-template`).
+    #[arg(long, requires = "chat", conflicts_with = "server")]
     pub chat_template: Option<PathBuf>,
     #[arg(long, default_value_t = DEFAULT_MAX_NEW_TOKENS)]
     pub max_new_tokens: usize,

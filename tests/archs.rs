@@ -63,6 +63,25 @@ fn logits(model: &Model, tokens: &[u32]) -> Vec<f32> {
     model.forward(&batch, &mut kv).unwrap()
 }
 
+/// [`logits`] by decoding one token per forward over the cached ones.
+fn decoded_logits(model: &Model, tokens: &[u32]) -> Vec<f32> {
+    let block_size = 16;
+    let layout = KvLayout::for_budget(model.config(), block_size, 16 << 20).unwrap();
+    let mut kv = KvStorage::new(layout);
+    let mut pool = BlockPool::new(BlockPoolConfig {
+        num_blocks: layout.num_blocks,
+        block_size,
+    });
+    let mut table = BlockTable::new();
+    pool.allocate_slots(&mut table, tokens.len()).unwrap();
+    let mut out = Vec::new();
+    for (t, &token) in tokens.iter().enumerate() {
+        let run = SeqRun::causal_from_table(vec![token], t, &table, block_size).unwrap();
+        out.extend(model.forward(&RaggedBatch { seqs: vec![run] }, &mut kv).unwrap());
+    }
+    out
+}
+
 #[test]
 fn every_architecture_gives_llama_cpps_logits() {
     let dir = tiny_models();
@@ -76,7 +95,7 @@ fn every_architecture_gives_llama_cpps_logits() {
     let archs = golden["architectures"].as_object().unwrap();
     assert_eq!(
         archs.keys().collect::<Vec<_>>(),
-        ["gemma3", "llama", "llama3", "qwen2", "qwen3"],
+        ["gemma3", "llama", "llama3", "llama_f16", "qwen2", "qwen3"],
         "every architecture has golden logits"
     );
     for (name, g) in archs {
@@ -90,34 +109,64 @@ fn every_architecture_gives_llama_cpps_logits() {
             g["sha256"].as_str().unwrap(),
             "{name}: not the file llama.cpp ran"
         );
-        let model = Model::load(&path, WeightFormat::F32).unwrap();
-        let vocab = model.config().vocab_size;
-        let ours = logits(&model, &tokens);
-        let (mut worst, mut clear) = (0f32, 0);
-        for (t, top) in g["top"].as_array().unwrap().iter().enumerate() {
-            let row = &ours[t * vocab..(t + 1) * vocab];
-            let top: Vec<(usize, f32)> = top
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| (p[0].as_u64().unwrap() as usize, p[1].as_f64().unwrap() as f32))
-                .collect();
-            for &(id, reference) in &top {
-                worst = worst.max((row[id] - reference).abs());
-            }
-            // The argmax, where llama.cpp's leads clearly.
-            if top[0].1 - top[1].1 > 0.01 {
-                let ours_top = (0..vocab).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
-                assert_eq!(ours_top, top[0].0, "{name}, position {t}");
-                clear += 1;
+        // Float weights: `native` keeps them exact, as `f32` does; `q8_0`
+        // (8-bit weights and activations) is measured for comparison.
+        for format in [WeightFormat::F32, WeightFormat::Native, WeightFormat::Q8_0] {
+            let model = Model::load(&path, format).unwrap();
+            let (worst, clear) = compare(&logits(&model, &tokens), model.config().vocab_size, g, name);
+            eprintln!(
+                "{name} as {format:?}: top-8 logits within {worst:.1e} of llama.cpp, argmax equal at {clear} clear positions"
+            );
+            // Exact weights on both sides; llama.cpp keeps K/V in f16 (about
+            // 1e-3 relative), we keep them in f32. 8 bits: a few tenths.
+            let bound = if format == WeightFormat::Q8_0 { 0.5 } else { 0.02 };
+            assert!(
+                worst < bound,
+                "{name} as {format:?}: top-8 logits differ by up to {worst}"
+            );
+            if format != WeightFormat::Q8_0 {
+                assert!(clear >= tokens.len() / 2, "{name}: only {clear} clear positions");
             }
         }
-        // f32 weights on both sides; llama.cpp keeps K/V in f16 (about
-        // 1e-3 relative), we keep them in f32.
-        assert!(worst < 0.02, "{name}: top-8 logits differ by up to {worst}");
-        assert!(clear >= tokens.len() / 2, "{name}: only {clear} clear positions");
-        eprintln!("{name}: top-8 logits within {worst:.1e} of llama.cpp, argmax equal at {clear} clear positions");
+        // Decoding one token at a time over the cache (Gemma 3's window
+        // then cuts cached keys) gives the same logits.
+        let model = Model::load(&path, WeightFormat::Native).unwrap();
+        let (worst, _) = compare(&decoded_logits(&model, &tokens), model.config().vocab_size, g, name);
+        assert!(worst < 0.02, "{name} decoded: top-8 logits differ by up to {worst}");
     }
+}
+
+/// The worst top-8 logit difference from llama.cpp's at every position, and
+/// how many positions with a clear argmax agree (a clear one that differs
+/// fails, except for 8-bit weights, where near-ties within their error may
+/// flip: those are not counted).
+fn compare(ours: &[f32], vocab: usize, g: &Value, name: &str) -> (f32, usize) {
+    let (mut worst, mut clear) = (0f32, 0);
+    for (t, top) in g["top"].as_array().unwrap().iter().enumerate() {
+        let row = &ours[t * vocab..(t + 1) * vocab];
+        let top: Vec<(usize, f32)> = top
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p[0].as_u64().unwrap() as usize, p[1].as_f64().unwrap() as f32))
+            .collect();
+        for &(id, reference) in &top {
+            worst = worst.max((row[id] - reference).abs());
+        }
+        // The argmax, where llama.cpp's leads clearly.
+        if top[0].1 - top[1].1 > 0.01 {
+            let ours_top = (0..vocab).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
+            if ours_top == top[0].0 {
+                clear += 1;
+            } else {
+                assert!(
+                    top[0].1 - top[1].1 < worst.max(0.02),
+                    "{name}, position {t}: argmax differs"
+                );
+            }
+        }
+    }
+    (worst, clear)
 }
 
 #[test]
@@ -168,9 +217,12 @@ fn generate(model: &Path, extra: &[&str]) -> Result<Value, String> {
         .env("HETEROSPEC_THREADS", "2")
         .output()
         .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
     match out.status.success() {
+        // A drafting step that fails is logged and skipped: none may.
+        true if stderr.contains("WARN") => Err(stderr.into_owned()),
         true => Ok(serde_json::from_slice(&out.stdout).unwrap()),
-        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+        false => Err(stderr.into_owned()),
     }
 }
 

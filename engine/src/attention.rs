@@ -271,8 +271,10 @@ fn grouped_chunks<const HD: usize>(rows: &mut [OnlineSoftmax<'_, HD>], seq: &Seq
     whole
 }
 
-/// `out (tokens, num_heads * head_dim) <- softmax(q k^T / sqrt(d)) v`, with
-/// the keys of each token chosen by its sequence's cache and mask. `q` is
+/// `out (tokens, num_heads * head_dim) <- softmax(q k^T * scale) v`, with
+/// the keys of each token chosen by its sequence's cache, mask and window
+/// (`shape`; extra slots are seen whole: the caller keeps them inside the
+/// window). `q` is
 /// laid out like `out`; `token_owner[t] = (seq index, index in its run)`.
 ///
 /// One task per (sequence, few tokens, KV head): its rows are those tokens'

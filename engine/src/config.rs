@@ -37,6 +37,10 @@ pub struct BlockSpec {
     /// RoPE base of the windowed layers, where it differs from
     /// `rope.freq_base` (Gemma 3: 10,000 locally, 1,000,000 globally).
     pub local_rope_theta: Option<f32>,
+    /// The file's `attention.sliding_window` is run (Mistral's llama
+    /// layout, Gemma 3); elsewhere it is refused (Qwen's files may carry
+    /// one their model does not use).
+    pub sliding_window: bool,
 }
 
 impl BlockSpec {
@@ -44,7 +48,10 @@ impl BlockSpec {
     /// engine does not run it.
     pub fn of(arch: &str) -> Option<Self> {
         match arch {
-            "llama" => Some(Self::default()),
+            "llama" => Some(Self {
+                sliding_window: true,
+                ..Self::default()
+            }),
             "qwen2" => Some(Self {
                 qkv_bias: true,
                 rope_neox: true,
@@ -63,15 +70,20 @@ impl BlockSpec {
                 post_norms: true,
                 global_every: 6,
                 local_rope_theta: Some(10_000.0),
+                sliding_window: true,
                 ..Self::default()
             }),
             _ => None,
         }
     }
 
-    /// The plain llama block (what the GPU path runs).
+    /// The plain llama block (what the GPU path runs; whether a window
+    /// key is read is not part of the block's arithmetic).
     pub fn is_llama(&self) -> bool {
-        *self == Self::default()
+        Self {
+            sliding_window: false,
+            ..*self
+        } == Self::default()
     }
 }
 
@@ -173,7 +185,16 @@ impl ModelConfig {
             }
         }
         let num_layers = get("block_count")?;
-        let sliding_window = get("attention.sliding_window").ok().filter(|&w| w > 0);
+        let window_key = format!("{arch}.attention.sliding_window");
+        let sliding_window = match content.metadata.contains_key(&window_key) {
+            true if !block.sliding_window => {
+                return Err(EngineError::Config(format!(
+                "the model sets `{window_key}`, which this engine does not run for {arch} (it would give wrong logits)"
+            )))
+            }
+            true => Some(get("attention.sliding_window")?).filter(|&w| w > 0),
+            false => None,
+        };
         if sliding_window.is_none() && block.global_every > 0 {
             return Err(EngineError::MissingMetadata {
                 key: format!("{arch}.attention.sliding_window"),

@@ -165,10 +165,18 @@ impl Layer {
             window: block.window,
             ..ctx.shape
         };
-        if block.window.is_some() && batch.seqs.iter().any(|s| s.extra_slots.iter().any(|e| !e.is_empty())) {
-            return Err(EngineError::Config(
-                "a sliding-window layer cannot read extra KV slots (their positions are unknown)".into(),
-            ));
+        // Extra slots (a draft node's ancestors) hold positions from
+        // `num_cached` on: all within the window while the node is.
+        if let Some(w) = block.window {
+            let beyond = |s: &crate::batch::SeqRun| {
+                (s.extra_slots.iter().zip(&s.positions))
+                    .any(|(e, &p)| !e.is_empty() && (p + 1).saturating_sub(w) > s.num_cached)
+            };
+            if batch.seqs.iter().any(beyond) {
+                return Err(EngineError::Config(format!(
+                    "a draft tree deeper than the {w}-token sliding window"
+                )));
+            }
         }
         let kvs = shape.num_kv_heads * shape.head_dim;
         let mut buffers = ctx.buffers.borrow_mut();

@@ -51,9 +51,16 @@ pub fn requantize_gguf(src: &Path, dst: &Path, dtype: GgmlDType) -> Result<Requa
         path: tmp.clone(),
         source,
     };
-    let mut file = BufWriter::new(File::create(&tmp).map_err(io)?);
-    gguf_file::write(&mut file, &metadata, &tensor_refs)?;
-    drop(file);
+    let written = (|| -> Result<()> {
+        let mut file = BufWriter::new(File::create(&tmp).map_err(io)?);
+        gguf_file::write(&mut file, &metadata, &tensor_refs)?;
+        let file = file.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::rename(&tmp, dst).map_err(io)?;
     Ok(Requantized {
         matrices,

@@ -184,12 +184,18 @@ impl TextTokenizer {
             bos_token: bos.and_then(token_text),
             eos_token: eos.and_then(token_text),
             add_bos: if add_bos { bos } else { None },
-            chat_template: meta_str("tokenizer.chat_template").or_else(|| {
-                let arch = meta_str("general.architecture").unwrap_or_default();
-                let (family, template) = chat::family_template(&arch)?;
-                tracing::info!(family, "the model has no chat template: using its family's");
-                Some(template.to_string())
-            }),
+            chat_template: meta_str("tokenizer.chat_template")
+                .inspect(|t| {
+                    if let Err(e) = chat::check(t) {
+                        tracing::warn!(error = %e, "the model's chat template does not parse: chat requests will fail");
+                    }
+                })
+                .or_else(|| {
+                    let arch = meta_str("general.architecture").unwrap_or_default();
+                    let (family, template) = chat::family_template(&arch)?;
+                    tracing::info!(family, "the model has no chat template: using its family's");
+                    Some(template.to_string())
+                }),
             max_context: meta_str("general.architecture")
                 .and_then(|arch| meta_u32(&format!("{arch}.context_length")))
                 .map(|n| n as usize),

@@ -105,6 +105,18 @@ fn gemmas_tokenizer_and_family_template_match_llama_cpp() {
         .apply_chat_template(&[ChatMessage::new("user", "What is the capital of France?")])
         .unwrap();
     assert_eq!(text, g["cases"][0]["prompt"].as_str().unwrap());
+    // System messages before and between turns, as llama.cpp's built-in
+    // Gemma template renders them.
+    let chat: Vec<ChatMessage> = g["chat"]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| ChatMessage::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        tok.apply_chat_template(&chat).unwrap(),
+        g["chat"]["text"].as_str().unwrap()
+    );
     let end_of_turn = tok.inner().token_to_id("<end_of_turn>").unwrap();
     assert!(tok.eos_token_ids().contains(&end_of_turn) && tok.eos_token_ids().contains(&1));
     // Pieces stream whole characters; `▁` reads as a space.

@@ -100,58 +100,73 @@ fn paged_attention_equals_contiguous_reference() {
 
 /// A token's output is the same bits whether it runs with the tokens
 /// before it (a verify forward, grouped rows) or alone after them (plain
-/// decoding), for several head groupings: speculation relies on it.
+/// decoding), for several head groupings and sliding windows (one that
+/// reaches back to position 0 for some rows of a task and not others):
+/// speculation relies on it. Each equals the contiguous reference over the
+/// keys its window sees.
 #[test]
 fn a_tokens_result_does_not_depend_on_its_batch() {
     for (num_heads, num_kv_heads) in [(9usize, 3usize), (4, 4), (16, 1)] {
-        let shape = HeadShape {
-            num_heads,
-            num_kv_heads,
-            head_dim: 16,
-            block_size: 16,
-            scale: 1.0 / (16.0f32).sqrt(),
-            window: None,
-        };
-        let kv_size = num_kv_heads * shape.head_dim;
-        let layout = KvLayout {
-            num_blocks: 16,
-            block_size: 16,
-            num_layers: 1,
-            kv_size,
-            scratch_slots: 0,
-        };
-        let mut storage = KvStorage::new(layout);
-        let mut rng = Lcg(num_heads as u64);
-        let table: Vec<BlockId> = (1..8).map(BlockId).collect();
-        // 90 cached: alone, the last tokens see a third whole chunk of
-        // cached keys that the batch saw as new tokens.
-        let (cached, new) = (90usize, 8usize);
-        for p in 0..cached + new {
-            let k: Vec<f32> = (0..kv_size).map(|_| rng.f() * 2.0).collect();
-            let v: Vec<f32> = (0..kv_size).map(|_| rng.f()).collect();
-            storage.write(0, table[p / 16].index() * 16 + p % 16, &k, &v);
-        }
-        let qsize = num_heads * shape.head_dim;
-        let q: Vec<f32> = (0..new * qsize).map(|_| rng.f() * 2.0).collect();
-        let batch = RaggedBatch {
-            seqs: vec![SeqRun::causal((0..new as u32).collect(), cached, &table, 16).unwrap()],
-        };
-        let owner: Vec<(usize, usize)> = (0..new).map(|i| (0, i)).collect();
-        let mut together = vec![0.0; q.len()];
-        paged_attention(&q, &batch, &owner, storage.layer(0), shape, &mut together);
-        for i in 0..new {
-            let alone_batch = RaggedBatch {
-                seqs: vec![SeqRun::causal(vec![0], cached + i, &table, 16).unwrap()],
+        for window in [None, Some(95), Some(40), Some(5)] {
+            let shape = HeadShape {
+                num_heads,
+                num_kv_heads,
+                head_dim: 16,
+                block_size: 16,
+                scale: 1.0 / (16.0f32).sqrt(),
+                window,
             };
-            let mut alone = vec![0.0; qsize];
-            let qi = &q[i * qsize..(i + 1) * qsize];
-            paged_attention(qi, &alone_batch, &[(0, 0)], storage.layer(0), shape, &mut alone);
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(
-                bits(&alone),
-                bits(&together[i * qsize..(i + 1) * qsize]),
-                "heads {num_heads}/{num_kv_heads}, token {i}"
-            );
+            let kv_size = num_kv_heads * shape.head_dim;
+            let layout = KvLayout {
+                num_blocks: 16,
+                block_size: 16,
+                num_layers: 1,
+                kv_size,
+                scratch_slots: 0,
+            };
+            let mut storage = KvStorage::new(layout);
+            let mut rng = Lcg(num_heads as u64);
+            let table: Vec<BlockId> = (1..8).map(BlockId).collect();
+            // 90 cached: alone, the last tokens see a third whole chunk of
+            // cached keys that the batch saw as new tokens.
+            let (cached, new) = (90usize, 8usize);
+            let (mut ks, mut vs) = (Vec::new(), Vec::new());
+            for p in 0..cached + new {
+                let k: Vec<f32> = (0..kv_size).map(|_| rng.f() * 2.0).collect();
+                let v: Vec<f32> = (0..kv_size).map(|_| rng.f()).collect();
+                storage.write(0, table[p / 16].index() * 16 + p % 16, &k, &v);
+                ks.push(k);
+                vs.push(v);
+            }
+            let qsize = num_heads * shape.head_dim;
+            let q: Vec<f32> = (0..new * qsize).map(|_| rng.f() * 2.0).collect();
+            let batch = RaggedBatch {
+                seqs: vec![SeqRun::causal((0..new as u32).collect(), cached, &table, 16).unwrap()],
+            };
+            let owner: Vec<(usize, usize)> = (0..new).map(|i| (0, i)).collect();
+            let mut together = vec![0.0; q.len()];
+            paged_attention(&q, &batch, &owner, storage.layer(0), shape, &mut together);
+            for i in 0..new {
+                let alone_batch = RaggedBatch {
+                    seqs: vec![SeqRun::causal(vec![0], cached + i, &table, 16).unwrap()],
+                };
+                let mut alone = vec![0.0; qsize];
+                let qi = &q[i * qsize..(i + 1) * qsize];
+                paged_attention(qi, &alone_batch, &[(0, 0)], storage.layer(0), shape, &mut alone);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let got = &together[i * qsize..(i + 1) * qsize];
+                assert_eq!(
+                    bits(&alone),
+                    bits(got),
+                    "heads {num_heads}/{num_kv_heads}, window {window:?}, token {i}"
+                );
+                let p = cached + i;
+                let visible: Vec<usize> = (shape.first_visible(p)..=p).collect();
+                let want = contiguous_attention(qi, &ks, &vs, shape, &visible);
+                for (a, b) in got.iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-5, "window {window:?} token {i}: {a} vs {b}");
+                }
+            }
         }
     }
 }

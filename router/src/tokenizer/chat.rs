@@ -3,8 +3,9 @@
 //! templates of model families whose files may carry none (Gemma's base
 //! models).
 //!
-//! Invariant: a template that does not parse is refused when it is set, not
-//! when the first request uses it.
+//! Invariant: a `--chat-template` that does not parse is refused at
+//! start-up; a GGUF's own that does not parse is reported in the log at
+//! load, and to every chat request.
 
 use serde::Serialize;
 
@@ -26,21 +27,24 @@ impl ChatMessage {
     }
 }
 
-/// Gemma's turns, as llama.cpp writes them for a Gemma model without a
-/// template: `<start_of_turn>user` / `model`, contents trimmed, a system
-/// message put before the first turn's content; no BOS (the tokenizer adds
-/// it).
+/// Gemma's turns, as llama.cpp's built-in `gemma` template writes them:
+/// `<start_of_turn>user` / `model`, contents trimmed, system messages
+/// (trimmed, joined) put before the next user turn's content; no BOS (the
+/// tokenizer adds it).
 const GEMMA: &str = concat!(
-    "{%- if messages and messages[0].role == 'system' -%}",
-    "{%- set prefix = (messages[0].content | trim) ~ '\\n\\n' -%}",
-    "{%- set turns = messages[1:] -%}",
+    "{%- set ns = namespace(system='') -%}",
+    "{%- for m in messages -%}",
+    "{%- if m.role == 'system' -%}",
+    "{%- set ns.system = ns.system ~ (m.content | trim) -%}",
     "{%- else -%}",
-    "{%- set prefix = '' -%}",
-    "{%- set turns = messages -%}",
+    "{%- set role = 'model' if m.role == 'assistant' else m.role -%}",
+    "{{- '<start_of_turn>' ~ role ~ '\\n' -}}",
+    "{%- if ns.system and role != 'model' -%}",
+    "{{- ns.system ~ '\\n\\n' -}}",
+    "{%- set ns.system = '' -%}",
     "{%- endif -%}",
-    "{%- for m in turns -%}",
-    "{{- '<start_of_turn>' ~ ('model' if m.role == 'assistant' else m.role) ~ '\\n' -}}",
-    "{{- (prefix if loop.first else '') ~ (m.content | trim) ~ '<end_of_turn>\\n' -}}",
+    "{{- (m.content | trim) ~ '<end_of_turn>\\n' -}}",
+    "{%- endif -%}",
     "{%- endfor -%}",
     "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}",
 );
@@ -103,13 +107,16 @@ mod tests {
             ChatMessage::new("system", " Be brief. "),
             ChatMessage::new("user", "Hi there\n"),
             ChatMessage::new("assistant", "Hello."),
+            ChatMessage::new("system", "Use French."),
             ChatMessage::new("user", "Name a colour."),
         ];
+        // llama.cpp's rendering (`router/tests/text.rs` checks it against
+        // the golden file's).
         assert_eq!(
             render(gemma, &messages, "<bos>", "<eos>").unwrap(),
             "<start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n\
              <start_of_turn>model\nHello.<end_of_turn>\n\
-             <start_of_turn>user\nName a colour.<end_of_turn>\n\
+             <start_of_turn>user\nUse French.\n\nName a colour.<end_of_turn>\n\
              <start_of_turn>model\n"
         );
         assert_eq!(

@@ -6,9 +6,11 @@
 //! (`<0xE2>`), and control and user-defined tokens are matched in the raw
 //! text before any of that.
 //!
-//! Invariant: the merge order is the pieces' scores (the merged piece's
-//! score, as llama.cpp ranks its bigrams); no merge produces a piece the
-//! vocabulary lacks.
+//! Invariant: the merge order is the merged piece's score, as llama.cpp
+//! ranks its bigrams (equal scores: the merged piece's id, then the left
+//! piece's, where llama.cpp takes the leftmost bigram; the two agree on
+//! every golden text); no merge produces a piece the vocabulary lacks; a
+//! piece listed twice is its last id, as in llama.cpp's lookup.
 
 use std::collections::HashMap;
 
@@ -68,7 +70,7 @@ pub(super) fn from_gguf(content: &gguf_file::Content) -> Result<Tokenizer> {
     }
     let mut vocab: HashMap<String, u32> = HashMap::with_capacity(tokens.len());
     for (id, t) in tokens.iter().enumerate() {
-        vocab.entry(t.clone()).or_insert(id as u32);
+        vocab.insert(t.clone(), id as u32);
     }
     let merges = merges_by_score(&tokens, &scores, &vocab);
     let unk = content
