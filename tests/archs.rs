@@ -45,26 +45,9 @@ fn golden() -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-/// Logits of every position of `tokens` (one sequence), `(tokens, vocab)`.
-fn logits(model: &Model, tokens: &[u32]) -> Vec<f32> {
-    let config = model.config().clone();
-    let block_size = 16;
-    let layout = KvLayout::for_budget(&config, block_size, 16 << 20).unwrap();
-    let mut kv = KvStorage::new(layout);
-    let mut pool = BlockPool::new(BlockPoolConfig {
-        num_blocks: layout.num_blocks,
-        block_size,
-    });
-    let mut table = BlockTable::new();
-    pool.allocate_slots(&mut table, tokens.len()).unwrap();
-    let mut run = SeqRun::causal_from_table(tokens.to_vec(), 0, &table, block_size).unwrap();
-    run.logits_rows = (0..tokens.len()).collect();
-    let batch = RaggedBatch { seqs: vec![run] };
-    model.forward(&batch, &mut kv).unwrap()
-}
-
-/// [`logits`] by decoding one token per forward over the cached ones.
-fn decoded_logits(model: &Model, tokens: &[u32]) -> Vec<f32> {
+/// Logits of every position of `tokens` (one sequence), `(tokens, vocab)`:
+/// in one forward, or (`decode`) one token per forward over the cached ones.
+fn logits_of(model: &Model, tokens: &[u32], decode: bool) -> Vec<f32> {
     let block_size = 16;
     let layout = KvLayout::for_budget(model.config(), block_size, 16 << 20).unwrap();
     let mut kv = KvStorage::new(layout);
@@ -74,12 +57,23 @@ fn decoded_logits(model: &Model, tokens: &[u32]) -> Vec<f32> {
     });
     let mut table = BlockTable::new();
     pool.allocate_slots(&mut table, tokens.len()).unwrap();
-    let mut out = Vec::new();
-    for (t, &token) in tokens.iter().enumerate() {
-        let run = SeqRun::causal_from_table(vec![token], t, &table, block_size).unwrap();
-        out.extend(model.forward(&RaggedBatch { seqs: vec![run] }, &mut kv).unwrap());
+    let mut forward = |ids: &[u32], cached: usize| {
+        let mut run = SeqRun::causal_from_table(ids.to_vec(), cached, &table, block_size).unwrap();
+        run.logits_rows = (0..ids.len()).collect();
+        model.forward(&RaggedBatch { seqs: vec![run] }, &mut kv).unwrap()
+    };
+    match decode {
+        false => forward(tokens, 0),
+        true => (0..tokens.len()).flat_map(|t| forward(&tokens[t..t + 1], t)).collect(),
     }
-    out
+}
+
+fn logits(model: &Model, tokens: &[u32]) -> Vec<f32> {
+    logits_of(model, tokens, false)
+}
+
+fn decoded_logits(model: &Model, tokens: &[u32]) -> Vec<f32> {
+    logits_of(model, tokens, true)
 }
 
 #[test]
