@@ -369,7 +369,6 @@ impl Task<'_> {
             num_heads,
             num_kv_heads,
             head_dim: hd,
-            block_size,
             scale,
             ..
         } = self.shape;
@@ -399,21 +398,19 @@ impl Task<'_> {
             .collect();
         // The shared pass reads cached keys from position 0: only for rows
         // whose window reaches back that far.
-        let whole_context = self
-            .tokens
-            .clone()
-            .all(|t| self.shape.first_visible(seq.positions[self.token_owner[t].1]) == 0);
         #[cfg(target_arch = "x86_64")]
-        let skip = if avx2 && whole_context {
-            grouped_chunks(&mut rows, seq, block_size)
+        let skip = if avx2
+            && self
+                .tokens
+                .clone()
+                .all(|t| self.shape.first_visible(seq.positions[self.token_owner[t].1]) == 0)
+        {
+            grouped_chunks(&mut rows, seq, self.shape.block_size)
         } else {
             0
         };
         #[cfg(not(target_arch = "x86_64"))]
-        let skip = {
-            let _ = (whole_context, block_size);
-            0
-        };
+        let skip = 0;
         for (row, cell) in rows.into_iter().zip(cells) {
             let i = self.token_owner[cell.0].1;
             row.finish(seq, i, &self.shape, skip, &mut out[row_of(cell)]);
