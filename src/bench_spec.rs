@@ -35,8 +35,9 @@ pub struct SpecBenchArgs {
     #[arg(long, env = "HETEROSPEC_MODEL", default_value_os_t = crate::fetch::default_model_path())]
     model: PathBuf,
     /// Other drafters to run side by side (their fixed tree and HeteroSpec),
-    /// e.g. `ngram,model` (`model` needs --draft-model); `head=DIR` is
-    /// another draft head (shown as `head:<dir name>`).
+    /// e.g. `ngram,model` (`model` needs --draft-model); `head=DIR` and
+    /// `hybrid=DIR` use another draft head (shown as `head:<dir name>` and
+    /// `hybrid:<dir name>`, with the calibration files in DIR when it has them).
     #[arg(long, value_delimiter = ',')]
     compare_drafters: Vec<String>,
     /// Variants to run (`plain` always runs: it is the reference):
@@ -186,13 +187,13 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
         let mut other = args.engine.clone();
         other.calibration = None;
         let label = match d.split_once('=') {
-            Some(("head", dir)) => {
-                other.drafter = "head".into();
+            Some((kind @ ("head" | "hybrid"), dir)) => {
+                other.drafter = kind.into();
                 other.draft_head = Some(dir.into());
                 let name = Path::new(dir).file_name().map(|n| n.to_string_lossy().into_owned());
-                format!("head:{}", name.unwrap_or_else(|| dir.into()))
+                format!("{kind}:{}", name.unwrap_or_else(|| dir.into()))
             }
-            Some(_) => bail!("--compare-drafters {d}: only `head=DIR` takes a path"),
+            Some(_) => bail!("--compare-drafters {d}: only `head=DIR` and `hybrid=DIR` take a path"),
             None => {
                 other.drafter = d.clone();
                 d.clone()

@@ -47,6 +47,10 @@ pub struct TrainDraftArgs {
     /// cross-entropy with training-time test.
     #[arg(long, default_value = "eagle")]
     pub kind: HeadKind,
+    /// Decoder layers of a new head (`--kind eagle`; EAGLE-3 heads have
+    /// one). `--evaluate` takes the head's own.
+    #[arg(long, default_value_t = 1)]
+    pub layers: usize,
     /// Training-time-test steps (`--kind eagle3`).
     #[arg(long, default_value_t = 3)]
     pub ttt_steps: usize,
@@ -88,6 +92,9 @@ pub struct TrainDraftArgs {
 #[derive(Debug, Serialize, Deserialize)]
 struct CheckpointState {
     kind: String,
+    /// Decoder layers (checkpoints made before heads had several: one).
+    #[serde(default = "one")]
+    layers: usize,
     /// What the run trained on and how; a resumed run must match.
     records: usize,
     batch_size: usize,
@@ -95,6 +102,10 @@ struct CheckpointState {
     epochs_done: usize,
     /// Per-epoch lines so far (the provenance).
     curve: Vec<String>,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Each record cut to `max_len`, with the target's states of `tap`
@@ -195,6 +206,7 @@ fn load_checkpoint(
         bail!("--resume: the checkpoint is of a --kind {} head", state.kind);
     }
     for (flag, was, now) in [
+        ("--layers", state.layers, args.layers),
         ("--batch-size", state.batch_size, args.batch_size),
         ("--max-len", state.max_len, args.max_len),
         ("the dataset's records (--dataset, --limit)", state.records, records),
@@ -208,7 +220,7 @@ fn load_checkpoint(
         .get("sub_vocab")
         .context("checkpoint without sub_vocab")?
         .to_vec1::<u32>()?;
-    let params = HeadParams::init(target, sub_vocab, args.seed, DType::F32, args.kind)?;
+    let params = HeadParams::init(target, sub_vocab, args.seed, DType::F32, args.kind, args.layers)?;
     for (name, var) in &params.vars {
         let v = t.get(name).with_context(|| format!("checkpoint without `{name}`"))?;
         if v.dims() != var.dims() {
@@ -230,6 +242,12 @@ fn held_out_line(s: &HeldOutStats) -> String {
 }
 
 pub fn run(args: TrainDraftArgs) -> Result<()> {
+    if args.layers == 0 || (args.kind == HeadKind::Eagle3 && args.layers != 1) {
+        bail!(
+            "--layers {}: an EAGLE head has at least one layer, an EAGLE-3 head exactly one",
+            args.layers
+        );
+    }
     init_threads(args.threads);
     crate::fetch::ensure_default_model(&args.model)?;
     let started = Instant::now();
@@ -261,14 +279,29 @@ pub fn run(args: TrainDraftArgs) -> Result<()> {
         if weights.kind() != args.kind {
             bail!("{} is a --kind {} head", dir.display(), weights.kind().as_str());
         }
-        let params = HeadParams::init(&target, weights.draft_to_target()?, 0, DType::F32, args.kind)?;
+        let params = HeadParams::init(
+            &target,
+            weights.draft_to_target()?,
+            0,
+            DType::F32,
+            weights.kind(),
+            weights.config.num_hidden_layers,
+        )?;
+        let mut params = params;
         for (name, var) in &params.vars {
-            var.set(
-                weights
-                    .tensors
-                    .get(name)
-                    .with_context(|| format!("{}: no `{name}`", dir.display()))?,
-            )?;
+            match weights.tensors.get(name) {
+                Some(t) => var.set(t)?,
+                // An `fc` bias is optional: zero, as a head without one.
+                None if name == "fc.bias" => {}
+                None => bail!("{}: no `{name}`", dir.display()),
+            }
+        }
+        // Optional tensors a new head lacks (a first-layer input norm, an
+        // output norm) take part as the engine runs them.
+        for (name, t) in &weights.tensors {
+            if name != "d2t" && params.vars.iter().all(|(n, _)| n != name) {
+                params.vars.push((name.clone(), candle_core::Var::from_tensor(t)?));
+            }
         }
         let held_data = with_features(&target, &held, args.max_len, &tap, cache.as_ref())?;
         let cfg = TrainConfig {
@@ -321,6 +354,7 @@ pub fn run(args: TrainDraftArgs) -> Result<()> {
         let (sub_vocab, coverage) = frequent_tokens(&train_data, args.sub_vocab, target.config().vocab_size);
         let state = CheckpointState {
             kind: args.kind.as_str().to_string(),
+            layers: args.layers,
             records: records.len(),
             batch_size: args.batch_size,
             max_len: args.max_len,
@@ -328,7 +362,7 @@ pub fn run(args: TrainDraftArgs) -> Result<()> {
             curve: Vec::new(),
         };
         (
-            HeadParams::init(&target, sub_vocab, args.seed, DType::F32, args.kind)?,
+            HeadParams::init(&target, sub_vocab, args.seed, DType::F32, args.kind, args.layers)?,
             state,
             coverage,
         )
@@ -396,10 +430,14 @@ pub fn run(args: TrainDraftArgs) -> Result<()> {
     let train_secs = train_start.elapsed().as_secs_f64();
     let mut weights = params.weights()?;
     weights.config.provenance = format!(
-        "heterospec train-draft --kind {}{} --dataset {} --sub-vocab {} --epochs {} --batch-size {} \
+        "heterospec train-draft --kind {}{}{} --dataset {} --sub-vocab {} --epochs {} --batch-size {} \
          --learning-rate {} --max-len {} --seed {} ({} records, {} sequences trained on, {answer_tokens} answer tokens, \
          {} held out; data {data_secs:.0} s, training {train_secs:.0} s{}; {})",
         args.kind.as_str(),
+        match args.layers {
+            1 => String::new(),
+            n => format!(" --layers {n}"),
+        },
         match args.kind {
             HeadKind::Eagle => String::new(),
             HeadKind::Eagle3 => format!(" --ttt-steps {}", args.ttt_steps),

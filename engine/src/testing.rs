@@ -155,14 +155,24 @@ pub fn tiny_training_data(seed: u64, tap: &crate::FeatureTap) -> Result<Vec<crat
         .collect()
 }
 
-/// A draft head of `kind` for the tiny target `seed`, trained for a few
-/// seconds on its greedy answers (a sub-vocabulary of 48 of its 64 tokens).
+/// A one-layer draft head of `kind` for the tiny target `seed`, trained
+/// for a few seconds on its greedy answers (a sub-vocabulary of 48 of its
+/// 64 tokens).
 pub fn tiny_head(seed: u64, kind: crate::spec::head::HeadKind) -> Result<crate::spec::DraftHead> {
+    tiny_head_with_layers(seed, kind, 1)
+}
+
+/// [`tiny_head`] with `layers` decoder layers.
+pub fn tiny_head_with_layers(
+    seed: u64,
+    kind: crate::spec::head::HeadKind,
+    layers: usize,
+) -> Result<crate::spec::DraftHead> {
     use crate::spec::train::{frequent_tokens, train, HeadParams, TrainConfig};
     let target = tiny_model(seed)?;
     let tokens_only = tiny_training_data(seed, &crate::FeatureTap::Final)?;
     let (sub_vocab, _) = frequent_tokens(&tokens_only, 48, 64);
-    let mut params = HeadParams::init(&target, sub_vocab, 1, candle_core::DType::F32, kind)?;
+    let mut params = HeadParams::init(&target, sub_vocab, 1, candle_core::DType::F32, kind, layers)?;
     let data = tiny_training_data(seed, &params.tap)?;
     let cfg = TrainConfig {
         sub_vocab: 48,

@@ -7,7 +7,7 @@
 use heterospec_engine::runner::{Runner, TokenOutput, TokenRequest};
 use heterospec_engine::spec::head::HeadKind;
 use heterospec_engine::spec::{CostCurve, SpecMode, SpecPolicy};
-use heterospec_engine::testing::{tiny_head, tiny_model, tiny_target, Lcg};
+use heterospec_engine::testing::{tiny_head, tiny_head_with_layers, tiny_model, tiny_target, Lcg};
 use heterospec_engine::{DrafterKind, Engine, EngineConfig, Sampler, SamplingParams};
 
 const TARGET_SEED: u64 = 5;
@@ -67,6 +67,11 @@ fn drafters() -> Vec<NamedDrafter> {
         }),
         ("hybrid", || {
             DrafterKind::Hybrid(Box::new(tiny_head(TARGET_SEED, HeadKind::Eagle).unwrap()))
+        }),
+        ("head-2layers", || {
+            DrafterKind::Head(Box::new(
+                tiny_head_with_layers(TARGET_SEED, HeadKind::Eagle, 2).unwrap(),
+            ))
         }),
     ]
 }

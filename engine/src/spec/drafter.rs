@@ -202,7 +202,7 @@ pub enum DraftSource {
     /// The target's first `num_layers` layers, reading and writing the
     /// target's KV of those layers (exact for every committed token).
     SelfLayers { num_layers: usize },
-    /// A draft head with its own one-layer paged KV and the target's final
+    /// A draft head with its own paged KV (a layer per head layer) and the target's final
     /// feature per KV slot (`features`, `(slots, hidden)`; slots of shared
     /// prefix blocks share their features like their K/V).
     Head {
@@ -266,7 +266,7 @@ impl ModelDrafter {
         let layout = KvLayout {
             num_blocks: target_layout.num_blocks,
             block_size: target_layout.block_size,
-            num_layers: 1,
+            num_layers: head.num_layers(),
             kv_size: head.kv_size(),
             scratch_slots,
         };
@@ -385,7 +385,7 @@ impl Drafter for ModelDrafter {
                     // A new sequence's head KV is built from its first token:
                     // blocks from the prefix cache hold the target's features
                     // but maybe no head K/V (their first owner may never have
-                    // drafted), and one layer over a prompt is cheap.
+                    // drafted), and a head's layers over a prompt are cheap.
                     DraftSource::Head { .. } => self.computed.get(&input.seq_id).copied().unwrap_or(0),
                     DraftSource::SelfLayers { .. } => input.num_computed,
                 }

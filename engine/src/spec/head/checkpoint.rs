@@ -1,5 +1,5 @@
 //! A draft head's checkpoint: its `config.json` (`HeadConfig`), the two
-//! layouts it may come in (`HeadKind`: EAGLE `layers.0.*`, EAGLE-3
+//! layouts it may come in (`HeadKind`: EAGLE `layers.{i}.*`, EAGLE-3
 //! `midlayer.*`), the tensor names of each, and its weights as read from
 //! safetensors (`HeadWeights`), checked against the target before use.
 //!
@@ -25,6 +25,9 @@ pub struct HeadConfig {
     pub num_key_value_heads: usize,
     #[serde(default)]
     pub head_dim: Option<usize>,
+    /// Decoder layers (EAGLE heads; EAGLE-3 heads have one).
+    #[serde(default = "one_layer")]
+    pub num_hidden_layers: usize,
     pub rms_norm_eps: f32,
     pub rope_theta: f32,
     /// The target's vocabulary size.
@@ -52,6 +55,10 @@ pub struct HeadConfig {
     pub norm_before_fc: bool,
 }
 
+fn one_layer() -> usize {
+    1
+}
+
 /// The `eagle_config` block of EAGLE-3 checkpoints.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EagleConfig {
@@ -77,11 +84,18 @@ impl HeadKind {
         }
     }
 
-    /// Tensor names of the decoder layer's matrices, in [`Layer::from_parts`] order.
-    pub fn layer_matrices(self) -> [&'static str; 7] {
-        match self {
-            HeadKind::Eagle => LAYER_MATRICES,
-            HeadKind::Eagle3 => EAGLE3_LAYER_MATRICES,
+    /// Tensor names of decoder layer `layer` (EAGLE: `layers.{layer}.*`;
+    /// EAGLE-3's one layer: `midlayer.*`).
+    pub fn layer_names(self, layer: usize) -> LayerNames {
+        debug_assert!(self == HeadKind::Eagle || layer == 0, "EAGLE-3 heads have one layer");
+        let prefix = match self {
+            HeadKind::Eagle => format!("layers.{layer}"),
+            HeadKind::Eagle3 => "midlayer".to_string(),
+        };
+        LayerNames {
+            matrices: LAYER_MATRIX_SUFFIXES.map(|m| format!("{prefix}.{m}.weight")),
+            input_norm: format!("{prefix}.input_layernorm.weight"),
+            post_norm: format!("{prefix}.post_attention_layernorm.weight"),
         }
     }
 
@@ -93,13 +107,18 @@ impl HeadKind {
             HeadKind::Eagle3 => FeatureTap::eagle3_default(num_layers),
         }
     }
+}
 
-    pub fn post_norm(self) -> &'static str {
-        match self {
-            HeadKind::Eagle => POST_NORM,
-            HeadKind::Eagle3 => EAGLE3_POST_NORM,
-        }
-    }
+/// Tensor names of one decoder layer of a head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerNames {
+    /// `[q, k, v, o, gate, up, down]`, in [`Layer::from_parts`] order.
+    pub matrices: [String; 7],
+    /// Before attention: optional on an EAGLE head's first layer (whose
+    /// input is `fc`'s output), required on later ones; EAGLE-3's norm of
+    /// the embedding half.
+    pub input_norm: String,
+    pub post_norm: String,
 }
 
 impl std::str::FromStr for HeadKind {
@@ -119,10 +138,10 @@ impl HeadConfig {
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
-    /// The head as a one-layer model config over the target's vocabulary.
+    /// The head as a model config over the target's vocabulary.
     pub fn layer_config(&self, target: &ModelConfig) -> ModelConfig {
         ModelConfig {
-            num_layers: 1,
+            num_layers: self.num_hidden_layers,
             hidden_size: self.hidden_size,
             intermediate_size: self.intermediate_size,
             num_heads: self.num_attention_heads,
@@ -140,33 +159,20 @@ impl HeadConfig {
     }
 }
 
-/// Tensor names of the decoder layer's matrices, in [`Layer::from_parts`] order.
-pub const LAYER_MATRICES: [&str; 7] = [
-    "layers.0.self_attn.q_proj.weight",
-    "layers.0.self_attn.k_proj.weight",
-    "layers.0.self_attn.v_proj.weight",
-    "layers.0.self_attn.o_proj.weight",
-    "layers.0.mlp.gate_proj.weight",
-    "layers.0.mlp.up_proj.weight",
-    "layers.0.mlp.down_proj.weight",
-];
-/// EAGLE-3's names for the same matrices.
-pub const EAGLE3_LAYER_MATRICES: [&str; 7] = [
-    "midlayer.self_attn.q_proj.weight",
-    "midlayer.self_attn.k_proj.weight",
-    "midlayer.self_attn.v_proj.weight",
-    "midlayer.self_attn.o_proj.weight",
-    "midlayer.mlp.gate_proj.weight",
-    "midlayer.mlp.up_proj.weight",
-    "midlayer.mlp.down_proj.weight",
+/// A decoder layer's matrices after its prefix, in [`Layer::from_parts`] order.
+const LAYER_MATRIX_SUFFIXES: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
 ];
 pub const EAGLE3_INPUT_NORM: &str = "midlayer.input_layernorm.weight";
 pub const EAGLE3_HIDDEN_NORM: &str = "midlayer.hidden_norm.weight";
-pub const EAGLE3_POST_NORM: &str = "midlayer.post_attention_layernorm.weight";
 pub const FC: &str = "fc.weight";
 pub const FC_BIAS: &str = "fc.bias";
-pub const INPUT_NORM: &str = "layers.0.input_layernorm.weight";
-pub const POST_NORM: &str = "layers.0.post_attention_layernorm.weight";
 pub const OUTPUT_NORM: &str = "norm.weight";
 pub const LM_HEAD: &str = "lm_head.weight";
 pub const D2T: &str = "d2t";
@@ -325,31 +331,58 @@ impl HeadWeights {
             HeadKind::Eagle => (2 * h, h),
             HeadKind::Eagle3 => (taps * h, 2 * h),
         };
-        let m = kind.layer_matrices();
-        let mut expected: Vec<(&str, Vec<usize>)> = vec![
-            (FC, vec![h, fc_in]),
-            (m[0], vec![q, attn_in]),
-            (m[1], vec![kv, attn_in]),
-            (m[2], vec![kv, attn_in]),
-            (m[3], vec![h, q]),
-            (m[4], vec![ff, h]),
-            (m[5], vec![ff, h]),
-            (m[6], vec![h, ff]),
-            (kind.post_norm(), vec![h]),
-        ];
+        let layers = c.num_hidden_layers;
+        if layers == 0 || (kind == HeadKind::Eagle3 && layers != 1) {
+            return Err(format!(
+                "`num_hidden_layers` {layers}: an EAGLE head has at least one layer, an EAGLE-3 head exactly one"
+            ));
+        }
+        // Tensors of layers the config does not have (EAGLE-3: any `layers.*`).
+        let has = if kind == HeadKind::Eagle { layers } else { 0 };
+        let beyond = self
+            .tensors
+            .keys()
+            .filter_map(|k| Some((k.strip_prefix("layers.")?.split('.').next()?.parse::<usize>().ok()?, k)))
+            .filter(|&(i, _)| i >= has)
+            .min();
+        if let Some((_, extra)) = beyond {
+            return Err(format!(
+                "tensor `{extra}` but `num_hidden_layers` is {layers} in config.json"
+            ));
+        }
+        let mut expected: Vec<(String, Vec<usize>)> = vec![(FC.into(), vec![h, fc_in])];
+        for layer in 0..layers {
+            let names = kind.layer_names(layer);
+            let [wq, wk, wv, wo, gate, up, down] = names.matrices;
+            let attn_in = if layer == 0 { attn_in } else { h };
+            expected.extend([
+                (wq, vec![q, attn_in]),
+                (wk, vec![kv, attn_in]),
+                (wv, vec![kv, attn_in]),
+                (wo, vec![h, q]),
+                (gate, vec![ff, h]),
+                (up, vec![ff, h]),
+                (down, vec![h, ff]),
+                (names.post_norm, vec![h]),
+            ]);
+            // EAGLE's first layer reads `fc`'s output as it is (its input
+            // norm is optional); later layers norm the residual stream.
+            if layer > 0 || kind == HeadKind::Eagle3 || self.tensors.contains_key(&names.input_norm) {
+                expected.push((names.input_norm, vec![h]));
+            }
+        }
         if kind == HeadKind::Eagle3 {
             if c.norm_before_residual || c.norm_before_fc {
                 return Err("an EAGLE-3 variant with `norm_before_residual` or `norm_before_fc`, \
                             which this engine does not run"
                     .into());
             }
-            expected.push((EAGLE3_INPUT_NORM, vec![h]));
-            expected.push((EAGLE3_HIDDEN_NORM, vec![h]));
-            expected.push((OUTPUT_NORM, vec![h]));
+            expected.push((EAGLE3_HIDDEN_NORM.into(), vec![h]));
+            expected.push((OUTPUT_NORM.into(), vec![h]));
         }
-        for optional in [FC_BIAS, INPUT_NORM, OUTPUT_NORM] {
+        for optional in [FC_BIAS, OUTPUT_NORM] {
             if self.tensors.contains_key(optional) {
-                expected.push((optional, vec![h]));
+                expected.push((optional.into(), vec![h]));
             }
         }
         if let Some(dims) = self.dims("embed_tokens.weight") {
@@ -366,19 +399,19 @@ impl HeadWeights {
         let dv = c.draft_vocab_size.unwrap_or(c.vocab_size);
         match self.dims(LM_HEAD) {
             Some(_) => {
-                expected.push((LM_HEAD, vec![dv, h]));
+                expected.push((LM_HEAD.into(), vec![dv, h]));
                 if dv != c.vocab_size || self.tensors.contains_key(D2T) {
-                    expected.push((D2T, vec![dv]));
+                    expected.push((D2T.into(), vec![dv]));
                 }
             }
-            None if kind == HeadKind::Eagle3 => expected.push((LM_HEAD, vec![dv, h])),
+            None if kind == HeadKind::Eagle3 => expected.push((LM_HEAD.into(), vec![dv, h])),
             None if c.draft_vocab_size.is_some() => {
                 return Err("`draft_vocab_size` in config.json but no `lm_head.weight`".into())
             }
             None => {}
         }
         for (name, shape) in expected {
-            match self.dims(name) {
+            match self.dims(&name) {
                 None => return Err(format!("tensor `{name}` is missing")),
                 Some(d) if d != shape => return Err(format!("tensor `{name}` has shape {d:?}, expected {shape:?}")),
                 Some(_) => {}

@@ -1,20 +1,22 @@
-//! An EAGLE-style draft head: one decoder layer that predicts the target's
+//! An EAGLE-style draft head: one or more decoder layers that predict the target's
 //! next final-layer feature from the current feature and the embedding of
 //! the token that follows it, with an output layer over a frequent-token
 //! sub-vocabulary.
 //!
 //! Row `q` of the head reads `fc([embed(token_q) | feature_{q-1}])`, runs the
-//! decoder layer (its K/V live in the head's own paged KV, addressed by the
-//! target's block tables) and outputs `f̂_q`, a guess of the target's feature
+//! decoder layers (layer `i`'s K/V live in layer `i` of the head's own paged
+//! KV, addressed by the target's block tables) and outputs `f̂_q`, a guess of the target's feature
 //! at `q`; `lm_head(f̂_q)` ranks token `q + 1`. The target's real features
 //! come from the verify forward (no extra target work); deeper tree nodes
 //! feed the head its own guesses.
 //!
 //! Checkpoints use the EAGLE layout (safetensors with Hugging Face names plus
-//! a `config.json`): `fc.weight` `(h, 2h)`, optional `fc.bias`,
-//! `layers.0.self_attn.{q,k,v,o}_proj.weight`, `layers.0.mlp.{gate,up,down}_proj.weight`,
-//! `layers.0.post_attention_layernorm.weight`, optional
-//! `layers.0.input_layernorm.weight`, and optionally a sub-vocabulary
+//! a `config.json`): `fc.weight` `(h, 2h)`, optional `fc.bias`, for each
+//! layer `i < num_hidden_layers` (default 1)
+//! `layers.{i}.self_attn.{q,k,v,o}_proj.weight`, `layers.{i}.mlp.{gate,up,down}_proj.weight`,
+//! `layers.{i}.post_attention_layernorm.weight` and
+//! `layers.{i}.input_layernorm.weight` (optional for `i = 0`, whose input
+//! is `fc`'s output), and optionally a sub-vocabulary
 //! output: `lm_head.weight` `(draft_vocab, h)` with `d2t` (EAGLE-3's map:
 //! target id = draft id + `d2t[draft id]`) and a `norm.weight` before it.
 //! Without `lm_head.weight` the target's own output layer is used (EAGLE-1).
@@ -68,7 +70,8 @@ pub struct DraftHead {
     layer_config: ModelConfig,
     fc: Linear,
     fc_bias: Option<Vec<f32>>,
-    layer: Layer,
+    /// Layer `i` reads and writes KV layer `i` (EAGLE-3: one layer).
+    layers: Vec<Layer>,
     output_norm: Option<Vec<f32>>,
     /// `None`: the target's output layer.
     lm_head: Option<Linear>,
@@ -106,26 +109,33 @@ impl DraftHead {
             matrix(Tensor::from_vec(w, (rows, cols), &Device::Cpu)?)
         };
         let kind = weights.kind();
-        let m = kind.layer_matrices();
-        let parts = [
-            rope_rows(m[0], c.num_attention_heads)?,
-            rope_rows(m[1], c.num_key_value_heads)?,
-            matrix(get(m[2])?)?,
-            matrix(get(m[3])?)?,
-            matrix(get(m[4])?)?,
-            matrix(get(m[5])?)?,
-            matrix(get(m[6])?)?,
-        ];
-        let post_norm = vector(kind.post_norm())?.expect("checked");
-        let (attn_norm, eagle3_norms) = match kind {
-            HeadKind::Eagle => (vector(INPUT_NORM)?, None),
-            HeadKind::Eagle3 => (
-                None,
-                Some((
-                    vector(EAGLE3_INPUT_NORM)?.expect("checked"),
-                    vector(EAGLE3_HIDDEN_NORM)?.expect("checked"),
-                )),
-            ),
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let names = kind.layer_names(i);
+            let m = &names.matrices;
+            let parts = [
+                rope_rows(&m[0], c.num_attention_heads)?,
+                rope_rows(&m[1], c.num_key_value_heads)?,
+                matrix(get(&m[2])?)?,
+                matrix(get(&m[3])?)?,
+                matrix(get(&m[4])?)?,
+                matrix(get(&m[5])?)?,
+                matrix(get(&m[6])?)?,
+            ];
+            let post_norm = vector(&names.post_norm)?.expect("checked");
+            // EAGLE-3's input norm applies to the embedding half, outside the layer.
+            let attn_norm = match kind {
+                HeadKind::Eagle => vector(&names.input_norm)?,
+                HeadKind::Eagle3 => None,
+            };
+            layers.push(Layer::from_parts(attn_norm, post_norm, parts, format)?);
+        }
+        let eagle3_norms = match kind {
+            HeadKind::Eagle => None,
+            HeadKind::Eagle3 => Some((
+                vector(EAGLE3_INPUT_NORM)?.expect("checked"),
+                vector(EAGLE3_HIDDEN_NORM)?.expect("checked"),
+            )),
         };
         // EAGLE-3's fc reads raw residual streams, whose outliers would
         // swamp 8-bit activation blocks: it stays f32 (it runs once per
@@ -137,7 +147,7 @@ impl DraftHead {
         Ok(DraftHead {
             fc,
             fc_bias: vector(FC_BIAS)?,
-            layer: Layer::from_parts(attn_norm, post_norm, parts, format)?,
+            layers,
             output_norm: vector(OUTPUT_NORM)?,
             lm_head: weights
                 .tensors
@@ -206,9 +216,14 @@ impl DraftHead {
         self.layer_config.kv_size()
     }
 
-    /// Bytes per KV block: the head's K/V and the target feature of each slot.
+    /// Decoder layers (and so layers of the head's KV).
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Bytes per KV block: every layer's K/V and the target feature of each slot.
     pub fn bytes_per_block(&self, block_size: usize) -> usize {
-        (2 * self.kv_size() + self.hidden_size()) * block_size * std::mem::size_of::<f32>()
+        (2 * self.num_layers() * self.kv_size() + self.hidden_size()) * block_size * std::mem::size_of::<f32>()
     }
 
     /// Target id of an output row's column.
@@ -263,7 +278,9 @@ impl DraftHead {
         match &self.eagle3_norms {
             None => {
                 x = self.fc(&concat_rows(&embedded, features, h), n)?;
-                self.layer.forward(&mut x, &ctx, batch, kv, 0)?;
+                for (i, layer) in self.layers.iter().enumerate() {
+                    layer.forward(&mut x, &ctx, batch, kv, i)?;
+                }
             }
             Some((input_norm, hidden_norm)) => {
                 let eps = self.config.rms_norm_eps;
@@ -271,8 +288,7 @@ impl DraftHead {
                 rms_norm_rows(&embedded, input_norm, eps, &mut e);
                 rms_norm_rows(features, hidden_norm, eps, &mut f);
                 x = features.to_vec();
-                self.layer
-                    .forward_from(&mut x, Some(&concat_rows(&e, &f, h)), &ctx, batch, kv, 0)?;
+                self.layers[0].forward_from(&mut x, Some(&concat_rows(&e, &f, h)), &ctx, batch, kv, 0)?;
             }
         }
         let mut hidden = Vec::with_capacity(batch.num_logits_rows() * h);

@@ -8,7 +8,7 @@ use candle_core::DType;
 fn saved_head(dir: &Path, kind: HeadKind) -> HeadWeights {
     let target = tiny_model(5).unwrap();
     let (sub, _) = frequent_tokens(&tiny_training_data(5, &FeatureTap::Final).unwrap(), 48, 64);
-    let w = HeadParams::init(&target, sub, 3, DType::F32, kind)
+    let w = HeadParams::init(&target, sub, 3, DType::F32, kind, 1)
         .unwrap()
         .weights()
         .unwrap();
@@ -22,7 +22,7 @@ fn the_sub_vocabulary_map_round_trips() {
     let mut tensors = HashMap::new();
     tensors.insert(D2T.to_string(), HeadWeights::d2t_tensor(&sub).unwrap());
     let w = HeadWeights {
-        config: HeadParams::init(&tiny_model(5).unwrap(), sub.clone(), 1, DType::F32, HeadKind::Eagle)
+        config: HeadParams::init(&tiny_model(5).unwrap(), sub.clone(), 1, DType::F32, HeadKind::Eagle, 1)
             .unwrap()
             .config,
         tensors,
@@ -54,11 +54,12 @@ fn checkpoints_with_wrong_shapes_or_another_vocabulary_are_refused() {
         other_vocab.config.vocab_size = 100;
         let e = err(&other_vocab);
         assert!(e.contains("vocabulary of 100 tokens, the target's has 64"), "{e}");
-        let k_proj = kind.layer_matrices()[1];
+        let k_proj = kind.layer_names(0).matrices[1].clone();
         let mut wrong_shape = good.clone();
-        wrong_shape
-            .tensors
-            .insert(k_proj.into(), Tensor::zeros((7, 32), DType::F32, &Device::Cpu).unwrap());
+        wrong_shape.tensors.insert(
+            k_proj.clone(),
+            Tensor::zeros((7, 32), DType::F32, &Device::Cpu).unwrap(),
+        );
         let e = err(&wrong_shape);
         let columns = if kind == HeadKind::Eagle { 32 } else { 64 }; // EAGLE-3 attends over [embed | x]
         assert!(
@@ -85,9 +86,62 @@ fn checkpoints_with_wrong_shapes_or_another_vocabulary_are_refused() {
             });
             let e = err(&deep);
             assert!(e.contains("feature layers [0, 1, 9], the target has 2 layers"), "{e}");
+            let mut two = good.clone();
+            two.config.num_hidden_layers = 2;
+            let e = err(&two);
+            assert!(e.contains("an EAGLE-3 head exactly one"), "{e}");
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+#[test]
+fn heads_of_several_layers_load_and_need_every_layer() {
+    let dir = std::env::temp_dir().join(format!("heterospec-head-layers-{}", std::process::id()));
+    let target = tiny_model(5).unwrap();
+    let (sub, _) = frequent_tokens(&tiny_training_data(5, &FeatureTap::Final).unwrap(), 48, 64);
+    let good = HeadParams::init(&target, sub, 3, DType::F32, HeadKind::Eagle, 2)
+        .unwrap()
+        .weights()
+        .unwrap();
+    good.save(&dir).unwrap();
+    let loaded = HeadWeights::load(&dir, &tiny_config()).unwrap();
+    assert_eq!(loaded.config.num_hidden_layers, 2);
+    let head = DraftHead::new(&loaded, &tiny_config(), WeightFormat::AsShipped).unwrap();
+    assert_eq!(head.num_layers(), 2);
+    // K and V of both layers and the target feature, per slot.
+    assert_eq!(
+        head.bytes_per_block(16),
+        (2 * 2 * head.kv_size() + head.hidden_size()) * 16 * 4
+    );
+    let err = |w: &HeadWeights| {
+        w.save(&dir).unwrap();
+        HeadWeights::load(&dir, &tiny_config()).unwrap_err().to_string()
+    };
+    let mut no_norm = good.clone();
+    no_norm.tensors.remove("layers.1.input_layernorm.weight");
+    let e = err(&no_norm);
+    assert!(e.contains("tensor `layers.1.input_layernorm.weight` is missing"), "{e}");
+    let mut fewer = good.clone();
+    fewer.config.num_hidden_layers = 1;
+    let e = err(&fewer);
+    assert!(e.contains("but `num_hidden_layers` is 1"), "{e}");
+    let mut none = good.clone();
+    none.config.num_hidden_layers = 0;
+    assert!(err(&none).contains("`num_hidden_layers` 0"));
+    // EAGLE-3 heads have one layer.
+    let sub = loaded.draft_to_target().unwrap();
+    let e = HeadParams::init(&target, sub, 3, DType::F32, HeadKind::Eagle3, 2)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("an EAGLE-3 head exactly one"), "{e}");
+    // A config without the key (as the committed head's) has one layer.
+    let mut json: serde_json::Value = serde_json::to_value(&good.config).unwrap();
+    json.as_object_mut().unwrap().remove("num_hidden_layers");
+    let config: HeadConfig = serde_json::from_value(json).unwrap();
+    assert_eq!(config.num_hidden_layers, 1);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

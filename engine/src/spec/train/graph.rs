@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::Result;
 use crate::spec::head::{
-    HeadConfig, HeadKind, EAGLE3_HIDDEN_NORM, EAGLE3_INPUT_NORM, FC, FC_BIAS, LM_HEAD, OUTPUT_NORM,
+    HeadConfig, HeadKind, LayerNames, EAGLE3_HIDDEN_NORM, EAGLE3_INPUT_NORM, FC, FC_BIAS, LM_HEAD, OUTPUT_NORM,
 };
 use crate::spec::train::{Batch, HeadParams};
 
@@ -75,14 +75,14 @@ impl Graph<'_> {
     }
 
     /// RoPE'd queries and (repeated to every query head) keys and values of
-    /// `input` `(b*t, in)`, each `(b, heads, t, hd)`.
-    fn qkv(&self, input: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    /// `input` `(b*t, in)` through layer `names`, each `(b, heads, t, hd)`.
+    fn qkv(&self, input: &Tensor, names: &LayerNames) -> Result<(Tensor, Tensor, Tensor)> {
         let c = &self.p.config;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
-        let m = self.p.kind.layer_matrices();
-        let q = self.rope(&self.heads(self.lin(input, m[0])?, nh)?)?;
-        let k = self.rope(&self.heads(self.lin(input, m[1])?, nkv)?)?;
-        let v = self.heads(self.lin(input, m[2])?, nkv)?;
+        let m = &names.matrices;
+        let q = self.rope(&self.heads(self.lin(input, &m[0])?, nh)?)?;
+        let k = self.rope(&self.heads(self.lin(input, &m[1])?, nkv)?)?;
+        let v = self.heads(self.lin(input, &m[2])?, nkv)?;
         let (b, t) = (self.b, self.t);
         let repeat = |y: Tensor| -> Result<Tensor> {
             Ok(y.unsqueeze(2)?
@@ -103,17 +103,17 @@ impl Graph<'_> {
 
     /// Attention output `(b, heads, t, hd)` -> the residual update `(b*t, h)`,
     /// then the gated MLP: the layer's output stream.
-    fn finish_layer(&self, x: &Tensor, attn: Tensor) -> Result<Tensor> {
+    fn finish_layer(&self, x: &Tensor, attn: Tensor, names: &LayerNames) -> Result<Tensor> {
         let c = &self.p.config;
-        let m = self.p.kind.layer_matrices();
+        let m = &names.matrices;
         let attn = attn
             .transpose(1, 2)?
             .reshape((self.b * self.t, c.num_attention_heads * c.head_dim()))?;
-        let x = (x + self.lin(&attn, m[3])?)?;
-        let normed = rms_norm(&x, self.p.get(self.p.kind.post_norm()), c.rms_norm_eps as f64)?;
-        let gate = self.lin(&normed, m[4])?.silu()?;
-        let up = self.lin(&normed, m[5])?;
-        Ok((&x + self.lin(&(gate * up)?, m[6])?)?)
+        let x = (x + self.lin(&attn, &m[3])?)?;
+        let normed = rms_norm(&x, self.p.get(&names.post_norm), c.rms_norm_eps as f64)?;
+        let gate = self.lin(&normed, &m[4])?.silu()?;
+        let up = self.lin(&normed, &m[5])?;
+        Ok((&x + self.lin(&(gate * up)?, &m[6])?)?)
     }
 }
 
@@ -142,12 +142,29 @@ pub fn forward(p: &HeadParams, batch: &Batch, steps: usize) -> Result<Vec<(Tenso
     match p.kind {
         HeadKind::Eagle => {
             let input = Tensor::cat(&[&batch.embeds, &batch.features_in], 2)?.reshape((b * t, 2 * h))?;
-            let x = g.lin(&input, FC)?.broadcast_add(p.get(FC_BIAS))?;
-            let (q, k, v) = g.qkv(&x)?;
-            let scores = (q.matmul(&k.t()?.contiguous()?)? / scale)?.broadcast_add(&g.causal_mask(0, dtype)?)?;
-            let weights = candle_nn::ops::softmax(&scores, D::Minus1)?;
-            let x = g.finish_layer(&x, weights.matmul(&v.contiguous()?)?)?;
-            let logits = g.lin(&x, LM_HEAD)?;
+            let mut x = g.lin(&input, FC)?;
+            if let Some(bias) = p.try_get(FC_BIAS) {
+                x = x.broadcast_add(bias)?;
+            }
+            let mask = g.causal_mask(0, dtype)?;
+            for layer in 0..c.num_hidden_layers {
+                let names = p.kind.layer_names(layer);
+                // The first layer reads `fc`'s output as it is unless the
+                // head has a norm there; later layers norm the stream.
+                let input = match p.try_get(&names.input_norm) {
+                    Some(w) => rms_norm(&x, w, c.rms_norm_eps as f64)?,
+                    None => x.clone(),
+                };
+                let (q, k, v) = g.qkv(&input, &names)?;
+                let scores = (q.matmul(&k.t()?.contiguous()?)? / scale)?.broadcast_add(&mask)?;
+                let weights = candle_nn::ops::softmax(&scores, D::Minus1)?;
+                x = g.finish_layer(&x, weights.matmul(&v.contiguous()?)?, &names)?;
+            }
+            // A loaded head may norm before its output layer, as the engine does.
+            let logits = match p.try_get(OUTPUT_NORM) {
+                Some(w) => g.lin(&rms_norm(&x, w, c.rms_norm_eps as f64)?, LM_HEAD)?,
+                None => g.lin(&x, LM_HEAD)?,
+            };
             Ok(vec![(x, logits)])
         }
         HeadKind::Eagle3 => {
@@ -156,9 +173,10 @@ pub fn forward(p: &HeadParams, batch: &Batch, steps: usize) -> Result<Vec<(Tenso
             let mut x_in = g.lin(&batch.features_in.reshape((b * t, fw))?, FC)?;
             let (mut keys, mut values) = (Vec::new(), Vec::new());
             let mut out = Vec::new();
+            let names = p.kind.layer_names(0);
             for j in 0..steps.max(1) {
                 let input = Tensor::cat(&[&embeds, &rms_norm(&x_in, p.get(EAGLE3_HIDDEN_NORM), eps)?], 1)?;
-                let (q, k, v) = g.qkv(&input)?;
+                let (q, k, v) = g.qkv(&input, &names)?;
                 keys.push(k);
                 values.push(v);
                 // Step-0 rows up to q - j, then the diagonal of steps 1..=j:
@@ -176,7 +194,7 @@ pub fn forward(p: &HeadParams, batch: &Batch, steps: usize) -> Result<Vec<(Tenso
                 for (i, v_i) in shifted_values.iter().enumerate() {
                     attn = (attn + weights.narrow(D::Minus1, t + i, 1)?.broadcast_mul(v_i)?)?;
                 }
-                let x = g.finish_layer(&x_in, attn)?;
+                let x = g.finish_layer(&x_in, attn, &names)?;
                 let logits = g.lin(&rms_norm(&x, p.get(OUTPUT_NORM), eps)?, LM_HEAD)?;
                 // Next step: row q reads this step's output of row q - 1.
                 x_in = shift(&x.reshape((b, t, h))?, 1, 1)?.reshape((b * t, h))?;

@@ -112,8 +112,22 @@ impl HeadParams {
     /// A new head of `kind` for `target`: random matrices (seeded), unit
     /// norms, the output layer initialised from the target's embedding rows
     /// of the sub-vocabulary (its output layer when tied, as for the default
-    /// model). It reads `kind.default_tap`.
-    pub fn init(target: &Model, sub_vocab: Vec<u32>, seed: u64, dtype: DType, kind: HeadKind) -> Result<Self> {
+    /// model). It reads `kind.default_tap`. EAGLE heads may have several
+    /// decoder `layers` (each after the first with an input norm); EAGLE-3
+    /// heads have one.
+    pub fn init(
+        target: &Model,
+        sub_vocab: Vec<u32>,
+        seed: u64,
+        dtype: DType,
+        kind: HeadKind,
+        layers: usize,
+    ) -> Result<Self> {
+        if layers == 0 || (kind == HeadKind::Eagle3 && layers != 1) {
+            return Err(EngineError::Config(format!(
+                "{layers} head layers: an EAGLE head has at least one, an EAGLE-3 head exactly one"
+            )));
+        }
         let c = target.config();
         let tap = kind.default_tap(c.num_layers);
         let config = HeadConfig {
@@ -122,6 +136,7 @@ impl HeadParams {
             num_attention_heads: c.num_heads,
             num_key_value_heads: c.num_kv_heads,
             head_dim: Some(c.head_dim),
+            num_hidden_layers: layers,
             rms_norm_eps: c.rms_norm_eps,
             rope_theta: c.rope_theta,
             vocab_size: c.vocab_size,
@@ -157,18 +172,26 @@ impl HeadParams {
             HeadKind::Eagle3 => (tap.width(h), 2 * h),
         };
         let mut vars = vec![(FC.to_string(), random((h, fc_in))?)];
-        for (name, shape) in kind.layer_matrices().iter().zip([
-            (q, attn_in),
-            (kv, attn_in),
-            (kv, attn_in),
-            (h, q),
-            (ff, h),
-            (ff, h),
-            (h, ff),
-        ]) {
-            vars.push((name.to_string(), random(shape)?));
-        }
         let ones = || Var::ones(h, dtype, &Device::Cpu);
+        for layer in 0..layers {
+            let names = kind.layer_names(layer);
+            let attn_in = if layer == 0 { attn_in } else { h };
+            for (name, shape) in names.matrices.iter().zip([
+                (q, attn_in),
+                (kv, attn_in),
+                (kv, attn_in),
+                (h, q),
+                (ff, h),
+                (ff, h),
+                (h, ff),
+            ]) {
+                vars.push((name.clone(), random(shape)?));
+            }
+            vars.push((names.post_norm.clone(), ones()?));
+            if layer > 0 {
+                vars.push((names.input_norm.clone(), ones()?));
+            }
+        }
         match kind {
             HeadKind::Eagle => vars.push((FC_BIAS.to_string(), Var::zeros(h, dtype, &Device::Cpu)?)),
             HeadKind::Eagle3 => {
@@ -177,7 +200,6 @@ impl HeadParams {
                 }
             }
         }
-        vars.push((kind.post_norm().to_string(), ones()?));
         let rows = target.embed(sub_vocab.iter().copied());
         let lm = Tensor::from_vec(rows, (sub_vocab.len(), h), &Device::Cpu)?.to_dtype(dtype)?;
         vars.push((LM_HEAD.to_string(), Var::from_tensor(&lm)?));
@@ -197,11 +219,11 @@ impl HeadParams {
     }
 
     fn get(&self, name: &str) -> &Tensor {
-        self.vars
-            .iter()
-            .find(|v| v.0 == name)
-            .map(|v| v.1.as_tensor())
-            .expect("every head tensor is a parameter")
+        self.try_get(name).expect("every head tensor is a parameter")
+    }
+
+    fn try_get(&self, name: &str) -> Option<&Tensor> {
+        self.vars.iter().find(|v| v.0 == name).map(|v| v.1.as_tensor())
     }
 
     /// The checkpoint of the current values (f32).

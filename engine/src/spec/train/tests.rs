@@ -5,7 +5,8 @@ use crate::model::WeightFormat;
 use crate::spec::head::DraftHead;
 use crate::testing::{tiny_model, tiny_training_data};
 
-const KINDS: [HeadKind; 2] = [HeadKind::Eagle, HeadKind::Eagle3];
+/// Head designs and decoder layers the tests run.
+const SHAPES: [(HeadKind, usize); 3] = [(HeadKind::Eagle, 1), (HeadKind::Eagle3, 1), (HeadKind::Eagle, 2)];
 
 fn no_noise_batch(target: &Model, p: &HeadParams, data: &[TrainSequence], dtype: DType) -> Batch {
     let sub_index = p.sub_vocab.iter().enumerate().map(|(i, &t)| (t, i as u32)).collect();
@@ -24,20 +25,20 @@ fn no_noise_batch(target: &Model, p: &HeadParams, data: &[TrainSequence], dtype:
     .unwrap()
 }
 
-/// The tiny target 5, a new head of `kind` on it and its training data
-/// (the head's tap).
-fn setup(kind: HeadKind, dtype: DType) -> (Model, HeadParams, Vec<TrainSequence>) {
+/// The tiny target 5, a new head of `kind` with `layers` on it and its
+/// training data (the head's tap).
+fn setup((kind, layers): (HeadKind, usize), dtype: DType) -> (Model, HeadParams, Vec<TrainSequence>) {
     let target = tiny_model(5).unwrap();
     let (sub, _) = frequent_tokens(&tiny_training_data(5, &FeatureTap::Final).unwrap(), 48, 64);
-    let p = HeadParams::init(&target, sub, 3, dtype, kind).unwrap();
+    let p = HeadParams::init(&target, sub, 3, dtype, kind, layers).unwrap();
     let data = tiny_training_data(5, &p.tap).unwrap();
     (target, p, data)
 }
 
 #[test]
 fn the_training_graph_computes_what_the_engine_runs() {
-    for kind in KINDS {
-        let (target, mut p, data) = setup(kind, DType::F32);
+    for shape @ (kind, layers) in SHAPES {
+        let (target, mut p, data) = setup(shape, DType::F32);
         // Non-trivial norms and bias, so their placement is checked too.
         let h = p.config.hidden_size;
         for (k, (_, var)) in p.vars.iter_mut().enumerate().filter(|(_, v)| v.1.rank() == 1) {
@@ -50,7 +51,7 @@ fn the_training_graph_computes_what_the_engine_runs() {
         let steps = forward(&p, &batch, 3).unwrap();
         let rows = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let head = DraftHead::new(&p.weights().unwrap(), target.config(), WeightFormat::AsShipped).unwrap();
-        assert_eq!(head.kind(), kind);
+        assert_eq!((head.kind(), head.num_layers()), shape);
         let fw = p.tap.width(h);
         let mut states = vec![0.0; fw];
         states.extend_from_slice(&seq.features[..(n - 1) * fw]);
@@ -58,7 +59,7 @@ fn the_training_graph_computes_what_the_engine_runs() {
         let layout = KvLayout {
             num_blocks: n.div_ceil(4),
             block_size: 4,
-            num_layers: 1,
+            num_layers: layers,
             kv_size: head.kv_size(),
             scratch_slots: 0,
         };
@@ -72,10 +73,10 @@ fn the_training_graph_computes_what_the_engine_runs() {
                 .unwrap()
         };
         let close = |a: &[f32], b: &[f32], what: &str| {
-            assert_eq!(a.len(), b.len(), "{kind:?} {what}");
-            assert!(a.iter().any(|&x| x.abs() > 0.1), "{kind:?} {what}");
+            assert_eq!(a.len(), b.len(), "{shape:?} {what}");
+            assert!(a.iter().any(|&x| x.abs() > 0.1), "{shape:?} {what}");
             let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-            assert!(worst < 1e-3, "{kind:?} {what}: max difference {worst}");
+            assert!(worst < 1e-3, "{shape:?} {what}: max difference {worst}");
         };
         // Step 0 over the whole sequence in two runs: the second reads
         // the first's K/V from paged storage.
@@ -120,10 +121,10 @@ fn the_training_graph_computes_what_the_engine_runs() {
 
 #[test]
 fn gradients_match_finite_differences_and_training_lowers_the_loss() {
-    for kind in KINDS {
+    for shape in SHAPES {
         // Gradient check in f64 on a few entries of every tensor
         // (EAGLE-3 through three training-time-test steps).
-        let (target, p, data) = setup(kind, DType::F64);
+        let (target, p, data) = setup(shape, DType::F64);
         let batch = no_noise_batch(&target, &p, &data[..4], DType::F64);
         let (total, ..) = loss(&p, &batch, 0.5, 3).unwrap();
         let grads = total.backward().unwrap();
@@ -150,13 +151,13 @@ fn gradients_match_finite_differences_and_training_lowers_the_loss() {
                     .unwrap();
                 assert!(
                     (numeric - g[idx]).abs() <= 1e-6 + 1e-4 * numeric.abs().max(g[idx].abs()),
-                    "{kind:?} {name}[{idx}]: autograd {} finite difference {numeric}",
+                    "{shape:?} {name}[{idx}]: autograd {} finite difference {numeric}",
                     g[idx]
                 );
             }
         }
         // A short run lowers the loss on the training data.
-        let (target, mut p, data) = setup(kind, DType::F32);
+        let (target, mut p, data) = setup(shape, DType::F32);
         let batch = no_noise_batch(&target, &p, &data, DType::F32);
         let cfg = TrainConfig {
             max_len: 64,
@@ -173,7 +174,7 @@ fn gradients_match_finite_differences_and_training_lowers_the_loss() {
         let total = |l: &(Tensor, f64, f64, f64)| scalar(&l.0).unwrap();
         assert!(
             total(&after) < 0.7 * total(&before) && after.1 <= 0.7 * before.1 && after.2 < 0.7 * before.2,
-            "{kind:?}: loss {:.4} -> {:.4}, feature loss {:.4} -> {:.4}, token loss {:.3} -> {:.3} (epochs {epochs:?})",
+            "{shape:?}: loss {:.4} -> {:.4}, feature loss {:.4} -> {:.4}, token loss {:.3} -> {:.3} (epochs {epochs:?})",
             total(&before),
             total(&after),
             before.1,
@@ -181,7 +182,7 @@ fn gradients_match_finite_differences_and_training_lowers_the_loss() {
             before.2,
             after.2
         );
-        assert!(after.3 > before.3, "{kind:?}: top-1 {:.3} -> {:.3}", before.3, after.3);
+        assert!(after.3 > before.3, "{shape:?}: top-1 {:.3} -> {:.3}", before.3, after.3);
     }
 }
 
@@ -225,10 +226,10 @@ fn packed_features_equal_one_sequence_at_a_time() {
 
 #[test]
 fn held_out_figures_agree_with_the_loss_and_rise_with_training_and_a_resumed_run_does_the_rest() {
-    for kind in KINDS {
-        let (target, p, data) = setup(kind, DType::F32);
+    for shape @ (kind, layers) in SHAPES {
+        let (target, p, data) = setup(shape, DType::F32);
         // A sub-vocabulary that leaves some answer tokens out.
-        let mut p = HeadParams::init(&target, p.sub_vocab[..3].to_vec(), 3, DType::F32, kind).unwrap();
+        let mut p = HeadParams::init(&target, p.sub_vocab[..3].to_vec(), 3, DType::F32, kind, layers).unwrap();
         let cfg = TrainConfig {
             max_len: 64,
             epochs: 12,
@@ -257,12 +258,12 @@ fn held_out_figures_agree_with_the_loss_and_rise_with_training_and_a_resumed_run
         let expected = acc * inside / next.len() as f64;
         assert!(
             (before.top1[0] - expected).abs() < 1e-9,
-            "{kind:?}: {} vs {expected}",
+            "{shape:?}: {} vs {expected}",
             before.top1[0]
         );
         assert!(
             (before.token_loss - ce).abs() < 1e-4 * ce.max(1.0),
-            "{kind:?}: {} vs {ce}",
+            "{shape:?}: {} vs {ce}",
             before.token_loss
         );
         // A resumed run runs only the epochs left, and reports each.
@@ -273,7 +274,7 @@ fn held_out_figures_agree_with_the_loss_and_rise_with_training_and_a_resumed_run
         };
         train(&target, &mut p, &data, &cfg, |_, _, _| {}, |_, _, _| Ok(())).unwrap();
         let after = evaluate(&target, &p, &data, &cfg).unwrap();
-        assert!(after.top1[0] > before.top1[0], "{kind:?}: {before:?} -> {after:?}");
+        assert!(after.top1[0] > before.top1[0], "{shape:?}: {before:?} -> {after:?}");
         assert!(after.tau_estimate(4) > before.tau_estimate(4));
         let epochs = train(
             &target,
