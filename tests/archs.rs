@@ -19,12 +19,14 @@ use heterospec_kv::{BlockPool, BlockPoolConfig, BlockTable};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-/// The tiny models, written once per test process.
+/// The tiny models, written once per test process into the build's own
+/// scratch folder (the same bytes every time, so one folder serves every
+/// run and nothing is left in the system's temporary folder).
 fn tiny_models() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let dir = std::env::temp_dir().join(format!("heterospec-archs-{}", std::process::id()));
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("archs-tiny-models");
         let pydeps = python_packages(&[("gguf", "0.17.1"), ("numpy", "2.4.6")]);
         let out = Command::new("python3")
             .arg(root.join("scripts/arch_goldens.py"))

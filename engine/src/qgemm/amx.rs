@@ -34,6 +34,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::lines::Lines;
 use super::{Q8Rows, BLOCK};
 
 /// Weight and activation rows per tile.
@@ -84,11 +85,11 @@ pub struct Strips {
     /// unit reads the strips.
     offset: bool,
     /// Q4: (strips, pairs, 8, 64); Q8: (strips, blocks, 8, 64).
-    data: Vec<u8>,
+    data: Lines<u8>,
     /// (strips, blocks, 16): block scales, zero for padding rows.
-    d: Vec<f32>,
+    d: Lines<f32>,
     /// (strips, blocks, 16): Q4 offsets (`value = d q + m`); empty for Q8.
-    m: Vec<f32>,
+    m: Lines<f32>,
 }
 
 impl Strips {
@@ -138,20 +139,17 @@ impl Strips {
         q: impl Fn(usize, usize) -> u8,
     ) -> Self {
         let nb = cols / BLOCK;
+        let scale_len = rows.div_ceil(TILE) * nb * TILE;
         let mut out = Strips {
             rows,
             cols,
             four_bit,
             offset: false,
-            data: Vec::new(),
-            d: vec![0.0; rows.div_ceil(TILE) * nb * TILE],
-            m: if m.is_some() {
-                vec![0.0; rows.div_ceil(TILE) * nb * TILE]
-            } else {
-                Vec::new()
-            },
+            data: Lines::zeroed(0),
+            d: Lines::zeroed(scale_len),
+            m: Lines::zeroed(if m.is_some() { scale_len } else { 0 }),
         };
-        out.data = vec![0u8; out.strips() * out.strip_bytes()];
+        out.data = Lines::zeroed(out.strips() * out.strip_bytes());
         let strip_bytes = out.strip_bytes();
         for r in 0..rows {
             let (s, lane) = (r / TILE, r % TILE);
@@ -303,13 +301,11 @@ unsafe fn strip_row_groups(w: &Strips, s: usize, x: &Q8Rows, out: &mut [f32], un
 /// Strip `s`'s 4-bit blocks as bytes `(blocks, 8, 64)` in `buf`, each
 /// pair of blocks loaded once.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,fma")]
-unsafe fn unpack_strip(w: &Strips, s: usize, buf: &mut Vec<u8>) -> *const u8 {
+unsafe fn unpack_strip(w: &Strips, s: usize, buf: &mut Lines<u8>) -> *const u8 {
     let nb = w.nblocks();
     let base = w.data.as_ptr().add(s * w.strip_bytes());
     // Every byte of the first `nb` blocks is written below.
-    if buf.len() < nb * STRIP_BLOCK {
-        buf.resize(nb * STRIP_BLOCK, 0);
-    }
+    buf.grow_to(nb * STRIP_BLOCK);
     let low = _mm512_set1_epi8(0x0F);
     let dst = buf.as_mut_ptr();
     for p in 0..nb.div_ceil(2) {
@@ -412,7 +408,7 @@ unsafe fn strip_row_group<const R: usize>(
 
 thread_local! {
     /// One strip's weights as bytes, `(blocks, 8, 64)` (4-bit pairs split).
-    static UNPACKED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static UNPACKED: RefCell<Lines<u8>> = RefCell::new(Lines::zeroed(0));
 }
 
 /// Tile configuration (palette 1): tiles 0/3 token rows (16 x 32 bytes),
@@ -440,7 +436,7 @@ struct Sums([i32; 2 * TILE * TILE]);
 
 /// Strip `s` against all token rows, 16 at a time on the tile unit.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,fma")]
-unsafe fn strip_tiles(w: &Strips, s: usize, x: &Q8Rows, xa: &AmxRows, out: &mut [f32], buf: &mut Vec<u8>) {
+unsafe fn strip_tiles(w: &Strips, s: usize, x: &Q8Rows, xa: &AmxRows, out: &mut [f32], buf: &mut Lines<u8>) {
     let (k, nb, n) = (w.cols, w.nblocks(), w.rows);
     let valid = TILE.min(n - s * TILE);
     let base = w.data.as_ptr().add(s * w.strip_bytes());

@@ -41,6 +41,8 @@ macro_rules! dispatch_tile {
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+#[cfg(target_arch = "x86_64")]
+mod lines;
 pub mod peak;
 mod q4;
 pub use q4::Q4Matrix;
