@@ -1,7 +1,8 @@
 //! `heterospec bench spec`: plain decoding, chain speculation, the fixed
 //! tree and HeteroSpec side by side in one run, on the same prompts, per
 //! category and overall, at each concurrency: mean acceptance length,
-//! verified tokens per committed token, tok/s, speedup over plain, and the
+//! verified tokens per committed token, tok/s, speedup over plain decoding
+//! on the same engine (each compared drafter runs its own plain), and the
 //! share of steps per tier. Every request generates exactly
 //! `--max-new-tokens` greedy tokens, and the outputs of all variants are
 //! checked to be identical.
@@ -181,7 +182,7 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
             (v.to_string(), e, mode)
         })
         .collect();
-    // Other drafters: their fixed tree and HeteroSpec, each with its own
+    // Other drafters: plain, their fixed tree and HeteroSpec, each with its own
     // committed calibration.
     for d in &args.compare_drafters {
         let mut other = args.engine.clone();
@@ -204,6 +205,10 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
                 .build_engine(&args.model)
                 .with_context(|| format!("--compare-drafters {d}"))?,
         );
+        // Its own plain run: copies of one model in one process decode at
+        // measurably different speeds, so each drafter is compared with
+        // plain decoding on its own engine.
+        variants.push((format!("{label}-plain"), engines.len() - 1, SpecMode::Off));
         for (suffix, mode) in [("fixed", SpecMode::Fixed), ("hetero", SpecMode::Hetero)] {
             if !args.variants.iter().any(|v| v == suffix) {
                 continue;
@@ -281,13 +286,22 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
             rows.push(row(c, variant, "overall", &total));
         }
     }
-    let plain: BTreeMap<(usize, String), f64> = rows
+    // Speedups are over plain decoding on the variant's own engine (the
+    // chain engine, built from the main one's settings, uses the main one's).
+    let plain_of = |variant: &str| -> String {
+        let engine = variants.iter().find(|v| v.0 == variant).map_or(0, |v| v.1);
+        variants
+            .iter()
+            .find(|v| v.1 == engine && v.2 == SpecMode::Off)
+            .map_or_else(|| "plain".to_string(), |v| v.0.clone())
+    };
+    let tok_s: BTreeMap<(usize, String, String), f64> = rows
         .iter()
-        .filter(|r| r.variant == "plain")
-        .map(|r| ((r.concurrency, r.category.clone()), r.tokens_per_second))
+        .map(|r| ((r.concurrency, r.category.clone(), r.variant.clone()), r.tokens_per_second))
         .collect();
     for r in &mut rows {
-        r.speedup = r.tokens_per_second / plain[&(r.concurrency, r.category.clone())];
+        let plain = tok_s[&(r.concurrency, r.category.clone(), plain_of(&r.variant))];
+        r.speedup = r.tokens_per_second / plain;
     }
 
     #[derive(Serialize)]
