@@ -297,7 +297,12 @@ pub fn run(args: SpecBenchArgs) -> Result<()> {
     };
     let tok_s: BTreeMap<(usize, String, String), f64> = rows
         .iter()
-        .map(|r| ((r.concurrency, r.category.clone(), r.variant.clone()), r.tokens_per_second))
+        .map(|r| {
+            (
+                (r.concurrency, r.category.clone(), r.variant.clone()),
+                r.tokens_per_second,
+            )
+        })
         .collect();
     for r in &mut rows {
         let plain = tok_s[&(r.concurrency, r.category.clone(), plain_of(&r.variant))];
