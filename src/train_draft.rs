@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use heterospec_engine::spec::head::{HeadKind, HeadWeights};
+use heterospec_engine::spec::head::{HeadKind, HeadWeights, D2T, FC_BIAS};
 use heterospec_engine::spec::train::{
     evaluate, frequent_tokens, target_features_packed, train, HeadParams, HeldOutStats, TrainConfig, TrainSequence,
 };
@@ -242,11 +242,8 @@ fn held_out_line(s: &HeldOutStats) -> String {
 }
 
 pub fn run(args: TrainDraftArgs) -> Result<()> {
-    if args.layers == 0 || (args.kind == HeadKind::Eagle3 && args.layers != 1) {
-        bail!(
-            "--layers {}: an EAGLE head has at least one layer, an EAGLE-3 head exactly one",
-            args.layers
-        );
+    if let Err(e) = args.kind.check_layers(args.layers) {
+        bail!("--layers {}: {e}", args.layers);
     }
     init_threads(args.threads);
     crate::fetch::ensure_default_model(&args.model)?;
@@ -279,7 +276,7 @@ pub fn run(args: TrainDraftArgs) -> Result<()> {
         if weights.kind() != args.kind {
             bail!("{} is a --kind {} head", dir.display(), weights.kind().as_str());
         }
-        let params = HeadParams::init(
+        let mut params = HeadParams::init(
             &target,
             weights.draft_to_target()?,
             0,
@@ -287,19 +284,18 @@ pub fn run(args: TrainDraftArgs) -> Result<()> {
             weights.kind(),
             weights.config.num_hidden_layers,
         )?;
-        let mut params = params;
         for (name, var) in &params.vars {
             match weights.tensors.get(name) {
                 Some(t) => var.set(t)?,
                 // An `fc` bias is optional: zero, as a head without one.
-                None if name == "fc.bias" => {}
+                None if name == FC_BIAS => {}
                 None => bail!("{}: no `{name}`", dir.display()),
             }
         }
         // Optional tensors a new head lacks (a first-layer input norm, an
         // output norm) take part as the engine runs them.
         for (name, t) in &weights.tensors {
-            if name != "d2t" && params.vars.iter().all(|(n, _)| n != name) {
+            if name != D2T && params.vars.iter().all(|(n, _)| n != name) {
                 params.vars.push((name.clone(), candle_core::Var::from_tensor(t)?));
             }
         }

@@ -99,6 +99,15 @@ impl HeadKind {
         }
     }
 
+    /// Whether a head of this kind may have `layers` decoder layers (the
+    /// reason when not).
+    pub fn check_layers(self, layers: usize) -> std::result::Result<(), String> {
+        if layers == 0 || (self == HeadKind::Eagle3 && layers != 1) {
+            return Err("an EAGLE head has at least one layer, an EAGLE-3 head exactly one".into());
+        }
+        Ok(())
+    }
+
     /// The target states a new head of this kind reads, for a target of
     /// `num_layers` (EAGLE-3: layers 2, L/2 and L-3).
     pub fn default_tap(self, num_layers: usize) -> FeatureTap {
@@ -136,6 +145,27 @@ impl HeadConfig {
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// `(rows, columns)` of decoder layer `layer`'s matrices, in
+    /// [`LayerNames::matrices`] order: the first layer's attention reads
+    /// `first_in` columns, later layers the hidden size.
+    pub fn layer_shapes(&self, layer: usize, first_in: usize) -> [(usize, usize); 7] {
+        let (h, ff) = (self.hidden_size, self.intermediate_size);
+        let (q, kv) = (
+            self.num_attention_heads * self.head_dim(),
+            self.num_key_value_heads * self.head_dim(),
+        );
+        let attn_in = if layer == 0 { first_in } else { h };
+        [
+            (q, attn_in),
+            (kv, attn_in),
+            (kv, attn_in),
+            (h, q),
+            (ff, h),
+            (ff, h),
+            (h, ff),
+        ]
     }
 
     /// The head as a model config over the target's vocabulary.
@@ -309,11 +339,6 @@ impl HeadWeights {
                 c.num_attention_heads, c.num_key_value_heads
             ));
         }
-        let (q, kv, ff) = (
-            c.num_attention_heads * c.head_dim(),
-            c.num_key_value_heads * c.head_dim(),
-            c.intermediate_size,
-        );
         let tap = self.feature_tap(target.num_layers);
         let taps = match &tap {
             FeatureTap::Final => 1,
@@ -332,11 +357,8 @@ impl HeadWeights {
             HeadKind::Eagle3 => (taps * h, 2 * h),
         };
         let layers = c.num_hidden_layers;
-        if layers == 0 || (kind == HeadKind::Eagle3 && layers != 1) {
-            return Err(format!(
-                "`num_hidden_layers` {layers}: an EAGLE head has at least one layer, an EAGLE-3 head exactly one"
-            ));
-        }
+        kind.check_layers(layers)
+            .map_err(|e| format!("`num_hidden_layers` {layers}: {e}"))?;
         // Tensors of layers the config does not have (EAGLE-3: any `layers.*`).
         let has = if kind == HeadKind::Eagle { layers } else { 0 };
         let beyond = self
@@ -353,18 +375,15 @@ impl HeadWeights {
         let mut expected: Vec<(String, Vec<usize>)> = vec![(FC.into(), vec![h, fc_in])];
         for layer in 0..layers {
             let names = kind.layer_names(layer);
-            let [wq, wk, wv, wo, gate, up, down] = names.matrices;
-            let attn_in = if layer == 0 { attn_in } else { h };
-            expected.extend([
-                (wq, vec![q, attn_in]),
-                (wk, vec![kv, attn_in]),
-                (wv, vec![kv, attn_in]),
-                (wo, vec![h, q]),
-                (gate, vec![ff, h]),
-                (up, vec![ff, h]),
-                (down, vec![h, ff]),
-                (names.post_norm, vec![h]),
-            ]);
+            let shapes = c.layer_shapes(layer, attn_in);
+            expected.extend(
+                names
+                    .matrices
+                    .iter()
+                    .zip(shapes)
+                    .map(|(name, (rows, cols))| (name.clone(), vec![rows, cols])),
+            );
+            expected.push((names.post_norm.clone(), vec![h]));
             // EAGLE's first layer reads `fc`'s output as it is (its input
             // norm is optional); later layers norm the residual stream.
             if layer > 0 || kind == HeadKind::Eagle3 || self.tensors.contains_key(&names.input_norm) {

@@ -16,6 +16,12 @@ fn saved_head(dir: &Path, kind: HeadKind) -> HeadWeights {
     w
 }
 
+/// Why loading `w` from `dir` (where it is saved first) fails.
+fn refusal(dir: &Path, w: &HeadWeights) -> String {
+    w.save(dir).unwrap();
+    HeadWeights::load(dir, &tiny_config()).unwrap_err().to_string()
+}
+
 #[test]
 fn the_sub_vocabulary_map_round_trips() {
     let sub: Vec<u32> = vec![7, 3, 63, 0, 12];
@@ -46,10 +52,7 @@ fn checkpoints_with_wrong_shapes_or_another_vocabulary_are_refused() {
         let dir = std::env::temp_dir().join(format!("heterospec-head-bad-{}-{}", kind.as_str(), std::process::id()));
         let good = saved_head(&dir, kind);
         assert_eq!(HeadWeights::load(&dir, &tiny_config()).unwrap().kind(), kind);
-        let err = |w: &HeadWeights| {
-            w.save(&dir).unwrap();
-            HeadWeights::load(&dir, &tiny_config()).unwrap_err().to_string()
-        };
+        let err = |w: &HeadWeights| refusal(&dir, w);
         let mut other_vocab = good.clone();
         other_vocab.config.vocab_size = 100;
         let e = err(&other_vocab);
@@ -114,10 +117,7 @@ fn heads_of_several_layers_load_and_need_every_layer() {
         head.bytes_per_block(16),
         (2 * 2 * head.kv_size() + head.hidden_size()) * 16 * 4
     );
-    let err = |w: &HeadWeights| {
-        w.save(&dir).unwrap();
-        HeadWeights::load(&dir, &tiny_config()).unwrap_err().to_string()
-    };
+    let err = |w: &HeadWeights| refusal(&dir, w);
     let mut no_norm = good.clone();
     no_norm.tensors.remove("layers.1.input_layernorm.weight");
     let e = err(&no_norm);

@@ -123,11 +123,8 @@ impl HeadParams {
         kind: HeadKind,
         layers: usize,
     ) -> Result<Self> {
-        if layers == 0 || (kind == HeadKind::Eagle3 && layers != 1) {
-            return Err(EngineError::Config(format!(
-                "{layers} head layers: an EAGLE head has at least one, an EAGLE-3 head exactly one"
-            )));
-        }
+        kind.check_layers(layers)
+            .map_err(|e| EngineError::Config(format!("{layers} head layers: {e}")))?;
         let c = target.config();
         let tap = kind.default_tap(c.num_layers);
         let config = HeadConfig {
@@ -157,7 +154,7 @@ impl HeadParams {
             },
         };
         let mut rng = StdRng::seed_from_u64(seed);
-        let (h, q, kv, ff) = (c.hidden_size, c.q_size(), c.kv_size(), c.intermediate_size);
+        let h = c.hidden_size;
         let mut random = |shape: (usize, usize)| -> Result<Var> {
             let std = 1.0 / (shape.1 as f32).sqrt();
             let data: Vec<f32> = (0..shape.0 * shape.1)
@@ -175,16 +172,7 @@ impl HeadParams {
         let ones = || Var::ones(h, dtype, &Device::Cpu);
         for layer in 0..layers {
             let names = kind.layer_names(layer);
-            let attn_in = if layer == 0 { attn_in } else { h };
-            for (name, shape) in names.matrices.iter().zip([
-                (q, attn_in),
-                (kv, attn_in),
-                (kv, attn_in),
-                (h, q),
-                (ff, h),
-                (ff, h),
-                (h, ff),
-            ]) {
+            for (name, shape) in names.matrices.iter().zip(config.layer_shapes(layer, attn_in)) {
                 vars.push((name.clone(), random(shape)?));
             }
             vars.push((names.post_norm.clone(), ones()?));
