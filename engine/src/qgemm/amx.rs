@@ -288,11 +288,13 @@ unsafe fn strip_row_groups(w: &Strips, s: usize, x: &Q8Rows, out: &mut [f32], un
     let mut row = 0;
     while row < x.rows {
         let left = x.rows - row;
+        // The first group asks for the next strip while it computes.
+        let ahead = row == 0 && s + 1 < w.strips();
         match left {
-            1 => strip_row_group::<1>(w, s, x, row, out, unpacked),
-            2 => strip_row_group::<2>(w, s, x, row, out, unpacked),
-            3 => strip_row_group::<3>(w, s, x, row, out, unpacked),
-            _ => strip_row_group::<ROW_GROUP>(w, s, x, row, out, unpacked),
+            1 => strip_row_group::<1>(w, s, x, row, out, unpacked, ahead),
+            2 => strip_row_group::<2>(w, s, x, row, out, unpacked, ahead),
+            3 => strip_row_group::<3>(w, s, x, row, out, unpacked, ahead),
+            _ => strip_row_group::<ROW_GROUP>(w, s, x, row, out, unpacked, ahead),
         }
         row += left.min(ROW_GROUP);
     }
@@ -324,6 +326,29 @@ unsafe fn unpack_strip(w: &Strips, s: usize, buf: &mut Lines<u8>) -> *const u8 {
     buf.as_ptr()
 }
 
+/// Asks the cache for what block `b` of strip `s + 1` reads (its values,
+/// scales and offsets), so that the next strip's first touch does not
+/// wait on memory while this one computes. No effect on any result.
+#[inline(always)]
+unsafe fn prefetch_next(w: &Strips, s: usize, b: usize) {
+    let data = w.data.as_ptr().add((s + 1) * w.strip_bytes());
+    let unit = match (w.four_bit, b % 2) {
+        (true, 1) => None,
+        (true, _) => Some(b / 2),
+        (false, _) => Some(b),
+    };
+    if let Some(unit) = unit {
+        for line in 0..STRIP_BLOCK / 64 {
+            _mm_prefetch::<_MM_HINT_T0>(data.add(unit * STRIP_BLOCK + line * 64) as *const i8);
+        }
+    }
+    let at = ((s + 1) * w.nblocks() + b) * TILE;
+    _mm_prefetch::<_MM_HINT_T0>(w.d.as_ptr().add(at) as *const i8);
+    if w.four_bit {
+        _mm_prefetch::<_MM_HINT_T0>(w.m.as_ptr().add(at) as *const i8);
+    }
+}
+
 /// Token rows that share each weight load of [`strip_rows`] (their sums
 /// and accumulators stay in registers: 2 x 4 of the 32 zmm).
 const ROW_GROUP: usize = 4;
@@ -344,6 +369,7 @@ unsafe fn strip_row_group<const R: usize>(
     row0: usize,
     out: &mut [f32],
     unpacked: Option<*const u8>,
+    ahead: bool,
 ) {
     let (k, nb, n) = (w.cols, w.nblocks(), w.rows);
     let valid = TILE.min(n - s * TILE);
@@ -352,6 +378,9 @@ unsafe fn strip_row_group<const R: usize>(
     let zero = _mm512_setzero_si512();
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..nb {
+        if ahead {
+            prefetch_next(w, s, b);
+        }
         let mut sums = [zero; R];
         // Unsigned bytes: unpacked 4-bit values or offset 8-bit ones.
         let bytes = match unpacked {
