@@ -63,7 +63,8 @@ fn quantized_product_is_close_to_exact_f32() {
 }
 
 /// The strip kernels: AMX runs 8 or more token rows on tiles and fewer on
-/// AVX-512 VNNI, and the VNNI kernel runs rows in groups of 4: a row's
+/// AVX-512 VNNI, and the VNNI kernel runs rows in groups of 8, 4, 3, 2
+/// or 1 (whichever fits what is left): a row's
 /// result must be the same bits alone and in any batch, or a token's logits
 /// would depend on its batch; and both kernels give the same bits.
 #[test]
@@ -95,7 +96,15 @@ fn strip_kernel_results_do_not_depend_on_the_batch() {
 
 fn strip_kernel_is_batch_invariant(kind: KernelKind) {
     let mut rng = Lcg(21);
-    for &(m, n, k) in &[(8, 16, 32), (9, 33, 576), (17, 70, 96), (40, 19, 1536), (3, 31, 64)] {
+    for &(m, n, k) in &[
+        (8, 16, 32),
+        (9, 33, 576),
+        (17, 70, 96),
+        (40, 19, 1536),
+        (3, 31, 64),
+        (6, 20, 64),
+        (15, 18, 96),
+    ] {
         let w: Vec<f32> = (0..n * k).map(|_| rng.f()).collect();
         let x: Vec<f32> = (0..m * k).map(|_| rng.f() * 3.0).collect();
         let q8 = Q8Matrix::from_f32(&w, n, k);
