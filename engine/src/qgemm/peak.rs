@@ -21,7 +21,7 @@ pub fn int8_macs_per_second() -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        let vnni = super::amx::vnni_available();
+        let vnni = super::vnni::vnni_available();
         let avx2 = has!("avx2") && has!("fma");
         if !(vnni || avx2) {
             return None;

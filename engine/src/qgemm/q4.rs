@@ -30,7 +30,7 @@ pub struct Q4Matrix {
     packed: Vec<u8>,
     /// The same values in the AMX kernel's layout, built on first use.
     #[cfg(target_arch = "x86_64")]
-    strips: std::sync::OnceLock<super::amx::Strips>,
+    strips: std::sync::OnceLock<super::strips::Strips>,
 }
 
 impl Q4Matrix {
@@ -131,17 +131,17 @@ impl Q4Matrix {
 
     pub fn matmul_q8(&self, x: &Q8Rows, out: &mut [f32], kind: KernelKind) {
         #[cfg(target_arch = "x86_64")]
-        if matches!(kind, KernelKind::Amx | KernelKind::Vnni) {
-            return super::amx::strips_matmul(&[self.strips()], x, &mut [out], kind);
+        if kind.uses_strips() {
+            return super::strips::strips_matmul(&[self.strips()], x, &mut [out], kind);
         }
         run_tiles(self, x, out, kind);
     }
 
     /// The strip layout of the strip kernels, built on first use.
     #[cfg(target_arch = "x86_64")]
-    pub(crate) fn strips(&self) -> &super::amx::Strips {
+    pub(crate) fn strips(&self) -> &super::strips::Strips {
         self.strips.get_or_init(|| {
-            super::amx::Strips::from_q4(self.rows, self.cols, &self.d, &self.m, |r, c| {
+            super::strips::Strips::from_q4(self.rows, self.cols, &self.d, &self.m, |r, c| {
                 self.value(r, c / BLOCK, c % BLOCK)
             })
         })
@@ -159,9 +159,6 @@ impl TileKernel for Q4Matrix {
 
     fn tile(&self, x: &Q8Rows, n: usize, m: usize, mr: usize, nr: usize, kind: KernelKind, acc: &mut [[f32; NR]; MR]) {
         match kind {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Avx2` is only chosen when the CPU has AVX2 and FMA.
-            KernelKind::Avx2 => unsafe { simd::tile_avx2(self, x, n, m, mr, nr, acc) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Avx512` is only chosen when the CPU has AVX-512 F/BW/DQ.
             KernelKind::Avx512 => unsafe { simd::tile_avx512(self, x, n, m, mr, nr, acc) },
@@ -190,22 +187,9 @@ impl Q4Matrix {
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::super::x86::{hsum, pair};
+    use super::super::x86::pair;
     use super::{Q4Matrix, Q8Rows, BLOCK, MR, NR};
     use std::arch::x86_64::*;
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile_avx2(
-        w: &Q4Matrix,
-        x: &Q8Rows,
-        n: usize,
-        m: usize,
-        mr: usize,
-        nr: usize,
-        acc: &mut [[f32; NR]; MR],
-    ) {
-        dispatch_tile!(fixed_avx2, (mr, nr), w, x, n, m, acc)
-    }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma")]
     pub unsafe fn tile_avx512(
@@ -227,52 +211,6 @@ mod simd {
         let wm = &w.m[wr * nb..(wr + 1) * nb];
         let xs = &x.scaled_sums[xr * nb..(xr + 1) * nb];
         wm.iter().zip(xs).map(|(a, b)| a * b).sum()
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn fixed_avx2<const M: usize, const N: usize>(
-        w: &Q4Matrix,
-        x: &Q8Rows,
-        n: usize,
-        m: usize,
-        out: &mut [[f32; NR]; MR],
-    ) {
-        let k = w.cols;
-        let nb = w.nblocks();
-        let row_bytes = w.row_bytes();
-        let ones = _mm256_set1_epi16(1);
-        let low = _mm256_set1_epi8(0x0F);
-        let mut acc = [[_mm256_setzero_ps(); N]; M];
-        let (wp, xq, wd, xs) = (w.packed.as_ptr(), x.quants.as_ptr(), w.d.as_ptr(), x.scales.as_ptr());
-        for p in 0..nb.div_ceil(2) {
-            let mut q = [[_mm256_setzero_si256(); 2]; N];
-            for j in 0..N {
-                // SAFETY: p < row_bytes / 32 for row n + j < rows.
-                let v = _mm256_loadu_si256(wp.add((n + j) * row_bytes + p * BLOCK) as *const __m256i);
-                q[j][0] = _mm256_and_si256(v, low);
-                q[j][1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-            }
-            for h in 0..2 {
-                let b = 2 * p + h;
-                if b >= nb {
-                    break;
-                }
-                for i in 0..M {
-                    let xv = _mm256_loadu_si256(xq.add((m + i) * k + b * BLOCK) as *const __m256i);
-                    let dx = *xs.add((m + i) * nb + b);
-                    for j in 0..N {
-                        let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(q[j][h], xv), ones);
-                        let scale = _mm256_set1_ps(*wd.add((n + j) * nb + b) * dx);
-                        acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[i][j]);
-                    }
-                }
-            }
-        }
-        for i in 0..M {
-            for j in 0..N {
-                out[i][j] = hsum(acc[i][j]) + offsets(w, x, n + j, m + i);
-            }
-        }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma")]

@@ -63,18 +63,15 @@ fn quantized_product_is_close_to_exact_f32() {
 }
 
 /// The strip kernels: AMX runs 8 or more token rows on tiles and fewer on
-/// AVX-512 VNNI, and the VNNI kernel runs rows in groups of 8, 4, 3, 2
-/// or 1 (whichever fits what is left): a row's
+/// AVX-512 VNNI, the VNNI kernel runs rows in groups of 8, 4, 3, 2 or 1
+/// (whichever fits what is left), the AVX2 one in groups of 4 to 1: a row's
 /// result must be the same bits alone and in any batch, or a token's logits
 /// would depend on its batch; and both kernels give the same bits.
 #[test]
 fn strip_kernel_results_do_not_depend_on_the_batch() {
-    let kinds: Vec<KernelKind> = [KernelKind::Vnni, KernelKind::Amx]
-        .into_iter()
-        .filter(|k| available_kernels().contains(k))
-        .collect();
+    let kinds: Vec<KernelKind> = available_kernels().into_iter().filter(|k| k.uses_strips()).collect();
     if kinds.is_empty() {
-        println!("no AVX-512 VNNI on this CPU: nothing to check");
+        println!("no strip kernel on this CPU: nothing to check");
         return;
     }
     for kind in kinds {
@@ -139,26 +136,30 @@ fn strip_kernel_is_batch_invariant(kind: KernelKind) {
 }
 
 /// 8-bit strips stored as `q + 128` (CPUs without AMX) give the same bits
-/// as signed ones: the kernel takes `128 * sum(x)` off each block's sum.
+/// as signed ones, on every strip kernel without tiles: VNNI takes
+/// `128 * sum(x)` off each block's sum, AVX2 flips the bytes back.
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn offset_and_signed_8bit_strips_give_the_same_bits() {
-    if !available_kernels().contains(&KernelKind::Vnni) {
-        println!("no AVX-512 VNNI on this CPU: nothing to check");
-        return;
-    }
+    let kinds: Vec<KernelKind> = [KernelKind::Avx2, KernelKind::Vnni]
+        .into_iter()
+        .filter(|k| available_kernels().contains(k))
+        .collect();
     let mut rng = Lcg(23);
-    for &(m, n, k) in &[(1, 16, 32), (5, 33, 576), (17, 70, 96)] {
+    for (kind, &(m, n, k)) in kinds
+        .iter()
+        .flat_map(|k| [(1, 16, 32), (5, 33, 576), (17, 70, 96)].iter().map(move |s| (*k, s)))
+    {
         let w: Vec<f32> = (0..n * k).map(|_| rng.f()).collect();
         let x = Q8Rows::quantize(&(0..m * k).map(|_| rng.f() * 3.0).collect::<Vec<_>>(), m);
         let q8 = Q8Matrix::from_f32(&w, n, k);
         let bits = |offset: bool| {
-            let strips = super::amx::Strips::from_q8_as(n, k, &q8.quants, &q8.scales, offset);
+            let strips = super::strips::Strips::from_q8_as(n, k, &q8.quants, &q8.scales, offset);
             let mut out = vec![0.0; m * n];
-            super::amx::strips_matmul(&[&strips], &x, &mut [&mut out], KernelKind::Vnni);
+            super::strips::strips_matmul(&[&strips], &x, &mut [&mut out], kind);
             out.iter().map(|f| f.to_bits()).collect::<Vec<_>>()
         };
-        assert_eq!(bits(true), bits(false), "m{m} n{n} k{k}");
+        assert_eq!(bits(true), bits(false), "{kind:?} m{m} n{n} k{k}");
     }
 }
 

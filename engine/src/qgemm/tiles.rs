@@ -1,64 +1,11 @@
-//! The 8-bit tile kernels of CPUs without the strip kernels: AVX2 (+FMA)
-//! and AVX-512 (BW) over `MR x NR` tiles of the row-major weights, each
-//! weight block loaded once per tile and used for every token row of it.
+//! The 8-bit tile kernel of AVX-512 (BW) over `MR x NR` tiles of the
+//! row-major weights, each weight block loaded once per tile and used for
+//! every token row of it (`HETEROSPEC_QGEMM_KERNEL=avx512`; slower than
+//! the AVX2 strip kernel on the CPUs measured, so never the default).
 //!
 //! Invariant: a tile's sums for a token row are the same instructions in
 //! the same order whatever other rows share the tile (`mr` only changes how
 //! many rows run), so a row's result does not depend on its batch.
-
-pub(super) mod avx2 {
-    use super::super::x86::hsum;
-    use super::super::{Tile, BLOCK, MR, NR};
-    use std::arch::x86_64::*;
-
-    /// Full or partial tile; `mr <= MR`, `nr <= NR`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile(t: &Tile<'_>, mr: usize, nr: usize, out: &mut [[f32; NR]; MR]) {
-        dispatch_tile!(tile_fixed, (mr, nr), t, out)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_fixed<const M: usize, const N: usize>(t: &Tile<'_>, out: &mut [[f32; NR]; MR]) {
-        let k = t.w.cols;
-        let nblocks = k / BLOCK;
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [[_mm256_setzero_ps(); N]; M];
-        let wq = t.w.quants.as_ptr();
-        let xq = t.x.quants.as_ptr();
-        let ws = t.w.scales.as_ptr();
-        let xs = t.x.scales.as_ptr();
-        for b in 0..nblocks {
-            let mut wabs = [_mm256_setzero_si256(); N];
-            let mut wv = [_mm256_setzero_si256(); N];
-            let mut wd = [0.0f32; N];
-            for j in 0..N {
-                let row = t.n + j;
-                // SAFETY: row < rows and b < nblocks keep this in bounds.
-                wv[j] = _mm256_loadu_si256(wq.add(row * k + b * BLOCK) as *const __m256i);
-                wabs[j] = _mm256_sign_epi8(wv[j], wv[j]);
-                wd[j] = *ws.add(row * nblocks + b);
-            }
-            for i in 0..M {
-                let row = t.m + i;
-                let x = _mm256_loadu_si256(xq.add(row * k + b * BLOCK) as *const __m256i);
-                let xd = *xs.add(row * nblocks + b);
-                for j in 0..N {
-                    // |w| * (x * sign(w)) = w * x, in u8 x i8 pairs.
-                    let sx = _mm256_sign_epi8(x, wv[j]);
-                    let p16 = _mm256_maddubs_epi16(wabs[j], sx);
-                    let p32 = _mm256_madd_epi16(p16, ones);
-                    let scale = _mm256_set1_ps(wd[j] * xd);
-                    acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[i][j]);
-                }
-            }
-        }
-        for i in 0..M {
-            for j in 0..N {
-                out[i][j] = hsum(acc[i][j]);
-            }
-        }
-    }
-}
 
 pub(super) mod avx512 {
     use super::super::x86::pair;
