@@ -18,10 +18,10 @@
 //! VNNI strip kernel (`vnni.rs`), over weights in strips of 16 rows
 //! (`strips.rs`, built on first use; the same bits as each other), the
 //! AVX2 (+FMA) strip kernel over the same strips (`strips_avx2.rs`,
-//! `maddubs` int8 products), AVX-512 (BW) tiles
-//! of the row-major weights (`tiles.rs`, chosen only by name), and a
-//! portable scalar fallback used everywhere else. Threads: the output columns are split
-//! across the rayon pool.
+//! `maddubs` int8 products), AVX-512 (BW) tiles of the row-major weights
+//! (`tiles.rs`, chosen only by name), and a portable scalar fallback used
+//! everywhere else. Threads: the output columns are split across the rayon
+//! pool.
 
 use rayon::prelude::*;
 
