@@ -27,6 +27,7 @@ pub struct CpuModel {
 impl CpuModel {
     /// Takes every tensor it needs out of `t` (shapes checked).
     pub fn new(t: &mut ModelTensors, format: WeightFormat) -> Result<Self> {
+        crate::heap::keep_freed_buffers();
         let config = t.config.clone();
         let h = config.hidden_size;
         let mut layers = Vec::with_capacity(config.num_layers);

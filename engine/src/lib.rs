@@ -12,6 +12,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod health;
+pub mod heap;
 pub mod kv;
 pub(crate) mod layer;
 pub mod lease;
