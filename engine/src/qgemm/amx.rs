@@ -15,7 +15,9 @@ use super::strips::{block_update, store_lanes, unpack_strip, Strips, STRIP_BLOCK
 use super::{Q8Rows, BLOCK};
 
 /// From this many token rows on, the tile unit; below, AVX-512 VNNI (the
-/// crossing point measured by `examples/qgemm_kernels.rs`: 6-8 rows).
+/// crossing point measured by `examples/qgemm_kernels.rs`: 6-8 rows, with
+/// the VNNI kernel of 4 rows per weight load; not measured again since it
+/// takes 8, for want of an AMX machine; moving it changes no bits).
 pub const MIN_TILE_ROWS: usize = 8;
 
 /// Whether this CPU and kernel can run the tile instructions (and the

@@ -85,7 +85,7 @@ pub struct Q8Matrix {
     scales: Vec<f32>,
     /// (rows, cols)
     quants: Vec<i8>,
-    /// The same values in the AMX kernel's layout, built on first use.
+    /// The same values in strips (`strips.rs`), built on first use.
     #[cfg(target_arch = "x86_64")]
     strips: std::sync::OnceLock<strips::Strips>,
 }
@@ -397,8 +397,9 @@ impl TileKernel for Q8Matrix {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelKind {
     Scalar,
-    /// AVX2 (+FMA) over the 16-row weight strips, 8 rows at a time
-    /// (`strips_avx2.rs`): CPUs without AVX-512.
+    /// AVX2 (+FMA) over the 16-row weight strips, 8 weight rows by up to
+    /// 4 token rows at a time (`strips_avx2.rs`): CPUs without AVX-512
+    /// VNNI.
     Avx2,
     Avx512,
     /// AVX-512 VNNI over 16-row weight strips, for every row count (the
@@ -432,7 +433,7 @@ pub fn set_kernel_override(kind: Option<KernelKind>) {
 /// logits depend on the batch it ran in (and speculative decoding would no
 /// longer equal plain decoding). The fastest this CPU supports (AMX, whose
 /// few-row AVX-512 VNNI companion gives the same bits; else the VNNI strip
-/// kernel), unless `HETEROSPEC_QGEMM_KERNEL` (scalar, avx2, avx512, vnni,
+/// kernel; else the AVX2 strip kernel), unless `HETEROSPEC_QGEMM_KERNEL` (scalar, avx2, avx512, vnni,
 /// amx) or
 /// [`set_kernel_override`] picks another one.
 pub fn kernel_kind() -> KernelKind {

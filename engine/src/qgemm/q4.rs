@@ -28,7 +28,7 @@ pub struct Q4Matrix {
     m: Vec<f32>,
     /// (rows, row_bytes)
     packed: Vec<u8>,
-    /// The same values in the AMX kernel's layout, built on first use.
+    /// The same values in strips (`strips.rs`), built on first use.
     #[cfg(target_arch = "x86_64")]
     strips: std::sync::OnceLock<super::strips::Strips>,
 }

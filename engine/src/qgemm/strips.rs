@@ -221,8 +221,9 @@ pub fn strips_matmul(ws: &[&Strips], x: &Q8Rows, outs: &mut [&mut [f32]], kind: 
 }
 
 /// One block's scales applied to its integer sums (16 weight rows, one per
-/// lane, for one token row): the single place both kernels do this, so that
-/// they round identically.
+/// lane, for one token row): the single place the AMX and VNNI kernels do
+/// this, so that they round identically (the AVX2 kernel does the same
+/// operations on 8 lanes).
 #[inline(always)]
 pub(super) unsafe fn block_update(
     acc: __m512,

@@ -8,7 +8,7 @@
 //! with ones sums them to one i32 per weight row, added to the block's
 //! sums. 4-bit values are 0..15, so a pair is at most 2 x 15 x 127 and
 //! never saturates; 8-bit values are taken as `|w|` times `x` with `w`'s
-//! sign (at most 2 x 127 x 127, activations never being -128). The block's
+//! sign (at most 2 x 128 x 127, activations never being -128). The block's
 //! scales are then applied as the VNNI kernel applies them
 //! (`acc = fma(sum, dw dx, acc)`, then `fma(sx, mw, acc)` for 4-bit
 //! weights), so a row's result is the same instructions in the same order
@@ -38,8 +38,8 @@ pub fn available() -> bool {
 /// columns of `out (x.rows, w.rows)`.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA, `s` is a strip of `w`, and `out` holds
-/// `x.rows * w.rows()` values.
+/// The CPU has AVX2 and FMA, `s` is a strip of `w`, `x.cols == w.cols()`,
+/// and `out` holds `x.rows * w.rows()` values.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn strip_rows(w: &Strips, s: usize, x: &Q8Rows, out: &mut [f32]) {
     let valid = TILE.min(w.rows() - s * TILE);

@@ -199,3 +199,80 @@ fn zero_blocks_quantize_to_zero_without_nan() {
     let q = Q8Matrix::from_f32(&w, 1, 64);
     assert_eq!(q.matmul(&[1.0; 64], 1), vec![0.0]);
 }
+
+/// The extremes the strip kernels' integer sums must hold exactly: 4-bit
+/// weights all 15 against activations all ±127 (the AVX2 kernel's 16-bit
+/// pair sums at their bound), 8-bit weights of -128 (`|w|` = 128), signed
+/// and offset, and 24 weight rows (one and a half strips).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn strip_kernels_hold_the_extreme_values() {
+    let kinds: Vec<KernelKind> = available_kernels().into_iter().filter(|k| k.uses_strips()).collect();
+    let (m, n, k) = (17, 24, 96);
+    let nb = k / BLOCK;
+    // Every activation is its block's largest magnitude: quantized to ±127,
+    // all +127 in even rows (the largest sums), mixed signs in odd ones.
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| {
+            if (i / k) % 2 == 1 && (i / 5) % 3 == 0 {
+                -2.0
+            } else {
+                2.0
+            }
+        })
+        .collect();
+    let xq = Q8Rows::quantize(&x, m);
+    assert!(xq.quants.iter().all(|q| q.abs() == 127));
+    let xsum = |r: usize, b: usize| -> i64 { (0..BLOCK).map(|e| xq.quants[r * k + b * BLOCK + e] as i64).sum() };
+    let close = |got: &[f32], want: &[f64], what: &str| {
+        for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs()) * (k as f64).sqrt(),
+                "{what} at {i}: {a} vs {b}"
+            );
+        }
+    };
+    let d: Vec<f32> = (0..n * nb).map(|i| 0.01 + (i % 3) as f32 * 0.001).collect();
+    let offsets: Vec<f32> = (0..n * nb).map(|i| -0.05 * (i % 2) as f32).collect();
+    let q4 = Q4Matrix::from_parts(n, k, d.clone(), offsets.clone(), &vec![15u8; n * k]);
+    let want4: Vec<f64> = (0..m * n)
+        .map(|i| {
+            let (r, w) = (i / n, i % n);
+            (0..nb)
+                .map(|b| {
+                    let at = w * nb + b;
+                    d[at] as f64 * xq.scales[r * nb + b] as f64 * (15 * xsum(r, b)) as f64
+                        + offsets[at] as f64 * xq.scaled_sums[r * nb + b] as f64
+                })
+                .sum()
+        })
+        .collect();
+    let q8: Vec<i8> = (0..n * k)
+        .map(|i| if i % 3 == 0 { -128 } else { 127 - (i % 7) as i8 })
+        .collect();
+    let want8: Vec<f64> = (0..m * n)
+        .map(|i| {
+            let (r, w) = (i / n, i % n);
+            (0..nb)
+                .map(|b| {
+                    let dot: i64 = (0..BLOCK)
+                        .map(|e| q8[w * k + b * BLOCK + e] as i64 * xq.quants[r * k + b * BLOCK + e] as i64)
+                        .sum();
+                    d[w * nb + b] as f64 * xq.scales[r * nb + b] as f64 * dot as f64
+                })
+                .sum()
+        })
+        .collect();
+    for &kind in &kinds {
+        let mut out = vec![0.0; m * n];
+        q4.matmul_q8(&xq, &mut out, kind);
+        close(&out, &want4, &format!("{kind:?} 4-bit"));
+        // Offset strips are for kernels without tiles.
+        for offset in [false, true].into_iter().filter(|&o| !o || kind != KernelKind::Amx) {
+            let strips = super::strips::Strips::from_q8_as(n, k, &q8, &d, offset);
+            let mut out = vec![0.0; m * n];
+            super::strips::strips_matmul(&[&strips], &xq, &mut [&mut out], kind);
+            close(&out, &want8, &format!("{kind:?} 8-bit, offset {offset}"));
+        }
+    }
+}

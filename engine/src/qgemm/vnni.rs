@@ -31,6 +31,10 @@ pub fn vnni_available() -> bool {
 /// per product (the integer sums are the same, so the bits are too); up to
 /// 16 rows, splitting the nibbles in each group measured faster (T=16
 /// 17.4 -> 15.4 ms in alternating runs) than storing and reloading them.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/DQ, VNNI and FMA, `s` is a strip of `w`,
+/// `x.cols == w.cols()`, and `out` holds `x.rows * w.rows()` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,fma")]
 pub(super) unsafe fn strip_rows(w: &Strips, s: usize, x: &Q8Rows, out: &mut [f32]) {
     let base = w.data.as_ptr().add(s * w.strip_bytes());
