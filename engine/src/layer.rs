@@ -13,7 +13,7 @@ use crate::batch::RaggedBatch;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv::KvStorage;
-use crate::linear::{forward_many, Linear, LinearInput, WeightFormat};
+use crate::linear::{forward_many_into, Linear, LinearInput, WeightFormat};
 use crate::ops::{gelu_mul, rms_norm_in_place, rms_norm_rows, silu_mul, RopeTable};
 use candle_core::quantized::QTensor;
 
@@ -62,9 +62,35 @@ pub(crate) struct ForwardContext {
     local_rope: Option<RopeTable>,
     shape: HeadShape,
     eps: f32,
-    /// Per-forward buffers every layer reuses: normed input `(tokens,
-    /// hidden)` and attention output `(tokens, heads * head_dim)`.
-    buffers: std::cell::RefCell<(Vec<f32>, Vec<f32>)>,
+    /// Per-forward buffers every layer reuses.
+    buffers: std::cell::RefCell<Buffers>,
+}
+
+/// The activations of one layer, `(tokens, width)` each, sized by the
+/// first layer of a forward and reused by the others (no allocation or
+/// zeroing per product).
+#[derive(Default)]
+struct Buffers {
+    /// Normed input `(tokens, hidden)`.
+    normed: Vec<f32>,
+    /// Attention output `(tokens, heads * head_dim)`.
+    attn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    o: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    down: Vec<f32>,
+}
+
+/// `buf` as `len` values: grown (with zeros) only when it is too short,
+/// so a buffer of the right size is handed back as it is.
+fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
 }
 
 impl ForwardContext {
@@ -97,10 +123,11 @@ impl ForwardContext {
                 window: None,
             },
             eps: c.rms_norm_eps,
-            buffers: std::cell::RefCell::new((
-                vec![0.0; batch.num_tokens() * c.hidden_size],
-                vec![0.0; batch.num_tokens() * c.q_size()],
-            )),
+            buffers: std::cell::RefCell::new(Buffers {
+                normed: vec![0.0; batch.num_tokens() * c.hidden_size],
+                attn: vec![0.0; batch.num_tokens() * c.q_size()],
+                ..Buffers::default()
+            }),
         }
     }
 }
@@ -180,7 +207,17 @@ impl Layer {
         }
         let kvs = shape.num_kv_heads * shape.head_dim;
         let mut buffers = ctx.buffers.borrow_mut();
-        let (normed, attn) = &mut *buffers;
+        let Buffers {
+            normed,
+            attn,
+            q,
+            k,
+            v,
+            o,
+            gate,
+            up,
+            down,
+        } = &mut *buffers;
         let input = match (attn_input, &self.attn_norm) {
             (Some(a), _) => LinearInput::new(a, n),
             (None, Some(w)) => {
@@ -190,48 +227,56 @@ impl Layer {
             (None, None) => LinearInput::new(x, n),
         };
         // q (tokens, heads, head_dim); k, v (tokens, kv_heads, head_dim)
-        let [mut q, mut k, mut v] = forward_many(&input, [&self.wq, &self.wk, &self.wv])?;
+        let q = sized(q, n * self.wq.out_features);
+        let k = sized(k, n * self.wk.out_features);
+        let v = sized(v, n * self.wv.out_features);
+        forward_many_into(&input, [&self.wq, &self.wk, &self.wv], [&mut *q, &mut *k, &mut *v])?;
         drop(input);
         if let Some(biases) = &block.qkv_bias {
-            for (x, b) in [&mut q, &mut k, &mut v].into_iter().zip(biases) {
+            for (x, b) in [&mut *q, &mut *k, &mut *v].into_iter().zip(biases) {
                 for row in x.chunks_exact_mut(b.len()) {
                     add_into(row, b);
                 }
             }
         }
         if let Some([q_norm, k_norm]) = &block.qk_norm {
-            rms_norm_in_place(&mut q, q_norm, ctx.eps);
-            rms_norm_in_place(&mut k, k_norm, ctx.eps);
+            rms_norm_in_place(q, q_norm, ctx.eps);
+            rms_norm_in_place(k, k_norm, ctx.eps);
         }
         let rope = match (&ctx.local_rope, block.local_rope) {
             (Some(local), true) => local,
             _ => &ctx.rope,
         };
-        rope.apply(&mut q, shape.num_heads);
-        rope.apply(&mut k, shape.num_kv_heads);
+        rope.apply(q, shape.num_heads);
+        rope.apply(k, shape.num_kv_heads);
         for (t, &slot) in ctx.slots.iter().enumerate() {
             kv.write(kv_layer, slot, &k[t * kvs..(t + 1) * kvs], &v[t * kvs..(t + 1) * kvs]);
         }
-        paged_attention(&q, batch, &ctx.token_owner, kv.layer(kv_layer), shape, attn);
-        let mut o = self.wo.forward(&LinearInput::new(attn, n))?;
+        paged_attention(q, batch, &ctx.token_owner, kv.layer(kv_layer), shape, attn);
+        let o = sized(o, n * self.wo.out_features);
+        self.wo.forward_into(&LinearInput::new(attn, n), o)?;
         if let Some([post_attn, _]) = &block.post_norms {
-            rms_norm_in_place(&mut o, post_attn, ctx.eps);
+            rms_norm_in_place(o, post_attn, ctx.eps);
         }
-        add_into(x, &o);
+        add_into(x, o);
 
         rms_norm_rows(x, &self.ffn_norm, ctx.eps, normed);
         let input = LinearInput::new(normed, n);
-        let [mut gate, up] = forward_many(&input, [&self.w_gate, &self.w_up])?; // (tokens, intermediate)
+        // (tokens, intermediate)
+        let gate = sized(gate, n * self.w_gate.out_features);
+        let up = sized(up, n * self.w_up.out_features);
+        forward_many_into(&input, [&self.w_gate, &self.w_up], [&mut *gate, &mut *up])?;
         if block.gelu {
-            gelu_mul(&mut gate, &up);
+            gelu_mul(gate, up);
         } else {
-            silu_mul(&mut gate, &up);
+            silu_mul(gate, up);
         }
-        let mut down = self.w_down.forward(&LinearInput::new(&gate, n))?;
+        let down = sized(down, n * self.w_down.out_features);
+        self.w_down.forward_into(&LinearInput::new(gate, n), down)?;
         if let Some([_, post_ffn]) = &block.post_norms {
-            rms_norm_in_place(&mut down, post_ffn, ctx.eps);
+            rms_norm_in_place(down, post_ffn, ctx.eps);
         }
-        add_into(x, &down);
+        add_into(x, down);
         Ok(())
     }
 }

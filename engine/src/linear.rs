@@ -126,31 +126,38 @@ impl Linear {
     }
 
     pub(crate) fn forward(&self, input: &LinearInput<'_>) -> Result<Vec<f32>> {
+        let mut out = vec![0.0; input.rows * self.out_features];
+        self.forward_into(input, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Linear::forward`] into `out (rows, out_features)`, which the
+    /// caller keeps across layers.
+    pub(crate) fn forward_into(&self, input: &LinearInput<'_>, out: &mut [f32]) -> Result<()> {
         let (x, rows) = (input.x, input.rows);
+        assert_eq!(out.len(), rows * self.out_features, "output buffer size");
         match &self.weight {
-            LinearWeight::Q8(w) => {
-                let mut out = vec![0.0; rows * self.out_features];
-                w.matmul_q8(input.quantized(), &mut out, qgemm::kernel_kind());
-                Ok(out)
-            }
-            LinearWeight::Q4(w) => {
-                let mut out = vec![0.0; rows * self.out_features];
-                w.matmul_q8(input.quantized(), &mut out, qgemm::kernel_kind());
-                Ok(out)
-            }
+            LinearWeight::Q8(w) => w.matmul_q8(input.quantized(), out, qgemm::kernel_kind()),
+            LinearWeight::Q4(w) => w.matmul_q8(input.quantized(), out, qgemm::kernel_kind()),
             LinearWeight::Candle(w) => {
                 let input = Tensor::from_slice(x, (rows, x.len() / rows), &Device::Cpu)?;
-                let out = input.apply(w)?; // (rows, out_features)
-                Ok(out.flatten_all()?.to_vec1::<f32>()?)
+                let product = input.apply(w)?; // (rows, out_features)
+                out.copy_from_slice(&product.flatten_all()?.to_vec1::<f32>()?);
             }
         }
+        Ok(())
     }
 }
 
-/// `x · wᵀ` for each of `linears`, which share their input (q, k and v;
-/// gate and up): one parallel stage for all of them where our GEMM holds
-/// every weight, else one layer after another. The same values either way.
-pub(crate) fn forward_many<const N: usize>(input: &LinearInput<'_>, linears: [&Linear; N]) -> Result<[Vec<f32>; N]> {
+/// `outs[i] = x · wᵀ` for each of `linears`, which share their input (q, k
+/// and v; gate and up), into buffers the caller keeps across layers: one
+/// parallel stage for all of them where our GEMM holds every weight, else
+/// one layer after another. The same values either way.
+pub(crate) fn forward_many_into<const N: usize>(
+    input: &LinearInput<'_>,
+    linears: [&Linear; N],
+    mut outs: [&mut [f32]; N],
+) -> Result<()> {
     let weights: Vec<qgemm::QWeight<'_>> = linears
         .iter()
         .filter_map(|l| match &l.weight {
@@ -160,16 +167,16 @@ pub(crate) fn forward_many<const N: usize>(input: &LinearInput<'_>, linears: [&L
         })
         .collect();
     if weights.len() < N {
-        let mut outs = Vec::with_capacity(N);
-        for l in linears {
-            outs.push(l.forward(input)?);
+        for (l, out) in linears.into_iter().zip(outs) {
+            l.forward_into(input, out)?;
         }
-        return Ok(outs.try_into().unwrap_or_else(|_| unreachable!("one output per layer")));
+        return Ok(());
     }
-    let mut outs: [Vec<f32>; N] = std::array::from_fn(|i| vec![0.0; input.rows * weights[i].rows()]);
-    let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-    qgemm::matmul_many(&weights, input.quantized(), &mut views, qgemm::kernel_kind());
-    Ok(outs)
+    for (l, out) in linears.iter().zip(outs.iter()) {
+        assert_eq!(out.len(), input.rows * l.out_features, "output buffer size");
+    }
+    qgemm::matmul_many(&weights, input.quantized(), &mut outs, qgemm::kernel_kind());
+    Ok(())
 }
 
 /// The input of one or more linear layers, `(rows, in)`: quantized to 8-bit

@@ -291,13 +291,6 @@ pub(crate) enum QWeight<'a> {
 }
 
 impl QWeight<'_> {
-    pub(crate) fn rows(self) -> usize {
-        match self {
-            QWeight::Q8(w) => w.rows,
-            QWeight::Q4(w) => w.rows(),
-        }
-    }
-
     fn matmul_q8(self, x: &Q8Rows, out: &mut [f32], kind: KernelKind) {
         match self {
             QWeight::Q8(w) => w.matmul_q8(x, out, kind),
