@@ -270,7 +270,7 @@ impl Q8Matrix {
     pub fn matmul_q8(&self, x: &Q8Rows, out: &mut [f32], kind: KernelKind) {
         #[cfg(target_arch = "x86_64")]
         if kind.uses_strips() {
-            return strips::strips_matmul(&[self.strips()], x, &mut [out], kind);
+            return strips_matmul(&[self.strips()], x, &mut [out], kind);
         }
         run_tiles(self, x, out, kind);
     }
@@ -278,8 +278,9 @@ impl Q8Matrix {
     /// The strip layout of the strip kernels, built on first use.
     #[cfg(target_arch = "x86_64")]
     fn strips(&self) -> &strips::Strips {
-        self.strips
-            .get_or_init(|| strips::Strips::from_q8(self.rows, self.cols, &self.quants, &self.scales))
+        self.strips.get_or_init(|| {
+            strips::Strips::from_q8(self.rows, self.cols, &self.quants, &self.scales, !amx::available())
+        })
     }
 }
 
@@ -313,11 +314,55 @@ pub(crate) fn matmul_many(ws: &[QWeight<'_>], x: &Q8Rows, outs: &mut [&mut [f32]
                 QWeight::Q4(w) => w.strips(),
             })
             .collect();
-        return strips::strips_matmul(&strips, x, outs, kind);
+        return strips_matmul(&strips, x, outs, kind);
     }
     for (w, out) in ws.iter().zip(outs.iter_mut()) {
         w.matmul_q8(x, out, kind);
     }
+}
+
+/// `outs[i] (x.rows, ws[i].rows) = x · ws[i]ᵀ` for every product, as one
+/// parallel stage over all their strips, with the strip kernel `kind`:
+/// `Amx` (tiles from [`MIN_TILE_ROWS`](amx::MIN_TILE_ROWS) token rows on,
+/// AVX-512 VNNI below), `Vnni` (AVX-512 VNNI for every row count, CPUs
+/// without AMX; the same bits as `Amx`) or `Avx2` (`strips_avx2.rs`). Each
+/// product's output is the same bits as the product alone.
+#[cfg(target_arch = "x86_64")]
+fn strips_matmul(ws: &[&strips::Strips], x: &Q8Rows, outs: &mut [&mut [f32]], kind: KernelKind) {
+    match kind {
+        KernelKind::Amx => assert!(amx::available(), "AMX kernel chosen on a CPU without AMX"),
+        KernelKind::Vnni => assert!(
+            vnni::vnni_available(),
+            "VNNI kernel chosen on a CPU without AVX-512 VNNI"
+        ),
+        KernelKind::Avx2 => assert!(strips_avx2::available(), "AVX2 kernel chosen on a CPU without AVX2"),
+        other => panic!("{other:?} is not a strip kernel"),
+    }
+    assert_eq!(ws.len(), outs.len());
+    let mut starts = Vec::with_capacity(ws.len() + 1);
+    starts.push(0);
+    for (w, out) in ws.iter().zip(outs.iter()) {
+        assert_eq!(x.cols, w.cols, "inner dimensions differ");
+        assert_eq!(out.len(), x.rows * w.rows);
+        starts.push(starts.last().copied().unwrap_or(0) + w.strips());
+    }
+    let shared: Vec<_> = outs.iter_mut().map(|o| crate::par::SharedOut::new(o)).collect();
+    let xa = (kind == KernelKind::Amx && x.rows >= amx::MIN_TILE_ROWS).then(|| x.amx());
+    let total = starts[ws.len()];
+    (0..total).into_par_iter().with_min_len(2).for_each(|i| {
+        let p = starts.partition_point(|&start| start <= i) - 1;
+        let (w, s) = (ws[p], i - starts[p]);
+        // SAFETY: each strip writes only its own columns of its product's
+        // output, which outlives the loop; the CPU was checked above.
+        let out = unsafe { shared[p].slice() };
+        match xa {
+            Some(xa) => {
+                strips::UNPACKED.with(|buf| unsafe { amx::strip_tiles(w, s, x, xa, out, &mut buf.borrow_mut()) })
+            }
+            None if kind == KernelKind::Avx2 => unsafe { strips_avx2::strip_rows(w, s, x, out) },
+            None => unsafe { vnni::strip_rows(w, s, x, out) },
+        }
+    });
 }
 
 /// A weight layout with micro-kernels over `MR x NR` tiles.

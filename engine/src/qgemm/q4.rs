@@ -132,7 +132,7 @@ impl Q4Matrix {
     pub fn matmul_q8(&self, x: &Q8Rows, out: &mut [f32], kind: KernelKind) {
         #[cfg(target_arch = "x86_64")]
         if kind.uses_strips() {
-            return super::strips::strips_matmul(&[self.strips()], x, &mut [out], kind);
+            return super::strips_matmul(&[self.strips()], x, &mut [out], kind);
         }
         run_tiles(self, x, out, kind);
     }

@@ -1,8 +1,8 @@
 //! Weight matrices in **strips** of 16 rows, 4 values of a row side by side
 //! (the AMX tile unit's layout for its second operand), built once per
-//! matrix, and the one entry point of the kernels that read them
-//! ([`strips_matmul`]: AMX in `amx.rs`, AVX-512 VNNI in `vnni.rs`, AVX2 in
-//! `strips_avx2.rs`):
+//! matrix, read by the kernels in `amx.rs` (AMX), `vnni.rs` (AVX-512
+//! VNNI) and `strips_avx2.rs` (AVX2), which `qgemm::strips_matmul` picks
+//! from (this file depends on none of them):
 //!
 //! ```text
 //!   strip s, block b, group j (0..8):  64 bytes = [row 0: 4 values][row 1] ... [row 15]
@@ -27,10 +27,8 @@
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
-use rayon::prelude::*;
-
 use super::lines::Lines;
-use super::{Q8Rows, BLOCK};
+use super::BLOCK;
 
 /// Weight and activation rows per tile (weight rows per strip).
 pub(super) const TILE: usize = 16;
@@ -111,14 +109,10 @@ impl Strips {
         }
     }
 
-    /// From 8-bit values `q (rows, cols)` and scales `(rows, blocks)`;
-    /// stored as `q + 128` on CPUs without the tile unit.
-    pub fn from_q8(rows: usize, cols: usize, q: &[i8], scales: &[f32]) -> Self {
-        Self::from_q8_as(rows, cols, q, scales, !super::amx::available())
-    }
-
-    /// [`Strips::from_q8`], `offset` or signed whatever the CPU.
-    pub(crate) fn from_q8_as(rows: usize, cols: usize, q: &[i8], scales: &[f32], offset: bool) -> Self {
+    /// From 8-bit values `q (rows, cols)` and scales `(rows, blocks)`,
+    /// stored as `q + 128` if `offset` (for kernels without the tile unit:
+    /// see [`Strips::offset`]), else signed.
+    pub(crate) fn from_q8(rows: usize, cols: usize, q: &[i8], scales: &[f32], offset: bool) -> Self {
         let flip = if offset { 0x80 } else { 0 };
         let mut out = Self::build(rows, cols, false, scales, None, |r, c| (q[r * cols + c] as u8) ^ flip);
         out.offset = offset;
@@ -170,54 +164,6 @@ impl Strips {
         }
         out
     }
-}
-
-/// `outs[i] (x.rows, ws[i].rows) = x · ws[i]ᵀ` for every product, as one
-/// parallel stage over all their strips, with the strip kernel `kind`:
-/// `Amx` (tiles from [`MIN_TILE_ROWS`](super::amx::MIN_TILE_ROWS) token rows on, AVX-512 VNNI below),
-/// `Vnni` (AVX-512 VNNI for every row count, CPUs without AMX; the same
-/// bits as `Amx`) or `Avx2` (`strips_avx2.rs`). Each product's output is
-/// the same bits as the product alone.
-pub fn strips_matmul(ws: &[&Strips], x: &Q8Rows, outs: &mut [&mut [f32]], kind: super::KernelKind) {
-    use super::KernelKind;
-    let amx = kind == KernelKind::Amx;
-    match kind {
-        KernelKind::Amx => assert!(super::amx::available(), "AMX kernel chosen on a CPU without AMX"),
-        KernelKind::Vnni => assert!(
-            super::vnni::vnni_available(),
-            "VNNI kernel chosen on a CPU without AVX-512 VNNI"
-        ),
-        KernelKind::Avx2 => assert!(
-            super::strips_avx2::available(),
-            "AVX2 kernel chosen on a CPU without AVX2"
-        ),
-        other => panic!("{other:?} is not a strip kernel"),
-    }
-    assert_eq!(ws.len(), outs.len());
-    let mut starts = Vec::with_capacity(ws.len() + 1);
-    starts.push(0);
-    for (w, out) in ws.iter().zip(outs.iter()) {
-        assert_eq!(x.cols, w.cols, "inner dimensions differ");
-        assert_eq!(out.len(), x.rows * w.rows);
-        starts.push(starts.last().copied().unwrap_or(0) + w.strips());
-    }
-    let shared: Vec<_> = outs.iter_mut().map(|o| crate::par::SharedOut::new(o)).collect();
-    let xa = (amx && x.rows >= super::amx::MIN_TILE_ROWS).then(|| x.amx());
-    let total = starts[ws.len()];
-    (0..total).into_par_iter().with_min_len(2).for_each(|i| {
-        let p = starts.partition_point(|&start| start <= i) - 1;
-        let (w, s) = (ws[p], i - starts[p]);
-        // SAFETY: each strip writes only its own columns of its product's
-        // output, which outlives the loop; the CPU was checked above.
-        let out = unsafe { shared[p].slice() };
-        match xa {
-            Some(xa) => {
-                UNPACKED.with(|buf| unsafe { super::amx::strip_tiles(w, s, x, xa, out, &mut buf.borrow_mut()) })
-            }
-            None if kind == KernelKind::Avx2 => unsafe { super::strips_avx2::strip_rows(w, s, x, out) },
-            None => unsafe { super::vnni::strip_rows(w, s, x, out) },
-        }
-    });
 }
 
 /// One block's scales applied to its integer sums (16 weight rows, one per

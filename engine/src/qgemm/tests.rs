@@ -154,9 +154,9 @@ fn offset_and_signed_8bit_strips_give_the_same_bits() {
         let x = Q8Rows::quantize(&(0..m * k).map(|_| rng.f() * 3.0).collect::<Vec<_>>(), m);
         let q8 = Q8Matrix::from_f32(&w, n, k);
         let bits = |offset: bool| {
-            let strips = super::strips::Strips::from_q8_as(n, k, &q8.quants, &q8.scales, offset);
+            let strips = super::strips::Strips::from_q8(n, k, &q8.quants, &q8.scales, offset);
             let mut out = vec![0.0; m * n];
-            super::strips::strips_matmul(&[&strips], &x, &mut [&mut out], kind);
+            super::strips_matmul(&[&strips], &x, &mut [&mut out], kind);
             out.iter().map(|f| f.to_bits()).collect::<Vec<_>>()
         };
         assert_eq!(bits(true), bits(false), "{kind:?} m{m} n{n} k{k}");
@@ -269,9 +269,9 @@ fn strip_kernels_hold_the_extreme_values() {
         close(&out, &want4, &format!("{kind:?} 4-bit"));
         // Offset strips are for kernels without tiles.
         for offset in [false, true].into_iter().filter(|&o| !o || kind != KernelKind::Amx) {
-            let strips = super::strips::Strips::from_q8_as(n, k, &q8, &d, offset);
+            let strips = super::strips::Strips::from_q8(n, k, &q8, &d, offset);
             let mut out = vec![0.0; m * n];
-            super::strips::strips_matmul(&[&strips], &xq, &mut [&mut out], kind);
+            super::strips_matmul(&[&strips], &xq, &mut [&mut out], kind);
             close(&out, &want8, &format!("{kind:?} 8-bit, offset {offset}"));
         }
     }
