@@ -94,7 +94,7 @@ struct Sums([i32; 2 * TILE * TILE]);
 pub(super) unsafe fn strip_tiles(w: &Strips, s: usize, x: &Q8Rows, xa: &AmxRows, out: &mut [f32], buf: &mut Lines<u8>) {
     let (k, nb, n) = (w.cols, w.nblocks(), w.rows);
     let valid = TILE.min(n - s * TILE);
-    let base = w.data.as_ptr().add(s * w.strip_bytes());
+    let base = w.strip_values(s);
     // The strip's blocks as 8 x 64 bytes each.
     let blocks: *const u8 = if w.four_bit { unpack_strip(w, s, buf) } else { base };
     let config = TileConfig::new();

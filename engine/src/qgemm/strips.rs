@@ -205,7 +205,7 @@ pub(super) unsafe fn store_lanes(dst: *mut f32, v: __m512, valid: usize) {
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,fma")]
 pub(super) unsafe fn unpack_strip(w: &Strips, s: usize, buf: &mut Lines<u8>) -> *const u8 {
     let nb = w.nblocks();
-    let base = w.data.as_ptr().add(s * w.strip_bytes());
+    let base = w.strip_values(s);
     // Every byte of the first `nb` blocks is written below.
     buf.grow_to(nb * STRIP_BLOCK);
     let low = _mm512_set1_epi8(0x0F);

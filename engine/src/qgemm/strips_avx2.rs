@@ -42,6 +42,16 @@ pub fn available() -> bool {
 /// and `out` holds `x.rows * w.rows()` values.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn strip_rows(w: &Strips, s: usize, x: &Q8Rows, out: &mut [f32]) {
+    match (w.four_bit(), w.offset()) {
+        (true, _) => strip_halves::<FOUR_BIT>(w, s, x, out),
+        (false, true) => strip_halves::<OFFSET8>(w, s, x, out),
+        (false, false) => strip_halves::<SIGNED8>(w, s, x, out),
+    }
+}
+
+/// [`strip_rows`] for a strip whose values are held as `MODE` says.
+#[inline(always)]
+unsafe fn strip_halves<const MODE: u8>(w: &Strips, s: usize, x: &Q8Rows, out: &mut [f32]) {
     let valid = TILE.min(w.rows() - s * TILE);
     for half in 0..valid.div_ceil(HALF) {
         let lanes = HALF.min(valid - half * HALF);
@@ -55,19 +65,11 @@ pub unsafe fn strip_rows(w: &Strips, s: usize, x: &Q8Rows, out: &mut [f32]) {
                 x,
                 row0: row,
             };
-            row += match (x.rows - row, w.four_bit(), w.offset()) {
-                (1, true, _) => group.run::<1, FOUR_BIT>(out),
-                (2, true, _) => group.run::<2, FOUR_BIT>(out),
-                (3, true, _) => group.run::<3, FOUR_BIT>(out),
-                (_, true, _) => group.run::<ROW_GROUP, FOUR_BIT>(out),
-                (1, false, true) => group.run::<1, OFFSET8>(out),
-                (2, false, true) => group.run::<2, OFFSET8>(out),
-                (3, false, true) => group.run::<3, OFFSET8>(out),
-                (_, false, true) => group.run::<ROW_GROUP, OFFSET8>(out),
-                (1, false, false) => group.run::<1, SIGNED8>(out),
-                (2, false, false) => group.run::<2, SIGNED8>(out),
-                (3, false, false) => group.run::<3, SIGNED8>(out),
-                (_, false, false) => group.run::<ROW_GROUP, SIGNED8>(out),
+            row += match x.rows - row {
+                1 => group.run::<1, MODE>(out),
+                2 => group.run::<2, MODE>(out),
+                3 => group.run::<3, MODE>(out),
+                _ => group.run::<ROW_GROUP, MODE>(out),
             };
         }
     }
@@ -120,8 +122,7 @@ impl Group<'_> {
         let sx = x.scaled_sums.as_ptr().add(row0 * nb);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); R];
-        let mut b = 0;
-        while b < nb {
+        for b in 0..nb {
             // 4-bit blocks come in pairs sharing their bytes: the shift is
             // known per call, not tested per group.
             let mut sums = if MODE == FOUR_BIT && b % 2 == 1 {
@@ -143,7 +144,6 @@ impl Group<'_> {
                     acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(*sx.add(r * nb + b)), mw, acc[r]);
                 }
             }
-            b += 1;
         }
         for (r, a) in acc.iter().enumerate() {
             let mut lanes_out = [0.0f32; HALF];

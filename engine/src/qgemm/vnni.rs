@@ -37,7 +37,7 @@ pub fn vnni_available() -> bool {
 /// `x.cols == w.cols()`, and `out` holds `x.rows * w.rows()` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,fma")]
 pub(super) unsafe fn strip_rows(w: &Strips, s: usize, x: &Q8Rows, out: &mut [f32]) {
-    let base = w.data.as_ptr().add(s * w.strip_bytes());
+    let base = w.strip_values(s);
     if w.four_bit && x.rows > 2 * ROW_GROUP {
         UNPACKED.with(|buf| {
             let unpacked = unpack_strip(w, s, &mut buf.borrow_mut());
@@ -84,7 +84,7 @@ unsafe fn strip_row_groups<const MODE: u8>(w: &Strips, s: usize, x: &Q8Rows, out
 /// wait on memory while this one computes. No effect on any result.
 #[inline(always)]
 unsafe fn prefetch_next(w: &Strips, s: usize, b: usize) {
-    let data = w.data.as_ptr().add((s + 1) * w.strip_bytes());
+    let data = w.strip_values(s + 1);
     let unit = match (w.four_bit, b % 2) {
         (true, 1) => None,
         (true, _) => Some(b / 2),
