@@ -298,15 +298,24 @@ pub fn paged_attention(
     } = shape;
     let group = num_heads / num_kv_heads;
     let tokens_per_task = (GROUP_TASK_ROWS / group).max(1);
+    // A sequence's tasks go KV head by KV head, so that the tasks reading
+    // one head's cache sit together and mostly run on one thread, which
+    // then finds that cache warm (the weights streaming through evicted it).
     let mut tasks = Vec::new();
     let mut t = 0;
     while t < token_owner.len() {
         let seq = token_owner[t].0;
         let mut end = t;
-        while end < token_owner.len() && token_owner[end].0 == seq && end - t < tokens_per_task {
+        while end < token_owner.len() && token_owner[end].0 == seq {
             end += 1;
         }
-        tasks.extend((0..num_kv_heads).map(|h| (t..end, h)));
+        for h in 0..num_kv_heads {
+            tasks.extend(
+                (t..end)
+                    .step_by(tokens_per_task)
+                    .map(|s| (s..(s + tokens_per_task).min(end), h)),
+            );
+        }
         t = end;
     }
     let avx2 = has_avx2() && head_dim % 8 == 0;
