@@ -78,6 +78,7 @@ impl Backend for Emulator {
 
     type Floats = Vec<f32>;
     type Ints = Vec<i32>;
+    type Halves = Vec<u16>;
 
     fn upload(&self, host: &[f32]) -> Result<Vec<f32>> {
         Ok(if host.is_empty() { vec![0.0] } else { host.to_vec() })
@@ -85,6 +86,14 @@ impl Backend for Emulator {
 
     fn upload_ints(&self, host: &[i32]) -> Result<Vec<i32>> {
         Ok(if host.is_empty() { vec![0] } else { host.to_vec() })
+    }
+
+    fn upload_bf16(&self, host: &[f32]) -> Result<Vec<u16>> {
+        Ok(if host.is_empty() {
+            vec![0]
+        } else {
+            super::bf16_bits(host)
+        })
     }
 
     fn zeros(&self, len: usize) -> Result<Vec<f32>> {
@@ -98,16 +107,16 @@ impl Backend for Emulator {
     fn matmul(
         &self,
         a: &Vec<f32>,
-        w: &Vec<f32>,
+        w: &Vec<u16>,
         c: &mut Vec<f32>,
         (m, n, k): (usize, usize, usize),
         acc: bool,
     ) -> Result<()> {
         assert!(a.len() >= m * k && w.len() >= n * k && c.len() >= m * n);
         emulate!(
-            "matmul_nt",
+            "matmul_bf16",
             Grid::matmul(m, n),
-            fn(*const f32, *const f32, *mut f32, i32, i32, i32, i32),
+            fn(*const f32, *const u16, *mut f32, i32, i32, i32, i32),
             a.as_ptr(),
             w.as_ptr(),
             c.as_mut_ptr(),

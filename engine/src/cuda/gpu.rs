@@ -18,7 +18,8 @@ fn driver(what: &'static str) -> impl FnOnce(DriverError) -> EngineError {
 
 /// Compiles the kernels with NVRTC (no GPU needed): to a CUBIN for
 /// `sm_{major}{minor}` when given one (no PTX JIT in the driver, so any
-/// driver of the same CUDA major version loads it), else to PTX.
+/// driver of the same CUDA major version loads it), else to PTX for
+/// compute capability 8.0 (the bf16 tensor cores' first).
 pub fn compile_kernels(arch: Option<(i32, i32)>) -> Result<KernelImage> {
     // SAFETY: only tries to open the library.
     if !unsafe { nvrtc::sys::is_culib_present() } {
@@ -32,9 +33,10 @@ pub fn compile_kernels(arch: Option<(i32, i32)>) -> Result<KernelImage> {
     let src = CString::new(KERNELS).expect("no NUL in the kernel source");
     let name = CString::new("heterospec_kernels.cu").expect("no NUL");
     let prog = nvrtc::result::create_program(&src, Some(&name)).map_err(|e| nvrtc_err("program", e))?;
-    let options: Vec<String> = arch
-        .map(|(major, minor)| vec![format!("--gpu-architecture=sm_{major}{minor}")])
-        .unwrap_or_default();
+    let options: Vec<String> = vec![arch.map_or_else(
+        || format!("--gpu-architecture=compute_{}{}", MIN_ARCH.0, MIN_ARCH.1),
+        |(major, minor)| format!("--gpu-architecture=sm_{major}{minor}"),
+    )];
     let text = |chars: Vec<std::ffi::c_char>| -> String {
         let bytes: Vec<u8> = chars.into_iter().map(|c| c as u8).take_while(|&b| b != 0).collect();
         String::from_utf8_lossy(&bytes).into_owned()
@@ -72,6 +74,10 @@ pub fn compile_kernels(arch: Option<(i32, i32)>) -> Result<KernelImage> {
     out
 }
 
+/// The oldest compute capability the kernels run on (Ampere: `mma.sync`
+/// on bf16).
+pub const MIN_ARCH: (i32, i32) = (8, 0);
+
 /// Compiled kernels.
 #[derive(Debug, Clone)]
 pub enum KernelImage {
@@ -96,7 +102,7 @@ pub struct Gpu {
     name: String,
     stream: Arc<CudaStream>,
     _module: Arc<CudaModule>,
-    matmul_nt: CudaFunction,
+    matmul_bf16: CudaFunction,
     rms_norm: CudaFunction,
     rope: CudaFunction,
     silu_mul: CudaFunction,
@@ -168,6 +174,13 @@ impl Gpu {
         let arch = ctx
             .compute_capability()
             .map_err(driver("reading the compute capability"))?;
+        if arch < MIN_ARCH {
+            return Err(EngineError::Device(format!(
+                "cuda:{ordinal} ({name}) has compute capability {}.{}; the GPU path needs {}.{} or newer (bf16 \
+                 tensor cores): run with --device cpu",
+                arch.0, arch.1, MIN_ARCH.0, MIN_ARCH.1
+            )));
+        }
         // A CUBIN for this GPU; PTX for the driver to compile when this
         // NVRTC does not know the architecture yet.
         let kernels = compile_kernels(Some(arch)).or_else(|e| {
@@ -186,7 +199,7 @@ impl Gpu {
             ordinal,
             name,
             stream: ctx.default_stream(),
-            matmul_nt: f("matmul_nt")?,
+            matmul_bf16: f("matmul_bf16")?,
             rms_norm: f("rms_norm")?,
             rope: f("rope")?,
             silu_mul: f("silu_mul")?,
@@ -230,6 +243,7 @@ impl Backend for Gpu {
 
     type Floats = CudaSlice<f32>;
     type Ints = CudaSlice<i32>;
+    type Halves = CudaSlice<u16>;
 
     fn upload(&self, host: &[f32]) -> Result<Self::Floats> {
         self.copy_in(host)
@@ -237,6 +251,10 @@ impl Backend for Gpu {
 
     fn upload_ints(&self, host: &[i32]) -> Result<Self::Ints> {
         self.copy_in(host)
+    }
+
+    fn upload_bf16(&self, host: &[f32]) -> Result<Self::Halves> {
+        self.copy_in(&super::bf16_bits(host))
     }
 
     fn zeros(&self, len: usize) -> Result<Self::Floats> {
@@ -257,13 +275,13 @@ impl Backend for Gpu {
     fn matmul(
         &self,
         a: &Self::Floats,
-        w: &Self::Floats,
+        w: &Self::Halves,
         c: &mut Self::Floats,
         (m, n, k): (usize, usize, usize),
         accumulate: bool,
     ) -> Result<()> {
         let (mi, ni, ki, acc) = (int(m), int(n), int(k), i32::from(accumulate));
-        launch!(self, matmul_nt, Grid::matmul(m, n), "matmul kernel"; a, w, c, &mi, &ni, &ki, &acc)
+        launch!(self, matmul_bf16, Grid::matmul(m, n), "matmul kernel"; a, w, c, &mi, &ni, &ki, &acc)
     }
 
     fn rms_norm(

@@ -8,65 +8,112 @@
 // rounding would change with the batch).
 //
 // Layouts match the CPU path: activations are row-major (tokens, features);
-// weights (out, in); paged K/V per layer (slots, kv_heads * head_dim).
+// weights (out, in), bf16 for the GEMMs; paged K/V per layer (slots,
+// kv_heads * head_dim). The GEMMs use the tensor cores (mma.sync, sm_80+).
 
 #define TILE_M 64
 #define TILE_N 64
-#define TILE_K 16
+#define TILE_K 32
+// Halves per shared-memory tile row: 80 bytes, so that the eight row groups
+// of a fragment load fall on distinct banks.
+#define TILE_STRIDE (TILE_K + 8)
 #define GEMM_THREADS 256
 #define ROW_THREADS 256
 #define ATTN_THREADS 256
-// The tile loads share one loop, and block_sum/block_max halve the block:
-// the launches (mod.rs, `Grid`) use 256 threads for every kernel.
+// The tile loads share one loop, the 8 warps cover a 64 x 64 tile as 4 x 2
+// warp tiles of 16 x 32, and block_sum/block_max halve the block: the
+// launches (mod.rs, `Grid`) use 256 threads for every kernel.
 static_assert(TILE_M == TILE_N, "square GEMM tiles");
 static_assert(GEMM_THREADS == 256 && ROW_THREADS == 256 && ATTN_THREADS == 256, "power-of-two blocks of 256");
+static_assert(TILE_K % 16 == 0, "whole MMA steps per tile");
 
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
 #endif
 
+// bf16 bits of `x`, rounded to nearest even (NaN stays NaN); the host
+// rounds weights the same way (`half::bf16::from_f32`).
+__device__ unsigned short bf16_bits(float x) {
+    unsigned u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+
+// Two adjacent bf16 of a shared tile row as one MMA register (the lower
+// column in the low half).
+__device__ unsigned bf16_pair(const unsigned short* p) {
+    return (unsigned)p[0] | ((unsigned)p[1] << 16);
+}
+
+#ifndef HETEROSPEC_EMULATOR
+// d (16 x 8, f32) += a (16 x 16, bf16, row-major) . b (16 x 8, bf16,
+// column-major), one warp, PTX's m16n8k16 fragments: with g = lane / 4 and
+// t = lane % 4, a holds rows g and g + 8 at columns 2t, 2t + 1 (a[0], a[1])
+// and 2t + 8, 2t + 9 (a[2], a[3]); b holds column g at rows 2t, 2t + 1 and
+// 2t + 8, 2t + 9; d holds rows g, g + 8 at columns 2t, 2t + 1.
+// (The emulator supplies its own, emulator/emu.h.)
+__device__ void mma_bf16_16816(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
 // c (m, n) = a (m, k) . w (n, k)^T, or c += that when `accumulate` (the
-// residual add: c + sum, as the CPU adds a finished product).
-// Each output is one thread's sum over k = 0, 1, ..., k-1 in order.
-extern "C" __global__ void matmul_nt(const float* __restrict__ a, const float* __restrict__ w,
-                                     float* __restrict__ c, int m, int n, int k, int accumulate) {
-    __shared__ float as[TILE_K][TILE_M + 1];
-    __shared__ float ws[TILE_K][TILE_N + 1];
-    const int tid = threadIdx.x;
-    const int tx = tid % 16;  // columns tx, tx + 16, tx + 32, tx + 48
-    const int ty = tid / 16;  // rows ty, ty + 16, ty + 32, ty + 48
+// residual add: c + sum, as the CPU adds a finished product). `a` is f32
+// and rounded to bf16 as it is staged; `w` is bf16; the tensor cores sum
+// in f32. One block per 64 x 64 output tile, whatever m is: every output
+// goes through the same MMA steps over k = 0, 16, 32, ... in order (the
+// tail padded with zeros), so a row's result does not depend on how many
+// rows share the launch or where it falls in a tile. A decode step's few
+// rows leave most of the tile's rows empty; it is bound by reading `w`.
+extern "C" __global__ void matmul_bf16(const float* __restrict__ a, const unsigned short* __restrict__ w,
+                                       float* __restrict__ c, int m, int n, int k, int accumulate) {
+    __shared__ __align__(16) unsigned short as[TILE_M][TILE_STRIDE];
+    __shared__ __align__(16) unsigned short ws[TILE_N][TILE_STRIDE];
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int g = lane / 4, t = lane % 4;
+    const int wm = warp % 4 * 16;  // the warp's rows in the tile: wm .. wm + 15
+    const int wn = warp / 4 * 32;  // its columns: wn .. wn + 31, four MMA tiles of 8
     const int m0 = blockIdx.y * TILE_M;
     const int n0 = blockIdx.x * TILE_N;
     float acc[4][4];
-    for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+    for (int j = 0; j < 4; ++j)
+        for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
     for (int k0 = 0; k0 < k; k0 += TILE_K) {
         for (int e = tid; e < TILE_M * TILE_K; e += GEMM_THREADS) {
             const int r = e / TILE_K, kk = e % TILE_K;
-            const int gr = m0 + r, gk = k0 + kk;
-            as[kk][r] = (gr < m && gk < k) ? a[(size_t)gr * k + gk] : 0.0f;
-            const int gn = n0 + r;
-            ws[kk][r] = (gn < n && gk < k) ? w[(size_t)gn * k + gk] : 0.0f;
+            const int gk = k0 + kk;
+            const int gr = m0 + r, gn = n0 + r;
+            as[r][kk] = (gr < m && gk < k) ? bf16_bits(a[(size_t)gr * k + gk]) : (unsigned short)0;
+            ws[r][kk] = (gn < n && gk < k) ? w[(size_t)gn * k + gk] : (unsigned short)0;
         }
         __syncthreads();
-        const int kmax = min(TILE_K, k - k0);
-        for (int kk = 0; kk < kmax; ++kk) {
-            float av[4], wv[4];
-            for (int i = 0; i < 4; ++i) av[i] = as[kk][ty + 16 * i];
-            for (int j = 0; j < 4; ++j) wv[j] = ws[kk][tx + 16 * j];
-            for (int i = 0; i < 4; ++i)
-                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], wv[j], acc[i][j]);
+        for (int ks = 0; ks < TILE_K; ks += 16) {
+            const unsigned af[4] = {
+                bf16_pair(&as[wm + g][ks + 2 * t]),
+                bf16_pair(&as[wm + g + 8][ks + 2 * t]),
+                bf16_pair(&as[wm + g][ks + 2 * t + 8]),
+                bf16_pair(&as[wm + g + 8][ks + 2 * t + 8]),
+            };
+            for (int j = 0; j < 4; ++j) {
+                const unsigned short* col = ws[wn + 8 * j + g];
+                const unsigned bf[2] = {bf16_pair(col + ks + 2 * t), bf16_pair(col + ks + 2 * t + 8)};
+                mma_bf16_16816(acc[j], af, bf);
+            }
         }
         __syncthreads();
     }
-    for (int i = 0; i < 4; ++i) {
-        const int r = m0 + ty + 16 * i;
-        if (r >= m) continue;
-        for (int j = 0; j < 4; ++j) {
-            const int col = n0 + tx + 16 * j;
-            if (col >= n) continue;
+    for (int j = 0; j < 4; ++j) {
+        for (int i = 0; i < 4; ++i) {
+            const int r = m0 + wm + g + 8 * (i / 2);
+            const int col = n0 + wn + 8 * j + 2 * t + i % 2;
+            if (r >= m || col >= n) continue;
             float* out = c + (size_t)r * n + col;
-            *out = accumulate ? *out + acc[i][j] : acc[i][j];
+            *out = accumulate ? *out + acc[j][i] : acc[j][i];
         }
     }
 }

@@ -3,10 +3,12 @@
 //!
 //! cudarc loads the driver (`libcuda.so`) and NVRTC (`libnvrtc.so`) when a
 //! device is opened, so this builds and links with no CUDA toolkit; the
-//! kernels (`kernels.cu`) are compiled at start-up for the GPU that is there.
-//! Weights are dequantized to f32 once at load. Every kernel computes a row
-//! from that row alone in a fixed order (see `kernels.cu`), so tree
-//! verification stays token-identical to plain decoding, as on the CPU.
+//! kernels (`kernels.cu`) are compiled at start-up for the GPU that is there
+//! (Ampere or newer: the GEMMs run on bf16 tensor cores).
+//! Weight matrices are dequantized and rounded to bf16 once at load (norm
+//! weights stay f32). Every kernel computes a row from that row alone in a
+//! fixed order (see `kernels.cu`), so tree verification stays
+//! token-identical to plain decoding, as on the CPU.
 //! One forward uploads the new tokens' embeddings, RoPE tables, KV slots and
 //! key lists, runs every layer on the device, and brings back only the
 //! logits rows asked for (and a draft head's features). Sampling stays on
@@ -25,17 +27,21 @@ use crate::backend::{copy_layer_taps, FeatureTap, ModelBackend};
 use crate::batch::RaggedBatch;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use crate::kv::{DeviceStorage, KvLayout, KvStorage};
+use crate::kv::{KvLayout, KvStorage};
 use crate::ops::RopeTable;
 use crate::weights::{LayerTensor, ModelTensors, OUTPUT_NORM};
 
+mod device_kv;
 #[cfg(test)]
 mod emulator;
 mod gpu;
+mod keys;
 
+pub use device_kv::DeviceKv;
 #[cfg(test)]
 pub(crate) use emulator::Emulator;
-pub use gpu::{compile_kernels, Gpu, KernelImage};
+pub use gpu::{compile_kernels, Gpu, KernelImage, MIN_ARCH};
+pub use keys::AttentionKeys;
 
 /// The kernels' source, compiled by NVRTC when a device is opened.
 pub const KERNELS: &str = include_str!("kernels.cu");
@@ -60,7 +66,7 @@ pub struct Grid {
 impl Grid {
     const BLOCK: (u32, u32, u32) = (BLOCK_THREADS, 1, 1);
 
-    /// `matmul_nt`: one block per 64 x 64 output tile.
+    /// `matmul_bf16`: one block per 64 x 64 output tile.
     fn matmul(m: usize, n: usize) -> Self {
         Grid {
             grid: (n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, 1),
@@ -118,17 +124,22 @@ pub trait Backend: Send + Sync + 'static {
     type Floats: Send + Sync;
     /// A buffer of i32 on the device.
     type Ints: Send + Sync;
+    /// A buffer of bf16 on the device (weight matrices).
+    type Halves: Send + Sync;
 
     fn upload(&self, host: &[f32]) -> Result<Self::Floats>;
     fn upload_ints(&self, host: &[i32]) -> Result<Self::Ints>;
+    /// `host` rounded to bf16 (nearest even, [`bf16_bits`]) on the device.
+    fn upload_bf16(&self, host: &[f32]) -> Result<Self::Halves>;
     fn zeros(&self, len: usize) -> Result<Self::Floats>;
     /// The first `len` floats, after all work queued before.
     fn download(&self, buf: &Self::Floats, len: usize) -> Result<Vec<f32>>;
-    /// `c (m, n) = a (m, k) . w (n, k)^T`, or `c +=` that.
+    /// `c (m, n) = a (m, k) . w (n, k)^T`, or `c +=` that: `a` rounded
+    /// to bf16, the sums in f32, in the same order for every row count.
     fn matmul(
         &self,
         a: &Self::Floats,
-        w: &Self::Floats,
+        w: &Self::Halves,
         c: &mut Self::Floats,
         mnk: (usize, usize, usize),
         accumulate: bool,
@@ -181,72 +192,14 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<()>;
 }
 
+/// The bf16 bits of each value, rounded to nearest even (as the GEMM
+/// kernel rounds its activations).
+pub fn bf16_bits(host: &[f32]) -> Vec<u16> {
+    host.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()
+}
+
 fn int(v: usize) -> i32 {
     i32::try_from(v).expect("GPU sizes fit in 32 bits")
-}
-
-/// Which KV slots each new token of a batch attends, in the order the CPU
-/// path visits them: cached positions (through the block table), then the
-/// extra slots and masked-in run tokens, then a causal run's tokens up to
-/// itself. See `paged_attention` in `kernels.cu` for the layout.
-#[derive(Debug, Default, PartialEq)]
-pub struct AttentionKeys {
-    /// Per token: num_cached, table offset, list offset, list count, run
-    /// offset, run count.
-    pub keys: Vec<i32>,
-    pub tables: Vec<i32>,
-    pub lists: Vec<i32>,
-    pub run_slots: Vec<i32>,
-}
-
-impl AttentionKeys {
-    pub fn new(batch: &RaggedBatch) -> Self {
-        let mut k = AttentionKeys::default();
-        for seq in &batch.seqs {
-            let table_offset = int(k.tables.len());
-            k.tables.extend(seq.block_table.iter().map(|b| int(b.index())));
-            let run_offset = int(k.run_slots.len());
-            k.run_slots.extend(seq.slots.iter().map(|&s| int(s)));
-            for i in 0..seq.len() {
-                let list_offset = k.lists.len();
-                if let Some(extra) = seq.extra_slots.get(i) {
-                    k.lists.extend(extra.iter().map(|&s| int(s)));
-                }
-                let run_count = if seq.mask.is_some() {
-                    let seen = (0..seq.len()).filter(|&j| seq.attends(i, j));
-                    k.lists.extend(seen.map(|j| int(seq.slots[j])));
-                    0
-                } else {
-                    i + 1
-                };
-                let fields: [i32; KEY_FIELDS] = [
-                    int(seq.num_cached),
-                    table_offset,
-                    int(list_offset),
-                    int(k.lists.len() - list_offset),
-                    run_offset,
-                    int(run_count),
-                ];
-                k.keys.extend(fields);
-            }
-        }
-        k
-    }
-
-    /// The slots token `t` attends, in order (what the kernel walks).
-    #[cfg(test)]
-    fn slots_of(&self, t: usize, block_size: usize) -> Vec<usize> {
-        let d: Vec<usize> = self.keys[t * KEY_FIELDS..(t + 1) * KEY_FIELDS]
-            .iter()
-            .map(|&v| v as usize)
-            .collect();
-        let (num_cached, table, list, list_count, run, run_count) = (d[0], d[1], d[2], d[3], d[4], d[5]);
-        let cached =
-            (0..num_cached).map(|p| self.tables[table + p / block_size] as usize * block_size + p % block_size);
-        let listed = self.lists[list..list + list_count].iter().map(|&s| s as usize);
-        let ran = self.run_slots[run..run + run_count].iter().map(|&s| s as usize);
-        cached.chain(listed).chain(ran).collect()
-    }
 }
 
 /// Opens CUDA device `ordinal` and loads `t`'s weights onto it.
@@ -285,100 +238,32 @@ pub fn open_model(ordinal: usize, t: &ModelTensors) -> Result<Box<dyn ModelBacke
     Ok(Box::new(GpuModel::new(Gpu::open(ordinal)?, t)?))
 }
 
-/// Paged K/V of every layer in device memory, laid out as the CPU's.
-pub struct DeviceKv<B: Backend = Gpu> {
-    backend: Arc<B>,
-    keys: Vec<B::Floats>,
-    values: Vec<B::Floats>,
-    kv_size: usize,
-    block_size: usize,
-}
-
-impl<B: Backend> DeviceKv<B> {
-    pub fn new(backend: Arc<B>, layout: KvLayout) -> Result<Self> {
-        let per_layer = layout.num_slots() * layout.kv_size;
-        let alloc = || {
-            (0..layout.num_layers)
-                .map(|_| backend.zeros(per_layer))
-                .collect::<Result<Vec<_>>>()
-        };
-        let (keys, values) = (alloc()?, alloc()?);
-        Ok(DeviceKv {
-            backend,
-            keys,
-            values,
-            kv_size: layout.kv_size,
-            block_size: layout.block_size,
-        })
-    }
-
-    /// Copies the K/V at `src` slots to `dst` slots in every layer (all
-    /// reads before any write).
-    pub fn copy_slots(&mut self, src: &[usize], dst: &[usize]) -> Result<()> {
-        let pairs: Vec<(usize, usize)> = src
-            .iter()
-            .copied()
-            .zip(dst.iter().copied())
-            .filter(|(s, d)| s != d)
-            .collect();
-        if pairs.is_empty() {
-            return Ok(());
-        }
-        let b = &self.backend;
-        let src = b.upload_ints(&pairs.iter().map(|&(s, _)| int(s)).collect::<Vec<_>>())?;
-        let dst = b.upload_ints(&pairs.iter().map(|&(_, d)| int(d)).collect::<Vec<_>>())?;
-        let mut rows = b.zeros(pairs.len() * self.kv_size)?;
-        for cache in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            b.gather_rows(cache, &src, &mut rows, (pairs.len(), self.kv_size))?;
-            b.scatter_rows(cache, &rows, &dst, (pairs.len(), self.kv_size))?;
-        }
-        Ok(())
-    }
-
-    /// One token's K and V of `layer` at `slot`.
-    #[cfg(test)]
-    fn read(&self, layer: usize, slot: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-        let n = self.kv_size;
-        let k = self.backend.download(&self.keys[layer], (slot + 1) * n)?;
-        let v = self.backend.download(&self.values[layer], (slot + 1) * n)?;
-        Ok((k[slot * n..].to_vec(), v[slot * n..].to_vec()))
-    }
-}
-
-impl<B: Backend> DeviceStorage for DeviceKv<B> {
-    fn copy_slots(&mut self, src: &[usize], dst: &[usize]) -> Result<()> {
-        DeviceKv::copy_slots(self, src, dst)
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
-    }
-}
-
-struct DeviceLayer<F> {
+/// One layer's weights: norms in f32 (`F`), matrices in bf16 (`H`).
+struct DeviceLayer<F, H> {
     attn_norm: F,
-    wq: F,
-    wk: F,
-    wv: F,
-    wo: F,
+    wq: H,
+    wk: H,
+    wv: H,
+    wo: H,
     ffn_norm: F,
-    w_gate: F,
-    w_up: F,
-    w_down: F,
+    w_gate: H,
+    w_up: H,
+    w_down: H,
 }
 
-/// The target's weights on the device, f32.
+/// The target's weights on the device: matrices bf16, norms f32.
 pub struct GpuModel<B: Backend = Gpu> {
     backend: Arc<B>,
     config: ModelConfig,
-    layers: Vec<DeviceLayer<B::Floats>>,
+    layers: Vec<DeviceLayer<B::Floats, B::Halves>>,
     output_norm: B::Floats,
-    lm_head: B::Floats,
+    lm_head: B::Halves,
 }
 
 impl<B: Backend> GpuModel<B> {
-    /// Dequantizes and uploads every weight of `t` (names, shapes and the
-    /// tied output from the shared description in `crate::weights`).
+    /// Dequantizes and uploads every weight of `t`, matrices as bf16
+    /// (names, shapes and the tied output from the shared description in
+    /// `crate::weights`).
     pub fn new(backend: Arc<B>, t: &ModelTensors) -> Result<Self> {
         let config = t.config.clone();
         refuse_other_blocks(&config)?;
@@ -389,26 +274,29 @@ impl<B: Backend> GpuModel<B> {
             )));
         }
         let upload = |name: &str, shape: &[usize]| -> Result<B::Floats> { backend.upload(&t.get_f32(name, shape)?) };
+        let matrix =
+            |name: &str, shape: &[usize]| -> Result<B::Halves> { backend.upload_bf16(&t.get_f32(name, shape)?) };
         let layers = (0..config.num_layers)
             .map(|i| {
-                let up = |part: LayerTensor| upload(&part.name(i), &part.shape(&config));
+                let norm = |part: LayerTensor| upload(&part.name(i), &part.shape(&config));
+                let mat = |part: LayerTensor| matrix(&part.name(i), &part.shape(&config));
                 Ok(DeviceLayer {
-                    attn_norm: up(LayerTensor::AttnNorm)?,
-                    wq: up(LayerTensor::Q)?,
-                    wk: up(LayerTensor::K)?,
-                    wv: up(LayerTensor::V)?,
-                    wo: up(LayerTensor::O)?,
-                    ffn_norm: up(LayerTensor::FfnNorm)?,
-                    w_gate: up(LayerTensor::Gate)?,
-                    w_up: up(LayerTensor::Up)?,
-                    w_down: up(LayerTensor::Down)?,
+                    attn_norm: norm(LayerTensor::AttnNorm)?,
+                    wq: mat(LayerTensor::Q)?,
+                    wk: mat(LayerTensor::K)?,
+                    wv: mat(LayerTensor::V)?,
+                    wo: mat(LayerTensor::O)?,
+                    ffn_norm: norm(LayerTensor::FfnNorm)?,
+                    w_gate: mat(LayerTensor::Gate)?,
+                    w_up: mat(LayerTensor::Up)?,
+                    w_down: mat(LayerTensor::Down)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let h = config.hidden_size;
         Ok(GpuModel {
             output_norm: upload(OUTPUT_NORM, &[h])?,
-            lm_head: upload(t.output_name(), &[config.vocab_size, h])?,
+            lm_head: matrix(t.output_name(), &[config.vocab_size, h])?,
             backend,
             config,
             layers,

@@ -6,7 +6,7 @@ use crate::{Device, Model, WeightFormat};
 use heterospec_kv::BlockId;
 
 const KERNEL_NAMES: [&str; 7] = [
-    "matmul_nt",
+    "matmul_bf16",
     "rms_norm",
     "rope",
     "silu_mul",
@@ -117,8 +117,30 @@ fn gpu_config() -> ModelConfig {
     }
 }
 
+/// `t` with every matrix rounded to bf16, as the device holds it (norm
+/// weights, vectors, stay f32 on both).
+fn bf16_rounded(mut t: ModelTensors) -> ModelTensors {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    for q in t.tensors.values_mut() {
+        let x = q.dequantize(&candle_core::Device::Cpu).unwrap();
+        if x.dims().len() < 2 {
+            continue;
+        }
+        let v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let v: Vec<f32> = bf16_bits(&v)
+            .into_iter()
+            .map(|b| half::bf16::from_bits(b).to_f32())
+            .collect();
+        let x = candle_core::Tensor::from_vec(v, x.dims(), &candle_core::Device::Cpu).unwrap();
+        *q = QTensor::quantize(&x, GgmlDType::F32).unwrap();
+    }
+    t
+}
+
 /// A backend's forward driven as [`Model`] drives it: embeddings and
-/// logits rows from the CPU model of the same weights.
+/// logits rows from the CPU model of the same weights (rounded to bf16
+/// as the device's are, so the two differ only by the device rounding
+/// its activations to bf16 at each product).
 struct OnDevice<B: Backend> {
     cpu: Model,
     device: GpuModel<B>,
@@ -126,7 +148,7 @@ struct OnDevice<B: Backend> {
 
 impl<B: Backend> OnDevice<B> {
     fn new(backend: Arc<B>) -> Self {
-        let tensors = random_tensors(&gpu_config(), 3).unwrap();
+        let tensors = bf16_rounded(random_tensors(&gpu_config(), 3).unwrap());
         let device = GpuModel::new(backend, &tensors).unwrap();
         OnDevice {
             cpu: Model::from_tensors(tensors, WeightFormat::F32).unwrap(),
@@ -169,6 +191,22 @@ fn assert_close(a: &[f32], b: &[f32], what: &str) {
     assert!(worst < 1e-3, "{what}: max abs diff {worst}");
 }
 
+/// The device's outputs against the CPU model's: within what rounding
+/// the activations to bf16 (8 significant bits) before each product
+/// allows, relative to the largest output.
+fn assert_near(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    let scale = b.iter().map(|x| x.abs()).fold(0.0, f32::max);
+    assert!(
+        worst <= BF16_TOLERANCE * scale.max(1.0),
+        "{what}: max abs diff {worst}, largest value {scale}"
+    );
+}
+
+/// See [`assert_near`].
+const BF16_TOLERANCE: f32 = 5e-3;
+
 /// A long prompt (past 256 keys: two attention chunks), then the mixed
 /// batch (cache, extras, a tree) with both kinds of features, and a
 /// self-draft's first layer: the device's logits and features are the
@@ -195,17 +233,17 @@ fn forward_matches_the_cpu<B: Backend>(backend: Arc<B>, block_sizes: &[usize], p
             seqs: vec![rest.with_all_logits()],
         };
         let (b, _) = dev.forward(&batch, &mut dev_kv, layers, None);
-        assert_close(&b, &cpu.forward(&batch, &mut cpu_kv).unwrap(), "long prompt");
+        assert_near(&b, &cpu.forward(&batch, &mut cpu_kv).unwrap(), "long prompt");
 
         let batch = mixed_batch(block_size);
         for tap in [FeatureTap::Final, FeatureTap::Layers(vec![0, 2, 3])] {
             let (a, fa) = cpu.forward_with_features(&batch, &mut cpu_kv, &tap).unwrap();
             let (b, fb) = dev.forward(&batch, &mut dev_kv, layers, Some(&tap));
-            assert_close(&b, &a, "mixed batch logits");
-            assert_close(&fb, &fa, "features");
+            assert_near(&b, &a, "mixed batch logits");
+            assert_near(&fb, &fa, "features");
         }
         let (first, _) = dev.forward(&batch, &mut dev_kv, 1, None);
-        assert_close(
+        assert_near(
             &first,
             &cpu.forward_layers(&batch, &mut cpu_kv, 1).unwrap(),
             "first layer only",
@@ -220,12 +258,66 @@ fn forward_matches_the_cpu<B: Backend>(backend: Arc<B>, block_sizes: &[usize], p
         assert_eq!(dev_kv.read(2, 101).unwrap(), other);
 
         let features: Vec<f32> = (0..2 * 192).map(|i| (i as f32 * 0.37).sin()).collect();
-        assert_close(
+        assert_near(
             &dev.device.logits_from_features(&features).unwrap(),
             &cpu.logits_from_features(&features).unwrap(),
             "output layer",
         );
     }
+}
+
+/// The tensor-core GEMM of `backend` on `(m, n, k)` with partial tiles
+/// and a k tail (and `c +=`): each row against f32 fused multiply-adds in
+/// k order over the bf16-rounded inputs; `exact` (the emulator, whose MMA
+/// sums that way) to the bit, else within 1e-4 of the largest output.
+/// Every row alone gives the bits it gives in the whole batch.
+fn bf16_gemm_matches_its_reference<B: Backend>(backend: &B, exact: bool) {
+    let mut rng = crate::testing::Lcg(17);
+    let (m, n, k) = (70, 130, 200);
+    let a: Vec<f32> = (0..m * k).map(|_| rng.f() * 4.0).collect();
+    let w: Vec<f32> = (0..n * k).map(|_| rng.f()).collect();
+    let c0: Vec<f32> = (0..m * n).map(|_| rng.f()).collect();
+    let round = |v: &[f32]| -> Vec<f32> {
+        bf16_bits(v)
+            .into_iter()
+            .map(|b| half::bf16::from_bits(b).to_f32())
+            .collect()
+    };
+    let (ar, wr) = (round(&a), round(&w));
+    let mut want = c0.clone();
+    for r in 0..m {
+        for col in 0..n {
+            let s = (0..k).fold(0.0f32, |s, i| ar[r * k + i].mul_add(wr[col * k + i], s));
+            want[r * n + col] += s;
+        }
+    }
+    let (da, dw) = (backend.upload(&a).unwrap(), backend.upload_bf16(&w).unwrap());
+    let mut c = backend.upload(&c0).unwrap();
+    backend.matmul(&da, &dw, &mut c, (m, n, k), true).unwrap();
+    let all = backend.download(&c, m * n).unwrap();
+    if exact {
+        assert_eq!(all, want);
+    } else {
+        // The tensor cores' own summation order and rounding inside a step.
+        let worst = all.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        let scale = want.iter().map(|x| x.abs()).fold(0.0, f32::max);
+        assert!(worst <= 1e-4 * scale, "max abs diff {worst}, largest value {scale}");
+    }
+    for r in [0, 1, 63, 64, 69] {
+        let one = backend.upload(&a[r * k..(r + 1) * k]).unwrap();
+        let mut c = backend.zeros(n).unwrap();
+        backend.matmul(&one, &dw, &mut c, (1, n, k), false).unwrap();
+        let alone = backend.download(&c, n).unwrap();
+        let mut in_batch = backend.zeros(m * n).unwrap();
+        backend.matmul(&da, &dw, &mut in_batch, (m, n, k), false).unwrap();
+        let in_batch = backend.download(&in_batch, m * n).unwrap();
+        assert_eq!(alone, in_batch[r * n..(r + 1) * n], "row {r}");
+    }
+}
+
+#[test]
+fn the_emulated_bf16_gemm_is_exact_and_batch_invariant() {
+    bf16_gemm_matches_its_reference(&emulator::Emulator, true);
 }
 
 /// A token's logits are bit for bit the same alone and among 70 other
@@ -401,9 +493,13 @@ fn the_gpu_forward_matches_the_cpu_model() {
     forward_matches_the_cpu(gpu(), &[4, 16], 300);
     // Through `Model`: the device is chosen at load, KV comes from it.
     let (cpu, dev) = (
-        Model::from_tensors(random_tensors(&gpu_config(), 4).unwrap(), WeightFormat::F32).unwrap(),
+        Model::from_tensors(
+            bf16_rounded(random_tensors(&gpu_config(), 4).unwrap()),
+            WeightFormat::F32,
+        )
+        .unwrap(),
         Model::from_tensors_on(
-            random_tensors(&gpu_config(), 4).unwrap(),
+            bf16_rounded(random_tensors(&gpu_config(), 4).unwrap()),
             WeightFormat::F32,
             Device::Cuda(gpu().ordinal()),
         )
@@ -414,7 +510,7 @@ fn the_gpu_forward_matches_the_cpu_model() {
     assert!(kv.is_on_device());
     let batch = mixed_batch(16);
     let want = cpu.forward(&batch, &mut cpu.new_kv(layout(16)).unwrap()).unwrap();
-    assert_close(&dev.forward(&batch, &mut kv).unwrap(), &want, "Model on cuda");
+    assert_near(&dev.forward(&batch, &mut kv).unwrap(), &want, "Model on cuda");
     let err = dev
         .forward(&batch, &mut KvStorage::new(layout(16)))
         .unwrap_err()
@@ -426,6 +522,12 @@ fn the_gpu_forward_matches_the_cpu_model() {
 #[ignore = "needs a CUDA GPU: HETEROSPEC_TEST_DEVICE=cuda cargo test -- --ignored"]
 fn gpu_rows_do_not_depend_on_the_batch() {
     rows_do_not_depend_on_the_batch(gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: HETEROSPEC_TEST_DEVICE=cuda cargo test -- --ignored"]
+fn the_gpu_bf16_gemm_matches_its_reference() {
+    bf16_gemm_matches_its_reference(&*gpu(), false);
 }
 
 /// Without a driver, asking for a GPU is an error that says so (with

@@ -12,7 +12,7 @@ static dim3 d3(const unsigned* v) { return dim3{v[0], v[1], v[2]}; }
     }
 #define EXPAND(...) __VA_ARGS__
 
-ENTRY(matmul_nt, (const float* a, const float* w, float* c, int m, int n, int k, int acc),
+ENTRY(matmul_bf16, (const float* a, const unsigned short* w, float* c, int m, int n, int k, int acc),
       (a, w, c, m, n, k, acc))
 ENTRY(rms_norm, (const float* x, const float* w, float* out, int dim, float eps), (x, w, out, dim, eps))
 ENTRY(rope, (float* x, const float* c, const float* s, int tokens, int heads, int half),
