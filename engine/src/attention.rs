@@ -313,14 +313,23 @@ pub fn paged_attention(
             tasks.extend(
                 (t..end)
                     .step_by(tokens_per_task)
-                    .map(|s| (s..(s + tokens_per_task).min(end), h)),
+                    .map(|s| (s..(s + tokens_per_task).min(end), h, h * group..(h + 1) * group)),
             );
         }
         t = end;
     }
+    // Too few tasks to keep every thread busy (a decode step of one
+    // sequence has one per KV head): one per query head instead. A row's
+    // arithmetic is the same in any group, so this changes no bits.
+    if tasks.len() < 2 * rayon::current_num_threads() && group > 1 {
+        tasks = tasks
+            .into_iter()
+            .flat_map(|(tokens, h, heads)| heads.map(move |q| (tokens.clone(), h, q..q + 1)))
+            .collect();
+    }
     let avx2 = has_avx2() && head_dim % 8 == 0;
     let shared = crate::par::SharedOut::new(out);
-    tasks.into_par_iter().for_each(|(tokens, kv_head)| {
+    tasks.into_par_iter().for_each(|(tokens, kv_head, heads)| {
         // SAFETY: each task writes only the (token, head) rows it owns.
         let out = unsafe { shared.slice() };
         let task = Task {
@@ -331,6 +340,7 @@ pub fn paged_attention(
             shape,
             tokens,
             kv_head,
+            heads,
         };
         #[cfg(target_arch = "x86_64")]
         if avx2 {
@@ -344,8 +354,8 @@ pub fn paged_attention(
 /// Query rows per task (tokens x heads sharing a KV head), at least one token.
 const GROUP_TASK_ROWS: usize = 12;
 
-/// Tokens `tokens` (consecutive, one sequence) and the query heads of
-/// `kv_head`.
+/// Tokens `tokens` (consecutive, one sequence) and query heads `heads`
+/// (all of `kv_head`'s, or one).
 struct Task<'a> {
     q: &'a [f32],
     batch: &'a RaggedBatch,
@@ -354,6 +364,8 @@ struct Task<'a> {
     shape: HeadShape,
     tokens: std::ops::Range<usize>,
     kv_head: usize,
+    /// The query heads of `kv_head` this task computes.
+    heads: std::ops::Range<usize>,
 }
 
 impl Task<'_> {
@@ -376,13 +388,11 @@ impl Task<'_> {
     fn run_for<const HD: usize>(&self, out: &mut [f32], avx2: bool) {
         let HeadShape {
             num_heads,
-            num_kv_heads,
             head_dim: hd,
             scale,
             ..
         } = self.shape;
-        let group = num_heads / num_kv_heads;
-        let heads = self.kv_head * group..(self.kv_head + 1) * group;
+        let heads = self.heads.clone();
         let seq = &self.batch.seqs[self.token_owner[self.tokens.start].0];
         let cells: Vec<(usize, usize)> = self
             .tokens
