@@ -2,7 +2,12 @@
 # The GPU checks, on a machine with an NVIDIA GPU and its driver: the
 # device forward against the CPU model and batch invariance on the GPU
 # (the engine's ignored `cuda` tests), then the engine's speculation tests
-# (every drafter, mode and batch size; sampling) with the target on the GPU.
+# (every drafter, mode and batch size; sampling) with the target on the GPU;
+# then the device benchmarks into one JSON of figures ($GPU_FIGURES,
+# default gpu-figures.json): `bench forward --device cuda --synthetic` for
+# Llama 3 1B and 8B shapes (T = 1..64, decode batches 1/16/64, the copy
+# bandwidth), and, where models/ holds the default model, its `bench
+# forward` and `bench spec` on the GPU.
 # Runs the binaries of scripts/gpu_pack.sh when it sits beside them, else
 # builds with cargo. NVRTC is looked up on LD_LIBRARY_PATH and in
 # /usr/local/cuda.
@@ -14,12 +19,36 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
 done
 GPU_TESTS=(cuda::tests::the_gpu_ cuda::tests::gpu_ cuda::tests::the_kernels cuda::tests::opening)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+figures="$(pwd)/${GPU_FIGURES:-gpu-figures.json}"
 if [ -x "$here/engine-lib" ]; then
   "$here/engine-lib" --include-ignored "${GPU_TESTS[@]}"
   "$here/engine-speculation"
+  heterospec="$here/heterospec"
 else
   cd "$here/.."
   cargo test --release -p heterospec-engine --lib -- --include-ignored "${GPU_TESTS[@]}"
   cargo test --release -p heterospec-engine --test speculation
+  cargo build --release --bin heterospec
+  heterospec="$(pwd)/target/release/heterospec"
 fi
 echo "GPU checks passed on $HETEROSPEC_TEST_DEVICE"
+
+# One JSON object, a key per benchmark, each its command's --json line.
+{
+  printf '{"nvidia_smi": "%s"' "$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+  for shape in llama-3-1b llama-3-8b; do
+    printf ', "synthetic_%s": ' "$shape"
+    "$heterospec" bench forward --device "$HETEROSPEC_TEST_DEVICE" --synthetic "$shape" --json
+  done
+  model="${HETEROSPEC_MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+  if [ -f "$model" ]; then
+    printf ', "default_model_forward": '
+    "$heterospec" bench forward --device "$HETEROSPEC_TEST_DEVICE" --model "$model" --compare "" \
+      --llama-python none --json
+    printf ', "default_model_spec": '
+    "$heterospec" bench spec --device "$HETEROSPEC_TEST_DEVICE" --model "$model" --concurrency 1,16 \
+      --variants plain,fixed,hetero --repeat 1 --json
+  fi
+  printf '}\n'
+} > "$figures"
+echo "figures: $figures"

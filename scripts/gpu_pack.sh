@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds the GPU checks here, for a GPU machine without a Rust toolchain:
 # the engine's unit tests (the device forward against the CPU model, batch
-# invariance) and its speculation tests, stripped, into gpu-pack/ with
-# scripts/gpu_check.sh. Copy gpu-pack/ there and run gpu-pack/gpu_check.sh.
+# invariance) and its speculation tests, and the heterospec binary (the
+# device benchmarks), stripped, into gpu-pack/ with scripts/gpu_check.sh.
+# Copy gpu-pack/ there (and models/ for the default model's figures) and
+# run gpu-pack/gpu_check.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf gpu-pack
@@ -17,6 +19,8 @@ for line in sys.stdin:
         shutil.copy(m["executable"], "gpu-pack/" + name)
         print("gpu-pack/" + name)
 '
-strip gpu-pack/engine-*
+cargo build --release --bin heterospec
+cp target/release/heterospec gpu-pack/
+strip gpu-pack/engine-* gpu-pack/heterospec
 cp scripts/gpu_check.sh gpu-pack/
 du -sh gpu-pack

@@ -71,6 +71,12 @@ pub struct ForwardArgs {
     /// `--repeats` times, and print the median (for profiling one shape).
     #[arg(long)]
     only_t: Option<usize>,
+    /// With --device cuda: time the device forward of a known shape with
+    /// weights made on the GPU, no file (llama-3-8b, llama-3-1b,
+    /// smollm2-135m): T = 1..64 after a 256-token context, decode steps of
+    /// 1, 16 and 64 sequences, and the device's copy bandwidth.
+    #[arg(long)]
+    synthetic: Option<String>,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -164,6 +170,9 @@ fn forward(mut args: ForwardArgs) -> Result<()> {
     args.engine.drafter = "none".into();
     if args.repeats == 0 {
         bail!("--repeats must be at least 1");
+    }
+    if let Some(name) = &args.synthetic {
+        return crate::bench_synthetic::run(name, args.engine.device, args.repeats, args.json);
     }
     let threads = if args.engine.threads > 0 {
         args.engine.threads

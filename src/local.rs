@@ -41,7 +41,7 @@ pub struct EngineArgs {
     #[arg(long, default_value = "native")]
     pub weight_format: WeightFormat,
     /// Where the target model and its KV cache live: cpu, or cuda / cuda:N
-    /// (the GPU path: weights dequantized to f32, kernels compiled at
+    /// (the GPU path: weight matrices in bf16, kernels compiled at
     /// start-up; needs the NVIDIA driver and the CUDA runtime libraries).
     /// Drafters run on the CPU. With `serve --engines N`, cuda:K puts engine
     /// i on cuda:K+i.

@@ -5,6 +5,7 @@ mod bench;
 mod bench_serve;
 mod bench_soak;
 mod bench_spec;
+mod bench_synthetic;
 mod calibrate;
 mod client;
 mod dataset;

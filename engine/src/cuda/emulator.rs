@@ -96,6 +96,20 @@ impl Backend for Emulator {
         })
     }
 
+    fn synthetic_bf16(&self, len: usize, seed: u64, scale: f32) -> Result<Vec<u16>> {
+        let mut out = vec![0u16; len.max(1)];
+        let launched: Result<()> = emulate!(
+            "fill_synthetic_bf16",
+            Grid::synthetic(len),
+            fn(*mut u16, u64, u64, f32),
+            out.as_mut_ptr(),
+            len as u64,
+            seed,
+            scale
+        );
+        launched.map(|()| out)
+    }
+
     fn zeros(&self, len: usize) -> Result<Vec<f32>> {
         Ok(vec![0.0; len.max(1)])
     }

@@ -103,6 +103,7 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     _module: Arc<CudaModule>,
     matmul_bf16: CudaFunction,
+    fill_synthetic_bf16: CudaFunction,
     rms_norm: CudaFunction,
     rope: CudaFunction,
     silu_mul: CudaFunction,
@@ -200,6 +201,7 @@ impl Gpu {
             name,
             stream: ctx.default_stream(),
             matmul_bf16: f("matmul_bf16")?,
+            fill_synthetic_bf16: f("fill_synthetic_bf16")?,
             rms_norm: f("rms_norm")?,
             rope: f("rope")?,
             silu_mul: f("silu_mul")?,
@@ -212,6 +214,37 @@ impl Gpu {
 
     pub fn ordinal(&self) -> usize {
         self.ordinal
+    }
+
+    /// The device's name, as the driver gives it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Bytes per second of device memory traffic in a 1 GiB
+    /// device-to-device copy (each byte read once and written once),
+    /// median of 5 after one warm-up: the bandwidth a forward that reads
+    /// its weights once can approach.
+    pub fn copy_bytes_per_second(&self) -> Result<f64> {
+        const BYTES: usize = 1 << 30;
+        let alloc = || {
+            self.stream
+                .alloc_zeros::<u8>(BYTES)
+                .map_err(driver("allocating GPU memory"))
+        };
+        let (src, mut dst) = (alloc()?, alloc()?);
+        let mut times = Vec::new();
+        for _ in 0..6 {
+            let start = std::time::Instant::now();
+            self.stream
+                .memcpy_dtod(&src, &mut dst)
+                .map_err(driver("copying on the GPU"))?;
+            self.stream.synchronize().map_err(driver("copying on the GPU"))?;
+            times.push(start.elapsed().as_secs_f64());
+        }
+        let mut timed = times.split_off(1);
+        timed.sort_by(f64::total_cmp);
+        Ok(2.0 * BYTES as f64 / timed[timed.len() / 2])
     }
 
     /// A device copy of `host`; an empty slice becomes one zero (CUDA
@@ -255,6 +288,16 @@ impl Backend for Gpu {
 
     fn upload_bf16(&self, host: &[f32]) -> Result<Self::Halves> {
         self.copy_in(&super::bf16_bits(host))
+    }
+
+    fn synthetic_bf16(&self, len: usize, seed: u64, scale: f32) -> Result<Self::Halves> {
+        let mut out = self
+            .stream
+            .alloc_zeros::<u16>(len.max(1))
+            .map_err(driver("allocating GPU memory"))?;
+        let n = len as u64;
+        launch!(self, fill_synthetic_bf16, Grid::synthetic(len), "synthetic weights kernel"; &mut out, &n, &seed, &scale)?;
+        Ok(out)
     }
 
     fn zeros(&self, len: usize) -> Result<Self::Floats> {

@@ -118,6 +118,27 @@ extern "C" __global__ void matmul_bf16(const float* __restrict__ a, const unsign
     }
 }
 
+// Synthetic weights (`bench forward --synthetic`: a model's shapes with no
+// file): out[i] = bf16 of scale * u, with u in [-1, 1) from a hash of
+// (seed, i), so the values do not depend on the launch; the host computes
+// the same (`cuda::synthetic::value`). A grid-stride loop covers any n.
+__device__ float synthetic_unit(unsigned long long seed, unsigned long long i) {
+    unsigned long long x = seed * 0x9E3779B97F4A7C15ull + i;
+    x ^= x >> 30;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 27;
+    x *= 0x94D049BB133111EBull;
+    x ^= x >> 31;
+    return (float)(unsigned)(x >> 40) * (1.0f / 8388608.0f) - 1.0f;
+}
+
+extern "C" __global__ void fill_synthetic_bf16(unsigned short* __restrict__ out, unsigned long long n,
+                                               unsigned long long seed, float scale) {
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        out[i] = bf16_bits(scale * synthetic_unit(seed, i));
+}
+
 // Sum of `v` over the block's threads, in a fixed tree order; every thread
 // gets the result. `scratch` holds ROW_THREADS floats.
 __device__ float block_sum(float v, float* scratch) {

@@ -31,11 +31,13 @@ use crate::kv::{KvLayout, KvStorage};
 use crate::ops::RopeTable;
 use crate::weights::{LayerTensor, ModelTensors, OUTPUT_NORM};
 
+pub mod bench;
 mod device_kv;
 #[cfg(test)]
 mod emulator;
 mod gpu;
 mod keys;
+pub mod synthetic;
 
 pub use device_kv::DeviceKv;
 #[cfg(test)]
@@ -90,6 +92,18 @@ impl Grid {
         }
     }
 
+    /// `fill_synthetic_bf16`: a grid-stride loop over at most 8192 blocks.
+    fn synthetic(n: usize) -> Self {
+        Grid {
+            grid: (
+                (n as u64).div_ceil(u64::from(BLOCK_THREADS)).clamp(1, 8192) as u32,
+                1,
+                1,
+            ),
+            block: Self::BLOCK,
+        }
+    }
+
     /// `paged_attention`: one block per (query head, token).
     fn attention(heads: usize, tokens: usize) -> Self {
         Grid {
@@ -131,6 +145,9 @@ pub trait Backend: Send + Sync + 'static {
     fn upload_ints(&self, host: &[i32]) -> Result<Self::Ints>;
     /// `host` rounded to bf16 (nearest even, [`bf16_bits`]) on the device.
     fn upload_bf16(&self, host: &[f32]) -> Result<Self::Halves>;
+    /// `len` synthetic bf16 weights made on the device
+    /// ([`synthetic::value`] of `seed`, index and `scale`).
+    fn synthetic_bf16(&self, len: usize, seed: u64, scale: f32) -> Result<Self::Halves>;
     fn zeros(&self, len: usize) -> Result<Self::Floats>;
     /// The first `len` floats, after all work queued before.
     fn download(&self, buf: &Self::Floats, len: usize) -> Result<Vec<f32>>;
@@ -305,6 +322,10 @@ impl<B: Backend> GpuModel<B> {
 
     pub fn backend(&self) -> &Arc<B> {
         &self.backend
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
     }
 
     /// The output layer on rows that are already normed, `(rows, vocab)`.

@@ -5,8 +5,9 @@ use crate::testing::random_tensors;
 use crate::{Device, Model, WeightFormat};
 use heterospec_kv::BlockId;
 
-const KERNEL_NAMES: [&str; 7] = [
+const KERNEL_NAMES: [&str; 8] = [
     "matmul_bf16",
+    "fill_synthetic_bf16",
     "rms_norm",
     "rope",
     "silu_mul",

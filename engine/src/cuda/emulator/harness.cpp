@@ -25,3 +25,5 @@ ENTRY(paged_attention,
       (const float* q, const float* k, const float* v, float* out, const int* keys, const int* tables,
        const int* lists, const int* run_slots, int heads, int kv_heads, int head_dim, int block_size, float scale),
       (q, k, v, out, keys, tables, lists, run_slots, heads, kv_heads, head_dim, block_size, scale))
+ENTRY(fill_synthetic_bf16, (unsigned short* out, unsigned long long n, unsigned long long seed, float scale),
+      (out, n, seed, scale))
