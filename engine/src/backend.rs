@@ -21,6 +21,13 @@ pub trait ModelBackend: Send + Sync {
     /// Empty KV storage this backend's forward reads and writes.
     fn new_kv(&self, layout: KvLayout) -> Result<KvStorage>;
 
+    /// Whether [`forward`](Self::forward) gathers the new tokens'
+    /// embeddings itself (from the batch's token ids, on its device); then
+    /// its `x` is empty.
+    fn embeds_tokens(&self) -> bool {
+        false
+    }
+
     /// Runs the first `num_layers` layers over `x`, the batch's new tokens'
     /// embeddings `(tokens, hidden)`, writing their K/V into `kv` at their
     /// slots; then the output norm and layer on the batch's logits rows.

@@ -160,7 +160,11 @@ impl Model {
         if batch.num_tokens() == 0 {
             return Ok((Vec::new(), Vec::new()));
         }
-        let x = self.embed(batch.seqs.iter().flat_map(|s| s.token_ids.iter().copied()));
+        let x = if self.backend.embeds_tokens() {
+            Vec::new()
+        } else {
+            self.embed(batch.seqs.iter().flat_map(|s| s.token_ids.iter().copied()))
+        };
         self.backend.forward(x, batch, kv, num_layers, tap)
     }
 }

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::{synthetic, Backend, DeviceKv, GpuModel};
+use super::{Backend, DeviceKv, GpuModel};
 use crate::batch::{RaggedBatch, SeqRun};
 use crate::error::Result;
 use crate::kv::KvLayout;
@@ -57,18 +57,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Stand-in embeddings of `tokens` tokens (the forward starts from them;
-/// a synthetic model has no token table).
-fn embeddings(tokens: usize, hidden: usize, salt: u64) -> Vec<f32> {
-    (0..(tokens * hidden) as u64)
-        .map(|i| synthetic::unit(salt, i))
-        .collect()
+/// Token ids of a run of `n` tokens (spread over the vocabulary).
+fn ids(n: usize, salt: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7919 + salt * 104_729) % vocab) as u32).collect()
 }
 
 /// Runs `plan` on `model` (any backend: the tests use the emulator).
 pub fn measure<B: Backend>(model: &GpuModel<B>, plan: &Plan) -> Result<Report> {
     let c = model.config();
-    let h = c.hidden_size;
+    let vocab = c.vocab_size;
     let longest = plan.new_tokens.iter().copied().max().unwrap_or(1);
     let seqs = plan.batches.iter().copied().max().unwrap_or(1).max(1);
     let per_seq = (plan.context + longest).div_ceil(BLOCK_SIZE);
@@ -85,34 +82,33 @@ pub fn measure<B: Backend>(model: &GpuModel<B>, plan: &Plan) -> Result<Report> {
             .map(|b| BlockId(b as u32))
             .collect()
     };
-    let mut run = |batch: &RaggedBatch, salt: u64| -> Result<f64> {
-        let x = embeddings(batch.num_tokens(), h, salt);
+    let mut run = |batch: &RaggedBatch| -> Result<f64> {
         let rows: Vec<usize> = batch.logits_token_rows().collect();
         let start = Instant::now();
-        model.forward_on(&x, batch, &mut kv, c.num_layers, None, &rows)?;
+        model.forward_on(batch, &mut kv, c.num_layers, None, &rows)?;
         Ok(start.elapsed().as_secs_f64())
     };
     let context = |s: usize| -> Result<RaggedBatch> {
         Ok(RaggedBatch {
-            seqs: vec![SeqRun::causal(vec![0; plan.context], 0, &table(s), BLOCK_SIZE)?],
+            seqs: vec![SeqRun::causal(ids(plan.context, s, vocab), 0, &table(s), BLOCK_SIZE)?],
         })
     };
     // Every sequence's context; the first one's, timed.
     for s in 1..seqs {
-        run(&context(s)?, s as u64)?;
+        run(&context(s)?)?;
     }
     let mut prefill = Vec::new();
-    for r in 0..plan.repeats.max(1) {
-        prefill.push(run(&context(0)?, r as u64)?);
+    for _ in 0..plan.repeats.max(1) {
+        prefill.push(run(&context(0)?)?);
     }
     let prefill_tokens_per_second = plan.context as f64 / median(prefill);
     let mut forward_ms = Vec::new();
     for &t in &plan.new_tokens {
         let batch = RaggedBatch {
-            seqs: vec![SeqRun::causal(vec![0; t], plan.context, &table(0), BLOCK_SIZE)?.with_all_logits()],
+            seqs: vec![SeqRun::causal(ids(t, 1000, vocab), plan.context, &table(0), BLOCK_SIZE)?.with_all_logits()],
         };
         let times = (0..plan.repeats.max(1))
-            .map(|r| run(&batch, 1000 + r as u64))
+            .map(|_| run(&batch))
             .collect::<Result<Vec<_>>>()?;
         forward_ms.push((t, 1e3 * median(times)));
     }
@@ -120,11 +116,11 @@ pub fn measure<B: Backend>(model: &GpuModel<B>, plan: &Plan) -> Result<Report> {
     for &b in &plan.batches {
         let batch = RaggedBatch {
             seqs: (0..b)
-                .map(|s| SeqRun::causal(vec![0], plan.context, &table(s), BLOCK_SIZE))
+                .map(|s| SeqRun::causal(ids(1, 2000 + s, vocab), plan.context, &table(s), BLOCK_SIZE))
                 .collect::<Result<Vec<_>>>()?,
         };
         let times = (0..plan.repeats.max(1))
-            .map(|r| run(&batch, 2000 + r as u64))
+            .map(|_| run(&batch))
             .collect::<Result<Vec<_>>>()?;
         batch_decode_tokens_per_second.push((b, b as f64 / median(times)));
     }
@@ -138,7 +134,7 @@ pub fn measure<B: Backend>(model: &GpuModel<B>, plan: &Plan) -> Result<Report> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::Emulator;
+    use crate::cuda::{synthetic, Emulator};
     use std::sync::Arc;
 
     /// The plan runs end to end on a small synthetic model under the

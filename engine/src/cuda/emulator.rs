@@ -216,6 +216,27 @@ impl Backend for Emulator {
         )
     }
 
+    fn embed_rows(
+        &self,
+        table: &Vec<u16>,
+        ids: &Vec<i32>,
+        out: &mut Vec<f32>,
+        (count, dim): (usize, usize),
+    ) -> Result<()> {
+        assert!(ids.len() >= count && out.len() >= count * dim);
+        assert!(ids[..count].iter().all(|&r| (r as usize + 1) * dim <= table.len()));
+        emulate!(
+            "embed_rows",
+            Grid::elements(count * dim),
+            fn(*const u16, *const i32, *mut f32, i32, i32),
+            table.as_ptr(),
+            ids.as_ptr(),
+            out.as_mut_ptr(),
+            int(count),
+            int(dim)
+        )
+    }
+
     fn scatter_rows(
         &self,
         cache: &mut Vec<f32>,

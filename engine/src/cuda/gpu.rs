@@ -108,6 +108,7 @@ pub struct Gpu {
     rope: CudaFunction,
     silu_mul: CudaFunction,
     gather_rows: CudaFunction,
+    embed_rows: CudaFunction,
     scatter_rows: CudaFunction,
     paged_attention: CudaFunction,
 }
@@ -206,6 +207,7 @@ impl Gpu {
             rope: f("rope")?,
             silu_mul: f("silu_mul")?,
             gather_rows: f("gather_rows")?,
+            embed_rows: f("embed_rows")?,
             scatter_rows: f("scatter_rows")?,
             paged_attention: f("paged_attention")?,
             _module: module,
@@ -364,6 +366,17 @@ impl Backend for Gpu {
     ) -> Result<()> {
         let (c, d) = (int(count), int(dim));
         launch!(self, gather_rows, Grid::elements(count * dim), "gather kernel"; x, rows, out, &c, &d)
+    }
+
+    fn embed_rows(
+        &self,
+        table: &Self::Halves,
+        ids: &Self::Ints,
+        out: &mut Self::Floats,
+        (count, dim): (usize, usize),
+    ) -> Result<()> {
+        let (c, d) = (int(count), int(dim));
+        launch!(self, embed_rows, Grid::elements(count * dim), "embedding kernel"; table, ids, out, &c, &d)
     }
 
     fn scatter_rows(

@@ -209,6 +209,16 @@ extern "C" __global__ void gather_rows(const float* __restrict__ x, const int* _
     out[idx] = x[(size_t)rows[r] * dim + i];
 }
 
+// out[r] = table[ids[r]] widened from bf16: the token embeddings of a
+// forward's new tokens, gathered on the device.
+extern "C" __global__ void embed_rows(const unsigned short* __restrict__ table, const int* __restrict__ ids,
+                                      float* __restrict__ out, int count, int dim) {
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= count * dim) return;
+    const int r = idx / dim, i = idx % dim;
+    out[idx] = __uint_as_float((unsigned)table[(size_t)ids[r] * dim + i] << 16);
+}
+
 // cache[slots[r]] = rows[r], rows of `dim` floats (one layer's K or V).
 extern "C" __global__ void scatter_rows(float* __restrict__ cache, const float* __restrict__ rows,
                                         const int* __restrict__ slots, int count, int dim) {

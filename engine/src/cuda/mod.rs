@@ -9,10 +9,10 @@
 //! weights stay f32). Every kernel computes a row from that row alone in a
 //! fixed order (see `kernels.cu`), so tree verification stays
 //! token-identical to plain decoding, as on the CPU.
-//! One forward uploads the new tokens' embeddings, RoPE tables, KV slots and
-//! key lists, runs every layer on the device, and brings back only the
-//! logits rows asked for (and a draft head's features). Sampling stays on
-//! the host.
+//! One forward uploads the new tokens' ids, RoPE tables, KV slots and key
+//! lists, gathers the embeddings and runs every layer on the device, and
+//! brings back only the logits rows asked for (and a draft head's
+//! features). Sampling stays on the host.
 //!
 //! The forward is written against [`Backend`] (one method per kernel):
 //! [`Gpu`] runs it on CUDA; the tests also run it on a CPU emulation of the
@@ -29,7 +29,7 @@ use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv::{KvLayout, KvStorage};
 use crate::ops::RopeTable;
-use crate::weights::{LayerTensor, ModelTensors, OUTPUT_NORM};
+use crate::weights::{LayerTensor, ModelTensors, EMBEDDINGS, OUTPUT_NORM};
 
 pub mod bench;
 mod device_kv;
@@ -188,6 +188,14 @@ pub trait Backend: Send + Sync + 'static {
         out: &mut Self::Floats,
         count_dim: (usize, usize),
     ) -> Result<()>;
+    /// `out[r] = table[ids[r]]` widened to f32, `count` rows of `dim`.
+    fn embed_rows(
+        &self,
+        table: &Self::Halves,
+        ids: &Self::Ints,
+        out: &mut Self::Floats,
+        count_dim: (usize, usize),
+    ) -> Result<()>;
     /// `cache[slots[r]] = rows[r]`, `count` rows of `dim`.
     fn scatter_rows(
         &self,
@@ -275,6 +283,9 @@ pub struct GpuModel<B: Backend = Gpu> {
     layers: Vec<DeviceLayer<B::Floats, B::Halves>>,
     output_norm: B::Floats,
     lm_head: B::Halves,
+    /// The token embeddings, bf16; `None` where the output layer is tied
+    /// to them (`lm_head` is the table).
+    token_embd: Option<B::Halves>,
 }
 
 impl<B: Backend> GpuModel<B> {
@@ -310,10 +321,16 @@ impl<B: Backend> GpuModel<B> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let h = config.hidden_size;
+        let (h, vocab) = (config.hidden_size, config.vocab_size);
+        let tied = t.output_name() == EMBEDDINGS;
         Ok(GpuModel {
             output_norm: upload(OUTPUT_NORM, &[h])?,
-            lm_head: matrix(t.output_name(), &[config.vocab_size, h])?,
+            lm_head: matrix(t.output_name(), &[vocab, h])?,
+            token_embd: if tied {
+                None
+            } else {
+                Some(matrix(EMBEDDINGS, &[vocab, h])?)
+            },
             backend,
             config,
             layers,
@@ -339,12 +356,12 @@ impl<B: Backend> GpuModel<B> {
         b.download(&logits, rows * vocab)
     }
 
-    /// The ragged forward of [`crate::Model`] on the device: `x` holds the
-    /// new tokens' embeddings, `logits_rows` the token indices that want
-    /// logits. Returns logits `(rows, vocab)` and the features of `tap`.
+    /// The ragged forward of [`crate::Model`] on the device, from the
+    /// batch's token ids (their embeddings gathered on the device);
+    /// `logits_rows` are the token indices that want logits. Returns
+    /// logits `(rows, vocab)` and the features of `tap`.
     pub fn forward_on(
         &self,
-        x: &[f32],
         batch: &RaggedBatch,
         kv: &mut DeviceKv<B>,
         num_layers: usize,
@@ -391,7 +408,14 @@ impl<B: Backend> GpuModel<B> {
             block_size: kv.block_size,
         };
 
-        let mut x = b.upload(x)?;
+        let ids: Vec<i32> = batch
+            .seqs
+            .iter()
+            .flat_map(|s| s.token_ids.iter().map(|&t| t as i32))
+            .collect();
+        let ids = b.upload_ints(&ids)?;
+        let mut x = b.zeros(n * h)?;
+        b.embed_rows(self.token_embd.as_ref().unwrap_or(&self.lm_head), &ids, &mut x, (n, h))?;
         let mut normed = b.zeros(n * h)?;
         let (mut q, mut k, mut v) = (b.zeros(n * qs)?, b.zeros(n * kvs)?, b.zeros(n * kvs)?);
         let mut attn = b.zeros(n * qs)?;
@@ -465,9 +489,13 @@ impl<B: Backend> ModelBackend for GpuModel<B> {
         Ok(KvStorage::on_device(layout, Box::new(kv)))
     }
 
+    fn embeds_tokens(&self) -> bool {
+        true
+    }
+
     fn forward(
         &self,
-        x: Vec<f32>,
+        _x: Vec<f32>,
         batch: &RaggedBatch,
         kv: &mut KvStorage,
         num_layers: usize,
@@ -480,7 +508,7 @@ impl<B: Backend> ModelBackend for GpuModel<B> {
                 EngineError::Config("a GPU model needs KV storage of its own device (Model::new_kv)".into())
             })?;
         let rows: Vec<usize> = batch.logits_token_rows().collect();
-        self.forward_on(&x, batch, kv, num_layers, tap, &rows)
+        self.forward_on(batch, kv, num_layers, tap, &rows)
     }
 
     fn logits_from_features(&self, features: &[f32]) -> Result<Vec<f32>> {

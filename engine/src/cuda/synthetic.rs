@@ -4,7 +4,8 @@
 //!
 //! Weight `i` of tensor `t` is `value(seed_of(seed, t), i, scale)` on the
 //! device and on the host alike, so a host model of the same weights
-//! ([`host_tensors`]) checks the device forward. Norm weights are 1.
+//! ([`host_tensors`]) checks the device forward. Norm weights are 1; the
+//! token embeddings are a table of their own (untied).
 
 use std::sync::Arc;
 
@@ -86,6 +87,11 @@ fn seed_of(seed: u64, layer: usize, matrix: usize) -> u64 {
     seed.wrapping_mul(1_000_003).wrapping_add((layer * 16 + matrix) as u64)
 }
 
+/// The token embeddings' seed (their scale is 1).
+fn embeddings_seed(seed: u64) -> u64 {
+    seed_of(seed, usize::MAX / 32, 0)
+}
+
 /// The output layer's seed and scale.
 fn output(c: &ModelConfig, seed: u64) -> (u64, f32) {
     (seed_of(seed, c.num_layers, 0), 1.0 / (c.hidden_size as f32).sqrt())
@@ -127,6 +133,7 @@ impl<B: Backend> GpuModel<B> {
         Ok(GpuModel {
             output_norm: ones(h)?,
             lm_head: backend.synthetic_bf16(config.vocab_size * h, out_seed, out_scale)?,
+            token_embd: Some(backend.synthetic_bf16(config.vocab_size * h, embeddings_seed(seed), 1.0)?),
             backend,
             config,
             layers,
@@ -167,7 +174,7 @@ pub fn host_tensors(config: &ModelConfig, seed: u64) -> crate::weights::ModelTen
     );
     tensors.insert(
         "token_embd.weight".to_string(),
-        filled(&[config.vocab_size, h], seed ^ 0xE4BD, 1.0),
+        filled(&[config.vocab_size, h], embeddings_seed(seed), 1.0),
     );
     crate::weights::ModelTensors {
         config: config.clone(),
@@ -241,15 +248,14 @@ mod tests {
             scratch_slots: 0,
         };
         let ids: Vec<u32> = (0..20).map(|i| i * 7 % 100).collect();
+        // (the embeddings, too, are gathered on the device)
         let table: Vec<BlockId> = (1..=2).map(BlockId).collect();
         let batch = RaggedBatch {
             seqs: vec![SeqRun::causal(ids.clone(), 0, &table, 16).unwrap().with_all_logits()],
         };
         let rows: Vec<usize> = batch.logits_token_rows().collect();
         let mut kv = DeviceKv::new(device.backend().clone(), layout).unwrap();
-        let (got, _) = device
-            .forward_on(&cpu.embed(ids), &batch, &mut kv, c.num_layers, None, &rows)
-            .unwrap();
+        let (got, _) = device.forward_on(&batch, &mut kv, c.num_layers, None, &rows).unwrap();
         let want = cpu.forward(&batch, &mut KvStorage::new(layout)).unwrap();
         let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
         let largest = want.iter().map(|x| x.abs()).fold(0.0, f32::max);

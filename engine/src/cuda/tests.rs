@@ -5,13 +5,14 @@ use crate::testing::random_tensors;
 use crate::{Device, Model, WeightFormat};
 use heterospec_kv::BlockId;
 
-const KERNEL_NAMES: [&str; 8] = [
+const KERNEL_NAMES: [&str; 9] = [
     "matmul_bf16",
     "fill_synthetic_bf16",
     "rms_norm",
     "rope",
     "silu_mul",
     "gather_rows",
+    "embed_rows",
     "scatter_rows",
     "paged_attention",
 ];
@@ -138,8 +139,8 @@ fn bf16_rounded(mut t: ModelTensors) -> ModelTensors {
     t
 }
 
-/// A backend's forward driven as [`Model`] drives it: embeddings and
-/// logits rows from the CPU model of the same weights (rounded to bf16
+/// A backend's forward driven as [`Model`] drives it, next to the CPU
+/// model of the same weights (rounded to bf16
 /// as the device's are, so the two differ only by the device rounding
 /// its activations to bf16 at each product).
 struct OnDevice<B: Backend> {
@@ -168,11 +169,8 @@ impl<B: Backend> OnDevice<B> {
         layers: usize,
         tap: Option<&FeatureTap>,
     ) -> (Vec<f32>, Vec<f32>) {
-        let x = self
-            .cpu
-            .embed(batch.seqs.iter().flat_map(|s| s.token_ids.iter().copied()));
         let rows: Vec<usize> = batch.logits_token_rows().collect();
-        self.device.forward_on(&x, batch, kv, layers, tap, &rows).unwrap()
+        self.device.forward_on(batch, kv, layers, tap, &rows).unwrap()
     }
 }
 

@@ -27,3 +27,5 @@ ENTRY(paged_attention,
       (q, k, v, out, keys, tables, lists, run_slots, heads, kv_heads, head_dim, block_size, scale))
 ENTRY(fill_synthetic_bf16, (unsigned short* out, unsigned long long n, unsigned long long seed, float scale),
       (out, n, seed, scale))
+ENTRY(embed_rows, (const unsigned short* table, const int* ids, float* out, int count, int dim),
+      (table, ids, out, count, dim))
