@@ -30,6 +30,11 @@ pub struct ServeBenchArgs {
     /// A running server; without it the bench starts `heterospec serve`.
     #[arg(long)]
     server: Option<String>,
+    /// The running server's router metrics (`http://host:port/metrics`),
+    /// for the engines' idle share per level; the server the bench starts
+    /// is read on its own.
+    #[arg(long)]
+    metrics_url: Option<String>,
     /// Concurrency levels.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
     concurrency: Vec<usize>,
@@ -107,6 +112,29 @@ struct LevelReport {
     ttft_p99_ms: f64,
     itl_p50_ms: f64,
     itl_p99_ms: f64,
+    /// Share of the level's time the engines spent outside steps (one
+    /// minus their reported busy time over the wall time, per engine); of
+    /// it, the share spent between the router's Step calls (planning,
+    /// detokenizing, streaming). Where the server's metrics were read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    engine_idle: Option<Idle>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Idle {
+    engine_idle_share: f64,
+    between_steps_share: f64,
+}
+
+/// What the router's `/metrics` says of the engines so far: their busy
+/// seconds, the Step calls' seconds, and how many engines report.
+async fn engine_time(metrics_url: &str) -> Result<(f64, f64, usize)> {
+    let page = crate::scrape::page(metrics_url).await?;
+    Ok((
+        crate::scrape::sum(&page, "heterospec_engine_busy_seconds_sum", ""),
+        crate::scrape::sum(&page, "heterospec_engine_step_seconds_sum", ""),
+        crate::scrape::series(&page, "heterospec_engine_busy_seconds_sum"),
+    ))
 }
 
 #[derive(Debug, Serialize)]
@@ -180,6 +208,7 @@ async fn timed_request(
 
 async fn run_level(
     url: &str,
+    metrics_url: Option<&str>,
     prompts: &[PromptRecord],
     concurrency: usize,
     args: &ServeBenchArgs,
@@ -187,6 +216,10 @@ async fn run_level(
     let num_requests = concurrency.max(args.min_requests);
     let next = Arc::new(AtomicUsize::new(0));
     let client = GenerationClient::connect(url.to_string()).await?;
+    let before = match metrics_url {
+        Some(m) => Some(engine_time(m).await?),
+        None => None,
+    };
     let start = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..concurrency {
@@ -211,6 +244,17 @@ async fn run_level(
         timings.extend(w.await??);
     }
     let seconds = start.elapsed().as_secs_f64();
+    let engine_idle = match (metrics_url, before) {
+        (Some(m), Some((busy0, calls0, _))) => {
+            let (busy, calls, engines) = engine_time(m).await?;
+            let wall = seconds * engines.max(1) as f64;
+            Some(Idle {
+                engine_idle_share: 1.0 - (busy - busy0) / wall,
+                between_steps_share: 1.0 - (calls - calls0) / wall,
+            })
+        }
+        _ => None,
+    };
     let tokens: usize = timings.iter().map(|t| t.tokens).sum();
     let mut ttft: Vec<f64> = timings.iter().map(|t| t.ttft * 1000.0).collect();
     let mut itl: Vec<f64> = timings.iter().flat_map(|t| t.gaps.iter().map(|g| g * 1000.0)).collect();
@@ -226,6 +270,7 @@ async fn run_level(
         ttft_p99_ms: percentile(&ttft, 0.99),
         itl_p50_ms: percentile(&itl, 0.5),
         itl_p99_ms: percentile(&itl, 0.99),
+        engine_idle,
     })
 }
 
@@ -305,12 +350,16 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let levels = rt.block_on(async {
-        let (mut server, url) = match &args.server {
-            Some(url) => (None, url.clone()),
+        let (mut server, url, metrics_url) = match &args.server {
+            Some(url) => (None, url.clone(), args.metrics_url.clone()),
             None => {
                 let extra = ["--max-concurrent-requests", "1024"].map(Into::into);
-                let (child, addr, _) = launch_serve(&args.model, args.engine.threads, &extra).await?;
-                (Some(child), format!("http://{addr}"))
+                let (child, addr, metrics) = launch_serve(&args.model, args.engine.threads, &extra).await?;
+                (
+                    Some(child),
+                    format!("http://{addr}"),
+                    Some(format!("http://{metrics}/metrics")),
+                )
             }
         };
         // One untimed request warms the served path too (retried until the
@@ -320,7 +369,7 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
             ..args.clone()
         };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while let Err(e) = run_level(&url, &prompts, 1, &warm).await {
+        while let Err(e) = run_level(&url, None, &prompts, 1, &warm).await {
             if Instant::now() > deadline {
                 return Err(e.context("the server did not become ready"));
             }
@@ -328,7 +377,7 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
         }
         let mut levels = Vec::new();
         for &c in &args.concurrency {
-            levels.push(run_level(&url, &prompts, c, &args).await?);
+            levels.push(run_level(&url, metrics_url.as_deref(), &prompts, c, &args).await?);
         }
         if let Some(child) = server.as_mut() {
             if let Some(pid) = child.id() {
@@ -357,15 +406,21 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
         .map(|l| l.tokens_per_second);
     println!("serve benchmark: {} new tokens per request", report.max_new_tokens);
     println!(
-        "| concurrency | requests | aggregate tok/s | vs c=1 | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |"
+        "| concurrency | requests | aggregate tok/s | vs c=1 | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | engine idle | of it, no step in flight |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for l in &report.levels {
         let ratio = base
             .map(|b| format!("{:.2}x", l.tokens_per_second / b))
             .unwrap_or_default();
+        let (idle, between) = l.engine_idle.map_or((String::new(), String::new()), |i| {
+            (
+                format!("{:.0} %", 100.0 * i.engine_idle_share),
+                format!("{:.0} %", 100.0 * i.between_steps_share),
+            )
+        });
         println!(
-            "| {} | {} | {:.1} | {ratio} | {:.0} | {:.0} | {:.1} | {:.1} |",
+            "| {} | {} | {:.1} | {ratio} | {:.0} | {:.0} | {:.1} | {:.1} | {idle} | {between} |",
             l.concurrency, l.requests, l.tokens_per_second, l.ttft_p50_ms, l.ttft_p99_ms, l.itl_p50_ms, l.itl_p99_ms
         );
     }

@@ -137,26 +137,6 @@ fn rss_mib(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// Sum of a metric's samples whose labels contain `label` (plain HTTP GET).
-async fn scrape(url: &str, name: &str, label: &str) -> Result<f64> {
-    let rest = url.strip_prefix("http://").context("--metrics-url must be http://")?;
-    let (host, path) = rest
-        .split_once('/')
-        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
-    let mut stream = tokio::net::TcpStream::connect(host).await?;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
-        .await?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await?;
-    Ok(body
-        .lines()
-        .filter(|l| l.starts_with(name) && l.contains(label))
-        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .sum())
-}
-
 async fn connect(url: &str, args: &SoakArgs) -> Result<GenerationClient<Channel>> {
     let mut endpoint = Channel::from_shared(url.to_string())?;
     if let Some(ca) = &args.tls_ca {
@@ -288,7 +268,7 @@ pub fn run(args: SoakArgs) -> Result<()> {
         if let Some(m) = &metrics_url {
             let settle = Instant::now() + Duration::from_secs(10);
             loop {
-                let used = scrape(m, "heterospec_kv_blocks", "state=\"used\"").await?;
+                let used = crate::scrape::sum(&crate::scrape::page(m).await?, "heterospec_kv_blocks", "state=\"used\"");
                 leaked = Some(used);
                 if used == 0.0 || Instant::now() > settle {
                     break;

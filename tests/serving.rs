@@ -120,6 +120,16 @@ async fn streams_match_solo_generation_and_metrics_move() {
         "all blocks returned"
     );
     assert!(metric(&text, "heterospec_time_to_first_token_seconds_count", &[]) >= 33.0);
+    // Every step's engine time, as the engine reported it, lies within the
+    // router's round trip of that step, and both were spent.
+    let steps = metric(&text, "heterospec_engine_step_seconds_count", &[]);
+    assert!(steps >= 1.0 && metric(&text, "heterospec_engine_busy_seconds_count", &[]) == steps);
+    let busy = metric(&text, "heterospec_engine_busy_seconds_sum", &[]);
+    let round_trips = metric(&text, "heterospec_engine_step_seconds_sum", &[]);
+    assert!(
+        busy > 0.0 && busy <= round_trips,
+        "busy {busy} s, round trips {round_trips} s"
+    );
 
     // Prefix cache: the same prompt again hits (the 16 solo runs and their
     // batched twins share the chat template's system prompt too).

@@ -334,7 +334,9 @@ impl EngineService for EngineHandle {
             leases.track(call.lease_id, &ran, &[]);
             seqs
         };
+        let started = std::time::Instant::now();
         let (results, failed) = self.call(|reply| Command::Step(seqs, reply)).await??;
+        let engine_seconds = started.elapsed().as_secs_f64();
         if !failed.is_empty() {
             // The engine forgot them: so does the lease.
             let ids: Vec<u64> = failed.iter().map(|(id, _)| id.0).collect();
@@ -350,6 +352,7 @@ impl EngineService for EngineHandle {
         Ok(Response::new(pb::StepResponse {
             seqs: results.into_iter().map(seq_result_to_proto).collect(),
             failures,
+            engine_seconds,
         }))
     }
 

@@ -17,6 +17,8 @@ pub const PREFIX_CACHE_QUERIES_TOTAL: &str = "heterospec_prefix_cache_queries_to
 pub const PREFIX_CACHE_HITS_TOTAL: &str = "heterospec_prefix_cache_hits_total";
 pub const ENGINE_UP: &str = "heterospec_engine_up";
 pub const REQUESTS_RETRIED_TOTAL: &str = "heterospec_requests_retried_total";
+pub const ENGINE_STEP_SECONDS: &str = "heterospec_engine_step_seconds";
+pub const ENGINE_BUSY_SECONDS: &str = "heterospec_engine_busy_seconds";
 
 /// Histograms with time buckets (seconds).
 pub const LATENCY_HISTOGRAMS: &[&str] = &[
@@ -24,6 +26,8 @@ pub const LATENCY_HISTOGRAMS: &[&str] = &[
     TIME_TO_FIRST_TOKEN_SECONDS,
     INTER_TOKEN_LATENCY_SECONDS,
     QUEUE_DURATION_SECONDS,
+    ENGINE_STEP_SECONDS,
+    ENGINE_BUSY_SECONDS,
 ];
 
 /// Registers help texts (call once after installing a recorder).
@@ -71,6 +75,16 @@ pub fn describe() {
     );
     describe_counter!(PREFIX_CACHE_HITS_TOTAL, "Prompt tokens found in the prefix cache.");
     describe_gauge!(ENGINE_UP, "1 when the router is connected to the engine, else 0.");
+    describe_histogram!(
+        ENGINE_STEP_SECONDS,
+        Unit::Seconds,
+        "Round trip of one engine step as the router sees it (the Step call)."
+    );
+    describe_histogram!(
+        ENGINE_BUSY_SECONDS,
+        Unit::Seconds,
+        "Time the engine spent on one step, as it reports; rate(_sum) is the share of time it was busy, one minus that its idle share."
+    );
     describe_counter!(
         REQUESTS_RETRIED_TOTAL,
         "Requests moved to another engine after theirs failed before their first token."

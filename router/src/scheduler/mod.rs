@@ -367,7 +367,11 @@ impl Scheduler {
             .collect();
         self.release_pending().await?;
         let timeout = self.config.step_timeout;
+        let sent = std::time::Instant::now();
         let mut response = self.conn.as_mut().expect("connected").link.step(steps, timeout).await?;
+        metrics::histogram!(m::ENGINE_STEP_SECONDS, "engine" => self.label.clone())
+            .record(sent.elapsed().as_secs_f64());
+        metrics::histogram!(m::ENGINE_BUSY_SECONDS, "engine" => self.label.clone()).record(response.engine_seconds);
         for failure in std::mem::take(&mut response.failures) {
             tracing::warn!(engine = self.index, seq = failure.seq_id, reason = %failure.reason, "the engine failed one sequence");
             if let Some(seq) = self.core().fail(SeqId(failure.seq_id)) {
