@@ -6,8 +6,8 @@
 # then the device benchmarks into one JSON of figures ($GPU_FIGURES,
 # default gpu-figures.json): `bench forward --device cuda --synthetic` for
 # Llama 3 1B and 8B shapes (T = 1..64, decode batches 1/16/64, the copy
-# bandwidth), and, where models/ holds the default model, its `bench
-# forward` and `bench spec` on the GPU.
+# bandwidth), and, where models/ (under the directory it runs in) holds
+# the default model, its `bench forward` and `bench spec` on the GPU.
 # Runs the binaries of scripts/gpu_pack.sh when it sits beside them, else
 # builds with cargo. NVRTC is looked up on LD_LIBRARY_PATH and in
 # /usr/local/cuda.
@@ -33,21 +33,26 @@ else
 fi
 echo "GPU checks passed on $HETEROSPEC_TEST_DEVICE"
 
-# One JSON object, a key per benchmark, each its command's --json line.
+# One JSON object, a key per benchmark: each its command's --json line, or
+# null where it failed (its error goes to the log beside the figures).
+log="${figures%.json}.log"
+: > "$log"
+bench() { "$heterospec" bench "$@" --json 2>>"$log" || { echo "bench $* failed (see $log)" >&2; printf 'null'; }; }
+prompts="$here/bench/prompts.jsonl"
+[ -f "$prompts" ] || prompts="$here/../bench/prompts.jsonl"
 {
   printf '{"nvidia_smi": "%s"' "$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
   for shape in llama-3-1b llama-3-8b; do
     printf ', "synthetic_%s": ' "$shape"
-    "$heterospec" bench forward --device "$HETEROSPEC_TEST_DEVICE" --synthetic "$shape" --json
+    bench forward --device "$HETEROSPEC_TEST_DEVICE" --synthetic "$shape"
   done
   model="${HETEROSPEC_MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
   if [ -f "$model" ]; then
     printf ', "default_model_forward": '
-    "$heterospec" bench forward --device "$HETEROSPEC_TEST_DEVICE" --model "$model" --compare "" \
-      --llama-python none --json
+    bench forward --device "$HETEROSPEC_TEST_DEVICE" --model "$model" --compare "" --llama-python none
     printf ', "default_model_spec": '
-    "$heterospec" bench spec --device "$HETEROSPEC_TEST_DEVICE" --model "$model" --concurrency 1,16 \
-      --variants plain,fixed,hetero --repeat 1 --json
+    bench spec --device "$HETEROSPEC_TEST_DEVICE" --model "$model" --prompts "$prompts" --concurrency 1,16 \
+      --variants plain,fixed,hetero --repeat 1
   fi
   printf '}\n'
 } > "$figures"

@@ -23,4 +23,6 @@ cargo build --release --bin heterospec
 cp target/release/heterospec gpu-pack/
 strip gpu-pack/engine-* gpu-pack/heterospec
 cp scripts/gpu_check.sh gpu-pack/
+mkdir -p gpu-pack/bench
+cp bench/prompts.jsonl gpu-pack/bench/
 du -sh gpu-pack

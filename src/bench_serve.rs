@@ -113,9 +113,10 @@ struct LevelReport {
     itl_p50_ms: f64,
     itl_p99_ms: f64,
     /// Share of the level's time the engines spent outside steps (one
-    /// minus their reported busy time over the wall time, per engine); of
-    /// it, the share spent between the router's Step calls (planning,
-    /// detokenizing, streaming). Where the server's metrics were read.
+    /// minus their reported busy time over the wall time, per engine), and
+    /// the share of it with no Step call in flight (the router planning,
+    /// detokenizing, streaming), both of the wall time. Where the server's
+    /// metrics were read.
     #[serde(skip_serializing_if = "Option::is_none")]
     engine_idle: Option<Idle>,
 }
@@ -406,7 +407,7 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
         .map(|l| l.tokens_per_second);
     println!("serve benchmark: {} new tokens per request", report.max_new_tokens);
     println!(
-        "| concurrency | requests | aggregate tok/s | vs c=1 | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | engine idle | of it, no step in flight |"
+        "| concurrency | requests | aggregate tok/s | vs c=1 | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | engine idle | no step in flight |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for l in &report.levels {

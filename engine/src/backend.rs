@@ -42,8 +42,96 @@ pub trait ModelBackend: Send + Sync {
         tap: Option<&FeatureTap>,
     ) -> Result<(Vec<f32>, Vec<f32>)>;
 
+    /// [`forward`](Self::forward) for verification: each logits row `r`
+    /// with `pickable[r]` may come back as its greedy pick (the first
+    /// largest logit and its logprob) rather than as the row, which a
+    /// device that finds the picks itself need not copy back. By default
+    /// every row comes back whole.
+    fn forward_rows(
+        &self,
+        x: Vec<f32>,
+        batch: &RaggedBatch,
+        kv: &mut KvStorage,
+        tap: Option<&FeatureTap>,
+        pickable: &[bool],
+    ) -> Result<(Rows, Vec<f32>)> {
+        let _ = pickable;
+        let c = self.config();
+        let (vocab, num_layers) = (c.vocab_size, c.num_layers);
+        let (logits, features) = self.forward(x, batch, kv, num_layers, tap)?;
+        Ok((Rows::whole(logits, vocab), features))
+    }
+
+    /// The model this backend runs.
+    fn config(&self) -> &crate::config::ModelConfig;
+
     /// The output layer on rows that are already normed, `(rows, vocab)`.
     fn logits_from_features(&self, features: &[f32]) -> Result<Vec<f32>>;
+}
+
+/// One logits row of a forward, as verification reads it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Row<'a> {
+    /// The row's logits.
+    Whole(&'a [f32]),
+    /// Only its greedy pick: the first largest logit's token and logprob.
+    Picked { token_id: u32, logprob: f32 },
+}
+
+/// A forward's logits rows, each whole or picked.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rows {
+    vocab: usize,
+    /// The whole rows, `vocab` wide, in row order.
+    logits: Vec<f32>,
+    /// Per row: `Ok(i)` for whole row `i`, `Err((token, logprob))` for a pick.
+    rows: Vec<std::result::Result<usize, (u32, f32)>>,
+}
+
+impl Rows {
+    /// Every row whole: `logits` is `(rows, vocab)`.
+    pub fn whole(logits: Vec<f32>, vocab: usize) -> Self {
+        let n = logits.len().checked_div(vocab).unwrap_or(0);
+        Rows {
+            vocab,
+            logits,
+            rows: (0..n).map(Ok).collect(),
+        }
+    }
+
+    /// Rows in order, each `Ok(row)` (`vocab` logits) or `Err(pick)`.
+    pub fn mixed(vocab: usize, rows: Vec<std::result::Result<Vec<f32>, (u32, f32)>>) -> Self {
+        let mut out = Rows {
+            vocab,
+            ..Rows::default()
+        };
+        for row in rows {
+            out.rows.push(match row {
+                Ok(logits) => {
+                    debug_assert_eq!(logits.len(), vocab);
+                    out.logits.extend(logits);
+                    Ok(out.logits.len() / vocab - 1)
+                }
+                Err(pick) => Err(pick),
+            });
+        }
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    pub fn get(&self, r: usize) -> Row<'_> {
+        match self.rows[r] {
+            Ok(i) => Row::Whole(&self.logits[i * self.vocab..(i + 1) * self.vocab]),
+            Err((token_id, logprob)) => Row::Picked { token_id, logprob },
+        }
+    }
 }
 
 /// Which target hidden states a draft head reads.

@@ -84,6 +84,10 @@ impl ModelBackend for CpuModel {
         crate::Device::Cpu
     }
 
+    fn config(&self) -> &crate::config::ModelConfig {
+        &self.config
+    }
+
     fn new_kv(&self, layout: KvLayout) -> Result<KvStorage> {
         Ok(KvStorage::new(layout))
     }

@@ -19,7 +19,7 @@ use crate::model::Model;
 use crate::spec::setup::{measure_cost_curve, target_layout, Speculation};
 pub use crate::spec::setup::{DrafterKind, SpecSetup, COST_CURVE_TOKENS, DRAFT_SCRATCH_SLOTS, MAX_VERIFY_NODES};
 use crate::spec::{CostCurve, SpecMode, SpecPolicy};
-use crate::step::accept::accept_step;
+use crate::step::accept::{accept_step, pickable_rows};
 use crate::step::choose::choose_nodes;
 use crate::step::commit::{Committer, Forwarded};
 use crate::step::layout::lay_out_trees;
@@ -227,25 +227,22 @@ impl Engine {
         let plain_tokens = batch.num_tokens();
         let node_rows = lay_out_trees(&mut batch, &plans, layout);
 
-        let forward_start = Instant::now();
-        let tap = self.spec.as_ref().and_then(|s| s.drafter.feature_tap());
-        let (logits, features) = match &tap {
-            Some(tap) => self.model.forward_with_features(&batch, &mut self.kv, tap)?,
-            None => (self.model.forward(&batch, &mut self.kv)?, Vec::new()),
-        };
-        let forward_secs = forward_start.elapsed().as_secs_f64();
-
         let rule = self
             .spec
             .as_ref()
             .map_or(crate::spec::verify::AcceptRule::Exact, |s| s.rule);
+        let pickable = pickable_rows(seqs, &batch, &mut staged, &mut self.seqs, rule);
+        let forward_start = Instant::now();
+        let tap = self.spec.as_ref().and_then(|s| s.drafter.feature_tap());
+        let (rows, features) = self.model.forward_rows(&batch, &mut self.kv, tap.as_ref(), &pickable)?;
+        let forward_secs = forward_start.elapsed().as_secs_f64();
+
         let acceptances = accept_step(
             seqs,
             &batch,
             &plans,
             &node_rows,
-            &logits,
-            self.model.config().vocab_size,
+            &rows,
             &mut staged,
             &mut self.seqs,
             rule,

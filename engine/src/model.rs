@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use crate::backend::{FeatureTap, ModelBackend};
+use crate::backend::{FeatureTap, ModelBackend, Rows};
 use crate::batch::RaggedBatch;
 use crate::config::ModelConfig;
 use crate::cpu::CpuModel;
@@ -120,6 +120,32 @@ impl Model {
         self.forward_impl(batch, kv, num_layers, Some(tap))
     }
 
+    /// [`Model::forward_with_features`] (or [`Model::forward`] without a
+    /// tap) for verification: each logits row `r` with `pickable[r]` may
+    /// come back as its greedy pick rather than whole (a GPU finds the
+    /// picks on the device and copies back only the other rows; the CPU
+    /// returns every row whole).
+    pub fn forward_rows(
+        &self,
+        batch: &RaggedBatch,
+        kv: &mut KvStorage,
+        tap: Option<&FeatureTap>,
+        pickable: &[bool],
+    ) -> Result<(Rows, Vec<f32>)> {
+        let num_layers = self.config.num_layers;
+        if let Some(FeatureTap::Layers(l)) = tap {
+            if let Some(&bad) = l.iter().find(|&&i| i > num_layers) {
+                return Err(EngineError::Config(format!(
+                    "feature layer {bad}, the model has {num_layers} layers"
+                )));
+            }
+        }
+        let Some(x) = self.prepare(batch, kv)? else {
+            return Ok((Rows::whole(Vec::new(), self.config.vocab_size), Vec::new()));
+        };
+        self.backend.forward_rows(x, batch, kv, tap, pickable)
+    }
+
     /// [`Model::forward`] through the first `num_layers` layers only, then
     /// the output norm and head (a layer-skip self-draft). Writes K/V of
     /// those layers only.
@@ -152,20 +178,29 @@ impl Model {
         num_layers: usize,
         tap: Option<&FeatureTap>,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let Some(x) = self.prepare(batch, kv)? else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        self.backend.forward(x, batch, kv, num_layers, tap)
+    }
+
+    /// Checks `batch` against `kv` and the vocabulary, and returns the new
+    /// tokens' embeddings (empty where the backend gathers them itself);
+    /// `None` for a batch without tokens.
+    fn prepare(&self, batch: &RaggedBatch, kv: &KvStorage) -> Result<Option<Vec<f32>>> {
         let c = &self.config;
         let layout = kv.layout();
         for seq in &batch.seqs {
             seq.validate(layout.block_size, layout.num_slots(), c.vocab_size)?;
         }
         if batch.num_tokens() == 0 {
-            return Ok((Vec::new(), Vec::new()));
+            return Ok(None);
         }
-        let x = if self.backend.embeds_tokens() {
+        Ok(Some(if self.backend.embeds_tokens() {
             Vec::new()
         } else {
             self.embed(batch.seqs.iter().flat_map(|s| s.token_ids.iter().copied()))
-        };
-        self.backend.forward(x, batch, kv, num_layers, tap)
+        }))
     }
 }
 

@@ -27,7 +27,9 @@ use crate::spec::SpecMode;
 
 /// Commands for the engine thread.
 enum Command {
-    Step(Vec<SeqStep>, oneshot::Sender<Result<StepOutcome, EngineError>>),
+    /// A step, answered with its outcome and the seconds the engine
+    /// thread spent on it.
+    Step(Vec<SeqStep>, oneshot::Sender<Result<(StepOutcome, f64), EngineError>>),
     Release(Vec<SeqId>, oneshot::Sender<()>),
 }
 
@@ -88,7 +90,7 @@ impl EngineHandle {
                             metrics::record_step(start.elapsed(), seqs.len(), num_tokens);
                             match result {
                                 Ok(result) => {
-                                    let _ = reply.send(result);
+                                    let _ = reply.send(result.map(|r| (r, start.elapsed().as_secs_f64())));
                                     None
                                 }
                                 Err(panic) => {
@@ -334,9 +336,7 @@ impl EngineService for EngineHandle {
             leases.track(call.lease_id, &ran, &[]);
             seqs
         };
-        let started = std::time::Instant::now();
-        let (results, failed) = self.call(|reply| Command::Step(seqs, reply)).await??;
-        let engine_seconds = started.elapsed().as_secs_f64();
+        let ((results, failed), engine_seconds) = self.call(|reply| Command::Step(seqs, reply)).await??;
         if !failed.is_empty() {
             // The engine forgot them: so does the lease.
             let ids: Vec<u64> = failed.iter().map(|(id, _)| id.0).collect();

@@ -324,3 +324,23 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .expect("VmRSS in /proc/PID/status");
     kb * 1024
 }
+
+/// Chat prompts the serving tests send.
+pub const PROMPTS: [&str; 16] = [
+    "What is the capital of France?",
+    "Write a Python function that returns the sum of a list.",
+    "Explain photosynthesis in two sentences.",
+    "What is 12 times 7?",
+    "Give me three tips for sleeping better.",
+    "Translate 'good morning' into Spanish.",
+    "Name three primary colors.",
+    "What is the boiling point of water?",
+    "Write a haiku about autumn.",
+    "Who wrote Romeo and Juliet?",
+    "What does a CPU do?",
+    "List the planets of the solar system.",
+    "How do I make a cup of tea?",
+    "What is the largest ocean?",
+    "Describe a cat in one sentence.",
+    "Why is the sky blue?",
+];

@@ -118,6 +118,29 @@ impl Backend for Emulator {
         Ok(buf[..len].to_vec())
     }
 
+    fn download_ints(&self, buf: &Vec<i32>, len: usize) -> Result<Vec<i32>> {
+        Ok(buf[..len].to_vec())
+    }
+
+    fn greedy_rows(
+        &self,
+        logits: &Vec<f32>,
+        ids: &mut Vec<i32>,
+        logprobs: &mut Vec<f32>,
+        (rows, vocab): (usize, usize),
+    ) -> Result<()> {
+        assert!(logits.len() >= rows * vocab && ids.len() >= rows && logprobs.len() >= rows);
+        emulate!(
+            "greedy_rows",
+            Grid::rows(rows),
+            fn(*const f32, i32, *mut i32, *mut f32),
+            logits.as_ptr(),
+            int(vocab),
+            ids.as_mut_ptr(),
+            logprobs.as_mut_ptr()
+        )
+    }
+
     fn matmul(
         &self,
         a: &Vec<f32>,

@@ -109,6 +109,7 @@ pub struct Gpu {
     silu_mul: CudaFunction,
     gather_rows: CudaFunction,
     embed_rows: CudaFunction,
+    greedy_rows: CudaFunction,
     scatter_rows: CudaFunction,
     paged_attention: CudaFunction,
 }
@@ -208,6 +209,7 @@ impl Gpu {
             silu_mul: f("silu_mul")?,
             gather_rows: f("gather_rows")?,
             embed_rows: f("embed_rows")?,
+            greedy_rows: f("greedy_rows")?,
             scatter_rows: f("scatter_rows")?,
             paged_attention: f("paged_attention")?,
             _module: module,
@@ -315,6 +317,25 @@ impl Backend for Gpu {
         self.stream.synchronize().map_err(driver(what))?;
         all.truncate(len);
         Ok(all)
+    }
+
+    fn download_ints(&self, buf: &Self::Ints, len: usize) -> Result<Vec<i32>> {
+        let what = "copying from the GPU (or a kernel before it failed)";
+        let mut all = self.stream.clone_dtoh(buf).map_err(driver(what))?;
+        self.stream.synchronize().map_err(driver(what))?;
+        all.truncate(len);
+        Ok(all)
+    }
+
+    fn greedy_rows(
+        &self,
+        logits: &Self::Floats,
+        ids: &mut Self::Ints,
+        logprobs: &mut Self::Floats,
+        (rows, vocab): (usize, usize),
+    ) -> Result<()> {
+        let v = int(vocab);
+        launch!(self, greedy_rows, Grid::rows(rows), "greedy kernel"; logits, &v, ids, logprobs)
     }
 
     fn matmul(

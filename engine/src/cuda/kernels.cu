@@ -165,6 +165,49 @@ __device__ float block_max(float v, float* scratch) {
     return total;
 }
 
+// Greedy verification on the device, one block per logits row (vocab
+// wide): ids[r] = the first index of the row's largest value (as the host's
+// argmax), logprobs[r] = that value minus the row's log-sum-exp (its
+// maximum plus the log of the exponentials' sum, in a fixed order).
+extern "C" __global__ void greedy_rows(const float* __restrict__ logits, int vocab, int* __restrict__ ids,
+                                       float* __restrict__ logprobs) {
+    __shared__ float scratch[ROW_THREADS];
+    __shared__ int where[ROW_THREADS];
+    const float* row = logits + (size_t)blockIdx.x * vocab;
+    const int tid = threadIdx.x;
+    float best = -INFINITY;
+    int at = vocab;  // none yet (every logit NaN or -inf)
+    for (int i = tid; i < vocab; i += blockDim.x)
+        if (row[i] > best || (at == vocab && row[i] == best)) {
+            best = row[i];
+            at = i;
+        }
+    scratch[tid] = best;
+    where[tid] = at;
+    __syncthreads();
+    for (int o = blockDim.x / 2; o > 0; o >>= 1) {
+        if (tid < o) {
+            const float v = scratch[tid + o];
+            const int i = where[tid + o];
+            if (v > scratch[tid] || (v == scratch[tid] && i < where[tid])) {
+                scratch[tid] = v;
+                where[tid] = i;
+            }
+        }
+        __syncthreads();
+    }
+    const float top = scratch[0];
+    const int arg = where[0] < vocab ? where[0] : 0;
+    __syncthreads();
+    float part = 0.0f;
+    for (int i = tid; i < vocab; i += blockDim.x) part += expf(row[i] - top);
+    const float total = block_sum(part, scratch);
+    if (tid == 0) {
+        ids[blockIdx.x] = arg;
+        logprobs[blockIdx.x] = row[arg] - (top + logf(total));
+    }
+}
+
 // out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight; one block per row.
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ weight,
                                     float* __restrict__ out, int dim, float eps) {

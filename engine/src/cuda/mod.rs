@@ -23,7 +23,7 @@
 
 use std::sync::Arc;
 
-use crate::backend::{copy_layer_taps, FeatureTap, ModelBackend};
+use crate::backend::{copy_layer_taps, FeatureTap, ModelBackend, Rows};
 use crate::batch::RaggedBatch;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
@@ -36,6 +36,10 @@ mod device_kv;
 #[cfg(test)]
 mod emulator;
 mod gpu;
+#[cfg(test)]
+#[path = "greedy/tests.rs"]
+mod greedy_tests;
+mod grid;
 mod keys;
 pub mod synthetic;
 
@@ -43,6 +47,7 @@ pub use device_kv::DeviceKv;
 #[cfg(test)]
 pub(crate) use emulator::Emulator;
 pub use gpu::{compile_kernels, Gpu, KernelImage, MIN_ARCH};
+pub use grid::{AttentionShape, Grid};
 pub use keys::AttentionKeys;
 
 /// The kernels' source, compiled by NVRTC when a device is opened.
@@ -57,77 +62,6 @@ const TILE: usize = 64;
 const KEY_FIELDS: usize = 6;
 /// CUDA's limit on a grid's second dimension (attention: one row per token).
 const MAX_GRID_Y: usize = 65_535;
-
-/// A kernel launch's grid and block dimensions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Grid {
-    pub grid: (u32, u32, u32),
-    pub block: (u32, u32, u32),
-}
-
-impl Grid {
-    const BLOCK: (u32, u32, u32) = (BLOCK_THREADS, 1, 1);
-
-    /// `matmul_bf16`: one block per 64 x 64 output tile.
-    fn matmul(m: usize, n: usize) -> Self {
-        Grid {
-            grid: (n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, 1),
-            block: Self::BLOCK,
-        }
-    }
-
-    /// `rms_norm`: one block per row.
-    fn rows(rows: usize) -> Self {
-        Grid {
-            grid: (rows as u32, 1, 1),
-            block: Self::BLOCK,
-        }
-    }
-
-    /// Element-wise kernels: one thread per element.
-    fn elements(n: usize) -> Self {
-        Grid {
-            grid: ((n as u32).div_ceil(BLOCK_THREADS).max(1), 1, 1),
-            block: Self::BLOCK,
-        }
-    }
-
-    /// `fill_synthetic_bf16`: a grid-stride loop over at most 8192 blocks.
-    fn synthetic(n: usize) -> Self {
-        Grid {
-            grid: (
-                (n as u64).div_ceil(u64::from(BLOCK_THREADS)).clamp(1, 8192) as u32,
-                1,
-                1,
-            ),
-            block: Self::BLOCK,
-        }
-    }
-
-    /// `paged_attention`: one block per (query head, token).
-    fn attention(heads: usize, tokens: usize) -> Self {
-        Grid {
-            grid: (heads as u32, tokens as u32, 1),
-            block: Self::BLOCK,
-        }
-    }
-}
-
-/// The geometry of one attention launch.
-#[derive(Debug, Clone, Copy)]
-pub struct AttentionShape {
-    pub tokens: usize,
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-    pub block_size: usize,
-}
-
-impl AttentionShape {
-    fn scale(&self) -> f32 {
-        1.0 / (self.head_dim as f32).sqrt()
-    }
-}
 
 /// A device the forward runs on: its buffers and the kernels of
 /// `kernels.cu`, one method per kernel (row-major; weights `(out, in)`).
@@ -151,6 +85,17 @@ pub trait Backend: Send + Sync + 'static {
     fn zeros(&self, len: usize) -> Result<Self::Floats>;
     /// The first `len` floats, after all work queued before.
     fn download(&self, buf: &Self::Floats, len: usize) -> Result<Vec<f32>>;
+    /// The first `len` ints, after all work queued before.
+    fn download_ints(&self, buf: &Self::Ints, len: usize) -> Result<Vec<i32>>;
+    /// Per row of `logits (rows, vocab)`: the first largest value's index
+    /// into `ids`, its logprob into `logprobs`.
+    fn greedy_rows(
+        &self,
+        logits: &Self::Floats,
+        ids: &mut Self::Ints,
+        logprobs: &mut Self::Floats,
+        rows_vocab: (usize, usize),
+    ) -> Result<()>;
     /// `c (m, n) = a (m, k) . w (n, k)^T`, or `c +=` that: `a` rounded
     /// to bf16, the sums in f32, in the same order for every row count.
     fn matmul(
@@ -368,6 +313,76 @@ impl<B: Backend> GpuModel<B> {
         tap: Option<&FeatureTap>,
         logits_rows: &[usize],
     ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let vocab = self.config.vocab_size;
+        let (logits, features) = self.forward_device(batch, kv, num_layers, tap, logits_rows)?;
+        let logits = match logits {
+            Some(l) => self.backend.download(&l, logits_rows.len() * vocab)?,
+            None => Vec::new(),
+        };
+        Ok((logits, features))
+    }
+
+    /// [`forward_on`](Self::forward_on) through every layer for
+    /// verification: the rows `pickable` marks come back as their greedy
+    /// picks, found on the device (`greedy_rows`), the others whole; only
+    /// those rows' logits are copied back.
+    pub fn forward_picking(
+        &self,
+        batch: &RaggedBatch,
+        kv: &mut DeviceKv<B>,
+        tap: Option<&FeatureTap>,
+        logits_rows: &[usize],
+        pickable: &[bool],
+    ) -> Result<(Rows, Vec<f32>)> {
+        let b = &*self.backend;
+        let vocab = self.config.vocab_size;
+        let rows = logits_rows.len();
+        let (logits, features) = self.forward_device(batch, kv, self.config.num_layers, tap, logits_rows)?;
+        let Some(logits) = logits else {
+            return Ok((Rows::whole(Vec::new(), vocab), features));
+        };
+        let picked = |r: usize| pickable.get(r).copied().unwrap_or(false);
+        let picks = if (0..rows).any(picked) {
+            let mut ids = b.upload_ints(&vec![0; rows])?;
+            let mut logprobs = b.zeros(rows)?;
+            b.greedy_rows(&logits, &mut ids, &mut logprobs, (rows, vocab))?;
+            let ids = b.download_ints(&ids, rows)?;
+            ids.into_iter().zip(b.download(&logprobs, rows)?).collect()
+        } else {
+            Vec::new()
+        };
+        let whole: Vec<i32> = (0..rows).filter(|&r| !picked(r)).map(int).collect();
+        let mut whole_logits = if whole.is_empty() {
+            Vec::new()
+        } else {
+            let idx = b.upload_ints(&whole)?;
+            let mut out = b.zeros(whole.len() * vocab)?;
+            b.gather_rows(&logits, &idx, &mut out, (whole.len(), vocab))?;
+            b.download(&out, whole.len() * vocab)?
+        }
+        .into_iter();
+        let out = (0..rows)
+            .map(|r| {
+                if picked(r) {
+                    let (id, logprob) = picks[r];
+                    Err((id as u32, logprob))
+                } else {
+                    Ok(whole_logits.by_ref().take(vocab).collect())
+                }
+            })
+            .collect();
+        Ok((Rows::mixed(vocab, out), features))
+    }
+
+    /// The forward on the device, leaving the logits rows there.
+    fn forward_device(
+        &self,
+        batch: &RaggedBatch,
+        kv: &mut DeviceKv<B>,
+        num_layers: usize,
+        tap: Option<&FeatureTap>,
+        logits_rows: &[usize],
+    ) -> Result<(Option<B::Floats>, Vec<f32>)> {
         let c = &self.config;
         let b = &*self.backend;
         let n = batch.num_tokens();
@@ -408,11 +423,14 @@ impl<B: Backend> GpuModel<B> {
             block_size: kv.block_size,
         };
 
-        let ids: Vec<i32> = batch
-            .seqs
-            .iter()
-            .flat_map(|s| s.token_ids.iter().map(|&t| t as i32))
-            .collect();
+        let tokens = batch.seqs.iter().flat_map(|s| s.token_ids.iter().copied());
+        if let Some(bad) = tokens.clone().find(|&t| t as usize >= c.vocab_size) {
+            return Err(EngineError::Config(format!(
+                "token id {bad} is outside the vocabulary ({} tokens)",
+                c.vocab_size
+            )));
+        }
+        let ids: Vec<i32> = tokens.map(|t| t as i32).collect();
         let ids = b.upload_ints(&ids)?;
         let mut x = b.zeros(n * h)?;
         b.embed_rows(self.token_embd.as_ref().unwrap_or(&self.lm_head), &ids, &mut x, (n, h))?;
@@ -462,7 +480,7 @@ impl<B: Backend> GpuModel<B> {
         };
         let rows = logits_rows.len();
         if rows == 0 {
-            return Ok((Vec::new(), features));
+            return Ok((None, features));
         }
         let row_ids = b.upload_ints(&logits_rows.iter().map(|&r| int(r)).collect::<Vec<_>>())?;
         let mut selected = b.zeros(rows * h)?;
@@ -475,8 +493,15 @@ impl<B: Backend> GpuModel<B> {
         }
         let mut logits = b.zeros(rows * c.vocab_size)?;
         b.matmul(&selected, &self.lm_head, &mut logits, (rows, c.vocab_size, h), false)?;
-        Ok((b.download(&logits, rows * c.vocab_size)?, features))
+        Ok((Some(logits), features))
     }
+}
+
+/// The device storage of `kv`, when it is a GPU backend's of this kind.
+fn device_kv<B: Backend>(kv: &mut KvStorage) -> Result<&mut DeviceKv<B>> {
+    kv.device_mut()
+        .and_then(|d| d.as_any_mut().downcast_mut::<DeviceKv<B>>())
+        .ok_or_else(|| EngineError::Config("a GPU model needs KV storage of its own device (Model::new_kv)".into()))
 }
 
 impl<B: Backend> ModelBackend for GpuModel<B> {
@@ -493,6 +518,23 @@ impl<B: Backend> ModelBackend for GpuModel<B> {
         true
     }
 
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn forward_rows(
+        &self,
+        _x: Vec<f32>,
+        batch: &RaggedBatch,
+        kv: &mut KvStorage,
+        tap: Option<&FeatureTap>,
+        pickable: &[bool],
+    ) -> Result<(Rows, Vec<f32>)> {
+        let kv = device_kv(kv)?;
+        let rows: Vec<usize> = batch.logits_token_rows().collect();
+        self.forward_picking(batch, kv, tap, &rows, pickable)
+    }
+
     fn forward(
         &self,
         _x: Vec<f32>,
@@ -501,12 +543,7 @@ impl<B: Backend> ModelBackend for GpuModel<B> {
         num_layers: usize,
         tap: Option<&FeatureTap>,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let kv = kv
-            .device_mut()
-            .and_then(|d| d.as_any_mut().downcast_mut::<DeviceKv<B>>())
-            .ok_or_else(|| {
-                EngineError::Config("a GPU model needs KV storage of its own device (Model::new_kv)".into())
-            })?;
+        let kv = device_kv(kv)?;
         let rows: Vec<usize> = batch.logits_token_rows().collect();
         self.forward_on(batch, kv, num_layers, tap, &rows)
     }

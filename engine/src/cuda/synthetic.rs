@@ -17,8 +17,10 @@ use crate::weights::LayerTensor;
 /// The shapes `--synthetic` knows, by name.
 pub const SHAPES: [&str; 3] = ["llama-3-8b", "llama-3-1b", "smollm2-135m"];
 
-/// The configuration of a known architecture (Llama 3 8B and 3.2 1B,
-/// SmolLM2 135M), as their GGUF metadata gives it.
+/// The shapes of a known architecture (Llama 3 8B and 3.2 1B, SmolLM2
+/// 135M: layers, widths, heads, vocabulary, RoPE base), as their GGUF
+/// metadata gives them; every one untied (its own output layer), without
+/// RoPE frequency factors, 8192 positions.
 pub fn config(name: &str) -> Result<ModelConfig> {
     // (layers, hidden, ffn, heads, kv heads, head dim, vocab, rope theta)
     let (num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads, head_dim, vocab_size, rope_theta) =
@@ -141,8 +143,8 @@ impl<B: Backend> GpuModel<B> {
     }
 }
 
-/// The weights [`GpuModel::synthetic`] makes, on the host (f32 tensors of
-/// the bf16 values), with a random token embedding: a CPU model of the
+/// The weights [`GpuModel::synthetic`] makes, token embeddings included,
+/// on the host (f32 tensors of the same bf16 values): a CPU model of the
 /// same model, for tests.
 #[cfg(test)]
 pub fn host_tensors(config: &ModelConfig, seed: u64) -> crate::weights::ModelTensors {

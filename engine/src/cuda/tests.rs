@@ -5,7 +5,7 @@ use crate::testing::random_tensors;
 use crate::{Device, Model, WeightFormat};
 use heterospec_kv::BlockId;
 
-const KERNEL_NAMES: [&str; 9] = [
+const KERNEL_NAMES: [&str; 10] = [
     "matmul_bf16",
     "fill_synthetic_bf16",
     "rms_norm",
@@ -13,6 +13,7 @@ const KERNEL_NAMES: [&str; 9] = [
     "silu_mul",
     "gather_rows",
     "embed_rows",
+    "greedy_rows",
     "scatter_rows",
     "paged_attention",
 ];

@@ -14,6 +14,7 @@
 //! tokens are those plain decoding with the same seed would produce, for any
 //! tree. Greedy is the case where the draw is the argmax.
 
+use crate::backend::Row;
 use crate::sampler::{SampledToken, Sampler};
 use crate::spec::tree::DraftTree;
 
@@ -37,14 +38,34 @@ pub enum AcceptRule {
     BiasedForTests,
 }
 
+/// The target's token from one row: `sampler`'s draw from a whole row, or
+/// the row's pick (only greedy rows without a penalty or alternatives are
+/// picked, and their draw is the pick: the first largest logit).
+pub fn draw(row: Row<'_>, sampler: &mut Sampler, history: &[u32]) -> SampledToken {
+    match row {
+        Row::Whole(row) => sampler.sample(row, history),
+        Row::Picked { token_id, logprob } => SampledToken {
+            token_id,
+            logprob,
+            top: Vec::new(),
+        },
+    }
+}
+
+/// Whether a sequence sampling with `params` may be verified from picked
+/// rows: [`draw`] from a pick is then what the sampler would draw.
+pub fn pickable(params: &crate::sampler::SamplingParams) -> bool {
+    params.is_greedy() && params.repetition_penalty == 1.0 && params.top_logprobs == 0
+}
+
 /// Walks the tree. `verified[v]` marks nodes that were run; `logits(v)`
-/// gives the target logits at node `v` (the next-token distribution after
-/// its path); `history` is every token through the root; at most
-/// `max_accept` draft tokens are accepted.
+/// gives the target's row at node `v` (the next-token distribution after
+/// its path, whole or picked); `history` is every token through the root;
+/// at most `max_accept` draft tokens are accepted.
 pub fn accept<'a>(
     tree: &DraftTree,
     verified: &[bool],
-    logits: &dyn Fn(usize) -> &'a [f32],
+    logits: &dyn Fn(usize) -> Row<'a>,
     sampler: &mut Sampler,
     history: &[u32],
     max_accept: usize,
@@ -58,7 +79,7 @@ pub fn accept<'a>(
     let mut v = 0;
     loop {
         let row = logits(v);
-        let drawn = sampler.sample(row, &hist);
+        let drawn = draw(row, sampler, &hist);
         let children = tree.nodes[v].children.iter().copied().filter(|&c| verified[c]);
         let mut next = None;
         if out.nodes.len() < max_accept {
@@ -66,6 +87,9 @@ pub fn accept<'a>(
                 AcceptRule::Exact => children.into_iter().find(|&c| tree.nodes[c].token == drawn.token_id),
                 #[cfg(any(test, feature = "testing"))]
                 AcceptRule::BiasedForTests => {
+                    let Row::Whole(row) = row else {
+                        unreachable!("the biased rule reads whole rows")
+                    };
                     let support = sampler.distribution(row, &hist);
                     children
                         .into_iter()
@@ -77,10 +101,10 @@ pub fn accept<'a>(
             Some(c) => {
                 let token = tree.nodes[c].token;
                 out.nodes.push(c);
-                out.tokens.push(if token == drawn.token_id {
-                    drawn
-                } else {
-                    SampledToken::from_row(row, token, sampler.params().top_logprobs)
+                out.tokens.push(match row {
+                    _ if token == drawn.token_id => drawn,
+                    Row::Whole(row) => SampledToken::from_row(row, token, sampler.params().top_logprobs),
+                    Row::Picked { .. } => unreachable!("a picked row accepts only its pick"),
                 });
                 hist.push(token);
                 v = c;

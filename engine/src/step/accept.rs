@@ -5,12 +5,16 @@
 //!
 //! Pure given the logits: samplers are seeded by (seed, position), so what
 //! is accepted here does not depend on the batch, and nothing is written.
+//! A greedy sequence's rows may arrive as picks (the device found the
+//! argmax): which rows may is a property of the sequence alone, so a
+//! sequence reads its rows the same way in every batch.
 
 use std::collections::HashMap;
 
+use crate::backend::Rows;
 use crate::batch::RaggedBatch;
 use crate::sampler::{SampledToken, Sampler};
-use crate::spec::verify::{accept, AcceptRule};
+use crate::spec::verify::{accept, draw, pickable, AcceptRule};
 use crate::step::layout::NodeRows;
 use crate::step::plan::Plan;
 use crate::step::{SeqId, SeqState, SeqStep, Staged};
@@ -34,16 +38,34 @@ fn sampler_of<'a>(staged: &'a mut Staged, live: &'a mut HashMap<SeqId, SeqState>
     }
 }
 
+/// Per logits row of `batch`, whether verification may read it as a
+/// greedy pick ([`pickable`]): its sequence samples greedily with no
+/// penalty or alternatives, under the exact rule.
+pub(crate) fn pickable_rows(
+    seqs: &[SeqStep],
+    batch: &RaggedBatch,
+    staged: &mut [Staged],
+    live: &mut HashMap<SeqId, SeqState>,
+    rule: AcceptRule,
+) -> Vec<bool> {
+    let mut out = Vec::new();
+    for ((s, run), staged) in seqs.iter().zip(&batch.seqs).zip(staged.iter_mut()) {
+        let ok = s.sample && rule == AcceptRule::Exact && pickable(sampler_of(staged, live, s.seq_id).params());
+        out.extend(std::iter::repeat_n(ok, run.logits_rows.len()));
+    }
+    out
+}
+
 /// One `Acceptance` per sequence, in step order (empty for mid-prompt
-/// chunks). `logits` are the forward's rows, `vocab` wide.
+/// chunks). `rows` are the forward's logits rows (whole, or picked where
+/// [`pickable_rows`] allowed).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn accept_step(
     seqs: &[SeqStep],
     batch: &RaggedBatch,
     plans: &[Plan],
     node_rows: &[NodeRows],
-    logits: &[f32],
-    vocab: usize,
+    rows: &Rows,
     staged: &mut [Staged],
     live: &mut HashMap<SeqId, SeqState>,
     rule: AcceptRule,
@@ -54,7 +76,7 @@ pub(crate) fn accept_step(
         row_start.push(next_row);
         next_row += run.logits_rows.len();
     }
-    let row = |r: usize| &logits[r * vocab..(r + 1) * vocab];
+    let row = |r: usize| rows.get(r);
     let mut planned = vec![None; seqs.len()];
     for (p, plan) in plans.iter().enumerate() {
         planned[plan.seq] = Some(p);
@@ -68,18 +90,18 @@ pub(crate) fn accept_step(
         let history = std::mem::take(&mut staged.history);
         let sampler = sampler_of(staged, live, s.seq_id);
         let Some(p) = planned[i] else {
-            out[i].tokens.push(sampler.sample(row(row_start[i]), &history));
+            out[i].tokens.push(draw(row(row_start[i]), sampler, &history));
             staged.history = history;
             continue;
         };
         let plan = &plans[p];
-        let rows = &node_rows[p];
+        let node_row = &node_rows[p];
         let mut verified = vec![false; plan.tree.len()];
         for &v in &plan.nodes {
             verified[v] = true;
         }
         let base = row_start[i];
-        let logits_of = |v: usize| row(base + rows[&v]);
+        let logits_of = |v: usize| row(base + node_row[&v]);
         let accepted = accept(
             &plan.tree,
             &verified,

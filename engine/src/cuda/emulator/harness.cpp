@@ -29,3 +29,4 @@ ENTRY(fill_synthetic_bf16, (unsigned short* out, unsigned long long n, unsigned 
       (out, n, seed, scale))
 ENTRY(embed_rows, (const unsigned short* table, const int* ids, float* out, int count, int dim),
       (table, ids, out, count, dim))
+ENTRY(greedy_rows, (const float* logits, int vocab, int* ids, float* logprobs), (logits, vocab, ids, logprobs))
