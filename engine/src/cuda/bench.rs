@@ -141,15 +141,7 @@ mod tests {
     /// emulator: every T and B measured, in order, with positive rates.
     #[test]
     fn the_device_bench_runs_its_plan() {
-        let c = crate::config::ModelConfig {
-            num_layers: 1,
-            hidden_size: 64,
-            intermediate_size: 96,
-            num_heads: 2,
-            num_kv_heads: 1,
-            vocab_size: 50,
-            ..synthetic::config("llama-3-1b").unwrap()
-        };
+        let c = synthetic::tiny_config(50);
         let model = GpuModel::synthetic(Arc::new(Emulator), c, 3).unwrap();
         let plan = Plan {
             context: 20,

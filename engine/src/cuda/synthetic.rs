@@ -143,6 +143,21 @@ impl<B: Backend> GpuModel<B> {
     }
 }
 
+/// A one-layer model of head dimension 64 and `vocab` tokens, small
+/// enough for the emulator, for tests.
+#[cfg(test)]
+pub fn tiny_config(vocab: usize) -> ModelConfig {
+    ModelConfig {
+        num_layers: 1,
+        hidden_size: 64,
+        intermediate_size: 96,
+        num_heads: 2,
+        num_kv_heads: 1,
+        vocab_size: vocab,
+        ..config("smollm2-135m").expect("a known shape")
+    }
+}
+
 /// The weights [`GpuModel::synthetic`] makes, token embeddings included,
 /// on the host (f32 tensors of the same bf16 values): a CPU model of the
 /// same model, for tests.

@@ -49,15 +49,7 @@ fn emulated_greedy_picks_are_the_hosts() {
 /// and 2's argmax.
 #[test]
 fn a_picking_forward_returns_the_other_rows_unchanged() {
-    let c = crate::config::ModelConfig {
-        num_layers: 1,
-        hidden_size: 64,
-        intermediate_size: 96,
-        num_heads: 2,
-        num_kv_heads: 1,
-        vocab_size: 90,
-        ..synthetic::config("smollm2-135m").unwrap()
-    };
+    let c = synthetic::tiny_config(90);
     let model = GpuModel::synthetic(Arc::new(Emulator), c.clone(), 11).unwrap();
     let layout = KvLayout {
         num_blocks: 4,
