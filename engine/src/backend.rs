@@ -99,23 +99,22 @@ impl Rows {
         }
     }
 
-    /// Rows in order, each `Ok(row)` (`vocab` logits) or `Err(pick)`.
-    pub fn mixed(vocab: usize, rows: Vec<std::result::Result<Vec<f32>, (u32, f32)>>) -> Self {
-        let mut out = Rows {
-            vocab,
-            ..Rows::default()
-        };
-        for row in rows {
-            out.rows.push(match row {
-                Ok(logits) => {
-                    debug_assert_eq!(logits.len(), vocab);
-                    out.logits.extend(logits);
-                    Ok(out.logits.len() / vocab - 1)
+    /// Rows in order: each `Some(pick)`, or `None` for the next whole
+    /// row of `logits` (`vocab` wide, the whole rows in order).
+    pub fn mixed(vocab: usize, logits: Vec<f32>, picks: impl IntoIterator<Item = Option<(u32, f32)>>) -> Self {
+        let mut whole = 0;
+        let rows = picks
+            .into_iter()
+            .map(|p| match p {
+                Some(pick) => Err(pick),
+                None => {
+                    whole += 1;
+                    Ok(whole - 1)
                 }
-                Err(pick) => Err(pick),
-            });
-        }
-        out
+            })
+            .collect();
+        debug_assert_eq!(whole * vocab, logits.len());
+        Rows { vocab, logits, rows }
     }
 
     pub fn len(&self) -> usize {

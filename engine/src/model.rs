@@ -109,15 +109,8 @@ impl Model {
         kv: &mut KvStorage,
         tap: &FeatureTap,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let num_layers = self.config.num_layers;
-        if let FeatureTap::Layers(l) = tap {
-            if let Some(&bad) = l.iter().find(|&&i| i > num_layers) {
-                return Err(EngineError::Config(format!(
-                    "feature layer {bad}, the model has {num_layers} layers"
-                )));
-            }
-        }
-        self.forward_impl(batch, kv, num_layers, Some(tap))
+        self.check_tap(tap)?;
+        self.forward_impl(batch, kv, self.config.num_layers, Some(tap))
     }
 
     /// [`Model::forward_with_features`] (or [`Model::forward`] without a
@@ -132,13 +125,8 @@ impl Model {
         tap: Option<&FeatureTap>,
         pickable: &[bool],
     ) -> Result<(Rows, Vec<f32>)> {
-        let num_layers = self.config.num_layers;
-        if let Some(FeatureTap::Layers(l)) = tap {
-            if let Some(&bad) = l.iter().find(|&&i| i > num_layers) {
-                return Err(EngineError::Config(format!(
-                    "feature layer {bad}, the model has {num_layers} layers"
-                )));
-            }
+        if let Some(tap) = tap {
+            self.check_tap(tap)?;
         }
         let Some(x) = self.prepare(batch, kv)? else {
             return Ok((Rows::whole(Vec::new(), self.config.vocab_size), Vec::new()));
@@ -182,6 +170,19 @@ impl Model {
             return Ok((Vec::new(), Vec::new()));
         };
         self.backend.forward(x, batch, kv, num_layers, tap)
+    }
+
+    /// A tap's layers exist in this model.
+    fn check_tap(&self, tap: &FeatureTap) -> Result<()> {
+        let num_layers = self.config.num_layers;
+        if let FeatureTap::Layers(l) = tap {
+            if let Some(&bad) = l.iter().find(|&&i| i > num_layers) {
+                return Err(EngineError::Config(format!(
+                    "feature layer {bad}, the model has {num_layers} layers"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Checks `batch` against `kv` and the vocabulary, and returns the new

@@ -87,10 +87,11 @@ impl EngineHandle {
                                 engine.step_isolated(&seqs)
                             }));
                             thread_health.step_ended();
-                            metrics::record_step(start.elapsed(), seqs.len(), num_tokens);
+                            let elapsed = start.elapsed();
+                            metrics::record_step(elapsed, seqs.len(), num_tokens);
                             match result {
                                 Ok(result) => {
-                                    let _ = reply.send(result.map(|r| (r, start.elapsed().as_secs_f64())));
+                                    let _ = reply.send(result.map(|r| (r, elapsed.as_secs_f64())));
                                     None
                                 }
                                 Err(panic) => {

@@ -260,6 +260,22 @@ impl Gpu {
     }
 }
 
+impl Gpu {
+    /// The first `len` values of `buf`, after all work queued before.
+    fn copy_out<T: DeviceRepr + ValidAsZeroBits + Default + Clone>(
+        &self,
+        buf: &CudaSlice<T>,
+        len: usize,
+    ) -> Result<Vec<T>> {
+        // Kernels fail asynchronously: an error here may be an earlier launch's.
+        let what = "copying from the GPU (or a kernel before it failed)";
+        let mut all = self.stream.clone_dtoh(buf).map_err(driver(what))?;
+        self.stream.synchronize().map_err(driver(what))?;
+        all.truncate(len);
+        Ok(all)
+    }
+}
+
 /// Launches `$f` on the stream with `$grid` and the arguments in order.
 macro_rules! launch {
     ($self:ident, $f:ident, $grid:expr, $what:literal; $($arg:expr),* $(,)?) => {{
@@ -311,20 +327,11 @@ impl Backend for Gpu {
     }
 
     fn download(&self, buf: &Self::Floats, len: usize) -> Result<Vec<f32>> {
-        // Kernels fail asynchronously: an error here may be an earlier launch's.
-        let what = "copying from the GPU (or a kernel before it failed)";
-        let mut all = self.stream.clone_dtoh(buf).map_err(driver(what))?;
-        self.stream.synchronize().map_err(driver(what))?;
-        all.truncate(len);
-        Ok(all)
+        self.copy_out(buf, len)
     }
 
     fn download_ints(&self, buf: &Self::Ints, len: usize) -> Result<Vec<i32>> {
-        let what = "copying from the GPU (or a kernel before it failed)";
-        let mut all = self.stream.clone_dtoh(buf).map_err(driver(what))?;
-        self.stream.synchronize().map_err(driver(what))?;
-        all.truncate(len);
-        Ok(all)
+        self.copy_out(buf, len)
     }
 
     fn greedy_rows(

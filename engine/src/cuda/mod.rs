@@ -342,36 +342,29 @@ impl<B: Backend> GpuModel<B> {
             return Ok((Rows::whole(Vec::new(), vocab), features));
         };
         let picked = |r: usize| pickable.get(r).copied().unwrap_or(false);
-        let picks = if (0..rows).any(picked) {
+        let found: Vec<(u32, f32)> = if (0..rows).any(picked) {
             let mut ids = b.upload_ints(&vec![0; rows])?;
             let mut logprobs = b.zeros(rows)?;
             b.greedy_rows(&logits, &mut ids, &mut logprobs, (rows, vocab))?;
             let ids = b.download_ints(&ids, rows)?;
-            ids.into_iter().zip(b.download(&logprobs, rows)?).collect()
+            ids.into_iter()
+                .map(|i| i as u32)
+                .zip(b.download(&logprobs, rows)?)
+                .collect()
         } else {
             Vec::new()
         };
         let whole: Vec<i32> = (0..rows).filter(|&r| !picked(r)).map(int).collect();
-        let mut whole_logits = if whole.is_empty() {
+        let whole_logits = if whole.is_empty() {
             Vec::new()
         } else {
             let idx = b.upload_ints(&whole)?;
             let mut out = b.zeros(whole.len() * vocab)?;
             b.gather_rows(&logits, &idx, &mut out, (whole.len(), vocab))?;
             b.download(&out, whole.len() * vocab)?
-        }
-        .into_iter();
-        let out = (0..rows)
-            .map(|r| {
-                if picked(r) {
-                    let (id, logprob) = picks[r];
-                    Err((id as u32, logprob))
-                } else {
-                    Ok(whole_logits.by_ref().take(vocab).collect())
-                }
-            })
-            .collect();
-        Ok((Rows::mixed(vocab, out), features))
+        };
+        let picks = (0..rows).map(|r| picked(r).then(|| found[r]));
+        Ok((Rows::mixed(vocab, whole_logits, picks), features))
     }
 
     /// The forward on the device, leaving the logits rows there.

@@ -90,8 +90,8 @@ fn seed_of(seed: u64, layer: usize, matrix: usize) -> u64 {
 }
 
 /// The token embeddings' seed (their scale is 1).
-fn embeddings_seed(seed: u64) -> u64 {
-    seed_of(seed, usize::MAX / 32, 0)
+fn embeddings_seed(c: &ModelConfig, seed: u64) -> u64 {
+    seed_of(seed, c.num_layers, 1)
 }
 
 /// The output layer's seed and scale.
@@ -135,7 +135,7 @@ impl<B: Backend> GpuModel<B> {
         Ok(GpuModel {
             output_norm: ones(h)?,
             lm_head: backend.synthetic_bf16(config.vocab_size * h, out_seed, out_scale)?,
-            token_embd: Some(backend.synthetic_bf16(config.vocab_size * h, embeddings_seed(seed), 1.0)?),
+            token_embd: Some(backend.synthetic_bf16(config.vocab_size * h, embeddings_seed(&config, seed), 1.0)?),
             backend,
             config,
             layers,
@@ -191,7 +191,7 @@ pub fn host_tensors(config: &ModelConfig, seed: u64) -> crate::weights::ModelTen
     );
     tensors.insert(
         "token_embd.weight".to_string(),
-        filled(&[config.vocab_size, h], embeddings_seed(seed), 1.0),
+        filled(&[config.vocab_size, h], embeddings_seed(config, seed), 1.0),
     );
     crate::weights::ModelTensors {
         config: config.clone(),
