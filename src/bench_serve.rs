@@ -5,6 +5,9 @@
 //! Each level runs `max(c, --min-requests)` chat requests from the prompt
 //! file through `c` concurrent clients; every request generates exactly
 //! `--max-new-tokens` tokens (`ignore_eos`) so levels are comparable.
+//! `--compare-overlap` starts two servers, the router overlapping every
+//! step it can (`--overlap-steps on`) and none (`off`), and runs each level on both back to back (alternating which goes
+//! first), so the two are compared under the same machine load.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -51,6 +54,9 @@ pub struct ServeBenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Run every level on two servers, `--overlap-steps on` and `off`.
+    #[arg(long, conflicts_with = "server")]
+    compare_overlap: bool,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -103,6 +109,9 @@ pub fn read_prompts(path: &Path) -> Result<Vec<PromptRecord>> {
 
 #[derive(Debug, Serialize)]
 struct LevelReport {
+    /// The router's `--overlap-steps` (with `--compare-overlap`: on, off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    overlap_steps: Option<bool>,
     concurrency: usize,
     requests: usize,
     tokens: usize,
@@ -262,6 +271,7 @@ async fn run_level(
     ttft.sort_by(f64::total_cmp);
     itl.sort_by(f64::total_cmp);
     Ok(LevelReport {
+        overlap_steps: None,
         concurrency,
         requests: timings.len(),
         tokens,
@@ -351,36 +361,63 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let levels = rt.block_on(async {
-        let (mut server, url, metrics_url) = match &args.server {
-            Some(url) => (None, url.clone(), args.metrics_url.clone()),
-            None => {
-                let extra = ["--max-concurrent-requests", "1024"].map(Into::into);
-                let (child, addr, metrics) = launch_serve(&args.model, args.engine.threads, &extra).await?;
-                (
-                    Some(child),
-                    format!("http://{addr}"),
-                    Some(format!("http://{metrics}/metrics")),
-                )
-            }
+        let variants: Vec<Option<bool>> = match args.compare_overlap {
+            true => vec![Some(true), Some(false)],
+            false => vec![None],
         };
-        // One untimed request warms the served path too (retried until the
-        // router has reached its engine).
+        // (child, public URL, metrics URL) per variant.
+        let mut servers = Vec::new();
+        for &overlap in &variants {
+            servers.push(match &args.server {
+                Some(url) => (None, url.clone(), args.metrics_url.clone()),
+                None => {
+                    let mut extra: Vec<std::ffi::OsString> = vec!["--max-concurrent-requests".into(), "1024".into()];
+                    if let Some(on) = overlap {
+                        let value = if on { "on" } else { "off" };
+                        extra.extend(["--overlap-steps".into(), value.into()]);
+                    }
+                    let (child, addr, metrics) = launch_serve(&args.model, args.engine.threads, &extra).await?;
+                    (
+                        Some(child),
+                        format!("http://{addr}"),
+                        Some(format!("http://{metrics}/metrics")),
+                    )
+                }
+            });
+        }
+        // One untimed request warms each served path too (retried until
+        // the router has reached its engine).
         let warm = ServeBenchArgs {
             min_requests: 1,
             ..args.clone()
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while let Err(e) = run_level(&url, None, &prompts, 1, &warm).await {
-            if Instant::now() > deadline {
-                return Err(e.context("the server did not become ready"));
+        for (_, url, _) in &servers {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while let Err(e) = run_level(url, None, &prompts, 1, &warm).await {
+                if Instant::now() > deadline {
+                    return Err(e.context("the server did not become ready"));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let mut levels = Vec::new();
-        for &c in &args.concurrency {
-            levels.push(run_level(&url, metrics_url.as_deref(), &prompts, c, &args).await?);
+        for (i, &c) in args.concurrency.iter().enumerate() {
+            let mut order: Vec<usize> = (0..servers.len()).collect();
+            if i % 2 == 1 {
+                order.reverse();
+            }
+            let mut reports: Vec<(usize, LevelReport)> = Vec::new();
+            for k in order {
+                let (_, url, metrics_url) = &servers[k];
+                let mut report = run_level(url, metrics_url.as_deref(), &prompts, c, &args).await?;
+                report.overlap_steps = variants[k];
+                reports.push((k, report));
+            }
+            reports.sort_by_key(|(k, _)| *k);
+            levels.extend(reports.into_iter().map(|(_, r)| r));
         }
-        if let Some(child) = server.as_mut() {
+        for (child, _, _) in &mut servers {
+            let Some(child) = child.as_mut() else { continue };
             if let Some(pid) = child.id() {
                 // SAFETY: kill(2) on our own child; it shuts its children down.
                 unsafe {
@@ -400,20 +437,30 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());
     }
-    let base = report
-        .levels
-        .iter()
-        .find(|l| l.concurrency == 1)
-        .map(|l| l.tokens_per_second);
+    let base = |overlap: Option<bool>| {
+        report
+            .levels
+            .iter()
+            .find(|l| l.concurrency == 1 && l.overlap_steps == overlap)
+            .map(|l| l.tokens_per_second)
+    };
     println!("serve benchmark: {} new tokens per request", report.max_new_tokens);
+    let (variant_head, variant_rule) = match args.compare_overlap {
+        true => ("| overlap steps ", "|---"),
+        false => ("", ""),
+    };
     println!(
-        "| concurrency | requests | aggregate tok/s | vs c=1 | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | engine idle | no step in flight |"
+        "{variant_head}| concurrency | requests | aggregate tok/s | vs c=1 | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | engine idle | no step in flight |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("{variant_rule}|---|---|---|---|---|---|---|---|---|---|");
     for l in &report.levels {
-        let ratio = base
+        let ratio = base(l.overlap_steps)
             .map(|b| format!("{:.2}x", l.tokens_per_second / b))
             .unwrap_or_default();
+        let variant = match l.overlap_steps {
+            Some(on) => format!("| {} ", if on { "on" } else { "off" }),
+            None => String::new(),
+        };
         let (idle, between) = l.engine_idle.map_or((String::new(), String::new()), |i| {
             (
                 format!("{:.0} %", 100.0 * i.engine_idle_share),
@@ -421,11 +468,26 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
             )
         });
         println!(
-            "| {} | {} | {:.1} | {ratio} | {:.0} | {:.0} | {:.1} | {:.1} | {idle} | {between} |",
+            "{variant}| {} | {} | {:.1} | {ratio} | {:.0} | {:.0} | {:.1} | {:.1} | {idle} | {between} |",
             l.concurrency, l.requests, l.tokens_per_second, l.ttft_p50_ms, l.ttft_p99_ms, l.itl_p50_ms, l.itl_p99_ms
         );
     }
-    if let Some(b) = base {
+    if args.compare_overlap {
+        // Levels come in pairs (on, off), in the order they ran.
+        let ratios: Vec<String> = report
+            .levels
+            .chunks_exact(2)
+            .map(|pair| {
+                format!(
+                    "c={} {:.3}x",
+                    pair[0].concurrency,
+                    pair[0].tokens_per_second / pair[1].tokens_per_second
+                )
+            })
+            .collect();
+        println!("overlap on / off: {}", ratios.join(", "));
+    }
+    if let Some(b) = base(report.levels.first().and_then(|l| l.overlap_steps)) {
         println!(
             "in-process generate, c=1: {:.1} tok/s; served c=1 / in-process = {:.3}",
             report.in_process_tokens_per_second,

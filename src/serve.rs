@@ -19,7 +19,7 @@ use heterospec_engine::server::{EngineHandle, EngineInfo};
 use heterospec_proto::engine::v1::engine_server::EngineServer;
 use heterospec_router::discovery::EngineDiscovery;
 use heterospec_router::limits::RequestLimits;
-use heterospec_router::scheduler::SchedulerConfig;
+use heterospec_router::scheduler::{OverlapSteps, SchedulerConfig};
 use heterospec_router::security::{client_tls, AuthTokens, TlsFiles};
 use heterospec_router::server::{Listeners, RouterConfig};
 use heterospec_router::TextTokenizer;
@@ -104,6 +104,12 @@ pub struct RouterArgs {
     /// Seconds one engine step may take before the engine counts as failed.
     #[arg(long, default_value_t = 120)]
     pub step_timeout_secs: u64,
+    /// While a step of steady decoding runs, plan and send the next one, so
+    /// the engine does not wait for the router between steps: auto (GPU
+    /// engines always; CPU engines for steps of one sequence, where the
+    /// router's work does not take cores from the forward), on or off.
+    #[arg(long, env = "HETEROSPEC_OVERLAP_STEPS", default_value_t = OverlapSteps::Auto)]
+    pub overlap_steps: OverlapSteps,
     /// Largest prompt in bytes (`prompt`, or all chat messages together),
     /// refused before tokenizing.
     #[arg(long, env = "HETEROSPEC_MAX_PROMPT_BYTES", default_value_t = 1 << 20)]
@@ -158,6 +164,7 @@ impl RouterArgs {
             ("--max-running", self.max_running.to_string()),
             ("--drain-timeout-secs", self.drain_timeout_secs.to_string()),
             ("--step-timeout-secs", self.step_timeout_secs.to_string()),
+            ("--overlap-steps", self.overlap_steps.to_string()),
             ("--max-prompt-bytes", self.max_prompt_bytes.to_string()),
             ("--max-messages", self.max_messages.to_string()),
             ("--max-request-bytes", self.max_request_bytes.to_string()),
@@ -413,6 +420,7 @@ pub fn run_router(args: RouterProcessArgs) -> Result<()> {
             max_batch_tokens: args.router.max_batch_tokens,
             max_running: args.router.max_running,
             step_timeout: Duration::from_secs(args.router.step_timeout_secs),
+            overlap_steps: args.router.overlap_steps,
         },
         drain_timeout: Duration::from_secs(args.router.drain_timeout_secs),
         limits: args.router.request_limits(),

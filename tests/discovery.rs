@@ -80,6 +80,7 @@ async fn engines_added_and_removed_behind_a_name_are_followed_without_losing_req
             max_batch_tokens: 512,
             max_running: 64,
             step_timeout: Duration::from_secs(60),
+            overlap_steps: Default::default(),
         },
         drain_timeout: Duration::from_secs(5),
         limits: Default::default(),

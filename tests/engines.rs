@@ -117,3 +117,103 @@ async fn routers_share_an_engine_through_kv_leases() {
         assert_eq!(got.token_ids, solo[i], "prompt {i} through the router that stayed");
     }
 }
+
+/// A router with overlapping steps sends step n+1 before step n has
+/// answered: the engine runs a lease's numbered steps in their order
+/// whatever order they arrive in, and a continuation (`continues`) runs
+/// the token its sequence committed last. A step whose predecessor never
+/// comes is refused, not left hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbered_steps_run_in_order_and_continue_from_the_last_token() {
+    use heterospec_proto::engine::v1 as epb;
+    use heterospec_proto::engine::v1::engine_client::EngineClient;
+
+    let engine = Proc::start(&engine_args("127.0.0.1:0", &[]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut client = loop {
+        match EngineClient::connect(engine.url()).await {
+            Ok(c) => break c,
+            Err(e) if std::time::Instant::now() > deadline => panic!("engine: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let info = client.info(epb::InfoRequest::default()).await.unwrap().into_inner();
+    let lease = client
+        .attach(epb::AttachRequest {
+            router_id: 7,
+            router_name: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (instance_id, lease_id) = (info.instance_id, lease.lease_id);
+    let request = move |step_number: u64, seqs: Vec<epb::SeqStep>| epb::StepRequest {
+        seqs,
+        instance_id,
+        lease_id,
+        step_number,
+    };
+    let prompt = epb::SeqStep {
+        seq_id: 1,
+        new_token_ids: vec![1, 9690, 198, 2683, 314, 216, 34, 1046, 216, 34, 47],
+        block_table: vec![1, 2],
+        sampling: Some(epb::Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            ..Default::default()
+        }),
+        sample: true,
+        ..Default::default()
+    };
+    let continuation = epb::SeqStep {
+        seq_id: 1,
+        block_table: vec![1, 2],
+        sample: true,
+        continues: true,
+        ..Default::default()
+    };
+    // Step 2 arrives first and waits for step 1.
+    let mut second_client = client.clone();
+    let second = tokio::spawn(async move { second_client.step(request(2, vec![continuation])).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!second.is_finished(), "step 2 ran before step 1");
+    let first = client
+        .step(request(1, vec![prompt.clone()]))
+        .await
+        .unwrap()
+        .into_inner();
+    let second = second.await.unwrap().unwrap().into_inner();
+    assert!(second.failures.is_empty(), "{:?}", second.failures);
+    assert_eq!(second.seqs.len(), 1);
+
+    // The same tokens, stepped one by one with the token given.
+    let explicit = epb::SeqStep {
+        seq_id: 2,
+        new_token_ids: vec![first.seqs[0].tokens[0].token_id],
+        num_computed: prompt.new_token_ids.len() as u32,
+        block_table: vec![3, 4],
+        sample: true,
+        ..Default::default()
+    };
+    let replay = client
+        .step(request(
+            3,
+            vec![epb::SeqStep {
+                seq_id: 2,
+                block_table: vec![3, 4],
+                ..prompt
+            }],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replay.seqs[0].tokens[0].token_id, first.seqs[0].tokens[0].token_id);
+    let replay = client.step(request(4, vec![explicit])).await.unwrap().into_inner();
+    assert_eq!(replay.seqs[0].tokens[0].token_id, second.seqs[0].tokens[0].token_id);
+
+    // Step 6 without step 5: refused after a bounded wait.
+    let lost = client.step(request(6, vec![])).await.unwrap_err();
+    assert_eq!(lost.code(), Code::FailedPrecondition, "{lost}");
+    assert!(lost.message().contains("step 5"), "{lost}");
+}

@@ -221,7 +221,7 @@ async fn solo_then_together_with(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_failing_sequence_fails_its_request_and_the_rest_of_its_step_runs_on() {
     // The engine fails any sequence holding token 49000 on its own.
-    let cluster = Cluster::start(&["--test-poison-token", "49000"], &[]);
+    let cluster = Cluster::start(&["--test-poison-token", "49000"], &["--overlap-steps", "on"]);
     let mut client = cluster.client().await;
     let prompts = [
         "Name three colors.",

@@ -111,6 +111,13 @@ async fn streams_match_solo_generation_and_metrics_move() {
         busy > 0.0 && busy <= round_trips,
         "busy {busy} s, round trips {round_trips} s"
     );
+    // Decoding steps went out while the step before them ran (the
+    // default --overlap-steps), and every output above still matched.
+    let overlapped = metric(&text, "heterospec_engine_steps_overlapped_total", &[]);
+    assert!(
+        overlapped >= 10.0 && overlapped < steps,
+        "{overlapped} of {steps} steps overlapped"
+    );
 
     // Prefix cache: the same prompt again hits (the 16 solo runs and their
     // batched twins share the chat template's system prompt too).
@@ -299,7 +306,9 @@ async fn invalid_fields_and_overload_are_refused_and_serving_continues() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_stream_frees_its_blocks_and_others_are_unaffected() {
-    let cluster = Cluster::start(&[], &[]);
+    // Steps overlap at every batch size: the cancelled stream's last run is
+    // in flight when its blocks are freed.
+    let cluster = Cluster::start(&[], &["--overlap-steps", "on"]);
     let mut client = cluster.client().await;
     let solo = run_stream(&mut client, chat_request(PROMPTS[2], 30)).await.unwrap();
 
@@ -335,7 +344,7 @@ async fn cancelled_stream_frees_its_blocks_and_others_are_unaffected() {
 async fn preemption_under_a_small_kv_pool_loses_no_request() {
     // 2 * 30 layers * 16 slots * 192 floats * 4 bytes = 737,280 bytes per
     // block: 13 blocks (12 usable, 192 tokens) for four ~80-token requests.
-    let cluster = Cluster::start(&["--kv-cache-memory", "9600000"], &[]);
+    let cluster = Cluster::start(&["--kv-cache-memory", "9600000"], &["--overlap-steps", "on"]);
     let mut client = cluster.client().await;
     let prompts = [PROMPTS[1], PROMPTS[4], PROMPTS[9], PROMPTS[15]];
     let mut solo = Vec::new();
@@ -366,6 +375,10 @@ async fn preemption_under_a_small_kv_pool_loses_no_request() {
     assert!(
         metric(&text, "heterospec_preemptions_total", &[]) >= 1.0,
         "no preemption happened:\n{text}"
+    );
+    assert!(
+        metric(&text, "heterospec_engine_steps_overlapped_total", &[]) >= 10.0,
+        "batched steps overlapped:\n{text}"
     );
     assert_eq!(metric(&text, "heterospec_kv_blocks", &["state=\"used\""]), 0.0);
 }

@@ -199,7 +199,8 @@ fn request(prompt: &str, mode: pb::SpeculationMode) -> pb::GenerateRequest {
 async fn modes_mixed_in_one_batch_through_the_router_agree_and_report_speculation() {
     let engine_metrics = free_port();
     let metrics_flag = format!("127.0.0.1:{engine_metrics}");
-    let cluster = Cluster::start(&["--metrics-listen", &metrics_flag], &[]);
+    // Steps overlap at every batch size, speculative ones included.
+    let cluster = Cluster::start(&["--metrics-listen", &metrics_flag], &["--overlap-steps", "on"]);
     let mut client = cluster.client().await;
     let modes = [
         pb::SpeculationMode::Off,

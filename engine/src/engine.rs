@@ -294,9 +294,26 @@ impl Engine {
     /// sequence is the step the others would have had. Other errors fail
     /// the whole step.
     pub fn step_isolated(&mut self, seqs: &[SeqStep]) -> Result<StepOutcome> {
-        // A copy only once something failed.
+        // A copy only once something failed, or to resolve continuations.
         let mut rest: Option<Vec<SeqStep>> = None;
         let mut failed = Vec::new();
+        if seqs.iter().any(|s| s.continues) {
+            let mut resolved = Vec::with_capacity(seqs.len());
+            for mut s in seqs.iter().cloned() {
+                match s.resolve(self.seqs.get(&s.seq_id)) {
+                    Ok(()) => resolved.push(s),
+                    Err(reason) => {
+                        tracing::warn!(seq = s.seq_id.0, %reason, "a sequence failed alone; the step runs without it");
+                        let _ = self.release(s.seq_id);
+                        failed.push((s.seq_id, reason));
+                    }
+                }
+            }
+            if resolved.is_empty() {
+                return Ok((Vec::new(), failed));
+            }
+            rest = Some(resolved);
+        }
         loop {
             let current = rest.as_deref().unwrap_or(seqs);
             match self.step(current) {
@@ -380,6 +397,7 @@ mod tests {
             sample: true,
             speculation: SpecMode::Off,
             lookahead: 0,
+            continues: false,
         }
     }
 
@@ -441,6 +459,38 @@ mod tests {
             }
         }
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_continuation_runs_the_token_committed_last_and_an_unknown_one_fails_alone() {
+        let (mut e, mut pool) = engine();
+        let (mut explicit, _) = engine();
+        let mut t = BlockTable::new();
+        pool.allocate_slots(&mut t, 16).unwrap();
+        let prompt = step(1, vec![3, 4, 5], 0, &t, Some(SamplingParams::greedy()));
+        let first = e.step(std::slice::from_ref(&prompt)).unwrap();
+        assert_eq!(explicit.step(&[prompt]).unwrap(), first);
+        let mut computed = 3;
+        let mut last = first[0].tokens[0].token_id;
+        for _ in 0..3 {
+            let want = explicit.step(&[step(1, vec![last], computed, &t, None)]).unwrap();
+            let mut next = step(1, vec![], 0, &t, None);
+            next.continues = true;
+            let mut unknown = step(9, vec![], 0, &t, None);
+            unknown.continues = true;
+            let (got, failed) = e.step_isolated(&[next, unknown]).unwrap();
+            assert_eq!(got, want);
+            assert_eq!(failed.len(), 1);
+            assert_eq!(failed[0].0, SeqId(9));
+            assert!(failed[0].1.contains("unknown sequence"), "{}", failed[0].1);
+            computed += 1;
+            last = got[0].tokens[0].token_id;
+        }
+        // A continuation claiming more computed tokens than the engine has fails alone.
+        let mut ahead = step(1, vec![], computed + 1, &t, None);
+        ahead.continues = true;
+        let (got, failed) = e.step_isolated(&[ahead]).unwrap();
+        assert!(got.is_empty() && failed.len() == 1, "{failed:?}");
     }
 
     #[test]

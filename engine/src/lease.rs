@@ -16,6 +16,10 @@
 //! flight, another router may take the partition. Attaching again with the
 //! same router id replaces that router's own lease. Whoever takes a
 //! partition over gets it empty: the sequences left in it are released.
+//!
+//! A lease's numbered steps go to the engine in their order (1, 2, ...
+//! from each attach), so its router may send a step before the one
+//! before it has answered.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -28,6 +32,8 @@ struct Lease {
     router_id: u64,
     last_seen: Instant,
     in_flight: usize,
+    /// The number of the lease's next step (from 1).
+    next_step: u64,
     /// Engine sequence ids this lease's router has run and not released.
     seqs: HashSet<u64>,
 }
@@ -105,6 +111,7 @@ impl Leases {
             router_id,
             last_seen: now,
             in_flight: 0,
+            next_step: 1,
             seqs: HashSet::new(),
         });
         Some(Grant {
@@ -128,6 +135,21 @@ impl Leases {
         lease.in_flight += 1;
         lease.last_seen = now;
         Some(partition)
+    }
+
+    /// Whether step `number` of `lease_id` goes to the engine now: it is
+    /// the lease's next (then it takes its turn), or unnumbered (0).
+    /// `None` when the lease is not held.
+    pub fn take_turn(&mut self, lease_id: u64, number: u64) -> Option<bool> {
+        let (_, lease) = self.find(lease_id)?;
+        if number == 0 {
+            return Some(true);
+        }
+        if lease.next_step != number {
+            return Some(false);
+        }
+        lease.next_step += 1;
+        Some(true)
     }
 
     /// Ends a call started by [`begin`](Self::begin).
@@ -194,6 +216,25 @@ impl Leases {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbered_steps_take_their_turns_in_order_from_each_attach() {
+        let t0 = Instant::now();
+        let mut leases = Leases::new(1 + 10, 1, Duration::from_secs(5)).unwrap();
+        let a = leases.attach(1, t0).unwrap();
+        assert_eq!(leases.take_turn(a.lease_id, 2), Some(false), "step 1 first");
+        assert_eq!(leases.take_turn(a.lease_id, 1), Some(true));
+        assert_eq!(leases.take_turn(a.lease_id, 1), Some(false), "each number once");
+        assert_eq!(leases.take_turn(a.lease_id, 0), Some(true), "unnumbered: any time");
+        assert_eq!(leases.take_turn(a.lease_id, 2), Some(true));
+        let again = leases.attach(1, t0).unwrap();
+        assert_eq!(leases.take_turn(a.lease_id, 3), None, "the old lease is gone");
+        assert_eq!(
+            leases.take_turn(again.lease_id, 1),
+            Some(true),
+            "a new lease counts from 1"
+        );
+    }
 
     #[test]
     fn partitions_are_disjoint_and_leases_expire_only_when_idle() {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use heterospec_kv::BlockId;
 use heterospec_proto::engine::v1 as pb;
 use heterospec_proto::engine::v1::engine_server::Engine as EngineService;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tonic::{Request, Response, Status};
 
 use crate::engine::{Engine, SeqId, SeqResult, SeqStep, StepOutcome};
@@ -55,7 +55,12 @@ pub struct EngineHandle {
     info: pb::InfoResponse,
     leases: Arc<Mutex<Leases>>,
     health: Arc<EngineHealth>,
+    /// Woken when a numbered step takes its turn (or a lease changes).
+    turns: Arc<Notify>,
 }
+
+/// How long a numbered step waits for the step numbered before it.
+const STEP_ORDER_WAIT: Duration = Duration::from_secs(5);
 
 impl EngineHandle {
     /// Moves `engine` onto its own thread and returns the handle; an error
@@ -65,6 +70,7 @@ impl EngineHandle {
         let leases = Leases::new(layout.num_blocks, info.max_routers, info.lease_timeout)?;
         let config = engine.model().config().clone();
         let max_lookahead = engine.max_lookahead();
+        let device = engine.model().device().to_string();
         let (tx, mut rx) = mpsc::channel::<Command>(64);
         let panic_at_step = info.panic_at_step;
         let thread_health = health.clone();
@@ -78,7 +84,10 @@ impl EngineHandle {
                         Command::Step(seqs, reply) => {
                             steps += 1;
                             let start = Instant::now();
-                            let num_tokens: usize = seqs.iter().map(|s| s.new_token_ids.len()).sum();
+                            let num_tokens: usize = seqs
+                                .iter()
+                                .map(|s| s.new_token_ids.len().max(usize::from(s.continues)))
+                                .sum();
                             thread_health.step_started();
                             let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
                                 if panic_at_step == Some(steps) {
@@ -140,9 +149,11 @@ impl EngineHandle {
                 max_context: config.max_context as u32,
                 instance_id: info.instance_id,
                 max_lookahead: max_lookahead as u32,
+                device,
             },
             leases: Arc::new(Mutex::new(leases)),
             health,
+            turns: Arc::new(Notify::new()),
         })
     }
 
@@ -236,6 +247,7 @@ fn seq_step_from_proto(s: pb::SeqStep, partition: usize, leases: &Leases) -> Res
         sample: s.sample,
         speculation,
         lookahead: s.lookahead as usize,
+        continues: s.continues,
     })
 }
 
@@ -292,6 +304,8 @@ impl EngineService for EngineHandle {
             let grant = leases.attach(request.router_id, Instant::now());
             (grant, leases.blocks_per_partition(), leases.num_partitions())
         };
+        // Steps waiting under a replaced lease stop waiting.
+        self.turns.notify_waiters();
         let grant = grant.ok_or_else(|| {
             Status::resource_exhausted(format!(
                 "all {partitions} KV partitions of this engine are leased to other routers (engine --max-routers {partitions})"
@@ -326,18 +340,62 @@ impl EngineService for EngineHandle {
             )));
         }
         let call = self.begin(request.lease_id)?;
-        let seqs = {
-            let mut leases = self.leases();
-            let seqs = request
-                .seqs
-                .into_iter()
-                .map(|s| seq_step_from_proto(s, call.partition, &leases))
-                .collect::<Result<Vec<SeqStep>, Status>>()?;
-            let ran: Vec<u64> = seqs.iter().map(|s| s.seq_id.0).collect();
-            leases.track(call.lease_id, &ran, &[]);
-            seqs
-        };
-        let ((results, failed), engine_seconds) = self.call(|reply| Command::Step(seqs, reply)).await??;
+        let (reply, answer) = oneshot::channel();
+        let mut reply = Some(reply);
+        let mut seqs = Some(request.seqs);
+        let deadline = tokio::time::Instant::now() + STEP_ORDER_WAIT;
+        // Queued in the lease's step order: when it is this step's turn,
+        // it goes to the engine thread in the same critical section.
+        loop {
+            let turn = self.turns.notified();
+            tokio::pin!(turn);
+            turn.as_mut().enable();
+            let permit = self
+                .commands
+                .reserve()
+                .await
+                .map_err(|_| Status::unavailable("engine thread stopped"))?;
+            let queued = {
+                let mut leases = self.leases();
+                match leases.take_turn(call.lease_id, request.step_number) {
+                    None => return Err(lease_lost(call.lease_id)),
+                    Some(false) => None,
+                    Some(true) => {
+                        let converted = seqs
+                            .take()
+                            .expect("queued once")
+                            .into_iter()
+                            .map(|s| seq_step_from_proto(s, call.partition, &leases))
+                            .collect::<Result<Vec<SeqStep>, Status>>();
+                        Some(converted.map(|steps| {
+                            let ran: Vec<u64> = steps.iter().map(|s| s.seq_id.0).collect();
+                            leases.track(call.lease_id, &ran, &[]);
+                            permit.send(Command::Step(steps, reply.take().expect("sent once")));
+                        }))
+                    }
+                }
+            };
+            match queued {
+                Some(queued) => {
+                    self.turns.notify_waiters();
+                    queued?;
+                    break;
+                }
+                None => {
+                    if tokio::time::timeout_at(deadline, turn).await.is_err() {
+                        return Err(Status::failed_precondition(format!(
+                            "step {} of lease {} arrived, but step {} did not within {STEP_ORDER_WAIT:?}",
+                            request.step_number,
+                            call.lease_id,
+                            request.step_number - 1
+                        )));
+                    }
+                }
+            }
+        }
+        let ((results, failed), engine_seconds) = answer
+            .await
+            .map_err(|_| Status::unavailable("engine thread stopped"))??;
         if !failed.is_empty() {
             // The engine forgot them: so does the lease.
             let ids: Vec<u64> = failed.iter().map(|(id, _)| id.0).collect();
@@ -375,6 +433,7 @@ impl EngineService for EngineHandle {
     async fn detach(&self, request: Request<pb::DetachRequest>) -> Result<Response<pb::DetachResponse>, Status> {
         let lease_id = request.into_inner().lease_id;
         let seqs = self.leases().detach(lease_id).ok_or_else(|| lease_lost(lease_id))?;
+        self.turns.notify_waiters();
         tracing::info!(lease = lease_id, released = seqs.len(), "router detached");
         if !seqs.is_empty() {
             self.call(|reply| Command::Release(seqs.into_iter().map(SeqId).collect(), reply))

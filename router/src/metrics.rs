@@ -19,6 +19,7 @@ pub const ENGINE_UP: &str = "heterospec_engine_up";
 pub const REQUESTS_RETRIED_TOTAL: &str = "heterospec_requests_retried_total";
 pub const ENGINE_STEP_SECONDS: &str = "heterospec_engine_step_seconds";
 pub const ENGINE_BUSY_SECONDS: &str = "heterospec_engine_busy_seconds";
+pub const ENGINE_STEPS_OVERLAPPED_TOTAL: &str = "heterospec_engine_steps_overlapped_total";
 
 /// Histograms with time buckets (seconds).
 pub const LATENCY_HISTOGRAMS: &[&str] = &[
@@ -78,12 +79,16 @@ pub fn describe() {
     describe_histogram!(
         ENGINE_STEP_SECONDS,
         Unit::Seconds,
-        "Round trip of one engine step as the router sees it (the Step call)."
+        "Time each engine step was the oldest in flight as the router sees it: its round trip, less the part spent behind the step before it when steps overlap. rate(_sum) is the share of time some step was in flight."
     );
     describe_histogram!(
         ENGINE_BUSY_SECONDS,
         Unit::Seconds,
         "Time the engine spent on one step, as it reports; rate(_sum) is the share of time it was busy, one minus that its idle share."
+    );
+    describe_counter!(
+        ENGINE_STEPS_OVERLAPPED_TOTAL,
+        "Engine steps sent while the step before them still ran (--overlap-steps)."
     );
     describe_counter!(
         REQUESTS_RETRIED_TOTAL,
@@ -98,6 +103,7 @@ pub fn describe() {
         PREFIX_CACHE_QUERIES_TOTAL,
         PREFIX_CACHE_HITS_TOTAL,
         REQUESTS_RETRIED_TOTAL,
+        ENGINE_STEPS_OVERLAPPED_TOTAL,
     ] {
         metrics::counter!(name).increment(0);
     }

@@ -154,11 +154,14 @@ impl Committer<'_> {
                         SeqState {
                             sampler,
                             history: staged.history,
+                            pending: a.tokens.last().map(|t| t.token_id),
                         },
                     );
                 }
                 None => {
-                    self.live.get_mut(&s.seq_id).expect("validated as live").history = staged.history;
+                    let state = self.live.get_mut(&s.seq_id).expect("validated as live");
+                    state.history = staged.history;
+                    state.pending = a.tokens.last().map(|t| t.token_id);
                 }
             }
             results.push(SeqResult {

@@ -50,6 +50,10 @@ pub struct SeqStep {
     /// Slots reserved after the new tokens: at most this many draft tokens
     /// are accepted (so at most `lookahead + 1` tokens are committed).
     pub lookahead: usize,
+    /// Runs the token the engine committed last for the sequence (planned
+    /// before that token was known): `new_token_ids` is empty and
+    /// `num_computed` a lower bound until [`SeqStep::resolve`] fills them in.
+    pub continues: bool,
 }
 
 impl SeqStep {
@@ -66,7 +70,34 @@ impl SeqStep {
             sample: run.sample,
             speculation,
             lookahead: run.lookahead,
+            continues: run.continues,
         }
+    }
+
+    /// A continuation made concrete from the sequence's state: its pending
+    /// token at the position after its history. `Err` (the reason) when the
+    /// engine holds no pending token for it.
+    pub(crate) fn resolve(&mut self, state: Option<&SeqState>) -> std::result::Result<(), String> {
+        if !self.continues {
+            return Ok(());
+        }
+        let state = state.ok_or("continues an unknown sequence (never started, or released)")?;
+        let token = state
+            .pending
+            .ok_or("continues a sequence with no committed token to run")?;
+        if !self.new_token_ids.is_empty() || !self.sample || self.num_computed > state.history.len() {
+            return Err(format!(
+                "a continuation with {} new tokens, sample {} and at least {} computed tokens (the engine has {})",
+                self.new_token_ids.len(),
+                self.sample,
+                self.num_computed,
+                state.history.len()
+            ));
+        }
+        self.new_token_ids = vec![token];
+        self.num_computed = state.history.len();
+        self.continues = false;
+        Ok(())
     }
 }
 
@@ -95,6 +126,9 @@ pub(crate) struct SeqState {
     /// Every token whose KV exists (after a step: through the new tokens
     /// and accepted draft tokens).
     pub history: Vec<u32>,
+    /// The last token committed, not yet in KV (what a continuation runs);
+    /// `None` after a run that sampled nothing.
+    pub pending: Option<u32>,
 }
 
 /// One sequence of the step as the stages before `commit` see it.

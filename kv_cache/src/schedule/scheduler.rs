@@ -7,7 +7,14 @@
 //! - a running sequence has `num_computed < token_ids.len()` and blocks for
 //!   exactly `num_computed` tokens (rounded up to whole blocks);
 //! - `to_release` holds only ids the engine has seen and that no held
-//!   sequence carries any more.
+//!   sequence carries any more; `retired_in_flight` only ids no held
+//!   sequence carries, whose last run is still in flight;
+//! - a sequence with a continuation planned ahead has a run in flight.
+//!
+//! Planning ahead (`schedule_ahead`) lets a driver send step n+1 before
+//! step n has answered, so the engine never waits for the driver. The
+//! engine runs the steps of one driver in order, so blocks freed while a
+//! step is in flight are only written again by later steps, after it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -29,6 +36,9 @@ pub struct Scheduler<R> {
     next_seq_id: u64,
     /// Ids the engine should forget.
     to_release: Vec<SeqId>,
+    /// Ids retired while a run of theirs is in flight: released (and that
+    /// run's results ignored) once the step in flight is applied.
+    retired_in_flight: Vec<SeqId>,
 }
 
 /// Tokens of `seq` to run this step under `budget`.
@@ -74,6 +84,7 @@ impl<R> Scheduler<R> {
             running: Vec::new(),
             next_seq_id: first_seq_id,
             to_release: Vec::new(),
+            retired_in_flight: Vec::new(),
         }
     }
 
@@ -134,8 +145,10 @@ impl<R> Scheduler<R> {
     /// Plans one step: running sequences first, oldest first (their decode
     /// token or next prompt chunk), preempting the newest when blocks run
     /// out; then waiting sequences, front first, while the token budget,
-    /// `max_running` and free blocks allow.
+    /// `max_running` and free blocks allow. Panics if a step is in flight
+    /// (apply it with `update` first).
     pub fn schedule(&mut self) -> Schedule<R> {
+        assert!(!self.is_in_flight(), "schedule with a step in flight");
         for seq in &mut self.running {
             seq.num_scheduled = 0;
             seq.lookahead = 0;
@@ -234,6 +247,7 @@ impl<R> Scheduler<R> {
                     },
                     sample: end == s.token_ids.len(),
                     lookahead: s.lookahead,
+                    continues: false,
                 }
             })
             .collect();
@@ -245,6 +259,74 @@ impl<R> Scheduler<R> {
         }
     }
 
+    /// Whether a run is in flight (planned and not yet applied).
+    pub fn is_in_flight(&self) -> bool {
+        self.running.iter().any(|s| s.num_scheduled > 0)
+    }
+
+    /// Plans the next step while the step in flight still runs, when that
+    /// step is steady decoding: every running sequence samples in it, none
+    /// can reach its length limit in it, nothing waits that could be
+    /// admitted, and every continuation fits in free blocks (no
+    /// preemption). A continuation runs the token its sequence's run in
+    /// flight commits last; its table covers the most that run may commit,
+    /// that token, and the continuation's own lookahead. `None` (and no
+    /// change) otherwise: apply the step in flight, then `schedule`.
+    ///
+    /// The next `update` applies the step in flight and starts these runs
+    /// (a sequence that ends there still runs: its results are ignored);
+    /// the `update` after it applies them.
+    pub fn schedule_ahead(&mut self) -> Option<Vec<ScheduledRun>> {
+        let steady = !self.running.is_empty()
+            && (self.waiting.is_empty() || self.running.len() >= self.config.max_running)
+            && self.running.len() <= self.config.max_batch_tokens
+            && self
+                .running
+                .iter()
+                .all(|s| s.samples() && s.ahead.is_none() && s.num_remaining() >= s.lookahead + 2);
+        if !steady {
+            return None;
+        }
+        for i in 0..self.running.len() {
+            let seq = &mut self.running[i];
+            // The run in flight commits 1..=lookahead + 1 tokens; the
+            // continuation runs the last of them.
+            let need = seq.num_computed + seq.num_scheduled + seq.lookahead + 1;
+            // One more token at least is generated in flight.
+            let lookahead = match seq.speculate {
+                true => self.config.max_lookahead.min(seq.num_remaining().saturating_sub(2)),
+                false => 0,
+            };
+            match reserve(&mut self.pool, &mut seq.table, need, lookahead) {
+                Some(lookahead) => seq.ahead = Some(lookahead),
+                None => {
+                    for s in &mut self.running[..i] {
+                        s.ahead = None;
+                        let planned = s.num_computed + s.num_scheduled + s.lookahead;
+                        self.pool.truncate(&mut s.table, planned);
+                    }
+                    return None;
+                }
+            }
+        }
+        let runs = self
+            .running
+            .iter()
+            .map(|s| ScheduledRun {
+                seq_id: s.seq_id,
+                new_token_ids: Vec::new(),
+                num_computed: s.num_computed + s.num_scheduled,
+                block_table: s.table.block_ids().to_vec(),
+                first_run: false,
+                cached_token_ids: Vec::new(),
+                sample: true,
+                lookahead: s.ahead.expect("planned above"),
+                continues: true,
+            })
+            .collect();
+        Some(runs)
+    }
+
     /// Applies what the engine committed for the last schedule. `decide` is
     /// called once per sequence that committed tokens, with the committed
     /// token ids, before they are appended (the sequence still shows the
@@ -252,7 +334,9 @@ impl<R> Scheduler<R> {
     /// condition inside the run truncates them) and whether the sequence
     /// ends after them. A sequence that ends is removed, its blocks freed and
     /// its id released; the others register their full blocks for prefix
-    /// caching and give back unused lookahead.
+    /// caching and give back unused lookahead. A sequence with a
+    /// continuation planned ahead starts it: its table keeps that run's
+    /// slots, now exact (the step in flight is the continuation's).
     ///
     /// `Err` when the engine or `decide` broke the contract (a sampled run
     /// without a token, tokens for a sequence that was not run, a verdict out
@@ -262,6 +346,9 @@ impl<R> Scheduler<R> {
         committed: Vec<CommittedRun>,
         mut decide: impl FnMut(&mut Sequence<R>, &[u32]) -> Verdict<F>,
     ) -> Result<Vec<Finished<R, F>>, ScheduleError> {
+        // Runs of sequences that ended while they were in flight.
+        let num_ignored = self.retired_in_flight.len();
+        let ignored: HashSet<SeqId> = self.retired_in_flight.iter().copied().collect();
         let scheduled: HashSet<SeqId> = self
             .running
             .iter()
@@ -270,6 +357,9 @@ impl<R> Scheduler<R> {
             .collect();
         let mut by_id: HashMap<SeqId, Vec<u32>> = HashMap::with_capacity(committed.len());
         for run in committed {
+            if ignored.contains(&run.seq_id) {
+                continue;
+            }
             if !run.token_ids.is_empty() && !scheduled.contains(&run.seq_id) {
                 return Err(ScheduleError::NotScheduled { seq_id: run.seq_id });
             }
@@ -342,12 +432,14 @@ impl<R> Scheduler<R> {
                 }
             }
         }
+        let done: Vec<SeqId> = self.retired_in_flight.drain(..num_ignored).collect();
+        self.to_release.extend(done);
         Ok(finished)
     }
 
     /// Removes the sequences `pred` selects (running, then waiting) and frees
-    /// their blocks; the engine is told to forget those it knew. Call between
-    /// steps only (not between `schedule` and `update`).
+    /// their blocks; the engine is told to forget those it knew (those with
+    /// a run in flight once it is applied, whose results are then ignored).
     pub fn cancel(&mut self, mut pred: impl FnMut(&mut Sequence<R>) -> bool) -> Vec<Sequence<R>> {
         let mut removed = Vec::new();
         for mut seq in std::mem::take(&mut self.running) {
@@ -390,6 +482,7 @@ impl<R> Scheduler<R> {
         let all: Vec<Sequence<R>> = self.running.drain(..).chain(self.waiting.drain(..)).collect();
         let drained = all.into_iter().map(|seq| self.retire(seq)).collect();
         self.to_release.clear();
+        self.retired_in_flight.clear();
         drained
     }
 
@@ -403,6 +496,7 @@ impl<R> Scheduler<R> {
         debug_assert!(self.waiting.iter().all(|s| s.table.num_blocks() == 0));
         self.pool = pool;
         self.to_release.clear();
+        self.retired_in_flight.clear();
     }
 
     /// Checks the pool against every held table and the invariants in the
@@ -418,6 +512,12 @@ impl<R> Scheduler<R> {
             return Err(format!("waiting sequence {} holds blocks or computed tokens", s.seq_id));
         }
         for s in &self.running {
+            if s.ahead.is_some() && s.num_scheduled == 0 {
+                return Err(format!(
+                    "running sequence {} is planned ahead with no run in flight",
+                    s.seq_id
+                ));
+            }
             if s.num_computed >= s.token_ids.len() {
                 return Err(format!("running sequence {} has nothing left to run", s.seq_id));
             }
@@ -431,7 +531,12 @@ impl<R> Scheduler<R> {
             }
         }
         let held: HashSet<SeqId> = self.sequences().map(|s| s.seq_id).collect();
-        if let Some(id) = self.to_release.iter().find(|id| held.contains(id)) {
+        if let Some(id) = self
+            .to_release
+            .iter()
+            .chain(&self.retired_in_flight)
+            .find(|id| held.contains(id))
+        {
             return Err(format!("sequence {id} is released but still held"));
         }
         Ok(())
@@ -444,12 +549,19 @@ impl<R> Scheduler<R> {
     }
 
     /// Registers the full blocks of computed tokens and gives back the rest
-    /// of the table (unused lookahead).
+    /// of the table (unused lookahead), but for the slots of a continuation
+    /// planned ahead, which this starts.
     fn keep_computed_blocks(&mut self, seq: &mut Sequence<R>) {
         let computed = &seq.token_ids[..seq.num_computed];
         self.pool
             .register_full_blocks(&mut seq.table, computed, seq.cache_salt.as_deref());
-        self.pool.truncate(&mut seq.table, seq.num_computed);
+        let mut keep = seq.num_computed;
+        if let Some(lookahead) = seq.ahead.take() {
+            seq.num_scheduled = 1;
+            seq.lookahead = lookahead;
+            keep += 1 + lookahead;
+        }
+        self.pool.truncate(&mut seq.table, keep);
     }
 
     /// Frees the newest running sequence's blocks and requeues it first,
@@ -462,16 +574,19 @@ impl<R> Scheduler<R> {
     }
 
     /// Takes `seq` out of scheduling: frees its blocks and releases its id
-    /// if the engine knew it.
+    /// if the engine knows it, once a run of it in flight is applied.
     fn retire(&mut self, mut seq: Sequence<R>) -> Sequence<R> {
         self.pool.free_table(&mut seq.table);
-        if seq.engine_knows {
+        if seq.num_scheduled > 0 || seq.ahead.is_some() {
+            self.retired_in_flight.push(seq.seq_id);
+        } else if seq.engine_knows {
             self.to_release.push(seq.seq_id);
         }
         seq.engine_knows = false;
         seq.num_computed = 0;
         seq.num_scheduled = 0;
         seq.lookahead = 0;
+        seq.ahead = None;
         seq
     }
 }

@@ -3,7 +3,9 @@
 //!
 //! Invariants: `num_prompt <= token_ids.len()`; `num_computed <=
 //! token_ids.len()`; `num_scheduled` and `lookahead` are non-zero only
-//! between `schedule` and `update`; `engine_knows` is false for a fresh id.
+//! while a run is in flight (between `schedule` and `update`, or after an
+//! `update` that started a run planned ahead); `ahead` is set only while
+//! `num_scheduled > 0`; `engine_knows` is false for a fresh id.
 
 use std::fmt;
 
@@ -71,6 +73,9 @@ pub struct Sequence<R> {
     pub(crate) num_scheduled: usize,
     /// Slots reserved after them for accepted draft tokens.
     pub(crate) lookahead: usize,
+    /// The lookahead of a continuation planned while the run in flight
+    /// runs (`Scheduler::schedule_ahead`): the next run, already sent.
+    pub(crate) ahead: Option<usize>,
     pub(crate) table: BlockTable,
     /// The engine has run this seq id (and holds state for it).
     pub(crate) engine_knows: bool,
@@ -93,6 +98,7 @@ impl<R> Sequence<R> {
             num_computed: 0,
             num_scheduled: 0,
             lookahead: 0,
+            ahead: None,
             table: BlockTable::new(),
             engine_knows: false,
             num_cached_prompt_tokens: 0,

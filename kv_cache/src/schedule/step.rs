@@ -44,6 +44,12 @@ pub struct ScheduledRun {
     pub sample: bool,
     /// Slots reserved after the run for accepted draft tokens.
     pub lookahead: usize,
+    /// A continuation planned while the sequence's previous run is still in
+    /// flight ([`Scheduler::schedule_ahead`](crate::schedule::Scheduler::schedule_ahead)):
+    /// the engine runs the token it committed last, which the plan does not
+    /// know yet; `new_token_ids` is empty and `num_computed` is the fewest
+    /// the previous run leaves computed (the engine uses its own count).
+    pub continues: bool,
 }
 
 /// A sequence moved from waiting to running.

@@ -61,13 +61,23 @@ impl Backoff {
     }
 }
 
+/// A step sent to the engine: its answer (or failure) and when it left.
+pub(crate) struct StepCall {
+    pub answer: tokio::task::JoinHandle<Result<epb::StepResponse, RouterError>>,
+    pub sent: std::time::Instant,
+}
+
 /// A connected engine and this router's lease on it.
 pub(crate) struct EngineLink {
     client: EngineClient<Channel>,
+    /// The number of the next step under this lease (from 1).
+    next_step: u64,
     pub instance_id: u64,
     pub lease_id: u64,
     /// Most draft tokens the engine accepts per step.
     pub max_lookahead: usize,
+    /// The engine's forward runs on the host's cores (not a GPU).
+    pub host_compute: bool,
     pub block_size: usize,
     /// This router's partition of the engine's blocks, as a fresh pool.
     pub num_kv_blocks: usize,
@@ -107,9 +117,11 @@ impl EngineLink {
         }
         let link = EngineLink {
             client,
+            next_step: 1,
             instance_id: info.instance_id,
             lease_id: lease.lease_id,
             max_lookahead: info.max_lookahead as usize,
+            host_compute: !info.device.starts_with("cuda"),
             block_size: info.block_size as usize,
             num_kv_blocks: lease.num_kv_blocks as usize,
         };
@@ -133,28 +145,22 @@ impl EngineLink {
         })
     }
 
-    /// Runs one step, within `timeout`.
-    pub async fn step(&mut self, seqs: Vec<epb::SeqStep>, timeout: Duration) -> Result<epb::StepResponse, RouterError> {
+    /// Sends one step, answered within `timeout`. Steps run on the engine
+    /// in the order they are sent (they are numbered), so one may be sent
+    /// before the one before it has answered.
+    pub fn send_step(&mut self, seqs: Vec<epb::SeqStep>, timeout: Duration) -> StepCall {
         let request = epb::StepRequest {
             seqs,
             instance_id: self.instance_id,
             lease_id: self.lease_id,
+            step_number: self.next_step,
         };
-        let response = tokio::time::timeout(timeout, self.client.step(request))
-            .await
-            .map_err(|_| RouterError::EngineUnavailable("engine step timed out".into()))?
-            .map_err(|s| match s.code() {
-                tonic::Code::FailedPrecondition => {
-                    RouterError::EngineUnavailable(format!("engine restarted or KV lease lost: {}", s.message()))
-                }
-                // A contract violation is our bug, but the engine's state for
-                // these sequences is unknown: treat as a failure.
-                tonic::Code::InvalidArgument => {
-                    RouterError::EngineContract(format!("engine refused the step: {}", s.message()))
-                }
-                _ => RouterError::EngineUnavailable(format!("engine failed: {}", s.message())),
-            })?;
-        Ok(response.into_inner())
+        self.next_step += 1;
+        let mut client = self.client.clone();
+        StepCall {
+            answer: tokio::spawn(async move { step(&mut client, request, timeout).await }),
+            sent: std::time::Instant::now(),
+        }
     }
 
     /// Checks that the engine answers and is the instance we planned for.
@@ -202,4 +208,27 @@ async fn within<T>(
         .await
         .map_err(|_| RouterError::EngineUnavailable(format!("engine {late}")))?
         .map_err(|s| RouterError::EngineUnavailable(format!("engine failed: {}", s.message())))
+}
+
+/// One step call, within `timeout`, its failures mapped to router errors.
+async fn step(
+    client: &mut EngineClient<Channel>,
+    request: epb::StepRequest,
+    timeout: Duration,
+) -> Result<epb::StepResponse, RouterError> {
+    let response = tokio::time::timeout(timeout, client.step(request))
+        .await
+        .map_err(|_| RouterError::EngineUnavailable("engine step timed out".into()))?
+        .map_err(|s| match s.code() {
+            tonic::Code::FailedPrecondition => {
+                RouterError::EngineUnavailable(format!("engine restarted or KV lease lost: {}", s.message()))
+            }
+            // A contract violation is our bug, but the engine's state for
+            // these sequences is unknown: treat as a failure.
+            tonic::Code::InvalidArgument => {
+                RouterError::EngineContract(format!("engine refused the step: {}", s.message()))
+            }
+            _ => RouterError::EngineUnavailable(format!("engine failed: {}", s.message())),
+        })?;
+    Ok(response.into_inner())
 }

@@ -10,15 +10,22 @@
 //! it ends with `UNAVAILABLE`, the core is dropped with its accounting, and
 //! the scheduler reconnects in the background (backoff with jitter); a
 //! restarted engine starts with empty KV, and so does the new core.
+//!
+//! When steps overlap (`OverlapSteps`), while a step of steady decoding
+//! runs the next one is already planned and sent (`schedule_ahead`), so
+//! the engine starts it as soon as it is done, not after two gRPC hops and
+//! this task's work.
 
+mod config;
 mod link;
 mod request;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use heterospec_kv::schedule::{CommittedRun, NewSequence, ScheduleConfig, Scheduler as Core, Sequence};
+use heterospec_kv::schedule::{CommittedRun, NewSequence, ScheduleConfig, ScheduledRun, Scheduler as Core, Sequence};
 use heterospec_kv::SeqId;
 use heterospec_proto::engine::v1 as epb;
 use heterospec_proto::v1 as pb;
@@ -30,20 +37,10 @@ use crate::metrics as m;
 use crate::output::FinishReason;
 use crate::tokenizer::TextTokenizer;
 use crate::validate::ValidatedRequest;
-use link::{Backoff, ConnectError, EngineLink};
+pub use config::{OverlapSteps, SchedulerConfig};
+use link::{Backoff, ConnectError, EngineLink, StepCall};
 pub use request::ResponseSender;
 use request::{commit_tokens, results_by_id, Outcome, Request};
-
-/// Scheduling knobs.
-#[derive(Debug, Clone, Copy)]
-pub struct SchedulerConfig {
-    /// Tokens (prompt chunks + decode tokens) per engine step.
-    pub max_batch_tokens: usize,
-    /// Sequences per engine step.
-    pub max_running: usize,
-    /// Deadline for one engine step before the engine counts as failed.
-    pub step_timeout: Duration,
-}
 
 /// A request handed to a scheduler.
 pub struct Submission {
@@ -130,6 +127,10 @@ pub struct Scheduler {
     retries: mpsc::UnboundedSender<Retry>,
     /// Shutdown: stop and give the lease back, then answer.
     detach: mpsc::Receiver<oneshot::Sender<()>>,
+    /// Steps sent and not yet applied, oldest first (two at most).
+    in_flight: VecDeque<StepCall>,
+    /// When the last step's answer was applied.
+    last_answer: Instant,
 }
 
 impl Scheduler {
@@ -168,6 +169,8 @@ impl Scheduler {
             shared: shared.clone(),
             retries,
             detach: detach_rx,
+            in_flight: VecDeque::new(),
+            last_answer: Instant::now(),
         };
         tokio::spawn(scheduler.run());
         Ok(SchedulerHandle {
@@ -202,7 +205,7 @@ impl Scheduler {
             if let Ok(done) = self.detach.try_recv() {
                 return self.stop(done).await;
             }
-            if self.core().is_idle() {
+            if self.core().is_idle() && self.in_flight.is_empty() {
                 self.update_gauges();
                 if let Err(e) = self.release_pending().await {
                     self.fail_engine(e);
@@ -323,32 +326,78 @@ impl Scheduler {
         }
     }
 
-    /// Builds and runs one step.
+    /// Applies the oldest step in flight, first sending a newly planned one
+    /// when none is in flight, and the next one ahead when it can be
+    /// planned now (`overlap_steps`).
     async fn step(&mut self) -> Result<(), RouterError> {
-        let plan = self.core().schedule();
-        metrics::counter!(m::PREEMPTIONS_TOTAL).increment(plan.num_preempted as u64);
-        for seq in plan.rejected {
-            self.finish(seq, Outcome::Error(RouterError::KvExhausted));
+        if self.in_flight.is_empty() {
+            let plan = self.core().schedule();
+            metrics::counter!(m::PREEMPTIONS_TOTAL).increment(plan.num_preempted as u64);
+            for seq in plan.rejected {
+                self.finish(seq, Outcome::Error(RouterError::KvExhausted));
+            }
+            let now = Instant::now();
+            for a in &plan.admitted {
+                metrics::counter!(m::PREFIX_CACHE_QUERIES_TOTAL).increment(a.num_queried_tokens as u64);
+                metrics::counter!(m::PREFIX_CACHE_HITS_TOTAL).increment(a.num_cached_tokens as u64);
+                let seq = self.core().get_mut(a.seq_id).expect("admitted");
+                if a.first_admission {
+                    let r = &mut seq.payload;
+                    r.admitted_at = Some(now);
+                    metrics::histogram!(m::QUEUE_DURATION_SECONDS).record((now - r.arrival).as_secs_f64());
+                    metrics::counter!(m::PROMPT_TOKENS_TOTAL).increment(r.request.prompt_token_ids.len() as u64);
+                }
+            }
+            if plan.runs.is_empty() {
+                // Only when every remaining request was just ended above.
+                return Ok(());
+            }
+            self.release_pending().await?;
+            self.send(plan.runs);
         }
-        let now = Instant::now();
-        for a in &plan.admitted {
-            metrics::counter!(m::PREFIX_CACHE_QUERIES_TOTAL).increment(a.num_queried_tokens as u64);
-            metrics::counter!(m::PREFIX_CACHE_HITS_TOTAL).increment(a.num_cached_tokens as u64);
-            let seq = self.core().get_mut(a.seq_id).expect("admitted");
-            if a.first_admission {
-                let r = &mut seq.payload;
-                r.admitted_at = Some(now);
-                metrics::histogram!(m::QUEUE_DURATION_SECONDS).record((now - r.arrival).as_secs_f64());
-                metrics::counter!(m::PROMPT_TOKENS_TOTAL).increment(r.request.prompt_token_ids.len() as u64);
+        if self.overlaps() && self.in_flight.len() == 1 {
+            if let Some(runs) = self.core().schedule_ahead() {
+                metrics::counter!(m::ENGINE_STEPS_OVERLAPPED_TOTAL, "engine" => self.label.clone()).increment(1);
+                self.send(runs);
             }
         }
-        if plan.runs.is_empty() {
-            // Only when every remaining request was just ended above.
-            return Ok(());
+        // While the engine works: forget what has ended.
+        self.release_pending().await?;
+        let call = self.in_flight.pop_front().expect("a step in flight");
+        let head_of_line = call.sent.max(self.last_answer);
+        let mut response = call
+            .answer
+            .await
+            .map_err(|e| RouterError::EngineUnavailable(format!("engine step task: {e}")))??;
+        self.last_answer = Instant::now();
+        // The time this step was the oldest in flight: the sum over steps
+        // is the time some step was in flight.
+        metrics::histogram!(m::ENGINE_STEP_SECONDS, "engine" => self.label.clone())
+            .record((self.last_answer - head_of_line).as_secs_f64());
+        metrics::histogram!(m::ENGINE_BUSY_SECONDS, "engine" => self.label.clone()).record(response.engine_seconds);
+        for failure in std::mem::take(&mut response.failures) {
+            tracing::warn!(engine = self.index, seq = failure.seq_id, reason = %failure.reason, "the engine failed one sequence");
+            if let Some(seq) = self.core().fail(SeqId(failure.seq_id)) {
+                self.finish(seq, Outcome::Error(RouterError::SequenceFailed(failure.reason)));
+            }
         }
+        self.apply_results(response)
+    }
+
+    /// Whether to plan the next step while this one runs.
+    fn overlaps(&mut self) -> bool {
+        let host_compute = self.conn.as_ref().expect("connected").link.host_compute;
+        match self.config.overlap_steps {
+            OverlapSteps::On => true,
+            OverlapSteps::Off => false,
+            OverlapSteps::Auto => !host_compute || self.core().num_running() == 1,
+        }
+    }
+
+    /// Sends the engine `runs` of the core's plan.
+    fn send(&mut self, runs: Vec<ScheduledRun>) {
         let core = self.core();
-        let steps: Vec<epb::SeqStep> = plan
-            .runs
+        let steps: Vec<epb::SeqStep> = runs
             .into_iter()
             .map(|run| {
                 let request = &core.get(run.seq_id).expect("scheduled").payload.request;
@@ -362,23 +411,20 @@ impl Scheduler {
                     sample: run.sample,
                     speculation: request.speculation as i32,
                     lookahead: run.lookahead as u32,
+                    continues: run.continues,
                 }
             })
             .collect();
-        self.release_pending().await?;
         let timeout = self.config.step_timeout;
-        let sent = std::time::Instant::now();
-        let mut response = self.conn.as_mut().expect("connected").link.step(steps, timeout).await?;
-        metrics::histogram!(m::ENGINE_STEP_SECONDS, "engine" => self.label.clone())
-            .record(sent.elapsed().as_secs_f64());
-        metrics::histogram!(m::ENGINE_BUSY_SECONDS, "engine" => self.label.clone()).record(response.engine_seconds);
-        for failure in std::mem::take(&mut response.failures) {
-            tracing::warn!(engine = self.index, seq = failure.seq_id, reason = %failure.reason, "the engine failed one sequence");
-            if let Some(seq) = self.core().fail(SeqId(failure.seq_id)) {
-                self.finish(seq, Outcome::Error(RouterError::SequenceFailed(failure.reason)));
-            }
+        let call = self.conn.as_mut().expect("connected").link.send_step(steps, timeout);
+        self.in_flight.push_back(call);
+    }
+
+    /// Drops the steps in flight (their engine is gone, or we stop).
+    fn abandon_in_flight(&mut self) {
+        for call in self.in_flight.drain(..) {
+            call.answer.abort();
         }
-        self.apply_results(response)
     }
 
     /// Sends the engine the ids it should forget.
@@ -480,6 +526,7 @@ impl Scheduler {
     /// back; then answers `done`.
     async fn stop(&mut self, done: oneshot::Sender<()>) {
         self.shared.healthy.store(false, Ordering::Release);
+        self.abandon_in_flight();
         // Nothing new gets in; what already did is refused, not dropped.
         self.submissions.close();
         while let Ok(sub) = self.submissions.try_recv() {
@@ -504,6 +551,7 @@ impl Scheduler {
         tracing::warn!(engine = self.index, error = %error, "engine failed; ending its requests");
         self.shared.healthy.store(false, Ordering::Release);
         metrics::gauge!(m::ENGINE_UP, "engine" => self.label.clone()).set(0.0);
+        self.abandon_in_flight();
         let Some(mut conn) = self.conn.take() else { return };
         let engine_wide = matches!(error, RouterError::EngineUnavailable(_));
         for seq in conn.core.drain() {

@@ -4,9 +4,10 @@
 //! fake model produces.
 
 mod behaviour;
+mod pipelined;
 mod randomized;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::pool::{BlockPool, BlockPoolConfig};
 use crate::schedule::{
@@ -119,6 +120,9 @@ struct FakeEngine {
     block_size: usize,
     slots: Vec<u32>,
     known: HashSet<SeqId>,
+    /// Per sequence: its computed tokens and the token it committed last
+    /// (what a continuation runs).
+    pending: HashMap<SeqId, (usize, u32)>,
     /// Report runs that commit nothing as an empty `CommittedRun` (else omit them).
     report_empty: bool,
 }
@@ -130,6 +134,7 @@ impl FakeEngine {
             block_size: config.block_size,
             slots: vec![GARBAGE; config.num_blocks * config.block_size],
             known: HashSet::new(),
+            pending: HashMap::new(),
             report_empty: false,
         }
     }
@@ -150,14 +155,39 @@ impl FakeEngine {
     fn release(&mut self, ids: Vec<SeqId>) {
         for id in ids {
             assert!(self.known.remove(&id), "released {id}, which the engine never saw");
+            self.pending.remove(&id);
         }
     }
 
     /// Runs `schedule`; `accept(run)` draft tokens are accepted (capped by
     /// the run's lookahead).
-    fn step<R>(&mut self, schedule: &Schedule<R>, mut accept: impl FnMut(&ScheduledRun) -> usize) -> Vec<CommittedRun> {
+    fn step<R>(&mut self, schedule: &Schedule<R>, accept: impl FnMut(&ScheduledRun) -> usize) -> Vec<CommittedRun> {
+        self.step_runs(&schedule.runs, accept)
+    }
+
+    /// Runs `runs` (a continuation runs the token the sequence committed last).
+    fn step_runs(
+        &mut self,
+        runs: &[ScheduledRun],
+        mut accept: impl FnMut(&ScheduledRun) -> usize,
+    ) -> Vec<CommittedRun> {
         let mut committed = Vec::new();
-        for run in &schedule.runs {
+        for run in runs {
+            let resolved;
+            let run = if run.continues {
+                assert!(run.new_token_ids.is_empty() && run.sample && !run.first_run);
+                let (computed, token) = self.pending[&run.seq_id];
+                assert!(run.num_computed <= computed, "a continuation's fewest computed tokens");
+                resolved = ScheduledRun {
+                    new_token_ids: vec![token],
+                    num_computed: computed,
+                    continues: false,
+                    ..run.clone()
+                };
+                &resolved
+            } else {
+                run
+            };
             assert_eq!(
                 run.first_run,
                 !self.known.contains(&run.seq_id),
@@ -204,6 +234,8 @@ impl FakeEngine {
                 let slot = self.slot(run, p);
                 self.slots[slot] = GARBAGE;
             }
+            self.pending
+                .insert(run.seq_id, (end + num_accepted, *token_ids.last().expect("one token")));
             committed.push(CommittedRun {
                 seq_id: run.seq_id,
                 token_ids,
