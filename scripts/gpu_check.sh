@@ -7,7 +7,8 @@
 # default gpu-figures.json): `bench forward --device cuda --synthetic` for
 # Llama 3 1B and 8B shapes (T = 1..64, decode batches 1/16/64, the copy
 # bandwidth), and, where models/ (under the directory it runs in) holds
-# the default model, its `bench forward` and `bench spec` on the GPU.
+# the default model, its `bench forward`, `bench spec` and `bench serve
+# --compare-overlap` on the GPU.
 # Runs the binaries of scripts/gpu_pack.sh when it sits beside them, else
 # builds with cargo. NVRTC is looked up on LD_LIBRARY_PATH and in
 # /usr/local/cuda.
@@ -53,6 +54,9 @@ prompts="$here/bench/prompts.jsonl"
     printf ', "default_model_spec": '
     bench spec --device "$HETEROSPEC_TEST_DEVICE" --model "$model" --prompts "$prompts" --concurrency 1,16 \
       --variants plain,fixed,hetero --repeat 1
+    printf ', "default_model_serve": '
+    bench serve --device "$HETEROSPEC_TEST_DEVICE" --model "$model" --prompts "$prompts" --concurrency 1,16,64 \
+      --min-requests 16 --compare-overlap
   fi
   printf '}\n'
 } > "$figures"
