@@ -11,7 +11,7 @@ use std::sync::{Mutex, OnceLock};
 
 use libloading::Library;
 
-use super::{int, AttentionShape, Backend, Grid};
+use super::{int, AttentionShape, Backend, Grid, KSplit};
 use crate::error::Result;
 
 /// The emulator's globals (grid, barrier) hold one launch at a time.
@@ -39,6 +39,10 @@ fn library() -> &'static Library {
 
 /// Runs the kernels of `kernels.cu` on the CPU.
 pub struct Emulator;
+
+/// The multiprocessors the emulated device has: few, so that the tests'
+/// small GEMMs split along k as a big GPU's large ones do.
+pub const EMULATED_SMS: usize = 4;
 
 type Dims = [u32; 3];
 
@@ -141,6 +145,10 @@ impl Backend for Emulator {
         )
     }
 
+    fn k_split(&self, n: usize, k: usize) -> KSplit {
+        KSplit::for_shape(n, k, EMULATED_SMS)
+    }
+
     fn matmul(
         &self,
         a: &Vec<f32>,
@@ -150,16 +158,34 @@ impl Backend for Emulator {
         acc: bool,
     ) -> Result<()> {
         assert!(a.len() >= m * k && w.len() >= n * k && c.len() >= m * n);
-        emulate!(
+        let split = self.k_split(n, k);
+        let mut part = vec![0.0f32; if split.splits > 1 { split.splits * m * n } else { 1 }];
+        let launched: Result<()> = emulate!(
             "matmul_bf16",
-            Grid::matmul(m, n),
-            fn(*const f32, *const u16, *mut f32, i32, i32, i32, i32),
+            Grid::matmul(m, n, split),
+            fn(*const f32, *const u16, *mut f32, *mut f32, i32, i32, i32, i32, i32),
             a.as_ptr(),
             w.as_ptr(),
             c.as_mut_ptr(),
+            part.as_mut_ptr(),
             int(m),
             int(n),
             int(k),
+            int(split.chunk),
+            i32::from(acc)
+        );
+        launched?;
+        if split.splits == 1 {
+            return Ok(());
+        }
+        emulate!(
+            "reduce_splits",
+            Grid::elements(m * n),
+            fn(*const f32, *mut f32, i32, i32, i32),
+            part.as_ptr(),
+            c.as_mut_ptr(),
+            int(m * n),
+            int(split.splits),
             i32::from(acc)
         )
     }

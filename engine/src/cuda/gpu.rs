@@ -9,7 +9,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{self, Ptx};
 
-use super::{int, AttentionShape, Backend, Grid, KERNELS};
+use super::{int, AttentionShape, Backend, Grid, KSplit, KERNELS};
 use crate::error::{EngineError, Result};
 
 fn driver(what: &'static str) -> impl FnOnce(DriverError) -> EngineError {
@@ -101,8 +101,11 @@ pub struct Gpu {
     ordinal: usize,
     name: String,
     stream: Arc<CudaStream>,
+    /// Streaming multiprocessors (what a GEMM's k split fills).
+    sms: usize,
     _module: Arc<CudaModule>,
     matmul_bf16: CudaFunction,
+    reduce_splits: CudaFunction,
     fill_synthetic_bf16: CudaFunction,
     rms_norm: CudaFunction,
     rope: CudaFunction,
@@ -174,6 +177,9 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         keep_freed_memory(&ctx);
         let name = ctx.name().map_err(driver("reading the device name"))?;
+        let sms = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver("reading the multiprocessor count"))?;
         let arch = ctx
             .compute_capability()
             .map_err(driver("reading the compute capability"))?;
@@ -202,7 +208,9 @@ impl Gpu {
             ordinal,
             name,
             stream: ctx.default_stream(),
+            sms: sms.max(1) as usize,
             matmul_bf16: f("matmul_bf16")?,
+            reduce_splits: f("reduce_splits")?,
             fill_synthetic_bf16: f("fill_synthetic_bf16")?,
             rms_norm: f("rms_norm")?,
             rope: f("rope")?,
@@ -345,6 +353,10 @@ impl Backend for Gpu {
         launch!(self, greedy_rows, Grid::rows(rows), "greedy kernel"; logits, &v, ids, logprobs)
     }
 
+    fn k_split(&self, n: usize, k: usize) -> KSplit {
+        KSplit::for_shape(n, k, self.sms)
+    }
+
     fn matmul(
         &self,
         a: &Self::Floats,
@@ -353,8 +365,20 @@ impl Backend for Gpu {
         (m, n, k): (usize, usize, usize),
         accumulate: bool,
     ) -> Result<()> {
+        let split = self.k_split(n, k);
         let (mi, ni, ki, acc) = (int(m), int(n), int(k), i32::from(accumulate));
-        launch!(self, matmul_bf16, Grid::matmul(m, n), "matmul kernel"; a, w, c, &mi, &ni, &ki, &acc)
+        let (chunk, splits) = (int(split.chunk), int(split.splits));
+        let grid = Grid::matmul(m, n, split);
+        if split.splits == 1 {
+            // No partial sums: `a` stands in for the unused `part`.
+            return launch!(self, matmul_bf16, grid, "matmul kernel"; a, w, c, a, &mi, &ni, &ki, &chunk, &acc);
+        }
+        // SAFETY: every element is written by the matmul before it is read.
+        let mut part =
+            unsafe { self.stream.alloc::<f32>(split.splits * m * n) }.map_err(driver("allocating GPU memory"))?;
+        launch!(self, matmul_bf16, grid, "matmul kernel"; a, w, &mut *c, &mut part, &mi, &ni, &ki, &chunk, &acc)?;
+        let len = int(m * n);
+        launch!(self, reduce_splits, Grid::elements(m * n), "k split reduction"; &part, c, &len, &splits, &acc)
     }
 
     fn rms_norm(

@@ -1,7 +1,11 @@
 //! Launch geometry: each kernel's grid and block for a problem size
-//! (every kernel runs 256-thread blocks), and one attention launch's shape.
+//! (every kernel runs 256-thread blocks), how a GEMM splits along k, and
+//! one attention launch's shape.
+//!
+//! Invariant: nothing here depends on a GEMM's row count beyond the
+//! number of row tiles, so a row's arithmetic is the same in any batch.
 
-use super::{BLOCK_THREADS, TILE};
+use super::{BLOCK_THREADS, TILE, TILE_K};
 
 /// A kernel launch's grid and block dimensions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,10 +17,10 @@ pub struct Grid {
 impl Grid {
     const BLOCK: (u32, u32, u32) = (BLOCK_THREADS, 1, 1);
 
-    /// `matmul_bf16`: one block per 64 x 64 output tile.
-    pub(super) fn matmul(m: usize, n: usize) -> Self {
+    /// `matmul_bf16`: one block per 64 x 64 output tile and k chunk.
+    pub(super) fn matmul(m: usize, n: usize, split: KSplit) -> Self {
         Grid {
-            grid: (n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, 1),
+            grid: (n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, split.splits as u32),
             block: Self::BLOCK,
         }
     }
@@ -58,6 +62,41 @@ impl Grid {
     }
 }
 
+/// How a GEMM is split along k: `splits` chunks of `chunk` values (the
+/// last may be shorter), each summed by its own blocks, the partial sums
+/// then added in chunk order (`reduce_splits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KSplit {
+    pub splits: usize,
+    pub chunk: usize,
+}
+
+impl KSplit {
+    /// Fewest k values a chunk sums (two k tiles).
+    const MIN_CHUNK: usize = 2 * TILE_K;
+    /// Most chunks (bounds the partial sums kept: splits x m x n floats).
+    const MAX_SPLITS: usize = 16;
+    /// Blocks per SM a launch of one row tile aims for.
+    const BLOCKS_PER_SM: usize = 2;
+
+    /// The split of an `(n, k)` GEMM on a device of `sms` multiprocessors:
+    /// enough chunks that a launch of one row tile (a decode step) has
+    /// about two blocks per SM, each chunk a whole number of k tiles and at
+    /// least two. It depends on n, k and the device, never on m.
+    pub fn for_shape(n: usize, k: usize, sms: usize) -> Self {
+        let tiles = n.div_ceil(TILE).max(1);
+        let want = (Self::BLOCKS_PER_SM * sms)
+            .div_ceil(tiles)
+            .clamp(1, Self::MAX_SPLITS)
+            .min((k / Self::MIN_CHUNK).max(1));
+        let chunk = k.div_ceil(want).next_multiple_of(TILE_K).max(TILE_K);
+        KSplit {
+            splits: k.div_ceil(chunk).max(1),
+            chunk,
+        }
+    }
+}
+
 /// The geometry of one attention launch.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionShape {
@@ -71,5 +110,49 @@ pub struct AttentionShape {
 impl AttentionShape {
     pub(super) fn scale(&self) -> f32 {
         1.0 / (self.head_dim as f32).sqrt()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::synthetic;
+
+    #[test]
+    fn k_splits_cover_k_in_whole_tiles_and_fill_the_device_for_a_decode() {
+        for (n, k, sms) in [
+            (1, 1, 1),
+            (130, 200, 4),
+            (64, 64, 132),
+            (100_000, 4096, 132),
+            (7, 33, 8),
+        ] {
+            let s = KSplit::for_shape(n, k, sms);
+            assert!(s.splits >= 1 && s.splits <= KSplit::MAX_SPLITS, "{n} {k}: {s:?}");
+            assert_eq!(s.chunk % TILE_K, 0, "{n} {k}: {s:?}");
+            assert!(
+                (s.splits - 1) * s.chunk < k.max(1) && s.splits * s.chunk >= k,
+                "{n} {k}: {s:?}"
+            );
+        }
+        // Llama 3 8B on an H200 (132 SMs): a one-token step's projections
+        // get about two blocks per SM, or as many as k allows.
+        let c = synthetic::config("llama-3-8b").unwrap();
+        let shapes = [
+            (c.q_size(), c.hidden_size),
+            (c.kv_size(), c.hidden_size),
+            (c.hidden_size, c.q_size()),
+            (c.intermediate_size, c.hidden_size),
+            (c.hidden_size, c.intermediate_size),
+        ];
+        for (n, k) in shapes {
+            let s = KSplit::for_shape(n, k, 132);
+            let blocks = n.div_ceil(TILE) * s.splits;
+            assert!(
+                blocks >= 132 || s.splits == KSplit::MAX_SPLITS,
+                "{n} x {k}: {blocks} blocks ({s:?})"
+            );
+            assert!(blocks <= 4 * 132 || s.splits == 1, "{n} x {k}: {blocks} blocks ({s:?})");
+        }
     }
 }

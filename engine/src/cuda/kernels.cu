@@ -70,8 +70,15 @@ __device__ void mma_bf16_16816(float* d, const unsigned* a, const unsigned* b) {
 // tail padded with zeros), so a row's result does not depend on how many
 // rows share the launch or where it falls in a tile. A decode step's few
 // rows leave most of the tile's rows empty; it is bound by reading `w`.
+//
+// Split along k (gridDim.z > 1, so that a decode's few column tiles still
+// cover every SM): block z sums k in [z * k_chunk, (z + 1) * k_chunk) the
+// same way and writes its partial sums to `part` (z, m, n); `reduce_splits`
+// then adds them in z order. The split depends on n, k and the device,
+// never on m, so a row's sums stay the same in any batch.
 extern "C" __global__ void matmul_bf16(const float* __restrict__ a, const unsigned short* __restrict__ w,
-                                       float* __restrict__ c, int m, int n, int k, int accumulate) {
+                                       float* __restrict__ c, float* __restrict__ part, int m, int n, int k,
+                                       int k_chunk, int accumulate) {
     __shared__ __align__(16) unsigned short as[TILE_M][TILE_STRIDE];
     __shared__ __align__(16) unsigned short ws[TILE_N][TILE_STRIDE];
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -83,13 +90,15 @@ extern "C" __global__ void matmul_bf16(const float* __restrict__ a, const unsign
     float acc[4][4];
     for (int j = 0; j < 4; ++j)
         for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
-    for (int k0 = 0; k0 < k; k0 += TILE_K) {
+    const int k_begin = blockIdx.z * k_chunk;
+    const int k_end = min(k, k_begin + k_chunk);
+    for (int k0 = k_begin; k0 < k_end; k0 += TILE_K) {
         for (int e = tid; e < TILE_M * TILE_K; e += GEMM_THREADS) {
             const int r = e / TILE_K, kk = e % TILE_K;
             const int gk = k0 + kk;
             const int gr = m0 + r, gn = n0 + r;
-            as[r][kk] = (gr < m && gk < k) ? bf16_bits(a[(size_t)gr * k + gk]) : (unsigned short)0;
-            ws[r][kk] = (gn < n && gk < k) ? w[(size_t)gn * k + gk] : (unsigned short)0;
+            as[r][kk] = (gr < m && gk < k_end) ? bf16_bits(a[(size_t)gr * k + gk]) : (unsigned short)0;
+            ws[r][kk] = (gn < n && gk < k_end) ? w[(size_t)gn * k + gk] : (unsigned short)0;
         }
         __syncthreads();
         for (int ks = 0; ks < TILE_K; ks += 16) {
@@ -112,10 +121,25 @@ extern "C" __global__ void matmul_bf16(const float* __restrict__ a, const unsign
             const int r = m0 + wm + g + 8 * (i / 2);
             const int col = n0 + wn + 8 * j + 2 * t + i % 2;
             if (r >= m || col >= n) continue;
-            float* out = c + (size_t)r * n + col;
-            *out = accumulate ? *out + acc[j][i] : acc[j][i];
+            if (gridDim.z > 1) {
+                part[((size_t)blockIdx.z * m + r) * n + col] = acc[j][i];
+            } else {
+                float* out = c + (size_t)r * n + col;
+                *out = accumulate ? *out + acc[j][i] : acc[j][i];
+            }
         }
     }
+}
+
+// c = the sum of `splits` partial products (splits, len), added in split
+// order, or c += that sum when `accumulate`. One thread per element.
+extern "C" __global__ void reduce_splits(const float* __restrict__ part, float* __restrict__ c, int len,
+                                         int splits, int accumulate) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= len) return;
+    float s = part[i];
+    for (int z = 1; z < splits; ++z) s += part[(size_t)z * len + i];
+    c[i] = accumulate ? c[i] + s : s;
 }
 
 // Synthetic weights (`bench forward --synthetic`: a model's shapes with no

@@ -47,7 +47,7 @@ pub use device_kv::DeviceKv;
 #[cfg(test)]
 pub(crate) use emulator::Emulator;
 pub use gpu::{compile_kernels, Gpu, KernelImage, MIN_ARCH};
-pub use grid::{AttentionShape, Grid};
+pub use grid::{AttentionShape, Grid, KSplit};
 pub use keys::AttentionKeys;
 
 /// The kernels' source, compiled by NVRTC when a device is opened.
@@ -55,9 +55,10 @@ pub const KERNELS: &str = include_str!("kernels.cu");
 
 /// Threads per block of every kernel (`GEMM_THREADS`, `ROW_THREADS`,
 /// `ATTN_THREADS` in `kernels.cu`); the GEMM's output tile is `TILE`
-/// square.
+/// square, and it steps through k `TILE_K` at a time.
 const BLOCK_THREADS: u32 = 256;
 const TILE: usize = 64;
+const TILE_K: usize = 32;
 /// Ints per token in the attention key description.
 const KEY_FIELDS: usize = 6;
 /// CUDA's limit on a grid's second dimension (attention: one row per token).
@@ -96,8 +97,12 @@ pub trait Backend: Send + Sync + 'static {
         logprobs: &mut Self::Floats,
         rows_vocab: (usize, usize),
     ) -> Result<()>;
+    /// How this device splits an `(n, k)` GEMM along k ([`KSplit`]).
+    fn k_split(&self, n: usize, k: usize) -> KSplit;
     /// `c (m, n) = a (m, k) . w (n, k)^T`, or `c +=` that: `a` rounded
-    /// to bf16, the sums in f32, in the same order for every row count.
+    /// to bf16, the sums in f32, in the same order for every row count
+    /// (each of [`Backend::k_split`]'s chunks in k order, the chunks'
+    /// sums added in order, then added to `c`).
     fn matmul(
         &self,
         a: &Self::Floats,

@@ -5,8 +5,9 @@ use crate::testing::random_tensors;
 use crate::{Device, Model, WeightFormat};
 use heterospec_kv::BlockId;
 
-const KERNEL_NAMES: [&str; 10] = [
+const KERNEL_NAMES: [&str; 11] = [
     "matmul_bf16",
+    "reduce_splits",
     "fill_synthetic_bf16",
     "rms_norm",
     "rope",
@@ -284,10 +285,20 @@ fn bf16_gemm_matches_its_reference<B: Backend>(backend: &B, exact: bool) {
             .collect()
     };
     let (ar, wr) = (round(&a), round(&w));
+    // Each k chunk in k order, the chunks' sums in order, then onto c.
+    let split = backend.k_split(n, k);
+    assert!(
+        split.splits > 1 || !exact,
+        "the emulated device splits this GEMM along k"
+    );
     let mut want = c0.clone();
     for r in 0..m {
         for col in 0..n {
-            let s = (0..k).fold(0.0f32, |s, i| ar[r * k + i].mul_add(wr[col * k + i], s));
+            let chunk = |z: usize| {
+                let ks = z * split.chunk..((z + 1) * split.chunk).min(k);
+                ks.fold(0.0f32, |s, i| ar[r * k + i].mul_add(wr[col * k + i], s))
+            };
+            let s = (1..split.splits).fold(chunk(0), |s, z| s + chunk(z));
             want[r * n + col] += s;
         }
     }

@@ -12,8 +12,10 @@ static dim3 d3(const unsigned* v) { return dim3{v[0], v[1], v[2]}; }
     }
 #define EXPAND(...) __VA_ARGS__
 
-ENTRY(matmul_bf16, (const float* a, const unsigned short* w, float* c, int m, int n, int k, int acc),
-      (a, w, c, m, n, k, acc))
+ENTRY(matmul_bf16,
+      (const float* a, const unsigned short* w, float* c, float* part, int m, int n, int k, int k_chunk, int acc),
+      (a, w, c, part, m, n, k, k_chunk, acc))
+ENTRY(reduce_splits, (const float* part, float* c, int len, int splits, int acc), (part, c, len, splits, acc))
 ENTRY(rms_norm, (const float* x, const float* w, float* out, int dim, float eps), (x, w, out, dim, eps))
 ENTRY(rope, (float* x, const float* c, const float* s, int tokens, int heads, int half),
       (x, c, s, tokens, heads, half))
