@@ -17,6 +17,7 @@ mod local;
 mod metrics;
 mod progress;
 mod quantize;
+mod router_args;
 mod scrape;
 mod serve;
 mod train_draft;

@@ -121,8 +121,9 @@ async fn routers_share_an_engine_through_kv_leases() {
 /// A router with overlapping steps sends step n+1 before step n has
 /// answered: the engine runs a lease's numbered steps in their order
 /// whatever order they arrive in, and a continuation (`continues`) runs
-/// the token its sequence committed last. A step whose predecessor never
-/// comes is refused, not left hanging.
+/// the token its sequence committed last; releases a step carries happen
+/// before it. A number already run is refused, and a step whose
+/// predecessor never comes is refused, not left hanging.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn numbered_steps_run_in_order_and_continue_from_the_last_token() {
     use heterospec_proto::engine::v1 as epb;
@@ -152,6 +153,7 @@ async fn numbered_steps_run_in_order_and_continue_from_the_last_token() {
         instance_id,
         lease_id,
         step_number,
+        release_seq_ids: vec![],
     };
     let prompt = epb::SeqStep {
         seq_id: 1,
@@ -212,8 +214,30 @@ async fn numbered_steps_run_in_order_and_continue_from_the_last_token() {
     let replay = client.step(request(4, vec![explicit])).await.unwrap().into_inner();
     assert_eq!(replay.seqs[0].tokens[0].token_id, second.seqs[0].tokens[0].token_id);
 
-    // Step 6 without step 5: refused after a bounded wait.
-    let lost = client.step(request(6, vec![])).await.unwrap_err();
+    // A number already run is refused at once.
+    let again = client.step(request(4, vec![])).await.unwrap_err();
+    assert_eq!(again.code(), Code::InvalidArgument, "{again}");
+    // Releases carried by a step happen before it: its continuation of the
+    // released sequence fails alone.
+    let released = epb::StepRequest {
+        release_seq_ids: vec![2],
+        ..request(
+            5,
+            vec![epb::SeqStep {
+                seq_id: 2,
+                block_table: vec![3, 4],
+                sample: true,
+                continues: true,
+                ..Default::default()
+            }],
+        )
+    };
+    let released = client.step(released).await.unwrap().into_inner();
+    assert!(released.seqs.is_empty() && released.failures.len() == 1, "{released:?}");
+    assert!(released.failures[0].reason.contains("unknown"), "{released:?}");
+
+    // Step 7 without step 6: refused after a bounded wait.
+    let lost = client.step(request(7, vec![])).await.unwrap_err();
     assert_eq!(lost.code(), Code::FailedPrecondition, "{lost}");
-    assert!(lost.message().contains("step 5"), "{lost}");
+    assert!(lost.message().contains("step 6"), "{lost}");
 }

@@ -292,7 +292,9 @@ impl Engine {
     /// is forgotten and returned with the reason, and the others run. A
     /// refused step changes nothing, so running it again without that
     /// sequence is the step the others would have had. Other errors fail
-    /// the whole step.
+    /// the whole step. Continuations (`SeqStep::continues`, which
+    /// [`Engine::step`] refuses) are resolved here first; one the engine
+    /// holds no pending token for fails alone the same way.
     pub fn step_isolated(&mut self, seqs: &[SeqStep]) -> Result<StepOutcome> {
         // A copy only once something failed, or to resolve continuations.
         let mut rest: Option<Vec<SeqStep>> = None;

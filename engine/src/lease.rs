@@ -38,6 +38,17 @@ struct Lease {
     seqs: HashSet<u64>,
 }
 
+/// Where a numbered step stands in its lease's order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// Its turn (taken): it goes to the engine now.
+    Now,
+    /// A step numbered before it has not arrived yet.
+    Later,
+    /// Its number was already run.
+    Past,
+}
+
 /// A lease just granted.
 #[derive(Debug)]
 pub struct Grant {
@@ -140,16 +151,18 @@ impl Leases {
     /// Whether step `number` of `lease_id` goes to the engine now: it is
     /// the lease's next (then it takes its turn), or unnumbered (0).
     /// `None` when the lease is not held.
-    pub fn take_turn(&mut self, lease_id: u64, number: u64) -> Option<bool> {
+    pub fn take_turn(&mut self, lease_id: u64, number: u64) -> Option<Turn> {
         let (_, lease) = self.find(lease_id)?;
-        if number == 0 {
-            return Some(true);
-        }
-        if lease.next_step != number {
-            return Some(false);
-        }
-        lease.next_step += 1;
-        Some(true)
+        Some(if number == 0 {
+            Turn::Now
+        } else if number < lease.next_step {
+            Turn::Past
+        } else if number > lease.next_step {
+            Turn::Later
+        } else {
+            lease.next_step += 1;
+            Turn::Now
+        })
     }
 
     /// Ends a call started by [`begin`](Self::begin).
@@ -222,16 +235,16 @@ mod tests {
         let t0 = Instant::now();
         let mut leases = Leases::new(1 + 10, 1, Duration::from_secs(5)).unwrap();
         let a = leases.attach(1, t0).unwrap();
-        assert_eq!(leases.take_turn(a.lease_id, 2), Some(false), "step 1 first");
-        assert_eq!(leases.take_turn(a.lease_id, 1), Some(true));
-        assert_eq!(leases.take_turn(a.lease_id, 1), Some(false), "each number once");
-        assert_eq!(leases.take_turn(a.lease_id, 0), Some(true), "unnumbered: any time");
-        assert_eq!(leases.take_turn(a.lease_id, 2), Some(true));
+        assert_eq!(leases.take_turn(a.lease_id, 2), Some(Turn::Later), "step 1 first");
+        assert_eq!(leases.take_turn(a.lease_id, 1), Some(Turn::Now));
+        assert_eq!(leases.take_turn(a.lease_id, 1), Some(Turn::Past), "each number once");
+        assert_eq!(leases.take_turn(a.lease_id, 0), Some(Turn::Now), "unnumbered: any time");
+        assert_eq!(leases.take_turn(a.lease_id, 2), Some(Turn::Now));
         let again = leases.attach(1, t0).unwrap();
         assert_eq!(leases.take_turn(a.lease_id, 3), None, "the old lease is gone");
         assert_eq!(
             leases.take_turn(again.lease_id, 1),
-            Some(true),
+            Some(Turn::Now),
             "a new lease counts from 1"
         );
     }

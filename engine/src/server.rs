@@ -6,6 +6,11 @@
 //! the forward's own thread pool is not oversubscribed. A panic on that
 //! thread answers the step and every queued command with `UNAVAILABLE` and
 //! ends the thread (see [`crate::health`] for what follows).
+//!
+//! A lease's numbered steps reach the engine thread in their order
+//! (`StepRequest.step_number`), whatever order their calls arrive in: a
+//! step waits up to `STEP_ORDER_WAIT` for the one numbered before it, so a
+//! router may send step n+1 before step n has answered.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
@@ -20,16 +25,18 @@ use tonic::{Request, Response, Status};
 use crate::engine::{Engine, SeqId, SeqResult, SeqStep, StepOutcome};
 use crate::error::EngineError;
 use crate::health::EngineHealth;
-use crate::lease::Leases;
+use crate::lease::{Leases, Turn};
 use crate::metrics;
 use crate::sampler::SamplingParams;
 use crate::spec::SpecMode;
 
+type StepReply = oneshot::Sender<Result<(StepOutcome, f64), EngineError>>;
+
 /// Commands for the engine thread.
 enum Command {
-    /// A step, answered with its outcome and the seconds the engine
-    /// thread spent on it.
-    Step(Vec<SeqStep>, oneshot::Sender<Result<(StepOutcome, f64), EngineError>>),
+    /// A step (after forgetting the sequences listed), answered with its
+    /// outcome and the seconds the engine thread spent on it.
+    Step(Vec<SeqStep>, Vec<SeqId>, StepReply),
     Release(Vec<SeqId>, oneshot::Sender<()>),
 }
 
@@ -81,7 +88,11 @@ impl EngineHandle {
                 let mut steps = 0u64;
                 while let Some(cmd) = rx.blocking_recv() {
                     let panicked = match cmd {
-                        Command::Step(seqs, reply) => {
+                        Command::Step(seqs, released, reply) => {
+                            for id in released {
+                                // As for Release: an unknown one is harmless.
+                                let _ = engine.release(id);
+                            }
                             steps += 1;
                             let start = Instant::now();
                             let num_tokens: usize = seqs
@@ -129,7 +140,7 @@ impl EngineHandle {
                         // reads as "engine thread stopped".
                         rx.close();
                         while let Ok(cmd) = rx.try_recv() {
-                            if let Command::Step(_, reply) = cmd {
+                            if let Command::Step(_, _, reply) = cmd {
                                 let _ = reply.send(Err(EngineError::Panicked(message.clone())));
                             }
                         }
@@ -150,6 +161,7 @@ impl EngineHandle {
                 instance_id: info.instance_id,
                 max_lookahead: max_lookahead as u32,
                 device,
+                ordered_steps: true,
             },
             leases: Arc::new(Mutex::new(leases)),
             health,
@@ -172,6 +184,75 @@ impl EngineHandle {
             lease_id,
             partition,
         })
+    }
+
+    /// Hands a step of `call`'s lease to the engine thread in the lease's
+    /// step order: when it is step `number`'s turn, it is converted and
+    /// queued in the same critical section; it waits for the step before
+    /// it at most `STEP_ORDER_WAIT`.
+    async fn queue_step(
+        &self,
+        call: &LeaseCall<'_>,
+        number: u64,
+        seqs: Vec<pb::SeqStep>,
+        released: Vec<u64>,
+    ) -> Result<oneshot::Receiver<Result<(StepOutcome, f64), EngineError>>, Status> {
+        let (reply, answer) = oneshot::channel();
+        let mut work = Some((seqs, released, reply));
+        let deadline = tokio::time::Instant::now() + STEP_ORDER_WAIT;
+        loop {
+            let turn = self.turns.notified();
+            tokio::pin!(turn);
+            turn.as_mut().enable();
+            let mut permit = Some(
+                self.commands
+                    .reserve()
+                    .await
+                    .map_err(|_| Status::unavailable("engine thread stopped"))?,
+            );
+            let queued = {
+                let mut leases = self.leases();
+                match leases.take_turn(call.lease_id, number) {
+                    None => return Err(lease_lost(call.lease_id)),
+                    Some(Turn::Past) => {
+                        return Err(Status::invalid_argument(format!(
+                            "step {number} of lease {} was already run",
+                            call.lease_id
+                        )))
+                    }
+                    Some(Turn::Later) => None,
+                    Some(Turn::Now) => {
+                        let (seqs, released, reply) = work.take().expect("queued once");
+                        Some(
+                            step_from_proto(seqs, released, call.partition, &leases).map(|(steps, released)| {
+                                let ran: Vec<u64> = steps.iter().map(|s| s.seq_id.0).collect();
+                                let gone: Vec<u64> = released.iter().map(|s| s.0).collect();
+                                leases.track(call.lease_id, &ran, &gone);
+                                let permit = permit.take().expect("reserved above");
+                                permit.send(Command::Step(steps, released, reply));
+                            }),
+                        )
+                    }
+                }
+            };
+            // A step waiting for its turn holds no place in the queue.
+            drop(permit);
+            match queued {
+                Some(queued) => {
+                    // The next step may be waiting (also when this one was refused).
+                    self.turns.notify_waiters();
+                    return queued.map(|()| answer);
+                }
+                None if tokio::time::timeout_at(deadline, turn).await.is_err() => {
+                    return Err(Status::failed_precondition(format!(
+                        "step {number} of lease {} arrived, but step {} did not within {STEP_ORDER_WAIT:?}",
+                        call.lease_id,
+                        number - 1
+                    )));
+                }
+                None => {}
+            }
+        }
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
@@ -214,6 +295,25 @@ impl Drop for LeaseCall<'_> {
 
 /// Most alternatives a sequence may ask for with each token.
 const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A router's step and the sequences to forget before it, in engine terms.
+fn step_from_proto(
+    seqs: Vec<pb::SeqStep>,
+    released: Vec<u64>,
+    partition: usize,
+    leases: &Leases,
+) -> Result<(Vec<SeqStep>, Vec<SeqId>), Status> {
+    let steps = seqs
+        .into_iter()
+        .map(|s| seq_step_from_proto(s, partition, leases))
+        .collect::<Result<Vec<SeqStep>, Status>>()?;
+    let released = released
+        .into_iter()
+        .map(|id| Leases::engine_seq(partition, id).map(SeqId))
+        .collect::<Result<Vec<SeqId>, String>>()
+        .map_err(Status::invalid_argument)?;
+    Ok((steps, released))
+}
 
 /// A router's step in engine terms: its partition's sequence and block ids.
 fn seq_step_from_proto(s: pb::SeqStep, partition: usize, leases: &Leases) -> Result<SeqStep, Status> {
@@ -340,59 +440,9 @@ impl EngineService for EngineHandle {
             )));
         }
         let call = self.begin(request.lease_id)?;
-        let (reply, answer) = oneshot::channel();
-        let mut reply = Some(reply);
-        let mut seqs = Some(request.seqs);
-        let deadline = tokio::time::Instant::now() + STEP_ORDER_WAIT;
-        // Queued in the lease's step order: when it is this step's turn,
-        // it goes to the engine thread in the same critical section.
-        loop {
-            let turn = self.turns.notified();
-            tokio::pin!(turn);
-            turn.as_mut().enable();
-            let permit = self
-                .commands
-                .reserve()
-                .await
-                .map_err(|_| Status::unavailable("engine thread stopped"))?;
-            let queued = {
-                let mut leases = self.leases();
-                match leases.take_turn(call.lease_id, request.step_number) {
-                    None => return Err(lease_lost(call.lease_id)),
-                    Some(false) => None,
-                    Some(true) => {
-                        let converted = seqs
-                            .take()
-                            .expect("queued once")
-                            .into_iter()
-                            .map(|s| seq_step_from_proto(s, call.partition, &leases))
-                            .collect::<Result<Vec<SeqStep>, Status>>();
-                        Some(converted.map(|steps| {
-                            let ran: Vec<u64> = steps.iter().map(|s| s.seq_id.0).collect();
-                            leases.track(call.lease_id, &ran, &[]);
-                            permit.send(Command::Step(steps, reply.take().expect("sent once")));
-                        }))
-                    }
-                }
-            };
-            match queued {
-                Some(queued) => {
-                    self.turns.notify_waiters();
-                    queued?;
-                    break;
-                }
-                None => {
-                    if tokio::time::timeout_at(deadline, turn).await.is_err() {
-                        return Err(Status::failed_precondition(format!(
-                            "step {} of lease {} arrived, but step {} did not within {STEP_ORDER_WAIT:?}",
-                            request.step_number,
-                            call.lease_id,
-                            request.step_number - 1
-                        )));
-                    }
-                }
-            }
-        }
+        let answer = self
+            .queue_step(&call, request.step_number, request.seqs, request.release_seq_ids)
+            .await?;
         let ((results, failed), engine_seconds) = answer
             .await
             .map_err(|_| Status::unavailable("engine thread stopped"))??;

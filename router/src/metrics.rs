@@ -88,7 +88,7 @@ pub fn describe() {
     );
     describe_counter!(
         ENGINE_STEPS_OVERLAPPED_TOTAL,
-        "Engine steps sent while the step before them still ran (--overlap-steps)."
+        "Engine steps sent while the step before them still ran (--overlap-steps), all engines together."
     );
     describe_counter!(
         REQUESTS_RETRIED_TOTAL,

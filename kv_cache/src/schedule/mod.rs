@@ -7,12 +7,16 @@
 //!
 //! A step is `schedule` (plan), the caller's engine call, then `update`
 //! (commit). Between steps the caller may `cancel` sequences, `add` new
-//! ones and send the engine `take_released` ids to forget.
+//! ones and send the engine `take_released` ids to forget. While a step of
+//! steady decoding is in flight, `schedule_ahead` plans the next one (the
+//! caller sends it before applying the first); each `update` then applies
+//! the oldest step in flight, and `schedule` waits until none is.
 //!
 //! Invariants (between steps):
 //! - every waiting sequence has an empty block table; a running one holds
 //!   blocks for at least its `num_computed` tokens, and exactly
-//!   `blocks_for(num_computed)` after `update` (lookahead given back);
+//!   `blocks_for(num_computed)` after an `update` that leaves no run of it
+//!   in flight (lookahead given back);
 //! - `num_computed < token_ids.len()` for a running sequence: the last known
 //!   token is always still to be run (it yields the next sample);
 //! - a seq id is known to the engine only between its first committed run

@@ -4,11 +4,13 @@
 //! Invariants (between steps; `check_invariants` verifies them):
 //! - the pool's ref counts match the block tables of all held sequences;
 //! - a waiting sequence holds no blocks and `num_computed == 0`;
-//! - a running sequence has `num_computed < token_ids.len()` and blocks for
-//!   exactly `num_computed` tokens (rounded up to whole blocks);
+//! - a running sequence has `num_computed < token_ids.len()` and, with no
+//!   run in flight, blocks for exactly `num_computed` tokens (rounded up to
+//!   whole blocks);
 //! - `to_release` holds only ids the engine has seen and that no held
-//!   sequence carries any more; `retired_in_flight` only ids no held
-//!   sequence carries, whose last run is still in flight;
+//!   sequence carries any more; `retired_in_flight` and `retired_ahead`
+//!   only ids no held sequence carries, whose runs are still in flight
+//!   (one step, or two: the step in flight and a continuation after it);
 //! - a sequence with a continuation planned ahead has a run in flight.
 //!
 //! Planning ahead (`schedule_ahead`) lets a driver send step n+1 before
@@ -25,6 +27,8 @@ use crate::schedule::{
 };
 use crate::table::BlockTable;
 
+mod ahead;
+
 /// The scheduling state machine of one engine. `R` is the caller's payload.
 #[derive(Debug)]
 pub struct Scheduler<R> {
@@ -39,6 +43,10 @@ pub struct Scheduler<R> {
     /// Ids retired while a run of theirs is in flight: released (and that
     /// run's results ignored) once the step in flight is applied.
     retired_in_flight: Vec<SeqId>,
+    /// Ids retired with a continuation planned ahead: they move to
+    /// `retired_in_flight` when the step in flight is applied, so they are
+    /// released after the continuation's step.
+    retired_ahead: Vec<SeqId>,
 }
 
 /// Tokens of `seq` to run this step under `budget`.
@@ -85,6 +93,7 @@ impl<R> Scheduler<R> {
             next_seq_id: first_seq_id,
             to_release: Vec::new(),
             retired_in_flight: Vec::new(),
+            retired_ahead: Vec::new(),
         }
     }
 
@@ -259,75 +268,7 @@ impl<R> Scheduler<R> {
         }
     }
 
-    /// Whether a run is in flight (planned and not yet applied).
-    pub fn is_in_flight(&self) -> bool {
-        self.running.iter().any(|s| s.num_scheduled > 0)
-    }
-
-    /// Plans the next step while the step in flight still runs, when that
-    /// step is steady decoding: every running sequence samples in it, none
-    /// can reach its length limit in it, nothing waits that could be
-    /// admitted, and every continuation fits in free blocks (no
-    /// preemption). A continuation runs the token its sequence's run in
-    /// flight commits last; its table covers the most that run may commit,
-    /// that token, and the continuation's own lookahead. `None` (and no
-    /// change) otherwise: apply the step in flight, then `schedule`.
-    ///
-    /// The next `update` applies the step in flight and starts these runs
-    /// (a sequence that ends there still runs: its results are ignored);
-    /// the `update` after it applies them.
-    pub fn schedule_ahead(&mut self) -> Option<Vec<ScheduledRun>> {
-        let steady = !self.running.is_empty()
-            && (self.waiting.is_empty() || self.running.len() >= self.config.max_running)
-            && self.running.len() <= self.config.max_batch_tokens
-            && self
-                .running
-                .iter()
-                .all(|s| s.samples() && s.ahead.is_none() && s.num_remaining() >= s.lookahead + 2);
-        if !steady {
-            return None;
-        }
-        for i in 0..self.running.len() {
-            let seq = &mut self.running[i];
-            // The run in flight commits 1..=lookahead + 1 tokens; the
-            // continuation runs the last of them.
-            let need = seq.num_computed + seq.num_scheduled + seq.lookahead + 1;
-            // One more token at least is generated in flight.
-            let lookahead = match seq.speculate {
-                true => self.config.max_lookahead.min(seq.num_remaining().saturating_sub(2)),
-                false => 0,
-            };
-            match reserve(&mut self.pool, &mut seq.table, need, lookahead) {
-                Some(lookahead) => seq.ahead = Some(lookahead),
-                None => {
-                    for s in &mut self.running[..i] {
-                        s.ahead = None;
-                        let planned = s.num_computed + s.num_scheduled + s.lookahead;
-                        self.pool.truncate(&mut s.table, planned);
-                    }
-                    return None;
-                }
-            }
-        }
-        let runs = self
-            .running
-            .iter()
-            .map(|s| ScheduledRun {
-                seq_id: s.seq_id,
-                new_token_ids: Vec::new(),
-                num_computed: s.num_computed + s.num_scheduled,
-                block_table: s.table.block_ids().to_vec(),
-                first_run: false,
-                cached_token_ids: Vec::new(),
-                sample: true,
-                lookahead: s.ahead.expect("planned above"),
-                continues: true,
-            })
-            .collect();
-        Some(runs)
-    }
-
-    /// Applies what the engine committed for the last schedule. `decide` is
+    /// Applies what the engine committed for the oldest step in flight. `decide` is
     /// called once per sequence that committed tokens, with the committed
     /// token ids, before they are appended (the sequence still shows the
     /// state the run was planned from); it returns how many to keep (a stop
@@ -434,6 +375,9 @@ impl<R> Scheduler<R> {
         }
         let done: Vec<SeqId> = self.retired_in_flight.drain(..num_ignored).collect();
         self.to_release.extend(done);
+        // Continuations of retired sequences now are the step in flight.
+        let ahead = std::mem::take(&mut self.retired_ahead);
+        self.retired_in_flight.extend(ahead);
         Ok(finished)
     }
 
@@ -459,10 +403,11 @@ impl<R> Scheduler<R> {
         removed
     }
 
-    /// Ends a running sequence whose run of the last schedule the engine
-    /// failed on its own (the other runs went on): removed with its blocks
-    /// freed and its id released (whether or not the engine knew it). Call
-    /// between `schedule` and `update`; `None` when it is not running.
+    /// Ends a running sequence whose run in the oldest step in flight the
+    /// engine failed on its own (the other runs went on): removed with its
+    /// blocks freed and its id released (whether or not the engine knew
+    /// it) once its runs in flight are applied. Call before that step's
+    /// `update`; `None` when it is not running.
     pub fn fail(&mut self, seq_id: SeqId) -> Option<Sequence<R>> {
         let i = self.running.iter().position(|s| s.seq_id == seq_id)?;
         let mut seq = self.running.remove(i);
@@ -483,6 +428,7 @@ impl<R> Scheduler<R> {
         let drained = all.into_iter().map(|seq| self.retire(seq)).collect();
         self.to_release.clear();
         self.retired_in_flight.clear();
+        self.retired_ahead.clear();
         drained
     }
 
@@ -497,6 +443,7 @@ impl<R> Scheduler<R> {
         self.pool = pool;
         self.to_release.clear();
         self.retired_in_flight.clear();
+        self.retired_ahead.clear();
     }
 
     /// Checks the pool against every held table and the invariants in the
@@ -535,6 +482,7 @@ impl<R> Scheduler<R> {
             .to_release
             .iter()
             .chain(&self.retired_in_flight)
+            .chain(&self.retired_ahead)
             .find(|id| held.contains(id))
         {
             return Err(format!("sequence {id} is released but still held"));
@@ -577,7 +525,9 @@ impl<R> Scheduler<R> {
     /// if the engine knows it, once a run of it in flight is applied.
     fn retire(&mut self, mut seq: Sequence<R>) -> Sequence<R> {
         self.pool.free_table(&mut seq.table);
-        if seq.num_scheduled > 0 || seq.ahead.is_some() {
+        if seq.ahead.is_some() {
+            self.retired_ahead.push(seq.seq_id);
+        } else if seq.num_scheduled > 0 {
             self.retired_in_flight.push(seq.seq_id);
         } else if seq.engine_knows {
             self.to_release.push(seq.seq_id);

@@ -5,7 +5,9 @@
 //!
 //! Invariants of a plan: `runs` follow the running order and name distinct
 //! seq ids; `block_table` covers `num_computed + new_token_ids.len() +
-//! lookahead` slots; `lookahead > 0` only when `sample`.
+//! lookahead` slots (a continuation's: the most its previous run may leave
+//! computed, plus its one token and its lookahead); `lookahead > 0` only
+//! when `sample`.
 
 use crate::block::BlockId;
 use crate::schedule::{SeqId, Sequence};

@@ -78,6 +78,9 @@ pub(crate) struct EngineLink {
     pub max_lookahead: usize,
     /// The engine's forward runs on the host's cores (not a GPU).
     pub host_compute: bool,
+    /// The engine runs numbered steps in order, continuations, and
+    /// releases carried by steps (what overlapping steps needs).
+    pub ordered_steps: bool,
     pub block_size: usize,
     /// This router's partition of the engine's blocks, as a fresh pool.
     pub num_kv_blocks: usize,
@@ -122,6 +125,7 @@ impl EngineLink {
             lease_id: lease.lease_id,
             max_lookahead: info.max_lookahead as usize,
             host_compute: !info.device.starts_with("cuda"),
+            ordered_steps: info.ordered_steps,
             block_size: info.block_size as usize,
             num_kv_blocks: lease.num_kv_blocks as usize,
         };
@@ -145,15 +149,17 @@ impl EngineLink {
         })
     }
 
-    /// Sends one step, answered within `timeout`. Steps run on the engine
-    /// in the order they are sent (they are numbered), so one may be sent
-    /// before the one before it has answered.
-    pub fn send_step(&mut self, seqs: Vec<epb::SeqStep>, timeout: Duration) -> StepCall {
+    /// Sends one step, the engine forgetting `released` first, answered
+    /// within `timeout`. Steps run on the engine in the order they are sent
+    /// (they are numbered), so one may be sent before the one before it has
+    /// answered.
+    pub fn send_step(&mut self, seqs: Vec<epb::SeqStep>, released: Vec<u64>, timeout: Duration) -> StepCall {
         let request = epb::StepRequest {
             seqs,
             instance_id: self.instance_id,
             lease_id: self.lease_id,
             step_number: self.next_step,
+            release_seq_ids: released,
         };
         self.next_step += 1;
         let mut client = self.client.clone();

@@ -352,17 +352,17 @@ impl Scheduler {
                 // Only when every remaining request was just ended above.
                 return Ok(());
             }
-            self.release_pending().await?;
+            if !self.link().ordered_steps {
+                self.release_pending().await?;
+            }
             self.send(plan.runs);
         }
         if self.overlaps() && self.in_flight.len() == 1 {
             if let Some(runs) = self.core().schedule_ahead() {
-                metrics::counter!(m::ENGINE_STEPS_OVERLAPPED_TOTAL, "engine" => self.label.clone()).increment(1);
+                metrics::counter!(m::ENGINE_STEPS_OVERLAPPED_TOTAL).increment(1);
                 self.send(runs);
             }
         }
-        // While the engine works: forget what has ended.
-        self.release_pending().await?;
         let call = self.in_flight.pop_front().expect("a step in flight");
         let head_of_line = call.sent.max(self.last_answer);
         let mut response = call
@@ -384,14 +384,21 @@ impl Scheduler {
         self.apply_results(response)
     }
 
-    /// Whether to plan the next step while this one runs.
-    fn overlaps(&mut self) -> bool {
-        let host_compute = self.conn.as_ref().expect("connected").link.host_compute;
-        match self.config.overlap_steps {
-            OverlapSteps::On => true,
-            OverlapSteps::Off => false,
-            OverlapSteps::Auto => !host_compute || self.core().num_running() == 1,
-        }
+    fn link(&self) -> &EngineLink {
+        &self.conn.as_ref().expect("connected").link
+    }
+
+    /// Whether to plan the next step while this one runs (never with an
+    /// engine that cannot run steps in order).
+    fn overlaps(&self) -> bool {
+        let link = self.link();
+        let (ordered, host_compute) = (link.ordered_steps, link.host_compute);
+        ordered
+            && match self.config.overlap_steps {
+                OverlapSteps::On => true,
+                OverlapSteps::Off => false,
+                OverlapSteps::Auto => !host_compute,
+            }
     }
 
     /// Sends the engine `runs` of the core's plan.
@@ -415,8 +422,23 @@ impl Scheduler {
                 }
             })
             .collect();
+        // An engine that runs steps in order forgets what has ended before
+        // this step (every run of those ids is done by then).
+        let released = match self.link().ordered_steps {
+            true => {
+                let ids = self.core().take_released();
+                self.to_release.extend(ids.iter().map(|id| id.0));
+                std::mem::take(&mut self.to_release)
+            }
+            false => Vec::new(),
+        };
         let timeout = self.config.step_timeout;
-        let call = self.conn.as_mut().expect("connected").link.send_step(steps, timeout);
+        let call = self
+            .conn
+            .as_mut()
+            .expect("connected")
+            .link
+            .send_step(steps, released, timeout);
         self.in_flight.push_back(call);
     }
 

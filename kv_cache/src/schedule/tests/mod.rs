@@ -120,6 +120,8 @@ struct FakeEngine {
     block_size: usize,
     slots: Vec<u32>,
     known: HashSet<SeqId>,
+    /// Sequences the engine failed on its own (and forgot).
+    failed: HashSet<SeqId>,
     /// Per sequence: its computed tokens and the token it committed last
     /// (what a continuation runs).
     pending: HashMap<SeqId, (usize, u32)>,
@@ -134,6 +136,7 @@ impl FakeEngine {
             block_size: config.block_size,
             slots: vec![GARBAGE; config.num_blocks * config.block_size],
             known: HashSet::new(),
+            failed: HashSet::new(),
             pending: HashMap::new(),
             report_empty: false,
         }
@@ -154,7 +157,10 @@ impl FakeEngine {
     /// Forgets released ids; each must be one it has seen.
     fn release(&mut self, ids: Vec<SeqId>) {
         for id in ids {
-            assert!(self.known.remove(&id), "released {id}, which the engine never saw");
+            assert!(
+                self.known.remove(&id) || self.failed.remove(&id),
+                "released {id}, which the engine never saw"
+            );
             self.pending.remove(&id);
         }
     }
@@ -173,6 +179,10 @@ impl FakeEngine {
     ) -> Vec<CommittedRun> {
         let mut committed = Vec::new();
         for run in runs {
+            if self.failed.contains(&run.seq_id) {
+                // Failed alone before: this run fails alone too.
+                continue;
+            }
             let resolved;
             let run = if run.continues {
                 assert!(run.new_token_ids.is_empty() && run.sample && !run.first_run);

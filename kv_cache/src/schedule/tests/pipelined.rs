@@ -17,6 +17,7 @@ fn steps_planned_ahead_give_every_request_its_tokens_alone() {
     let mut num_ahead = 0;
     let mut num_ignored_finish = 0;
     let mut num_cancelled_in_flight = 0;
+    let mut num_failed = 0;
     for seed in 1..=30u64 {
         let mut rng = Rng(seed.wrapping_mul(0xD1B5_4A32_D192_ED03));
         let block_size = 1 + rng.below(4);
@@ -52,11 +53,11 @@ fn steps_planned_ahead_give_every_request_its_tokens_alone() {
                 outcomes.insert(victim, None);
                 sched.check_invariants().expect("invariants after cancel");
             }
-            engine.release(sched.take_released());
+            release(&mut engine, sched.take_released(), &in_flight);
             if in_flight.is_empty() {
                 let schedule = sched.schedule();
                 assert!(schedule.rejected.is_empty(), "seed {seed}: rejected");
-                engine.release(sched.take_released());
+                release(&mut engine, sched.take_released(), &in_flight);
                 sched.check_invariants().expect("invariants after schedule");
                 in_flight.push_back(schedule.runs);
             }
@@ -68,9 +69,22 @@ fn steps_planned_ahead_give_every_request_its_tokens_alone() {
                     in_flight.push_back(runs);
                 }
             }
-            let runs = in_flight.pop_front().expect("a step in flight");
+            let mut runs = in_flight.pop_front().expect("a step in flight");
+            // The engine fails one sequence on its own now and then.
+            let failing = (rng.below(30) == 0 && !runs.is_empty()).then(|| runs.remove(rng.below(runs.len())).seq_id);
+            if let Some(id) = failing {
+                engine.known.remove(&id);
+                engine.pending.remove(&id);
+                engine.failed.insert(id);
+            }
             let accepted = rng.below(5);
             let committed = engine.step_runs(&runs, |_| accepted);
+            if let Some(id) = failing {
+                if let Some(seq) = sched.fail(id) {
+                    num_failed += 1;
+                    outcomes.insert(seq.payload, None);
+                }
+            }
             let ended: Vec<SeqId> = sched
                 .sequences()
                 .filter(|s| s.ahead.is_some())
@@ -109,6 +123,19 @@ fn steps_planned_ahead_give_every_request_its_tokens_alone() {
         num_cancelled_in_flight > 5,
         "cancellations hit runs in flight ({num_cancelled_in_flight})"
     );
+    assert!(num_failed > 5, "sequences fail alone ({num_failed})");
+}
+
+/// Hands the engine ids to forget, none of which may still run in a step
+/// in flight.
+fn release(engine: &mut FakeEngine, ids: Vec<SeqId>, in_flight: &VecDeque<Vec<ScheduledRun>>) {
+    for id in &ids {
+        assert!(
+            !in_flight.iter().flatten().any(|r| r.seq_id == *id),
+            "{id} released while a run of it is in flight"
+        );
+    }
+    engine.release(ids);
 }
 
 #[test]
