@@ -371,12 +371,9 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
             servers.push(match &args.server {
                 Some(url) => (None, url.clone(), args.metrics_url.clone()),
                 None => {
-                    let mut extra: Vec<std::ffi::OsString> = vec![
-                        "--max-concurrent-requests".into(),
-                        "1024".into(),
-                        "--device".into(),
-                        args.engine.device.to_string().into(),
-                    ];
+                    // The engine settings of the in-process baseline too.
+                    let mut extra: Vec<std::ffi::OsString> = vec!["--max-concurrent-requests".into(), "1024".into()];
+                    extra.extend(args.engine.to_cli_args().into_iter().map(Into::into));
                     if let Some(on) = overlap {
                         let value = if on { "on" } else { "off" };
                         extra.extend(["--overlap-steps".into(), value.into()]);

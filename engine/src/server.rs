@@ -89,10 +89,6 @@ impl EngineHandle {
                 while let Some(cmd) = rx.blocking_recv() {
                     let panicked = match cmd {
                         Command::Step(seqs, released, reply) => {
-                            for id in released {
-                                // As for Release: an unknown one is harmless.
-                                let _ = engine.release(id);
-                            }
                             steps += 1;
                             let start = Instant::now();
                             let num_tokens: usize = seqs
@@ -101,6 +97,10 @@ impl EngineHandle {
                                 .sum();
                             thread_health.step_started();
                             let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                                for &id in &released {
+                                    // As for Release: an unknown one is harmless.
+                                    let _ = engine.release(id);
+                                }
                                 if panic_at_step == Some(steps) {
                                     panic!("fault injected at step {steps} (--test-panic-at-step)");
                                 }

@@ -159,7 +159,8 @@ impl Backend for Emulator {
     ) -> Result<()> {
         assert!(a.len() >= m * k && w.len() >= n * k && c.len() >= m * n);
         let split = self.k_split(n, k);
-        let mut part = vec![0.0f32; if split.splits > 1 { split.splits * m * n } else { 1 }];
+        let splits = split.grid_splits(m, n);
+        let mut part = vec![0.0f32; if splits > 1 { splits * m * n } else { 1 }];
         let launched: Result<()> = emulate!(
             "matmul_bf16",
             Grid::matmul(m, n, split),
@@ -175,7 +176,7 @@ impl Backend for Emulator {
             i32::from(acc)
         );
         launched?;
-        if split.splits == 1 {
+        if splits == 1 {
             return Ok(());
         }
         emulate!(
@@ -185,7 +186,7 @@ impl Backend for Emulator {
             part.as_ptr(),
             c.as_mut_ptr(),
             int(m * n),
-            int(split.splits),
+            int(splits),
             i32::from(acc)
         )
     }

@@ -369,7 +369,7 @@ impl Backend for Gpu {
         let (mi, ni, ki, acc) = (int(m), int(n), int(k), i32::from(accumulate));
         let (chunk, splits) = (int(split.chunk), int(split.splits));
         let grid = Grid::matmul(m, n, split);
-        if split.splits == 1 {
+        if split.grid_splits(m, n) == 1 {
             // No partial sums: `a` stands in for the unused `part`.
             return launch!(self, matmul_bf16, grid, "matmul kernel"; a, w, c, a, &mi, &ni, &ki, &chunk, &acc);
         }

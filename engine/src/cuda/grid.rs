@@ -17,10 +17,15 @@ pub struct Grid {
 impl Grid {
     const BLOCK: (u32, u32, u32) = (BLOCK_THREADS, 1, 1);
 
-    /// `matmul_bf16`: one block per 64 x 64 output tile and k chunk.
+    /// `matmul_bf16`: one block per 64 x 64 output tile, and per k chunk
+    /// when the grid splits them ([`KSplit::grid_splits`]).
     pub(super) fn matmul(m: usize, n: usize, split: KSplit) -> Self {
         Grid {
-            grid: (n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, split.splits as u32),
+            grid: (
+                n.div_ceil(TILE) as u32,
+                m.div_ceil(TILE) as u32,
+                split.grid_splits(m, n) as u32,
+            ),
             block: Self::BLOCK,
         }
     }
@@ -62,13 +67,17 @@ impl Grid {
     }
 }
 
-/// How a GEMM is split along k: `splits` chunks of `chunk` values (the
-/// last may be shorter), each summed by its own blocks, the partial sums
-/// then added in chunk order (`reduce_splits`).
+/// How a GEMM sums k: `splits` chunks of `chunk` values (the last may be
+/// shorter), each summed from zero, the chunks' sums then added in order:
+/// by `reduce_splits` when each chunk has blocks of its own (a launch of
+/// few tiles), else by each block as it goes. The same operations either
+/// way, so which one runs may depend on m.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KSplit {
     pub splits: usize,
     pub chunk: usize,
+    /// Blocks that fill the device (two per SM).
+    fill: usize,
 }
 
 impl KSplit {
@@ -81,8 +90,9 @@ impl KSplit {
 
     /// The split of an `(n, k)` GEMM on a device of `sms` multiprocessors:
     /// enough chunks that a launch of one row tile (a decode step) has
-    /// about two blocks per SM, each chunk a whole number of k tiles and at
-    /// least two. It depends on n, k and the device, never on m.
+    /// about two blocks per SM, each chunk but the last a whole number of
+    /// k tiles and at least two. It depends on n, k and the device, never
+    /// on m.
     pub fn for_shape(n: usize, k: usize, sms: usize) -> Self {
         let tiles = n.div_ceil(TILE).max(1);
         let want = (Self::BLOCKS_PER_SM * sms)
@@ -93,6 +103,17 @@ impl KSplit {
         KSplit {
             splits: k.div_ceil(chunk).max(1),
             chunk,
+            fill: Self::BLOCKS_PER_SM * sms,
+        }
+    }
+
+    /// Chunks that get blocks of their own in an `(m, n)` launch: all of
+    /// them when its tiles alone would not fill the device, else none (1:
+    /// each block sums every chunk, and no partial sums are stored).
+    pub fn grid_splits(&self, m: usize, n: usize) -> usize {
+        match m.div_ceil(TILE) * n.div_ceil(TILE) < self.fill {
+            true => self.splits,
+            false => 1,
         }
     }
 }

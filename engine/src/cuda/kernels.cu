@@ -71,11 +71,14 @@ __device__ void mma_bf16_16816(float* d, const unsigned* a, const unsigned* b) {
 // rows share the launch or where it falls in a tile. A decode step's few
 // rows leave most of the tile's rows empty; it is bound by reading `w`.
 //
-// Split along k (gridDim.z > 1, so that a decode's few column tiles still
-// cover every SM): block z sums k in [z * k_chunk, (z + 1) * k_chunk) the
-// same way and writes its partial sums to `part` (z, m, n); `reduce_splits`
-// then adds them in z order. The split depends on n, k and the device,
-// never on m, so a row's sums stay the same in any batch.
+// k is summed in chunks of `k_chunk` (chosen from n, k and the device, never
+// from m): each chunk's sum starts at zero, and the chunks' sums are added
+// in order. Either the grid splits them (gridDim.z > 1, so that a decode's
+// few column tiles still cover every SM): block z writes chunk z's sums to
+// `part` (z, m, n) and `reduce_splits` adds them; or each block runs every
+// chunk itself (a launch with rows enough to fill the device). Both make
+// the same f32 operations in the same order, so a row's sums stay the same
+// in any batch.
 extern "C" __global__ void matmul_bf16(const float* __restrict__ a, const unsigned short* __restrict__ w,
                                        float* __restrict__ c, float* __restrict__ part, int m, int n, int k,
                                        int k_chunk, int accumulate) {
@@ -87,45 +90,53 @@ extern "C" __global__ void matmul_bf16(const float* __restrict__ a, const unsign
     const int wn = warp / 4 * 32;  // its columns: wn .. wn + 31, four MMA tiles of 8
     const int m0 = blockIdx.y * TILE_M;
     const int n0 = blockIdx.x * TILE_N;
-    float acc[4][4];
-    for (int j = 0; j < 4; ++j)
-        for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
-    const int k_begin = blockIdx.z * k_chunk;
-    const int k_end = min(k, k_begin + k_chunk);
-    for (int k0 = k_begin; k0 < k_end; k0 += TILE_K) {
-        for (int e = tid; e < TILE_M * TILE_K; e += GEMM_THREADS) {
-            const int r = e / TILE_K, kk = e % TILE_K;
-            const int gk = k0 + kk;
-            const int gr = m0 + r, gn = n0 + r;
-            as[r][kk] = (gr < m && gk < k_end) ? bf16_bits(a[(size_t)gr * k + gk]) : (unsigned short)0;
-            ws[r][kk] = (gn < n && gk < k_end) ? w[(size_t)gn * k + gk] : (unsigned short)0;
-        }
-        __syncthreads();
-        for (int ks = 0; ks < TILE_K; ks += 16) {
-            const unsigned af[4] = {
-                bf16_pair(&as[wm + g][ks + 2 * t]),
-                bf16_pair(&as[wm + g + 8][ks + 2 * t]),
-                bf16_pair(&as[wm + g][ks + 2 * t + 8]),
-                bf16_pair(&as[wm + g + 8][ks + 2 * t + 8]),
-            };
-            for (int j = 0; j < 4; ++j) {
-                const unsigned short* col = ws[wn + 8 * j + g];
-                const unsigned bf[2] = {bf16_pair(col + ks + 2 * t), bf16_pair(col + ks + 2 * t + 8)};
-                mma_bf16_16816(acc[j], af, bf);
+    const int split = gridDim.z > 1;
+    const int z_first = split ? blockIdx.z : 0;
+    const int z_last = split ? blockIdx.z + 1 : (k + k_chunk - 1) / k_chunk;
+    float total[4][4];
+    for (int z = z_first; z < max(z_last, z_first + 1); ++z) {
+        float acc[4][4];
+        for (int j = 0; j < 4; ++j)
+            for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
+        const int k_begin = z * k_chunk;
+        const int k_end = min(k, k_begin + k_chunk);
+        for (int k0 = k_begin; k0 < k_end; k0 += TILE_K) {
+            for (int e = tid; e < TILE_M * TILE_K; e += GEMM_THREADS) {
+                const int r = e / TILE_K, kk = e % TILE_K;
+                const int gk = k0 + kk;
+                const int gr = m0 + r, gn = n0 + r;
+                as[r][kk] = (gr < m && gk < k_end) ? bf16_bits(a[(size_t)gr * k + gk]) : (unsigned short)0;
+                ws[r][kk] = (gn < n && gk < k_end) ? w[(size_t)gn * k + gk] : (unsigned short)0;
             }
+            __syncthreads();
+            for (int ks = 0; ks < TILE_K; ks += 16) {
+                const unsigned af[4] = {
+                    bf16_pair(&as[wm + g][ks + 2 * t]),
+                    bf16_pair(&as[wm + g + 8][ks + 2 * t]),
+                    bf16_pair(&as[wm + g][ks + 2 * t + 8]),
+                    bf16_pair(&as[wm + g + 8][ks + 2 * t + 8]),
+                };
+                for (int j = 0; j < 4; ++j) {
+                    const unsigned short* col = ws[wn + 8 * j + g];
+                    const unsigned bf[2] = {bf16_pair(col + ks + 2 * t), bf16_pair(col + ks + 2 * t + 8)};
+                    mma_bf16_16816(acc[j], af, bf);
+                }
+            }
+            __syncthreads();
         }
-        __syncthreads();
+        for (int j = 0; j < 4; ++j)
+            for (int i = 0; i < 4; ++i) total[j][i] = z == z_first ? acc[j][i] : total[j][i] + acc[j][i];
     }
     for (int j = 0; j < 4; ++j) {
         for (int i = 0; i < 4; ++i) {
             const int r = m0 + wm + g + 8 * (i / 2);
             const int col = n0 + wn + 8 * j + 2 * t + i % 2;
             if (r >= m || col >= n) continue;
-            if (gridDim.z > 1) {
-                part[((size_t)blockIdx.z * m + r) * n + col] = acc[j][i];
+            if (split) {
+                part[((size_t)blockIdx.z * m + r) * n + col] = total[j][i];
             } else {
                 float* out = c + (size_t)r * n + col;
-                *out = accumulate ? *out + acc[j][i] : acc[j][i];
+                *out = accumulate ? *out + total[j][i] : total[j][i];
             }
         }
     }

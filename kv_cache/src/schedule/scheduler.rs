@@ -289,7 +289,12 @@ impl<R> Scheduler<R> {
     ) -> Result<Vec<Finished<R, F>>, ScheduleError> {
         // Runs of sequences that ended while they were in flight.
         let num_ignored = self.retired_in_flight.len();
-        let ignored: HashSet<SeqId> = self.retired_in_flight.iter().copied().collect();
+        let ignored: HashSet<SeqId> = self
+            .retired_in_flight
+            .iter()
+            .chain(&self.retired_ahead)
+            .copied()
+            .collect();
         let scheduled: HashSet<SeqId> = self
             .running
             .iter()

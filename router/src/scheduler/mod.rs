@@ -19,13 +19,14 @@
 mod config;
 mod link;
 mod request;
+mod steps;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use heterospec_kv::schedule::{CommittedRun, NewSequence, ScheduleConfig, ScheduledRun, Scheduler as Core, Sequence};
+use heterospec_kv::schedule::{CommittedRun, NewSequence, ScheduleConfig, Scheduler as Core, Sequence};
 use heterospec_kv::SeqId;
 use heterospec_proto::engine::v1 as epb;
 use heterospec_proto::v1 as pb;
@@ -279,6 +280,12 @@ impl Scheduler {
             link,
         });
         self.lease_refused = false;
+        if self.config.overlap_steps == OverlapSteps::On && !self.link().ordered_steps {
+            tracing::warn!(
+                engine = self.index,
+                "--overlap-steps on, but this engine cannot run steps in order (an older build): steps will not overlap"
+            );
+        }
         self.backoff.reset();
         self.to_release.clear();
         self.shared.healthy.store(true, Ordering::Release);
@@ -382,83 +389,6 @@ impl Scheduler {
             }
         }
         self.apply_results(response)
-    }
-
-    fn link(&self) -> &EngineLink {
-        &self.conn.as_ref().expect("connected").link
-    }
-
-    /// Whether to plan the next step while this one runs (never with an
-    /// engine that cannot run steps in order).
-    fn overlaps(&self) -> bool {
-        let link = self.link();
-        let (ordered, host_compute) = (link.ordered_steps, link.host_compute);
-        ordered
-            && match self.config.overlap_steps {
-                OverlapSteps::On => true,
-                OverlapSteps::Off => false,
-                OverlapSteps::Auto => !host_compute,
-            }
-    }
-
-    /// Sends the engine `runs` of the core's plan.
-    fn send(&mut self, runs: Vec<ScheduledRun>) {
-        let core = self.core();
-        let steps: Vec<epb::SeqStep> = runs
-            .into_iter()
-            .map(|run| {
-                let request = &core.get(run.seq_id).expect("scheduled").payload.request;
-                epb::SeqStep {
-                    seq_id: run.seq_id.0,
-                    new_token_ids: run.new_token_ids,
-                    num_computed: run.num_computed as u32,
-                    block_table: run.block_table.iter().map(|b| b.0).collect(),
-                    sampling: run.first_run.then_some(request.sampling),
-                    cached_token_ids: run.cached_token_ids,
-                    sample: run.sample,
-                    speculation: request.speculation as i32,
-                    lookahead: run.lookahead as u32,
-                    continues: run.continues,
-                }
-            })
-            .collect();
-        // An engine that runs steps in order forgets what has ended before
-        // this step (every run of those ids is done by then).
-        let released = match self.link().ordered_steps {
-            true => {
-                let ids = self.core().take_released();
-                self.to_release.extend(ids.iter().map(|id| id.0));
-                std::mem::take(&mut self.to_release)
-            }
-            false => Vec::new(),
-        };
-        let timeout = self.config.step_timeout;
-        let call = self
-            .conn
-            .as_mut()
-            .expect("connected")
-            .link
-            .send_step(steps, released, timeout);
-        self.in_flight.push_back(call);
-    }
-
-    /// Drops the steps in flight (their engine is gone, or we stop).
-    fn abandon_in_flight(&mut self) {
-        for call in self.in_flight.drain(..) {
-            call.answer.abort();
-        }
-    }
-
-    /// Sends the engine the ids it should forget.
-    async fn release_pending(&mut self) -> Result<(), RouterError> {
-        let released = self.core().take_released();
-        self.to_release.extend(released.iter().map(|id| id.0));
-        if self.to_release.is_empty() {
-            return Ok(());
-        }
-        let ids = std::mem::take(&mut self.to_release);
-        let timeout = self.config.step_timeout;
-        self.conn.as_mut().expect("connected").link.release(ids, timeout).await
     }
 
     /// Applies what the engine committed, then sends each request's
