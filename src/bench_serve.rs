@@ -6,8 +6,9 @@
 //! file through `c` concurrent clients; every request generates exactly
 //! `--max-new-tokens` tokens (`ignore_eos`) so levels are comparable.
 //! `--compare-overlap` starts two servers, the router overlapping every
-//! step it can (`--overlap-steps on`) and none (`off`), and runs each level on both back to back (alternating which goes
-//! first), so the two are compared under the same machine load.
+//! step it can (`--overlap-steps on`) and none (`off`), and runs each
+//! level on both back to back (alternating which goes first), so the two
+//! are compared under the same machine load.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -304,11 +304,7 @@ impl Engine {
             for mut s in seqs.iter().cloned() {
                 match s.resolve(self.seqs.get(&s.seq_id)) {
                     Ok(()) => resolved.push(s),
-                    Err(reason) => {
-                        tracing::warn!(seq = s.seq_id.0, %reason, "a sequence failed alone; the step runs without it");
-                        let _ = self.release(s.seq_id);
-                        failed.push((s.seq_id, reason));
-                    }
+                    Err(reason) => failed.push(self.fail_alone(s.seq_id, reason)),
                 }
             }
             if resolved.is_empty() {
@@ -321,11 +317,9 @@ impl Engine {
             match self.step(current) {
                 Ok(results) => return Ok((results, failed)),
                 Err(EngineError::BadSequence { seq_id, reason }) if current.iter().any(|s| s.seq_id.0 == seq_id) => {
-                    tracing::warn!(seq = seq_id, %reason, "a sequence failed alone; the step runs without it");
                     let mut left = rest.take().unwrap_or_else(|| seqs.to_vec());
                     left.retain(|s| s.seq_id.0 != seq_id);
-                    let _ = self.release(SeqId(seq_id));
-                    failed.push((SeqId(seq_id), reason));
+                    failed.push(self.fail_alone(SeqId(seq_id), reason));
                     if left.is_empty() {
                         return Ok((Vec::new(), failed));
                     }
@@ -334,6 +328,14 @@ impl Engine {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Forgets a sequence that failed on its own; its failure as a step
+    /// reports it.
+    fn fail_alone(&mut self, seq_id: SeqId, reason: String) -> (SeqId, String) {
+        tracing::warn!(seq = seq_id.0, %reason, "a sequence failed alone; the step runs without it");
+        let _ = self.release(seq_id);
+        (seq_id, reason)
     }
 
     /// Forgets a sequence. Its KV blocks belong to the caller's pool.

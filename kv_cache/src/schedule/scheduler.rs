@@ -378,11 +378,9 @@ impl<R> Scheduler<R> {
                 }
             }
         }
-        let done: Vec<SeqId> = self.retired_in_flight.drain(..num_ignored).collect();
-        self.to_release.extend(done);
+        self.to_release.extend(self.retired_in_flight.drain(..num_ignored));
         // Continuations of retired sequences now are the step in flight.
-        let ahead = std::mem::take(&mut self.retired_ahead);
-        self.retired_in_flight.extend(ahead);
+        self.retired_in_flight.append(&mut self.retired_ahead);
         Ok(finished)
     }
 

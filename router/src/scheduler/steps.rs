@@ -54,11 +54,7 @@ impl Scheduler {
         // An engine that runs steps in order forgets what has ended before
         // this step (every run of those ids is done by then).
         let released = match self.link().ordered_steps {
-            true => {
-                let ids = self.core().take_released();
-                self.to_release.extend(ids.iter().map(|id| id.0));
-                std::mem::take(&mut self.to_release)
-            }
+            true => self.take_releases(),
             false => Vec::new(),
         };
         let timeout = self.config.step_timeout;
@@ -69,6 +65,14 @@ impl Scheduler {
             .link
             .send_step(steps, released, timeout);
         self.in_flight.push_back(call);
+    }
+
+    /// The ids the engine should forget now: the core's, and any left
+    /// from a release that could not be sent.
+    fn take_releases(&mut self) -> Vec<u64> {
+        let released = self.core().take_released();
+        self.to_release.extend(released.iter().map(|id| id.0));
+        std::mem::take(&mut self.to_release)
     }
 
     /// Drops the steps in flight (their engine is gone, or we stop).
@@ -82,12 +86,10 @@ impl Scheduler {
     /// for an engine that cannot take them with its steps, or with no step
     /// in flight.
     pub(super) async fn release_pending(&mut self) -> Result<(), RouterError> {
-        let released = self.core().take_released();
-        self.to_release.extend(released.iter().map(|id| id.0));
-        if self.to_release.is_empty() {
+        let ids = self.take_releases();
+        if ids.is_empty() {
             return Ok(());
         }
-        let ids = std::mem::take(&mut self.to_release);
         let timeout = self.config.step_timeout;
         self.conn.as_mut().expect("connected").link.release(ids, timeout).await
     }
