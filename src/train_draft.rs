@@ -42,6 +42,11 @@ pub struct TrainDraftArgs {
     /// the optimizer's moments start again).
     #[arg(long)]
     pub resume: bool,
+    /// Start from the head in DIR (its weights and sub-vocabulary, of
+    /// `--kind`) instead of random weights: fine-tuning, on a schedule of
+    /// its own (a lower `--learning-rate` suits it).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["resume", "evaluate"])]
+    pub init: Option<PathBuf>,
     /// `eagle`: the final feature, feature regression plus cross-entropy,
     /// noisy inputs. `eagle3`: low, middle and high-layer states fused,
     /// cross-entropy with training-time test.
@@ -231,6 +236,39 @@ fn load_checkpoint(
     Ok((params, state))
 }
 
+/// The trainable parameters of the head in `dir`, which must be of `kind`,
+/// and how that head was made.
+fn head_params(dir: &Path, target: &Model, kind: HeadKind) -> Result<(HeadParams, String)> {
+    let weights = HeadWeights::load(dir, target.config())?;
+    if weights.kind() != kind {
+        bail!("{} is a --kind {} head", dir.display(), weights.kind().as_str());
+    }
+    let mut params = HeadParams::init(
+        target,
+        weights.draft_to_target()?,
+        0,
+        DType::F32,
+        weights.kind(),
+        weights.config.num_hidden_layers,
+    )?;
+    for (name, var) in &params.vars {
+        match weights.tensors.get(name) {
+            Some(t) => var.set(t)?,
+            // An `fc` bias is optional: zero, as a head without one.
+            None if name == FC_BIAS => {}
+            None => bail!("{}: no `{name}`", dir.display()),
+        }
+    }
+    // Optional tensors a new head lacks (a first-layer input norm, an
+    // output norm) take part as the engine runs them.
+    for (name, t) in &weights.tensors {
+        if name != D2T && params.vars.iter().all(|(n, _)| n != name) {
+            params.vars.push((name.clone(), candle_core::Var::from_tensor(t)?));
+        }
+    }
+    Ok((params, weights.config.provenance))
+}
+
 fn held_out_line(s: &HeldOutStats) -> String {
     let depths: Vec<String> = s.top1.iter().map(|a| format!("{a:.3}")).collect();
     format!(
@@ -272,33 +310,7 @@ pub fn run(args: TrainDraftArgs) -> Result<()> {
         false => Some(FeatureCache::open(&args.features_cache, &args.model)?),
     };
     if let Some(dir) = &args.evaluate {
-        let weights = HeadWeights::load(dir, target.config())?;
-        if weights.kind() != args.kind {
-            bail!("{} is a --kind {} head", dir.display(), weights.kind().as_str());
-        }
-        let mut params = HeadParams::init(
-            &target,
-            weights.draft_to_target()?,
-            0,
-            DType::F32,
-            weights.kind(),
-            weights.config.num_hidden_layers,
-        )?;
-        for (name, var) in &params.vars {
-            match weights.tensors.get(name) {
-                Some(t) => var.set(t)?,
-                // An `fc` bias is optional: zero, as a head without one.
-                None if name == FC_BIAS => {}
-                None => bail!("{}: no `{name}`", dir.display()),
-            }
-        }
-        // Optional tensors a new head lacks (a first-layer input norm, an
-        // output norm) take part as the engine runs them.
-        for (name, t) in &weights.tensors {
-            if name != D2T && params.vars.iter().all(|(n, _)| n != name) {
-                params.vars.push((name.clone(), candle_core::Var::from_tensor(t)?));
-            }
-        }
+        let (params, _) = head_params(dir, &target, args.kind)?;
         let held_data = with_features(&target, &held, args.max_len, &tap, cache.as_ref())?;
         let cfg = TrainConfig {
             max_len: args.max_len,
@@ -332,36 +344,46 @@ pub fn run(args: TrainDraftArgs) -> Result<()> {
         seed: args.seed,
         ..TrainConfig::default()
     };
-    let (mut params, mut state, coverage) = if args.resume {
+    let (mut params, mut state) = if args.resume {
         let (p, s) = load_checkpoint(&args.checkpoint, &target, &args, records.len())?;
         eprintln!(
             "resuming after epoch {} from {}",
             s.epochs_done,
             args.checkpoint.display()
         );
-        let sub: std::collections::HashSet<u32> = p.sub_vocab.iter().copied().collect();
+        (p, s)
+    } else {
+        let (params, curve) = match &args.init {
+            Some(dir) => {
+                let (params, made) = head_params(dir, &target, args.kind)?;
+                eprintln!("starting from the head in {}", dir.display());
+                (params, vec![format!("from {} ({made})", dir.display())])
+            }
+            None => {
+                let (sub_vocab, _) = frequent_tokens(&train_data, args.sub_vocab, target.config().vocab_size);
+                let params = HeadParams::init(&target, sub_vocab, args.seed, DType::F32, args.kind, args.layers)?;
+                (params, Vec::new())
+            }
+        };
+        let state = CheckpointState {
+            kind: args.kind.as_str().to_string(),
+            layers: params.config.num_hidden_layers,
+            records: records.len(),
+            batch_size: args.batch_size,
+            max_len: args.max_len,
+            epochs_done: 0,
+            curve,
+        };
+        (params, state)
+    };
+    let coverage = {
+        let sub: std::collections::HashSet<u32> = params.sub_vocab.iter().copied().collect();
         let covered = train_data
             .iter()
             .flat_map(|s| &s.tokens[s.answer_start..])
             .filter(|t| sub.contains(t))
             .count();
-        (p, s, covered as f64 / answer_tokens.max(1) as f64)
-    } else {
-        let (sub_vocab, coverage) = frequent_tokens(&train_data, args.sub_vocab, target.config().vocab_size);
-        let state = CheckpointState {
-            kind: args.kind.as_str().to_string(),
-            layers: args.layers,
-            records: records.len(),
-            batch_size: args.batch_size,
-            max_len: args.max_len,
-            epochs_done: 0,
-            curve: Vec::new(),
-        };
-        (
-            HeadParams::init(&target, sub_vocab, args.seed, DType::F32, args.kind, args.layers)?,
-            state,
-            coverage,
-        )
+        covered as f64 / answer_tokens.max(1) as f64
     };
     eprintln!(
         "{} sequences, {answer_tokens} answer tokens ({all_tokens} with prompts); {} held-out sequences; \
@@ -426,17 +448,21 @@ pub fn run(args: TrainDraftArgs) -> Result<()> {
     let train_secs = train_start.elapsed().as_secs_f64();
     let mut weights = params.weights()?;
     weights.config.provenance = format!(
-        "heterospec train-draft --kind {}{}{} --dataset {} --sub-vocab {} --epochs {} --batch-size {} \
+        "heterospec train-draft --kind {}{}{}{} --dataset {} --sub-vocab {} --epochs {} --batch-size {} \
          --learning-rate {} --max-len {} --seed {} ({} records, {} sequences trained on, {answer_tokens} answer tokens, \
          {} held out; data {data_secs:.0} s, training {train_secs:.0} s{}; {})",
         args.kind.as_str(),
-        match args.layers {
+        match state.layers {
             1 => String::new(),
             n => format!(" --layers {n}"),
         },
         match args.kind {
             HeadKind::Eagle => String::new(),
             HeadKind::Eagle3 => format!(" --ttt-steps {}", args.ttt_steps),
+        },
+        match &args.init {
+            Some(dir) => format!(" --init {}", dir.display()),
+            None => String::new(),
         },
         args.dataset.display(),
         params.sub_vocab.len(),

@@ -231,6 +231,41 @@ fn draft_data_grows_a_training_set_and_train_draft_writes_a_head_that_generate_d
         provenance.contains("resumed") && provenance.contains("epoch 1: loss") && provenance.contains("epoch 2: loss"),
         "{provenance}"
     );
+    // Fine-tuning starts from a head's own weights: at learning rate 0 the
+    // same file comes back; otherwise it trains on, and says from what.
+    let tuned_dir = dir.join("tuned");
+    let from = ["--init", out_dir.to_str().unwrap()];
+    let log = String::from_utf8_lossy(
+        &train_epochs(&tuned_dir, "1", &[&from[..], &["--learning-rate", "0"]].concat()).stderr,
+    )
+    .to_string();
+    assert!(log.contains("starting from the head in"), "{log}");
+    let same = std::fs::read(tuned_dir.join("model.safetensors")).unwrap();
+    // Bit for bit but for the sign of a zero (-0 - -0 is +0).
+    let zero = |h: &[u8]| h == [0, 0] || h == [0, 0x80];
+    assert!(
+        same.len() == first.len()
+            && same
+                .chunks(2)
+                .zip(first.chunks(2))
+                .all(|(a, b)| a == b || (zero(a) && zero(b))),
+        "a head trained at learning rate 0 changed"
+    );
+    train_epochs(&tuned_dir, "1", &from);
+    assert_ne!(std::fs::read(tuned_dir.join("model.safetensors")).unwrap(), first);
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(tuned_dir.join("config.json")).unwrap()).unwrap();
+    let provenance = config["provenance"].as_str().unwrap();
+    assert!(
+        provenance.contains(&format!("--init {}", out_dir.display()))
+            && provenance.contains(&format!("from {} (heterospec train-draft", out_dir.display())),
+        "{provenance}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_heterospec"))
+        .args(["train-draft", "--init", out_dir.to_str().unwrap(), "--resume"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--init"), "{err}");
 
     let generate = |extra: &[&str]| -> Value {
         let mut args = vec![

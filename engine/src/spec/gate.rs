@@ -7,9 +7,10 @@
 //!   its record has faded towards the engine-wide figure.
 //! - [`MeasuredRates`]: committed tokens per second of the engine's own
 //!   steps with drafts and without, per batch size. Where drafted steps
-//!   measure slower than plain ones, the rule stops drafting for that
-//!   batch size and only probes drafting now and then (and plain decoding
-//!   likewise while drafting wins), so the comparison stays current.
+//!   measure slower than plain ones, or no faster by a clear margin, the
+//!   rule stops drafting for that batch size and only probes drafting now
+//!   and then (and plain decoding likewise while drafting wins), so the
+//!   comparison stays current.
 //!
 //! Invariant: a guard only ever turns drafting off; what is verified when
 //! drafting is on is the budget rule's choice alone, and no guard affects
@@ -31,6 +32,11 @@ const RATE_DECAY: f64 = 0.98;
 const MIN_SAMPLES: f64 = 6.0;
 /// One step in this many tries the arm that is losing.
 const PROBE_EVERY: u64 = 24;
+/// How much faster drafted steps must measure than plain ones to be
+/// played: a tie goes to plain decoding, which costs nothing when it is
+/// wrong by little, while a rate over some fifty noisy steps is not surer
+/// than a few percent.
+const DRAFTING_MARGIN: f64 = 1.02;
 /// Batch-size buckets: 1, 2–3, 4–7, ..., 128 and more.
 const NUM_BUCKETS: usize = 8;
 
@@ -105,9 +111,12 @@ struct Arms {
 }
 
 impl Arms {
-    /// Whether drafting is the arm to play (it wins, or is not yet known to lose).
+    /// Whether drafting is the arm to play (it wins by the margin, or is not
+    /// yet measured against plain decoding).
     fn drafting_leads(&self) -> bool {
-        self.drafted.weight < MIN_SAMPLES || self.plain.weight < MIN_SAMPLES || self.drafted.get() >= self.plain.get()
+        self.drafted.weight < MIN_SAMPLES
+            || self.plain.weight < MIN_SAMPLES
+            || self.drafted.get() >= self.plain.get() * DRAFTING_MARGIN
     }
 }
 
@@ -188,7 +197,7 @@ mod tests {
     }
 
     #[test]
-    fn drafting_stops_where_it_measures_slower_and_is_still_probed() {
+    fn drafting_stops_where_it_measures_slower_or_ties_and_is_still_probed() {
         let mut r = MeasuredRates::default();
         // Unmeasured: drafting allowed but for the plain probes.
         let allowed = (0..PROBE_EVERY).filter(|_| r.allows_drafting(4)).count() as u64;
@@ -210,6 +219,20 @@ mod tests {
             r.record(1, false, 1, 0.005, 0.005);
         }
         assert!(r.drafted_over_plain(1).unwrap() > 1.2);
+        let allowed = (0..PROBE_EVERY).filter(|_| r.allows_drafting(1)).count() as u64;
+        assert_eq!(
+            allowed,
+            PROBE_EVERY - 1,
+            "drafting wins: all but the plain probes draft"
+        );
+        // A tie goes to plain decoding.
+        let mut tie = MeasuredRates::default();
+        for _ in 0..20 {
+            tie.record(16, true, 16, 0.0101, 0.0102); // 1.01 of plain
+            tie.record(16, false, 16, 0.010, 0.010);
+        }
+        let allowed = (0..PROBE_EVERY * 2).filter(|_| tie.allows_drafting(16)).count() as u64;
+        assert_eq!(allowed, 2, "only the probes draft");
         assert_eq!(bucket(1), 0);
         assert_eq!(bucket(3), 1);
         assert_eq!(bucket(16), 4);
