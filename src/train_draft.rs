@@ -279,7 +279,25 @@ fn held_out_line(s: &HeldOutStats) -> String {
     )
 }
 
+/// Has glibc's malloc keep freed memory for reuse. Training allocates and
+/// frees tensors of megabytes at every operation; by default each one is
+/// mapped and unmapped again, a fault and a zeroed page per 4 kB, which
+/// measured a sixth of an epoch's time on 2 cores.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; it is called before
+    // the threads that train start.
+    unsafe {
+        // Blocks up to 32 MiB (glibc's largest threshold) come from the
+        // heap, which is never given back while training runs.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+}
+
 pub fn run(args: TrainDraftArgs) -> Result<()> {
+    keep_freed_memory();
     if let Err(e) = args.kind.check_layers(args.layers) {
         bail!("--layers {}: {e}", args.layers);
     }

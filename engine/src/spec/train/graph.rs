@@ -131,8 +131,17 @@ fn shift(y: &Tensor, dim: usize, by: usize) -> Result<Tensor> {
 }
 
 /// The head on a batch, per training-time-test step (one step for EAGLE):
-/// `(b*t, h)` output stream and `(b*t, draft_vocab)` logits.
-pub fn forward(p: &HeadParams, batch: &Batch, steps: usize) -> Result<Vec<(Tensor, Tensor)>> {
+/// `(b*t, h)` output stream and the logits `(rows, draft_vocab)` of the
+/// rows listed in `rows` (`None`: all `b*t`). The output layer is the
+/// widest product of the head, so training asks only for the rows its
+/// loss counts.
+pub fn forward(p: &HeadParams, batch: &Batch, steps: usize, rows: Option<&Tensor>) -> Result<Vec<(Tensor, Tensor)>> {
+    let picked = |x: &Tensor| -> Result<Tensor> {
+        Ok(match rows {
+            Some(rows) => x.index_select(rows, 0)?,
+            None => x.clone(),
+        })
+    };
     let c = &p.config;
     let (b, t, h) = batch.embeds.dims3()?;
     let g = Graph { p, batch, b, t };
@@ -162,8 +171,8 @@ pub fn forward(p: &HeadParams, batch: &Batch, steps: usize) -> Result<Vec<(Tenso
             }
             // A loaded head may norm before its output layer, as the engine does.
             let logits = match p.try_get(OUTPUT_NORM) {
-                Some(w) => g.lin(&rms_norm(&x, w, c.rms_norm_eps as f64)?, LM_HEAD)?,
-                None => g.lin(&x, LM_HEAD)?,
+                Some(w) => g.lin(&rms_norm(&picked(&x)?, w, c.rms_norm_eps as f64)?, LM_HEAD)?,
+                None => g.lin(&picked(&x)?, LM_HEAD)?,
             };
             Ok(vec![(x, logits)])
         }
@@ -195,7 +204,7 @@ pub fn forward(p: &HeadParams, batch: &Batch, steps: usize) -> Result<Vec<(Tenso
                     attn = (attn + weights.narrow(D::Minus1, t + i, 1)?.broadcast_mul(v_i)?)?;
                 }
                 let x = g.finish_layer(&x_in, attn, &names)?;
-                let logits = g.lin(&rms_norm(&x, p.get(OUTPUT_NORM), eps)?, LM_HEAD)?;
+                let logits = g.lin(&rms_norm(&picked(&x)?, p.get(OUTPUT_NORM), eps)?, LM_HEAD)?;
                 // Next step: row q reads this step's output of row q - 1.
                 x_in = shift(&x.reshape((b, t, h))?, 1, 1)?.reshape((b * t, h))?;
                 out.push((x, logits));
@@ -214,18 +223,38 @@ pub(super) fn scalar(t: &Tensor) -> Result<f64> {
 /// accuracy on counted rows)`; for EAGLE-3 the cross-entropy and top-1 are
 /// those of step 0 and the total is the `0.8^j`-weighted mean over steps.
 pub fn loss(p: &HeadParams, batch: &Batch, cls_weight: f64, steps: usize) -> Result<(Tensor, f64, f64, f64)> {
-    let outs = forward(p, batch, steps)?;
     let (_, t, _) = batch.embeds.dims3()?;
     let dtype = batch.token_mask.dtype();
+    // Only rows that count get logits (masked rows add nothing to the loss
+    // or its gradient); a batch without one keeps a single row, masked.
+    let counted: Vec<u32> = batch
+        .token_mask
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?
+        .iter()
+        .enumerate()
+        .filter(|(_, &m)| m > 0.0)
+        .map(|(r, _)| r as u32)
+        .collect();
+    let (rows, token_mask) = match counted.is_empty() {
+        false => {
+            let n = counted.len();
+            (counted, Tensor::ones(n, dtype, &Device::Cpu)?)
+        }
+        true => (vec![0], Tensor::zeros(1, dtype, &Device::Cpu)?),
+    };
+    let row_ids = Tensor::new(&rows[..], &Device::Cpu)?;
+    let next = batch.next.index_select(&row_ids, 0)?;
+    let outs = forward(p, batch, steps, Some(&row_ids))?;
     let cross_entropy = |logits: &Tensor, mask: &Tensor| -> Result<(Tensor, f64)> {
         let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-        let picked = logp.gather(&batch.next.unsqueeze(1)?, 1)?.squeeze(1)?;
+        let picked = logp.gather(&next.unsqueeze(1)?, 1)?.squeeze(1)?;
         let tsum = scalar(&mask.sum_all()?)?.max(1.0);
         let ce = ((picked * mask)?.sum_all()?.neg()? / tsum)?;
-        let top1 = logits.argmax(D::Minus1)?.eq(&batch.next)?.to_dtype(dtype)?;
+        let top1 = logits.argmax(D::Minus1)?.eq(&next)?.to_dtype(dtype)?;
         Ok((ce, scalar(&(top1 * mask)?.sum_all()?)? / tsum))
     };
-    let (ce0, acc) = cross_entropy(&outs[0].1, &batch.token_mask)?;
+    let (ce0, acc) = cross_entropy(&outs[0].1, &token_mask)?;
     match &batch.features_out {
         Some(features_out) => {
             let diff = (&outs[0].0 - features_out)?.abs()?;
@@ -237,13 +266,16 @@ pub fn loss(p: &HeadParams, batch: &Batch, cls_weight: f64, steps: usize) -> Res
             Ok((total, scalar(&reg)?, scalar(&ce0)?, acc))
         }
         None => {
-            let rows = batch.token_mask.dim(0)?;
             let mut total = ce0.clone();
             let mut weight_sum = 1.0;
             for (j, (_, logits)) in outs.iter().enumerate().skip(1) {
                 // Rows q >= j have a step-j input.
-                let from_j: Vec<f32> = (0..rows).map(|r| if r % t >= j { 1.0 } else { 0.0 }).collect();
-                let mask = (Tensor::from_vec(from_j, rows, &Device::Cpu)?.to_dtype(dtype)? * &batch.token_mask)?;
+                let from_j: Vec<f32> = rows
+                    .iter()
+                    .map(|&r| if r as usize % t >= j { 1.0 } else { 0.0 })
+                    .collect();
+                let n = from_j.len();
+                let mask = (Tensor::from_vec(from_j, n, &Device::Cpu)?.to_dtype(dtype)? * &token_mask)?;
                 let w = 0.8f64.powi(j as i32);
                 total = (total + (cross_entropy(logits, &mask)?.0 * w)?)?;
                 weight_sum += w;

@@ -503,7 +503,7 @@ pub fn evaluate(
             &mut rng,
             dtype,
         )?;
-        let outs = forward(params, &batch, steps)?;
+        let outs = forward(params, &batch, steps, None)?;
         let (_, t, _) = batch.embeds.dims3()?;
         let mask = batch.token_mask.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let next = batch.next.to_vec1::<u32>()?;

@@ -48,7 +48,7 @@ fn the_training_graph_computes_what_the_engine_runs() {
         let seq = &data[3];
         let n = seq.tokens.len();
         let batch = no_noise_batch(&target, &p, std::slice::from_ref(seq), DType::F32);
-        let steps = forward(&p, &batch, 3).unwrap();
+        let steps = forward(&p, &batch, 3, None).unwrap();
         let rows = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let head = DraftHead::new(&p.weights().unwrap(), target.config(), WeightFormat::AsShipped).unwrap();
         assert_eq!((head.kind(), head.num_layers()), shape);
