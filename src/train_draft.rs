@@ -53,13 +53,14 @@ pub struct TrainDraftArgs {
     #[arg(long, default_value = "eagle")]
     pub kind: HeadKind,
     /// Decoder layers of a new head (`--kind eagle`; EAGLE-3 heads have
-    /// one). `--evaluate` takes the head's own.
+    /// one). `--evaluate`, `--init` and `--resume` take the head's own.
     #[arg(long, default_value_t = 1)]
     pub layers: usize,
     /// Training-time-test steps (`--kind eagle3`).
     #[arg(long, default_value_t = 3)]
     pub ttt_steps: usize,
-    /// Output rows: the most frequent answer tokens.
+    /// Output rows: the most frequent answer tokens (`--init` and
+    /// `--resume` keep the head's own).
     #[arg(long, default_value_t = 4096)]
     pub sub_vocab: usize,
     #[arg(long, default_value_t = 3)]
@@ -211,7 +212,6 @@ fn load_checkpoint(
         bail!("--resume: the checkpoint is of a --kind {} head", state.kind);
     }
     for (flag, was, now) in [
-        ("--layers", state.layers, args.layers),
         ("--batch-size", state.batch_size, args.batch_size),
         ("--max-len", state.max_len, args.max_len),
         ("the dataset's records (--dataset, --limit)", state.records, records),
@@ -225,13 +225,20 @@ fn load_checkpoint(
         .get("sub_vocab")
         .context("checkpoint without sub_vocab")?
         .to_vec1::<u32>()?;
-    let params = HeadParams::init(target, sub_vocab, args.seed, DType::F32, args.kind, args.layers)?;
+    let mut params = HeadParams::init(target, sub_vocab, args.seed, DType::F32, args.kind, state.layers)?;
     for (name, var) in &params.vars {
         let v = t.get(name).with_context(|| format!("checkpoint without `{name}`"))?;
         if v.dims() != var.dims() {
             bail!("checkpoint `{name}` is {:?}, the head needs {:?}", v.dims(), var.dims());
         }
         var.set(v)?;
+    }
+    // Optional tensors of a head started from (`--init`: a first-layer
+    // input norm, an output norm) train on too.
+    for (name, v) in &t {
+        if name != "sub_vocab" && params.vars.iter().all(|(n, _)| n != name) {
+            params.vars.push((name.clone(), candle_core::Var::from_tensor(v)?));
+        }
     }
     Ok((params, state))
 }
@@ -243,9 +250,26 @@ fn head_params(dir: &Path, target: &Model, kind: HeadKind) -> Result<(HeadParams
     if weights.kind() != kind {
         bail!("{} is a --kind {} head", dir.display(), weights.kind().as_str());
     }
+    let layers = target.config().num_layers;
+    if weights.feature_tap(layers) != kind.default_tap(layers) {
+        bail!(
+            "{} reads other target states ({:?}) than training gives a --kind {} head ({:?})",
+            dir.display(),
+            weights.feature_tap(layers),
+            kind.as_str(),
+            kind.default_tap(layers)
+        );
+    }
+    let sub_vocab = weights.draft_to_target()?;
+    if sub_vocab.is_empty() {
+        bail!(
+            "{} has no sub-vocabulary output layer (`lm_head.weight` with `d2t`), which training needs",
+            dir.display()
+        );
+    }
     let mut params = HeadParams::init(
         target,
-        weights.draft_to_target()?,
+        sub_vocab,
         0,
         DType::F32,
         weights.kind(),
@@ -279,17 +303,18 @@ fn held_out_line(s: &HeldOutStats) -> String {
     )
 }
 
-/// Has glibc's malloc keep freed memory for reuse. Training allocates and
-/// frees tensors of megabytes at every operation; by default each one is
-/// mapped and unmapped again, a fault and a zeroed page per 4 kB, which
-/// measured a sixth of an epoch's time on 2 cores.
+/// Has glibc's malloc keep freed memory for reuse, for the rest of the
+/// command (features, training, evaluation). Training allocates and frees
+/// tensors of megabytes at every operation; by default each one is mapped
+/// and unmapped again, a fault and a zeroed page per 4 kB, which measured
+/// a sixth of an epoch's time on 2 cores.
 fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; it is called before
-    // the threads that train start.
+    #[cfg(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64"))]
+    // SAFETY: mallopt only sets allocator parameters (it is not thread-safe:
+    // this runs first, before any thread pool starts).
     unsafe {
-        // Blocks up to 32 MiB (glibc's largest threshold) come from the
-        // heap, which is never given back while training runs.
+        // Blocks up to 32 MiB (glibc's largest threshold on 64-bit) come
+        // from the heap, which is never given back.
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_TOP_PAD, 256 << 20);
@@ -298,8 +323,12 @@ fn keep_freed_memory() {
 
 pub fn run(args: TrainDraftArgs) -> Result<()> {
     keep_freed_memory();
-    if let Err(e) = args.kind.check_layers(args.layers) {
-        bail!("--layers {}: {e}", args.layers);
+    // A head that exists (`--init`, `--resume`, `--evaluate`) has its own layers.
+    let new_head = args.init.is_none() && !args.resume && args.evaluate.is_none();
+    if new_head {
+        if let Err(e) = args.kind.check_layers(args.layers) {
+            bail!("--layers {}: {e}", args.layers);
+        }
     }
     init_threads(args.threads);
     crate::fetch::ensure_default_model(&args.model)?;
@@ -405,7 +434,7 @@ pub fn run(args: TrainDraftArgs) -> Result<()> {
     };
     eprintln!(
         "{} sequences, {answer_tokens} answer tokens ({all_tokens} with prompts); {} held-out sequences; \
-         the {} most frequent cover {:.1}% of the answers",
+         its {}-token sub-vocabulary covers {:.1}% of the answers",
         train_data.len(),
         held_data.len(),
         params.sub_vocab.len(),

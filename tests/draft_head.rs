@@ -260,6 +260,26 @@ fn draft_data_grows_a_training_set_and_train_draft_writes_a_head_that_generate_d
             && provenance.contains(&format!("from {} (heterospec train-draft", out_dir.display())),
         "{provenance}"
     );
+    // A head with an output norm, as some published heads have: a resumed
+    // fine-tune keeps it.
+    let normed_dir = dir.join("normed");
+    std::fs::create_dir_all(&normed_dir).unwrap();
+    std::fs::copy(out_dir.join("config.json"), normed_dir.join("config.json")).unwrap();
+    let cpu = candle_core::Device::Cpu;
+    let mut tensors = candle_core::safetensors::load(out_dir.join("model.safetensors"), &cpu).unwrap();
+    let hidden = config["hidden_size"].as_u64().unwrap() as usize;
+    let norm = candle_core::Tensor::ones(hidden, candle_core::DType::F16, &cpu).unwrap();
+    tensors.insert("norm.weight".into(), norm);
+    candle_core::safetensors::save(&tensors, normed_dir.join("model.safetensors")).unwrap();
+    let normed_tuned = dir.join("normed-tuned");
+    train_epochs(&normed_tuned, "1", &["--init", normed_dir.to_str().unwrap()]);
+    let log = String::from_utf8_lossy(&train(&normed_tuned, &["--resume"]).stderr).to_string();
+    assert!(log.contains("resuming after epoch 1"), "{log}");
+    let written = candle_core::safetensors::load(normed_tuned.join("model.safetensors"), &cpu).unwrap();
+    assert!(
+        written.contains_key("norm.weight"),
+        "the resumed head lost its output norm"
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_heterospec"))
         .args(["train-draft", "--init", out_dir.to_str().unwrap(), "--resume"])
         .output()

@@ -136,8 +136,8 @@ fn bucket(num_seqs: usize) -> usize {
 
 impl MeasuredRates {
     /// Whether a decode step of `num_seqs` sequences may draft: yes while
-    /// drafting measures at least as fast as plain decoding at this batch
-    /// size (or either is not measured yet), except one step in
+    /// drafting measures [`DRAFTING_MARGIN`] faster than plain decoding at
+    /// this batch size (or either is not measured yet), except one step in
     /// [`PROBE_EVERY`] that decodes plainly; otherwise only that one.
     pub fn allows_drafting(&mut self, num_seqs: usize) -> bool {
         let arms = &mut self.buckets[bucket(num_seqs)];

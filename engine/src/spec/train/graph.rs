@@ -238,8 +238,9 @@ pub fn loss(p: &HeadParams, batch: &Batch, cls_weight: f64, steps: usize) -> Res
         .collect();
     let (rows, token_mask) = match counted.is_empty() {
         false => {
-            let n = counted.len();
-            (counted, Tensor::ones(n, dtype, &Device::Cpu)?)
+            let ids = Tensor::new(&counted[..], &Device::Cpu)?;
+            let mask = batch.token_mask.index_select(&ids, 0)?;
+            (counted, mask)
         }
         true => (vec![0], Tensor::zeros(1, dtype, &Device::Cpu)?),
     };
