@@ -233,13 +233,8 @@ fn load_checkpoint(
         }
         var.set(v)?;
     }
-    // Optional tensors of a head started from (`--init`: a first-layer
-    // input norm, an output norm) train on too.
-    for (name, v) in &t {
-        if name != "sub_vocab" && params.vars.iter().all(|(n, _)| n != name) {
-            params.vars.push((name.clone(), candle_core::Var::from_tensor(v)?));
-        }
-    }
+    // A head started from (`--init`) may have optional tensors.
+    train_optional_tensors(&mut params, t.iter().filter(|(name, _)| *name != "sub_vocab"))?;
     Ok((params, state))
 }
 
@@ -283,14 +278,23 @@ fn head_params(dir: &Path, target: &Model, kind: HeadKind) -> Result<(HeadParams
             None => bail!("{}: no `{name}`", dir.display()),
         }
     }
-    // Optional tensors a new head lacks (a first-layer input norm, an
-    // output norm) take part as the engine runs them.
-    for (name, t) in &weights.tensors {
-        if name != D2T && params.vars.iter().all(|(n, _)| n != name) {
+    train_optional_tensors(&mut params, weights.tensors.iter().filter(|(name, _)| *name != D2T))?;
+    Ok((params, weights.config.provenance))
+}
+
+/// Adds to `params` the head's tensors that a new head lacks (a first-layer
+/// input norm, an output norm), so they take part as the engine runs them
+/// and train on.
+fn train_optional_tensors<'a>(
+    params: &mut HeadParams,
+    tensors: impl Iterator<Item = (&'a String, &'a Tensor)>,
+) -> Result<()> {
+    for (name, t) in tensors {
+        if params.vars.iter().all(|(n, _)| n != name) {
             params.vars.push((name.clone(), candle_core::Var::from_tensor(t)?));
         }
     }
-    Ok((params, weights.config.provenance))
+    Ok(())
 }
 
 fn held_out_line(s: &HeldOutStats) -> String {

@@ -227,7 +227,7 @@ pub fn loss(p: &HeadParams, batch: &Batch, cls_weight: f64, steps: usize) -> Res
     let dtype = batch.token_mask.dtype();
     // Only rows that count get logits (masked rows add nothing to the loss
     // or its gradient); a batch without one keeps a single row, masked.
-    let counted: Vec<u32> = batch
+    let mut rows: Vec<u32> = batch
         .token_mask
         .to_dtype(DType::F32)?
         .to_vec1::<f32>()?
@@ -236,15 +236,11 @@ pub fn loss(p: &HeadParams, batch: &Batch, cls_weight: f64, steps: usize) -> Res
         .filter(|(_, &m)| m > 0.0)
         .map(|(r, _)| r as u32)
         .collect();
-    let (rows, token_mask) = match counted.is_empty() {
-        false => {
-            let ids = Tensor::new(&counted[..], &Device::Cpu)?;
-            let mask = batch.token_mask.index_select(&ids, 0)?;
-            (counted, mask)
-        }
-        true => (vec![0], Tensor::zeros(1, dtype, &Device::Cpu)?),
-    };
+    if rows.is_empty() {
+        rows.push(0);
+    }
     let row_ids = Tensor::new(&rows[..], &Device::Cpu)?;
+    let token_mask = batch.token_mask.index_select(&row_ids, 0)?;
     let next = batch.next.index_select(&row_ids, 0)?;
     let outs = forward(p, batch, steps, Some(&row_ids))?;
     let cross_entropy = |logits: &Tensor, mask: &Tensor| -> Result<(Tensor, f64)> {
