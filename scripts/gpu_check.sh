@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks, on a machine with an NVIDIA GPU and its driver: the
-# device forward against the CPU model and batch invariance on the GPU
-# (the engine's ignored `cuda` tests), then the engine's speculation tests
-# (every drafter, mode and batch size; sampling) with the target on the GPU;
+# device forward and the device draft head against the CPU's, and batch
+# invariance on the GPU (the engine's ignored `cuda` tests), then the
+# engine's speculation tests (every drafter, mode and batch size; sampling;
+# a head drafts on the GPU) with the target on the GPU;
 # then the device benchmarks into one JSON of figures ($GPU_FIGURES,
 # default gpu-figures.json): `bench forward --device cuda --synthetic` for
 # Llama 3 1B and 8B shapes (T = 1..64, decode batches 1/16/64, the copy
@@ -18,7 +19,7 @@ export HETEROSPEC_TEST_DEVICE="${HETEROSPEC_TEST_DEVICE:-cuda}"
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
   [ -d "$d" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
 done
-GPU_TESTS=(cuda::tests::the_gpu_ cuda::tests::gpu_ cuda::tests::the_kernels cuda::tests::opening)
+GPU_TESTS=(cuda::tests::the_gpu_ cuda::tests::gpu_ cuda::tests::the_kernels cuda::tests::opening cuda::head::tests::the_gpu_)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 figures="$(pwd)/${GPU_FIGURES:-gpu-figures.json}"
 if [ -x "$here/engine-lib" ]; then

@@ -10,6 +10,7 @@
 //! in any batch on every implementation (DESIGN §8).
 
 use crate::batch::RaggedBatch;
+use crate::device_head::{HeadBackend, HeadParts};
 use crate::error::Result;
 use crate::kv::{KvLayout, KvStorage};
 
@@ -60,6 +61,13 @@ pub trait ModelBackend: Send + Sync {
         let (vocab, num_layers) = (c.vocab_size, c.num_layers);
         let (logits, features) = self.forward(x, batch, kv, num_layers, tap)?;
         Ok((Rows::whole(logits, vocab), features))
+    }
+
+    /// A draft head's weights moved onto this backend's device, to run
+    /// beside the target; `None` where heads run on the host (the CPU).
+    fn head_on_device(&self, parts: &HeadParts) -> Result<Option<Box<dyn HeadBackend>>> {
+        let _ = parts;
+        Ok(None)
     }
 
     /// The model this backend runs.

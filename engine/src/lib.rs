@@ -9,6 +9,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
+pub mod device_head;
 pub mod engine;
 pub mod error;
 pub mod health;

@@ -151,6 +151,15 @@ impl Model {
         x
     }
 
+    /// A draft head of `parts` on this model's device, where its backend
+    /// runs heads (`None` on the CPU).
+    pub fn head_on_device(
+        &self,
+        parts: &crate::device_head::HeadParts,
+    ) -> Result<Option<Box<dyn crate::device_head::HeadBackend>>> {
+        self.backend.head_on_device(parts)
+    }
+
     /// The output layer on rows that are already normed, `(rows, vocab)`.
     pub fn logits_from_features(&self, features: &[f32]) -> Result<Vec<f32>> {
         if features.len() < self.config.hidden_size {

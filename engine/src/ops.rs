@@ -200,6 +200,21 @@ pub fn has_avx2() -> bool {
     false
 }
 
+/// The `m` largest entries of `row`, largest first (the lower index first
+/// among equals), with their log-softmax over the whole row.
+pub fn top_logprobs(row: &[f32], m: usize) -> Vec<(u32, f32)> {
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(m + 1);
+    for (i, &l) in row.iter().enumerate() {
+        if top.len() < m || top.last().is_some_and(|t| l > t.1) {
+            let at = top.partition_point(|t| t.1 >= l);
+            top.insert(at, (i as u32, l));
+            top.truncate(m);
+        }
+    }
+    let lse = log_sum_exp(row);
+    top.into_iter().map(|(t, l)| (t, l - lse)).collect()
+}
+
 /// `ln(sum(exp(row)))`, computed stably: the log-softmax of entry `i` is
 /// `row[i] - log_sum_exp(row)`.
 pub fn log_sum_exp(row: &[f32]) -> f32 {

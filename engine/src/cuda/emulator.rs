@@ -145,6 +145,26 @@ impl Backend for Emulator {
         )
     }
 
+    fn top_rows(
+        &self,
+        logits: &Vec<f32>,
+        ids: &mut Vec<i32>,
+        logprobs: &mut Vec<f32>,
+        (rows, vocab, m): (usize, usize, usize),
+    ) -> Result<()> {
+        assert!(logits.len() >= rows * vocab && ids.len() >= rows * m && logprobs.len() >= rows * m);
+        emulate!(
+            "top_rows",
+            Grid::rows(rows),
+            fn(*const f32, i32, i32, *mut i32, *mut f32),
+            logits.as_ptr(),
+            int(vocab),
+            int(m),
+            ids.as_mut_ptr(),
+            logprobs.as_mut_ptr()
+        )
+    }
+
     fn k_split(&self, n: usize, k: usize) -> KSplit {
         KSplit::for_shape(n, k, EMULATED_SMS)
     }

@@ -113,6 +113,7 @@ pub struct Gpu {
     gather_rows: CudaFunction,
     embed_rows: CudaFunction,
     greedy_rows: CudaFunction,
+    top_rows: CudaFunction,
     scatter_rows: CudaFunction,
     paged_attention: CudaFunction,
 }
@@ -218,6 +219,7 @@ impl Gpu {
             gather_rows: f("gather_rows")?,
             embed_rows: f("embed_rows")?,
             greedy_rows: f("greedy_rows")?,
+            top_rows: f("top_rows")?,
             scatter_rows: f("scatter_rows")?,
             paged_attention: f("paged_attention")?,
             _module: module,
@@ -351,6 +353,17 @@ impl Backend for Gpu {
     ) -> Result<()> {
         let v = int(vocab);
         launch!(self, greedy_rows, Grid::rows(rows), "greedy kernel"; logits, &v, ids, logprobs)
+    }
+
+    fn top_rows(
+        &self,
+        logits: &Self::Floats,
+        ids: &mut Self::Ints,
+        logprobs: &mut Self::Floats,
+        (rows, vocab, m): (usize, usize, usize),
+    ) -> Result<()> {
+        let (v, m) = (int(vocab), int(m));
+        launch!(self, top_rows, Grid::rows(rows), "top-k kernel"; logits, &v, &m, ids, logprobs)
     }
 
     fn k_split(&self, n: usize, k: usize) -> KSplit {

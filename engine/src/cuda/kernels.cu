@@ -200,6 +200,27 @@ __device__ float block_max(float v, float* scratch) {
     return total;
 }
 
+// The block's largest (value, index) pair, the lower index first among
+// equal values (a thread with none offers -inf at an index past every
+// real one), left in scratch[0] and where[0].
+__device__ void block_argmax(float value, int index, float* scratch, int* where) {
+    const int tid = threadIdx.x;
+    scratch[tid] = value;
+    where[tid] = index;
+    __syncthreads();
+    for (int o = blockDim.x / 2; o > 0; o >>= 1) {
+        if (tid < o) {
+            const float v = scratch[tid + o];
+            const int i = where[tid + o];
+            if (v > scratch[tid] || (v == scratch[tid] && i < where[tid])) {
+                scratch[tid] = v;
+                where[tid] = i;
+            }
+        }
+        __syncthreads();
+    }
+}
+
 // Greedy verification on the device, one block per logits row (vocab
 // wide): ids[r] = the first index of the row's largest value (as the host's
 // argmax), logprobs[r] = that value minus the row's log-sum-exp (its
@@ -217,20 +238,7 @@ extern "C" __global__ void greedy_rows(const float* __restrict__ logits, int voc
             best = row[i];
             at = i;
         }
-    scratch[tid] = best;
-    where[tid] = at;
-    __syncthreads();
-    for (int o = blockDim.x / 2; o > 0; o >>= 1) {
-        if (tid < o) {
-            const float v = scratch[tid + o];
-            const int i = where[tid + o];
-            if (v > scratch[tid] || (v == scratch[tid] && i < where[tid])) {
-                scratch[tid] = v;
-                where[tid] = i;
-            }
-        }
-        __syncthreads();
-    }
+    block_argmax(best, at, scratch, where);
     const float top = scratch[0];
     const int arg = where[0] < vocab ? where[0] : 0;
     __syncthreads();
@@ -240,6 +248,49 @@ extern "C" __global__ void greedy_rows(const float* __restrict__ logits, int voc
     if (tid == 0) {
         ids[blockIdx.x] = arg;
         logprobs[blockIdx.x] = row[arg] - (top + logf(total));
+    }
+}
+
+// Per row of logits (rows, vocab): its `m` largest values, largest first
+// (of equal values the lower index first, as the host's ranking), as
+// ids[r * m + j] and their logprobs; one block per row. Pick j is the
+// largest (value, -index) below pick j - 1, so no list of picks is kept;
+// ids of picks past the row's end are -1.
+extern "C" __global__ void top_rows(const float* __restrict__ logits, int vocab, int m, int* __restrict__ ids,
+                                    float* __restrict__ logprobs) {
+    __shared__ float scratch[ROW_THREADS];
+    __shared__ int where[ROW_THREADS];
+    const float* row = logits + (size_t)blockIdx.x * vocab;
+    const int tid = threadIdx.x;
+    float top = -INFINITY;
+    for (int i = tid; i < vocab; i += blockDim.x) top = fmaxf(top, row[i]);
+    top = block_max(top, scratch);
+    float part = 0.0f;
+    for (int i = tid; i < vocab; i += blockDim.x) part += expf(row[i] - top);
+    const float lse = top + logf(block_sum(part, scratch));
+    float prev = INFINITY;
+    int prev_at = -1;
+    for (int j = 0; j < m; ++j) {
+        float best = -INFINITY;
+        int at = vocab;  // none yet
+        for (int i = tid; i < vocab; i += blockDim.x) {
+            const float v = row[i];
+            const bool below = v < prev || (v == prev && i > prev_at);
+            if (below && (v > best || (at == vocab && v == best))) {
+                best = v;
+                at = i;
+            }
+        }
+        __syncthreads();
+        block_argmax(best, at, scratch, where);
+        prev = scratch[0];
+        prev_at = where[0];
+        if (tid == 0) {
+            const size_t out = (size_t)blockIdx.x * m + j;
+            ids[out] = prev_at < vocab ? prev_at : -1;
+            logprobs[out] = prev - lse;
+        }
+        if (prev_at >= vocab) prev_at = vocab;  // nothing left: the rest are -1 too
     }
 }
 

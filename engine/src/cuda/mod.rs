@@ -12,7 +12,8 @@
 //! One forward uploads the new tokens' ids, RoPE tables, KV slots and key
 //! lists, gathers the embeddings and runs every layer on the device, and
 //! brings back only the logits rows asked for (and a draft head's
-//! features). Sampling stays on the host.
+//! features). Sampling stays on the host. A draft head runs on the device
+//! too ([`DeviceHead`]), its rows' best ids found there.
 //!
 //! The forward is written against [`Backend`] (one method per kernel):
 //! [`Gpu`] runs it on CUDA; the tests also run it on a CPU emulation of the
@@ -26,9 +27,9 @@ use std::sync::Arc;
 use crate::backend::{copy_layer_taps, FeatureTap, ModelBackend, Rows};
 use crate::batch::RaggedBatch;
 use crate::config::ModelConfig;
+use crate::device_head::{HeadBackend, HeadParts};
 use crate::error::{EngineError, Result};
 use crate::kv::{KvLayout, KvStorage};
-use crate::ops::RopeTable;
 use crate::weights::{LayerTensor, ModelTensors, EMBEDDINGS, OUTPUT_NORM};
 
 pub mod bench;
@@ -40,7 +41,9 @@ mod gpu;
 #[path = "greedy/tests.rs"]
 mod greedy_tests;
 mod grid;
+mod head;
 mod keys;
+mod layer;
 pub mod synthetic;
 
 pub use device_kv::DeviceKv;
@@ -48,7 +51,9 @@ pub use device_kv::DeviceKv;
 pub(crate) use emulator::Emulator;
 pub use gpu::{compile_kernels, Gpu, KernelImage, MIN_ARCH};
 pub use grid::{AttentionShape, Grid, KSplit};
+pub use head::DeviceHead;
 pub use keys::AttentionKeys;
+use layer::{run_layer, DeviceLayer, Scratch, StepInputs};
 
 /// The kernels' source, compiled by NVRTC when a device is opened.
 pub const KERNELS: &str = include_str!("kernels.cu");
@@ -96,6 +101,16 @@ pub trait Backend: Send + Sync + 'static {
         ids: &mut Self::Ints,
         logprobs: &mut Self::Floats,
         rows_vocab: (usize, usize),
+    ) -> Result<()>;
+    /// Per row of `logits (rows, vocab)`: its `m` largest entries, largest
+    /// first (the lower index first among equals), their indices into
+    /// `ids (rows, m)` (-1 past the row's end) and logprobs into `logprobs`.
+    fn top_rows(
+        &self,
+        logits: &Self::Floats,
+        ids: &mut Self::Ints,
+        logprobs: &mut Self::Floats,
+        rows_vocab_m: (usize, usize, usize),
     ) -> Result<()>;
     /// How this device splits an `(n, k)` GEMM along k ([`KSplit`]).
     fn k_split(&self, n: usize, k: usize) -> KSplit;
@@ -213,19 +228,6 @@ pub fn open_model(ordinal: usize, t: &ModelTensors) -> Result<Box<dyn ModelBacke
     Ok(Box::new(GpuModel::new(Gpu::open(ordinal)?, t)?))
 }
 
-/// One layer's weights: norms in f32 (`F`), matrices in bf16 (`H`).
-struct DeviceLayer<F, H> {
-    attn_norm: F,
-    wq: H,
-    wk: H,
-    wv: H,
-    wo: H,
-    ffn_norm: F,
-    w_gate: H,
-    w_up: H,
-    w_down: H,
-}
-
 /// The target's weights on the device: matrices bf16, norms f32.
 pub struct GpuModel<B: Backend = Gpu> {
     backend: Arc<B>,
@@ -259,7 +261,7 @@ impl<B: Backend> GpuModel<B> {
                 let norm = |part: LayerTensor| upload(&part.name(i), &part.shape(&config));
                 let mat = |part: LayerTensor| matrix(&part.name(i), &part.shape(&config));
                 Ok(DeviceLayer {
-                    attn_norm: norm(LayerTensor::AttnNorm)?,
+                    attn_norm: Some(norm(LayerTensor::AttnNorm)?),
                     wq: mat(LayerTensor::Q)?,
                     wk: mat(LayerTensor::K)?,
                     wv: mat(LayerTensor::V)?,
@@ -389,37 +391,8 @@ impl<B: Backend> GpuModel<B> {
                 "a GPU forward takes at most {MAX_GRID_Y} tokens, this one has {n}"
             )));
         }
-        let (h, qs, kvs, ff) = (c.hidden_size, c.q_size(), c.kv_size(), c.intermediate_size);
-        let eps = c.rms_norm_eps;
-        let positions = batch.seqs.iter().flat_map(|s| s.positions.iter().copied());
-        let table = RopeTable::for_model(
-            positions,
-            c.head_dim,
-            c.rope_theta,
-            c.rope_freq_factors.as_deref(),
-            false,
-        );
-        let (cos, sin, half) = (b.upload(&table.cos)?, b.upload(&table.sin)?, c.head_dim / 2);
-        let slots: Vec<i32> = batch
-            .seqs
-            .iter()
-            .flat_map(|s| s.slots.iter().map(|&v| int(v)))
-            .collect();
-        let slots = b.upload_ints(&slots)?;
-        let keys = AttentionKeys::new(batch);
-        let keys = [
-            b.upload_ints(&keys.keys)?,
-            b.upload_ints(&keys.tables)?,
-            b.upload_ints(&keys.lists)?,
-            b.upload_ints(&keys.run_slots)?,
-        ];
-        let shape = AttentionShape {
-            tokens: n,
-            num_heads: c.num_heads,
-            num_kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-            block_size: kv.block_size,
-        };
+        let (h, eps) = (c.hidden_size, c.rms_norm_eps);
+        let step = StepInputs::new(b, batch, c, kv.block_size)?;
 
         let tokens = batch.seqs.iter().flat_map(|s| s.token_ids.iter().copied());
         if let Some(bad) = tokens.clone().find(|&t| t as usize >= c.vocab_size) {
@@ -432,10 +405,7 @@ impl<B: Backend> GpuModel<B> {
         let ids = b.upload_ints(&ids)?;
         let mut x = b.zeros(n * h)?;
         b.embed_rows(self.token_embd.as_ref().unwrap_or(&self.lm_head), &ids, &mut x, (n, h))?;
-        let mut normed = b.zeros(n * h)?;
-        let (mut q, mut k, mut v) = (b.zeros(n * qs)?, b.zeros(n * kvs)?, b.zeros(n * kvs)?);
-        let mut attn = b.zeros(n * qs)?;
-        let (mut gate, mut up) = (b.zeros(n * ff)?, b.zeros(n * ff)?);
+        let mut scratch = Scratch::new(b, n, c)?;
 
         let taps: &[usize] = match tap {
             Some(FeatureTap::Layers(l)) => l,
@@ -451,28 +421,15 @@ impl<B: Backend> GpuModel<B> {
 
         for (li, layer) in self.layers.iter().take(num_layers).enumerate() {
             take_taps(&x, li)?;
-            b.rms_norm(&x, &layer.attn_norm, &mut normed, (n, h), eps)?;
-            b.matmul(&normed, &layer.wq, &mut q, (n, qs, h), false)?;
-            b.matmul(&normed, &layer.wk, &mut k, (n, kvs, h), false)?;
-            b.matmul(&normed, &layer.wv, &mut v, (n, kvs, h), false)?;
-            b.rope(&mut q, &cos, &sin, (n, c.num_heads, half))?;
-            b.rope(&mut k, &cos, &sin, (n, c.num_kv_heads, half))?;
-            b.scatter_rows(&mut kv.keys[li], &k, &slots, (n, kvs))?;
-            b.scatter_rows(&mut kv.values[li], &v, &slots, (n, kvs))?;
-            b.attention(&q, (&kv.keys[li], &kv.values[li]), &mut attn, &keys, shape)?;
-            b.matmul(&attn, &layer.wo, &mut x, (n, h, qs), true)?;
-            b.rms_norm(&x, &layer.ffn_norm, &mut normed, (n, h), eps)?;
-            b.matmul(&normed, &layer.w_gate, &mut gate, (n, ff, h), false)?;
-            b.matmul(&normed, &layer.w_up, &mut up, (n, ff, h), false)?;
-            b.silu_mul(&mut gate, &up, n * ff)?;
-            b.matmul(&gate, &layer.w_down, &mut x, (n, h, ff), true)?;
+            let layer_kv = (&mut kv.keys[li], &mut kv.values[li]);
+            run_layer(b, c, layer, &mut x, &mut scratch, &step, layer_kv)?;
         }
         take_taps(&x, num_layers)?;
 
         let final_features = tap == Some(&FeatureTap::Final);
         let features = if final_features {
-            b.rms_norm(&x, &self.output_norm, &mut normed, (n, h), eps)?;
-            b.download(&normed, n * h)?
+            b.rms_norm(&x, &self.output_norm, &mut scratch.normed, (n, h), eps)?;
+            b.download(&scratch.normed, n * h)?
         } else {
             tapped // empty without layer taps
         };
@@ -483,7 +440,7 @@ impl<B: Backend> GpuModel<B> {
         let row_ids = b.upload_ints(&logits_rows.iter().map(|&r| int(r)).collect::<Vec<_>>())?;
         let mut selected = b.zeros(rows * h)?;
         if final_features {
-            b.gather_rows(&normed, &row_ids, &mut selected, (rows, h))?;
+            b.gather_rows(&scratch.normed, &row_ids, &mut selected, (rows, h))?;
         } else {
             let mut picked = b.zeros(rows * h)?;
             b.gather_rows(&x, &row_ids, &mut picked, (rows, h))?;
@@ -548,6 +505,10 @@ impl<B: Backend> ModelBackend for GpuModel<B> {
 
     fn logits_from_features(&self, features: &[f32]) -> Result<Vec<f32>> {
         GpuModel::logits_from_features(self, features)
+    }
+
+    fn head_on_device(&self, parts: &HeadParts) -> Result<Option<Box<dyn HeadBackend>>> {
+        Ok(Some(Box::new(DeviceHead::new(self.backend.clone(), parts)?)))
     }
 }
 

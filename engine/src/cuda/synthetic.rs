@@ -119,7 +119,7 @@ impl<B: Backend> GpuModel<B> {
                     unreachable!("seven matrices per layer")
                 };
                 Ok(DeviceLayer {
-                    attn_norm: ones(h)?,
+                    attn_norm: Some(ones(h)?),
                     wq,
                     wk,
                     wv,

@@ -436,14 +436,28 @@ fn emulated_gpu_rows_do_not_depend_on_the_batch() {
 /// equals plain greedy decoding on the same device, in batches of 2.
 #[test]
 fn an_engine_on_the_emulated_gpu_speculates_exactly() {
-    use crate::engine::{DrafterKind, Engine, EngineConfig, SpecSetup};
+    use crate::engine::DrafterKind;
+    speculates_exactly_on_the_emulated_gpu(DrafterKind::SelfDraft { num_layers: 1 }, 5, 10);
+}
+
+/// Three requests decoded greedily in batches of 2 by an engine whose
+/// target (the tiny model `seed`) runs on the emulated GPU, drafting with
+/// `drafter` (fixed trees of 5 nodes, 3 deep), equal plain decoding's
+/// tokens and log-probabilities on the same device, and some drafts are
+/// accepted.
+pub(super) fn speculates_exactly_on_the_emulated_gpu(
+    drafter: crate::engine::DrafterKind,
+    seed: u64,
+    max_new_tokens: usize,
+) {
+    use crate::engine::{Engine, EngineConfig, SpecSetup};
     use crate::runner::{Runner, TokenRequest};
     use crate::spec::{CostCurve, SpecMode, SpecPolicy};
     use crate::testing::tiny_config;
     use crate::SamplingParams;
 
     let target = || {
-        let t = random_tensors(&tiny_config(), 5).unwrap();
+        let t = random_tensors(&tiny_config(), seed).unwrap();
         let gpu = GpuModel::new(Arc::new(Emulator), &t).unwrap();
         Model::with_backend(&t, Box::new(gpu)).unwrap()
     };
@@ -462,7 +476,7 @@ fn an_engine_on_the_emulated_gpu_speculates_exactly() {
             prompt,
             sampling: SamplingParams::greedy(),
             speculation,
-            max_new_tokens: 10,
+            max_new_tokens,
             stop_token_ids: vec![],
         })
         .collect()
@@ -470,7 +484,7 @@ fn an_engine_on_the_emulated_gpu_speculates_exactly() {
     let mut plain = Engine::new(target(), config).unwrap();
     let want = Runner::new(&mut plain).run(&requests(SpecMode::Off), 2, 4).unwrap();
     let setup = SpecSetup {
-        drafter: DrafterKind::SelfDraft { num_layers: 1 },
+        drafter,
         policy: SpecPolicy {
             depth: 3,
             top_k: 2,

@@ -14,10 +14,11 @@ use heterospec_kv::BlockId;
 
 use crate::backend::FeatureTap;
 use crate::batch::{RaggedBatch, SeqRun};
+use crate::device_head::TopRow;
 use crate::error::{EngineError, Result};
 use crate::kv::{KvLayout, KvStorage};
 use crate::model::Model;
-use crate::ops::log_sum_exp;
+use crate::ops::top_logprobs;
 use crate::spec::head::DraftHead;
 use crate::spec::tree::{top_k_entropy, DraftTree};
 use heterospec_kv::SeqId;
@@ -262,7 +263,8 @@ impl ModelDrafter {
     }
 
     /// A draft head; `target_layout` is the target's (same blocks).
-    pub fn with_head(head: DraftHead, target_layout: KvLayout, scratch_slots: usize) -> Self {
+    /// The head's KV lives where the head runs ([`DraftHead::new_kv`]).
+    pub fn with_head(head: DraftHead, target_layout: KvLayout, scratch_slots: usize) -> Result<Self> {
         let layout = KvLayout {
             num_blocks: target_layout.num_blocks,
             block_size: target_layout.block_size,
@@ -271,10 +273,10 @@ impl ModelDrafter {
             scratch_slots,
         };
         let features = vec![0.0; layout.num_blocks * layout.block_size * head.hidden_size()];
-        ModelDrafter {
+        Ok(ModelDrafter {
             source: DraftSource::Head {
+                kv: head.new_kv(layout)?,
                 head: Box::new(head),
-                kv: KvStorage::new(layout),
                 features,
             },
             entropy_top_k: 8,
@@ -282,7 +284,7 @@ impl ModelDrafter {
             node_slots: HashMap::new(),
             node_features: HashMap::new(),
             next_scratch: 0,
-        }
+        })
     }
 
     /// Layer-skip self-draft with the target's first `num_layers` layers.
@@ -467,11 +469,16 @@ impl Drafter for ModelDrafter {
             run.mask = Some((0..n * n).map(|x| x / n == x % n).collect());
             batch.seqs.push(run);
         }
-        let logits = match &mut self.source {
-            DraftSource::Own { model, kv } => model.forward(&batch, kv)?,
-            DraftSource::SelfLayers { num_layers } => target.model.forward_layers(&batch, target.kv, *num_layers)?,
+        let m = k.max(self.entropy_top_k);
+        let top: Vec<TopRow> = match &mut self.source {
+            DraftSource::Own { model, kv } => top_rows(&model.forward(&batch, kv)?, num_rows, m),
+            DraftSource::SelfLayers { num_layers } => top_rows(
+                &target.model.forward_layers(&batch, target.kv, *num_layers)?,
+                num_rows,
+                m,
+            ),
             DraftSource::Head { head, kv, .. } => {
-                let (logits, hidden) = head.forward(target.model, &batch, &feats, kv)?;
+                let (mut top, hidden) = head.forward_top(target.model, &batch, &feats, kv, m)?;
                 // Each drafted node's predicted feature feeds its children.
                 let h = head.hidden_size();
                 for (i, row) in rows.iter().enumerate() {
@@ -480,26 +487,19 @@ impl Drafter for ModelDrafter {
                             .insert(requests[i], hidden[r * h..(r + 1) * h].to_vec());
                     }
                 }
-                logits
+                for c in top.iter_mut().flatten() {
+                    c.0 = head.target_token(c.0);
+                }
+                top
             }
         };
-        let vocab = logits.len() / num_rows.max(1);
-        let proposals: Vec<Proposal> = rows
+        Ok(rows
             .iter()
             .map(|row| match row {
-                Some(r) => {
-                    let mut p = proposal_from_logits(&logits[r * vocab..(r + 1) * vocab], k, self.entropy_top_k);
-                    if let DraftSource::Head { head, .. } = &self.source {
-                        for c in &mut p.candidates {
-                            c.0 = head.target_token(c.0);
-                        }
-                    }
-                    p
-                }
+                Some(r) => proposal_from_top(&top[*r], k, self.entropy_top_k),
                 None => Proposal::default(),
             })
-            .collect();
-        Ok(proposals)
+            .collect())
     }
 
     fn release(&mut self, seq_id: SeqId) {
@@ -507,21 +507,25 @@ impl Drafter for ModelDrafter {
     }
 }
 
+/// Each of `rows` rows of `logits`' best `m` entries ([`top_logprobs`]).
+fn top_rows(logits: &[f32], rows: usize, m: usize) -> Vec<TopRow> {
+    let vocab = logits.len() / rows.max(1);
+    (0..rows)
+        .map(|r| top_logprobs(&logits[r * vocab..(r + 1) * vocab], m))
+        .collect()
+}
+
 /// Top-`k` log-probabilities and the renormalised top-K entropy of a row.
 pub fn proposal_from_logits(logits: &[f32], k: usize, entropy_top_k: usize) -> Proposal {
-    let m = k.max(entropy_top_k);
-    let mut top: Vec<(u32, f32)> = Vec::with_capacity(m + 1);
-    for (i, &l) in logits.iter().enumerate() {
-        if top.len() < m || l > top[top.len() - 1].1 {
-            let at = top.partition_point(|t| t.1 >= l);
-            top.insert(at, (i as u32, l));
-            top.truncate(m);
-        }
-    }
-    let lse = log_sum_exp(logits);
-    let mut probs: Vec<f32> = top.iter().take(entropy_top_k).map(|t| (t.1 - lse).exp()).collect();
+    proposal_from_top(&top_logprobs(logits, k.max(entropy_top_k)), k, entropy_top_k)
+}
+
+/// [`proposal_from_logits`] from a row's best `max(k, entropy_top_k)`
+/// entries and their logprobs ([`top_logprobs`]).
+pub fn proposal_from_top(top: &[(u32, f32)], k: usize, entropy_top_k: usize) -> Proposal {
+    let mut probs: Vec<f32> = top.iter().take(entropy_top_k).map(|t| t.1.exp()).collect();
     Proposal {
-        candidates: top.iter().take(k).map(|&(t, l)| (t, l - lse)).collect(),
+        candidates: top.iter().take(k).copied().collect(),
         entropy: top_k_entropy(&mut probs, entropy_top_k),
     }
 }
@@ -529,6 +533,8 @@ pub fn proposal_from_logits(logits: &[f32], k: usize, entropy_top_k: usize) -> P
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::ops::log_sum_exp;
 
     #[test]
     fn ngram_follows_the_longest_earlier_match() {

@@ -123,9 +123,9 @@ impl Speculation {
                 ModelDrafter::with_model(*m, layout, target_config.vocab_size, DRAFT_SCRATCH_SLOTS)?
                     .with_entropy_top_k(k),
             ),
-            DrafterKind::Head(h) => Box::new(head_drafter(*h, target_config.hidden_size, layout, k)?),
+            DrafterKind::Head(h) => Box::new(head_drafter(*h, target, layout, k)?),
             DrafterKind::Hybrid(h) => Box::new(HybridDrafter::new(
-                head_drafter(*h, target_config.hidden_size, layout, k)?,
+                head_drafter(*h, target, layout, k)?,
                 NgramDrafter {
                     entropy_top_k: k,
                     ..NgramDrafter::default()
@@ -159,15 +159,20 @@ impl Speculation {
     }
 }
 
-/// A draft head's drafter, once its width is checked against the target's.
-fn head_drafter(head: DraftHead, target_hidden: usize, layout: KvLayout, entropy_top_k: usize) -> Result<ModelDrafter> {
+/// A draft head's drafter, once its width is checked against the target's;
+/// the head runs on the target's device where that device runs heads.
+fn head_drafter(mut head: DraftHead, target: &Model, layout: KvLayout, entropy_top_k: usize) -> Result<ModelDrafter> {
+    let target_hidden = target.config().hidden_size;
     if head.hidden_size() != target_hidden {
         return Err(EngineError::Config(format!(
             "the draft head's hidden size is {}, the target's {target_hidden}",
             head.hidden_size(),
         )));
     }
-    Ok(ModelDrafter::with_head(head, layout, DRAFT_SCRATCH_SLOTS).with_entropy_top_k(entropy_top_k))
+    if head.place_on(target)? {
+        tracing::info!(device = %target.device(), "draft head placed on the target's device");
+    }
+    Ok(ModelDrafter::with_head(head, layout, DRAFT_SCRATCH_SLOTS)?.with_entropy_top_k(entropy_top_k))
 }
 
 /// The target's KV layout when it shares `kv_cache_bytes` with `drafter`'s

@@ -1,8 +1,9 @@
 // CUDA's kernel language on a CPU, enough for kernels.cu (tests only).
 //
 // A launch runs the grid's blocks one after another on blockDim real
-// threads; __syncthreads is a barrier across them and __shared__ arrays
-// are function statics, shared by the block's threads, as on a GPU.
+// threads (kept between launches); __syncthreads is a barrier across them
+// and __shared__ arrays are function statics, shared by the block's
+// threads, as on a GPU.
 // Warps are the block's threads in groups of 32 (linear thread order);
 // mma_bf16_16816, the tensor-core step, gathers its warp's fragments,
 // multiplies the whole tiles, and hands each lane its part back.
@@ -11,8 +12,11 @@
 #include <algorithm>
 #include <barrier>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -105,9 +109,47 @@ inline void mma_bf16_16816(float* d, const unsigned* a, const unsigned* b) {
     std::memcpy(d, w.d[lane_id], sizeof w.d[0]);
 }
 
+// Threads kept for every launch (making 256 threads per launch cost more
+// than most kernels): worker t runs thread index t of each launch that has
+// more than t threads. Leaked on purpose: the workers wait forever.
+struct Workers {
+    std::mutex mu;
+    std::condition_variable start, done;
+    unsigned spawned = 0, active = 0, remaining = 0;
+    unsigned long generation = 0;
+    std::function<void(unsigned)> body;
+
+    // Runs body(t) for t < n on the workers; returns when all are done.
+    void run(unsigned n, std::function<void(unsigned)> f) {
+        std::unique_lock<std::mutex> lock(mu);
+        for (; spawned < n; ++spawned) std::thread([this, t = spawned] { serve(t); }).detach();
+        body = std::move(f);
+        active = remaining = n;
+        ++generation;
+        start.notify_all();
+        done.wait(lock, [&] { return remaining == 0; });
+    }
+
+    void serve(unsigned t) {
+        unsigned long seen = 0;
+        for (;;) {
+            {
+                std::unique_lock<std::mutex> lock(mu);
+                start.wait(lock, [&] { return generation != seen; });
+                seen = generation;
+                if (t >= active) continue;
+            }
+            body(t);
+            std::lock_guard<std::mutex> lock(mu);
+            if (--remaining == 0) done.notify_one();
+        }
+    }
+};
+
 // Runs `kernel()` for every block of `grid`, on `block` threads.
 template <class F>
 void launch(dim3 grid, dim3 block, F kernel) {
+    static Workers* workers = new Workers;
     const unsigned threads = block.x * block.y * block.z;
     std::barrier<> barrier(threads);
     block_barrier = &barrier;
@@ -125,20 +167,16 @@ void launch(dim3 grid, dim3 block, F kernel) {
     }
     warp_mmas = &mmas;
     warp_barriers = &bars;
-    std::vector<std::thread> pool;
-    for (unsigned t = 0; t < threads; ++t) {
-        pool.emplace_back([&, t] {
-            threadIdx = dim3{t % block.x, t / block.x % block.y, t / (block.x * block.y)};
-            lane_id = t % 32;
-            warp_id = t / 32;
-            for (unsigned z = 0; z < grid.z; ++z)
-                for (unsigned y = 0; y < grid.y; ++y)
-                    for (unsigned x = 0; x < grid.x; ++x) {
-                        blockIdx = dim3{x, y, z};
-                        kernel();
-                        barrier.arrive_and_wait();  // the block is done before the next reuses shared memory
-                    }
-        });
-    }
-    for (auto& th : pool) th.join();
+    workers->run(threads, [&](unsigned t) {
+        threadIdx = dim3{t % block.x, t / block.x % block.y, t / (block.x * block.y)};
+        lane_id = t % 32;
+        warp_id = t / 32;
+        for (unsigned z = 0; z < grid.z; ++z)
+            for (unsigned y = 0; y < grid.y; ++y)
+                for (unsigned x = 0; x < grid.x; ++x) {
+                    blockIdx = dim3{x, y, z};
+                    kernel();
+                    barrier.arrive_and_wait();  // the block is done before the next reuses shared memory
+                }
+    });
 }

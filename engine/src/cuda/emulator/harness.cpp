@@ -32,3 +32,5 @@ ENTRY(fill_synthetic_bf16, (unsigned short* out, unsigned long long n, unsigned 
 ENTRY(embed_rows, (const unsigned short* table, const int* ids, float* out, int count, int dim),
       (table, ids, out, count, dim))
 ENTRY(greedy_rows, (const float* logits, int vocab, int* ids, float* logprobs), (logits, vocab, ids, logprobs))
+ENTRY(top_rows, (const float* logits, int vocab, int m, int* ids, float* logprobs),
+      (logits, vocab, m, ids, logprobs))

@@ -39,14 +39,16 @@ use candle_core::{Device, Tensor};
 use crate::backend::FeatureTap;
 use crate::batch::RaggedBatch;
 use crate::config::ModelConfig;
+use crate::device_head::{HeadBackend, TopRow};
 use crate::error::{EngineError, Result};
 use crate::kv::KvStorage;
 use crate::layer::{ForwardContext, Layer};
 use crate::linear::{Linear, WeightFormat};
 use crate::model::Model;
-use crate::ops::rms_norm_rows;
+use crate::ops::{rms_norm_rows, top_logprobs};
 
 mod checkpoint;
+mod device;
 pub use checkpoint::*;
 
 /// Row `t` of the result is row `t` of `a` then row `t` of `b`, both
@@ -76,6 +78,11 @@ pub struct DraftHead {
     /// `None`: the target's output layer.
     lm_head: Option<Linear>,
     draft_to_target: Vec<u32>,
+    /// The checkpoint's weights, to move the head onto a device.
+    weights: HeadWeights,
+    /// Where the head runs beside a GPU target ([`DraftHead::place_on`]);
+    /// `None`: here, on the CPU.
+    device: Option<Box<dyn HeadBackend>>,
 }
 
 impl DraftHead {
@@ -159,6 +166,8 @@ impl DraftHead {
             eagle3_norms,
             config: c.clone(),
             layer_config,
+            weights: weights.clone(),
+            device: None,
         })
     }
 
@@ -233,6 +242,40 @@ impl DraftHead {
         } else {
             self.draft_to_target[column as usize]
         }
+    }
+
+    /// Empty KV storage for the head, where it runs, a layer per head layer.
+    pub fn new_kv(&self, layout: crate::kv::KvLayout) -> Result<KvStorage> {
+        match &self.device {
+            Some(d) => d.new_kv(layout),
+            None => Ok(KvStorage::new(layout)),
+        }
+    }
+
+    /// [`forward`](Self::forward), where the head runs, keeping of each
+    /// logits row its best `m` draft ids and their logprobs
+    /// ([`top_logprobs`]); a head on a device finds them there.
+    pub fn forward_top(
+        &self,
+        target: &Model,
+        batch: &RaggedBatch,
+        features: &[f32],
+        kv: &mut KvStorage,
+        m: usize,
+    ) -> Result<(Vec<TopRow>, Vec<f32>)> {
+        if let Some(d) = &self.device {
+            let embedded = target.embed(batch.seqs.iter().flat_map(|s| s.token_ids.iter().copied()));
+            return d.forward_top(batch, &embedded, features, kv, m);
+        }
+        let (logits, hidden) = self.forward(target, batch, features, kv)?;
+        let rows = hidden.len() / self.hidden_size();
+        let width = logits.len() / rows.max(1);
+        let top = logits
+            .chunks(width.max(1))
+            .take(rows)
+            .map(|r| top_logprobs(r, m))
+            .collect();
+        Ok((top, hidden))
     }
 
     /// Runs the head on `batch` (tokens are target ids) whose row `i` reads
