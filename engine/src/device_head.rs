@@ -1,8 +1,9 @@
 //! The device boundary for a draft head: its weights as plain arrays
 //! ([`HeadParts`], built by `spec::head` from a checkpoint) and the forward
 //! a device runs over them ([`HeadBackend`]), so that a GPU target drafts on
-//! the GPU (`cuda::DeviceHead`) and only each row's best few draft ids come
-//! back to the host.
+//! the GPU (`cuda::DeviceHead`): a tree layer sends token ids and which
+//! stored feature each row reads, and only each row's best few draft ids
+//! come back to the host.
 //!
 //! Invariant: a head on a device computes what `spec::head::DraftHead`
 //! computes on the CPU, to that device's rounding (bf16 weights on the
@@ -43,22 +44,42 @@ pub struct HeadParts {
 /// their logprobs over the draft vocabulary.
 pub type TopRow = Vec<(u32, f32)>;
 
-/// A draft head whose weights live on a device.
+/// A draft head whose weights, K/V and input features live on a device.
+///
+/// Its feature store holds one row per KV slot of its layout: a committed
+/// slot's row is the target's state there ([`observe`](Self::observe)), a
+/// drafted row's slot (a tree node's scratch slot, a root's slot until the
+/// target's state arrives) holds the head's own prediction, written by the
+/// forward that drafted it, where its children read it.
 pub trait HeadBackend: Send + Sync {
-    /// Empty KV storage on the head's device, a layer per head layer.
-    fn new_kv(&self, layout: KvLayout) -> Result<KvStorage>;
+    /// Empty KV storage on the head's device, a layer per head layer, and a
+    /// zeroed feature store of a row per slot of `layout`.
+    fn new_kv(&mut self, layout: KvLayout) -> Result<KvStorage>;
 
-    /// Runs the head on `batch`: row `i` reads `embedded` row `i` (the
-    /// token's target embedding) and `features` row `i`, both `(tokens,
-    /// hidden)`; writes the head's K/V into `kv`. Returns, per logits row,
-    /// its best `m` draft ids, and those rows' predicted features
-    /// `(rows, hidden)` (before the output norm).
+    /// Stores the rows of `features` `(slots, hidden)` at `slots`.
+    fn observe(&mut self, slots: &[usize], features: &[f32]) -> Result<()>;
+
+    /// Runs the head on `batch`: token `i` reads its token's embedding and
+    /// the stored feature row `inputs[i]` (`None`: zeros); writes the
+    /// head's K/V into `kv` and each logits row's predicted feature at
+    /// that row's slot. Returns, per logits row, its best `m` draft ids.
     fn forward_top(
-        &self,
+        &mut self,
         batch: &RaggedBatch,
-        embedded: &[f32],
-        features: &[f32],
+        inputs: &[Option<usize>],
         kv: &mut KvStorage,
         m: usize,
-    ) -> Result<(Vec<TopRow>, Vec<f32>)>;
+    ) -> Result<Vec<TopRow>>;
+
+    /// The stored feature rows of `slots`, `(slots, hidden)`.
+    fn features_at(&self, slots: &[usize]) -> Result<Vec<f32>>;
+}
+
+/// The KV slot of each of `batch`'s logits rows, in row order.
+pub fn logits_slots(batch: &RaggedBatch) -> Vec<usize> {
+    batch
+        .seqs
+        .iter()
+        .flat_map(|s| s.logits_rows.iter().map(|&r| s.slots[r]))
+        .collect()
 }

@@ -290,7 +290,6 @@ extern "C" __global__ void top_rows(const float* __restrict__ logits, int vocab,
             ids[out] = prev_at < vocab ? prev_at : -1;
             logprobs[out] = prev - lse;
         }
-        if (prev_at >= vocab) prev_at = vocab;  // nothing left: the rest are -1 too
     }
 }
 

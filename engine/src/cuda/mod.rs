@@ -234,10 +234,10 @@ pub struct GpuModel<B: Backend = Gpu> {
     config: ModelConfig,
     layers: Vec<DeviceLayer<B::Floats, B::Halves>>,
     output_norm: B::Floats,
-    lm_head: B::Halves,
+    lm_head: Arc<B::Halves>,
     /// The token embeddings, bf16; `None` where the output layer is tied
     /// to them (`lm_head` is the table).
-    token_embd: Option<B::Halves>,
+    token_embd: Option<Arc<B::Halves>>,
 }
 
 impl<B: Backend> GpuModel<B> {
@@ -277,11 +277,11 @@ impl<B: Backend> GpuModel<B> {
         let tied = t.output_name() == EMBEDDINGS;
         Ok(GpuModel {
             output_norm: upload(OUTPUT_NORM, &[h])?,
-            lm_head: matrix(t.output_name(), &[vocab, h])?,
+            lm_head: Arc::new(matrix(t.output_name(), &[vocab, h])?),
             token_embd: if tied {
                 None
             } else {
-                Some(matrix(EMBEDDINGS, &[vocab, h])?)
+                Some(Arc::new(matrix(EMBEDDINGS, &[vocab, h])?))
             },
             backend,
             config,
@@ -291,6 +291,11 @@ impl<B: Backend> GpuModel<B> {
 
     pub fn backend(&self) -> &Arc<B> {
         &self.backend
+    }
+
+    /// The token embedding table (the output layer's where they are tied).
+    fn embeddings(&self) -> &Arc<B::Halves> {
+        self.token_embd.as_ref().unwrap_or(&self.lm_head)
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -404,7 +409,7 @@ impl<B: Backend> GpuModel<B> {
         let ids: Vec<i32> = tokens.map(|t| t as i32).collect();
         let ids = b.upload_ints(&ids)?;
         let mut x = b.zeros(n * h)?;
-        b.embed_rows(self.token_embd.as_ref().unwrap_or(&self.lm_head), &ids, &mut x, (n, h))?;
+        b.embed_rows(self.embeddings(), &ids, &mut x, (n, h))?;
         let mut scratch = Scratch::new(b, n, c)?;
 
         let taps: &[usize] = match tap {
@@ -508,7 +513,8 @@ impl<B: Backend> ModelBackend for GpuModel<B> {
     }
 
     fn head_on_device(&self, parts: &HeadParts) -> Result<Option<Box<dyn HeadBackend>>> {
-        Ok(Some(Box::new(DeviceHead::new(self.backend.clone(), parts)?)))
+        let head = DeviceHead::new(self.backend.clone(), parts, self.embeddings().clone())?;
+        Ok(Some(Box::new(head)))
     }
 }
 

@@ -134,8 +134,12 @@ impl<B: Backend> GpuModel<B> {
         let (out_seed, out_scale) = output(&config, seed);
         Ok(GpuModel {
             output_norm: ones(h)?,
-            lm_head: backend.synthetic_bf16(config.vocab_size * h, out_seed, out_scale)?,
-            token_embd: Some(backend.synthetic_bf16(config.vocab_size * h, embeddings_seed(&config, seed), 1.0)?),
+            lm_head: Arc::new(backend.synthetic_bf16(config.vocab_size * h, out_seed, out_scale)?),
+            token_embd: Some(Arc::new(backend.synthetic_bf16(
+                config.vocab_size * h,
+                embeddings_seed(&config, seed),
+                1.0,
+            )?)),
             backend,
             config,
             layers,

@@ -203,14 +203,11 @@ pub enum DraftSource {
     /// The target's first `num_layers` layers, reading and writing the
     /// target's KV of those layers (exact for every committed token).
     SelfLayers { num_layers: usize },
-    /// A draft head with its own paged KV (a layer per head layer) and the target's final
-    /// feature per KV slot (`features`, `(slots, hidden)`; slots of shared
-    /// prefix blocks share their features like their K/V).
-    Head {
-        head: Box<DraftHead>,
-        kv: KvStorage,
-        features: Vec<f32>,
-    },
+    /// A draft head with its own paged KV (a layer per head layer) and its
+    /// feature store (a row per KV slot: the target's state, or the head's
+    /// prediction for a drafted node; slots of shared prefix blocks share
+    /// their rows like their K/V), where the head runs.
+    Head { head: Box<DraftHead>, kv: KvStorage },
 }
 
 /// A drafter that runs a model: draft tree nodes attend to the sequence's
@@ -221,10 +218,9 @@ pub struct ModelDrafter {
     entropy_top_k: usize,
     /// Own source: tokens of each sequence in the draft KV.
     computed: HashMap<SeqId, usize>,
-    /// This step's scratch slot of each drafted (sequence, node).
+    /// This step's KV slot of each drafted (sequence, node): a scratch
+    /// slot, or the root's own.
     node_slots: HashMap<(usize, usize), usize>,
-    /// Head source: this step's predicted feature of each drafted node.
-    node_features: HashMap<(usize, usize), Vec<f32>>,
     next_scratch: usize,
 }
 
@@ -257,14 +253,13 @@ impl ModelDrafter {
             entropy_top_k: 8,
             computed: HashMap::new(),
             node_slots: HashMap::new(),
-            node_features: HashMap::new(),
             next_scratch: 0,
         })
     }
 
     /// A draft head; `target_layout` is the target's (same blocks).
     /// The head's KV lives where the head runs ([`DraftHead::new_kv`]).
-    pub fn with_head(head: DraftHead, target_layout: KvLayout, scratch_slots: usize) -> Result<Self> {
+    pub fn with_head(mut head: DraftHead, target_layout: KvLayout, scratch_slots: usize) -> Result<Self> {
         let layout = KvLayout {
             num_blocks: target_layout.num_blocks,
             block_size: target_layout.block_size,
@@ -272,17 +267,14 @@ impl ModelDrafter {
             kv_size: head.kv_size(),
             scratch_slots,
         };
-        let features = vec![0.0; layout.num_blocks * layout.block_size * head.hidden_size()];
         Ok(ModelDrafter {
             source: DraftSource::Head {
                 kv: head.new_kv(layout)?,
                 head: Box::new(head),
-                features,
             },
             entropy_top_k: 8,
             computed: HashMap::new(),
             node_slots: HashMap::new(),
-            node_features: HashMap::new(),
             next_scratch: 0,
         })
     }
@@ -294,7 +286,6 @@ impl ModelDrafter {
             entropy_top_k: 8,
             computed: HashMap::new(),
             node_slots: HashMap::new(),
-            node_features: HashMap::new(),
             next_scratch: 0,
         }
     }
@@ -327,16 +318,10 @@ impl Drafter for ModelDrafter {
     }
 
     fn observe_features(&mut self, slots: &[usize], values: &[f32]) -> Result<()> {
-        if let DraftSource::Head { head, features, .. } = &mut self.source {
-            let values = head.input_features(values)?;
-            let h = head.hidden_size();
-            for (i, &slot) in slots.iter().enumerate() {
-                if let Some(dst) = features.get_mut(slot * h..(slot + 1) * h) {
-                    dst.copy_from_slice(&values[i * h..(i + 1) * h]);
-                }
-            }
+        match &mut self.source {
+            DraftSource::Head { head, .. } => head.observe(slots, values),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     fn expand(
@@ -349,7 +334,6 @@ impl Drafter for ModelDrafter {
     ) -> Result<Vec<Proposal>> {
         if requests.iter().any(|r| r.1 == 0) {
             self.node_slots.clear();
-            self.node_features.clear();
             self.next_scratch = 0;
         }
         let (scratch_base, scratch_len, block_size) = match &self.source {
@@ -370,12 +354,9 @@ impl Drafter for ModelDrafter {
         let mut num_rows = 0;
         let mut seq_order: Vec<usize> = requests.iter().map(|r| r.0).collect();
         seq_order.dedup();
-        // Head source: the input feature of each batch token.
-        let head_hidden = match &self.source {
-            DraftSource::Head { head, .. } => Some(head.hidden_size()),
-            _ => None,
-        };
-        let mut feats: Vec<f32> = Vec::new();
+        // Head source: the stored feature row each batch token reads.
+        let reads_features = matches!(self.source, DraftSource::Head { .. });
+        let mut feature_rows: Vec<Option<usize>> = Vec::new();
         for &s in &seq_order {
             let input = &inputs[s];
             let tree = &trees[s];
@@ -393,19 +374,18 @@ impl Drafter for ModelDrafter {
                 }
                 .min(root_pos);
                 let run = SeqRun::causal(input.tokens[start..].to_vec(), start, input.block_table, block_size)?;
-                if let (Some(h), DraftSource::Head { features, .. }) = (head_hidden, &self.source) {
+                if reads_features {
                     // Row q reads the target's feature of q - 1, known for
                     // positions computed before this step (zeros otherwise:
                     // those rows are redone next step).
-                    for q in start..=root_pos {
-                        if q == 0 || q > input.num_computed {
-                            feats.extend(std::iter::repeat_n(0.0, h));
-                        } else {
-                            let slot = run.cached_slot(q - 1, block_size);
-                            feats.extend_from_slice(&features[slot * h..(slot + 1) * h]);
-                        }
-                    }
+                    feature_rows.extend(
+                        (start..=root_pos)
+                            .map(|q| (q > 0 && q <= input.num_computed).then(|| run.cached_slot(q - 1, block_size))),
+                    );
                 }
+                // The root's row is stored at its slot, where its children read it.
+                self.node_slots
+                    .insert((s, 0), *run.slots.last().expect("the root is in its run"));
                 for &i in &mine {
                     rows[i] = Some(num_rows);
                 }
@@ -444,12 +424,12 @@ impl Drafter for ModelDrafter {
                 if self.next_scratch >= scratch_len {
                     continue; // out of scratch: this node is not expanded
                 }
-                if head_hidden.is_some() {
-                    let parent = tree.nodes[node].parent;
-                    let Some(f) = self.node_features.get(&(s, parent)) else {
+                if reads_features {
+                    // The parent's predicted feature, stored when it was drafted.
+                    let Some(&parent) = self.node_slots.get(&(s, tree.nodes[node].parent)) else {
                         continue;
                     };
-                    feats.extend_from_slice(f);
+                    feature_rows.push(Some(parent));
                 }
                 let slot = scratch_base + self.next_scratch;
                 self.next_scratch += 1;
@@ -477,16 +457,8 @@ impl Drafter for ModelDrafter {
                 num_rows,
                 m,
             ),
-            DraftSource::Head { head, kv, .. } => {
-                let (mut top, hidden) = head.forward_top(target.model, &batch, &feats, kv, m)?;
-                // Each drafted node's predicted feature feeds its children.
-                let h = head.hidden_size();
-                for (i, row) in rows.iter().enumerate() {
-                    if let Some(r) = row {
-                        self.node_features
-                            .insert(requests[i], hidden[r * h..(r + 1) * h].to_vec());
-                    }
-                }
+            DraftSource::Head { head, kv } => {
+                let mut top = head.forward_top(target.model, &batch, &feature_rows, kv, m)?;
                 for c in top.iter_mut().flatten() {
                     c.0 = head.target_token(c.0);
                 }

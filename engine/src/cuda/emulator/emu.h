@@ -1,33 +1,70 @@
 // CUDA's kernel language on a CPU, enough for kernels.cu (tests only).
 //
-// A launch runs the grid's blocks one after another on blockDim real
-// threads (kept between launches); __syncthreads is a barrier across them
-// and __shared__ arrays are function statics, shared by the block's
-// threads, as on a GPU.
+// A launch runs the grid's blocks one after another; a block's threads are
+// fibers (ucontext) on the launching thread, each running until it waits
+// at a barrier and handing over to the next, so __syncthreads costs a
+// context switch per thread, not a wake-up of 256 OS threads. __shared__
+// arrays are function statics, shared by the block's threads, as on a GPU.
 // Warps are the block's threads in groups of 32 (linear thread order);
 // mma_bf16_16816, the tensor-core step, gathers its warp's fragments,
 // multiplies the whole tiles, and hands each lane its part back.
 #pragma once
 #define HETEROSPEC_EMULATOR 1
+#include <ucontext.h>
+
 #include <algorithm>
-#include <barrier>
 #include <cmath>
-#include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <mutex>
-#include <thread>
 #include <vector>
 
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
 
-static dim3 gridDim, blockDim;
-static thread_local dim3 threadIdx, blockIdx;
-static thread_local unsigned lane_id, warp_id;
-static std::barrier<>* block_barrier = nullptr;
+static dim3 gridDim, blockDim, threadIdx, blockIdx;
+static unsigned lane_id, warp_id;
+
+// The running block's threads: one fiber each, and the launch's own
+// context that resumes them in turn.
+struct Fibers {
+    std::vector<ucontext_t> contexts;
+    std::vector<std::unique_ptr<char[]>> stacks;
+    std::vector<char> finished;
+    ucontext_t launcher;
+    unsigned current = 0;
+    std::function<void()> kernel;
+};
+static Fibers fibers;
+static constexpr size_t FIBER_STACK = 256 << 10;
+
+// Hands over to the launcher, which resumes the next unfinished thread.
+inline void yield_thread() {
+    swapcontext(&fibers.contexts[fibers.current], &fibers.launcher);
+    // Another thread ran meanwhile: nothing read before is still known.
+    asm volatile("" ::: "memory");
+}
+
+// A barrier of `expected` threads: the last to arrive runs `complete`,
+// then every waiter goes on.
+struct Barrier {
+    unsigned expected = 0, arrived = 0;
+    unsigned long generation = 0;
+    template <class F>
+    void arrive_and_wait(F complete) {
+        const unsigned long mine = generation;
+        if (++arrived == expected) {
+            arrived = 0;
+            complete();
+            ++generation;
+            return;
+        }
+        while (generation == mine) yield_thread();
+    }
+};
+static Barrier block_barrier;
 
 #define __global__
 #define __device__ static inline
@@ -35,7 +72,9 @@ static std::barrier<>* block_barrier = nullptr;
 #define __restrict__ __restrict
 #define __align__(n) __attribute__((aligned(n)))
 
-inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+inline void __syncthreads() {
+    block_barrier.arrive_and_wait([] {});
+}
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __int_as_float(int i) {
     float f;
@@ -92,91 +131,66 @@ struct WarpMma {
     }
 };
 
-struct WarpMmaStep {
-    WarpMma* mma;
-    void operator()() noexcept { (*mma)(); }
-};
-
 static std::vector<WarpMma>* warp_mmas = nullptr;
-static std::vector<std::barrier<WarpMmaStep>*>* warp_barriers = nullptr;
+static std::vector<Barrier>* warp_barriers = nullptr;
 
 inline void mma_bf16_16816(float* d, const unsigned* a, const unsigned* b) {
     WarpMma& w = (*warp_mmas)[warp_id];
     std::memcpy(w.a[lane_id], a, sizeof w.a[0]);
     std::memcpy(w.b[lane_id], b, sizeof w.b[0]);
     std::memcpy(w.d[lane_id], d, sizeof w.d[0]);
-    (*warp_barriers)[warp_id]->arrive_and_wait();
+    (*warp_barriers)[warp_id].arrive_and_wait([&w] { w(); });
     std::memcpy(d, w.d[lane_id], sizeof w.d[0]);
 }
 
-// Threads kept for every launch (making 256 threads per launch cost more
-// than most kernels): worker t runs thread index t of each launch that has
-// more than t threads. Leaked on purpose: the workers wait forever.
-struct Workers {
-    std::mutex mu;
-    std::condition_variable start, done;
-    unsigned spawned = 0, active = 0, remaining = 0;
-    unsigned long generation = 0;
-    std::function<void(unsigned)> body;
-
-    // Runs body(t) for t < n on the workers; returns when all are done.
-    void run(unsigned n, std::function<void(unsigned)> f) {
-        std::unique_lock<std::mutex> lock(mu);
-        for (; spawned < n; ++spawned) std::thread([this, t = spawned] { serve(t); }).detach();
-        body = std::move(f);
-        active = remaining = n;
-        ++generation;
-        start.notify_all();
-        done.wait(lock, [&] { return remaining == 0; });
-    }
-
-    void serve(unsigned t) {
-        unsigned long seen = 0;
-        for (;;) {
-            {
-                std::unique_lock<std::mutex> lock(mu);
-                start.wait(lock, [&] { return generation != seen; });
-                seen = generation;
-                if (t >= active) continue;
-            }
-            body(t);
-            std::lock_guard<std::mutex> lock(mu);
-            if (--remaining == 0) done.notify_one();
-        }
-    }
-};
+static void run_thread() {
+    fibers.kernel();
+    fibers.finished[fibers.current] = 1;
+}  // returning resumes the launcher (uc_link)
 
 // Runs `kernel()` for every block of `grid`, on `block` threads.
 template <class F>
 void launch(dim3 grid, dim3 block, F kernel) {
-    static Workers* workers = new Workers;
     const unsigned threads = block.x * block.y * block.z;
-    std::barrier<> barrier(threads);
-    block_barrier = &barrier;
     gridDim = grid;
     blockDim = block;
+    block_barrier = Barrier{threads};
     // A warp of up to 32 threads; the last one may be short.
     const unsigned warps = (threads + 31) / 32;
     std::vector<WarpMma> mmas(warps);
-    std::vector<std::unique_ptr<std::barrier<WarpMmaStep>>> warp_bars;
-    std::vector<std::barrier<WarpMmaStep>*> bars;
-    for (unsigned w = 0; w < warps; ++w) {
-        warp_bars.push_back(std::make_unique<std::barrier<WarpMmaStep>>(std::min(32u, threads - 32 * w),
-                                                                         WarpMmaStep{&mmas[w]}));
-        bars.push_back(warp_bars.back().get());
-    }
+    std::vector<Barrier> bars(warps);
+    for (unsigned w = 0; w < warps; ++w) bars[w].expected = std::min(32u, threads - 32 * w);
     warp_mmas = &mmas;
     warp_barriers = &bars;
-    workers->run(threads, [&](unsigned t) {
-        threadIdx = dim3{t % block.x, t / block.x % block.y, t / (block.x * block.y)};
-        lane_id = t % 32;
-        warp_id = t / 32;
-        for (unsigned z = 0; z < grid.z; ++z)
-            for (unsigned y = 0; y < grid.y; ++y)
-                for (unsigned x = 0; x < grid.x; ++x) {
-                    blockIdx = dim3{x, y, z};
-                    kernel();
-                    barrier.arrive_and_wait();  // the block is done before the next reuses shared memory
+    fibers.kernel = kernel;
+    fibers.contexts.resize(std::max<size_t>(fibers.contexts.size(), threads));
+    fibers.finished.assign(threads, 0);
+    while (fibers.stacks.size() < threads) fibers.stacks.emplace_back(new char[FIBER_STACK]);
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+                blockIdx = dim3{x, y, z};
+                for (unsigned t = 0; t < threads; ++t) {
+                    ucontext_t& c = fibers.contexts[t];
+                    if (getcontext(&c) != 0) std::abort();
+                    c.uc_stack.ss_sp = fibers.stacks[t].get();
+                    c.uc_stack.ss_size = FIBER_STACK;
+                    c.uc_link = &fibers.launcher;
+                    makecontext(&c, run_thread, 0);
+                    fibers.finished[t] = 0;
                 }
-    });
+                // Round robin until every thread has returned (the kernels
+                // bring every thread to every barrier).
+                for (unsigned left = threads; left > 0;) {
+                    for (unsigned t = 0; t < threads; ++t) {
+                        if (fibers.finished[t]) continue;
+                        fibers.current = t;
+                        threadIdx = dim3{t % block.x, t / block.x % block.y, t / (block.x * block.y)};
+                        lane_id = t % 32;
+                        warp_id = t / 32;
+                        swapcontext(&fibers.launcher, &fibers.contexts[t]);
+                        left -= fibers.finished[t];
+                    }
+                }
+            }
 }

@@ -1,16 +1,17 @@
 //! A draft head on the device: its `fc`, decoder layers (the target's
 //! layer kernels, [`run_layer`]) and sub-vocabulary output layer run where
-//! the target runs, its K/V live in device memory ([`DeviceKv`]), and each
-//! output row's best few ids are found there (`top_rows`), so a tree layer
-//! brings back those ids, their logprobs and the rows' predicted features,
-//! not the logits.
+//! the target runs; its K/V and its feature store (a row per KV slot, see
+//! [`HeadBackend`]) live in device memory; its rows' embeddings come from
+//! the target's own table there; and each output row's best few ids are
+//! found there (`top_rows`). A tree layer uploads the batch's ids, slots,
+//! key lists and which stored row each token reads, and brings back only
+//! those ids and their logprobs.
 //!
 //! Invariant: the forward is `spec::head::DraftHead`'s (EAGLE: `fc` over
-//! `[embedding | feature]`, the layers, the optional norm, the output
-//! layer), with weights rounded to bf16 as the target's.
-//! Still on the host: the tokens' embeddings and input features (uploaded
-//! with the batch, `hidden` floats a row) and each drafted node's predicted
-//! feature (copied back for its children).
+//! `[embedding | feature]`, here as the sum of its two halves' products,
+//! the layers, the optional norm, the output layer), with weights and
+//! embeddings rounded to bf16 as the target's. The target's states still
+//! reach the store from the host ([`HeadBackend::observe`], once a step).
 
 use std::sync::Arc;
 
@@ -18,25 +19,40 @@ use super::layer::{run_layer, DeviceLayer, Scratch, StepInputs};
 use super::{device_kv, int, Backend, DeviceKv, BLOCK_THREADS, MAX_GRID_Y};
 use crate::batch::RaggedBatch;
 use crate::config::ModelConfig;
-use crate::device_head::{HeadBackend, HeadParts, TopRow};
+use crate::device_head::{logits_slots, HeadBackend, HeadParts, TopRow};
 use crate::error::{EngineError, Result};
 use crate::kv::{KvLayout, KvStorage};
 
 /// A draft head's weights on the device: matrices bf16, norms and the
-/// `fc` bias f32.
+/// `fc` bias f32; and its feature store.
 pub struct DeviceHead<B: Backend> {
     backend: Arc<B>,
     config: ModelConfig,
-    fc: B::Halves,
+    /// The target's token embeddings (shared, bf16).
+    embeddings: Arc<B::Halves>,
+    /// `fc`'s columns over the embedding and over the feature, `(h, h)` each.
+    fc_embedding: B::Halves,
+    fc_feature: B::Halves,
     fc_bias: Option<Vec<f32>>,
     layers: Vec<DeviceLayer<B::Floats, B::Halves>>,
     output_norm: Option<B::Floats>,
     lm_head: B::Halves,
     draft_vocab: usize,
+    /// `(slots + 1, h)`: a row per slot, then a row of zeros.
+    store: Option<B::Floats>,
+    slots: usize,
+}
+
+/// Columns `[from, from + width)` of the rows of `m` `(rows, cols)`.
+fn columns(m: &[f32], cols: usize, from: usize, width: usize) -> Vec<f32> {
+    m.chunks_exact(cols)
+        .flat_map(|row| &row[from..from + width])
+        .copied()
+        .collect()
 }
 
 impl<B: Backend> DeviceHead<B> {
-    pub fn new(backend: Arc<B>, p: &HeadParts) -> Result<Self> {
+    pub fn new(backend: Arc<B>, p: &HeadParts, embeddings: Arc<B::Halves>) -> Result<Self> {
         let c = p.layer_config.clone();
         let h = c.hidden_size;
         if c.head_dim > BLOCK_THREADS as usize {
@@ -71,33 +87,43 @@ impl<B: Backend> DeviceHead<B> {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(DeviceHead {
-            fc: b.upload_bf16(&p.fc)?,
+            fc_embedding: b.upload_bf16(&columns(&p.fc, 2 * h, 0, h))?,
+            fc_feature: b.upload_bf16(&columns(&p.fc, 2 * h, h, h))?,
             fc_bias: p.fc_bias.clone(),
             layers,
             output_norm: p.output_norm.as_deref().map(|w| b.upload(w)).transpose()?,
             lm_head: b.upload_bf16(&p.lm_head)?,
             draft_vocab: p.draft_vocab,
+            embeddings,
+            store: None,
+            slots: 0,
             config: c,
             backend,
         })
     }
 
-    /// [`HeadBackend::forward_top`] over the head's device KV.
-    pub fn forward_on(
-        &self,
+    fn store(&mut self) -> Result<&mut B::Floats> {
+        self.store
+            .as_mut()
+            .ok_or_else(|| EngineError::Config("the draft head's KV was not made (new_kv)".into()))
+    }
+
+    /// [`HeadBackend::forward_top`] over the head's device KV, once the
+    /// store is made.
+    fn forward_on(
+        &mut self,
         batch: &RaggedBatch,
-        embedded: &[f32],
-        features: &[f32],
+        inputs: &[Option<usize>],
         kv: &mut DeviceKv<B>,
         m: usize,
-    ) -> Result<(Vec<TopRow>, Vec<f32>)> {
-        let (b, c) = (&*self.backend, &self.config);
-        let (n, h) = (batch.num_tokens(), c.hidden_size);
-        if embedded.len() != n * h || features.len() != n * h {
+    ) -> Result<Vec<TopRow>> {
+        let n = batch.num_tokens();
+        let h = self.config.hidden_size;
+        if inputs.len() != n || inputs.iter().flatten().any(|&s| s >= self.slots) {
             return Err(EngineError::Config(format!(
-                "{n} tokens but {} embedding and {} feature values",
-                embedded.len(),
-                features.len()
+                "{n} tokens but {} feature rows, or a row past the store's {} slots",
+                inputs.len(),
+                self.slots
             )));
         }
         if n > MAX_GRID_Y {
@@ -105,35 +131,42 @@ impl<B: Backend> DeviceHead<B> {
                 "a GPU forward takes at most {MAX_GRID_Y} tokens, this one has {n}"
             )));
         }
-        let rows: Vec<usize> = batch.logits_token_rows().collect();
         if n == 0 {
-            return Ok((Vec::new(), Vec::new()));
+            return Ok(Vec::new());
         }
-        let mut input = Vec::with_capacity(2 * n * h);
-        for (e, f) in embedded.chunks_exact(h).zip(features.chunks_exact(h)) {
-            input.extend_from_slice(e);
-            input.extend_from_slice(f);
-        }
-        let input = b.upload(&input)?;
-        // The bias first, then `fc` added to it (as the CPU adds it after).
+        let zero_row = self.slots;
+        let (b, c) = (&*self.backend, &self.config);
+        let store = self.store.as_ref().expect("made before any forward");
+        let ids: Vec<i32> = batch
+            .seqs
+            .iter()
+            .flat_map(|s| s.token_ids.iter().map(|&t| t as i32))
+            .collect();
+        let mut embedded = b.zeros(n * h)?;
+        b.embed_rows(&self.embeddings, &b.upload_ints(&ids)?, &mut embedded, (n, h))?;
+        let rows: Vec<i32> = inputs.iter().map(|i| int(i.unwrap_or(zero_row))).collect();
+        let mut features = b.zeros(n * h)?;
+        b.gather_rows(store, &b.upload_ints(&rows)?, &mut features, (n, h))?;
+        // The bias first, then both halves of `fc` added to it.
         let mut x = match &self.fc_bias {
             Some(bias) => b.upload(&bias.repeat(n))?,
             None => b.zeros(n * h)?,
         };
-        b.matmul(&input, &self.fc, &mut x, (n, h, 2 * h), true)?;
+        b.matmul(&embedded, &self.fc_embedding, &mut x, (n, h, h), true)?;
+        b.matmul(&features, &self.fc_feature, &mut x, (n, h, h), true)?;
         let step = StepInputs::new(b, batch, c, kv.block_size)?;
         let mut scratch = Scratch::new(b, n, c)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let layer_kv = (&mut kv.keys[li], &mut kv.values[li]);
             run_layer(b, c, layer, &mut x, &mut scratch, &step, layer_kv)?;
         }
-        if rows.is_empty() {
-            return Ok((Vec::new(), Vec::new()));
+        let row_ids: Vec<i32> = batch.logits_token_rows().map(int).collect();
+        let r = row_ids.len();
+        if r == 0 {
+            return Ok(Vec::new());
         }
-        let r = rows.len();
-        let row_ids = b.upload_ints(&rows.iter().map(|&i| int(i)).collect::<Vec<_>>())?;
         let mut hidden = b.zeros(r * h)?;
-        b.gather_rows(&x, &row_ids, &mut hidden, (r, h))?;
+        b.gather_rows(&x, &b.upload_ints(&row_ids)?, &mut hidden, (r, h))?;
         let normed = match &self.output_norm {
             Some(w) => {
                 let mut out = b.zeros(r * h)?;
@@ -150,15 +183,21 @@ impl<B: Backend> DeviceHead<B> {
             (r, self.draft_vocab, h),
             false,
         )?;
+        let written: Vec<i32> = logits_slots(batch).into_iter().map(int).collect();
+        let (b, store) = (&*self.backend, self.store.as_mut().expect("made before any forward"));
+        b.scatter_rows(store, &hidden, &b.upload_ints(&written)?, (r, h))?;
         let m = m.min(self.draft_vocab);
+        if m == 0 {
+            return Ok(vec![Vec::new(); r]);
+        }
         let mut ids = b.upload_ints(&vec![0; r * m])?;
         let mut logprobs = b.zeros(r * m)?;
         b.top_rows(&logits, &mut ids, &mut logprobs, (r, self.draft_vocab, m))?;
         let ids = b.download_ints(&ids, r * m)?;
         let logprobs = b.download(&logprobs, r * m)?;
-        let top = ids
-            .chunks(m.max(1))
-            .zip(logprobs.chunks(m.max(1)))
+        Ok(ids
+            .chunks(m)
+            .zip(logprobs.chunks(m))
             .map(|(ids, lps)| {
                 ids.iter()
                     .zip(lps)
@@ -166,30 +205,67 @@ impl<B: Backend> DeviceHead<B> {
                     .map(|(&i, &lp)| (i as u32, lp))
                     .collect()
             })
-            .collect();
-        Ok((top, b.download(&hidden, r * h)?))
+            .collect())
     }
 }
 
 impl<B: Backend> HeadBackend for DeviceHead<B> {
-    fn new_kv(&self, layout: KvLayout) -> Result<KvStorage> {
+    fn new_kv(&mut self, layout: KvLayout) -> Result<KvStorage> {
         let kv = DeviceKv::new(self.backend.clone(), layout)?;
+        self.slots = layout.num_slots();
+        self.store = Some(self.backend.zeros((self.slots + 1) * self.config.hidden_size)?);
         Ok(KvStorage::on_device(layout, Box::new(kv)))
     }
 
+    fn observe(&mut self, slots: &[usize], features: &[f32]) -> Result<()> {
+        let h = self.config.hidden_size;
+        if features.len() != slots.len() * h {
+            return Err(EngineError::Config(format!(
+                "{} slots but {} feature values",
+                slots.len(),
+                features.len()
+            )));
+        }
+        let kept: Vec<usize> = (0..slots.len()).filter(|&i| slots[i] < self.slots).collect();
+        if kept.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<f32> = kept
+            .iter()
+            .flat_map(|&i| &features[i * h..(i + 1) * h])
+            .copied()
+            .collect();
+        let at: Vec<i32> = kept.iter().map(|&i| int(slots[i])).collect();
+        let b = self.backend.clone();
+        let (rows, at) = (b.upload(&rows)?, b.upload_ints(&at)?);
+        b.scatter_rows(self.store()?, &rows, &at, (kept.len(), h))
+    }
+
     fn forward_top(
-        &self,
+        &mut self,
         batch: &RaggedBatch,
-        embedded: &[f32],
-        features: &[f32],
+        inputs: &[Option<usize>],
         kv: &mut KvStorage,
         m: usize,
-    ) -> Result<(Vec<TopRow>, Vec<f32>)> {
+    ) -> Result<Vec<TopRow>> {
         let layout = kv.layout();
         for seq in &batch.seqs {
             seq.validate(layout.block_size, layout.num_slots(), self.config.vocab_size)?;
         }
-        self.forward_on(batch, embedded, features, device_kv(kv)?, m)
+        self.store()?;
+        self.forward_on(batch, inputs, device_kv(kv)?, m)
+    }
+
+    fn features_at(&self, slots: &[usize]) -> Result<Vec<f32>> {
+        let h = self.config.hidden_size;
+        let Some(store) = &self.store else {
+            return Ok(Vec::new());
+        };
+        let b = &*self.backend;
+        let at: Vec<i32> = slots.iter().map(|&s| int(s.min(self.slots))).collect();
+        let mut out = b.zeros(slots.len() * h)?;
+        b.gather_rows(store, &b.upload_ints(&at)?, &mut out, (slots.len(), h))?;
+        b.download(&out, slots.len() * h)
     }
 }
 

@@ -9,6 +9,7 @@ use candle_core::{DType, Tensor};
 
 use super::super::{bf16_bits, Backend, Emulator, GpuModel};
 use crate::batch::{RaggedBatch, SeqRun};
+use crate::device_head::logits_slots;
 use crate::kv::KvLayout;
 use crate::model::Model;
 use crate::ops::top_logprobs;
@@ -124,9 +125,11 @@ fn device_head_computes_the_cpu_heads_forward<B: Backend>(backend: Arc<B>) {
     w.tensors.insert(FC_BIAS.into(), random(h, 0.0));
     let w = bf16_rounded(&w);
     let target = target_on(backend, 5);
-    let cpu = DraftHead::new(&w, target.config(), WeightFormat::F32).unwrap();
+    let mut cpu = DraftHead::new(&w, target.config(), WeightFormat::F32).unwrap();
+    let mut stays = DraftHead::new(&w, target.config(), WeightFormat::F32).unwrap();
+    assert!(!stays.place_on(&cpu_target).unwrap(), "a CPU target keeps its head");
+    assert!(!stays.place_on(&target).unwrap(), "where a head runs is decided once");
     let mut dev = DraftHead::new(&w, target.config(), WeightFormat::F32).unwrap();
-    assert!(!dev.place_on(&cpu_target).unwrap(), "a CPU target keeps its head");
     assert!(dev.place_on(&target).unwrap() && dev.on_device());
 
     let layout = KvLayout {
@@ -143,16 +146,33 @@ fn device_head_computes_the_cpu_heads_forward<B: Backend>(backend: Arc<B>) {
             .unwrap()
             .with_all_logits()],
     };
+    // The target's states at the prompt's six slots, stored as observed.
+    let slots = prompt.seqs[0].slots.clone();
+    let states: Vec<f32> = (0..slots.len() * h).map(|_| rng.f() - 0.5).collect();
+    for head in [&mut cpu, &mut dev] {
+        head.observe(&slots, &states).unwrap();
+        assert_eq!(head.features_at(&slots).unwrap(), states);
+    }
+    // Row q reads q - 1's state; the decode reads the prediction the
+    // prompt's forward stored at its last slot.
+    let prompt_rows: Vec<Option<usize>> = (0..6).map(|q| (q > 0).then(|| slots[q - 1])).collect();
     let decode = RaggedBatch {
         seqs: vec![SeqRun::causal(vec![11], 6, &table, 4).unwrap()],
     };
     let m = 5;
-    for batch in [&prompt, &decode] {
-        let n = batch.num_tokens();
-        let features: Vec<f32> = (0..n * h).map(|_| rng.f() - 0.5).collect();
-        let (want_logits, want_hidden) = cpu.forward(&target, batch, &features, &mut cpu_kv).unwrap();
-        let (top, hidden) = dev.forward_top(&target, batch, &features, &mut dev_kv, m).unwrap();
+    for (batch, rows) in [(&prompt, prompt_rows), (&decode, vec![Some(slots[5])])] {
+        let features: Vec<f32> = rows
+            .iter()
+            .flat_map(|r| r.map_or(vec![0.0; h], |s| cpu.features_at(&[s]).unwrap()))
+            .collect();
+        let (want_logits, _) = cpu.forward(&target, batch, &features, &mut cpu_kv).unwrap();
+        cpu.forward_top(&target, batch, &rows, &mut cpu_kv, m).unwrap();
+        let top = dev.forward_top(&target, batch, &rows, &mut dev_kv, m).unwrap();
         assert_eq!(top.len(), batch.num_logits_rows());
+        // The predicted features, stored at the logits rows' slots.
+        let written = logits_slots(batch);
+        let (hidden, want_hidden) = (dev.features_at(&written).unwrap(), cpu.features_at(&written).unwrap());
+        assert_eq!(hidden.len(), want_hidden.len());
         let worst = hidden
             .iter()
             .zip(&want_hidden)
@@ -188,7 +208,9 @@ fn device_head_computes_the_cpu_heads_forward<B: Backend>(backend: Arc<B>) {
 /// are accepted.
 #[test]
 fn an_engine_drafting_with_a_device_head_speculates_exactly() {
-    let head = crate::testing::tiny_head(5, HeadKind::Eagle).unwrap();
+    let mut head = crate::testing::tiny_head(5, HeadKind::Eagle).unwrap();
+    // Placed here to see it placed; the engine's setup keeps it there.
+    assert!(head.place_on(&target_on(Arc::new(Emulator), 5)).unwrap());
     let drafter = crate::engine::DrafterKind::Head(Box::new(head));
     super::super::tests::speculates_exactly_on_the_emulated_gpu(drafter, 5, 12);
 }

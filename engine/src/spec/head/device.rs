@@ -6,7 +6,7 @@
 //! EAGLE-3 head, or one that reads the target's own output layer, stays on
 //! the CPU (and says so), drafting exactly as before.
 
-use super::{half_split_to_interleaved, DraftHead, HeadKind, FC, FC_BIAS, LM_HEAD, OUTPUT_NORM};
+use super::{half_split_to_interleaved, DraftHead, HeadKind, HeadWeights, FC, FC_BIAS, LM_HEAD, OUTPUT_NORM};
 use crate::device_head::{HeadLayerParts, HeadParts};
 use crate::error::Result;
 use crate::model::Model;
@@ -18,8 +18,16 @@ impl DraftHead {
     }
 
     /// Moves the head onto `target`'s device when that device runs heads
-    /// (a GPU) and the head is one it can run: returns whether it moved.
+    /// (a GPU) and the head is one it can run: returns whether it runs
+    /// there (a head already placed stays). Drops the checkpoint's f32
+    /// weights either way: the CPU head keeps its own copy.
     pub fn place_on(&mut self, target: &Model) -> Result<bool> {
+        if self.device.is_some() {
+            return Ok(true);
+        }
+        let Some(weights) = self.weights.take() else {
+            return Ok(false); // placement was decided before: the CPU
+        };
         if target.device() == crate::Device::Cpu {
             return Ok(false);
         }
@@ -32,13 +40,12 @@ impl DraftHead {
             tracing::warn!("{why} drafts on the CPU beside a {} target", target.device());
             return Ok(false);
         }
-        self.device = target.head_on_device(&self.device_parts()?)?;
+        self.device = target.head_on_device(&self.device_parts(&weights)?)?;
         Ok(self.device.is_some())
     }
 
-    /// The head's weights as a device loads them.
-    fn device_parts(&self) -> Result<HeadParts> {
-        let w = &self.weights;
+    /// The head's weights `w` as a device loads them.
+    fn device_parts(&self, w: &HeadWeights) -> Result<HeadParts> {
         let c = &w.config;
         let f32s = |name: &str| -> Result<Vec<f32>> { Ok(w.tensors[name].flatten_all()?.to_vec1::<f32>()?) };
         let optional =

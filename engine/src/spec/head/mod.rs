@@ -39,7 +39,7 @@ use candle_core::{Device, Tensor};
 use crate::backend::FeatureTap;
 use crate::batch::RaggedBatch;
 use crate::config::ModelConfig;
-use crate::device_head::{HeadBackend, TopRow};
+use crate::device_head::{logits_slots, HeadBackend, TopRow};
 use crate::error::{EngineError, Result};
 use crate::kv::KvStorage;
 use crate::layer::{ForwardContext, Layer};
@@ -78,11 +78,15 @@ pub struct DraftHead {
     /// `None`: the target's output layer.
     lm_head: Option<Linear>,
     draft_to_target: Vec<u32>,
-    /// The checkpoint's weights, to move the head onto a device.
-    weights: HeadWeights,
+    /// The checkpoint's weights until [`DraftHead::place_on`] has decided
+    /// where the head runs (then dropped).
+    weights: Option<HeadWeights>,
     /// Where the head runs beside a GPU target ([`DraftHead::place_on`]);
     /// `None`: here, on the CPU.
     device: Option<Box<dyn HeadBackend>>,
+    /// On the CPU, the feature store of [`HeadBackend`]: `(slots, hidden)`,
+    /// sized by [`DraftHead::new_kv`].
+    store: Vec<f32>,
 }
 
 impl DraftHead {
@@ -166,8 +170,9 @@ impl DraftHead {
             eagle3_norms,
             config: c.clone(),
             layer_config,
-            weights: weights.clone(),
+            weights: Some(weights.clone()),
             device: None,
+            store: Vec::new(),
         })
     }
 
@@ -244,38 +249,99 @@ impl DraftHead {
         }
     }
 
-    /// Empty KV storage for the head, where it runs, a layer per head layer.
-    pub fn new_kv(&self, layout: crate::kv::KvLayout) -> Result<KvStorage> {
-        match &self.device {
+    /// Empty KV storage for the head, where it runs, a layer per head
+    /// layer, and a zeroed feature store of a row per slot of `layout`.
+    pub fn new_kv(&mut self, layout: crate::kv::KvLayout) -> Result<KvStorage> {
+        match &mut self.device {
             Some(d) => d.new_kv(layout),
-            None => Ok(KvStorage::new(layout)),
+            None => {
+                self.store = vec![0.0; layout.num_slots() * self.hidden_size()];
+                Ok(KvStorage::new(layout))
+            }
         }
     }
 
-    /// [`forward`](Self::forward), where the head runs, keeping of each
-    /// logits row its best `m` draft ids and their logprobs
-    /// ([`top_logprobs`]); a head on a device finds them there.
+    /// Stores the head's input for the target's `states` (rows of its
+    /// feature tap) at `slots` (slots past the store are skipped).
+    pub fn observe(&mut self, slots: &[usize], states: &[f32]) -> Result<()> {
+        let values = self.input_features(states)?;
+        let h = self.hidden_size();
+        if values.len() != slots.len() * h {
+            return Err(EngineError::Config(format!(
+                "{} slots but {} feature values",
+                slots.len(),
+                values.len()
+            )));
+        }
+        match &mut self.device {
+            Some(d) => d.observe(slots, &values),
+            None => {
+                for (&slot, row) in slots.iter().zip(values.chunks_exact(h)) {
+                    if let Some(dst) = self.store.get_mut(slot * h..(slot + 1) * h) {
+                        dst.copy_from_slice(row);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// [`forward`](Self::forward) where the head runs, token `i` reading
+    /// the stored feature row `inputs[i]` (`None`: zeros); each logits
+    /// row's predicted feature is stored at its slot (its children's
+    /// input), and its best `m` draft ids and their logprobs come back
+    /// ([`top_logprobs`]; a head on a device finds them there).
     pub fn forward_top(
-        &self,
+        &mut self,
         target: &Model,
         batch: &RaggedBatch,
-        features: &[f32],
+        inputs: &[Option<usize>],
         kv: &mut KvStorage,
         m: usize,
-    ) -> Result<(Vec<TopRow>, Vec<f32>)> {
-        if let Some(d) = &self.device {
-            let embedded = target.embed(batch.seqs.iter().flat_map(|s| s.token_ids.iter().copied()));
-            return d.forward_top(batch, &embedded, features, kv, m);
+    ) -> Result<Vec<TopRow>> {
+        if let Some(d) = &mut self.device {
+            return d.forward_top(batch, inputs, kv, m);
         }
-        let (logits, hidden) = self.forward(target, batch, features, kv)?;
-        let rows = hidden.len() / self.hidden_size();
+        let h = self.hidden_size();
+        let slots = self.store.len() / h;
+        if let Some(bad) = inputs.iter().flatten().find(|&&s| s >= slots) {
+            return Err(EngineError::Config(format!(
+                "feature row {bad} is past the store's {slots} slots"
+            )));
+        }
+        let mut features = Vec::with_capacity(inputs.len() * h);
+        for i in inputs {
+            match i {
+                Some(s) => features.extend_from_slice(&self.store[s * h..(s + 1) * h]),
+                None => features.extend(std::iter::repeat_n(0.0, h)),
+            }
+        }
+        let (logits, hidden) = self.forward(target, batch, &features, kv)?;
+        for (slot, row) in logits_slots(batch).into_iter().zip(hidden.chunks_exact(h)) {
+            if let Some(dst) = self.store.get_mut(slot * h..(slot + 1) * h) {
+                dst.copy_from_slice(row);
+            }
+        }
+        let rows = hidden.len() / h;
         let width = logits.len() / rows.max(1);
-        let top = logits
+        Ok(logits
             .chunks(width.max(1))
             .take(rows)
             .map(|r| top_logprobs(r, m))
-            .collect();
-        Ok((top, hidden))
+            .collect())
+    }
+
+    /// The stored feature rows of `slots`, `(slots, hidden)` (zeros past
+    /// the store).
+    pub fn features_at(&self, slots: &[usize]) -> Result<Vec<f32>> {
+        if let Some(d) = &self.device {
+            return d.features_at(slots);
+        }
+        let h = self.hidden_size();
+        Ok(slots
+            .iter()
+            .flat_map(|&s| self.store.get(s * h..(s + 1) * h).map_or(vec![0.0; h], <[f32]>::to_vec))
+            .collect())
     }
 
     /// Runs the head on `batch` (tokens are target ids) whose row `i` reads
