@@ -1,6 +1,7 @@
 //! The kernels of `kernels.cu` on the CPU, for tests on machines without a
 //! GPU: `emulator/emu.h` supplies CUDA's built-ins (blocks run one after
-//! another on `blockDim` threads with a barrier for `__syncthreads`), the
+//! another, a block's `blockDim` threads as fibers that hand over at each
+//! `__syncthreads`), the
 //! system C++ compiler builds the kernel source into a library once per test
 //! run, and [`Emulator`] implements [`Backend`] with host vectors as device
 //! buffers and the launch geometry of [`Grid`], as the CUDA backend does.
