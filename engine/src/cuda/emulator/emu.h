@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -143,6 +144,13 @@ inline void mma_bf16_16816(float* d, const unsigned* a, const unsigned* b) {
     std::memcpy(d, w.d[lane_id], sizeof w.d[0]);
 }
 
+// How often every barrier of the launch has opened so far.
+static unsigned long barrier_generations(const std::vector<Barrier>& warps) {
+    unsigned long n = block_barrier.generation;
+    for (const Barrier& b : warps) n += b.generation;
+    return n;
+}
+
 static void run_thread() {
     fibers.kernel();
     fibers.finished[fibers.current] = 1;
@@ -179,9 +187,12 @@ void launch(dim3 grid, dim3 block, F kernel) {
                     makecontext(&c, run_thread, 0);
                     fibers.finished[t] = 0;
                 }
-                // Round robin until every thread has returned (the kernels
-                // bring every thread to every barrier).
+                // Round robin until every thread has returned; a pass in
+                // which no thread returns and no barrier opens is a kernel
+                // that leaves some thread short of a barrier: stop there.
                 for (unsigned left = threads; left > 0;) {
+                    const unsigned long opened = barrier_generations(bars);
+                    const unsigned before = left;
                     for (unsigned t = 0; t < threads; ++t) {
                         if (fibers.finished[t]) continue;
                         fibers.current = t;
@@ -190,6 +201,10 @@ void launch(dim3 grid, dim3 block, F kernel) {
                         warp_id = t / 32;
                         swapcontext(&fibers.launcher, &fibers.contexts[t]);
                         left -= fibers.finished[t];
+                    }
+                    if (left == before && barrier_generations(bars) == opened) {
+                        std::fprintf(stderr, "emulated kernel deadlocked: a thread never reached a barrier\n");
+                        std::abort();
                     }
                 }
             }

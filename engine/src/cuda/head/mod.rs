@@ -249,17 +249,24 @@ impl<B: Backend> HeadBackend for DeviceHead<B> {
         m: usize,
     ) -> Result<Vec<TopRow>> {
         let layout = kv.layout();
+        self.store()?;
+        if layout.num_slots() != self.slots {
+            return Err(EngineError::Config(format!(
+                "the draft head's store has {} slots, its KV {}: make both with new_kv",
+                self.slots,
+                layout.num_slots()
+            )));
+        }
         for seq in &batch.seqs {
             seq.validate(layout.block_size, layout.num_slots(), self.config.vocab_size)?;
         }
-        self.store()?;
         self.forward_on(batch, inputs, device_kv(kv)?, m)
     }
 
     fn features_at(&self, slots: &[usize]) -> Result<Vec<f32>> {
         let h = self.config.hidden_size;
         let Some(store) = &self.store else {
-            return Ok(Vec::new());
+            return Err(EngineError::Config("the draft head's KV was not made (new_kv)".into()));
         };
         let b = &*self.backend;
         let at: Vec<i32> = slots.iter().map(|&s| int(s.min(self.slots))).collect();

@@ -223,3 +223,100 @@ fn half_split_rows_become_adjacent_pairs() {
         vec![0., 1., 4., 5., 2., 3., 6., 7.]
     );
 }
+
+/// Tree rows read their parent's predicted feature: chains grown three deep
+/// for two sequences at once through [`ModelDrafter`] (one candidate per
+/// node) are the chains a head gives when each token is fed, one at a time,
+/// the feature the head predicted for the token before it.
+#[test]
+fn draft_chains_feed_each_node_its_parents_prediction() {
+    use crate::batch::SeqRun;
+    use crate::kv::KvLayout;
+    use crate::spec::drafter::{DraftInput, Drafter, ModelDrafter, TargetView};
+    use crate::spec::tree::{grow, DraftTree};
+    use heterospec_kv::{BlockId, SeqId};
+
+    let target = tiny_model(5).unwrap();
+    let h = target.config().hidden_size;
+    let sub: Vec<u32> = (0..40).map(|i| i * 3 % 64).collect();
+    let w = HeadParams::init(&target, sub, 4, DType::F32, HeadKind::Eagle, 1)
+        .unwrap()
+        .weights()
+        .unwrap();
+    let head = || DraftHead::new(&w, target.config(), WeightFormat::F32).unwrap();
+    let layout = KvLayout {
+        num_blocks: 12,
+        block_size: 4,
+        num_layers: 1,
+        kv_size: head().kv_size(),
+        scratch_slots: 8,
+    };
+    let prompts: [Vec<u32>; 2] = [vec![3, 9, 27, 5, 1, 60], vec![7, 7, 2, 40, 11]];
+    let tables: [Vec<BlockId>; 2] = [
+        vec![BlockId(1), BlockId(2), BlockId(3)],
+        vec![BlockId(5), BlockId(6), BlockId(7)],
+    ];
+    let mut rng = crate::testing::Lcg(8);
+    // The target's states of every token before each root.
+    let states: Vec<Vec<f32>> = prompts
+        .iter()
+        .map(|p| (0..(p.len() - 1) * h).map(|_| rng.f() - 0.5).collect())
+        .collect();
+    let slots = |s: usize, n: usize| -> Vec<usize> { (0..n).map(|q| tables[s][q / 4].index() * 4 + q % 4).collect() };
+
+    let mut drafter = ModelDrafter::with_head(head(), layout, 8).unwrap();
+    for s in 0..2 {
+        drafter
+            .observe_features(&slots(s, prompts[s].len() - 1), &states[s])
+            .unwrap();
+    }
+    let inputs: Vec<DraftInput> = (0..2)
+        .map(|s| DraftInput {
+            seq_id: SeqId(s as u64),
+            tokens: &prompts[s],
+            num_computed: prompts[s].len() - 1,
+            block_table: &tables[s],
+            free_only: false,
+        })
+        .collect();
+    let mut trees: Vec<DraftTree> = prompts.iter().map(|p| DraftTree::new(*p.last().unwrap())).collect();
+    let mut target_kv = target.new_kv(layout).unwrap();
+    let mut view = TargetView {
+        model: &target,
+        kv: &mut target_kv,
+        scratch: 0..0,
+    };
+    grow(
+        &mut drafter,
+        &mut view,
+        &inputs,
+        &mut trees,
+        &[3, 3],
+        &[f32::NEG_INFINITY; 2],
+        1,
+    )
+    .unwrap();
+
+    for s in 0..2 {
+        let drafted: Vec<u32> = trees[s].path_tokens(trees[s].len() - 1);
+        assert_eq!(drafted.len(), 3, "sequence {s}");
+        // The same head, fed by hand: the prompt (row q reads q - 1's
+        // state), then each drafted token reading the prediction before it.
+        let mut reference = head();
+        let mut kv = reference.new_kv(layout).unwrap();
+        let p = &prompts[s];
+        let mut features = vec![0.0; h];
+        features.extend_from_slice(&states[s]);
+        let mut run = SeqRun::causal(p.clone(), 0, &tables[s], 4).unwrap();
+        let mut want = Vec::new();
+        for step in 0..3 {
+            let batch = crate::batch::RaggedBatch { seqs: vec![run] };
+            let (logits, hidden) = reference.forward(&target, &batch, &features, &mut kv).unwrap();
+            let best = crate::sampler::argmax(&logits);
+            want.push(reference.target_token(best));
+            features = hidden;
+            run = SeqRun::causal(vec![want[step]], p.len() + step, &tables[s], 4).unwrap();
+        }
+        assert_eq!(drafted, want, "sequence {s}");
+    }
+}
