@@ -12,6 +12,7 @@
 use crate::batch::RaggedBatch;
 use crate::device_head::{HeadBackend, HeadParts};
 use crate::error::Result;
+use crate::features::Features;
 use crate::kv::{KvLayout, KvStorage};
 
 /// A device that runs the target model's forward.
@@ -46,8 +47,9 @@ pub trait ModelBackend: Send + Sync {
     /// [`forward`](Self::forward) for verification: each logits row `r`
     /// with `pickable[r]` may come back as its greedy pick (the first
     /// largest logit and its logprob) rather than as the row, which a
-    /// device that finds the picks itself need not copy back. By default
-    /// every row comes back whole.
+    /// device that finds the picks itself need not copy back; and the
+    /// features may stay on the device ([`Features::Device`]). By default
+    /// every row comes back whole and the features on the host.
     fn forward_rows(
         &self,
         x: Vec<f32>,
@@ -55,12 +57,13 @@ pub trait ModelBackend: Send + Sync {
         kv: &mut KvStorage,
         tap: Option<&FeatureTap>,
         pickable: &[bool],
-    ) -> Result<(Rows, Vec<f32>)> {
+    ) -> Result<(Rows, Features)> {
         let _ = pickable;
         let c = self.config();
-        let (vocab, num_layers) = (c.vocab_size, c.num_layers);
+        let (vocab, num_layers, hidden) = (c.vocab_size, c.num_layers, c.hidden_size);
         let (logits, features) = self.forward(x, batch, kv, num_layers, tap)?;
-        Ok((Rows::whole(logits, vocab), features))
+        let width = tap.map_or(0, |t| t.width(hidden));
+        Ok((Rows::whole(logits, vocab), Features::host(features, width)))
     }
 
     /// A draft head's weights moved onto this backend's device, to run

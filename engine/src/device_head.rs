@@ -12,6 +12,7 @@
 use crate::batch::RaggedBatch;
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::features::Features;
 use crate::kv::{KvLayout, KvStorage};
 
 /// One decoder layer of a head, row-major `(out, in)` matrices with query
@@ -56,8 +57,10 @@ pub trait HeadBackend: Send + Sync {
     /// zeroed feature store of a row per slot of `layout`.
     fn new_kv(&mut self, layout: KvLayout) -> Result<KvStorage>;
 
-    /// Stores the rows of `features` `(slots, hidden)` at `slots`.
-    fn observe(&mut self, slots: &[usize], features: &[f32]) -> Result<()>;
+    /// Stores row `rows[i]` of `features` (`hidden` wide) at `slots[i]`
+    /// (slots past the store are skipped). Rows a forward left on this
+    /// device are copied there; others are uploaded.
+    fn observe(&mut self, slots: &[usize], features: &Features, rows: &[usize]) -> Result<()>;
 
     /// Runs the head on `batch`: token `i` reads its token's embedding and
     /// the stored feature row `inputs[i]` (`None`: zeros); writes the

@@ -247,7 +247,6 @@ impl Engine {
             &mut self.seqs,
             rule,
         );
-        let width = tap.map(|t| t.width(self.model.config().hidden_size));
         let results = Committer {
             kv: &mut self.kv,
             live: &mut self.seqs,
@@ -261,7 +260,7 @@ impl Engine {
             node_rows: &node_rows,
             acceptances,
             staged,
-            features: width.map(|w| (features.as_slice(), w)),
+            features: tap.is_some().then_some(&features),
             draft_secs,
         })?;
         metrics::record_forward(forward_secs);

@@ -12,6 +12,7 @@ pub mod device;
 pub mod device_head;
 pub mod engine;
 pub mod error;
+pub mod features;
 pub mod health;
 pub mod heap;
 pub mod kv;

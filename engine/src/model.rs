@@ -14,6 +14,7 @@ use crate::batch::RaggedBatch;
 use crate::config::ModelConfig;
 use crate::cpu::CpuModel;
 use crate::error::{EngineError, Result};
+use crate::features::Features;
 use crate::kv::{KvLayout, KvStorage};
 pub use crate::linear::WeightFormat;
 pub use crate::weights::ModelTensors;
@@ -116,20 +117,20 @@ impl Model {
     /// [`Model::forward_with_features`] (or [`Model::forward`] without a
     /// tap) for verification: each logits row `r` with `pickable[r]` may
     /// come back as its greedy pick rather than whole (a GPU finds the
-    /// picks on the device and copies back only the other rows; the CPU
-    /// returns every row whole).
+    /// picks on the device and copies back only the other rows, and leaves
+    /// the features there; the CPU returns every row whole).
     pub fn forward_rows(
         &self,
         batch: &RaggedBatch,
         kv: &mut KvStorage,
         tap: Option<&FeatureTap>,
         pickable: &[bool],
-    ) -> Result<(Rows, Vec<f32>)> {
+    ) -> Result<(Rows, Features)> {
         if let Some(tap) = tap {
             self.check_tap(tap)?;
         }
         let Some(x) = self.prepare(batch, kv)? else {
-            return Ok((Rows::whole(Vec::new(), self.config.vocab_size), Vec::new()));
+            return Ok((Rows::whole(Vec::new(), self.config.vocab_size), Features::none()));
         };
         self.backend.forward_rows(x, batch, kv, tap, pickable)
     }

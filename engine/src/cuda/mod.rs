@@ -11,8 +11,9 @@
 //! token-identical to plain decoding, as on the CPU.
 //! One forward uploads the new tokens' ids, RoPE tables, KV slots and key
 //! lists, gathers the embeddings and runs every layer on the device, and
-//! brings back only the logits rows asked for (and a draft head's
-//! features). Sampling stays on the host. A draft head runs on the device
+//! brings back only the logits rows asked for; a verify forward leaves a
+//! draft head's final-norm features on the device (`features`), where a
+//! head on the device stores them. Sampling stays on the host. A draft head runs on the device
 //! too ([`DeviceHead`]), its rows' best ids found there.
 //!
 //! The forward is written against [`Backend`] (one method per kernel):
@@ -29,6 +30,7 @@ use crate::batch::RaggedBatch;
 use crate::config::ModelConfig;
 use crate::device_head::{HeadBackend, HeadParts};
 use crate::error::{EngineError, Result};
+use crate::features::Features;
 use crate::kv::{KvLayout, KvStorage};
 use crate::weights::{LayerTensor, ModelTensors, EMBEDDINGS, OUTPUT_NORM};
 
@@ -36,6 +38,7 @@ pub mod bench;
 mod device_kv;
 #[cfg(test)]
 mod emulator;
+mod features;
 mod gpu;
 #[cfg(test)]
 #[path = "greedy/tests.rs"]
@@ -75,7 +78,7 @@ pub trait Backend: Send + Sync + 'static {
     /// The device the kernels run on.
     fn device(&self) -> crate::Device;
     /// A buffer of f32 on the device.
-    type Floats: Send + Sync;
+    type Floats: Send + Sync + 'static;
     /// A buffer of i32 on the device.
     type Ints: Send + Sync;
     /// A buffer of bf16 on the device (weight matrices).
@@ -331,13 +334,14 @@ impl<B: Backend> GpuModel<B> {
             Some(l) => self.backend.download(&l, logits_rows.len() * vocab)?,
             None => Vec::new(),
         };
-        Ok((logits, features))
+        Ok((logits, features.into_host()?))
     }
 
     /// [`forward_on`](Self::forward_on) through every layer for
     /// verification: the rows `pickable` marks come back as their greedy
     /// picks, found on the device (`greedy_rows`), the others whole; only
-    /// those rows' logits are copied back.
+    /// those rows' logits are copied back. Final-norm features stay on the
+    /// device.
     pub fn forward_picking(
         &self,
         batch: &RaggedBatch,
@@ -345,7 +349,7 @@ impl<B: Backend> GpuModel<B> {
         tap: Option<&FeatureTap>,
         logits_rows: &[usize],
         pickable: &[bool],
-    ) -> Result<(Rows, Vec<f32>)> {
+    ) -> Result<(Rows, Features)> {
         let b = &*self.backend;
         let vocab = self.config.vocab_size;
         let rows = logits_rows.len();
@@ -379,7 +383,8 @@ impl<B: Backend> GpuModel<B> {
         Ok((Rows::mixed(vocab, whole_logits, picks), features))
     }
 
-    /// The forward on the device, leaving the logits rows there.
+    /// The forward on the device, leaving the logits rows there, and the
+    /// final-norm features of a `Final` tap (layer taps come to the host).
     fn forward_device(
         &self,
         batch: &RaggedBatch,
@@ -387,7 +392,7 @@ impl<B: Backend> GpuModel<B> {
         num_layers: usize,
         tap: Option<&FeatureTap>,
         logits_rows: &[usize],
-    ) -> Result<(Option<B::Floats>, Vec<f32>)> {
+    ) -> Result<(Option<B::Floats>, Features)> {
         let c = &self.config;
         let b = &*self.backend;
         let n = batch.num_tokens();
@@ -432,28 +437,42 @@ impl<B: Backend> GpuModel<B> {
         take_taps(&x, num_layers)?;
 
         let final_features = tap == Some(&FeatureTap::Final);
-        let features = if final_features {
-            b.rms_norm(&x, &self.output_norm, &mut scratch.normed, (n, h), eps)?;
-            b.download(&scratch.normed, n * h)?
-        } else {
-            tapped // empty without layer taps
-        };
-        let rows = logits_rows.len();
-        if rows == 0 {
-            return Ok((None, features));
-        }
-        let row_ids = b.upload_ints(&logits_rows.iter().map(|&r| int(r)).collect::<Vec<_>>())?;
-        let mut selected = b.zeros(rows * h)?;
         if final_features {
-            b.gather_rows(&scratch.normed, &row_ids, &mut selected, (rows, h))?;
-        } else {
-            let mut picked = b.zeros(rows * h)?;
-            b.gather_rows(&x, &row_ids, &mut picked, (rows, h))?;
-            b.rms_norm(&picked, &self.output_norm, &mut selected, (rows, h), eps)?;
+            b.rms_norm(&x, &self.output_norm, &mut scratch.normed, (n, h), eps)?;
         }
-        let mut logits = b.zeros(rows * c.vocab_size)?;
-        b.matmul(&selected, &self.lm_head, &mut logits, (rows, c.vocab_size, h), false)?;
-        Ok((Some(logits), features))
+        let rows = logits_rows.len();
+        let mut logits = None;
+        if rows > 0 {
+            let row_ids = b.upload_ints(&logits_rows.iter().map(|&r| int(r)).collect::<Vec<_>>())?;
+            let mut selected = b.zeros(rows * h)?;
+            if final_features {
+                b.gather_rows(&scratch.normed, &row_ids, &mut selected, (rows, h))?;
+            } else {
+                let mut picked = b.zeros(rows * h)?;
+                b.gather_rows(&x, &row_ids, &mut picked, (rows, h))?;
+                b.rms_norm(&picked, &self.output_norm, &mut selected, (rows, h), eps)?;
+            }
+            let mut out = b.zeros(rows * c.vocab_size)?;
+            b.matmul(&selected, &self.lm_head, &mut out, (rows, c.vocab_size, h), false)?;
+            logits = Some(out);
+        }
+        let features = if final_features {
+            let rows = features::DeviceFeatures {
+                backend: self.backend.clone(),
+                values: scratch.normed,
+                len: n * h,
+            };
+            Features::Device {
+                rows: Box::new(rows),
+                tokens: n,
+                width: h,
+            }
+        } else {
+            // Empty without layer taps.
+            let width = if taps.is_empty() { 0 } else { taps.len() * h };
+            Features::host(tapped, width)
+        };
+        Ok((logits, features))
     }
 }
 
@@ -489,7 +508,7 @@ impl<B: Backend> ModelBackend for GpuModel<B> {
         kv: &mut KvStorage,
         tap: Option<&FeatureTap>,
         pickable: &[bool],
-    ) -> Result<(Rows, Vec<f32>)> {
+    ) -> Result<(Rows, Features)> {
         let kv = device_kv(kv)?;
         let rows: Vec<usize> = batch.logits_token_rows().collect();
         self.forward_picking(batch, kv, tap, &rows, pickable)

@@ -16,6 +16,7 @@ use crate::backend::FeatureTap;
 use crate::batch::{RaggedBatch, SeqRun};
 use crate::device_head::TopRow;
 use crate::error::{EngineError, Result};
+use crate::features::Features;
 use crate::kv::{KvLayout, KvStorage};
 use crate::model::Model;
 use crate::ops::top_logprobs;
@@ -88,8 +89,9 @@ pub trait Drafter: Send {
     }
 
     /// The target's states (of [`Drafter::feature_tap`]) of the token now in
-    /// each KV slot (`features` is `(slots, tap width)`), after a forward.
-    fn observe_features(&mut self, _slots: &[usize], _features: &[f32]) -> Result<()> {
+    /// each KV slot, after a forward: row `rows[i]` of the forward's
+    /// `features` is the state of the token in `slots[i]`.
+    fn observe_features(&mut self, _slots: &[usize], _features: &Features, _rows: &[usize]) -> Result<()> {
         Ok(())
     }
 }
@@ -317,9 +319,9 @@ impl Drafter for ModelDrafter {
         }
     }
 
-    fn observe_features(&mut self, slots: &[usize], values: &[f32]) -> Result<()> {
+    fn observe_features(&mut self, slots: &[usize], features: &Features, rows: &[usize]) -> Result<()> {
         match &mut self.source {
-            DraftSource::Head { head, .. } => head.observe(slots, values),
+            DraftSource::Head { head, .. } => head.observe(slots, features, rows),
             _ => Ok(()),
         }
     }

@@ -29,6 +29,7 @@ use heterospec_kv::SeqId;
 
 use crate::backend::FeatureTap;
 use crate::error::Result;
+use crate::features::Features;
 use crate::spec::drafter::{node_context, DraftInput, Drafter, ModelDrafter, NgramDrafter, Proposal, TargetView};
 use crate::spec::tree::DraftTree;
 
@@ -156,8 +157,8 @@ impl Drafter for HybridDrafter {
         self.head.feature_tap()
     }
 
-    fn observe_features(&mut self, slots: &[usize], features: &[f32]) -> Result<()> {
-        self.head.observe_features(slots, features)
+    fn observe_features(&mut self, slots: &[usize], features: &Features, rows: &[usize]) -> Result<()> {
+        self.head.observe_features(slots, features, rows)
     }
 }
 

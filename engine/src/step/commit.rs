@@ -12,6 +12,7 @@ use std::collections::HashMap;
 
 use crate::batch::RaggedBatch;
 use crate::error::Result;
+use crate::features::Features;
 use crate::kv::KvStorage;
 use crate::metrics;
 use crate::spec::calibrate::rank_label;
@@ -31,9 +32,9 @@ pub(crate) struct Forwarded<'a> {
     pub node_rows: &'a [NodeRows],
     pub acceptances: Vec<Acceptance>,
     pub staged: Vec<Staged>,
-    /// The drafter's tap of every batch token, `(tokens, width)`; `None`
-    /// when the drafter observes no features.
-    pub features: Option<(&'a [f32], usize)>,
+    /// The drafter's tap of every batch token (on the host or left on the
+    /// device); `None` when the drafter observes no features.
+    pub features: Option<&'a Features>,
     pub draft_secs: f64,
 }
 
@@ -81,7 +82,7 @@ impl Committer<'_> {
         let dst: Vec<usize> = moves.iter().map(|m| m.1).collect();
         self.kv.copy_slots(&src, &dst)?;
         let mut spec = self.spec;
-        if let (Some((values, width)), Some(spec)) = (features, spec.as_deref_mut()) {
+        if let (Some(features), Some(spec)) = (features, spec.as_deref_mut()) {
             // The new tokens' states, then the accepted nodes' at their new slots.
             let mut slots = Vec::new();
             let mut rows = Vec::new();
@@ -92,11 +93,7 @@ impl Committer<'_> {
             }
             slots.extend(moves.iter().map(|m| m.1));
             rows.extend(moves.iter().map(|m| m.2));
-            let mut observed = Vec::with_capacity(rows.len() * width);
-            for &t in &rows {
-                observed.extend_from_slice(&values[t * width..(t + 1) * width]);
-            }
-            spec.drafter.observe_features(&slots, &observed)?;
+            spec.drafter.observe_features(&slots, features, &rows)?;
         }
 
         // Nothing below fails.

@@ -10,8 +10,9 @@
 //! Invariant: the forward is `spec::head::DraftHead`'s (EAGLE: `fc` over
 //! `[embedding | feature]`, here as the sum of its two halves' products,
 //! the layers, the optional norm, the output layer), with weights and
-//! embeddings rounded to bf16 as the target's. The target's states still
-//! reach the store from the host ([`HeadBackend::observe`], once a step).
+//! embeddings rounded to bf16 as the target's. The target's states reach
+//! the store where its verify forward left them ([`HeadBackend::observe`]
+//! copies rows on the device).
 
 use std::sync::Arc;
 
@@ -21,6 +22,7 @@ use crate::batch::RaggedBatch;
 use crate::config::ModelConfig;
 use crate::device_head::{logits_slots, HeadBackend, HeadParts, TopRow};
 use crate::error::{EngineError, Result};
+use crate::features::Features;
 use crate::kv::{KvLayout, KvStorage};
 
 /// A draft head's weights on the device: matrices bf16, norms and the
@@ -217,28 +219,45 @@ impl<B: Backend> HeadBackend for DeviceHead<B> {
         Ok(KvStorage::on_device(layout, Box::new(kv)))
     }
 
-    fn observe(&mut self, slots: &[usize], features: &[f32]) -> Result<()> {
+    fn observe(&mut self, slots: &[usize], features: &Features, rows: &[usize]) -> Result<()> {
         let h = self.config.hidden_size;
-        if features.len() != slots.len() * h {
+        if rows.len() != slots.len() || features.width() != h {
             return Err(EngineError::Config(format!(
-                "{} slots but {} feature values",
+                "{} slots, {} feature rows of {} floats (the head's features have {h})",
                 slots.len(),
-                features.len()
+                rows.len(),
+                features.width()
             )));
         }
         let kept: Vec<usize> = (0..slots.len()).filter(|&i| slots[i] < self.slots).collect();
         if kept.is_empty() {
             return Ok(());
         }
-        let rows: Vec<f32> = kept
-            .iter()
-            .flat_map(|&i| &features[i * h..(i + 1) * h])
-            .copied()
-            .collect();
-        let at: Vec<i32> = kept.iter().map(|&i| int(slots[i])).collect();
         let b = self.backend.clone();
-        let (rows, at) = (b.upload(&rows)?, b.upload_ints(&at)?);
-        b.scatter_rows(self.store()?, &rows, &at, (kept.len(), h))
+        let at = b.upload_ints(&kept.iter().map(|&i| int(slots[i])).collect::<Vec<_>>())?;
+        let picks: Vec<usize> = kept.iter().map(|&i| rows[i]).collect();
+        let on_device = match features {
+            Features::Device { rows: d, tokens, .. } => {
+                super::features::on_backend(d.as_ref(), &b).map(|v| (v, *tokens))
+            }
+            Features::Host { .. } => None,
+        };
+        let values = match on_device {
+            // Left here by the target's forward: gathered on the device.
+            Some((values, tokens)) => {
+                if let Some(&bad) = picks.iter().find(|&&p| p >= tokens) {
+                    return Err(EngineError::Config(format!(
+                        "feature row {bad} of a forward of {tokens} tokens"
+                    )));
+                }
+                let idx = b.upload_ints(&picks.iter().map(|&p| int(p)).collect::<Vec<_>>())?;
+                let mut out = b.zeros(picks.len() * h)?;
+                b.gather_rows(values, &idx, &mut out, (picks.len(), h))?;
+                out
+            }
+            None => b.upload(&features.rows(&picks)?)?,
+        };
+        b.scatter_rows(self.store()?, &values, &at, (kept.len(), h))
     }
 
     fn forward_top(

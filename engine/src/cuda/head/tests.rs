@@ -7,9 +7,12 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
+use super::super::features::on_backend;
 use super::super::{bf16_bits, Backend, Emulator, GpuModel};
+use crate::backend::FeatureTap;
 use crate::batch::{RaggedBatch, SeqRun};
 use crate::device_head::logits_slots;
+use crate::features::Features;
 use crate::kv::KvLayout;
 use crate::model::Model;
 use crate::ops::top_logprobs;
@@ -124,7 +127,7 @@ fn device_head_computes_the_cpu_heads_forward<B: Backend>(backend: Arc<B>) {
     w.tensors.insert(OUTPUT_NORM.into(), random(h, 1.0));
     w.tensors.insert(FC_BIAS.into(), random(h, 0.0));
     let w = bf16_rounded(&w);
-    let target = target_on(backend, 5);
+    let target = target_on(backend.clone(), 5);
     let mut cpu = DraftHead::new(&w, target.config(), WeightFormat::F32).unwrap();
     let mut stays = DraftHead::new(&w, target.config(), WeightFormat::F32).unwrap();
     assert!(!stays.place_on(&cpu_target).unwrap(), "a CPU target keeps its head");
@@ -149,8 +152,10 @@ fn device_head_computes_the_cpu_heads_forward<B: Backend>(backend: Arc<B>) {
     // The target's states at the prompt's six slots, stored as observed.
     let slots = prompt.seqs[0].slots.clone();
     let states: Vec<f32> = (0..slots.len() * h).map(|_| rng.f() - 0.5).collect();
+    let every: Vec<usize> = (0..slots.len()).collect();
     for head in [&mut cpu, &mut dev] {
-        head.observe(&slots, &states).unwrap();
+        head.observe(&slots, &Features::host(states.clone(), h), &every)
+            .unwrap();
         assert_eq!(head.features_at(&slots).unwrap(), states);
     }
     // Row q reads q - 1's state; the decode reads the prediction the
@@ -199,6 +204,40 @@ fn device_head_computes_the_cpu_heads_forward<B: Backend>(backend: Arc<B>) {
                 );
             }
         }
+    }
+
+    // The target's own states, which its verify forward leaves on the
+    // device: the device head copies the rows it is told there, the CPU
+    // head reads them back; both store what the host copy holds.
+    let tc = target.config();
+    let target_layout = KvLayout {
+        num_blocks: 8,
+        block_size: 4,
+        num_layers: tc.num_layers,
+        kv_size: tc.kv_size(),
+        scratch_slots: 4,
+    };
+    let mut target_kv = target.new_kv(target_layout).unwrap();
+    let run = RaggedBatch {
+        seqs: vec![SeqRun::causal(vec![4, 8, 15, 16, 23], 0, &table, 4).unwrap()],
+    };
+    let (_, features) = target
+        .forward_rows(&run, &mut target_kv, Some(&FeatureTap::Final), &[false])
+        .unwrap();
+    let Features::Device { rows: left, .. } = &features else {
+        panic!("a verify forward on the device leaves its features there")
+    };
+    assert!(on_backend(left.as_ref(), &backend).is_some());
+    let another = Arc::new(Emulator);
+    assert!(
+        on_backend(left.as_ref(), &another).is_none(),
+        "another device's rows are not read in place"
+    );
+    let (picks, at) = ([4, 0, 2], [slots[1], slots[5], slots[2]]);
+    let want = features.rows(&picks).unwrap();
+    for head in [&mut cpu, &mut dev] {
+        head.observe(&at, &features, &picks).unwrap();
+        assert_eq!(head.features_at(&at).unwrap(), want);
     }
 }
 

@@ -41,6 +41,7 @@ use crate::batch::RaggedBatch;
 use crate::config::ModelConfig;
 use crate::device_head::{logits_slots, HeadBackend, TopRow};
 use crate::error::{EngineError, Result};
+use crate::features::Features;
 use crate::kv::KvStorage;
 use crate::layer::{ForwardContext, Layer};
 use crate::linear::{Linear, WeightFormat};
@@ -261,11 +262,23 @@ impl DraftHead {
         }
     }
 
-    /// Stores the head's input for the target's `states` (rows of its
-    /// feature tap) at `slots` (slots past the store are skipped).
-    pub fn observe(&mut self, slots: &[usize], states: &[f32]) -> Result<()> {
-        let values = self.input_features(states)?;
+    /// Stores the head's input for the target's state in row `rows[i]` of
+    /// `features` (of its feature tap) at `slots[i]` (slots past the store
+    /// are skipped). A head on a device takes an EAGLE head's rows where
+    /// the target's forward left them.
+    pub fn observe(&mut self, slots: &[usize], features: &Features, rows: &[usize]) -> Result<()> {
         let h = self.hidden_size();
+        if slots.len() != rows.len() {
+            return Err(EngineError::Config(format!(
+                "{} slots but {} feature rows",
+                slots.len(),
+                rows.len()
+            )));
+        }
+        if let (HeadKind::Eagle, Some(d)) = (self.kind(), &mut self.device) {
+            return d.observe(slots, features, rows);
+        }
+        let values = self.input_features(&features.rows(rows)?)?;
         if values.len() != slots.len() * h {
             return Err(EngineError::Config(format!(
                 "{} slots but {} feature values",
@@ -274,7 +287,7 @@ impl DraftHead {
             )));
         }
         match &mut self.device {
-            Some(d) => d.observe(slots, &values),
+            Some(d) => d.observe(slots, &Features::host(values, h), &(0..slots.len()).collect::<Vec<_>>()),
             None => {
                 for (&slot, row) in slots.iter().zip(values.chunks_exact(h)) {
                     if let Some(dst) = self.store.get_mut(slot * h..(slot + 1) * h) {

@@ -267,7 +267,11 @@ fn draft_chains_feed_each_node_its_parents_prediction() {
     let mut drafter = ModelDrafter::with_head(head(), layout, 8).unwrap();
     for s in 0..2 {
         drafter
-            .observe_features(&slots(s, prompts[s].len() - 1), &states[s])
+            .observe_features(
+                &slots(s, prompts[s].len() - 1),
+                &Features::host(states[s].clone(), h),
+                &(0..prompts[s].len() - 1).collect::<Vec<_>>(),
+            )
             .unwrap();
     }
     let inputs: Vec<DraftInput> = (0..2)
