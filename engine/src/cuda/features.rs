@@ -3,9 +3,9 @@
 //! device copies the rows it stores (`DeviceHead`'s observe) without the
 //! host in between.
 //!
-//! Invariant: `values` holds `tokens` rows of `width` floats, written by
-//! the forward and never again; a reader on another backend only sees
-//! [`DeviceRows::to_host`].
+//! Invariant: `values` holds `len` floats, the `(tokens, width)` rows of
+//! the `Features::Device` that holds it, written by the forward and never
+//! again; a reader on another backend only sees [`DeviceRows::to_host`].
 
 use std::any::Any;
 use std::sync::Arc;
@@ -27,15 +27,24 @@ impl<B: Backend> DeviceRows for DeviceFeatures<B> {
     }
 
     fn to_host(&self) -> Result<Vec<f32>> {
+        #[cfg(test)]
+        TO_HOST.with(|n| n.set(n.get() + 1));
         self.backend.download(&self.values, self.len)
     }
 }
 
-/// The device buffer of `rows`, where a forward on `backend` (this very
-/// device) left them.
-pub(super) fn on_backend<'a, B: Backend>(rows: &'a dyn DeviceRows, backend: &Arc<B>) -> Option<&'a B::Floats> {
+#[cfg(test)]
+thread_local! {
+    /// Copies to the host made on this thread (the tests see a head on the
+    /// device take its rows there).
+    pub(super) static TO_HOST: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The device buffer of `rows` and its length in floats, where a forward
+/// on `backend` (this very device) left them.
+pub(super) fn on_backend<'a, B: Backend>(rows: &'a dyn DeviceRows, backend: &Arc<B>) -> Option<(&'a B::Floats, usize)> {
     rows.as_any()
         .downcast_ref::<DeviceFeatures<B>>()
         .filter(|f| Arc::ptr_eq(&f.backend, backend))
-        .map(|f| &f.values)
+        .map(|f| (&f.values, f.len))
 }

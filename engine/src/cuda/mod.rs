@@ -11,9 +11,9 @@
 //! token-identical to plain decoding, as on the CPU.
 //! One forward uploads the new tokens' ids, RoPE tables, KV slots and key
 //! lists, gathers the embeddings and runs every layer on the device, and
-//! brings back only the logits rows asked for; a verify forward leaves a
-//! draft head's final-norm features on the device (`features`), where a
-//! head on the device stores them. Sampling stays on the host. A draft head runs on the device
+//! brings back only the logits rows asked for; a verify forward leaves
+//! a draft head's final-norm features on the device (`features`), where
+//! a head on the device stores them. Sampling stays on the host. A draft head runs on the device
 //! too ([`DeviceHead`]), its rows' best ids found there.
 //!
 //! The forward is written against [`Backend`] (one method per kernel):

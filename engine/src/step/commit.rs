@@ -93,7 +93,9 @@ impl Committer<'_> {
             }
             slots.extend(moves.iter().map(|m| m.1));
             rows.extend(moves.iter().map(|m| m.2));
-            spec.drafter.observe_features(&slots, features, &rows)?;
+            if !slots.is_empty() {
+                spec.drafter.observe_features(&slots, features, &rows)?;
+            }
         }
 
         // Nothing below fails.

@@ -221,12 +221,21 @@ impl<B: Backend> HeadBackend for DeviceHead<B> {
 
     fn observe(&mut self, slots: &[usize], features: &Features, rows: &[usize]) -> Result<()> {
         let h = self.config.hidden_size;
+        if slots.is_empty() && rows.is_empty() {
+            return Ok(());
+        }
         if rows.len() != slots.len() || features.width() != h {
             return Err(EngineError::Config(format!(
                 "{} slots, {} feature rows of {} floats (the head's features have {h})",
                 slots.len(),
                 rows.len(),
                 features.width()
+            )));
+        }
+        if let Some(&bad) = rows.iter().find(|&&r| r >= features.tokens()) {
+            return Err(EngineError::Config(format!(
+                "feature row {bad} of a forward of {} tokens",
+                features.tokens()
             )));
         }
         let kept: Vec<usize> = (0..slots.len()).filter(|&i| slots[i] < self.slots).collect();
@@ -237,17 +246,15 @@ impl<B: Backend> HeadBackend for DeviceHead<B> {
         let at = b.upload_ints(&kept.iter().map(|&i| int(slots[i])).collect::<Vec<_>>())?;
         let picks: Vec<usize> = kept.iter().map(|&i| rows[i]).collect();
         let on_device = match features {
-            Features::Device { rows: d, tokens, .. } => {
-                super::features::on_backend(d.as_ref(), &b).map(|v| (v, *tokens))
-            }
+            Features::Device { rows: d, .. } => super::features::on_backend(d.as_ref(), &b),
             Features::Host { .. } => None,
         };
         let values = match on_device {
             // Left here by the target's forward: gathered on the device.
-            Some((values, tokens)) => {
-                if let Some(&bad) = picks.iter().find(|&&p| p >= tokens) {
+            Some((values, len)) => {
+                if picks.iter().any(|&p| (p + 1) * h > len) {
                     return Err(EngineError::Config(format!(
-                        "feature row {bad} of a forward of {tokens} tokens"
+                        "feature rows past the {len} floats the forward left"
                     )));
                 }
                 let idx = b.upload_ints(&picks.iter().map(|&p| int(p)).collect::<Vec<_>>())?;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
-use super::super::features::on_backend;
+use super::super::features::{on_backend, TO_HOST};
 use super::super::{bf16_bits, Backend, Emulator, GpuModel};
 use crate::backend::FeatureTap;
 use crate::batch::{RaggedBatch, SeqRun};
@@ -236,8 +236,14 @@ fn device_head_computes_the_cpu_heads_forward<B: Backend>(backend: Arc<B>) {
     let (picks, at) = ([4, 0, 2], [slots[1], slots[5], slots[2]]);
     let want = features.rows(&picks).unwrap();
     for head in [&mut cpu, &mut dev] {
+        let copies = TO_HOST.with(|n| n.get());
         head.observe(&at, &features, &picks).unwrap();
+        let on_device = TO_HOST.with(|n| n.get()) == copies;
+        assert_eq!(on_device, head.on_device(), "only a CPU head copies the rows back");
         assert_eq!(head.features_at(&at).unwrap(), want);
+        // A row past the forward's tokens is refused; an empty step stores nothing.
+        assert!(head.observe(&at[..1], &features, &[5]).is_err());
+        head.observe(&[], &Features::none(), &[]).unwrap();
     }
 }
 
