@@ -64,12 +64,7 @@ impl Features {
     /// device first where they were left there.
     pub fn rows(&self, picks: &[usize]) -> Result<Vec<f32>> {
         let width = self.width();
-        if let Some(&bad) = picks.iter().find(|&&p| p >= self.tokens()) {
-            return Err(EngineError::Config(format!(
-                "feature row {bad} of a forward of {} tokens",
-                self.tokens()
-            )));
-        }
+        self.check_rows(picks)?;
         let copied;
         let values = match self {
             Features::Host { values, .. } => values,
@@ -83,6 +78,17 @@ impl Features {
             .flat_map(|&p| &values[p * width..(p + 1) * width])
             .copied()
             .collect())
+    }
+
+    /// Every row of `picks` is one of the forward's.
+    pub fn check_rows(&self, picks: &[usize]) -> Result<()> {
+        match picks.iter().find(|&&p| p >= self.tokens()) {
+            Some(&bad) => Err(EngineError::Config(format!(
+                "feature row {bad} of a forward of {} tokens",
+                self.tokens()
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// All rows on the host, `(tokens, width)`.

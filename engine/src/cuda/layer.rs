@@ -100,6 +100,19 @@ impl<B: Backend> Scratch<B> {
     }
 }
 
+/// The embeddings of `batch`'s tokens `(tokens, h)`, gathered on the
+/// device from `table` (ids already checked against the vocabulary).
+pub(super) fn embed_batch<B: Backend>(b: &B, table: &B::Halves, batch: &RaggedBatch, h: usize) -> Result<B::Floats> {
+    let ids: Vec<i32> = batch
+        .seqs
+        .iter()
+        .flat_map(|s| s.token_ids.iter().map(|&t| t as i32))
+        .collect();
+    let mut x = b.zeros(ids.len() * h)?;
+    b.embed_rows(table, &b.upload_ints(&ids)?, &mut x, (ids.len(), h))?;
+    Ok(x)
+}
+
 /// Runs `layer` (of a model shaped as `c`) on the residual stream `x`
 /// `(tokens, hidden)`, writing the tokens' K/V into `kv` at their slots.
 pub(super) fn run_layer<B: Backend>(

@@ -56,7 +56,7 @@ pub use gpu::{compile_kernels, Gpu, KernelImage, MIN_ARCH};
 pub use grid::{AttentionShape, Grid, KSplit};
 pub use head::DeviceHead;
 pub use keys::AttentionKeys;
-use layer::{run_layer, DeviceLayer, Scratch, StepInputs};
+use layer::{embed_batch, run_layer, DeviceLayer, Scratch, StepInputs};
 
 /// The kernels' source, compiled by NVRTC when a device is opened.
 pub const KERNELS: &str = include_str!("kernels.cu");
@@ -404,17 +404,14 @@ impl<B: Backend> GpuModel<B> {
         let (h, eps) = (c.hidden_size, c.rms_norm_eps);
         let step = StepInputs::new(b, batch, c, kv.block_size)?;
 
-        let tokens = batch.seqs.iter().flat_map(|s| s.token_ids.iter().copied());
-        if let Some(bad) = tokens.clone().find(|&t| t as usize >= c.vocab_size) {
+        let mut tokens = batch.seqs.iter().flat_map(|s| s.token_ids.iter().copied());
+        if let Some(bad) = tokens.find(|&t| t as usize >= c.vocab_size) {
             return Err(EngineError::Config(format!(
                 "token id {bad} is outside the vocabulary ({} tokens)",
                 c.vocab_size
             )));
         }
-        let ids: Vec<i32> = tokens.map(|t| t as i32).collect();
-        let ids = b.upload_ints(&ids)?;
-        let mut x = b.zeros(n * h)?;
-        b.embed_rows(self.embeddings(), &ids, &mut x, (n, h))?;
+        let mut x = embed_batch(b, self.embeddings(), batch, h)?;
         let mut scratch = Scratch::new(b, n, c)?;
 
         let taps: &[usize] = match tap {
@@ -469,8 +466,7 @@ impl<B: Backend> GpuModel<B> {
             }
         } else {
             // Empty without layer taps.
-            let width = if taps.is_empty() { 0 } else { taps.len() * h };
-            Features::host(tapped, width)
+            Features::host(tapped, taps.len() * h)
         };
         Ok((logits, features))
     }

@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use super::layer::{run_layer, DeviceLayer, Scratch, StepInputs};
+use super::layer::{embed_batch, run_layer, DeviceLayer, Scratch, StepInputs};
 use super::{device_kv, int, Backend, DeviceKv, BLOCK_THREADS, MAX_GRID_Y};
 use crate::batch::RaggedBatch;
 use crate::config::ModelConfig;
@@ -35,7 +35,8 @@ pub struct DeviceHead<B: Backend> {
     /// `fc`'s columns over the embedding and over the feature, `(h, h)` each.
     fc_embedding: B::Halves,
     fc_feature: B::Halves,
-    fc_bias: Option<Vec<f32>>,
+    /// `fc`'s bias, one row `(1, h)`.
+    fc_bias: Option<B::Floats>,
     layers: Vec<DeviceLayer<B::Floats, B::Halves>>,
     output_norm: Option<B::Floats>,
     lm_head: B::Halves,
@@ -91,7 +92,7 @@ impl<B: Backend> DeviceHead<B> {
         Ok(DeviceHead {
             fc_embedding: b.upload_bf16(&columns(&p.fc, 2 * h, 0, h))?,
             fc_feature: b.upload_bf16(&columns(&p.fc, 2 * h, h, h))?,
-            fc_bias: p.fc_bias.clone(),
+            fc_bias: p.fc_bias.as_deref().map(|w| b.upload(w)).transpose()?,
             layers,
             output_norm: p.output_norm.as_deref().map(|w| b.upload(w)).transpose()?,
             lm_head: b.upload_bf16(&p.lm_head)?,
@@ -139,21 +140,15 @@ impl<B: Backend> DeviceHead<B> {
         let zero_row = self.slots;
         let (b, c) = (&*self.backend, &self.config);
         let store = self.store.as_ref().expect("made before any forward");
-        let ids: Vec<i32> = batch
-            .seqs
-            .iter()
-            .flat_map(|s| s.token_ids.iter().map(|&t| t as i32))
-            .collect();
-        let mut embedded = b.zeros(n * h)?;
-        b.embed_rows(&self.embeddings, &b.upload_ints(&ids)?, &mut embedded, (n, h))?;
+        let embedded = embed_batch(b, &self.embeddings, batch, h)?;
         let rows: Vec<i32> = inputs.iter().map(|i| int(i.unwrap_or(zero_row))).collect();
         let mut features = b.zeros(n * h)?;
         b.gather_rows(store, &b.upload_ints(&rows)?, &mut features, (n, h))?;
         // The bias first, then both halves of `fc` added to it.
-        let mut x = match &self.fc_bias {
-            Some(bias) => b.upload(&bias.repeat(n))?,
-            None => b.zeros(n * h)?,
-        };
+        let mut x = b.zeros(n * h)?;
+        if let Some(bias) = &self.fc_bias {
+            b.gather_rows(bias, &b.upload_ints(&vec![0; n])?, &mut x, (n, h))?;
+        }
         b.matmul(&embedded, &self.fc_embedding, &mut x, (n, h, h), true)?;
         b.matmul(&features, &self.fc_feature, &mut x, (n, h, h), true)?;
         let step = StepInputs::new(b, batch, c, kv.block_size)?;
@@ -232,12 +227,7 @@ impl<B: Backend> HeadBackend for DeviceHead<B> {
                 features.width()
             )));
         }
-        if let Some(&bad) = rows.iter().find(|&&r| r >= features.tokens()) {
-            return Err(EngineError::Config(format!(
-                "feature row {bad} of a forward of {} tokens",
-                features.tokens()
-            )));
-        }
+        features.check_rows(rows)?;
         let kept: Vec<usize> = (0..slots.len()).filter(|&i| slots[i] < self.slots).collect();
         if kept.is_empty() {
             return Ok(());

@@ -205,15 +205,15 @@ impl DraftHead {
     /// The per-token input the head keeps for the target's states of its
     /// tap, `(tokens, tap width)`: the final feature itself (EAGLE), or the
     /// fused `fc` of the three layers' states (EAGLE-3). `(tokens, hidden)`.
-    pub fn input_features(&self, target_states: &[f32]) -> Result<Vec<f32>> {
+    pub fn input_features(&self, target_states: Vec<f32>) -> Result<Vec<f32>> {
         if target_states.is_empty() {
             return Ok(Vec::new());
         }
         match self.kind() {
-            HeadKind::Eagle => Ok(target_states.to_vec()),
+            HeadKind::Eagle => Ok(target_states),
             HeadKind::Eagle3 => {
                 let width = self.tap.width(self.hidden_size());
-                self.fc(target_states, target_states.len() / width)
+                self.fc(&target_states, target_states.len() / width)
             }
         }
     }
@@ -275,10 +275,12 @@ impl DraftHead {
                 rows.len()
             )));
         }
-        if let (HeadKind::Eagle, Some(d)) = (self.kind(), &mut self.device) {
+        // Only EAGLE heads are placed on a device (`place_on`): their input
+        // is the target's state as it is.
+        if let Some(d) = &mut self.device {
             return d.observe(slots, features, rows);
         }
-        let values = self.input_features(&features.rows(rows)?)?;
+        let values = self.input_features(features.rows(rows)?)?;
         if values.len() != slots.len() * h {
             return Err(EngineError::Config(format!(
                 "{} slots but {} feature values",
@@ -286,15 +288,17 @@ impl DraftHead {
                 values.len()
             )));
         }
-        match &mut self.device {
-            Some(d) => d.observe(slots, &Features::host(values, h), &(0..slots.len()).collect::<Vec<_>>()),
-            None => {
-                for (&slot, row) in slots.iter().zip(values.chunks_exact(h)) {
-                    if let Some(dst) = self.store.get_mut(slot * h..(slot + 1) * h) {
-                        dst.copy_from_slice(row);
-                    }
-                }
-                Ok(())
+        self.store_rows(slots.iter().copied(), &values);
+        Ok(())
+    }
+
+    /// Writes `values` `(slots, hidden)` into the CPU store at `slots`
+    /// (slots past it are skipped).
+    fn store_rows(&mut self, slots: impl IntoIterator<Item = usize>, values: &[f32]) {
+        let h = self.hidden_size();
+        for (slot, row) in slots.into_iter().zip(values.chunks_exact(h)) {
+            if let Some(dst) = self.store.get_mut(slot * h..(slot + 1) * h) {
+                dst.copy_from_slice(row);
             }
         }
     }
@@ -330,11 +334,7 @@ impl DraftHead {
             }
         }
         let (logits, hidden) = self.forward(target, batch, &features, kv)?;
-        for (slot, row) in logits_slots(batch).into_iter().zip(hidden.chunks_exact(h)) {
-            if let Some(dst) = self.store.get_mut(slot * h..(slot + 1) * h) {
-                dst.copy_from_slice(row);
-            }
-        }
+        self.store_rows(logits_slots(batch), &hidden);
         let rows = hidden.len() / h;
         let width = logits.len() / rows.max(1);
         Ok(logits

@@ -55,7 +55,7 @@ fn the_training_graph_computes_what_the_engine_runs() {
         let fw = p.tap.width(h);
         let mut states = vec![0.0; fw];
         states.extend_from_slice(&seq.features[..(n - 1) * fw]);
-        let inputs = head.input_features(&states).unwrap();
+        let inputs = head.input_features(states).unwrap();
         let layout = KvLayout {
             num_blocks: n.div_ceil(4),
             block_size: 4,
