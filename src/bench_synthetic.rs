@@ -2,7 +2,9 @@
 //! known architecture's shapes with weights made on the GPU (no file;
 //! `heterospec_engine::cuda::synthetic`), timed by
 //! `heterospec_engine::cuda::bench`, next to the device's own copy
-//! bandwidth (the roofline of a forward that reads its weights once).
+//! bandwidth (the roofline of a forward that reads its weights once);
+//! each forward from CUDA graphs (the default) and queued launch by launch
+//! (`--enforce-eager`), side by side.
 
 use anyhow::{bail, Result};
 use heterospec_engine::Device;
@@ -28,6 +30,9 @@ pub fn run(name: &str, device: Device, repeats: usize, json: bool) -> Result<()>
         ..bench::Plan::default()
     };
     let report = bench::measure(&model, &plan)?;
+    model.set_graphs(false);
+    let eager = bench::measure(&model, &plan)?;
+    model.set_graphs(true);
     let t1 = report.forward_ms.iter().find(|&&(t, _)| t == 1).map(|&(_, ms)| ms);
     if json {
         let out = serde_json::json!({
@@ -38,6 +43,7 @@ pub fn run(name: &str, device: Device, repeats: usize, json: bool) -> Result<()>
             "copy_bytes_per_second": copy,
             "context": plan.context,
             "report": report,
+            "eager": eager,
         });
         println!("{out}");
         return Ok(());
@@ -49,16 +55,27 @@ pub fn run(name: &str, device: Device, repeats: usize, json: bool) -> Result<()>
         plan.context
     );
     let ts: Vec<String> = report.forward_ms.iter().map(|(t, _)| format!("T={t} ms")).collect();
-    println!("| prefill tok/s | {} |", ts.join(" | "));
-    println!("|---|{}", "---|".repeat(ts.len()));
-    let ms: Vec<String> = report.forward_ms.iter().map(|(_, ms)| format!("{ms:.2}")).collect();
-    println!("| {:.0} | {} |", report.prefill_tokens_per_second, ms.join(" | "));
-    let bs: Vec<String> = report
-        .batch_decode_tokens_per_second
+    println!("| forwards | prefill tok/s | {} |", ts.join(" | "));
+    println!("|---|---|{}", "---|".repeat(ts.len()));
+    for (name, r) in [("graphs", &report), ("eager", &eager)] {
+        let ms: Vec<String> = r.forward_ms.iter().map(|(_, ms)| format!("{ms:.2}")).collect();
+        println!("| {name} | {:.0} | {} |", r.prefill_tokens_per_second, ms.join(" | "));
+    }
+    let saved: Vec<String> = report
+        .forward_ms
         .iter()
-        .map(|(b, tps)| format!("batch {b}: {tps:.0} tok/s"))
+        .zip(&eager.forward_ms)
+        .map(|(&(_, g), &(_, e))| format!("{:.2}x", e / g))
         .collect();
-    println!("decode: {}", bs.join(", "));
+    println!("| eager / graphs | | {} |", saved.join(" | "));
+    for (name, r) in [("graphs", &report), ("eager", &eager)] {
+        let bs: Vec<String> = r
+            .batch_decode_tokens_per_second
+            .iter()
+            .map(|(b, tps)| format!("batch {b}: {tps:.0} tok/s"))
+            .collect();
+        println!("decode ({name}): {}", bs.join(", "));
+    }
     println!("device copy bandwidth {:.2} TB/s", copy / 1e12);
     if let Some(ms) = t1 {
         let rate = weight_bytes / (ms / 1e3);

@@ -47,6 +47,11 @@ pub struct EngineArgs {
     /// i on cuda:K+i.
     #[arg(long, env = "HETEROSPEC_DEVICE", default_value = "cpu")]
     pub device: Device,
+    /// On a GPU, queue every kernel of every forward rather than replay
+    /// forwards of up to 512 tokens from CUDA graphs (captured once per
+    /// padded size); for debugging and for measuring what graphs save.
+    #[arg(long, env = "HETEROSPEC_ENFORCE_EAGER")]
+    pub enforce_eager: bool,
     /// Drafter for speculative decoding: hybrid (a draft head and prompt
     /// lookup in one tree), head (an EAGLE-style draft head, --draft-head),
     /// ngram (prompt lookup), model (a GGUF with the same vocabulary,
@@ -94,6 +99,7 @@ impl EngineArgs {
         let model = Model::load_on(model_path, self.weight_format, self.device)
             .with_context(|| format!("cannot load {} on {}", model_path.display(), self.device))?;
         tracing::info!(device = %model.device(), "target model loaded");
+        model.set_graphs(!self.enforce_eager);
         let config = EngineConfig {
             block_size: self.block_size,
             kv_cache_bytes: self.kv_cache_memory,
@@ -201,6 +207,9 @@ impl EngineArgs {
             "--self-draft-layers".into(),
             self.self_draft_layers.to_string(),
         ];
+        if self.enforce_eager {
+            out.push("--enforce-eager".into());
+        }
         if let Some(p) = &self.draft_model {
             out.extend(["--draft-model".into(), p.display().to_string()]);
         }

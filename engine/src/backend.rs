@@ -73,6 +73,13 @@ pub trait ModelBackend: Send + Sync {
         Ok(None)
     }
 
+    /// Whether forwards of frequent shapes replay captured launches (CUDA
+    /// graphs) rather than queue each kernel; a backend without them (the
+    /// CPU) runs every forward as it is either way.
+    fn set_graphs(&self, on: bool) {
+        let _ = on;
+    }
+
     /// The model this backend runs.
     fn config(&self) -> &crate::config::ModelConfig;
 

@@ -79,6 +79,12 @@ impl Model {
         })
     }
 
+    /// Whether GPU forwards of frequent shapes run from CUDA graphs (on
+    /// by default; no effect on the CPU).
+    pub fn set_graphs(&self, on: bool) {
+        self.backend.set_graphs(on);
+    }
+
     /// Where the forward runs.
     pub fn device(&self) -> crate::Device {
         self.backend.device()

@@ -2,6 +2,7 @@
 //! the CPU's layout (slot-major), so block tables and slots mean the same
 //! on both; slot copies go through the gather/scatter kernels.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::{int, Backend, Gpu};
@@ -11,6 +12,9 @@ use crate::kv::{DeviceStorage, KvLayout};
 /// Paged K/V of every layer in device memory, laid out as the CPU's.
 pub struct DeviceKv<B: Backend = Gpu> {
     backend: Arc<B>,
+    /// Unique among this process's KV storages (what a captured graph
+    /// that writes these buffers is tied to).
+    pub(super) id: u64,
     pub(super) keys: Vec<B::Floats>,
     pub(super) values: Vec<B::Floats>,
     kv_size: usize,
@@ -26,8 +30,10 @@ impl<B: Backend> DeviceKv<B> {
                 .collect::<Result<Vec<_>>>()
         };
         let (keys, values) = (alloc()?, alloc()?);
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Ok(DeviceKv {
             backend,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             keys,
             values,
             kv_size: layout.kv_size,

@@ -5,7 +5,11 @@
 //! system C++ compiler builds the kernel source into a library once per test
 //! run, and [`Emulator`] implements [`Backend`] with host vectors as device
 //! buffers and the launch geometry of [`Grid`], as the CUDA backend does.
+//! A capture records each launch (its entry point and arguments, buffers
+//! by address) on the capturing thread, as CUDA's thread-local capture
+//! mode does; a replay calls them again in order.
 
+use std::cell::RefCell;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
@@ -13,7 +17,7 @@ use std::sync::{Mutex, OnceLock};
 use libloading::Library;
 
 use super::{int, AttentionShape, Backend, Grid, KSplit};
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 
 /// The emulator's globals (grid, barrier) hold one launch at a time.
 static LAUNCH: Mutex<()> = Mutex::new(());
@@ -51,11 +55,52 @@ fn dims(g: Grid) -> (Dims, Dims) {
     ([g.grid.0, g.grid.1, g.grid.2], [g.block.0, g.block.1, g.block.2])
 }
 
+/// One launch: an entry point called with its arguments.
+pub struct Launch(Box<dyn Fn()>);
+
+// SAFETY: a launch holds addresses of buffers that outlive it (what
+// `Backend::capture` asks of a capture's launches) and runs under `LAUNCH`.
+unsafe impl Send for Launch {}
+
+/// Launches recorded by a capture, replayed in order.
+pub struct EmulatedGraph(Vec<Launch>);
+
+thread_local! {
+    /// The launches of the capture running on this thread, if one is.
+    static RECORDING: RefCell<Option<Vec<Launch>>> = const { RefCell::new(None) };
+}
+
+fn recording() -> bool {
+    RECORDING.with(|r| r.borrow().is_some())
+}
+
+/// Refuses `what` while this thread records (as CUDA refuses it).
+fn not_capturing(what: &str) -> Result<()> {
+    match recording() {
+        true => Err(EngineError::Device(format!("{what} while a graph is being captured"))),
+        false => Ok(()),
+    }
+}
+
+/// Runs `launch` now, or records it when this thread is capturing.
+fn run_or_record(launch: Launch) {
+    let launch = RECORDING.with(|r| match r.borrow_mut().as_mut() {
+        Some(recorded) => {
+            recorded.push(launch);
+            None
+        }
+        None => Some(launch),
+    });
+    if let Some(Launch(f)) = launch {
+        f();
+    }
+}
+
 /// Calls `emu_<kernel>` with the grid and block of `$grid`, then the
-/// arguments (their C types given by the signature).
+/// arguments (each named, with its C type), now or when a recorded
+/// graph is replayed.
 macro_rules! emulate {
-    ($name:literal, $grid:expr, fn($($ty:ty),* $(,)?), $($arg:expr),* $(,)?) => {{
-        let _one = LAUNCH.lock().unwrap_or_else(|p| p.into_inner());
+    ($name:literal, $grid:expr, $($p:ident: $ty:ty = $arg:expr),* $(,)?) => {{
         let (grid, block) = dims($grid);
         // What CUDA refuses to launch.
         assert!(
@@ -64,14 +109,18 @@ macro_rules! emulate {
             $name
         );
         assert!(block.iter().product::<u32>() <= 1024, "{}: block {block:?}", $name);
-        // SAFETY: the signature is the harness entry's; buffers are sized by
-        // the caller as `Backend` documents.
-        unsafe {
-            let f = library()
-                .get::<unsafe extern "C" fn(*const u32, *const u32, $($ty),*)>(concat!("emu_", $name, "\0").as_bytes())
-                .expect("emulated kernel");
-            f(grid.as_ptr(), block.as_ptr(), $($arg),*);
-        }
+        $(let $p: $ty = $arg;)*
+        run_or_record(Launch(Box::new(move || {
+            let _one = LAUNCH.lock().unwrap_or_else(|p| p.into_inner());
+            // SAFETY: the signature is the harness entry's; buffers are sized
+            // by the caller as `Backend` documents, and outlive a recording.
+            unsafe {
+                let f = library()
+                    .get::<unsafe extern "C" fn(*const u32, *const u32, $($ty),*)>(concat!("emu_", $name, "\0").as_bytes())
+                    .expect("emulated kernel");
+                f(grid.as_ptr(), block.as_ptr(), $($p),*);
+            }
+        })));
         Ok(())
     }};
 }
@@ -86,14 +135,17 @@ impl Backend for Emulator {
     type Halves = Vec<u16>;
 
     fn upload(&self, host: &[f32]) -> Result<Vec<f32>> {
+        not_capturing("copying to the device")?;
         Ok(if host.is_empty() { vec![0.0] } else { host.to_vec() })
     }
 
     fn upload_ints(&self, host: &[i32]) -> Result<Vec<i32>> {
+        not_capturing("copying to the device")?;
         Ok(if host.is_empty() { vec![0] } else { host.to_vec() })
     }
 
     fn upload_bf16(&self, host: &[f32]) -> Result<Vec<u16>> {
+        not_capturing("copying to the device")?;
         Ok(if host.is_empty() {
             vec![0]
         } else {
@@ -102,29 +154,69 @@ impl Backend for Emulator {
     }
 
     fn synthetic_bf16(&self, len: usize, seed: u64, scale: f32) -> Result<Vec<u16>> {
+        not_capturing("allocating device memory")?;
         let mut out = vec![0u16; len.max(1)];
         let launched: Result<()> = emulate!(
             "fill_synthetic_bf16",
             Grid::synthetic(len),
-            fn(*mut u16, u64, u64, f32),
-            out.as_mut_ptr(),
-            len as u64,
-            seed,
-            scale
+            out_p: *mut u16 = out.as_mut_ptr(),
+            n: u64 = len as u64,
+            seed: u64 = seed,
+            scale: f32 = scale,
         );
         launched.map(|()| out)
     }
 
     fn zeros(&self, len: usize) -> Result<Vec<f32>> {
+        not_capturing("allocating device memory")?;
         Ok(vec![0.0; len.max(1)])
     }
 
     fn download(&self, buf: &Vec<f32>, len: usize) -> Result<Vec<f32>> {
+        not_capturing("copying from the device")?;
         Ok(buf[..len].to_vec())
     }
 
     fn download_ints(&self, buf: &Vec<i32>, len: usize) -> Result<Vec<i32>> {
+        not_capturing("copying from the device")?;
         Ok(buf[..len].to_vec())
+    }
+
+    fn write(&self, buf: &mut Vec<f32>, host: &[f32]) -> Result<()> {
+        not_capturing("copying to the device")?;
+        buf[..host.len()].copy_from_slice(host);
+        Ok(())
+    }
+
+    fn write_ints(&self, buf: &mut Vec<i32>, host: &[i32]) -> Result<()> {
+        not_capturing("copying to the device")?;
+        buf[..host.len()].copy_from_slice(host);
+        Ok(())
+    }
+
+    fn duplicate(&self, buf: &Vec<f32>, len: usize) -> Result<Vec<f32>> {
+        not_capturing("copying on the device")?;
+        let mut out = buf[..len].to_vec();
+        out.resize(len.max(1), 0.0);
+        Ok(out)
+    }
+
+    type Graph = EmulatedGraph;
+
+    fn capture(&self, launches: &mut dyn FnMut() -> Result<()>) -> Result<EmulatedGraph> {
+        not_capturing("capturing a graph")?;
+        RECORDING.with(|r| *r.borrow_mut() = Some(Vec::new()));
+        let launched = launches();
+        let recorded = RECORDING.with(|r| r.borrow_mut().take()).unwrap_or_default();
+        launched.map(|()| EmulatedGraph(recorded))
+    }
+
+    fn replay(&self, graph: &EmulatedGraph) -> Result<()> {
+        not_capturing("replaying a graph")?;
+        for Launch(f) in &graph.0 {
+            f();
+        }
+        Ok(())
     }
 
     fn greedy_rows(
@@ -138,11 +230,10 @@ impl Backend for Emulator {
         emulate!(
             "greedy_rows",
             Grid::rows(rows),
-            fn(*const f32, i32, *mut i32, *mut f32),
-            logits.as_ptr(),
-            int(vocab),
-            ids.as_mut_ptr(),
-            logprobs.as_mut_ptr()
+            logits: *const f32 = logits.as_ptr(),
+            vocab: i32 = int(vocab),
+            ids: *mut i32 = ids.as_mut_ptr(),
+            logprobs: *mut f32 = logprobs.as_mut_ptr(),
         )
     }
 
@@ -157,12 +248,11 @@ impl Backend for Emulator {
         emulate!(
             "top_rows",
             Grid::rows(rows),
-            fn(*const f32, i32, i32, *mut i32, *mut f32),
-            logits.as_ptr(),
-            int(vocab),
-            int(m),
-            ids.as_mut_ptr(),
-            logprobs.as_mut_ptr()
+            logits: *const f32 = logits.as_ptr(),
+            vocab: i32 = int(vocab),
+            m: i32 = int(m),
+            ids: *mut i32 = ids.as_mut_ptr(),
+            logprobs: *mut f32 = logprobs.as_mut_ptr(),
         )
     }
 
@@ -170,31 +260,34 @@ impl Backend for Emulator {
         KSplit::for_shape(n, k, EMULATED_SMS)
     }
 
-    fn matmul(
+    fn matmul_in(
         &self,
         a: &Vec<f32>,
         w: &Vec<u16>,
         c: &mut Vec<f32>,
+        part: &mut Vec<f32>,
         (m, n, k): (usize, usize, usize),
         acc: bool,
     ) -> Result<()> {
         assert!(a.len() >= m * k && w.len() >= n * k && c.len() >= m * n);
+        assert!(
+            part.len() >= self.split_len((m, n, k)),
+            "partial sums of {m} x {n} x {k}"
+        );
         let split = self.k_split(n, k);
         let splits = split.grid_splits(m, n);
-        let mut part = vec![0.0f32; if splits > 1 { splits * m * n } else { 1 }];
         let launched: Result<()> = emulate!(
             "matmul_bf16",
             Grid::matmul(m, n, split),
-            fn(*const f32, *const u16, *mut f32, *mut f32, i32, i32, i32, i32, i32),
-            a.as_ptr(),
-            w.as_ptr(),
-            c.as_mut_ptr(),
-            part.as_mut_ptr(),
-            int(m),
-            int(n),
-            int(k),
-            int(split.chunk),
-            i32::from(acc)
+            a: *const f32 = a.as_ptr(),
+            w: *const u16 = w.as_ptr(),
+            c_p: *mut f32 = c.as_mut_ptr(),
+            part_p: *mut f32 = part.as_mut_ptr(),
+            mi: i32 = int(m),
+            ni: i32 = int(n),
+            ki: i32 = int(k),
+            chunk: i32 = int(split.chunk),
+            acc_i: i32 = i32::from(acc),
         );
         launched?;
         if splits == 1 {
@@ -203,12 +296,11 @@ impl Backend for Emulator {
         emulate!(
             "reduce_splits",
             Grid::elements(m * n),
-            fn(*const f32, *mut f32, i32, i32, i32),
-            part.as_ptr(),
-            c.as_mut_ptr(),
-            int(m * n),
-            int(splits),
-            i32::from(acc)
+            part: *const f32 = part.as_ptr(),
+            c: *mut f32 = c.as_mut_ptr(),
+            len: i32 = int(m * n),
+            splits: i32 = int(splits),
+            acc: i32 = i32::from(acc),
         )
     }
 
@@ -224,12 +316,11 @@ impl Backend for Emulator {
         emulate!(
             "rms_norm",
             Grid::rows(rows),
-            fn(*const f32, *const f32, *mut f32, i32, f32),
-            x.as_ptr(),
-            weight.as_ptr(),
-            out.as_mut_ptr(),
-            int(dim),
-            eps
+            x: *const f32 = x.as_ptr(),
+            weight: *const f32 = weight.as_ptr(),
+            out: *mut f32 = out.as_mut_ptr(),
+            dim: i32 = int(dim),
+            eps: f32 = eps,
         )
     }
 
@@ -244,13 +335,12 @@ impl Backend for Emulator {
         emulate!(
             "rope",
             Grid::elements(tokens * heads * half),
-            fn(*mut f32, *const f32, *const f32, i32, i32, i32),
-            x.as_mut_ptr(),
-            cos.as_ptr(),
-            sin.as_ptr(),
-            int(tokens),
-            int(heads),
-            int(half)
+            x: *mut f32 = x.as_mut_ptr(),
+            cos: *const f32 = cos.as_ptr(),
+            sin: *const f32 = sin.as_ptr(),
+            t: i32 = int(tokens),
+            h: i32 = int(heads),
+            hf: i32 = int(half),
         )
     }
 
@@ -259,10 +349,9 @@ impl Backend for Emulator {
         emulate!(
             "silu_mul",
             Grid::elements(len),
-            fn(*mut f32, *const f32, i32),
-            gate.as_mut_ptr(),
-            up.as_ptr(),
-            int(len)
+            gate: *mut f32 = gate.as_mut_ptr(),
+            up: *const f32 = up.as_ptr(),
+            n: i32 = int(len),
         )
     }
 
@@ -274,16 +363,17 @@ impl Backend for Emulator {
         (count, dim): (usize, usize),
     ) -> Result<()> {
         assert!(rows.len() >= count && out.len() >= count * dim);
-        assert!(rows[..count].iter().all(|&r| (r as usize + 1) * dim <= x.len()));
+        if !recording() {
+            assert!(rows[..count].iter().all(|&r| (r as usize + 1) * dim <= x.len()));
+        }
         emulate!(
             "gather_rows",
             Grid::elements(count * dim),
-            fn(*const f32, *const i32, *mut f32, i32, i32),
-            x.as_ptr(),
-            rows.as_ptr(),
-            out.as_mut_ptr(),
-            int(count),
-            int(dim)
+            x: *const f32 = x.as_ptr(),
+            rows: *const i32 = rows.as_ptr(),
+            out: *mut f32 = out.as_mut_ptr(),
+            c: i32 = int(count),
+            d: i32 = int(dim),
         )
     }
 
@@ -295,16 +385,17 @@ impl Backend for Emulator {
         (count, dim): (usize, usize),
     ) -> Result<()> {
         assert!(ids.len() >= count && out.len() >= count * dim);
-        assert!(ids[..count].iter().all(|&r| (r as usize + 1) * dim <= table.len()));
+        if !recording() {
+            assert!(ids[..count].iter().all(|&r| (r as usize + 1) * dim <= table.len()));
+        }
         emulate!(
             "embed_rows",
             Grid::elements(count * dim),
-            fn(*const u16, *const i32, *mut f32, i32, i32),
-            table.as_ptr(),
-            ids.as_ptr(),
-            out.as_mut_ptr(),
-            int(count),
-            int(dim)
+            table: *const u16 = table.as_ptr(),
+            ids: *const i32 = ids.as_ptr(),
+            out: *mut f32 = out.as_mut_ptr(),
+            c: i32 = int(count),
+            d: i32 = int(dim),
         )
     }
 
@@ -316,16 +407,20 @@ impl Backend for Emulator {
         (count, dim): (usize, usize),
     ) -> Result<()> {
         assert!(slots.len() >= count && rows.len() >= count * dim);
-        assert!(slots[..count].iter().all(|&s| (s as usize + 1) * dim <= cache.len()));
+        if !recording() {
+            // A negative slot writes nothing (a padding row).
+            assert!(slots[..count]
+                .iter()
+                .all(|&s| s < 0 || (s as usize + 1) * dim <= cache.len()));
+        }
         emulate!(
             "scatter_rows",
             Grid::elements(count * dim),
-            fn(*mut f32, *const f32, *const i32, i32, i32),
-            cache.as_mut_ptr(),
-            rows.as_ptr(),
-            slots.as_ptr(),
-            int(count),
-            int(dim)
+            cache: *mut f32 = cache.as_mut_ptr(),
+            rows: *const f32 = rows.as_ptr(),
+            slots: *const i32 = slots.as_ptr(),
+            c: i32 = int(count),
+            d: i32 = int(dim),
         )
     }
 
@@ -342,34 +437,19 @@ impl Backend for Emulator {
         emulate!(
             "paged_attention",
             Grid::attention(s.num_heads, s.tokens),
-            fn(
-                *const f32,
-                *const f32,
-                *const f32,
-                *mut f32,
-                *const i32,
-                *const i32,
-                *const i32,
-                *const i32,
-                i32,
-                i32,
-                i32,
-                i32,
-                f32,
-            ),
-            q.as_ptr(),
-            k.as_ptr(),
-            v.as_ptr(),
-            out.as_mut_ptr(),
-            keys.as_ptr(),
-            tables.as_ptr(),
-            lists.as_ptr(),
-            run_slots.as_ptr(),
-            int(s.num_heads),
-            int(s.num_kv_heads),
-            int(s.head_dim),
-            int(s.block_size),
-            s.scale()
+            q: *const f32 = q.as_ptr(),
+            k: *const f32 = k.as_ptr(),
+            v: *const f32 = v.as_ptr(),
+            out: *mut f32 = out.as_mut_ptr(),
+            keys: *const i32 = keys.as_ptr(),
+            tables: *const i32 = tables.as_ptr(),
+            lists: *const i32 = lists.as_ptr(),
+            run_slots: *const i32 = run_slots.as_ptr(),
+            heads: i32 = int(s.num_heads),
+            kv_heads: i32 = int(s.num_kv_heads),
+            hd: i32 = int(s.head_dim),
+            bs: i32 = int(s.block_size),
+            scale: f32 = s.scale(),
         )
     }
 }

@@ -1,106 +1,31 @@
-//! The CUDA backend: cudarc's driver API and NVRTC, both loaded at run time.
+//! The CUDA backend: cudarc's driver API (loaded at run time), one stream
+//! per device, the kernels NVRTC compiled for it.
 
-use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchConfig, PushKernelArg,
-    ValidAsZeroBits,
-};
-use cudarc::nvrtc::{self, Ptx};
-
-use super::{int, AttentionShape, Backend, Grid, KSplit, KERNELS};
+use super::nvrtc::{compile_kernels, MIN_ARCH};
+use super::{int, AttentionShape, Backend, Grid, KSplit};
 use crate::error::{EngineError, Result};
+use cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DeviceRepr, DriverError,
+    LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
 
 fn driver(what: &'static str) -> impl FnOnce(DriverError) -> EngineError {
     move |e| EngineError::Device(format!("{what}: {e}"))
-}
-
-/// Compiles the kernels with NVRTC (no GPU needed): to a CUBIN for
-/// `sm_{major}{minor}` when given one (no PTX JIT in the driver, so any
-/// driver of the same CUDA major version loads it), else to PTX for
-/// compute capability 8.0 (the bf16 tensor cores' first).
-pub fn compile_kernels(arch: Option<(i32, i32)>) -> Result<KernelImage> {
-    // SAFETY: only tries to open the library.
-    if !unsafe { nvrtc::sys::is_culib_present() } {
-        return Err(EngineError::Device(
-            "NVRTC (libnvrtc.so.12) was not found: install the CUDA runtime libraries (the CUDA image has \
-             them) or add their directory to LD_LIBRARY_PATH"
-                .into(),
-        ));
-    }
-    let nvrtc_err = |what: &str, e: nvrtc::result::NvrtcError| EngineError::Device(format!("NVRTC {what}: {e:?}"));
-    let src = CString::new(KERNELS).expect("no NUL in the kernel source");
-    let name = CString::new("heterospec_kernels.cu").expect("no NUL");
-    let prog = nvrtc::result::create_program(&src, Some(&name)).map_err(|e| nvrtc_err("program", e))?;
-    let options: Vec<String> = vec![arch.map_or_else(
-        || format!("--gpu-architecture=compute_{}{}", MIN_ARCH.0, MIN_ARCH.1),
-        |(major, minor)| format!("--gpu-architecture=sm_{major}{minor}"),
-    )];
-    let text = |chars: Vec<std::ffi::c_char>| -> String {
-        let bytes: Vec<u8> = chars.into_iter().map(|c| c as u8).take_while(|&b| b != 0).collect();
-        String::from_utf8_lossy(&bytes).into_owned()
-    };
-    // SAFETY: `prog` is a live program, destroyed once below.
-    let out = unsafe {
-        match nvrtc::result::compile_program(prog, &options) {
-            Err(e) => {
-                let log = nvrtc::result::get_program_log(prog).map(text).unwrap_or_default();
-                Err(EngineError::Device(format!(
-                    "compiling the GPU kernels ({}) failed: {e:?}\n{log}",
-                    options.join(" ")
-                )))
-            }
-            Ok(()) if arch.is_some() => {
-                let mut size = 0usize;
-                nvrtc::sys::nvrtcGetCUBINSize(prog, &mut size)
-                    .result()
-                    .map_err(|e| nvrtc_err("CUBIN size", e))
-                    .and_then(|()| {
-                        let mut cubin = vec![0u8; size];
-                        nvrtc::sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast())
-                            .result()
-                            .map_err(|e| nvrtc_err("CUBIN", e))
-                            .map(|()| KernelImage::Cubin(cubin))
-                    })
-            }
-            Ok(()) => nvrtc::result::get_ptx(prog)
-                .map(|p| KernelImage::Ptx(text(p)))
-                .map_err(|e| nvrtc_err("PTX", e)),
-        }
-    };
-    // SAFETY: created above, not used after.
-    let _ = unsafe { nvrtc::result::destroy_program(prog) };
-    out
-}
-
-/// The oldest compute capability the kernels run on (Ampere: `mma.sync`
-/// on bf16).
-pub const MIN_ARCH: (i32, i32) = (8, 0);
-
-/// Compiled kernels.
-#[derive(Debug, Clone)]
-pub enum KernelImage {
-    /// Machine code for one architecture (an ELF image).
-    Cubin(Vec<u8>),
-    /// PTX text, compiled by the driver when loaded.
-    Ptx(String),
-}
-
-impl From<KernelImage> for Ptx {
-    fn from(k: KernelImage) -> Ptx {
-        match k {
-            KernelImage::Cubin(bytes) => Ptx::from_binary(bytes),
-            KernelImage::Ptx(text) => Ptx::from_src(text),
-        }
-    }
 }
 
 /// One opened device: its stream and the loaded kernels.
 pub struct Gpu {
     ordinal: usize,
     name: String,
+    /// Every copy and launch goes here, in order (a stream of its own:
+    /// the legacy default stream cannot be captured into a graph).
     stream: Arc<CudaStream>,
+    /// Set while [`Backend::capture`] records: allocations and copies
+    /// are refused then.
+    capturing: AtomicBool,
     /// Streaming multiprocessors (what a GEMM's k split fills).
     sms: usize,
     _module: Arc<CudaModule>,
@@ -208,7 +133,8 @@ impl Gpu {
         Ok(Arc::new(Gpu {
             ordinal,
             name,
-            stream: ctx.default_stream(),
+            stream: ctx.new_stream().map_err(driver("creating a CUDA stream"))?,
+            capturing: AtomicBool::new(false),
             sms: sms.max(1) as usize,
             matmul_bf16: f("matmul_bf16")?,
             reduce_splits: f("reduce_splits")?,
@@ -264,6 +190,7 @@ impl Gpu {
     /// A device copy of `host`; an empty slice becomes one zero (CUDA
     /// allocations are never empty, and kernels read nothing from it).
     fn copy_in<T: DeviceRepr + ValidAsZeroBits + Default + Clone>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.not_capturing("copying to the GPU")?;
         let one = [T::default()];
         let host = if host.is_empty() { &one[..] } else { host };
         self.stream.clone_htod(host).map_err(driver("copying to the GPU"))
@@ -271,6 +198,35 @@ impl Gpu {
 }
 
 impl Gpu {
+    /// Refuses `what` while a graph records (see [`Backend::capture`]).
+    fn not_capturing(&self, what: &str) -> Result<()> {
+        match self.capturing.load(Ordering::Relaxed) {
+            true => Err(EngineError::Device(format!(
+                "{what} while a CUDA graph is being captured"
+            ))),
+            false => Ok(()),
+        }
+    }
+
+    /// `host` into the start of `buf`.
+    fn copy_into<T: DeviceRepr + ValidAsZeroBits>(&self, buf: &mut CudaSlice<T>, host: &[T]) -> Result<()> {
+        self.not_capturing("copying to the GPU")?;
+        if host.len() > buf.len() {
+            return Err(EngineError::Device(format!(
+                "{} values written into a GPU buffer of {}",
+                host.len(),
+                buf.len()
+            )));
+        }
+        if host.is_empty() {
+            return Ok(());
+        }
+        let mut head = buf.slice_mut(..host.len());
+        self.stream
+            .memcpy_htod(host, &mut head)
+            .map_err(driver("copying to the GPU"))
+    }
+
     /// The first `len` values of `buf`, after all work queued before.
     fn copy_out<T: DeviceRepr + ValidAsZeroBits + Default + Clone>(
         &self,
@@ -279,6 +235,7 @@ impl Gpu {
     ) -> Result<Vec<T>> {
         // Kernels fail asynchronously: an error here may be an earlier launch's.
         let what = "copying from the GPU (or a kernel before it failed)";
+        self.not_capturing(what)?;
         let mut all = self.stream.clone_dtoh(buf).map_err(driver(what))?;
         self.stream.synchronize().map_err(driver(what))?;
         all.truncate(len);
@@ -331,6 +288,7 @@ impl Backend for Gpu {
     }
 
     fn zeros(&self, len: usize) -> Result<Self::Floats> {
+        self.not_capturing("allocating GPU memory")?;
         self.stream
             .alloc_zeros(len.max(1))
             .map_err(driver("allocating GPU memory"))
@@ -370,11 +328,12 @@ impl Backend for Gpu {
         KSplit::for_shape(n, k, self.sms)
     }
 
-    fn matmul(
+    fn matmul_in(
         &self,
         a: &Self::Floats,
         w: &Self::Halves,
         c: &mut Self::Floats,
+        part: &mut Self::Floats,
         (m, n, k): (usize, usize, usize),
         accumulate: bool,
     ) -> Result<()> {
@@ -386,12 +345,16 @@ impl Backend for Gpu {
             // No partial sums: `a` stands in for the unused `part`.
             return launch!(self, matmul_bf16, grid, "matmul kernel"; a, w, c, a, &mi, &ni, &ki, &chunk, &acc);
         }
-        // SAFETY: every element is written by the matmul before it is read.
-        let mut part =
-            unsafe { self.stream.alloc::<f32>(split.splits * m * n) }.map_err(driver("allocating GPU memory"))?;
-        launch!(self, matmul_bf16, grid, "matmul kernel"; a, w, &mut *c, &mut part, &mi, &ni, &ki, &chunk, &acc)?;
+        let need = self.split_len((m, n, k));
+        if part.len() < need {
+            return Err(EngineError::Device(format!(
+                "a GEMM's partial sums need {need} floats, its buffer holds {}",
+                part.len()
+            )));
+        }
+        launch!(self, matmul_bf16, grid, "matmul kernel"; a, w, &mut *c, &mut *part, &mi, &ni, &ki, &chunk, &acc)?;
         let len = int(m * n);
-        launch!(self, reduce_splits, Grid::elements(m * n), "k split reduction"; &part, c, &len, &splits, &acc)
+        launch!(self, reduce_splits, Grid::elements(m * n), "k split reduction"; &*part, c, &len, &splits, &acc)
     }
 
     fn rms_norm(
@@ -455,6 +418,48 @@ impl Backend for Gpu {
         launch!(self, scatter_rows, Grid::elements(count * dim), "scatter kernel"; cache, rows, slots, &c, &d)
     }
 
+    fn write(&self, buf: &mut Self::Floats, host: &[f32]) -> Result<()> {
+        self.copy_into(buf, host)
+    }
+
+    fn write_ints(&self, buf: &mut Self::Ints, host: &[i32]) -> Result<()> {
+        self.copy_into(buf, host)
+    }
+
+    fn duplicate(&self, buf: &Self::Floats, len: usize) -> Result<Self::Floats> {
+        let mut out = self.zeros(len)?;
+        if len > 0 {
+            self.stream
+                .memcpy_dtod(&buf.slice(..len), &mut out)
+                .map_err(driver("copying on the GPU"))?;
+        }
+        Ok(out)
+    }
+
+    type Graph = GpuGraph;
+
+    fn capture(&self, launches: &mut dyn FnMut() -> Result<()>) -> Result<GpuGraph> {
+        self.not_capturing("capturing a CUDA graph")?;
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(driver("starting a CUDA graph capture"))?;
+        self.capturing.store(true, Ordering::Relaxed);
+        let launched = launches();
+        // Always ended, so the stream runs work again whatever happened.
+        let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        self.capturing.store(false, Ordering::Relaxed);
+        launched?;
+        match graph.map_err(driver("instantiating a CUDA graph"))? {
+            Some(graph) => Ok(GpuGraph(graph)),
+            None => Err(EngineError::Device("a CUDA graph capture recorded nothing".into())),
+        }
+    }
+
+    fn replay(&self, graph: &GpuGraph) -> Result<()> {
+        self.not_capturing("replaying a CUDA graph")?;
+        graph.0.launch().map_err(driver("launching a CUDA graph"))
+    }
+
     fn attention(
         &self,
         q: &Self::Floats,
@@ -474,3 +479,11 @@ impl Backend for Gpu {
             q, kcache, vcache, out, keys, tables, lists, run_slots, &heads, &kv_heads, &hd, &bs, &scale)
     }
 }
+
+/// An instantiated CUDA graph of launches on [`Gpu`]'s stream.
+pub struct GpuGraph(CudaGraph);
+
+// SAFETY: a graph is used by one thread at a time: its owner (the model's
+// graph cache) holds it behind a mutex, and replays it on the stream it
+// was captured on.
+unsafe impl Send for GpuGraph {}

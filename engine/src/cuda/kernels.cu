@@ -347,12 +347,14 @@ extern "C" __global__ void embed_rows(const unsigned short* __restrict__ table, 
     out[idx] = __uint_as_float((unsigned)table[(size_t)ids[r] * dim + i] << 16);
 }
 
-// cache[slots[r]] = rows[r], rows of `dim` floats (one layer's K or V).
+// cache[slots[r]] = rows[r], rows of `dim` floats (one layer's K or V); a row
+// whose slot is negative is a padding row and is written nowhere.
 extern "C" __global__ void scatter_rows(float* __restrict__ cache, const float* __restrict__ rows,
                                         const int* __restrict__ slots, int count, int dim) {
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= count * dim) return;
     const int r = idx / dim, i = idx % dim;
+    if (slots[r] < 0) return;
     cache[(size_t)slots[r] * dim + i] = rows[idx];
 }
 

@@ -9,7 +9,7 @@ use crate::batch::RaggedBatch;
 /// path visits them: cached positions (through the block table), then the
 /// extra slots and masked-in run tokens, then a causal run's tokens up to
 /// itself. See `paged_attention` in `kernels.cu` for the layout.
-#[derive(Debug, Default, PartialEq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct AttentionKeys {
     /// Per token: num_cached, table offset, list offset, list count, run
     /// offset, run count.

@@ -13,8 +13,10 @@
 //! lists, gathers the embeddings and runs every layer on the device, and
 //! brings back only the logits rows asked for; a verify forward leaves
 //! a draft head's final-norm features on the device (`features`), where
-//! a head on the device stores them. Sampling stays on the host. A draft head runs on the device
-//! too ([`DeviceHead`]), its rows' best ids found there.
+//! a head on the device stores them. Sampling stays on the host. A draft
+//! head runs on the device too ([`DeviceHead`]), its rows' best ids found
+//! there. Forwards of up to [`MAX_GRAPH_TOKENS`] tokens replay a CUDA
+//! graph of their padded size (`graphs`) rather than queue each launch.
 //!
 //! The forward is written against [`Backend`] (one method per kernel):
 //! [`Gpu`] runs it on CUDA; the tests also run it on a CPU emulation of the
@@ -34,12 +36,15 @@ use crate::features::Features;
 use crate::kv::{KvLayout, KvStorage};
 use crate::weights::{LayerTensor, ModelTensors, EMBEDDINGS, OUTPUT_NORM};
 
+mod backend;
 pub mod bench;
 mod device_kv;
 #[cfg(test)]
 mod emulator;
 mod features;
+mod forward;
 mod gpu;
+mod graphs;
 #[cfg(test)]
 #[path = "greedy/tests.rs"]
 mod greedy_tests;
@@ -47,16 +52,22 @@ mod grid;
 mod head;
 mod keys;
 mod layer;
+mod nvrtc;
 pub mod synthetic;
 
+pub use backend::Backend;
 pub use device_kv::DeviceKv;
 #[cfg(test)]
 pub(crate) use emulator::Emulator;
-pub use gpu::{compile_kernels, Gpu, KernelImage, MIN_ARCH};
+use forward::{launch, Buffers, Shape, Taps};
+pub use gpu::Gpu;
+use graphs::Graphs;
+pub use graphs::MAX_GRAPH_TOKENS;
 pub use grid::{AttentionShape, Grid, KSplit};
 pub use head::DeviceHead;
 pub use keys::AttentionKeys;
-use layer::{embed_batch, run_layer, DeviceLayer, Scratch, StepInputs};
+use layer::{DeviceLayer, HostInputs, StepInputs};
+pub use nvrtc::{compile_kernels, KernelImage, MIN_ARCH};
 
 /// The kernels' source, compiled by NVRTC when a device is opened.
 pub const KERNELS: &str = include_str!("kernels.cu");
@@ -71,119 +82,6 @@ const TILE_K: usize = 32;
 const KEY_FIELDS: usize = 6;
 /// CUDA's limit on a grid's second dimension (attention: one row per token).
 const MAX_GRID_Y: usize = 65_535;
-
-/// A device the forward runs on: its buffers and the kernels of
-/// `kernels.cu`, one method per kernel (row-major; weights `(out, in)`).
-pub trait Backend: Send + Sync + 'static {
-    /// The device the kernels run on.
-    fn device(&self) -> crate::Device;
-    /// A buffer of f32 on the device.
-    type Floats: Send + Sync + 'static;
-    /// A buffer of i32 on the device.
-    type Ints: Send + Sync;
-    /// A buffer of bf16 on the device (weight matrices).
-    type Halves: Send + Sync;
-
-    fn upload(&self, host: &[f32]) -> Result<Self::Floats>;
-    fn upload_ints(&self, host: &[i32]) -> Result<Self::Ints>;
-    /// `host` rounded to bf16 (nearest even, [`bf16_bits`]) on the device.
-    fn upload_bf16(&self, host: &[f32]) -> Result<Self::Halves>;
-    /// `len` synthetic bf16 weights made on the device
-    /// ([`synthetic::value`] of `seed`, index and `scale`).
-    fn synthetic_bf16(&self, len: usize, seed: u64, scale: f32) -> Result<Self::Halves>;
-    fn zeros(&self, len: usize) -> Result<Self::Floats>;
-    /// The first `len` floats, after all work queued before.
-    fn download(&self, buf: &Self::Floats, len: usize) -> Result<Vec<f32>>;
-    /// The first `len` ints, after all work queued before.
-    fn download_ints(&self, buf: &Self::Ints, len: usize) -> Result<Vec<i32>>;
-    /// Per row of `logits (rows, vocab)`: the first largest value's index
-    /// into `ids`, its logprob into `logprobs`.
-    fn greedy_rows(
-        &self,
-        logits: &Self::Floats,
-        ids: &mut Self::Ints,
-        logprobs: &mut Self::Floats,
-        rows_vocab: (usize, usize),
-    ) -> Result<()>;
-    /// Per row of `logits (rows, vocab)`: its `m` largest entries, largest
-    /// first (the lower index first among equals), their indices into
-    /// `ids (rows, m)` (-1 past the row's end) and logprobs into `logprobs`.
-    fn top_rows(
-        &self,
-        logits: &Self::Floats,
-        ids: &mut Self::Ints,
-        logprobs: &mut Self::Floats,
-        rows_vocab_m: (usize, usize, usize),
-    ) -> Result<()>;
-    /// How this device splits an `(n, k)` GEMM along k ([`KSplit`]).
-    fn k_split(&self, n: usize, k: usize) -> KSplit;
-    /// `c (m, n) = a (m, k) . w (n, k)^T`, or `c +=` that: `a` rounded
-    /// to bf16, the sums in f32, in the same order for every row count
-    /// (each of [`Backend::k_split`]'s chunks in k order, the chunks'
-    /// sums added in order, then added to `c`).
-    fn matmul(
-        &self,
-        a: &Self::Floats,
-        w: &Self::Halves,
-        c: &mut Self::Floats,
-        mnk: (usize, usize, usize),
-        accumulate: bool,
-    ) -> Result<()>;
-    /// Row-wise RMSNorm of `(rows, dim)` into `out`.
-    fn rms_norm(
-        &self,
-        x: &Self::Floats,
-        weight: &Self::Floats,
-        out: &mut Self::Floats,
-        rows_dim: (usize, usize),
-        eps: f32,
-    ) -> Result<()>;
-    /// RoPE on `x (tokens, heads, 2 half)` with tables `(tokens, half)`.
-    fn rope(
-        &self,
-        x: &mut Self::Floats,
-        cos: &Self::Floats,
-        sin: &Self::Floats,
-        tokens_heads_half: (usize, usize, usize),
-    ) -> Result<()>;
-    /// `gate <- silu(gate) * up` on `len` floats.
-    fn silu_mul(&self, gate: &mut Self::Floats, up: &Self::Floats, len: usize) -> Result<()>;
-    /// `out[r] = x[rows[r]]`, `count` rows of `dim`.
-    fn gather_rows(
-        &self,
-        x: &Self::Floats,
-        rows: &Self::Ints,
-        out: &mut Self::Floats,
-        count_dim: (usize, usize),
-    ) -> Result<()>;
-    /// `out[r] = table[ids[r]]` widened to f32, `count` rows of `dim`.
-    fn embed_rows(
-        &self,
-        table: &Self::Halves,
-        ids: &Self::Ints,
-        out: &mut Self::Floats,
-        count_dim: (usize, usize),
-    ) -> Result<()>;
-    /// `cache[slots[r]] = rows[r]`, `count` rows of `dim`.
-    fn scatter_rows(
-        &self,
-        cache: &mut Self::Floats,
-        rows: &Self::Floats,
-        slots: &Self::Ints,
-        count_dim: (usize, usize),
-    ) -> Result<()>;
-    /// Paged attention of `q (tokens, heads, head_dim)` into `out` over one
-    /// layer's K/V, each token's keys as [`AttentionKeys`] lists them
-    /// (uploaded: keys, tables, lists, run slots).
-    fn attention(
-        &self,
-        q: &Self::Floats,
-        kv: (&Self::Floats, &Self::Floats),
-        out: &mut Self::Floats,
-        keys: &[Self::Ints; 4],
-        shape: AttentionShape,
-    ) -> Result<()>;
-}
 
 /// The bf16 bits of each value, rounded to nearest even (as the GEMM
 /// kernel rounds its activations).
@@ -241,6 +139,8 @@ pub struct GpuModel<B: Backend = Gpu> {
     /// The token embeddings, bf16; `None` where the output layer is tied
     /// to them (`lm_head` is the table).
     token_embd: Option<Arc<B::Halves>>,
+    /// Forwards captured as CUDA graphs, and their buffers.
+    graphs: std::sync::Mutex<Graphs<B>>,
 }
 
 impl<B: Backend> GpuModel<B> {
@@ -289,6 +189,7 @@ impl<B: Backend> GpuModel<B> {
             backend,
             config,
             layers,
+            graphs: std::sync::Mutex::new(Graphs::new(true)),
         })
     }
 
@@ -316,6 +217,17 @@ impl<B: Backend> GpuModel<B> {
         b.download(&logits, rows * vocab)
     }
 
+    /// Whether forwards of frequent shapes run from CUDA graphs (on by
+    /// default; off queues every launch, as `--enforce-eager` asks).
+    pub fn set_graphs(&self, on: bool) {
+        self.graphs.lock().unwrap_or_else(|p| p.into_inner()).enabled = on;
+    }
+
+    /// Graphs captured so far.
+    pub fn graph_captures(&self) -> usize {
+        self.graphs.lock().unwrap_or_else(|p| p.into_inner()).captures
+    }
+
     /// The ragged forward of [`crate::Model`] on the device, from the
     /// batch's token ids (their embeddings gathered on the device);
     /// `logits_rows` are the token indices that want logits. Returns
@@ -328,13 +240,10 @@ impl<B: Backend> GpuModel<B> {
         tap: Option<&FeatureTap>,
         logits_rows: &[usize],
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let vocab = self.config.vocab_size;
-        let (logits, features) = self.forward_device(batch, kv, num_layers, tap, logits_rows)?;
-        let logits = match logits {
-            Some(l) => self.backend.download(&l, logits_rows.len() * vocab)?,
-            None => Vec::new(),
-        };
-        Ok((logits, features.into_host()?))
+        let len = logits_rows.len() * self.config.vocab_size;
+        let download = |logits: &B::Floats| self.backend.download(logits, len);
+        let (logits, features) = self.forward_device(batch, kv, num_layers, tap, logits_rows, download)?;
+        Ok((logits.unwrap_or_default(), features.into_host()?))
     }
 
     /// [`forward_on`](Self::forward_on) through every layer for
@@ -353,46 +262,50 @@ impl<B: Backend> GpuModel<B> {
         let b = &*self.backend;
         let vocab = self.config.vocab_size;
         let rows = logits_rows.len();
-        let (logits, features) = self.forward_device(batch, kv, self.config.num_layers, tap, logits_rows)?;
-        let Some(logits) = logits else {
-            return Ok((Rows::whole(Vec::new(), vocab), features));
-        };
         let picked = |r: usize| pickable.get(r).copied().unwrap_or(false);
-        let found: Vec<(u32, f32)> = if (0..rows).any(picked) {
-            let mut ids = b.upload_ints(&vec![0; rows])?;
-            let mut logprobs = b.zeros(rows)?;
-            b.greedy_rows(&logits, &mut ids, &mut logprobs, (rows, vocab))?;
-            let ids = b.download_ints(&ids, rows)?;
-            ids.into_iter()
-                .map(|i| i as u32)
-                .zip(b.download(&logprobs, rows)?)
-                .collect()
-        } else {
-            Vec::new()
+        let read = |logits: &B::Floats| -> Result<Rows> {
+            let found: Vec<(u32, f32)> = if (0..rows).any(picked) {
+                let mut ids = b.upload_ints(&vec![0; rows])?;
+                let mut logprobs = b.zeros(rows)?;
+                b.greedy_rows(logits, &mut ids, &mut logprobs, (rows, vocab))?;
+                let ids = b.download_ints(&ids, rows)?;
+                ids.into_iter()
+                    .map(|i| i as u32)
+                    .zip(b.download(&logprobs, rows)?)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let whole: Vec<i32> = (0..rows).filter(|&r| !picked(r)).map(int).collect();
+            let whole_logits = if whole.is_empty() {
+                Vec::new()
+            } else {
+                let idx = b.upload_ints(&whole)?;
+                let mut out = b.zeros(whole.len() * vocab)?;
+                b.gather_rows(logits, &idx, &mut out, (whole.len(), vocab))?;
+                b.download(&out, whole.len() * vocab)?
+            };
+            let picks = (0..rows).map(|r| picked(r).then(|| found[r]));
+            Ok(Rows::mixed(vocab, whole_logits, picks))
         };
-        let whole: Vec<i32> = (0..rows).filter(|&r| !picked(r)).map(int).collect();
-        let whole_logits = if whole.is_empty() {
-            Vec::new()
-        } else {
-            let idx = b.upload_ints(&whole)?;
-            let mut out = b.zeros(whole.len() * vocab)?;
-            b.gather_rows(&logits, &idx, &mut out, (whole.len(), vocab))?;
-            b.download(&out, whole.len() * vocab)?
-        };
-        let picks = (0..rows).map(|r| picked(r).then(|| found[r]));
-        Ok((Rows::mixed(vocab, whole_logits, picks), features))
+        let num_layers = self.config.num_layers;
+        let (rows, features) = self.forward_device(batch, kv, num_layers, tap, logits_rows, read)?;
+        Ok((rows.unwrap_or_else(|| Rows::whole(Vec::new(), vocab)), features))
     }
 
-    /// The forward on the device, leaving the logits rows there, and the
-    /// final-norm features of a `Final` tap (layer taps come to the host).
-    fn forward_device(
+    /// The forward on the device; `read` takes the logits rows where they
+    /// were left (not called without rows). Also returns the final-norm
+    /// features of a `Final` tap on the device (layer taps come to the
+    /// host). Runs from a graph where one serves ([`Graphs::takes`]).
+    fn forward_device<T>(
         &self,
         batch: &RaggedBatch,
         kv: &mut DeviceKv<B>,
         num_layers: usize,
         tap: Option<&FeatureTap>,
         logits_rows: &[usize],
-    ) -> Result<(Option<B::Floats>, Features)> {
+        read: impl FnOnce(&B::Floats) -> Result<T>,
+    ) -> Result<(Option<T>, Features)> {
         let c = &self.config;
         let b = &*self.backend;
         let n = batch.num_tokens();
@@ -401,9 +314,6 @@ impl<B: Backend> GpuModel<B> {
                 "a GPU forward takes at most {MAX_GRID_Y} tokens, this one has {n}"
             )));
         }
-        let (h, eps) = (c.hidden_size, c.rms_norm_eps);
-        let step = StepInputs::new(b, batch, c, kv.block_size)?;
-
         let mut tokens = batch.seqs.iter().flat_map(|s| s.token_ids.iter().copied());
         if let Some(bad) = tokens.find(|&t| t as usize >= c.vocab_size) {
             return Err(EngineError::Config(format!(
@@ -411,64 +321,61 @@ impl<B: Backend> GpuModel<B> {
                 c.vocab_size
             )));
         }
-        let mut x = embed_batch(b, self.embeddings(), batch, h)?;
-        let mut scratch = Scratch::new(b, n, c)?;
-
+        let h = c.hidden_size;
+        let host = HostInputs::new(batch, c);
         let taps: &[usize] = match tap {
             Some(FeatureTap::Layers(l)) => l,
             _ => &[],
         };
-        let mut tapped = vec![0.0; if taps.is_empty() { 0 } else { n * taps.len() * h }];
+        let shape = Shape {
+            tokens: n,
+            rows: logits_rows.len(),
+            num_layers,
+            final_features: tap == Some(&FeatureTap::Final),
+        };
+        let device_features = |values: B::Floats| Features::Device {
+            rows: Box::new(features::DeviceFeatures {
+                backend: self.backend.clone(),
+                values,
+                len: n * h,
+            }),
+            tokens: n,
+            width: h,
+        };
+
+        let mut graphs = self.graphs.lock().unwrap_or_else(|p| p.into_inner());
+        if graphs.takes(n, !taps.is_empty()) {
+            if let Some(buf) = graphs.run(self, kv, &host, logits_rows, shape)? {
+                let out = (shape.rows > 0).then(|| read(&buf.logits)).transpose()?;
+                // A copy: the next replay overwrites the graph's buffer.
+                let features = match shape.final_features {
+                    true => device_features(b.duplicate(&buf.scratch.normed, n * h)?),
+                    false => Features::none(),
+                };
+                return Ok((out, features));
+            }
+        }
+        drop(graphs);
+
+        let step = StepInputs::upload(b, &host, c, kv.block_size)?;
+        let mut buf = Buffers::new(b, c, step, n, shape.rows)?;
+        buf.write_rows(b, &logits_rows.iter().map(|&r| int(r)).collect::<Vec<_>>())?;
+        let mut tapped = vec![0.0; n * taps.len() * h];
         let mut take_taps = |x: &B::Floats, at: usize| -> Result<()> {
             if taps.contains(&at) {
                 copy_layer_taps(&mut tapped, taps, &b.download(x, n * h)?, at, h);
             }
             Ok(())
         };
-
-        for (li, layer) in self.layers.iter().take(num_layers).enumerate() {
-            take_taps(&x, li)?;
-            let layer_kv = (&mut kv.keys[li], &mut kv.values[li]);
-            run_layer(b, c, layer, &mut x, &mut scratch, &step, layer_kv)?;
-        }
-        take_taps(&x, num_layers)?;
-
-        let final_features = tap == Some(&FeatureTap::Final);
-        if final_features {
-            b.rms_norm(&x, &self.output_norm, &mut scratch.normed, (n, h), eps)?;
-        }
-        let rows = logits_rows.len();
-        let mut logits = None;
-        if rows > 0 {
-            let row_ids = b.upload_ints(&logits_rows.iter().map(|&r| int(r)).collect::<Vec<_>>())?;
-            let mut selected = b.zeros(rows * h)?;
-            if final_features {
-                b.gather_rows(&scratch.normed, &row_ids, &mut selected, (rows, h))?;
-            } else {
-                let mut picked = b.zeros(rows * h)?;
-                b.gather_rows(&x, &row_ids, &mut picked, (rows, h))?;
-                b.rms_norm(&picked, &self.output_norm, &mut selected, (rows, h), eps)?;
-            }
-            let mut out = b.zeros(rows * c.vocab_size)?;
-            b.matmul(&selected, &self.lm_head, &mut out, (rows, c.vocab_size, h), false)?;
-            logits = Some(out);
-        }
-        let features = if final_features {
-            let rows = features::DeviceFeatures {
-                backend: self.backend.clone(),
-                values: scratch.normed,
-                len: n * h,
-            };
-            Features::Device {
-                rows: Box::new(rows),
-                tokens: n,
-                width: h,
-            }
-        } else {
+        let layer_taps: Option<Taps<'_, B::Floats>> = (!taps.is_empty()).then_some(&mut take_taps);
+        launch(self, kv, &mut buf, shape, layer_taps)?;
+        let out = (shape.rows > 0).then(|| read(&buf.logits)).transpose()?;
+        let features = match shape.final_features {
+            true => device_features(buf.scratch.normed),
             // Empty without layer taps.
-            Features::host(tapped, taps.len() * h)
+            false => Features::host(tapped, taps.len() * h),
         };
-        Ok((logits, features))
+        Ok((out, features))
     }
 }
 
@@ -530,6 +437,10 @@ impl<B: Backend> ModelBackend for GpuModel<B> {
     fn head_on_device(&self, parts: &HeadParts) -> Result<Option<Box<dyn HeadBackend>>> {
         let head = DeviceHead::new(self.backend.clone(), parts, self.embeddings().clone())?;
         Ok(Some(Box::new(head)))
+    }
+
+    fn set_graphs(&self, on: bool) {
+        GpuModel::set_graphs(self, on);
     }
 }
 

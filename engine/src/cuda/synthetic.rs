@@ -143,6 +143,7 @@ impl<B: Backend> GpuModel<B> {
             backend,
             config,
             layers,
+            graphs: std::sync::Mutex::new(super::graphs::Graphs::new(true)),
         })
     }
 }

@@ -508,7 +508,7 @@ pub(super) fn speculates_exactly_on_the_emulated_gpu(
     assert!(drafted > 0 && accepted > 0, "drafted {drafted}, accepted {accepted}");
 }
 
-fn gpu() -> Arc<Gpu> {
+pub(super) fn gpu() -> Arc<Gpu> {
     let ordinal = match crate::testing::test_device() {
         Device::Cuda(i) => i,
         Device::Cpu => 0,

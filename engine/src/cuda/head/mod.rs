@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use super::layer::{embed_batch, run_layer, DeviceLayer, Scratch, StepInputs};
+use super::layer::{run_layer, DeviceLayer, Scratch, StepInputs};
 use super::{device_kv, int, Backend, DeviceKv, BLOCK_THREADS, MAX_GRID_Y};
 use crate::batch::RaggedBatch;
 use crate::config::ModelConfig;
@@ -140,7 +140,9 @@ impl<B: Backend> DeviceHead<B> {
         let zero_row = self.slots;
         let (b, c) = (&*self.backend, &self.config);
         let store = self.store.as_ref().expect("made before any forward");
-        let embedded = embed_batch(b, &self.embeddings, batch, h)?;
+        let step = StepInputs::new(b, batch, c, kv.block_size)?;
+        let mut embedded = b.zeros(n * h)?;
+        step.embed(b, &self.embeddings, &mut embedded, h)?;
         let rows: Vec<i32> = inputs.iter().map(|i| int(i.unwrap_or(zero_row))).collect();
         let mut features = b.zeros(n * h)?;
         b.gather_rows(store, &b.upload_ints(&rows)?, &mut features, (n, h))?;
@@ -151,7 +153,6 @@ impl<B: Backend> DeviceHead<B> {
         }
         b.matmul(&embedded, &self.fc_embedding, &mut x, (n, h, h), true)?;
         b.matmul(&features, &self.fc_feature, &mut x, (n, h, h), true)?;
-        let step = StepInputs::new(b, batch, c, kv.block_size)?;
         let mut scratch = Scratch::new(b, n, c)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let layer_kv = (&mut kv.keys[li], &mut kv.values[li]);
