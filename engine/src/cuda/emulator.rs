@@ -96,6 +96,23 @@ fn run_or_record(launch: Launch) {
     }
 }
 
+/// Checks, when the launch after it runs (now, or at each replay of a
+/// recorded graph), that the `count` row indices at `at` address rows of
+/// `dim` inside `len` values (or are negative, where `negative_skipped`).
+fn check_indices(what: &'static str, (at, count): (*const i32, usize), dim: usize, len: usize, negative_skipped: bool) {
+    run_or_record(Launch(Box::new(move || {
+        // SAFETY: `at` holds `count` ints (the caller checked), alive as
+        // long as the launch it guards.
+        let indices = unsafe { std::slice::from_raw_parts(at, count) };
+        let fits = |i: i32| (i < 0 && negative_skipped) || (i >= 0 && (i as usize + 1) * dim <= len);
+        let bad = indices.iter().find(|&&i| !fits(i));
+        assert!(
+            bad.is_none(),
+            "{what}: row {bad:?} is outside the buffer's {len} values"
+        );
+    })));
+}
+
 /// Calls `emu_<kernel>` with the grid and block of `$grid`, then the
 /// arguments (each named, with its C type), now or when a recorded
 /// graph is replayed.
@@ -363,9 +380,7 @@ impl Backend for Emulator {
         (count, dim): (usize, usize),
     ) -> Result<()> {
         assert!(rows.len() >= count && out.len() >= count * dim);
-        if !recording() {
-            assert!(rows[..count].iter().all(|&r| (r as usize + 1) * dim <= x.len()));
-        }
+        check_indices("gather_rows", (rows.as_ptr(), count), dim, x.len(), false);
         emulate!(
             "gather_rows",
             Grid::elements(count * dim),
@@ -385,9 +400,7 @@ impl Backend for Emulator {
         (count, dim): (usize, usize),
     ) -> Result<()> {
         assert!(ids.len() >= count && out.len() >= count * dim);
-        if !recording() {
-            assert!(ids[..count].iter().all(|&r| (r as usize + 1) * dim <= table.len()));
-        }
+        check_indices("embed_rows", (ids.as_ptr(), count), dim, table.len(), false);
         emulate!(
             "embed_rows",
             Grid::elements(count * dim),
@@ -407,12 +420,8 @@ impl Backend for Emulator {
         (count, dim): (usize, usize),
     ) -> Result<()> {
         assert!(slots.len() >= count && rows.len() >= count * dim);
-        if !recording() {
-            // A negative slot writes nothing (a padding row).
-            assert!(slots[..count]
-                .iter()
-                .all(|&s| s < 0 || (s as usize + 1) * dim <= cache.len()));
-        }
+        // A negative slot writes nothing (a padding row).
+        check_indices("scatter_rows", (slots.as_ptr(), count), dim, cache.len(), true);
         emulate!(
             "scatter_rows",
             Grid::elements(count * dim),

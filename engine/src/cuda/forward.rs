@@ -10,7 +10,9 @@
 //! inputs and the K/V it attends alone; a padding row (token 0, no keys,
 //! slot -1) writes no K/V, and no other row reads it.
 
-use super::layer::{run_layer, split_len_up_to, Scratch, StepInputs};
+use std::ops::RangeInclusive;
+
+use super::layer::{run_layer, split_len, Scratch, StepInputs};
 use super::{Backend, DeviceKv, GpuModel};
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -46,17 +48,36 @@ pub(super) struct Buffers<B: Backend> {
 }
 
 impl<B: Backend> Buffers<B> {
+    /// Buffers for a forward of `tokens` tokens and `rows` logits rows.
     pub fn new(b: &B, c: &ModelConfig, step: StepInputs<B>, tokens: usize, rows: usize) -> Result<Self> {
+        let scratch = Scratch::new(b, tokens, c)?;
+        Self::with(b, c, (step, scratch), (tokens, rows), rows..=rows)
+    }
+
+    /// Buffers for forwards of up to `tokens` tokens and `rows` rows (a
+    /// graph's, shared by every bucket).
+    pub fn up_to(b: &B, c: &ModelConfig, step: StepInputs<B>, tokens: usize, rows: usize) -> Result<Self> {
+        let scratch = Scratch::up_to(b, tokens, c)?;
+        Self::with(b, c, (step, scratch), (tokens, rows), 1..=rows)
+    }
+
+    fn with(
+        b: &B,
+        c: &ModelConfig,
+        (step, scratch): (StepInputs<B>, Scratch<B>),
+        (tokens, rows): (usize, usize),
+        row_counts: RangeInclusive<usize>,
+    ) -> Result<Self> {
         let (h, vocab) = (c.hidden_size, c.vocab_size);
         Ok(Buffers {
             step,
             row_ids: b.upload_ints(&vec![0; rows])?,
             x: b.zeros(tokens * h)?,
-            scratch: Scratch::new(b, tokens, c)?,
+            scratch,
             picked: b.zeros(rows * h)?,
             selected: b.zeros(rows * h)?,
             logits: b.zeros(rows * vocab)?,
-            part: b.zeros(split_len_up_to(b, rows, &[(vocab, h)]))?,
+            part: b.zeros(split_len(b, row_counts, &[(vocab, h)]))?,
             tokens,
             rows,
         })
@@ -84,7 +105,9 @@ pub(super) fn launch<B: Backend>(
 ) -> Result<()> {
     let (c, b) = (&model.config, &*model.backend);
     let (n, rows, h, eps) = (shape.tokens, shape.rows, c.hidden_size, c.rms_norm_eps);
+    // Baked into a capture: this shape's token count, this KV's block size.
     buf.step.shape.tokens = n;
+    buf.step.shape.block_size = kv.block_size;
     buf.step.embed(b, model.embeddings(), &mut buf.x, h)?;
     for (li, layer) in model.layers.iter().take(shape.num_layers).enumerate() {
         if let Some(tap) = taps.as_mut() {

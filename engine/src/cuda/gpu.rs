@@ -1,7 +1,7 @@
 //! The CUDA backend: cudarc's driver API (loaded at run time), one stream
 //! per device, the kernels NVRTC compiled for it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::nvrtc::{compile_kernels, MIN_ARCH};
@@ -23,9 +23,10 @@ pub struct Gpu {
     /// Every copy and launch goes here, in order (a stream of its own:
     /// the legacy default stream cannot be captured into a graph).
     stream: Arc<CudaStream>,
-    /// Set while [`Backend::capture`] records: allocations and copies
-    /// are refused then.
-    capturing: AtomicBool,
+    /// While [`Backend::capture`] records: the capturing thread's
+    /// [`thread_token`] (else 0). Allocations and copies are refused then,
+    /// and so are launches from any other thread (they would be recorded).
+    capturing: AtomicU64,
     /// Streaming multiprocessors (what a GEMM's k split fills).
     sms: usize,
     _module: Arc<CudaModule>,
@@ -134,7 +135,7 @@ impl Gpu {
             ordinal,
             name,
             stream: ctx.new_stream().map_err(driver("creating a CUDA stream"))?,
-            capturing: AtomicBool::new(false),
+            capturing: AtomicU64::new(0),
             sms: sms.max(1) as usize,
             matmul_bf16: f("matmul_bf16")?,
             reduce_splits: f("reduce_splits")?,
@@ -167,6 +168,7 @@ impl Gpu {
     /// its weights once can approach.
     pub fn copy_bytes_per_second(&self) -> Result<f64> {
         const BYTES: usize = 1 << 30;
+        self.not_capturing("measuring the copy bandwidth")?;
         let alloc = || {
             self.stream
                 .alloc_zeros::<u8>(BYTES)
@@ -200,11 +202,23 @@ impl Gpu {
 impl Gpu {
     /// Refuses `what` while a graph records (see [`Backend::capture`]).
     fn not_capturing(&self, what: &str) -> Result<()> {
-        match self.capturing.load(Ordering::Relaxed) {
-            true => Err(EngineError::Device(format!(
+        match self.capturing.load(Ordering::Acquire) {
+            0 => Ok(()),
+            _ => Err(EngineError::Device(format!(
                 "{what} while a CUDA graph is being captured"
             ))),
-            false => Ok(()),
+        }
+    }
+
+    /// Refuses a launch from another thread than the capturing one while
+    /// a graph records.
+    fn may_launch(&self, what: &str) -> Result<()> {
+        match self.capturing.load(Ordering::Acquire) {
+            0 => Ok(()),
+            t if t == thread_token() => Ok(()),
+            _ => Err(EngineError::Device(format!(
+                "{what} launched while another thread captures a CUDA graph"
+            ))),
         }
     }
 
@@ -236,16 +250,25 @@ impl Gpu {
         // Kernels fail asynchronously: an error here may be an earlier launch's.
         let what = "copying from the GPU (or a kernel before it failed)";
         self.not_capturing(what)?;
-        let mut all = self.stream.clone_dtoh(buf).map_err(driver(what))?;
+        if len > buf.len() {
+            return Err(EngineError::Device(format!(
+                "{len} values read from a GPU buffer of {}",
+                buf.len()
+            )));
+        }
+        let out = match len {
+            0 => Vec::new(),
+            _ => self.stream.clone_dtoh(&buf.slice(..len)).map_err(driver(what))?,
+        };
         self.stream.synchronize().map_err(driver(what))?;
-        all.truncate(len);
-        Ok(all)
+        Ok(out)
     }
 }
 
 /// Launches `$f` on the stream with `$grid` and the arguments in order.
 macro_rules! launch {
     ($self:ident, $f:ident, $grid:expr, $what:literal; $($arg:expr),* $(,)?) => {{
+        $self.may_launch($what)?;
         let mut b = $self.stream.launch_builder(&$self.$f);
         $(b.arg($arg);)*
         // SAFETY: the arguments are the kernel's, in its order, with the
@@ -278,6 +301,7 @@ impl Backend for Gpu {
     }
 
     fn synthetic_bf16(&self, len: usize, seed: u64, scale: f32) -> Result<Self::Halves> {
+        self.not_capturing("allocating GPU memory")?;
         let mut out = self
             .stream
             .alloc_zeros::<u16>(len.max(1))
@@ -439,15 +463,41 @@ impl Backend for Gpu {
     type Graph = GpuGraph;
 
     fn capture(&self, launches: &mut dyn FnMut() -> Result<()>) -> Result<GpuGraph> {
-        self.not_capturing("capturing a CUDA graph")?;
-        self.stream
+        /// Ends the capture however `launches` ends (a panic included), so
+        /// the stream runs work again.
+        struct Capturing<'a>(&'a Gpu);
+        impl Capturing<'_> {
+            fn end(&self) -> std::result::Result<Option<CudaGraph>, DriverError> {
+                let graph = self.0.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+                self.0.capturing.store(0, Ordering::Release);
+                graph
+            }
+        }
+        impl Drop for Capturing<'_> {
+            fn drop(&mut self) {
+                if self.0.capturing.load(Ordering::Acquire) != 0 {
+                    let _ = self.end();
+                }
+            }
+        }
+        let token = thread_token();
+        if self
+            .capturing
+            .compare_exchange(0, token, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(EngineError::Device("a CUDA graph is already being captured".into()));
+        }
+        if let Err(e) = self
+            .stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(driver("starting a CUDA graph capture"))?;
-        self.capturing.store(true, Ordering::Relaxed);
+        {
+            self.capturing.store(0, Ordering::Release);
+            return Err(driver("starting a CUDA graph capture")(e));
+        }
+        let capturing = Capturing(self);
         let launched = launches();
-        // Always ended, so the stream runs work again whatever happened.
-        let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
-        self.capturing.store(false, Ordering::Relaxed);
+        let graph = capturing.end();
         launched?;
         match graph.map_err(driver("instantiating a CUDA graph"))? {
             Some(graph) => Ok(GpuGraph(graph)),
@@ -487,3 +537,12 @@ pub struct GpuGraph(CudaGraph);
 // graph cache) holds it behind a mutex, and replays it on the stream it
 // was captured on.
 unsafe impl Send for GpuGraph {}
+
+/// This thread's token: never 0, distinct between threads.
+fn thread_token() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static TOKEN: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    TOKEN.with(|t| *t)
+}

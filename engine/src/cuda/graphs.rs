@@ -11,9 +11,9 @@
 //! every graph: replays are queued one at a time on one stream.
 //!
 //! Invariant: every graph reads and writes only `shared`'s buffers, the
-//! model's weights and the KV storage whose id is `kv`; when the buffers
-//! are replaced or another KV storage comes, every graph is dropped before
-//! anything replays.
+//! model's weights and the KV storage whose id is `kv` (its buffers and
+//! block size baked in); when the buffers are replaced or another KV
+//! storage comes, every graph is dropped before anything replays.
 
 use std::collections::HashMap;
 
@@ -25,8 +25,9 @@ use crate::error::Result;
 /// The most tokens a forward run from a graph has (larger ones are
 /// queued launch by launch: their kernels dwarf the launches).
 pub const MAX_GRAPH_TOKENS: usize = 512;
-/// The most graphs kept; past it, all are dropped and captured again.
-const MAX_GRAPHS: usize = 64;
+/// The most graphs kept; past it, all are dropped and captured again
+/// (buckets of tokens x of rows x layer counts x feature taps).
+const MAX_GRAPHS: usize = 256;
 /// Ints the first block-table and key-list buffers hold.
 const FIRST_KEY_LENS: usize = 4096;
 
@@ -42,7 +43,7 @@ pub(super) fn bucket(n: usize) -> usize {
 /// The captured forwards of one model, by shape.
 pub(super) struct Graphs<B: Backend> {
     /// Whether forwards run from graphs (off: every launch is queued).
-    pub enabled: bool,
+    enabled: bool,
     /// The KV storage the graphs write (`DeviceKv::id`; 0: none).
     kv: u64,
     shared: Option<Buffers<B>>,
@@ -52,6 +53,15 @@ pub(super) struct Graphs<B: Backend> {
 }
 
 impl<B: Backend> Graphs<B> {
+    /// Turns graphs on or off; off drops them and their buffers.
+    pub fn set_enabled(&mut self, on: bool) {
+        self.enabled = on;
+        if !on {
+            self.graphs.clear();
+            self.shared = None;
+        }
+    }
+
     pub fn new(enabled: bool) -> Self {
         Graphs {
             enabled,
@@ -147,7 +157,7 @@ impl<B: Backend> Graphs<B> {
         let rows = padded.rows.max(TILE).max(old.as_ref().map_or(0, |o| o.rows));
         drop(old);
         let step = StepInputs::reserve(b, c, block_size, tokens, lens)?;
-        self.shared = Some(Buffers::new(b, c, step, tokens, rows)?);
+        self.shared = Some(Buffers::up_to(b, c, step, tokens, rows)?);
         Ok(())
     }
 }

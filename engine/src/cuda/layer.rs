@@ -6,6 +6,8 @@
 //! Invariant: a layer's output row depends on that row and the K/V it
 //! attends to alone (every kernel is row-independent, see `kernels.cu`).
 
+use std::ops::RangeInclusive;
+
 use super::{int, AttentionKeys, AttentionShape, Backend, KEY_FIELDS};
 use crate::batch::RaggedBatch;
 use crate::config::ModelConfig;
@@ -184,7 +186,7 @@ fn attention_shape(c: &ModelConfig, tokens: usize, block_size: usize) -> Attenti
     }
 }
 
-/// A forward's working buffers, sized for up to its tokens.
+/// A forward's working buffers, sized for its tokens.
 pub(super) struct Scratch<B: Backend> {
     pub normed: B::Floats,
     q: B::Floats,
@@ -193,12 +195,23 @@ pub(super) struct Scratch<B: Backend> {
     attn: B::Floats,
     gate: B::Floats,
     up: B::Floats,
-    /// The layer GEMMs' partial sums, for any row count up to the tokens.
+    /// The layer GEMMs' partial sums.
     part: B::Floats,
 }
 
 impl<B: Backend> Scratch<B> {
+    /// Buffers for a forward of `tokens` tokens.
     pub fn new(b: &B, tokens: usize, c: &ModelConfig) -> Result<Self> {
+        Self::sized(b, tokens, c, tokens..=tokens)
+    }
+
+    /// Buffers for forwards of any count of tokens up to `tokens` (whose
+    /// GEMMs may split along k where more rows do not).
+    pub fn up_to(b: &B, tokens: usize, c: &ModelConfig) -> Result<Self> {
+        Self::sized(b, tokens, c, 1..=tokens)
+    }
+
+    fn sized(b: &B, tokens: usize, c: &ModelConfig, counts: RangeInclusive<usize>) -> Result<Self> {
         let (h, qs, kvs, ff) = (c.hidden_size, c.q_size(), c.kv_size(), c.intermediate_size);
         let shapes = [(qs, h), (kvs, h), (h, qs), (ff, h), (h, ff)];
         Ok(Scratch {
@@ -209,15 +222,15 @@ impl<B: Backend> Scratch<B> {
             attn: b.zeros(tokens * qs)?,
             gate: b.zeros(tokens * ff)?,
             up: b.zeros(tokens * ff)?,
-            part: b.zeros(split_len_up_to(b, tokens, &shapes))?,
+            part: b.zeros(split_len(b, counts, &shapes))?,
         })
     }
 }
 
-/// The most partial sums a GEMM of up to `rows` rows and one of the
-/// `(n, k)` shapes keeps (fewer rows may split where more do not).
-pub(super) fn split_len_up_to<B: Backend>(b: &B, rows: usize, shapes: &[(usize, usize)]) -> usize {
-    (1..=rows.max(1))
+/// The most partial sums a GEMM of one of the row `counts` and one of
+/// the `(n, k)` shapes keeps.
+pub(super) fn split_len<B: Backend>(b: &B, counts: RangeInclusive<usize>, shapes: &[(usize, usize)]) -> usize {
+    counts
         .flat_map(|m| shapes.iter().map(move |&(n, k)| b.split_len((m, n, k))))
         .max()
         .unwrap_or(1)

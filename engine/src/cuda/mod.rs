@@ -220,7 +220,7 @@ impl<B: Backend> GpuModel<B> {
     /// Whether forwards of frequent shapes run from CUDA graphs (on by
     /// default; off queues every launch, as `--enforce-eager` asks).
     pub fn set_graphs(&self, on: bool) {
-        self.graphs.lock().unwrap_or_else(|p| p.into_inner()).enabled = on;
+        self.graphs.lock().unwrap_or_else(|p| p.into_inner()).set_enabled(on);
     }
 
     /// Graphs captured so far.

@@ -93,10 +93,10 @@ fn config() -> ModelConfig {
 
 const BLOCK_SIZE: usize = 16;
 
-fn layout() -> KvLayout {
+fn layout(block_size: usize) -> KvLayout {
     KvLayout {
         num_blocks: 128,
-        block_size: BLOCK_SIZE,
+        block_size,
         num_layers: config().num_layers,
         kv_size: config().kv_size(),
         scratch_slots: 0,
@@ -113,6 +113,11 @@ fn ids(n: usize, salt: usize) -> Vec<u32> {
 
 fn causal(n: usize, at: usize, table: &[BlockId], salt: usize) -> SeqRun {
     SeqRun::causal(ids(n, salt), at, table, BLOCK_SIZE).unwrap()
+}
+
+/// [`causal`] in KV blocks of `block_size`.
+fn causal_in(block_size: usize, n: usize, at: usize, table: &[BlockId]) -> SeqRun {
+    SeqRun::causal(ids(n, 11), at, table, block_size).unwrap()
 }
 
 /// `n` tokens at `at` whose mask is causal but written out (so the key
@@ -151,8 +156,8 @@ fn forwards_from_graphs_are_the_eager_forwards<B: Backend>(one: Arc<B>, other: A
     let graphs = GpuModel::synthetic(one, config(), 4).unwrap();
     let eager = GpuModel::synthetic(other, config(), 4).unwrap();
     eager.set_graphs(false);
-    let new_kv = |m: &GpuModel<B>| DeviceKv::new(m.backend().clone(), layout()).unwrap();
-    let (mut kv_g, mut kv_e) = (new_kv(&graphs), new_kv(&eager));
+    let new_kv = |m: &GpuModel<B>, block_size| DeviceKv::new(m.backend().clone(), layout(block_size)).unwrap();
+    let (mut kv_g, mut kv_e) = (new_kv(&graphs, BLOCK_SIZE), new_kv(&eager, BLOCK_SIZE));
     let (a, b, c, d) = (blocks(1..=20), blocks(21..=30), blocks(31..=40), blocks(41..=80));
     let layers = config().num_layers;
     let fin = Some(FeatureTap::Final);
@@ -199,11 +204,20 @@ fn forwards_from_graphs_are_the_eager_forwards<B: Backend>(one: Arc<B>, other: A
         same_forwards(models, what, seqs, layers, tap.as_ref());
         assert_eq!(graphs.graph_captures(), captures, "{what}: graphs captured");
     }
-    // Another KV storage: the graphs that wrote the old one are not replayed.
-    let (mut kv_g, mut kv_e) = (new_kv(&graphs), new_kv(&eager));
+    // Another KV storage, of smaller blocks: the graphs that wrote the
+    // old one (and read its block tables) are not replayed.
+    let (mut kv_g, mut kv_e) = (new_kv(&graphs, 4), new_kv(&eager, 4));
     let models = [(&graphs, &mut kv_g), (&eager, &mut kv_e)];
-    same_forwards(models, "a new KV storage", vec![causal(1, 0, &a, 10)], layers, None);
-    assert_eq!(graphs.graph_captures(), 8, "a new KV storage");
+    same_forwards(models, "a new KV storage", vec![causal_in(4, 20, 0, &a)], layers, None);
+    let models = [(&graphs, &mut kv_g), (&eager, &mut kv_e)];
+    same_forwards(
+        models,
+        "a decode in blocks of 4",
+        vec![causal_in(4, 1, 20, &a)],
+        layers,
+        None,
+    );
+    assert_eq!(graphs.graph_captures(), 9, "a new KV storage");
     assert_eq!(eager.graph_captures(), 0, "graphs off");
 }
 
@@ -223,7 +237,7 @@ fn same_forwards<B: Backend>(
     assert!(!want.0.is_empty() || rows.is_empty(), "{what}: logits");
     assert_eq!(got.0, want.0, "{what}: logits");
     assert_eq!(got.1, want.1, "{what}: features");
-    let len = layout().num_slots() * layout().kv_size;
+    let len = layout(kv_one.block_size).num_slots() * config().kv_size();
     let all = |model: &GpuModel<B>, kv: &Vec<B::Floats>| -> Vec<Vec<f32>> {
         kv.iter().map(|l| model.backend().download(l, len).unwrap()).collect()
     };
