@@ -20,7 +20,7 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
   [ -d "$d" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
 done
 GPU_TESTS=(cuda::tests::the_gpu_ cuda::tests::gpu_ cuda::tests::the_kernels cuda::tests::opening cuda::head::tests::the_gpu_
-  cuda::graphs::tests::the_gpu_)
+  cuda::graphs::tests::the_gpu_ cuda::head::graph_tests::the_gpu_)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 figures="$(pwd)/${GPU_FIGURES:-gpu-figures.json}"
 if [ -x "$here/engine-lib" ]; then

@@ -11,7 +11,7 @@ use crate::kv::{DeviceStorage, KvLayout};
 
 /// Paged K/V of every layer in device memory, laid out as the CPU's.
 pub struct DeviceKv<B: Backend = Gpu> {
-    backend: Arc<B>,
+    pub(super) backend: Arc<B>,
     /// Unique among this process's KV storages (what a captured graph
     /// that writes these buffers is tied to).
     pub(super) id: u64,

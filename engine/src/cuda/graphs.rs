@@ -16,6 +16,7 @@
 //! storage comes, every graph is dropped before anything replays.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 
 use super::forward::{launch, Buffers, Shape};
 use super::layer::{HostInputs, StepInputs};
@@ -40,42 +41,113 @@ pub(super) fn bucket(n: usize) -> usize {
     }
 }
 
-/// The captured forwards of one model, by shape.
-pub(super) struct Graphs<B: Backend> {
-    /// Whether forwards run from graphs (off: every launch is queued).
+/// Captured launch sequences by key, over buffers their owner keeps.
+pub(super) struct GraphCache<B: Backend, K> {
+    /// Whether launches run from graphs (off: each is queued).
     enabled: bool,
-    /// The KV storage the graphs write (`DeviceKv::id`; 0: none).
-    kv: u64,
-    shared: Option<Buffers<B>>,
-    graphs: HashMap<Shape, B::Graph>,
+    /// What the graphs write besides their owner's buffers (a KV
+    /// storage's id; 0: nothing yet).
+    tie: u64,
+    graphs: HashMap<K, B::Graph>,
     /// Captures made so far.
     pub captures: usize,
 }
 
-impl<B: Backend> Graphs<B> {
-    /// Turns graphs on or off; off drops them and their buffers.
-    pub fn set_enabled(&mut self, on: bool) {
-        self.enabled = on;
-        if !on {
-            self.graphs.clear();
-            self.shared = None;
-        }
-    }
-
+impl<B: Backend, K: Hash + Eq + Copy> GraphCache<B, K> {
     pub fn new(enabled: bool) -> Self {
-        Graphs {
+        GraphCache {
             enabled,
-            kv: 0,
-            shared: None,
+            tie: 0,
             graphs: HashMap::new(),
             captures: 0,
         }
     }
 
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Turns graphs on or off (off drops them).
+    pub fn set_enabled(&mut self, on: bool) {
+        self.enabled = on;
+        if !on {
+            self.clear();
+        }
+    }
+
+    /// Drops every graph (their buffers are about to go).
+    pub fn clear(&mut self) {
+        self.graphs.clear();
+    }
+
+    /// Drops every graph unless they were captured writing `tie`.
+    pub fn tie_to(&mut self, tie: u64) {
+        if self.tie != tie {
+            self.clear();
+            self.tie = tie;
+        }
+    }
+
+    /// Replays `key`'s graph, capturing `launches` first when it is new.
+    /// `false`: the capture failed, graphs are off from now on, and the
+    /// caller queues the launches itself.
+    pub fn replay(&mut self, b: &B, key: K, launches: &mut dyn FnMut() -> Result<()>) -> Result<bool> {
+        if !self.graphs.contains_key(&key) {
+            if self.graphs.len() >= MAX_GRAPHS {
+                self.clear();
+            }
+            match b.capture(launches) {
+                Ok(graph) => {
+                    self.graphs.insert(key, graph);
+                    self.captures += 1;
+                }
+                Err(e) => {
+                    tracing::warn!("capturing launches into a CUDA graph failed ({e}); they run eagerly from now on");
+                    self.set_enabled(false);
+                    return Ok(false);
+                }
+            }
+        }
+        b.replay(&self.graphs[&key])?;
+        Ok(true)
+    }
+}
+
+/// The captured forwards of one model, by shape, and their buffers.
+pub(super) struct Graphs<B: Backend> {
+    cache: GraphCache<B, Shape>,
+    shared: Option<Buffers<B>>,
+}
+
+impl<B: Backend> Graphs<B> {
+    pub fn new(enabled: bool) -> Self {
+        Graphs {
+            cache: GraphCache::new(enabled),
+            shared: None,
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.cache.enabled()
+    }
+
+    /// Turns graphs on or off; off drops them and their buffers.
+    pub fn set_enabled(&mut self, on: bool) {
+        self.cache.set_enabled(on);
+        if !on {
+            self.shared = None;
+        }
+    }
+
+    /// Captures made so far.
+    pub fn captures(&self) -> usize {
+        self.cache.captures
+    }
+
     /// Whether a forward of `n` tokens runs from a graph (one that copies
     /// layer taps to the host between layers never does).
     pub fn takes(&self, n: usize, layer_taps: bool) -> bool {
-        self.enabled && (1..=MAX_GRAPH_TOKENS).contains(&n) && !layer_taps
+        self.enabled() && (1..=MAX_GRAPH_TOKENS).contains(&n) && !layer_taps
     }
 
     /// Runs the forward of `host` at `shape` (its exact counts) from its
@@ -92,10 +164,7 @@ impl<B: Backend> Graphs<B> {
         shape: Shape,
     ) -> Result<Option<&Buffers<B>>> {
         let b = &*model.backend;
-        if self.kv != kv.id {
-            self.graphs.clear();
-            self.kv = kv.id;
-        }
+        self.cache.tie_to(kv.id);
         let padded = Shape {
             tokens: bucket(shape.tokens),
             rows: bucket(shape.rows),
@@ -115,27 +184,13 @@ impl<B: Backend> Graphs<B> {
         let buf = self.shared.as_mut().expect("made by grow");
         buf.step.write(b, &host)?;
         buf.write_rows(b, &rows)?;
-        if !self.graphs.contains_key(&padded) {
-            if self.graphs.len() >= MAX_GRAPHS {
-                self.graphs.clear();
-            }
-            match b.capture(&mut || launch(model, kv, buf, padded, None)) {
-                Ok(graph) => {
-                    self.graphs.insert(padded, graph);
-                    self.captures += 1;
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "capturing a forward into a CUDA graph failed ({e}); forwards run eagerly from now on"
-                    );
-                    self.enabled = false;
-                    self.graphs.clear();
-                    self.shared = None;
-                    return Ok(None);
-                }
-            }
+        if !self
+            .cache
+            .replay(b, padded, &mut || launch(model, kv, buf, padded, None))?
+        {
+            self.shared = None;
+            return Ok(None);
         }
-        b.replay(&self.graphs[&padded])?;
         Ok(self.shared.as_ref())
     }
 
@@ -145,21 +200,31 @@ impl<B: Backend> Graphs<B> {
     fn grow(&mut self, model: &GpuModel<B>, block_size: usize, padded: Shape, host: &HostInputs) -> Result<()> {
         let (b, c) = (&*model.backend, &model.config);
         let old = self.shared.take();
-        self.graphs.clear();
-        let (tables, lists) = host.key_lens();
-        let at_least = |now: usize, old: Option<usize>| (2 * now).max(FIRST_KEY_LENS).max(old.unwrap_or(0));
-        let lens = (
-            at_least(tables, old.as_ref().map(|o| o.step.lens().0)),
-            at_least(lists, old.as_ref().map(|o| o.step.lens().1)),
-        );
-        // One GEMM row tile at least: growing within it would only recapture.
-        let tokens = padded.tokens.max(TILE).max(old.as_ref().map_or(0, |o| o.tokens));
-        let rows = padded.rows.max(TILE).max(old.as_ref().map_or(0, |o| o.rows));
+        self.cache.clear();
+        let tokens = room(padded.tokens, old.as_ref().map(|o| o.tokens));
+        let rows = room(padded.rows, old.as_ref().map(|o| o.rows));
+        let lens = key_room(host, old.as_ref().map(|o| o.step.lens()));
         drop(old);
         let step = StepInputs::reserve(b, c, block_size, tokens, lens)?;
         self.shared = Some(Buffers::up_to(b, c, step, tokens, rows)?);
         Ok(())
     }
+}
+
+/// Room for `padded` tokens or rows: one GEMM row tile at least (growing
+/// within it would only recapture), and what the old buffers held.
+pub(super) fn room(padded: usize, old: Option<usize>) -> usize {
+    padded.max(TILE).max(old.unwrap_or(0))
+}
+
+/// Room for `host`'s block tables and key lists: twice them (for the
+/// contexts still to grow), [`FIRST_KEY_LENS`] at least, and what the old
+/// buffers held.
+pub(super) fn key_room(host: &HostInputs, old: Option<(usize, usize)>) -> (usize, usize) {
+    let (tables, lists) = host.key_lens();
+    let at_least = |now: usize, old: usize| (2 * now).max(FIRST_KEY_LENS).max(old);
+    let (old_tables, old_lists) = old.unwrap_or((0, 0));
+    (at_least(tables, old_tables), at_least(lists, old_lists))
 }
 
 #[cfg(test)]

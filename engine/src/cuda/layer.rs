@@ -105,11 +105,6 @@ pub(super) struct StepInputs<B: Backend> {
 }
 
 impl<B: Backend> StepInputs<B> {
-    /// `batch`'s inputs, uploaded.
-    pub fn new(b: &B, batch: &RaggedBatch, c: &ModelConfig, block_size: usize) -> Result<Self> {
-        Self::upload(b, &HostInputs::new(batch, c), c, block_size)
-    }
-
     /// `host`, uploaded.
     pub fn upload(b: &B, host: &HostInputs, c: &ModelConfig, block_size: usize) -> Result<Self> {
         Ok(StepInputs {

@@ -225,7 +225,7 @@ impl<B: Backend> GpuModel<B> {
 
     /// Graphs captured so far.
     pub fn graph_captures(&self) -> usize {
-        self.graphs.lock().unwrap_or_else(|p| p.into_inner()).captures
+        self.graphs.lock().unwrap_or_else(|p| p.into_inner()).captures()
     }
 
     /// The ragged forward of [`crate::Model`] on the device, from the
@@ -435,7 +435,8 @@ impl<B: Backend> ModelBackend for GpuModel<B> {
     }
 
     fn head_on_device(&self, parts: &HeadParts) -> Result<Option<Box<dyn HeadBackend>>> {
-        let head = DeviceHead::new(self.backend.clone(), parts, self.embeddings().clone())?;
+        let graphs = self.graphs.lock().unwrap_or_else(|p| p.into_inner()).enabled();
+        let head = DeviceHead::new(self.backend.clone(), parts, self.embeddings().clone(), graphs)?;
         Ok(Some(Box::new(head)))
     }
 

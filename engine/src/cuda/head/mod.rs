@@ -5,7 +5,9 @@
 //! the target's own table there; and each output row's best few ids are
 //! found there (`top_rows`). A tree layer uploads the batch's ids, slots,
 //! key lists and which stored row each token reads, and brings back only
-//! those ids and their logprobs.
+//! those ids and their logprobs; one of up to `MAX_GRAPH_TOKENS` tokens
+//! replays a CUDA graph of its padded shape (`forward`), as the target's
+//! forward does.
 //!
 //! Invariant: the forward is `spec::head::DraftHead`'s (EAGLE: `fc` over
 //! `[embedding | feature]`, here as the sum of its two halves' products,
@@ -14,36 +16,30 @@
 //! the store where its verify forward left them ([`HeadBackend::observe`]
 //! copies rows on the device).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use super::layer::{run_layer, DeviceLayer, Scratch, StepInputs};
-use super::{device_kv, int, Backend, DeviceKv, BLOCK_THREADS, MAX_GRID_Y};
+use super::graphs::{bucket, key_room, room, GraphCache};
+use super::layer::{DeviceLayer, StepInputs};
+use super::{device_kv, int, Backend, DeviceKv, BLOCK_THREADS, MAX_GRAPH_TOKENS, MAX_GRID_Y};
 use crate::batch::RaggedBatch;
-use crate::config::ModelConfig;
-use crate::device_head::{logits_slots, HeadBackend, HeadParts, TopRow};
+use crate::device_head::{HeadBackend, HeadParts, TopRow};
 use crate::error::{EngineError, Result};
 use crate::features::Features;
 use crate::kv::{KvLayout, KvStorage};
 
-/// A draft head's weights on the device: matrices bf16, norms and the
-/// `fc` bias f32; and its feature store.
+/// A draft head on the device: its weights, its feature store, and its
+/// tree layers captured as CUDA graphs.
 pub struct DeviceHead<B: Backend> {
     backend: Arc<B>,
-    config: ModelConfig,
-    /// The target's token embeddings (shared, bf16).
-    embeddings: Arc<B::Halves>,
-    /// `fc`'s columns over the embedding and over the feature, `(h, h)` each.
-    fc_embedding: B::Halves,
-    fc_feature: B::Halves,
-    /// `fc`'s bias, one row `(1, h)`.
-    fc_bias: Option<B::Floats>,
-    layers: Vec<DeviceLayer<B::Floats, B::Halves>>,
-    output_norm: Option<B::Floats>,
-    lm_head: B::Halves,
-    draft_vocab: usize,
+    weights: Weights<B>,
     /// `(slots + 1, h)`: a row per slot, then a row of zeros.
     store: Option<B::Floats>,
     slots: usize,
+    /// Only reached through `&mut self` (`get_mut`): the mutex makes the
+    /// head `Sync`, which a CUDA graph is not.
+    graphs: Mutex<GraphCache<B, HeadShape>>,
+    /// The graphs' buffers, sized for the largest bucket seen.
+    shared: Option<HeadBuffers<B>>,
 }
 
 /// Columns `[from, from + width)` of the rows of `m` `(rows, cols)`.
@@ -55,7 +51,9 @@ fn columns(m: &[f32], cols: usize, from: usize, width: usize) -> Vec<f32> {
 }
 
 impl<B: Backend> DeviceHead<B> {
-    pub fn new(backend: Arc<B>, p: &HeadParts, embeddings: Arc<B::Halves>) -> Result<Self> {
+    /// The head of `p` on `backend`, its tree layers run from CUDA graphs
+    /// where `graphs`.
+    pub fn new(backend: Arc<B>, p: &HeadParts, embeddings: Arc<B::Halves>, graphs: bool) -> Result<Self> {
         let c = p.layer_config.clone();
         let h = c.hidden_size;
         if c.head_dim > BLOCK_THREADS as usize {
@@ -89,7 +87,7 @@ impl<B: Backend> DeviceHead<B> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(DeviceHead {
+        let weights = Weights {
             fc_embedding: b.upload_bf16(&columns(&p.fc, 2 * h, 0, h))?,
             fc_feature: b.upload_bf16(&columns(&p.fc, 2 * h, h, h))?,
             fc_bias: p.fc_bias.as_deref().map(|w| b.upload(w)).transpose()?,
@@ -98,9 +96,14 @@ impl<B: Backend> DeviceHead<B> {
             lm_head: b.upload_bf16(&p.lm_head)?,
             draft_vocab: p.draft_vocab,
             embeddings,
+            config: c,
+        };
+        Ok(DeviceHead {
+            weights,
             store: None,
             slots: 0,
-            config: c,
+            graphs: Mutex::new(GraphCache::new(graphs)),
+            shared: None,
             backend,
         })
     }
@@ -111,8 +114,15 @@ impl<B: Backend> DeviceHead<B> {
             .ok_or_else(|| EngineError::Config("the draft head's KV was not made (new_kv)".into()))
     }
 
+    /// Graphs captured so far.
+    #[cfg(test)]
+    pub(super) fn graph_captures(&self) -> usize {
+        self.graphs.lock().unwrap_or_else(|p| p.into_inner()).captures
+    }
+
     /// [`HeadBackend::forward_top`] over the head's device KV, once the
-    /// store is made.
+    /// store is made: from a graph of the layer's padded shape where one
+    /// serves, else launch by launch.
     fn forward_on(
         &mut self,
         batch: &RaggedBatch,
@@ -121,7 +131,6 @@ impl<B: Backend> DeviceHead<B> {
         m: usize,
     ) -> Result<Vec<TopRow>> {
         let n = batch.num_tokens();
-        let h = self.config.hidden_size;
         if inputs.len() != n || inputs.iter().flatten().any(|&s| s >= self.slots) {
             return Err(EngineError::Config(format!(
                 "{n} tokens but {} feature rows, or a row past the store's {} slots",
@@ -138,85 +147,94 @@ impl<B: Backend> DeviceHead<B> {
             return Ok(Vec::new());
         }
         let zero_row = self.slots;
-        let (b, c) = (&*self.backend, &self.config);
-        let store = self.store.as_ref().expect("made before any forward");
-        let step = StepInputs::new(b, batch, c, kv.block_size)?;
-        let mut embedded = b.zeros(n * h)?;
-        step.embed(b, &self.embeddings, &mut embedded, h)?;
-        let rows: Vec<i32> = inputs.iter().map(|i| int(i.unwrap_or(zero_row))).collect();
-        let mut features = b.zeros(n * h)?;
-        b.gather_rows(store, &b.upload_ints(&rows)?, &mut features, (n, h))?;
-        // The bias first, then both halves of `fc` added to it.
-        let mut x = b.zeros(n * h)?;
-        if let Some(bias) = &self.fc_bias {
-            b.gather_rows(bias, &b.upload_ints(&vec![0; n])?, &mut x, (n, h))?;
-        }
-        b.matmul(&embedded, &self.fc_embedding, &mut x, (n, h, h), true)?;
-        b.matmul(&features, &self.fc_feature, &mut x, (n, h, h), true)?;
-        let mut scratch = Scratch::new(b, n, c)?;
-        for (li, layer) in self.layers.iter().enumerate() {
-            let layer_kv = (&mut kv.keys[li], &mut kv.values[li]);
-            run_layer(b, c, layer, &mut x, &mut scratch, &step, layer_kv)?;
-        }
-        let row_ids: Vec<i32> = batch.logits_token_rows().map(int).collect();
-        let r = row_ids.len();
-        if r == 0 {
-            return Ok(Vec::new());
-        }
-        let mut hidden = b.zeros(r * h)?;
-        b.gather_rows(&x, &b.upload_ints(&row_ids)?, &mut hidden, (r, h))?;
-        let normed = match &self.output_norm {
-            Some(w) => {
-                let mut out = b.zeros(r * h)?;
-                b.rms_norm(&hidden, w, &mut out, (r, h), c.rms_norm_eps)?;
-                Some(out)
+        let DeviceHead {
+            backend,
+            weights: w,
+            store,
+            graphs,
+            shared,
+            ..
+        } = self;
+        let graphs = graphs.get_mut().unwrap_or_else(|p| p.into_inner());
+        let (b, c) = (&**backend, &w.config);
+        let store = store.as_mut().expect("made before any forward");
+        let host = HeadInputs::new(batch, c, inputs, zero_row);
+        let shape = host.shape(m.min(w.draft_vocab));
+        if graphs.enabled() && n <= MAX_GRAPH_TOKENS {
+            graphs.tie_to(kv.id);
+            let padded = HeadShape {
+                tokens: bucket(shape.tokens),
+                rows: bucket(shape.rows),
+                m: shape.m,
+            };
+            let mut inputs = host.clone();
+            inputs.pad_to(padded, zero_row);
+            if !shared.as_ref().is_some_and(|s| s.fits(padded, &inputs)) {
+                let old = shared.take();
+                graphs.clear();
+                let room = HeadShape {
+                    tokens: room(padded.tokens, old.as_ref().map(|o| o.tokens)),
+                    rows: room(padded.rows, old.as_ref().map(|o| o.rows)),
+                    m: padded.m.max(old.as_ref().map_or(0, |o| o.m)),
+                };
+                let lens = key_room(&inputs.step, old.as_ref().map(|o| o.step.lens()));
+                drop(old);
+                let step = StepInputs::reserve(b, c, kv.block_size, room.tokens, lens)?;
+                *shared = Some(HeadBuffers::up_to(b, w, step, room)?);
             }
-            None => None,
-        };
-        let mut logits = b.zeros(r * self.draft_vocab)?;
-        b.matmul(
-            normed.as_ref().unwrap_or(&hidden),
-            &self.lm_head,
-            &mut logits,
-            (r, self.draft_vocab, h),
-            false,
-        )?;
-        let written: Vec<i32> = logits_slots(batch).into_iter().map(int).collect();
-        let (b, store) = (&*self.backend, self.store.as_mut().expect("made before any forward"));
-        b.scatter_rows(store, &hidden, &b.upload_ints(&written)?, (r, h))?;
-        let m = m.min(self.draft_vocab);
-        if m == 0 {
-            return Ok(vec![Vec::new(); r]);
+            let buf = shared.as_mut().expect("made above");
+            buf.write(b, &inputs)?;
+            if graphs.replay(b, padded, &mut || launch(b, w, store, kv, buf, padded))? {
+                return read_top(b, buf, shape);
+            }
+            *shared = None;
         }
-        let mut ids = b.upload_ints(&vec![0; r * m])?;
-        let mut logprobs = b.zeros(r * m)?;
-        b.top_rows(&logits, &mut ids, &mut logprobs, (r, self.draft_vocab, m))?;
-        let ids = b.download_ints(&ids, r * m)?;
-        let logprobs = b.download(&logprobs, r * m)?;
-        Ok(ids
-            .chunks(m)
-            .zip(logprobs.chunks(m))
-            .map(|(ids, lps)| {
-                ids.iter()
-                    .zip(lps)
-                    .filter(|(&i, _)| i >= 0)
-                    .map(|(&i, &lp)| (i as u32, lp))
-                    .collect()
-            })
-            .collect())
+        let step = StepInputs::reserve(b, c, kv.block_size, n, host.step.key_lens())?;
+        let mut buf = HeadBuffers::new(b, w, step, shape)?;
+        buf.write(b, &host)?;
+        launch(b, w, store, kv, &mut buf, shape)?;
+        read_top(b, &buf, shape)
     }
+}
+
+/// The picks a tree layer of `shape` left in `buf`: per logits row, its
+/// best ids (up to `m`) and their logprobs.
+fn read_top<B: Backend>(b: &B, buf: &HeadBuffers<B>, shape: HeadShape) -> Result<Vec<TopRow>> {
+    let (r, m) = (shape.rows, shape.m);
+    if r == 0 {
+        return Ok(Vec::new());
+    }
+    if m == 0 {
+        return Ok(vec![Vec::new(); r]);
+    }
+    let ids = b.download_ints(&buf.top_ids, r * m)?;
+    let logprobs = b.download(&buf.top_logprobs, r * m)?;
+    Ok(ids
+        .chunks(m)
+        .zip(logprobs.chunks(m))
+        .map(|(ids, lps)| {
+            ids.iter()
+                .zip(lps)
+                .filter(|(&i, _)| i >= 0)
+                .map(|(&i, &lp)| (i as u32, lp))
+                .collect()
+        })
+        .collect())
 }
 
 impl<B: Backend> HeadBackend for DeviceHead<B> {
     fn new_kv(&mut self, layout: KvLayout) -> Result<KvStorage> {
         let kv = DeviceKv::new(self.backend.clone(), layout)?;
+        // The graphs read and write the store about to be replaced.
+        self.graphs.get_mut().unwrap_or_else(|p| p.into_inner()).clear();
+        self.shared = None;
         self.slots = layout.num_slots();
-        self.store = Some(self.backend.zeros((self.slots + 1) * self.config.hidden_size)?);
+        self.store = Some(self.backend.zeros((self.slots + 1) * self.weights.config.hidden_size)?);
         Ok(KvStorage::on_device(layout, Box::new(kv)))
     }
 
     fn observe(&mut self, slots: &[usize], features: &Features, rows: &[usize]) -> Result<()> {
-        let h = self.config.hidden_size;
+        let h = self.weights.config.hidden_size;
         if slots.is_empty() && rows.is_empty() {
             return Ok(());
         }
@@ -275,13 +293,13 @@ impl<B: Backend> HeadBackend for DeviceHead<B> {
             )));
         }
         for seq in &batch.seqs {
-            seq.validate(layout.block_size, layout.num_slots(), self.config.vocab_size)?;
+            seq.validate(layout.block_size, layout.num_slots(), self.weights.config.vocab_size)?;
         }
         self.forward_on(batch, inputs, device_kv(kv)?, m)
     }
 
     fn features_at(&self, slots: &[usize]) -> Result<Vec<f32>> {
-        let h = self.config.hidden_size;
+        let h = self.weights.config.hidden_size;
         let Some(store) = &self.store else {
             return Err(EngineError::Config("the draft head's KV was not made (new_kv)".into()));
         };
@@ -293,5 +311,10 @@ impl<B: Backend> HeadBackend for DeviceHead<B> {
     }
 }
 
+mod forward;
+#[cfg(test)]
+mod graph_tests;
 #[cfg(test)]
 mod tests;
+
+use forward::{launch, HeadBuffers, HeadInputs, HeadShape, Weights};
