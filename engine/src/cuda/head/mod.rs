@@ -313,6 +313,7 @@ impl<B: Backend> HeadBackend for DeviceHead<B> {
 
 mod forward;
 #[cfg(test)]
+#[path = "graphs/tests.rs"]
 mod graph_tests;
 #[cfg(test)]
 mod tests;
