@@ -80,7 +80,8 @@ impl Model {
     }
 
     /// Whether GPU forwards of frequent shapes run from CUDA graphs (on
-    /// by default; no effect on the CPU).
+    /// by default; no effect on the CPU). Set it before placing a draft
+    /// head on the device: the head takes the setting then.
     pub fn set_graphs(&self, on: bool) {
         self.backend.set_graphs(on);
     }

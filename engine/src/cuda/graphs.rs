@@ -1,19 +1,22 @@
-//! CUDA graphs of the target's forward: a forward of up to
-//! [`MAX_GRAPH_TOKENS`] tokens is padded to its bucket, its inputs are
-//! written into buffers that persist, and the bucket's launches, captured
-//! the first time it is seen, are replayed in one call instead of being
-//! queued one by one (about a dozen launches per layer).
+//! CUDA graphs: a forward of up to [`MAX_GRAPH_TOKENS`] tokens (the
+//! target's here, a draft head's tree layer in `head`) is padded to its
+//! bucket, its inputs are written into buffers that persist, and the
+//! bucket's launches, captured the first time it is seen
+//! ([`GraphCache`]), are replayed in one call instead of being queued one
+//! by one (about a dozen launches per layer).
 //!
 //! Buckets are powers of two up to one GEMM row tile (64), then whole
 //! tiles, so padding never adds a GEMM tile; a padding row (`HostInputs::
 //! pad_to`) changes no real row, so a replay gives the eager forward's
 //! bits. One set of buffers, sized for the largest bucket seen, serves
-//! every graph: replays are queued one at a time on one stream.
+//! every graph of its owner: replays are queued one at a time on one
+//! stream.
 //!
-//! Invariant: every graph reads and writes only `shared`'s buffers, the
-//! model's weights and the KV storage whose id is `kv` (its buffers and
-//! block size baked in); when the buffers are replaced or another KV
-//! storage comes, every graph is dropped before anything replays.
+//! Invariant: a graph reads and writes only its owner's shared buffers,
+//! the weights, the KV storage its cache is tied to (`tie`: buffers and
+//! block size baked in) and, for a head, its feature store; when any of
+//! these is replaced (the buffers grow, another KV storage comes, a head
+//! makes a new store), every graph is dropped before anything replays.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -23,8 +26,9 @@ use super::layer::{HostInputs, StepInputs};
 use super::{int, Backend, DeviceKv, GpuModel, TILE};
 use crate::error::Result;
 
-/// The most tokens a forward run from a graph has (larger ones are
-/// queued launch by launch: their kernels dwarf the launches).
+/// The most tokens a forward (or a head's tree layer) run from a graph
+/// has (larger ones are queued launch by launch: their kernels dwarf the
+/// launches).
 pub const MAX_GRAPH_TOKENS: usize = 512;
 /// The most graphs kept; past it, all are dropped and captured again
 /// (buckets of tokens x of rows x layer counts x feature taps).

@@ -218,7 +218,9 @@ impl<B: Backend> GpuModel<B> {
     }
 
     /// Whether forwards of frequent shapes run from CUDA graphs (on by
-    /// default; off queues every launch, as `--enforce-eager` asks).
+    /// default; off queues every launch, as `--enforce-eager` asks). A
+    /// draft head placed on the device takes the setting when it is
+    /// placed ([`ModelBackend::head_on_device`]), so set it before.
     pub fn set_graphs(&self, on: bool) {
         self.graphs.lock().unwrap_or_else(|p| p.into_inner()).set_enabled(on);
     }

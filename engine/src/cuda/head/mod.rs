@@ -1,5 +1,5 @@
 //! A draft head on the device: its `fc`, decoder layers (the target's
-//! layer kernels, [`run_layer`]) and sub-vocabulary output layer run where
+//! layer kernels, `layer::run_layer`) and sub-vocabulary output layer run where
 //! the target runs; its K/V and its feature store (a row per KV slot, see
 //! [`HeadBackend`]) live in device memory; its rows' embeddings come from
 //! the target's own table there; and each output row's best few ids are
@@ -225,11 +225,12 @@ fn read_top<B: Backend>(b: &B, buf: &HeadBuffers<B>, shape: HeadShape) -> Result
 impl<B: Backend> HeadBackend for DeviceHead<B> {
     fn new_kv(&mut self, layout: KvLayout) -> Result<KvStorage> {
         let kv = DeviceKv::new(self.backend.clone(), layout)?;
+        let slots = layout.num_slots();
+        let store = self.backend.zeros((slots + 1) * self.weights.config.hidden_size)?;
         // The graphs read and write the store about to be replaced.
         self.graphs.get_mut().unwrap_or_else(|p| p.into_inner()).clear();
         self.shared = None;
-        self.slots = layout.num_slots();
-        self.store = Some(self.backend.zeros((self.slots + 1) * self.weights.config.hidden_size)?);
+        (self.slots, self.store) = (slots, Some(store));
         Ok(KvStorage::on_device(layout, Box::new(kv)))
     }
 

@@ -17,13 +17,22 @@ use heterospec_kv::BlockId;
 
 #[test]
 fn an_emulated_heads_layers_from_graphs_are_its_eager_layers() {
-    head_layers_from_graphs_are_the_eager_layers(Arc::new(Emulator), Arc::new(Emulator));
+    head_layers_from_graphs_are_the_eager_layers(Arc::new(Emulator), Arc::new(Emulator), true);
+}
+
+/// The same without an `fc` bias or an output norm (`fc`'s first product
+/// then writes its buffer rather than adding to the bias).
+#[test]
+fn an_emulated_plain_heads_layers_from_graphs_are_its_eager_layers() {
+    head_layers_from_graphs_are_the_eager_layers(Arc::new(Emulator), Arc::new(Emulator), false);
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU: HETEROSPEC_TEST_DEVICE=cuda cargo test -- --ignored"]
 fn the_gpu_heads_layers_from_graphs_are_its_eager_layers() {
-    head_layers_from_graphs_are_the_eager_layers(gpu(), gpu());
+    for extras in [true, false] {
+        head_layers_from_graphs_are_the_eager_layers(gpu(), gpu(), extras);
+    }
 }
 
 const VOCAB: usize = 90;
@@ -37,8 +46,9 @@ fn config() -> ModelConfig {
     }
 }
 
-/// A two-layer head of random weights, with an `fc` bias and a norm.
-fn parts(c: &ModelConfig) -> HeadParts {
+/// A two-layer head of random weights, with an `fc` bias and an output
+/// norm where `extras`.
+fn parts(c: &ModelConfig, extras: bool) -> HeadParts {
     let mut rng = Lcg(21);
     let mut random =
         |n: usize, base: f32, scale: f32| -> Vec<f32> { (0..n).map(|_| base + scale * (rng.f() - 0.5)).collect() };
@@ -61,9 +71,9 @@ fn parts(c: &ModelConfig) -> HeadParts {
     HeadParts {
         layer_config: c.clone(),
         fc: random(2 * h * h, 0.0, 0.1),
-        fc_bias: Some(random(h, 0.0, 0.2)),
+        fc_bias: extras.then(|| random(h, 0.0, 0.2)),
         layers,
-        output_norm: Some(random(h, 1.0, 0.2)),
+        output_norm: extras.then(|| random(h, 1.0, 0.2)),
         lm_head: random(DRAFT_VOCAB * h, 0.0, 0.5),
         draft_vocab: DRAFT_VOCAB,
     }
@@ -127,9 +137,9 @@ fn reads(batch: &RaggedBatch, observed: &[usize]) -> Vec<Option<usize>> {
 /// What a layer runs (its picks per row), and the graphs captured after.
 type Step = (&'static str, Vec<SeqRun>, usize, usize);
 
-fn head_layers_from_graphs_are_the_eager_layers<B: Backend>(one: Arc<B>, other: Arc<B>) {
+fn head_layers_from_graphs_are_the_eager_layers<B: Backend>(one: Arc<B>, other: Arc<B>, extras: bool) {
     let c = config();
-    let parts = parts(&c);
+    let parts = parts(&c, extras);
     let mut rng = Lcg(8);
     let table: Vec<f32> = (0..VOCAB * c.hidden_size).map(|_| rng.f() - 0.5).collect();
     let head = |b: Arc<B>, graphs| {
