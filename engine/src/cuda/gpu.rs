@@ -451,13 +451,13 @@ impl Backend for Gpu {
     }
 
     fn duplicate(&self, buf: &Self::Floats, len: usize) -> Result<Self::Floats> {
-        let mut out = self.zeros(len)?;
-        if len > 0 {
-            self.stream
-                .memcpy_dtod(&buf.slice(..len), &mut out)
-                .map_err(driver("copying on the GPU"))?;
+        if len == 0 {
+            return self.zeros(0);
         }
-        Ok(out)
+        self.not_capturing("copying on the GPU")?;
+        self.stream
+            .clone_dtod(&buf.slice(..len))
+            .map_err(driver("copying on the GPU"))
     }
 
     type Graph = GpuGraph;

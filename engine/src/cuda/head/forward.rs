@@ -167,6 +167,12 @@ impl<B: Backend> HeadBuffers<B> {
     /// `inputs` into these buffers.
     pub fn write(&mut self, b: &B, inputs: &HeadInputs) -> Result<()> {
         self.step.write(b, &inputs.step)?;
+        self.write_rows(b, inputs)
+    }
+
+    /// `inputs`' feature reads, logits rows and store slots into these
+    /// buffers (the step inputs are uploaded or written apart).
+    pub fn write_rows(&mut self, b: &B, inputs: &HeadInputs) -> Result<()> {
         b.write_ints(&mut self.reads, &inputs.reads)?;
         b.write_ints(&mut self.row_ids, &inputs.rows)?;
         b.write_ints(&mut self.written, &inputs.written)

@@ -189,9 +189,9 @@ impl<B: Backend> DeviceHead<B> {
             }
             *shared = None;
         }
-        let step = StepInputs::reserve(b, c, kv.block_size, n, host.step.key_lens())?;
+        let step = StepInputs::upload(b, &host.step, c, kv.block_size)?;
         let mut buf = HeadBuffers::new(b, w, step, shape)?;
-        buf.write(b, &host)?;
+        buf.write_rows(b, &host)?;
         launch(b, w, store, kv, &mut buf, shape)?;
         read_top(b, &buf, shape)
     }
